@@ -1,0 +1,287 @@
+//! How conditions hold on a job. Pure and total: every input gives a verdict or an
+//! [`EvalError`], never a panic, and a missing field or a type mismatch simply does not match.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use crate::cidr::Net;
+use crate::job::Job;
+use crate::model::{Cond, Field, Literal, Test};
+use crate::path::FanoutExceeded;
+use crate::policy::Policy;
+
+/// Something went wrong while evaluating a rule. The rule then fails closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EvalError {
+    /// A `[*]` path reached too many values.
+    #[error(transparent)]
+    Fanout(#[from] FanoutExceeded),
+}
+
+/// What a field resolves to on one job.
+#[derive(Clone, Copy)]
+enum Subject<'a> {
+    Str(&'a str),
+    Json(&'a Value),
+}
+
+impl<'a> Subject<'a> {
+    fn as_str(self) -> Option<&'a str> {
+        match self {
+            Self::Str(s) => Some(s),
+            Self::Json(Value::String(s)) => Some(s),
+            Self::Json(_) => None,
+        }
+    }
+
+    fn as_f64(self) -> Option<f64> {
+        match self {
+            Self::Json(Value::Number(n)) => n.as_f64(),
+            _ => None,
+        }
+    }
+
+    fn render(self) -> String {
+        let text = match self {
+            Self::Str(s) => s.to_owned(),
+            Self::Json(v) => v.to_string(),
+        };
+        truncate(text)
+    }
+}
+
+/// The job plus what evaluation derives from it at most once.
+pub(crate) struct Ctx<'a> {
+    pub job: &'a Job,
+    pub policy: &'a Policy,
+    risk: Option<Option<&'a str>>,
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(job: &'a Job, policy: &'a Policy) -> Self {
+        Self { job, policy, risk: None }
+    }
+
+    fn risk(&mut self) -> Option<&'a str> {
+        *self.risk.get_or_insert_with(|| self.policy.risk_of(&self.job.topic))
+    }
+}
+
+/// Whether every condition holds.
+pub(crate) fn all(conds: &[Cond], ctx: &mut Ctx<'_>) -> Result<bool, EvalError> {
+    for cond in conds {
+        if !holds(cond, ctx)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn holds(cond: &Cond, ctx: &mut Ctx<'_>) -> Result<bool, EvalError> {
+    match cond {
+        Cond::Field { field, tests, .. } => field_holds(field, tests, ctx),
+        Cond::All(conds) => all(conds, ctx),
+        Cond::Any(conds) => {
+            for cond in conds {
+                if holds(cond, ctx)? {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }
+        Cond::Not(cond) => Ok(!holds(cond, ctx)?),
+    }
+}
+
+fn field_holds(field: &Field, tests: &[Test], ctx: &mut Ctx<'_>) -> Result<bool, EvalError> {
+    let job = ctx.job;
+    let subject = match field {
+        Field::Topic => Some(Subject::Str(&job.topic)),
+        Field::Env => Some(Subject::Str(&job.env)),
+        Field::Tenant => Some(Subject::Str(&job.tenant)),
+        Field::Principal => Some(Subject::Str(&job.principal)),
+        Field::Risk => ctx.risk().map(Subject::Str),
+        Field::Label(name) => job.labels.get(name).map(|v| Subject::Str(v)),
+        Field::Payload(path) => {
+            if let Some(absent) = wants_absent(tests) {
+                let found = path.any(&job.payload, &mut |_| true)?;
+                return Ok(!found && absent);
+            }
+            return Ok(
+                path.any(&job.payload, &mut |v| tests.iter().all(|t| test_holds(t, Subject::Json(v))))?
+            );
+        }
+    };
+    Ok(match subject {
+        None => wants_absent(tests).unwrap_or(false),
+        Some(s) => wants_absent(tests).is_none() && tests.iter().all(|t| test_holds(t, s)),
+    })
+}
+
+/// `Some(true)` when the tests are exactly `exists: false` (match when absent); `Some(false)`
+/// when `exists: false` is combined with a test that needs a value (never matches); `None`
+/// when absence is not asked for.
+fn wants_absent(tests: &[Test]) -> Option<bool> {
+    tests
+        .iter()
+        .any(|t| matches!(t, Test::Exists(false)))
+        .then(|| tests.iter().all(|t| matches!(t, Test::Exists(false))))
+}
+
+fn test_holds(test: &Test, subject: Subject<'_>) -> bool {
+    match test {
+        Test::Equals(literals) => literals.iter().any(|l| equals(l, subject)),
+        Test::Globs(globs) => subject.as_str().is_some_and(|s| globs.iter().any(|g| g.matches(s))),
+        Test::Regex(regex) => subject.as_str().is_some_and(|s| regex.is_match(s)),
+        Test::NotIn(literals) => !literals.iter().any(|l| equals(l, subject)),
+        Test::Gt(n) => subject.as_f64().is_some_and(|v| v > *n),
+        Test::Gte(n) => subject.as_f64().is_some_and(|v| v >= *n),
+        Test::Lt(n) => subject.as_f64().is_some_and(|v| v < *n),
+        Test::Lte(n) => subject.as_f64().is_some_and(|v| v <= *n),
+        Test::Exists(present) => *present,
+        Test::Contains(literal) => match (subject, literal) {
+            (Subject::Json(Value::Array(items)), _) => {
+                items.iter().any(|v| equals(literal, Subject::Json(v)))
+            }
+            (_, Literal::Str(needle)) => subject.as_str().is_some_and(|s| s.contains(needle.as_str())),
+            _ => false,
+        },
+        Test::CidrWithin(nets) => network(subject).is_some_and(|n| nets.iter().any(|outer| n.within(outer))),
+        Test::CidrOverlaps(nets) => {
+            network(subject).is_some_and(|n| nets.iter().any(|other| n.overlaps(other)))
+        }
+    }
+}
+
+fn network(subject: Subject<'_>) -> Option<Net> {
+    subject.as_str().and_then(|s| Net::parse_lenient(s).ok())
+}
+
+/// Equality without coercion between types; numbers compare by value (`1` equals `1.0`).
+fn equals(literal: &Literal, subject: Subject<'_>) -> bool {
+    match (literal, subject) {
+        (Literal::Str(l), s) => s.as_str() == Some(l.as_str()),
+        (_, Subject::Str(_)) => false,
+        (Literal::Null, Subject::Json(v)) => v.is_null(),
+        (Literal::Bool(b), Subject::Json(v)) => v.as_bool() == Some(*b),
+        (Literal::Int(i), Subject::Json(Value::Number(n))) => match n.as_i64() {
+            Some(j) => j == *i,
+            None => n.as_f64() == Some(*i as f64),
+        },
+        (Literal::Float(f), Subject::Json(Value::Number(n))) => n.as_f64() == Some(*f),
+        _ => false,
+    }
+}
+
+/// Why a rule did not match, for `explain`: the first condition that failed, in words.
+pub(crate) fn why_not(conds: &[Cond], ctx: &mut Ctx<'_>) -> Result<Option<String>, EvalError> {
+    for cond in conds {
+        if !holds(cond, ctx)? {
+            return Ok(Some(describe_failure(cond, ctx)));
+        }
+    }
+    Ok(None)
+}
+
+fn describe_failure(cond: &Cond, ctx: &mut Ctx<'_>) -> String {
+    match cond {
+        Cond::Field { field, tests, .. } => {
+            let expected = describe_tests(tests);
+            match current_value(field, ctx) {
+                None if matches!(field, Field::Risk) => {
+                    format!("topic `{}` is in no risk class, expected {expected}", ctx.job.topic)
+                }
+                None => format!("`{field}` is missing, expected {expected}"),
+                Some(value) => format!("`{field}` is {value}, expected {expected}"),
+            }
+        }
+        Cond::All(conds) => match why_not(conds, ctx) {
+            Ok(Some(reason)) => reason,
+            Ok(None) => "all conditions held".into(),
+            Err(e) => e.to_string(),
+        },
+        Cond::Any(conds) if conds.is_empty() => "`any` has no conditions".into(),
+        Cond::Any(conds) => {
+            let reasons: Vec<String> = conds.iter().map(|c| describe_failure(c, ctx)).collect();
+            format!("no `any` branch held: {}", reasons.join("; "))
+        }
+        Cond::Not(_) => "the `not` condition held".into(),
+    }
+}
+
+fn current_value(field: &Field, ctx: &mut Ctx<'_>) -> Option<String> {
+    let job = ctx.job;
+    let quoted = |s: &str| format!("`{}`", truncate(s.to_owned()));
+    match field {
+        Field::Topic => Some(quoted(&job.topic)),
+        Field::Env => Some(quoted(&job.env)),
+        Field::Tenant => Some(quoted(&job.tenant)),
+        Field::Principal => Some(quoted(&job.principal)),
+        Field::Risk => ctx.risk().map(quoted),
+        Field::Label(name) => job.labels.get(name).map(|v| quoted(v)),
+        Field::Payload(path) => {
+            let mut seen = Vec::new();
+            let _ = path.any(&job.payload, &mut |v| {
+                seen.push(Subject::Json(v).render());
+                seen.len() >= 3
+            });
+            match seen.len() {
+                0 => None,
+                1 => seen.pop().map(|v| format!("`{v}`")),
+                _ => Some(format!(
+                    "[{}]",
+                    seen.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", ")
+                )),
+            }
+        }
+    }
+}
+
+fn describe_tests(tests: &[Test]) -> String {
+    let parts: Vec<String> = tests.iter().map(describe_test).collect();
+    parts.join(" and ")
+}
+
+fn describe_test(test: &Test) -> String {
+    let list = |items: Vec<String>| match items.as_slice() {
+        [one] => one.clone(),
+        _ => format!("one of {}", items.join(", ")),
+    };
+    let literals = |ls: &[Literal]| {
+        ls.iter().map(|l| format!("`{}`", crate::compile::literal_json(l))).collect::<Vec<_>>()
+    };
+    match test {
+        Test::Equals(ls) => list(literals(ls)),
+        Test::Globs(gs) => list(gs.iter().map(|g| format!("`{g}`")).collect()),
+        Test::Regex(r) => format!("a match for regex `{}`", r.as_str()),
+        Test::NotIn(ls) => format!("none of {}", literals(ls).join(", ")),
+        Test::Gt(n) => format!("> {n}"),
+        Test::Gte(n) => format!(">= {n}"),
+        Test::Lt(n) => format!("< {n}"),
+        Test::Lte(n) => format!("<= {n}"),
+        Test::Exists(true) => "a value".into(),
+        Test::Exists(false) => "no value".into(),
+        Test::Contains(l) => format!("something containing `{}`", crate::compile::literal_json(l)),
+        Test::CidrWithin(ns) => format!("an address within {}", nets(ns)),
+        Test::CidrOverlaps(ns) => format!("a network overlapping {}", nets(ns)),
+    }
+}
+
+fn nets(ns: &[Net]) -> String {
+    let mut out = String::new();
+    for (i, n) in ns.iter().enumerate() {
+        let _ = write!(out, "{}`{n}`", if i > 0 { ", " } else { "" });
+    }
+    out
+}
+
+fn truncate(mut text: String) -> String {
+    const SHOWN_MAX: usize = 80;
+    if text.len() > SHOWN_MAX {
+        let cut = (0..=SHOWN_MAX).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}

@@ -1,0 +1,47 @@
+//! The `airlock` binary: the single entry point for every role and every tool.
+
+mod policy_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Runtime governance for autonomous agents that change infrastructure.
+#[derive(Parser)]
+#[command(name = "airlock", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check, test, simulate and explain policies, offline.
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
+}
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Readable text.
+    #[default]
+    Human,
+    /// One JSON document on stdout, for machines.
+    Json,
+}
+
+/// Exit status: 0 success, 1 bad input or failed checks; `--exit-code` adds 2 (deny) and
+/// 3 (require_human). Usage errors exit 1 too, so that 2 and 3 only ever mean a decision.
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(1) } else { ExitCode::SUCCESS };
+        }
+    };
+    match cli.command {
+        Command::Policy(command) => policy_cmd::run(command),
+    }
+}
