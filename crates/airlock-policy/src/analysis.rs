@@ -79,6 +79,7 @@ fn never_matches(policy: &Policy, rule: &Rule) -> Option<String> {
     if let (Some(topics), Some(classes)) = (topics, classes)
         && topics.iter().all(|t| policy.risk_of(t).is_none_or(|class| !classes.contains(&class)))
     {
+        let classes: Vec<String> = classes.iter().map(|c| format!("`{c}`")).collect();
         return Some(format!("no topic it names is in risk class {}", classes.join(" or ")));
     }
     None
@@ -101,7 +102,6 @@ fn cond_never(cond: &Cond) -> Option<String> {
 }
 
 fn field_never(field: &Field, tests: &[Test]) -> Option<String> {
-    let is_string = !matches!(field, Field::Payload(_));
     let absent = tests.iter().any(|t| matches!(t, Test::Exists(false)));
     if absent && tests.iter().any(|t| !matches!(t, Test::Exists(false))) {
         return Some(format!("`{field}` cannot be both absent and tested"));
@@ -116,12 +116,6 @@ fn field_never(field: &Field, tests: &[Test]) -> Option<String> {
             }
             Test::Globs(gs) if gs.is_empty() => {
                 return Some(format!("`{field}` must match one of an empty list"));
-            }
-            Test::Equals(ls) if is_string && ls.iter().all(|l| !matches!(l, Literal::Str(_))) => {
-                return Some(format!("`{field}` is always a string and is compared with a non-string"));
-            }
-            Test::Gt(_) | Test::Gte(_) | Test::Lt(_) | Test::Lte(_) if is_string => {
-                return Some(format!("`{field}` is always a string and is compared as a number"));
             }
             Test::Gt(n) if *n >= low => (low, open.0) = (*n, true),
             Test::Gte(n) if *n > low => (low, open.0) = (*n, false),

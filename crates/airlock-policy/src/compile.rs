@@ -24,6 +24,15 @@ const RULE_KEYS: [&str; 7] = ["id", "when", "decision", "reason", "mode", "limit
 const LIMIT_KEYS: [&str; 4] = ["rate", "per", "burst", "key"];
 const RESERVED_WHEN_KEYS: [&str; 10] =
     ["topic", "env", "tenant", "principal", "risk", "labels", "payload", "all", "any", "not"];
+/// Words people write for reserved `when` keys; a shorthand close to one gets a warning.
+const LOOKALIKES: [(&str, &str); 6] = [
+    ("environment", "env"),
+    ("topics", "topic"),
+    ("label", "labels"),
+    ("tenant_id", "tenant"),
+    ("user", "principal"),
+    ("risk_class", "risk"),
+];
 const OPERATORS: [&str; 12] = [
     "glob",
     "regex",
@@ -142,7 +151,9 @@ impl Compiler {
         let entries = self.map(root, "a policy")?;
         self.unknown_keys(entries, &TOP_KEYS, "the policy");
         match get(entries, "version") {
-            None => self.error_help(root.span, "missing `version`", "add `version: v1` at the top"),
+            None => {
+                self.error_help(Span { line: 1, col: 1 }, "missing `version`", "add `version: v1` at the top")
+            }
             Some(node) => match &node.kind {
                 Kind::Str(v) if v == "v1" => {}
                 other => {
@@ -475,7 +486,9 @@ impl Compiler {
                 }
                 "not" => self.when(value, depth + 1).map(|c| Cond::Not(Box::new(Cond::All(c)))),
                 shorthand => {
-                    if let Some(reserved) = suggest(shorthand, &RESERVED_WHEN_KEYS) {
+                    let lookalike = LOOKALIKES.iter().find(|(name, _)| suggest(shorthand, &[name]).is_some());
+                    let reserved = suggest(shorthand, &RESERVED_WHEN_KEYS).or(lookalike.map(|(_, key)| *key));
+                    if let Some(reserved) = reserved {
                         self.diagnostics.push(
                             Diagnostic::warning(
                                 key.span,
@@ -547,6 +560,16 @@ impl Compiler {
             Kind::Map(ops) => self.operators(&field, ops, node.span)?,
             Kind::Seq(items) if is_name => vec![self.names(&field, items)?],
             Kind::Str(_) if is_name => vec![self.names(&field, std::slice::from_ref(node))?],
+            other if is_name => {
+                self.error(
+                    node.span,
+                    format!(
+                        "`{field}` must be a string, a list of strings or an operator map, found {}",
+                        other.describe()
+                    ),
+                );
+                return None;
+            }
             Kind::Seq(items) => vec![Test::Equals(self.literals(items, &field)?)],
             _ => vec![Test::Equals(vec![self.literal(node, &field)?])],
         };
@@ -582,6 +605,20 @@ impl Compiler {
     }
 
     fn literal(&mut self, node: &Node, field: &Field) -> Option<Literal> {
+        if !matches!(field, Field::Payload(_)) && !matches!(node.kind, Kind::Str(_)) {
+            let help = match &node.kind {
+                Kind::Int(_) | Kind::Float(_) | Kind::Bool(_) | Kind::Null => {
+                    format!("`{field}` is always a string; quote the value, e.g. `\"{}\"`", node.to_json())
+                }
+                _ => format!("`{field}` is always a string"),
+            };
+            self.error_help(
+                node.span,
+                format!("`{field}` compares against a string, found {}", node.kind.describe()),
+                help,
+            );
+            return None;
+        }
         match &node.kind {
             Kind::Null => Some(Literal::Null),
             Kind::Bool(b) => Some(Literal::Bool(*b)),
@@ -651,13 +688,23 @@ impl Compiler {
                     .build()
                     .map(Test::Regex)
                     .map_err(|e| {
-                        let message = e.to_string().lines().last().unwrap_or_default().trim().to_owned();
+                        let detail = e.to_string();
+                        let last = detail.lines().last().unwrap_or_default().trim();
+                        let message =
+                            last.strip_prefix("error: ").unwrap_or(last).trim_end_matches('.').to_lowercase();
                         self.error(value.span, format!("invalid regex `{pattern}`: {message}"));
                     })
                     .ok()
             }
             "in" => self.literals(&list(value), field).map(Test::Equals),
             "not_in" => self.literals(&list(value), field).map(Test::NotIn),
+            "gt" | "gte" | "lt" | "lte" if !matches!(field, Field::Payload(_)) => {
+                self.error(
+                    key.span,
+                    format!("`{field}` is always a string; `{}` compares numbers", key.text),
+                );
+                None
+            }
             "gt" | "gte" | "lt" | "lte" => {
                 let n = match value.kind {
                     Kind::Int(i) => i as f64,

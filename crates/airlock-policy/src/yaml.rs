@@ -180,45 +180,45 @@ impl Builder {
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, event: Event, mark: Marker) {
         let span = span_of(mark);
-        match event {
+        // Refused constructs are reported, then read as if they were absent, so that one
+        // mistake does not cascade into errors about the structure around it.
+        match &event {
+            Event::Scalar(_, _, anchor, tag)
+            | Event::SequenceStart(anchor, tag)
+            | Event::MappingStart(anchor, tag) => {
+                if *anchor != 0 {
+                    self.errors.push(
+                        Diagnostic::error(span, "YAML anchors are not supported")
+                            .with_help("remove the `&name`; write the value out in full"),
+                    );
+                }
+                if let Some(tag) = tag {
+                    self.errors.push(Diagnostic::error(
+                        span,
+                        format!("YAML tags are not supported, found `{}{}`", tag.handle, tag.suffix),
+                    ));
+                }
+            }
             Event::Alias(_) => self.errors.push(
                 Diagnostic::error(span, "YAML aliases are not supported")
                     .with_help("write the value out in full"),
             ),
-            Event::Scalar(_, _, anchor, _)
-            | Event::SequenceStart(anchor, _)
-            | Event::MappingStart(anchor, _)
-                if anchor != 0 =>
-            {
-                self.errors.push(
-                    Diagnostic::error(span, "YAML anchors are not supported")
-                        .with_help("remove the `&name`; write the value out in full"),
-                );
+            _ => {}
+        }
+        match event {
+            Event::Alias(_) if self.skipped_depth == 0 => self.push_node(Node { span, kind: Kind::Null }),
+            Event::Scalar(text, style, _, _) if self.skipped_depth == 0 => {
+                let kind = resolve(text, style);
+                self.push_node(Node { span, kind });
             }
-            Event::Scalar(_, _, _, Some(tag))
-            | Event::SequenceStart(_, Some(tag))
-            | Event::MappingStart(_, Some(tag)) => self.errors.push(Diagnostic::error(
-                span,
-                format!("YAML tags are not supported, found `{}{}`", tag.handle, tag.suffix),
-            )),
-            Event::Scalar(text, style, _, None) => {
-                if self.skipped_depth == 0 {
-                    let kind = resolve(text, style);
-                    self.push_node(Node { span, kind });
-                }
-            }
-            Event::SequenceStart(_, None) => {
+            Event::SequenceStart(..) => {
                 self.open(Frame::Seq { span, items: Vec::new() }, span);
             }
-            Event::MappingStart(_, None) => {
+            Event::MappingStart(..) => {
                 self.open(Frame::Map { span, entries: Vec::new(), key: None }, span);
             }
             Event::SequenceEnd | Event::MappingEnd => self.close(),
-            Event::Nothing
-            | Event::StreamStart
-            | Event::StreamEnd
-            | Event::DocumentStart
-            | Event::DocumentEnd => {}
+            _ => {}
         }
     }
 }
