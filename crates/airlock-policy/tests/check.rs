@@ -2,6 +2,8 @@
 //! errors or warnings compared with `NAME.expected`. Run with `UPDATE_EXPECT=1` to rewrite
 //! the expectations after an intended change, then review the diff.
 
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic, reason = "a test fails by panicking")]
+
 use std::path::{Path, PathBuf};
 
 fn render(name: &str, text: &str) -> String {
