@@ -170,7 +170,12 @@ impl Builder {
         }
         let node = match self.stack.pop() {
             Some(Frame::Seq { span, items }) => Node { span, kind: Kind::Seq(items) },
-            Some(Frame::Map { span, entries, .. }) => Node { span, kind: Kind::Map(entries) },
+            // The parser marks a block map where its first key ends; its first key is
+            // where a reader sees it start.
+            Some(Frame::Map { span, entries, .. }) => {
+                let span = entries.first().map_or(span, |(key, _)| key.span);
+                Node { span, kind: Kind::Map(entries) }
+            }
             None => return,
         };
         self.push_node(node);
