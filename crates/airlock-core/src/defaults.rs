@@ -1,0 +1,50 @@
+//! Every default and limit of SPEC section 13 and of the API, in one table. Each is
+//! overridable in configuration where the spec says so; the values here are what a fresh
+//! install runs with.
+
+use crate::Millis;
+
+/// Gate A evaluation timeout (SPEC 5).
+pub const GATE_A_TIMEOUT_MS: u64 = 5_000;
+/// Gate B safety client timeout (SPEC 6).
+pub const GATE_B_CLIENT_TIMEOUT_MS: u64 = 2_000;
+/// Gate B engine defence timeout (SPEC 6).
+pub const GATE_B_ENGINE_TIMEOUT_MS: u64 = 3_000;
+/// Consecutive safety failures that open the breaker.
+pub const BREAKER_FAILURES_TO_OPEN: u32 = 3;
+/// How long the breaker stays open.
+pub const BREAKER_OPEN_MS: u64 = 30_000;
+/// Probe calls admitted while half-open.
+pub const BREAKER_HALF_OPEN_PROBES: u32 = 3;
+/// Scheduling attempts before a job is dead-lettered.
+pub const SCHEDULING_ATTEMPTS_MAX: u32 = 50;
+/// Backoff cap between scheduling attempts.
+pub const BACKOFF_CAP_MS: u64 = 30_000;
+/// First backoff between scheduling attempts.
+pub const BACKOFF_BASE_MS: u64 = 1_000;
+/// Execution attempts before a job is dead-lettered.
+pub const EXECUTION_ATTEMPTS_MAX: u32 = 3;
+/// Lease length.
+pub const LEASE_MS: u64 = 30_000;
+/// Heartbeat interval workers are told to keep.
+pub const HEARTBEAT_MS: u64 = 10_000;
+/// How long an approval request stays valid.
+pub const APPROVAL_TTL_MS: Millis = 24 * 3600 * 1000;
+/// How long an idempotency key is remembered.
+pub const IDEMPOTENCY_RETENTION_MS: Millis = 30 * 24 * 3600 * 1000;
+/// Largest request body, in bytes.
+pub const REQUEST_BODY_BYTES_MAX: usize = 1024 * 1024;
+/// Largest policy accepted by `POST /api/v1/policy/publish`, in bytes.
+pub const POLICY_BODY_BYTES_MAX: usize = airlock_policy::limits::POLICY_BYTES_MAX;
+/// Largest page of a list endpoint.
+pub const PAGE_SIZE_MAX: u32 = 500;
+/// Page size when the client names none.
+pub const PAGE_SIZE_DEFAULT: u32 = 50;
+/// Longest idempotency key, in bytes.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 256;
+
+const _: () = assert!(GATE_B_CLIENT_TIMEOUT_MS < GATE_B_ENGINE_TIMEOUT_MS);
+const _: () = assert!(HEARTBEAT_MS * 3 <= LEASE_MS, "a worker gets three heartbeats per lease");
+const _: () = assert!(BACKOFF_BASE_MS <= BACKOFF_CAP_MS);
+const _: () = assert!(IDEMPOTENCY_RETENTION_MS > APPROVAL_TTL_MS);
+const _: () = assert!(PAGE_SIZE_DEFAULT <= PAGE_SIZE_MAX);

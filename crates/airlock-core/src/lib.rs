@@ -1,0 +1,15 @@
+//! Airlock's domain, as pure functions and state machines: what a job is and which states it
+//! may move through, how an approval stays bound to a job and a snapshot, how a throttle budget
+//! refills, how the audit chain links. Time and randomness come in as arguments; nothing here
+//! reads a clock, touches a disk or a socket.
+
+pub mod approval;
+pub mod audit;
+pub mod defaults;
+pub mod ids;
+pub mod role;
+pub mod state;
+pub mod throttle;
+
+/// Milliseconds since the Unix epoch: the only notion of time in the core.
+pub type Millis = i64;
