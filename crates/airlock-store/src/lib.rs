@@ -1,0 +1,380 @@
+//! The store: every durable fact of Airlock (keys, snapshots, jobs and their history,
+//! approvals, idempotency keys, throttle budgets, the audit chain) behind one trait, so that
+//! the gateway and scheduler run unchanged on the embedded SQLite file or, later, on
+//! PostgreSQL. Implementations keep each operation atomic: a submit's job, approval request,
+//! idempotency key, budget and audit record are committed together or not at all.
+
+mod sqlite;
+
+use std::collections::BTreeMap;
+
+use airlock_core::Millis;
+use airlock_core::approval::{Request, Status};
+use airlock_core::audit::{Draft, Record};
+use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
+use airlock_core::role::Roles;
+use airlock_core::state::{Event, InvalidTransition, JobState};
+use airlock_policy::{Decision, Limit};
+use serde_json::Value;
+
+pub use sqlite::SqliteStore;
+
+/// What can go wrong in the store, by what the caller can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The object does not exist (or belongs to another tenant).
+    #[error("not found")]
+    NotFound,
+    /// A state change the job's lifecycle does not allow.
+    #[error(transparent)]
+    InvalidTransition(#[from] InvalidTransition),
+    /// Someone else changed the object first; read it again and retry.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The store cannot serve now; retrying later may work.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data is not what this version of Airlock expects.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+/// An API key as stored: never the secret, only its hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// The public id, also the first part of the key.
+    pub id: KeyId,
+    /// The tenant the key acts in.
+    pub tenant: TenantId,
+    /// The principal the key authenticates as; unique within its tenant.
+    pub name: String,
+    /// What it may do.
+    pub roles: Roles,
+    /// SHA-256 of the secret part.
+    pub secret_hash: [u8; 32],
+    /// When it was created.
+    pub created_at: Millis,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<Millis>,
+}
+
+/// A published policy version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    /// 1, 2, 3, … in publish order.
+    pub version: u64,
+    /// The snapshot hash.
+    pub hash: String,
+    /// The policy text as published.
+    pub source: String,
+    /// When it was published.
+    pub created_at: Millis,
+    /// Who published it.
+    pub created_by: String,
+    /// Why, e.g. `rollback to version 2`.
+    pub note: Option<String>,
+    /// Whether it is the active snapshot.
+    pub active: bool,
+}
+
+/// A decision as recorded on a job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GateDecision {
+    /// The decision.
+    pub decision: Decision,
+    /// The deciding rules.
+    pub rule_ids: Vec<String>,
+    /// Why.
+    pub reason: String,
+    /// The snapshot it was made under.
+    pub snapshot_hash: String,
+    /// That snapshot's version.
+    pub snapshot_version: u64,
+    /// When.
+    pub at: Millis,
+    /// Whether the safety check was unavailable and the gate failed open.
+    pub bypassed: bool,
+}
+
+/// A job as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobRecord {
+    /// Its id.
+    pub id: JobId,
+    /// Its tenant.
+    pub tenant: TenantId,
+    /// Who submitted it.
+    pub principal: String,
+    /// Action name.
+    pub topic: String,
+    /// Target environment.
+    pub env: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Arguments.
+    pub payload: Value,
+    /// Plan hash, when given.
+    pub plan_hash: Option<String>,
+    /// Idempotency key, when given.
+    pub idempotency_key: Option<String>,
+    /// The job hash at submit time.
+    pub job_hash: String,
+    /// Where it is in its lifecycle.
+    pub state: JobState,
+    /// Gate A's decision.
+    pub gate_a: GateDecision,
+    /// The current approval request, when one was needed.
+    pub approval_id: Option<ApprovalId>,
+    /// When it was submitted.
+    pub created_at: Millis,
+    /// When it last changed.
+    pub updated_at: Millis,
+}
+
+impl JobRecord {
+    /// The job as policy sees it.
+    pub fn to_policy_job(&self) -> airlock_policy::Job {
+        airlock_policy::Job {
+            tenant: self.tenant.as_str().to_owned(),
+            principal: self.principal.clone(),
+            topic: self.topic.clone(),
+            env: self.env.clone(),
+            labels: self.labels.clone(),
+            payload: self.payload.clone(),
+            plan_hash: self.plan_hash.clone(),
+            idempotency_key: self.idempotency_key.clone(),
+        }
+    }
+}
+
+/// One step of a job's history.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// Position in the job's history, from 1.
+    pub seq: u32,
+    /// The state before (`None` for creation).
+    pub from: Option<JobState>,
+    /// The state after.
+    pub to: JobState,
+    /// When.
+    pub at: Millis,
+    /// Who or what caused it.
+    pub actor: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// An approval request as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApprovalRecord {
+    /// Its id.
+    pub id: ApprovalId,
+    /// Its tenant.
+    pub tenant: TenantId,
+    /// The job it is for.
+    pub job_id: JobId,
+    /// Binding, quorum, approvers and status.
+    pub request: Request,
+    /// When it left `pending`.
+    pub decided_at: Option<Millis>,
+    /// Who decided it (the last approver, the rejecter, or `system`).
+    pub decided_by: Option<String>,
+}
+
+/// A remembered accepted submission.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    /// The job hash it was accepted with.
+    pub job_hash: String,
+    /// The job it created.
+    pub job_id: JobId,
+    /// The HTTP status that was returned.
+    pub status: u16,
+    /// The body that was returned.
+    pub body: String,
+    /// When.
+    pub created_at: Millis,
+}
+
+/// One throttle budget a submission must be admitted by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// The bucket key (gate, rule and limit key values).
+    pub key: String,
+    /// Its limit.
+    pub limit: Limit,
+}
+
+/// Everything an accepted submission writes, committed atomically.
+#[derive(Clone, Debug)]
+pub struct Submission {
+    /// The job.
+    pub job: JobRecord,
+    /// The approval request, for `require_human`.
+    pub approval: Option<ApprovalRecord>,
+    /// The idempotency key and the response to remember with it.
+    pub idempotency: Option<(String, u16, String)>,
+    /// Budgets that must all admit the job (throttle rules); none are charged unless all admit.
+    pub budgets: Vec<Budget>,
+    /// The audit record of the decision.
+    pub audit: Draft,
+}
+
+/// What became of a submission.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SubmitOutcome {
+    /// Stored.
+    Accepted,
+    /// The idempotency key was already used with the same job hash: the original response.
+    Replay(IdempotencyRecord),
+    /// The idempotency key was already used with a different job hash.
+    KeyReused(IdempotencyRecord),
+    /// A budget refused; nothing was stored but an audit record.
+    Throttled {
+        /// When a token will be available.
+        retry_after_ms: u64,
+    },
+}
+
+/// Filters for listing jobs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    /// Only jobs in this state.
+    pub state: Option<JobState>,
+    /// Only jobs with this topic.
+    pub topic: Option<String>,
+    /// Only jobs in this env.
+    pub env: Option<String>,
+    /// Only jobs with an id after this one (pagination cursor).
+    pub after: Option<JobId>,
+    /// Only jobs created at or after this time.
+    pub since: Option<Millis>,
+    /// Only jobs created before this time.
+    pub until: Option<Millis>,
+    /// At most this many.
+    pub limit: u32,
+}
+
+/// A change to an approval request, applied only if the request is still as the caller read
+/// it (optimistic concurrency: same status, same number of approvers).
+#[derive(Clone, Debug)]
+pub struct ApprovalChange {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// The request.
+    pub id: ApprovalId,
+    /// The status the caller read.
+    pub expected_status: Status,
+    /// The number of approvers the caller read.
+    pub expected_approvers: usize,
+    /// The request after the change.
+    pub request: Request,
+    /// What happens to the job, if anything (approved → queued, rejected, expired).
+    pub job_event: Option<Event>,
+    /// A fresh request to attach to the job (when this one went stale).
+    pub replacement: Option<ApprovalRecord>,
+    /// Audit records, in order.
+    pub audit: Vec<Draft>,
+    /// When.
+    pub at: Millis,
+    /// Who.
+    pub actor: String,
+}
+
+/// Audit records for a caller to page through.
+#[derive(Clone, Debug, Default)]
+pub struct AuditPage {
+    /// Records in chain order.
+    pub records: Vec<Record>,
+    /// The chain head: last sequence number and hash.
+    pub head: Option<(u64, String)>,
+}
+
+/// Every durable operation Airlock needs. One of the two I/O seams (the other is the bus).
+#[async_trait::async_trait]
+pub trait Store: Send + Sync {
+    /// Creates a key and audits it in the key's tenant.
+    async fn create_key(&self, key: KeyRecord, audit: Draft) -> Result<(), StoreError>;
+    /// A key by id, revoked or not.
+    async fn key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
+    /// Keys, of one tenant or all.
+    async fn keys(&self, tenant: Option<&TenantId>) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Revokes a key; `NotFound` when it does not exist or is already revoked.
+    async fn revoke_key(&self, id: &KeyId, at: Millis, audit: Draft) -> Result<KeyRecord, StoreError>;
+
+    /// Publishes a policy as the next version and makes it active.
+    async fn publish(
+        &self,
+        hash: &str,
+        source: &str,
+        note: Option<&str>,
+        at: Millis,
+        actor: &str,
+    ) -> Result<SnapshotRecord, StoreError>;
+    /// The active snapshot, if any was ever published.
+    async fn active_snapshot(&self) -> Result<Option<SnapshotRecord>, StoreError>;
+    /// Every snapshot, newest first.
+    async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError>;
+    /// One snapshot.
+    async fn snapshot(&self, version: u64) -> Result<Option<SnapshotRecord>, StoreError>;
+
+    /// The remembered response for an idempotency key, if it is within retention.
+    async fn idempotency(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        retained_since: Millis,
+    ) -> Result<Option<IdempotencyRecord>, StoreError>;
+    /// Stores an admitted submission atomically: re-checks the idempotency key, takes every
+    /// budget, writes the job, approval request, key and audit record.
+    async fn submit(
+        &self,
+        submission: Submission,
+        retained_since: Millis,
+    ) -> Result<SubmitOutcome, StoreError>;
+    /// Appends an audit record alone (denied, throttled, unavailable).
+    async fn append_audit(&self, tenant: &TenantId, draft: Draft) -> Result<(), StoreError>;
+
+    /// A job of a tenant.
+    async fn job(&self, tenant: &TenantId, id: &JobId) -> Result<Option<JobRecord>, StoreError>;
+    /// Jobs of a tenant, by id.
+    async fn jobs(&self, tenant: &TenantId, filter: &JobFilter) -> Result<Vec<JobRecord>, StoreError>;
+    /// A job's history, oldest first.
+    async fn history(&self, tenant: &TenantId, id: &JobId) -> Result<Vec<Transition>, StoreError>;
+    /// Moves a job by the lifecycle table, recording the step and auditing it.
+    async fn transition(
+        &self,
+        tenant: &TenantId,
+        id: &JobId,
+        event: Event,
+        at: Millis,
+        actor: &str,
+        reason: &str,
+    ) -> Result<JobRecord, StoreError>;
+    /// Counts of jobs per state, across tenants.
+    async fn job_counts(&self) -> Result<BTreeMap<JobState, u64>, StoreError>;
+
+    /// An approval request of a tenant.
+    async fn approval(
+        &self,
+        tenant: &TenantId,
+        id: &ApprovalId,
+    ) -> Result<Option<ApprovalRecord>, StoreError>;
+    /// Approval requests of a tenant, optionally by status, by id.
+    async fn approvals(
+        &self,
+        tenant: &TenantId,
+        status: Option<Status>,
+        after: Option<&ApprovalId>,
+        limit: u32,
+    ) -> Result<Vec<ApprovalRecord>, StoreError>;
+    /// Pending requests past their expiry, across tenants.
+    async fn expired_approvals(&self, now: Millis, limit: u32) -> Result<Vec<ApprovalRecord>, StoreError>;
+    /// Applies a decided change to a request, and to its job, atomically.
+    async fn change_approval(&self, change: ApprovalChange) -> Result<ApprovalRecord, StoreError>;
+
+    /// A tenant's audit records after `after_seq`, and the chain head.
+    async fn audit(&self, tenant: &TenantId, after_seq: u64, limit: u32) -> Result<AuditPage, StoreError>;
+    /// Tenants with an audit chain.
+    async fn audit_tenants(&self) -> Result<Vec<TenantId>, StoreError>;
+}

@@ -1,0 +1,1057 @@
+//! The embedded store: one SQLite file in WAL mode with `synchronous = FULL`, so that a
+//! response is only sent after its commit is on disk. All writes go through one writer
+//! thread that groups the commands waiting for it into a single transaction (group commit,
+//! one fsync for many submits), each command inside its own savepoint so that one failure
+//! does not undo its neighbours. Reads use a small pool of read-only connections.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+
+use airlock_core::Millis;
+use airlock_core::approval::{Request, Status};
+use airlock_core::audit::{self, Draft, Record};
+use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
+use airlock_core::role::{Role, Roles};
+use airlock_core::state::{Event, JobState};
+use airlock_core::throttle::{self, Bucket, Take};
+use airlock_policy::Decision;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use crate::{
+    ApprovalChange, ApprovalRecord, AuditPage, GateDecision, IdempotencyRecord, JobFilter, JobRecord,
+    KeyRecord, SnapshotRecord, Store, StoreError, Submission, SubmitOutcome, Transition,
+};
+
+/// The schema migrations, in order; `PRAGMA user_version` counts how many are applied.
+const MIGRATIONS: [&str; 1] = [include_str!("schema.sql")];
+
+/// Most commands committed in one transaction.
+const GROUP_COMMIT_MAX: usize = 512;
+
+/// Read connections kept open.
+const READERS: usize = 4;
+
+/// Pages of SQLite cache per connection (negative: KiB).
+const CACHE_KIB: i64 = 8 * 1024;
+
+/// The file name inside the data directory.
+pub const DATABASE_FILE: &str = "airlock.db";
+
+type Reply = Result<Output, StoreError>;
+type Op = Box<dyn FnOnce(&mut Tx<'_>) -> Reply + Send>;
+
+enum Output {
+    Unit(()),
+    Key(KeyRecord),
+    Snapshot(SnapshotRecord),
+    Submit(SubmitOutcome),
+    Job(JobRecord),
+    Approval(ApprovalRecord),
+}
+
+struct Command {
+    op: Op,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// The embedded store.
+pub struct SqliteStore {
+    writer: Mutex<mpsc::Sender<Command>>,
+    readers: Arc<Readers>,
+}
+
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e {
+            rusqlite::Error::QueryReturnedNoRows => StoreError::NotFound,
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                StoreError::Conflict(e.to_string())
+            }
+            other => StoreError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store in `data_dir`, applying migrations.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| StoreError::Unavailable(format!("cannot create `{}`: {e}", data_dir.display())))?;
+        let path = data_dir.join(DATABASE_FILE);
+        let mut conn = Connection::open(&path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "busy_timeout", 5_000)?;
+        conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+        migrate(&mut conn)?;
+        let (sender, receiver) = mpsc::channel::<Command>();
+        std::thread::Builder::new()
+            .name("airlock-sqlite-writer".into())
+            .spawn(move || Writer { conn, heads: HashMap::new() }.run(&receiver))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
+        let readers = Arc::new(Readers { path, idle: Mutex::new(Vec::new()) });
+        Ok(Self { writer: Mutex::new(sender), readers })
+    }
+
+    async fn write(&self, op: Op) -> Reply {
+        let (reply, receive) = oneshot::channel();
+        self.writer
+            .lock()
+            .map_err(|_| StoreError::Unavailable("the writer lock is poisoned".into()))?
+            .send(Command { op, reply })
+            .map_err(|_| StoreError::Unavailable("the writer thread has stopped".into()))?;
+        receive.await.map_err(|_| StoreError::Unavailable("the writer thread has stopped".into()))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || {
+            let conn = readers.checkout()?;
+            let result = f(&conn);
+            readers.checkin(conn);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("read task failed: {e}")))?
+    }
+}
+
+impl Readers {
+    fn checkout(&self) -> Result<Connection, StoreError> {
+        if let Some(conn) = self.idle.lock().ok().and_then(|mut idle| idle.pop()) {
+            return Ok(conn);
+        }
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        conn.pragma_update(None, "busy_timeout", 5_000)?;
+        conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+        Ok(conn)
+    }
+
+    fn checkin(&self, conn: Connection) {
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < READERS
+        {
+            idle.push(conn);
+        }
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let applied: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let applied = usize::try_from(applied).map_err(corrupt)?;
+    if applied > MIGRATIONS.len() {
+        return Err(corrupt(format!(
+            "the database has schema version {applied}, newer than this Airlock ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i64::try_from(i + 1).map_err(corrupt)?)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// The writer thread: owns the only read-write connection and the cached audit chain heads.
+struct Writer {
+    conn: Connection,
+    heads: HashMap<String, (u64, String)>,
+}
+
+/// What one command sees: the open transaction and the chain heads as of the commands
+/// before it in the same batch.
+struct Tx<'a> {
+    conn: &'a Connection,
+    committed: &'a HashMap<String, (u64, String)>,
+    batch: &'a mut HashMap<String, (u64, String)>,
+}
+
+impl Writer {
+    fn run(mut self, receiver: &mpsc::Receiver<Command>) {
+        while let Ok(first) = receiver.recv() {
+            let mut batch = vec![first];
+            while batch.len() < GROUP_COMMIT_MAX {
+                match receiver.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(batch);
+        }
+    }
+
+    fn commit_batch(&mut self, batch: Vec<Command>) {
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut batch_heads = HashMap::new();
+        let tx = match self.conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(e) => {
+                let message = e.to_string();
+                for command in batch {
+                    let _ = command.reply.send(Err(StoreError::Unavailable(message.clone())));
+                }
+                return;
+            }
+        };
+        for command in batch {
+            let mut op_heads = batch_heads.clone();
+            let result = savepoint(&tx, |conn| {
+                let mut ctx = Tx { conn, committed: &self.heads, batch: &mut op_heads };
+                (command.op)(&mut ctx)
+            });
+            if result.is_ok() {
+                batch_heads = op_heads;
+            }
+            replies.push((command.reply, result));
+        }
+        match tx.commit() {
+            Ok(()) => {
+                self.heads.extend(batch_heads);
+                for (reply, result) in replies {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                self.heads.clear();
+                let message = e.to_string();
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
+                }
+            }
+        }
+    }
+}
+
+fn savepoint(conn: &Connection, f: impl FnOnce(&Connection) -> Reply) -> Reply {
+    conn.execute_batch("SAVEPOINT op")?;
+    let result = f(conn);
+    let cleanup = if result.is_ok() { "RELEASE op" } else { "ROLLBACK TO op; RELEASE op" };
+    conn.execute_batch(cleanup)?;
+    result
+}
+
+impl Tx<'_> {
+    fn head(&self, tenant: &str) -> Result<Option<(u64, String)>, StoreError> {
+        if let Some(head) = self.batch.get(tenant).or_else(|| self.committed.get(tenant)) {
+            return Ok(Some(head.clone()));
+        }
+        Ok(self
+            .conn
+            .prepare_cached("SELECT seq, hash FROM audit_heads WHERE tenant = ?1")?
+            .query_row([tenant], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+            .optional()?
+            .map(|(seq, hash)| (seq.unsigned_abs(), hash)))
+    }
+
+    fn append_audit(&mut self, tenant: &str, draft: Draft) -> Result<Record, StoreError> {
+        let head = self.head(tenant)?;
+        let record = audit::seal(tenant, head.as_ref().map(|(s, h)| (*s, h.as_str())), draft);
+        let seq = i64::try_from(record.seq).map_err(corrupt)?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO audit (tenant, seq, at, kind, subject, actor, data, prev_hash, hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                tenant,
+                seq,
+                record.draft.at,
+                record.draft.kind,
+                record.draft.subject,
+                record.draft.actor,
+                record.draft.data.to_string(),
+                record.prev_hash,
+                record.hash,
+            ])?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO audit_heads (tenant, seq, hash) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (tenant) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+            )?
+            .execute(params![tenant, seq, record.hash])?;
+        self.batch.insert(tenant.to_owned(), (record.seq, record.hash.clone()));
+        Ok(record)
+    }
+
+    fn transition(
+        &mut self,
+        tenant: &TenantId,
+        id: &JobId,
+        event: Event,
+        at: Millis,
+        actor: &str,
+        reason: &str,
+    ) -> Result<JobRecord, StoreError> {
+        let job = load_job(self.conn, tenant, id)?.ok_or(StoreError::NotFound)?;
+        let to = job.state.next(event)?;
+        self.conn
+            .prepare_cached("UPDATE jobs SET state = ?1, updated_at = ?2 WHERE id = ?3")?
+            .execute(params![to.as_str(), at, id.as_str()])?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO job_transitions (job_id, seq, from_state, to_state, at, actor, reason)
+                 SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2, ?3, ?4, ?5, ?6 FROM job_transitions WHERE job_id = ?1",
+            )?
+            .execute(params![id.as_str(), job.state.as_str(), to.as_str(), at, actor, reason])?;
+        self.append_audit(
+            tenant.as_str(),
+            Draft {
+                at,
+                kind: "job.transition".into(),
+                subject: id.to_string(),
+                actor: actor.to_owned(),
+                data: json!({"from": job.state.as_str(), "to": to.as_str(), "reason": reason}),
+            },
+        )?;
+        Ok(JobRecord { state: to, updated_at: at, ..job })
+    }
+
+    fn insert_approval(&self, approval: &ApprovalRecord) -> Result<(), StoreError> {
+        let r = &approval.request;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO approvals (id, tenant, job_id, status, job_hash, snapshot_hash, rule_ids, rule_hashes,
+                 requested_by, created_at, expires_at, quorum, approvers, decided_at, decided_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            )?
+            .execute(params![
+                approval.id.as_str(),
+                approval.tenant.as_str(),
+                approval.job_id.as_str(),
+                r.status.as_str(),
+                r.job_hash,
+                r.snapshot_hash,
+                json!(r.rule_ids).to_string(),
+                json!(r.rule_hashes).to_string(),
+                r.requested_by,
+                r.created_at,
+                r.expires_at,
+                r.quorum,
+                json!(r.approvers).to_string(),
+                approval.decided_at,
+                approval.decided_by,
+            ])?;
+        Ok(())
+    }
+}
+
+fn gate_json(g: &GateDecision) -> String {
+    json!({
+        "decision": g.decision.as_str(),
+        "rule_ids": g.rule_ids,
+        "reason": g.reason,
+        "snapshot_hash": g.snapshot_hash,
+        "snapshot_version": g.snapshot_version,
+        "at": g.at,
+        "bypassed": g.bypassed,
+    })
+    .to_string()
+}
+
+fn gate_from_json(text: &str) -> Result<GateDecision, StoreError> {
+    let v: Value = serde_json::from_str(text).map_err(corrupt)?;
+    let s = |k: &str| {
+        v.get(k).and_then(Value::as_str).map(str::to_owned).ok_or_else(|| corrupt(format!("gate `{k}`")))
+    };
+    Ok(GateDecision {
+        decision: Decision::parse(&s("decision")?).ok_or_else(|| corrupt("gate decision"))?,
+        rule_ids: v
+            .get("rule_ids")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .unwrap_or_default(),
+        reason: s("reason")?,
+        snapshot_hash: s("snapshot_hash")?,
+        snapshot_version: v.get("snapshot_version").and_then(Value::as_u64).unwrap_or(0),
+        at: v.get("at").and_then(Value::as_i64).unwrap_or(0),
+        bypassed: v.get("bypassed").and_then(Value::as_bool).unwrap_or(false),
+    })
+}
+
+const JOB_COLUMNS: &str = "id, tenant, principal, topic, env, labels, payload, plan_hash, idempotency_key, job_hash, \
+                           state, gate_a, approval_id, created_at, updated_at";
+
+fn job_from_row(row: &Row<'_>) -> Result<JobRecord, StoreError> {
+    let text = |i: usize| row.get::<_, String>(i);
+    let labels: BTreeMap<String, String> = serde_json::from_str(&text(5)?).map_err(corrupt)?;
+    Ok(JobRecord {
+        id: text(0)?.parse().map_err(corrupt)?,
+        tenant: text(1)?.parse().map_err(corrupt)?,
+        principal: text(2)?,
+        topic: text(3)?,
+        env: text(4)?,
+        labels,
+        payload: serde_json::from_str(&text(6)?).map_err(corrupt)?,
+        plan_hash: row.get(7)?,
+        idempotency_key: row.get(8)?,
+        job_hash: text(9)?,
+        state: text(10)?.parse().map_err(corrupt)?,
+        gate_a: gate_from_json(&text(11)?)?,
+        approval_id: row.get::<_, Option<String>>(12)?.map(|s| s.parse()).transpose().map_err(corrupt)?,
+        created_at: row.get(13)?,
+        updated_at: row.get(14)?,
+    })
+}
+
+fn load_job(conn: &Connection, tenant: &TenantId, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1 AND tenant = ?2");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut rows = stmt.query(params![id.as_str(), tenant.as_str()])?;
+    match rows.next()? {
+        Some(row) => Ok(Some(job_from_row(row)?)),
+        None => Ok(None),
+    }
+}
+
+fn strings(text: &str) -> Result<Vec<String>, StoreError> {
+    serde_json::from_str(text).map_err(corrupt)
+}
+
+const APPROVAL_COLUMNS: &str = "id, tenant, job_id, status, job_hash, snapshot_hash, rule_ids, rule_hashes, \
+                                requested_by, created_at, expires_at, quorum, approvers, decided_at, decided_by";
+
+fn approval_from_row(row: &Row<'_>) -> Result<ApprovalRecord, StoreError> {
+    let text = |i: usize| row.get::<_, String>(i);
+    Ok(ApprovalRecord {
+        id: text(0)?.parse().map_err(corrupt)?,
+        tenant: text(1)?.parse().map_err(corrupt)?,
+        job_id: text(2)?.parse().map_err(corrupt)?,
+        request: Request {
+            status: text(3)?.parse().map_err(corrupt)?,
+            job_hash: text(4)?,
+            snapshot_hash: text(5)?,
+            rule_ids: strings(&text(6)?)?,
+            rule_hashes: strings(&text(7)?)?,
+            requested_by: text(8)?,
+            created_at: row.get(9)?,
+            expires_at: row.get(10)?,
+            quorum: row.get(11)?,
+            approvers: strings(&text(12)?)?,
+        },
+        decided_at: row.get(13)?,
+        decided_by: row.get(14)?,
+    })
+}
+
+fn load_approval(
+    conn: &Connection,
+    tenant: &TenantId,
+    id: &ApprovalId,
+) -> Result<Option<ApprovalRecord>, StoreError> {
+    let sql = format!("SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = ?1 AND tenant = ?2");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut rows = stmt.query(params![id.as_str(), tenant.as_str()])?;
+    match rows.next()? {
+        Some(row) => Ok(Some(approval_from_row(row)?)),
+        None => Ok(None),
+    }
+}
+
+fn key_from_row(row: &Row<'_>) -> Result<KeyRecord, StoreError> {
+    let roles: Roles = row
+        .get::<_, String>(3)?
+        .split(',')
+        .filter(|r| !r.is_empty())
+        .map(|r| r.parse::<Role>())
+        .collect::<Result<_, _>>()
+        .map_err(corrupt)?;
+    let hash: Vec<u8> = row.get(4)?;
+    Ok(KeyRecord {
+        id: row.get::<_, String>(0)?.parse().map_err(corrupt)?,
+        tenant: row.get::<_, String>(1)?.parse().map_err(corrupt)?,
+        name: row.get(2)?,
+        roles,
+        secret_hash: hash.try_into().map_err(|_| corrupt("key hash length"))?,
+        created_at: row.get(5)?,
+        revoked_at: row.get(6)?,
+    })
+}
+
+const KEY_COLUMNS: &str = "id, tenant, name, roles, secret_hash, created_at, revoked_at";
+
+fn load_key(conn: &Connection, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+    let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut rows = stmt.query([id])?;
+    match rows.next()? {
+        Some(row) => Ok(Some(key_from_row(row)?)),
+        None => Ok(None),
+    }
+}
+
+const SNAPSHOT_SELECT: &str = "SELECT s.version, s.hash, s.source, s.created_at, s.created_by, s.note, \
+                               (a.version IS NOT NULL) FROM snapshots s \
+                               LEFT JOIN active_snapshot a ON a.version = s.version";
+
+fn snapshot_from_row(row: &Row<'_>) -> Result<SnapshotRecord, StoreError> {
+    Ok(SnapshotRecord {
+        version: row.get::<_, i64>(0)?.unsigned_abs(),
+        hash: row.get(1)?,
+        source: row.get(2)?,
+        created_at: row.get(3)?,
+        created_by: row.get(4)?,
+        note: row.get(5)?,
+        active: row.get(6)?,
+    })
+}
+
+fn collect<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    map: impl Fn(&Row<'_>) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut rows = stmt.query(params)?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next()? {
+        out.push(map(row)?);
+    }
+    Ok(out)
+}
+
+fn load_idempotency(
+    conn: &Connection,
+    tenant: &str,
+    key: &str,
+    retained_since: Millis,
+) -> Result<Option<IdempotencyRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT job_hash, job_id, status, body, created_at FROM idempotency
+         WHERE tenant = ?1 AND key = ?2 AND created_at >= ?3",
+    )?;
+    let mut rows = stmt.query(params![tenant, key, retained_since])?;
+    let Some(row) = rows.next()? else { return Ok(None) };
+    Ok(Some(IdempotencyRecord {
+        job_hash: row.get(0)?,
+        job_id: row.get::<_, String>(1)?.parse().map_err(corrupt)?,
+        status: row.get(2)?,
+        body: row.get(3)?,
+        created_at: row.get(4)?,
+    }))
+}
+
+fn submit(tx: &mut Tx<'_>, s: Submission, retained_since: Millis) -> Reply {
+    let tenant = s.job.tenant.as_str().to_owned();
+    if let Some((key, _, _)) = &s.idempotency
+        && let Some(existing) = load_idempotency(tx.conn, &tenant, key, retained_since)?
+    {
+        let outcome = if existing.job_hash == s.job.job_hash {
+            SubmitOutcome::Replay(existing)
+        } else {
+            SubmitOutcome::KeyReused(existing)
+        };
+        return Ok(Output::Submit(outcome));
+    }
+    let at = s.job.created_at;
+    let mut taken = Vec::with_capacity(s.budgets.len());
+    let mut retry_after_ms = 0;
+    for budget in &s.budgets {
+        let bucket = tx
+            .conn
+            .prepare_cached("SELECT tokens, updated_at FROM throttle_buckets WHERE key = ?1")?
+            .query_row([&budget.key], |r| Ok(Bucket { tokens: r.get(0)?, updated_at: r.get(1)? }))
+            .optional()?;
+        match throttle::take(bucket, &budget.limit, at) {
+            Take::Admitted(b) => taken.push((&budget.key, b)),
+            Take::Refused { retry_after_ms: ms } => retry_after_ms = retry_after_ms.max(ms),
+        }
+    }
+    if retry_after_ms > 0 {
+        let mut draft = s.audit;
+        if let Value::Object(data) = &mut draft.data {
+            data.insert("outcome".into(), json!("throttled"));
+            data.insert("retry_after_ms".into(), json!(retry_after_ms));
+        }
+        draft.subject = "-".into();
+        tx.append_audit(&tenant, draft)?;
+        return Ok(Output::Submit(SubmitOutcome::Throttled { retry_after_ms }));
+    }
+    for (key, bucket) in taken {
+        tx.conn
+            .prepare_cached(
+                "INSERT INTO throttle_buckets (key, tokens, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (key) DO UPDATE SET tokens = excluded.tokens, updated_at = excluded.updated_at",
+            )?
+            .execute(params![key, bucket.tokens, bucket.updated_at])?;
+    }
+    let j = &s.job;
+    let labels = serde_json::to_string(&j.labels).map_err(corrupt)?;
+    tx.conn
+        .prepare_cached(&format!(
+            "INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+        ))?
+        .execute(params![
+            j.id.as_str(),
+            tenant,
+            j.principal,
+            j.topic,
+            j.env,
+            labels,
+            j.payload.to_string(),
+            j.plan_hash,
+            j.idempotency_key,
+            j.job_hash,
+            j.state.as_str(),
+            gate_json(&j.gate_a),
+            j.approval_id.as_ref().map(ApprovalId::as_str),
+            j.created_at,
+            j.updated_at,
+        ])?;
+    tx.conn
+        .prepare_cached(
+            "INSERT INTO job_transitions (job_id, seq, from_state, to_state, at, actor, reason)
+             VALUES (?1, 1, NULL, ?2, ?3, ?4, 'submitted')",
+        )?
+        .execute(params![j.id.as_str(), j.state.as_str(), at, j.principal])?;
+    if let Some(approval) = &s.approval {
+        tx.insert_approval(approval)?;
+    }
+    if let Some((key, status, body)) = &s.idempotency {
+        tx.conn
+            .prepare_cached(
+                "INSERT INTO idempotency (tenant, key, job_hash, job_id, status, body, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (tenant, key) DO UPDATE SET job_hash = excluded.job_hash, job_id = excluded.job_id,
+                 status = excluded.status, body = excluded.body, created_at = excluded.created_at",
+            )?
+            .execute(params![tenant, key, j.job_hash, j.id.as_str(), status, body, at])?;
+    }
+    tx.append_audit(&tenant, s.audit)?;
+    Ok(Output::Submit(SubmitOutcome::Accepted))
+}
+
+fn change_approval(tx: &mut Tx<'_>, c: ApprovalChange) -> Reply {
+    let current = load_approval(tx.conn, &c.tenant, &c.id)?.ok_or(StoreError::NotFound)?;
+    if current.request.status != c.expected_status || current.request.approvers.len() != c.expected_approvers
+    {
+        return Err(StoreError::Conflict("the approval request changed; read it again".into()));
+    }
+    let decided = c.request.status != Status::Pending;
+    tx.conn
+        .prepare_cached(
+            "UPDATE approvals SET status = ?1, approvers = ?2, decided_at = ?3, decided_by = ?4 WHERE id = ?5",
+        )?
+        .execute(params![
+            c.request.status.as_str(),
+            json!(c.request.approvers).to_string(),
+            decided.then_some(c.at),
+            decided.then_some(c.actor.as_str()),
+            c.id.as_str(),
+        ])?;
+    for draft in c.audit {
+        tx.append_audit(c.tenant.as_str(), draft)?;
+    }
+    if let Some(event) = c.job_event {
+        tx.transition(
+            &c.tenant,
+            &current.job_id,
+            event,
+            c.at,
+            &c.actor,
+            &format!("approval {}", c.request.status),
+        )?;
+    }
+    if let Some(replacement) = &c.replacement {
+        tx.insert_approval(replacement)?;
+        tx.conn
+            .prepare_cached("UPDATE jobs SET approval_id = ?1, updated_at = ?2 WHERE id = ?3")?
+            .execute(params![replacement.id.as_str(), c.at, current.job_id.as_str()])?;
+    }
+    Ok(Output::Approval(ApprovalRecord {
+        request: c.request,
+        decided_at: decided.then_some(c.at),
+        decided_by: decided.then_some(c.actor),
+        ..current
+    }))
+}
+
+macro_rules! expect_output {
+    ($reply:expr, $variant:ident) => {
+        match $reply? {
+            Output::$variant(v) => Ok(v),
+            _ => Err(StoreError::Unavailable("the writer returned an unexpected reply".into())),
+        }
+    };
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn create_key(&self, key: KeyRecord, audit: Draft) -> Result<(), StoreError> {
+        let reply = self
+            .write(Box::new(move |tx| {
+                let inserted = tx
+                    .conn
+                    .prepare_cached(&format!(
+                        "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                    ))?
+                    .execute(params![
+                        key.id.as_str(),
+                        key.tenant.as_str(),
+                        key.name,
+                        key.roles.to_string(),
+                        key.secret_hash.as_slice(),
+                        key.created_at,
+                        key.revoked_at,
+                    ]);
+                match inserted.map_err(StoreError::from) {
+                    Err(StoreError::Conflict(_)) => {
+                        return Err(StoreError::Conflict(format!(
+                            "a key named `{}` already exists in tenant `{}`",
+                            key.name, key.tenant
+                        )));
+                    }
+                    other => other?,
+                };
+                tx.append_audit(key.tenant.as_str(), audit)?;
+                Ok(Output::Unit(()))
+            }))
+            .await;
+        expect_output!(reply, Unit)
+    }
+
+    async fn key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let id = id.to_string();
+        self.read(move |conn| load_key(conn, &id)).await
+    }
+
+    async fn keys(&self, tenant: Option<&TenantId>) -> Result<Vec<KeyRecord>, StoreError> {
+        let tenant = tenant.map(ToString::to_string);
+        self.read(move |conn| match tenant {
+            Some(t) => collect(
+                conn,
+                &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant = ?1 ORDER BY id"),
+                [t],
+                key_from_row,
+            ),
+            None => {
+                collect(conn, &format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY id"), [], key_from_row)
+            }
+        })
+        .await
+    }
+
+    async fn revoke_key(&self, id: &KeyId, at: Millis, audit: Draft) -> Result<KeyRecord, StoreError> {
+        let id = id.to_string();
+        let reply = self
+            .write(Box::new(move |tx| {
+                let changed = tx
+                    .conn
+                    .prepare_cached(
+                        "UPDATE api_keys SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL",
+                    )?
+                    .execute(params![at, id])?;
+                if changed == 0 {
+                    return Err(StoreError::NotFound);
+                }
+                let key = load_key(tx.conn, &id)?.ok_or(StoreError::NotFound)?;
+                tx.append_audit(key.tenant.as_str(), audit)?;
+                Ok(Output::Key(key))
+            }))
+            .await;
+        expect_output!(reply, Key)
+    }
+
+    async fn publish(
+        &self,
+        hash: &str,
+        source: &str,
+        note: Option<&str>,
+        at: Millis,
+        actor: &str,
+    ) -> Result<SnapshotRecord, StoreError> {
+        let (hash, source, note, actor) =
+            (hash.to_owned(), source.to_owned(), note.map(str::to_owned), actor.to_owned());
+        let reply = self
+            .write(Box::new(move |tx| {
+                let version: i64 =
+                    tx.conn
+                        .query_row("SELECT COALESCE(MAX(version), 0) + 1 FROM snapshots", [], |r| r.get(0))?;
+                tx.conn.execute(
+                    "INSERT INTO snapshots (version, hash, source, created_at, created_by, note)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![version, hash, source, at, actor, note],
+                )?;
+                tx.conn.execute(
+                    "INSERT INTO active_snapshot (id, version) VALUES (1, ?1)
+                     ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+                    [version],
+                )?;
+                tx.append_audit(
+                    TenantId::PLATFORM,
+                    Draft {
+                        at,
+                        kind: "policy.published".into(),
+                        subject: format!("snapshot:{version}"),
+                        actor: actor.clone(),
+                        data: json!({"version": version, "hash": hash, "note": note}),
+                    },
+                )?;
+                Ok(Output::Snapshot(SnapshotRecord {
+                    version: version.unsigned_abs(),
+                    hash,
+                    source,
+                    created_at: at,
+                    created_by: actor,
+                    note,
+                    active: true,
+                }))
+            }))
+            .await;
+        expect_output!(reply, Snapshot)
+    }
+
+    async fn active_snapshot(&self) -> Result<Option<SnapshotRecord>, StoreError> {
+        self.read(|conn| {
+            let sql = format!("{SNAPSHOT_SELECT} WHERE a.version IS NOT NULL");
+            Ok(collect(conn, &sql, [], snapshot_from_row)?.pop())
+        })
+        .await
+    }
+
+    async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
+        self.read(|conn| {
+            collect(conn, &format!("{SNAPSHOT_SELECT} ORDER BY s.version DESC"), [], snapshot_from_row)
+        })
+        .await
+    }
+
+    async fn snapshot(&self, version: u64) -> Result<Option<SnapshotRecord>, StoreError> {
+        let version = i64::try_from(version).map_err(|_| StoreError::NotFound)?;
+        self.read(move |conn| {
+            Ok(collect(
+                conn,
+                &format!("{SNAPSHOT_SELECT} WHERE s.version = ?1"),
+                [version],
+                snapshot_from_row,
+            )?
+            .pop())
+        })
+        .await
+    }
+
+    async fn idempotency(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        retained_since: Millis,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let (tenant, key) = (tenant.to_string(), key.to_owned());
+        self.read(move |conn| load_idempotency(conn, &tenant, &key, retained_since)).await
+    }
+
+    async fn submit(
+        &self,
+        submission: Submission,
+        retained_since: Millis,
+    ) -> Result<SubmitOutcome, StoreError> {
+        let reply = self.write(Box::new(move |tx| submit(tx, submission, retained_since))).await;
+        expect_output!(reply, Submit)
+    }
+
+    async fn append_audit(&self, tenant: &TenantId, draft: Draft) -> Result<(), StoreError> {
+        let tenant = tenant.to_string();
+        let reply = self
+            .write(Box::new(move |tx| {
+                tx.append_audit(&tenant, draft)?;
+                Ok(Output::Unit(()))
+            }))
+            .await;
+        expect_output!(reply, Unit)
+    }
+
+    async fn job(&self, tenant: &TenantId, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
+        let (tenant, id) = (tenant.clone(), id.clone());
+        self.read(move |conn| load_job(conn, &tenant, &id)).await
+    }
+
+    async fn jobs(&self, tenant: &TenantId, filter: &JobFilter) -> Result<Vec<JobRecord>, StoreError> {
+        let (tenant, filter) = (tenant.to_string(), filter.clone());
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant = ?1
+                 AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR topic = ?3) AND (?4 IS NULL OR env = ?4)
+                 AND (?5 IS NULL OR id > ?5) AND (?6 IS NULL OR created_at >= ?6) AND (?7 IS NULL OR created_at < ?7)
+                 ORDER BY id LIMIT ?8"
+            );
+            collect(
+                conn,
+                &sql,
+                params![
+                    tenant,
+                    filter.state.map(JobState::as_str),
+                    filter.topic,
+                    filter.env,
+                    filter.after.as_ref().map(JobId::as_str),
+                    filter.since,
+                    filter.until,
+                    filter.limit,
+                ],
+                job_from_row,
+            )
+        })
+        .await
+    }
+
+    async fn history(&self, tenant: &TenantId, id: &JobId) -> Result<Vec<Transition>, StoreError> {
+        let (tenant, id) = (tenant.to_string(), id.to_string());
+        self.read(move |conn| {
+            collect(
+                conn,
+                "SELECT t.seq, t.from_state, t.to_state, t.at, t.actor, t.reason FROM job_transitions t
+                 JOIN jobs j ON j.id = t.job_id WHERE t.job_id = ?1 AND j.tenant = ?2 ORDER BY t.seq",
+                params![id, tenant],
+                |row| {
+                    Ok(Transition {
+                        seq: row.get(0)?,
+                        from: row
+                            .get::<_, Option<String>>(1)?
+                            .map(|s| s.parse())
+                            .transpose()
+                            .map_err(corrupt)?,
+                        to: row.get::<_, String>(2)?.parse().map_err(corrupt)?,
+                        at: row.get(3)?,
+                        actor: row.get(4)?,
+                        reason: row.get(5)?,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
+    async fn transition(
+        &self,
+        tenant: &TenantId,
+        id: &JobId,
+        event: Event,
+        at: Millis,
+        actor: &str,
+        reason: &str,
+    ) -> Result<JobRecord, StoreError> {
+        let (tenant, id, actor, reason) = (tenant.clone(), id.clone(), actor.to_owned(), reason.to_owned());
+        let reply = self
+            .write(Box::new(move |tx| {
+                Ok(Output::Job(tx.transition(&tenant, &id, event, at, &actor, &reason)?))
+            }))
+            .await;
+        expect_output!(reply, Job)
+    }
+
+    async fn job_counts(&self) -> Result<BTreeMap<JobState, u64>, StoreError> {
+        self.read(|conn| {
+            let rows = collect(conn, "SELECT state, COUNT(*) FROM jobs GROUP BY state", [], |row| {
+                let state: JobState = row.get::<_, String>(0)?.parse().map_err(corrupt)?;
+                Ok((state, row.get::<_, i64>(1)?.unsigned_abs()))
+            })?;
+            Ok(rows.into_iter().collect())
+        })
+        .await
+    }
+
+    async fn approval(
+        &self,
+        tenant: &TenantId,
+        id: &ApprovalId,
+    ) -> Result<Option<ApprovalRecord>, StoreError> {
+        let (tenant, id) = (tenant.clone(), id.clone());
+        self.read(move |conn| load_approval(conn, &tenant, &id)).await
+    }
+
+    async fn approvals(
+        &self,
+        tenant: &TenantId,
+        status: Option<Status>,
+        after: Option<&ApprovalId>,
+        limit: u32,
+    ) -> Result<Vec<ApprovalRecord>, StoreError> {
+        let (tenant, after) = (tenant.to_string(), after.map(ToString::to_string));
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE tenant = ?1 AND (?2 IS NULL OR status = ?2)
+                 AND (?3 IS NULL OR id > ?3) ORDER BY id LIMIT ?4"
+            );
+            collect(conn, &sql, params![tenant, status.map(Status::as_str), after, limit], approval_from_row)
+        })
+        .await
+    }
+
+    async fn expired_approvals(&self, now: Millis, limit: u32) -> Result<Vec<ApprovalRecord>, StoreError> {
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE status = 'pending' AND expires_at <= ?1
+                 ORDER BY expires_at LIMIT ?2"
+            );
+            collect(conn, &sql, params![now, limit], approval_from_row)
+        })
+        .await
+    }
+
+    async fn change_approval(&self, change: ApprovalChange) -> Result<ApprovalRecord, StoreError> {
+        let reply = self.write(Box::new(move |tx| change_approval(tx, change))).await;
+        expect_output!(reply, Approval)
+    }
+
+    async fn audit(&self, tenant: &TenantId, after_seq: u64, limit: u32) -> Result<AuditPage, StoreError> {
+        let tenant = tenant.to_string();
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            let records = collect(
+                conn,
+                "SELECT seq, at, kind, subject, actor, data, prev_hash, hash FROM audit
+                 WHERE tenant = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                params![tenant, after, limit],
+                |row| {
+                    Ok(Record {
+                        tenant: tenant.clone(),
+                        seq: row.get::<_, i64>(0)?.unsigned_abs(),
+                        draft: Draft {
+                            at: row.get(1)?,
+                            kind: row.get(2)?,
+                            subject: row.get(3)?,
+                            actor: row.get(4)?,
+                            data: serde_json::from_str(&row.get::<_, String>(5)?).map_err(corrupt)?,
+                        },
+                        prev_hash: row.get(6)?,
+                        hash: row.get(7)?,
+                    })
+                },
+            )?;
+            let head = conn
+                .prepare_cached("SELECT seq, hash FROM audit_heads WHERE tenant = ?1")?
+                .query_row([&tenant], |r| Ok((r.get::<_, i64>(0)?.unsigned_abs(), r.get::<_, String>(1)?)))
+                .optional()?;
+            Ok(AuditPage { records, head })
+        })
+        .await
+    }
+
+    async fn audit_tenants(&self) -> Result<Vec<TenantId>, StoreError> {
+        self.read(|conn| {
+            collect(conn, "SELECT tenant FROM audit_heads ORDER BY tenant", [], |row| {
+                row.get::<_, String>(0)?.parse().map_err(corrupt)
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,360 @@
+//! The semantics the gates rely on, written once against `dyn Store`: transactional submit,
+//! idempotency conflicts, all-or-nothing budgets, the lifecycle table, optimistic approval
+//! changes, the audit chain, and durability across a reopen. Every store implementation must
+//! pass these.
+
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic, reason = "a test fails by panicking")]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use airlock_core::approval::{Request, Status};
+use airlock_core::audit::{self, Draft};
+use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
+use airlock_core::role::{Role, Roles};
+use airlock_core::state::{Event, JobState};
+use airlock_policy::{Decision, Limit, LimitKey};
+use airlock_store::{
+    ApprovalChange, ApprovalRecord, Budget, GateDecision, JobFilter, JobRecord, KeyRecord, SqliteStore,
+    Store, StoreError, Submission, SubmitOutcome,
+};
+use serde_json::json;
+
+static NEXT: AtomicU8 = AtomicU8::new(1);
+
+fn random() -> [u8; 10] {
+    [NEXT.fetch_add(1, Ordering::Relaxed); 10]
+}
+
+fn temp_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "airlock-store-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn stores() -> Vec<(String, Arc<dyn Store>, std::path::PathBuf)> {
+    let dir = temp_dir();
+    vec![("sqlite".into(), Arc::new(SqliteStore::open(&dir).unwrap()), dir)]
+}
+
+fn tenant(name: &str) -> TenantId {
+    name.parse().unwrap()
+}
+
+fn draft(kind: &str, subject: &str) -> Draft {
+    Draft {
+        at: 1,
+        kind: kind.into(),
+        subject: subject.into(),
+        actor: "tester".into(),
+        data: json!({"outcome": "accepted"}),
+    }
+}
+
+fn job(t: &TenantId, state: JobState, at: i64) -> JobRecord {
+    JobRecord {
+        id: JobId::generate(at, random()),
+        tenant: t.clone(),
+        principal: "agent".into(),
+        topic: "infra.resource.delete".into(),
+        env: "production".into(),
+        labels: BTreeMap::from([("team".into(), "core".into())]),
+        payload: json!({"id": "vm-1", "nested": [1, 2.5, null]}),
+        plan_hash: None,
+        idempotency_key: None,
+        job_hash: format!("sha256:{at}"),
+        state,
+        gate_a: GateDecision {
+            decision: Decision::Allow,
+            rule_ids: vec![],
+            reason: "ok".into(),
+            snapshot_hash: "sha256:s".into(),
+            snapshot_version: 1,
+            at,
+            bypassed: false,
+        },
+        approval_id: None,
+        created_at: at,
+        updated_at: at,
+    }
+}
+
+fn submission(job: JobRecord) -> Submission {
+    let subject = job.id.to_string();
+    Submission {
+        job,
+        approval: None,
+        idempotency: None,
+        budgets: vec![],
+        audit: draft("job.submitted", &subject),
+    }
+}
+
+async fn verify_chain(store: &dyn Store, t: &TenantId) -> Result<u64, audit::Broken> {
+    let page = store.audit(t, 0, 10_000).await.unwrap();
+    audit::verify(t.as_str(), &page.records, page.head.as_ref().map(|(s, h)| (*s, h.as_str())))
+}
+
+#[tokio::test]
+async fn submit_writes_everything_together() {
+    for (name, store, _) in stores() {
+        let t = tenant("acme");
+        let mut j = job(&t, JobState::AwaitingApproval, 1_000);
+        let approval = ApprovalRecord {
+            id: ApprovalId::generate(1_000, random()),
+            tenant: t.clone(),
+            job_id: j.id.clone(),
+            request: Request {
+                job_hash: j.job_hash.clone(),
+                snapshot_hash: "sha256:s".into(),
+                rule_ids: vec!["r".into()],
+                rule_hashes: vec!["sha256:r".into()],
+                requested_by: "agent".into(),
+                created_at: 1_000,
+                expires_at: 2_000,
+                quorum: 1,
+                approvers: vec![],
+                status: Status::Pending,
+            },
+            decided_at: None,
+            decided_by: None,
+        };
+        j.approval_id = Some(approval.id.clone());
+        j.idempotency_key = Some("k1".into());
+        let mut s = submission(j.clone());
+        s.approval = Some(approval.clone());
+        s.idempotency = Some(("k1".into(), 202, "{\"job_id\":1}".into()));
+        assert_eq!(store.submit(s, 0).await.unwrap(), SubmitOutcome::Accepted, "{name}");
+        assert_eq!(store.job(&t, &j.id).await.unwrap().unwrap(), j, "{name}: the job round-trips");
+        assert_eq!(store.approval(&t, &approval.id).await.unwrap().unwrap(), approval, "{name}");
+        let remembered = store.idempotency(&t, "k1", 0).await.unwrap().unwrap();
+        assert_eq!((remembered.status, remembered.body.as_str()), (202, "{\"job_id\":1}"));
+        let history = store.history(&t, &j.id).await.unwrap();
+        assert_eq!((history.len(), history[0].from, history[0].to), (1, None, JobState::AwaitingApproval));
+        assert_eq!(verify_chain(&*store, &t).await, Ok(1), "{name}");
+        assert!(store.job(&tenant("other"), &j.id).await.unwrap().is_none(), "{name}: tenants are isolated");
+    }
+}
+
+#[tokio::test]
+async fn idempotency_keys_replay_or_conflict() {
+    for (name, store, _) in stores() {
+        let t = tenant("acme");
+        let first = job(&t, JobState::Queued, 10);
+        let mut s = submission(first.clone());
+        s.idempotency = Some(("key".into(), 202, "original".into()));
+        assert_eq!(store.submit(s, 0).await.unwrap(), SubmitOutcome::Accepted);
+
+        let mut same = job(&t, JobState::Queued, 11);
+        same.job_hash = first.job_hash.clone();
+        let mut s = submission(same.clone());
+        s.idempotency = Some(("key".into(), 202, "second".into()));
+        match store.submit(s, 0).await.unwrap() {
+            SubmitOutcome::Replay(r) => {
+                assert_eq!((r.body.as_str(), &r.job_id), ("original", &first.id), "{name}")
+            }
+            other => panic!("{name}: expected a replay, got {other:?}"),
+        }
+        assert!(store.job(&t, &same.id).await.unwrap().is_none(), "{name}: a replay stores nothing");
+
+        let different = job(&t, JobState::Queued, 12);
+        let mut s = submission(different);
+        s.idempotency = Some(("key".into(), 202, "third".into()));
+        assert!(matches!(store.submit(s, 0).await.unwrap(), SubmitOutcome::KeyReused(_)), "{name}");
+
+        // Outside retention the key is forgotten and may be used again.
+        let later = job(&t, JobState::Queued, 13);
+        let mut s = submission(later);
+        s.idempotency = Some(("key".into(), 202, "fourth".into()));
+        assert_eq!(store.submit(s, 11).await.unwrap(), SubmitOutcome::Accepted, "{name}");
+
+        // Keys are per tenant.
+        let other = tenant("other");
+        let mut s = submission(job(&other, JobState::Queued, 14));
+        s.idempotency = Some(("key".into(), 202, "x".into()));
+        assert_eq!(store.submit(s, 0).await.unwrap(), SubmitOutcome::Accepted, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn budgets_admit_all_or_nothing() {
+    for (name, store, _) in stores() {
+        let t = tenant("acme");
+        let one_per_minute = Limit { rate: 1, per_secs: 60, burst: 1, key: vec![LimitKey::Tenant] };
+        let roomy = Limit { rate: 100, per_secs: 1, burst: 100, key: vec![LimitKey::Tenant] };
+        let budgets = |at: i64| -> Submission {
+            let mut s = submission(job(&t, JobState::Queued, at));
+            s.budgets = vec![
+                Budget { key: "a|roomy".into(), limit: roomy.clone() },
+                Budget { key: "a|tight".into(), limit: one_per_minute.clone() },
+            ];
+            s
+        };
+        assert_eq!(store.submit(budgets(1_000), 0).await.unwrap(), SubmitOutcome::Accepted, "{name}");
+        let refused = store.submit(budgets(2_000), 0).await.unwrap();
+        assert_eq!(refused, SubmitOutcome::Throttled { retry_after_ms: 59_000 }, "{name}");
+        assert_eq!(store.jobs(&t, &JobFilter { limit: 10, ..JobFilter::default() }).await.unwrap().len(), 1);
+        assert_eq!(store.submit(budgets(61_000), 0).await.unwrap(), SubmitOutcome::Accepted, "{name}");
+        // The refused attempt charged neither bucket; its audit record is in the chain.
+        assert_eq!(verify_chain(&*store, &t).await, Ok(3), "{name}");
+        let page = store.audit(&t, 0, 10).await.unwrap();
+        assert_eq!(page.records[1].draft.data["outcome"], "throttled");
+    }
+}
+
+#[tokio::test]
+async fn transitions_follow_the_table() {
+    for (name, store, _) in stores() {
+        let t = tenant("acme");
+        let j = job(&t, JobState::Queued, 5);
+        store.submit(submission(j.clone()), 0).await.unwrap();
+        let cancelled =
+            store.transition(&t, &j.id, Event::Cancel, 6, "op", "no longer needed").await.unwrap();
+        assert_eq!(cancelled.state, JobState::Cancelled, "{name}");
+        let again = store.transition(&t, &j.id, Event::Cancel, 7, "op", "twice").await;
+        assert!(matches!(again, Err(StoreError::InvalidTransition(_))), "{name}: {again:?}");
+        let other = store.transition(&tenant("other"), &j.id, Event::Cancel, 7, "op", "x").await;
+        assert!(matches!(other, Err(StoreError::NotFound)), "{name}");
+        let history = store.history(&t, &j.id).await.unwrap();
+        assert_eq!(history.iter().map(|h| h.to).collect::<Vec<_>>(), [JobState::Queued, JobState::Cancelled]);
+        assert_eq!(history[1].reason, "no longer needed");
+        assert_eq!(verify_chain(&*store, &t).await, Ok(2), "{name}");
+        let counts = store.job_counts().await.unwrap();
+        assert_eq!(counts.get(&JobState::Cancelled), Some(&1));
+    }
+}
+
+#[tokio::test]
+async fn approval_changes_are_optimistic_and_move_the_job() {
+    for (name, store, _) in stores() {
+        let t = tenant("acme");
+        let mut j = job(&t, JobState::AwaitingApproval, 100);
+        let id = ApprovalId::generate(100, random());
+        j.approval_id = Some(id.clone());
+        let request = Request {
+            job_hash: j.job_hash.clone(),
+            snapshot_hash: "sha256:s".into(),
+            rule_ids: vec![],
+            rule_hashes: vec![],
+            requested_by: "agent".into(),
+            created_at: 100,
+            expires_at: 200,
+            quorum: 1,
+            approvers: vec![],
+            status: Status::Pending,
+        };
+        let mut s = submission(j.clone());
+        s.approval = Some(ApprovalRecord {
+            id: id.clone(),
+            tenant: t.clone(),
+            job_id: j.id.clone(),
+            request: request.clone(),
+            decided_at: None,
+            decided_by: None,
+        });
+        store.submit(s, 0).await.unwrap();
+        assert_eq!(store.expired_approvals(199, 10).await.unwrap().len(), 0);
+        assert_eq!(store.expired_approvals(200, 10).await.unwrap().len(), 1);
+        let approved =
+            Request { approvers: vec!["alice".into()], status: Status::Approved, ..request.clone() };
+        let change = ApprovalChange {
+            tenant: t.clone(),
+            id: id.clone(),
+            expected_status: Status::Pending,
+            expected_approvers: 0,
+            request: approved,
+            job_event: Some(Event::Approved),
+            replacement: None,
+            audit: vec![draft("approval.approved", id.as_str())],
+            at: 150,
+            actor: "alice".into(),
+        };
+        let record = store.change_approval(change.clone()).await.unwrap();
+        assert_eq!(
+            (record.request.status, record.decided_by.as_deref()),
+            (Status::Approved, Some("alice")),
+            "{name}"
+        );
+        assert_eq!(store.job(&t, &j.id).await.unwrap().unwrap().state, JobState::Queued, "{name}");
+        let stale = store.change_approval(change).await;
+        assert!(matches!(stale, Err(StoreError::Conflict(_))), "{name}: a second identical change conflicts");
+        assert_eq!(store.approvals(&t, Some(Status::Pending), None, 10).await.unwrap().len(), 0);
+        assert_eq!(store.approvals(&t, Some(Status::Approved), None, 10).await.unwrap().len(), 1);
+        assert_eq!(verify_chain(&*store, &t).await, Ok(3), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn keys_snapshots_and_durability_across_reopen() {
+    let dir = temp_dir();
+    let t = tenant("acme");
+    let key = KeyRecord {
+        id: KeyId::generate(1, random()),
+        tenant: t.clone(),
+        name: "ci-bot".into(),
+        roles: [Role::Submitter, Role::Approver].into_iter().collect::<Roles>(),
+        secret_hash: [7; 32],
+        created_at: 1,
+        revoked_at: None,
+    };
+    let j = job(&t, JobState::Queued, 9);
+    {
+        let store = SqliteStore::open(&dir).unwrap();
+        store.create_key(key.clone(), draft("key.created", key.id.as_str())).await.unwrap();
+        let duplicate = KeyRecord { id: KeyId::generate(2, random()), ..key.clone() };
+        assert!(matches!(
+            store.create_key(duplicate, draft("key.created", "x")).await,
+            Err(StoreError::Conflict(m)) if m.contains("ci-bot")
+        ));
+        let v1 = store.publish("sha256:one", "version: v1\n", None, 2, "admin").await.unwrap();
+        let v2 = store
+            .publish("sha256:two", "version: v1\nrules: []\n", Some("second"), 3, "admin")
+            .await
+            .unwrap();
+        assert_eq!((v1.version, v2.version), (1, 2));
+        store.submit(submission(j.clone()), 0).await.unwrap();
+    }
+    let store = SqliteStore::open(&dir).unwrap();
+    assert_eq!(store.key(&key.id).await.unwrap().unwrap(), key);
+    assert_eq!(store.active_snapshot().await.unwrap().unwrap().hash, "sha256:two");
+    let all = store.snapshots().await.unwrap();
+    assert_eq!(all.iter().map(|s| (s.version, s.active)).collect::<Vec<_>>(), [(2, true), (1, false)]);
+    assert_eq!(store.job(&t, &j.id).await.unwrap().unwrap(), j);
+    let revoked = store.revoke_key(&key.id, 10, draft("key.revoked", key.id.as_str())).await.unwrap();
+    assert_eq!(revoked.revoked_at, Some(10));
+    assert!(matches!(
+        store.revoke_key(&key.id, 11, draft("key.revoked", "x")).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(verify_chain(&store, &t).await, Ok(3), "key created, job submitted, key revoked");
+    let platform = tenant(TenantId::PLATFORM);
+    assert_eq!(verify_chain(&store, &platform).await, Ok(2), "two publishes");
+    assert_eq!(store.audit_tenants().await.unwrap(), [t, platform]);
+}
+
+#[tokio::test]
+async fn concurrent_submits_group_commit_and_chain_in_order() {
+    for (name, store, _) in stores() {
+        let t = tenant("acme");
+        let mut handles = Vec::new();
+        for i in 0..200 {
+            let store = Arc::clone(&store);
+            let j = job(&t, JobState::Queued, 1_000 + i);
+            handles.push(tokio::spawn(async move { store.submit(submission(j), 0).await }));
+        }
+        for h in handles {
+            assert_eq!(h.await.unwrap().unwrap(), SubmitOutcome::Accepted, "{name}");
+        }
+        let listed = store.jobs(&t, &JobFilter { limit: 500, ..JobFilter::default() }).await.unwrap();
+        assert_eq!(listed.len(), 200, "{name}");
+        assert_eq!(verify_chain(&*store, &t).await, Ok(200), "{name}");
+        let filter = JobFilter { limit: 50, after: Some(listed[49].id.clone()), ..JobFilter::default() };
+        let page = store.jobs(&t, &filter).await.unwrap();
+        assert_eq!(page[0].id, listed[50].id, "{name}: cursors continue where the page ended");
+    }
+}
