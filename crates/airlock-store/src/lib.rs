@@ -297,6 +297,8 @@ pub trait Store: Send + Sync {
     async fn create_key(&self, key: KeyRecord, audit: Draft) -> Result<(), StoreError>;
     /// A key by id, revoked or not.
     async fn key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError>;
+    /// A key by the SHA-256 of its secret, revoked or not: how requests authenticate.
+    async fn key_by_secret(&self, secret_hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError>;
     /// Keys, of one tenant or all.
     async fn keys(&self, tenant: Option<&TenantId>) -> Result<Vec<KeyRecord>, StoreError>;
     /// Revokes a key; `NotFound` when it does not exist or is already revoked.

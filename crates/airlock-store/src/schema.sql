@@ -4,7 +4,7 @@ CREATE TABLE api_keys (
     tenant      TEXT NOT NULL,
     name        TEXT NOT NULL,
     roles       TEXT NOT NULL,
-    secret_hash BLOB NOT NULL,
+    secret_hash BLOB NOT NULL UNIQUE,
     created_at  INTEGER NOT NULL,
     revoked_at  INTEGER,
     UNIQUE (tenant, name)

@@ -735,6 +735,15 @@ impl Store for SqliteStore {
         self.read(move |conn| load_key(conn, &id)).await
     }
 
+    async fn key_by_secret(&self, secret_hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError> {
+        let hash = secret_hash.to_vec();
+        self.read(move |conn| {
+            let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE secret_hash = ?1");
+            Ok(collect(conn, &sql, [hash], key_from_row)?.pop())
+        })
+        .await
+    }
+
     async fn keys(&self, tenant: Option<&TenantId>) -> Result<Vec<KeyRecord>, StoreError> {
         let tenant = tenant.map(ToString::to_string);
         self.read(move |conn| match tenant {

@@ -1,6 +1,8 @@
 //! The `airlock` binary: the single entry point for every role and every tool.
 
+mod config;
 mod policy_cmd;
+mod serve_cmd;
 
 use std::process::ExitCode;
 
@@ -19,6 +21,8 @@ enum Command {
     /// Check, test, simulate and explain policies, offline.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
+    /// Run the service (embedded mode: one process, one SQLite file).
+    Serve(serve_cmd::ServeArgs),
 }
 
 /// How results are printed.
@@ -43,5 +47,6 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Policy(command) => policy_cmd::run(command),
+        Command::Serve(args) => serve_cmd::run(args),
     }
 }

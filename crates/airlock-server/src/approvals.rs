@@ -1,0 +1,392 @@
+//! Approvals (SPEC 7): list, get, approve, reject. Approving re-checks the binding first:
+//! when the job hash or the snapshot (or, with rule binding, the deciding rules) changed, the
+//! approval is refused with 409, the old request is recorded as stale, and a fresh request
+//! bound to the current job and snapshot takes its place.
+
+use std::collections::HashMap;
+
+use airlock_core::Millis;
+use airlock_core::approval::{self, Request, Stale, Status, Vote, VoteError};
+use airlock_core::audit::Draft;
+use airlock_core::ids::ApprovalId;
+use airlock_core::role::Role;
+use airlock_core::state::{Event, JobState};
+use airlock_store::{ApprovalChange, ApprovalRecord, JobRecord, StoreError};
+use axum::Json;
+use axum::extract::{Path, Query as RawQuery, State};
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::state::{AppState, now_ms, random_bytes};
+use crate::wire::{self, Query};
+
+/// Times an approval is re-read and retried when another approver changed it first.
+const CONFLICT_RETRIES: usize = 3;
+
+fn parse_id(text: &str) -> Result<ApprovalId, ApiError> {
+    text.parse().map_err(|_| ApiError::not_found("approval"))
+}
+
+fn require_reader(caller: &Caller) -> Result<(), ApiError> {
+    if caller.roles.allows(Role::Approver) || caller.roles.allows(Role::Operator) {
+        Ok(())
+    } else {
+        caller.require(Role::Approver)
+    }
+}
+
+/// `GET /api/v1/approvals?status=&after=&limit=` (default status: pending).
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    RawQuery(params): RawQuery<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    require_reader(&caller)?;
+    let q = Query::new(params, &["status", "after", "limit"])?;
+    let status = match q.get::<String>("status")?.as_deref() {
+        None => Some(Status::Pending),
+        Some("all") => None,
+        Some(s) => Some(s.parse::<Status>().map_err(|e| ApiError::invalid(vec![("status".into(), e)]))?),
+    };
+    let after = q.get::<ApprovalId>("after")?;
+    let limit = q.limit()?;
+    let found = state.store().approvals(&caller.tenant, status, after.as_ref(), limit).await?;
+    let next = (found.len() == limit as usize).then(|| found.last().map(|a| a.id.to_string())).flatten();
+    Ok(Json(json!({"approvals": found.iter().map(wire::approval).collect::<Vec<_>>(), "next": next})))
+}
+
+/// `GET /api/v1/approvals/{id}`: the request, its job, and the job's current decision.
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require_reader(&caller)?;
+    let (approval, job) = load(&state, &caller, &parse_id(&id)?).await?;
+    let mut body = wire::approval(&approval);
+    if let Some(o) = body.as_object_mut() {
+        o.insert("job".into(), wire::job(&job, &[]));
+        o.insert("current_decision".into(), current_decision(&state, &job));
+    }
+    Ok(Json(body))
+}
+
+async fn load(
+    state: &AppState,
+    caller: &Caller,
+    id: &ApprovalId,
+) -> Result<(ApprovalRecord, JobRecord), ApiError> {
+    let approval =
+        state.store().approval(&caller.tenant, id).await?.ok_or_else(|| ApiError::not_found("approval"))?;
+    let job = state
+        .store()
+        .job(&caller.tenant, &approval.job_id)
+        .await?
+        .ok_or_else(|| ApiError::internal(format!("approval {id} has no job")))?;
+    Ok((approval, job))
+}
+
+fn current_decision(state: &AppState, job: &JobRecord) -> Value {
+    let active = state.safety().active();
+    let evaluation = active.policy.evaluate(&job.to_policy_job());
+    json!({
+        "decision": evaluation.decision.as_str(),
+        "rule_ids": active.policy.ids(&evaluation.deciding),
+        "reason": active.policy.reason(&evaluation),
+        "snapshot": active.policy.hash(),
+    })
+}
+
+/// `POST /api/v1/approvals/{id}/approve`.
+pub async fn approve(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    decide(&state, &caller, &parse_id(&id)?, true).await
+}
+
+/// `POST /api/v1/approvals/{id}/reject`.
+pub async fn reject(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    decide(&state, &caller, &parse_id(&id)?, false).await
+}
+
+async fn decide(
+    state: &AppState,
+    caller: &Caller,
+    id: &ApprovalId,
+    approving: bool,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Approver)?;
+    for _ in 0..CONFLICT_RETRIES {
+        let (record, job) = load(state, caller, id).await?;
+        let now = now_ms();
+        match attempt(state, caller, &record, &job, approving, now).await {
+            Err(Attempt::Conflict) => continue,
+            Err(Attempt::Api(e)) => return Err(e),
+            Ok(body) => return Ok(Json(body)),
+        }
+    }
+    Err(ApiError::new(StatusCode::CONFLICT, "conflict", "the approval request keeps changing; retry"))
+}
+
+enum Attempt {
+    Conflict,
+    Api(ApiError),
+}
+
+impl From<ApiError> for Attempt {
+    fn from(e: ApiError) -> Self {
+        Self::Api(e)
+    }
+}
+
+impl From<StoreError> for Attempt {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(_) => Self::Conflict,
+            other => Self::Api(other.into()),
+        }
+    }
+}
+
+fn change(caller: &Caller, record: &ApprovalRecord, request: Request, now: Millis) -> ApprovalChange {
+    ApprovalChange {
+        tenant: caller.tenant.clone(),
+        id: record.id.clone(),
+        expected_status: record.request.status,
+        expected_approvers: record.request.approvers.len(),
+        request,
+        job_event: None,
+        replacement: None,
+        audit: Vec::new(),
+        at: now,
+        actor: caller.principal.clone(),
+    }
+}
+
+fn draft(caller: &Caller, record: &ApprovalRecord, now: Millis, kind: &str, data: Value) -> Draft {
+    let mut full = json!({"job_id": record.job_id.as_str()});
+    if let (Value::Object(full), Value::Object(data)) = (&mut full, data) {
+        full.extend(data);
+    }
+    Draft {
+        at: now,
+        kind: kind.into(),
+        subject: record.id.to_string(),
+        actor: caller.principal.clone(),
+        data: full,
+    }
+}
+
+async fn attempt(
+    state: &AppState,
+    caller: &Caller,
+    record: &ApprovalRecord,
+    job: &JobRecord,
+    approving: bool,
+    now: Millis,
+) -> Result<Value, Attempt> {
+    if record.request.status != Status::Pending {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "approval_not_pending",
+            format!("the approval request is `{}`", record.request.status),
+        )
+        .into());
+    }
+    if job.state != JobState::AwaitingApproval {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_transition",
+            format!("the job is `{}`, not awaiting approval", job.state),
+        )
+        .into());
+    }
+    let active = state.safety().active();
+    let recomputed = job.to_policy_job().hash();
+    let binding = approval::check_binding(
+        &record.request,
+        &recomputed,
+        &active.policy,
+        state.config().approval_binding,
+        now,
+    );
+    if approving && let Err(stale) = binding {
+        return Err(refuse_stale(state, caller, record, job, stale, now).await?.into());
+    }
+    let mut request = record.request.clone();
+    let mut c;
+    let body = if approving {
+        match approval::approve(&mut request, &caller.principal) {
+            Err(VoteError::SelfApproval(p)) => {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "self_approval",
+                    format!("`{p}` submitted this job and cannot approve it"),
+                )
+                .into());
+            }
+            Err(e) => {
+                return Err(ApiError::new(StatusCode::CONFLICT, "approval_refused", e.to_string()).into());
+            }
+            Ok(vote) => {
+                c = change(caller, record, request.clone(), now);
+                let remaining = match vote {
+                    Vote::QuorumReached => {
+                        c.job_event = Some(Event::Approved);
+                        let wait = (now - record.request.created_at).max(0) as f64 / 1000.0;
+                        state.metrics().observe("airlock_approval_wait_seconds", &[], wait);
+                        c.audit.push(draft(
+                            caller,
+                            record,
+                            now,
+                            "approval.approved",
+                            json!({"approvers": request.approvers}),
+                        ));
+                        0
+                    }
+                    Vote::Counted { remaining } => {
+                        c.audit.push(draft(
+                            caller,
+                            record,
+                            now,
+                            "approval.vote",
+                            json!({"remaining": remaining}),
+                        ));
+                        remaining
+                    }
+                };
+                json!({"remaining": remaining})
+            }
+        }
+    } else {
+        if let Err(e) = approval::reject(&mut request, &caller.principal) {
+            let code =
+                if matches!(e, VoteError::SelfApproval(_)) { "self_approval" } else { "approval_refused" };
+            let status = if code == "self_approval" { StatusCode::FORBIDDEN } else { StatusCode::CONFLICT };
+            return Err(ApiError::new(status, code, e.to_string()).into());
+        }
+        c = change(caller, record, request.clone(), now);
+        c.job_event = Some(Event::Rejected);
+        c.audit.push(draft(caller, record, now, "approval.rejected", json!({})));
+        json!({})
+    };
+    let saved = state.store().change_approval(c).await?;
+    let job_state = state.store().job(&caller.tenant, &job.id).await?.map(|j| j.state).unwrap_or(job.state);
+    let mut out = json!({"approval": wire::approval(&saved), "job_state": job_state.as_str()});
+    if let (Value::Object(out), Value::Object(body)) = (&mut out, body) {
+        out.extend(body);
+    }
+    Ok(out)
+}
+
+/// Records the stale request, opens a fresh one bound to the current job and snapshot (or
+/// expires the job when the request simply ran out of time), and returns the 409 to send.
+async fn refuse_stale(
+    state: &AppState,
+    caller: &Caller,
+    record: &ApprovalRecord,
+    job: &JobRecord,
+    stale: Stale,
+    now: Millis,
+) -> Result<ApiError, Attempt> {
+    let current = current_decision(state, job);
+    if stale == Stale::Expired {
+        let mut c =
+            change(caller, record, Request { status: Status::Expired, ..record.request.clone() }, now);
+        c.job_event = Some(Event::ApprovalExpired);
+        c.actor = "system".into();
+        c.audit.push(draft(caller, record, now, "approval.expired", json!({})));
+        state.store().change_approval(c).await?;
+        return Ok(ApiError::new(
+            StatusCode::CONFLICT,
+            "approval_expired",
+            "the approval request expired; the job is now `expired`",
+        )
+        .with("current_decision", current));
+    }
+    state.metrics().inc("airlock_approvals_stale_total", &[]);
+    let active = state.safety().active();
+    let evaluation = active.policy.evaluate(&job.to_policy_job());
+    let deciding: Vec<_> = evaluation.deciding.iter().filter_map(|i| active.policy.rule(*i)).collect();
+    let replacement = ApprovalRecord {
+        id: ApprovalId::generate(now, random_bytes()?),
+        tenant: caller.tenant.clone(),
+        job_id: job.id.clone(),
+        request: Request {
+            job_hash: job.to_policy_job().hash(),
+            snapshot_hash: active.policy.hash().to_owned(),
+            rule_ids: deciding.iter().map(|r| r.id.clone()).collect(),
+            rule_hashes: deciding.iter().map(|r| r.hash.clone()).collect(),
+            requested_by: record.request.requested_by.clone(),
+            created_at: now,
+            expires_at: now + state.config().approval_ttl_ms,
+            quorum: deciding.iter().map(|r| r.approvals).max().unwrap_or(1),
+            approvers: Vec::new(),
+            status: Status::Pending,
+        },
+        decided_at: None,
+        decided_by: None,
+    };
+    let mut c = change(caller, record, Request { status: Status::Stale, ..record.request.clone() }, now);
+    c.audit.push(draft(
+        caller,
+        record,
+        now,
+        "approval.stale",
+        json!({
+            "reason": stale.to_string(),
+            "replaced_by": replacement.id.as_str(),
+        }),
+    ));
+    let new_id = replacement.id.to_string();
+    c.replacement = Some(replacement);
+    state.store().change_approval(c).await?;
+    Ok(ApiError::new(StatusCode::CONFLICT, "approval_stale", stale.to_string())
+        .with("reason", json!(stale.to_string()))
+        .with("current_decision", current)
+        .with("new_approval_id", json!(new_id)))
+}
+
+/// Expires pending requests past their TTL, and their jobs. Run periodically.
+pub async fn expire_due(state: &AppState, now: Millis) -> Result<usize, StoreError> {
+    let due = state.store().expired_approvals(now, 100).await?;
+    let mut expired = 0;
+    for record in due {
+        let job = state.store().job(&record.tenant, &record.job_id).await?;
+        let awaiting = job.as_ref().is_some_and(|j| {
+            j.state == JobState::AwaitingApproval && j.approval_id.as_ref() == Some(&record.id)
+        });
+        let change = ApprovalChange {
+            tenant: record.tenant.clone(),
+            id: record.id.clone(),
+            expected_status: Status::Pending,
+            expected_approvers: record.request.approvers.len(),
+            request: Request { status: Status::Expired, ..record.request.clone() },
+            job_event: awaiting.then_some(Event::ApprovalExpired),
+            replacement: None,
+            audit: vec![Draft {
+                at: now,
+                kind: "approval.expired".into(),
+                subject: record.id.to_string(),
+                actor: "system".into(),
+                data: json!({"job_id": record.job_id.as_str()}),
+            }],
+            at: now,
+            actor: "system".into(),
+        };
+        match state.store().change_approval(change).await {
+            Ok(_) => expired += 1,
+            Err(StoreError::Conflict(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(expired)
+}

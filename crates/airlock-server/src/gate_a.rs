@@ -1,0 +1,365 @@
+//! Gate A (SPEC 5): `POST /api/v1/jobs`. In this order: authenticate → validate → idempotency
+//! → safety check (with its timeout) → persist and enqueue atomically. A deny, a throttle
+//! refusal or an unavailable safety check in closed mode writes nothing but an audit record.
+
+use airlock_core::approval::{Request, Status};
+use airlock_core::audit::Draft;
+use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
+use airlock_core::ids::{ApprovalId, JobId};
+use airlock_core::role::Role;
+use airlock_core::state::JobState;
+use airlock_core::throttle::bucket_key;
+use airlock_policy::{Decision, Job};
+use airlock_store::{ApprovalRecord, Budget, GateDecision, JobRecord, Submission, SubmitOutcome};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::state::{AppState, Checked, FailMode, now_ms, random_bytes};
+use crate::wire::{self, json_object};
+
+const SUBMIT_FIELDS: [&str; 6] = ["topic", "env", "labels", "payload", "idempotency_key", "plan_hash"];
+
+/// Seconds a client should wait after a 503 from Gate A.
+const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 5;
+
+/// `POST /api/v1/jobs`.
+pub async fn submit(State(state): State<AppState>, caller: Caller, body: Body) -> Result<Response, ApiError> {
+    caller.require(Role::Submitter)?;
+    let bytes = wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?;
+    let job = parse_job(&state, &caller, &bytes)?;
+    let now = now_ms();
+    let job_hash = job.hash();
+    let retained_since = now - state.config().idempotency_retention_ms;
+
+    if let Some(key) = &job.idempotency_key
+        && let Some(existing) = state.store().idempotency(&caller.tenant, key, retained_since).await?
+    {
+        return idempotent_answer(&state, key, &job_hash, &existing);
+    }
+
+    let topic_label = state.metrics().topic(&job.topic);
+    let checked = match state.safety().check(&job, state.config().gate_a_timeout).await {
+        Ok(checked) => checked,
+        Err(e) => {
+            state
+                .metrics()
+                .inc("airlock_safety_check_failures_total", &[("gate", "a"), ("reason", e.reason())]);
+            match state.config().gate_a_fail_mode_for(&job.topic) {
+                FailMode::Closed => {
+                    let draft = decision_draft(
+                        &caller,
+                        &job,
+                        &job_hash,
+                        now,
+                        "gate_a.unavailable",
+                        json!({
+                            "outcome": "refused",
+                            "fail_mode": "closed",
+                            "error": e.to_string(),
+                        }),
+                    );
+                    state.store().append_audit(&caller.tenant, draft).await?;
+                    return Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "safety_unavailable",
+                        format!("{e}; Gate A fails closed, nothing was stored"),
+                    )
+                    .retry_after(UNAVAILABLE_RETRY_AFTER_SECS));
+                }
+                FailMode::Open => {
+                    state.metrics().inc("airlock_gateway_fail_open_total", &[("topic", &topic_label)]);
+                    return accept_bypassed(&state, &caller, job, job_hash, now, &e.to_string()).await;
+                }
+            }
+        }
+    };
+    record_evaluation(&state, &checked, &topic_label);
+
+    let policy = &checked.active.policy;
+    let evaluation = &checked.evaluation;
+    let gate = GateDecision {
+        decision: evaluation.decision,
+        rule_ids: policy.ids(&evaluation.deciding).into_iter().map(str::to_owned).collect(),
+        reason: policy.reason(evaluation),
+        snapshot_hash: policy.hash().to_owned(),
+        snapshot_version: checked.active.version,
+        at: now,
+        bypassed: false,
+    };
+    let audit_rule_ids: Vec<&str> = policy.ids(&evaluation.audit);
+    let decision_data = json!({
+        "decision": gate.decision.as_str(),
+        "rule_ids": gate.rule_ids,
+        "reason": gate.reason,
+        "snapshot": gate.snapshot_hash,
+        "audit_rule_ids": audit_rule_ids,
+        "errors": evaluation.errors.iter().map(|(i, e)| json!({
+            "rule_id": policy.rule(*i).map(|r| r.id.as_str()),
+            "error": e.to_string(),
+        })).collect::<Vec<_>>(),
+    });
+
+    match evaluation.decision {
+        Decision::Deny => {
+            let mut data = decision_data;
+            merge(&mut data, json!({"outcome": "denied"}));
+            let draft = decision_draft(&caller, &job, &job_hash, now, "gate_a.decision", data);
+            state.store().append_audit(&caller.tenant, draft).await?;
+            Err(ApiError::new(StatusCode::FORBIDDEN, "policy_denied", gate.reason.clone())
+                .with("rule_ids", json!(gate.rule_ids))
+                .with("reason", json!(gate.reason))
+                .with("snapshot", json!(gate.snapshot_hash)))
+        }
+        Decision::Allow | Decision::Throttle | Decision::RequireHuman => {
+            let budgets = if evaluation.decision == Decision::Throttle {
+                evaluation
+                    .deciding
+                    .iter()
+                    .filter_map(|i| policy.rule(*i))
+                    .filter_map(|rule| {
+                        let limit = rule.limit.clone()?;
+                        Some(Budget { key: format!("a|{}", bucket_key(&rule.id, &limit, &job)), limit })
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let approval = (evaluation.decision == Decision::RequireHuman).then(|| {
+                let deciding: Vec<_> = evaluation.deciding.iter().filter_map(|i| policy.rule(*i)).collect();
+                Request {
+                    job_hash: job_hash.clone(),
+                    snapshot_hash: policy.hash().to_owned(),
+                    rule_ids: deciding.iter().map(|r| r.id.clone()).collect(),
+                    rule_hashes: deciding.iter().map(|r| r.hash.clone()).collect(),
+                    requested_by: caller.principal.clone(),
+                    created_at: now,
+                    expires_at: now + state.config().approval_ttl_ms,
+                    quorum: deciding.iter().map(|r| r.approvals).max().unwrap_or(1),
+                    approvers: Vec::new(),
+                    status: Status::Pending,
+                }
+            });
+            let mut data = decision_data;
+            merge(&mut data, json!({"outcome": "accepted"}));
+            accept(&state, &caller, job, job_hash, now, gate, approval, budgets, data).await
+        }
+    }
+}
+
+fn parse_job(state: &AppState, caller: &Caller, bytes: &[u8]) -> Result<Job, ApiError> {
+    let mut map = json_object(bytes)?;
+    let mut errors: Vec<(String, String)> = Vec::new();
+    for field in ["tenant", "principal"] {
+        if map.remove(field).is_some() {
+            errors.push((field.into(), "is set by the API key; remove it from the body".into()));
+        }
+    }
+    for key in map.keys().filter(|k| !SUBMIT_FIELDS.contains(&k.as_str())) {
+        errors.push((key.clone(), format!("unknown field; expected one of {}", SUBMIT_FIELDS.join(", "))));
+    }
+    map.retain(|k, _| SUBMIT_FIELDS.contains(&k.as_str()));
+    map.insert("tenant".into(), json!(caller.tenant.as_str()));
+    map.insert("principal".into(), json!(caller.principal));
+    let parsed = Job::from_json(&Value::Object(map));
+    let job = match parsed {
+        Ok(job) => Some(job),
+        Err(field_errors) => {
+            errors.extend(field_errors.into_iter().map(|e| (e.field, e.message)));
+            None
+        }
+    };
+    if let Some(job) = &job
+        && job.idempotency_key.is_none()
+        && state.config().require_idempotency_key.iter().any(|g| g.matches(&job.topic))
+    {
+        errors.push(("idempotency_key".into(), format!("is required for topic `{}`", job.topic)));
+    }
+    match job {
+        Some(job) if errors.is_empty() => Ok(job),
+        _ => Err(ApiError::invalid(errors)),
+    }
+}
+
+fn idempotent_answer(
+    state: &AppState,
+    key: &str,
+    job_hash: &str,
+    existing: &airlock_store::IdempotencyRecord,
+) -> Result<Response, ApiError> {
+    if existing.job_hash != job_hash {
+        return Err(key_reused(key, existing));
+    }
+    state.metrics().inc("airlock_idempotent_replays_total", &[]);
+    let status = StatusCode::from_u16(existing.status).map_err(ApiError::internal)?;
+    let body: Value = serde_json::from_str(&existing.body).map_err(ApiError::internal)?;
+    let mut response = (status, axum::Json(body)).into_response();
+    response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    Ok(response)
+}
+
+fn key_reused(key: &str, existing: &airlock_store::IdempotencyRecord) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "idempotency_key_reused",
+        format!("idempotency key `{key}` was already used for a different job"),
+    )
+    .with("job_id", json!(existing.job_id.as_str()))
+}
+
+fn record_evaluation(state: &AppState, checked: &Checked, topic: &str) {
+    let metrics = state.metrics();
+    metrics.observe("airlock_policy_eval_seconds", &[("gate", "a")], checked.elapsed.as_secs_f64());
+    metrics.inc(
+        "airlock_gate_decisions_total",
+        &[("gate", "a"), ("decision", checked.evaluation.decision.as_str()), ("topic", topic)],
+    );
+    for id in checked.active.policy.ids(&checked.evaluation.audit) {
+        metrics.inc("airlock_policy_audit_matches_total", &[("gate", "a"), ("rule_id", id)]);
+    }
+}
+
+fn decision_draft(caller: &Caller, job: &Job, job_hash: &str, at: i64, kind: &str, data: Value) -> Draft {
+    let mut full = json!({"topic": job.topic, "env": job.env, "job_hash": job_hash});
+    merge(&mut full, data);
+    Draft { at, kind: kind.into(), subject: "-".into(), actor: caller.principal.clone(), data: full }
+}
+
+fn merge(into: &mut Value, from: Value) {
+    if let (Value::Object(into), Value::Object(from)) = (into, from) {
+        into.extend(from);
+    }
+}
+
+async fn accept_bypassed(
+    state: &AppState,
+    caller: &Caller,
+    job: Job,
+    job_hash: String,
+    now: i64,
+    error: &str,
+) -> Result<Response, ApiError> {
+    let active = state.safety().active();
+    let gate = GateDecision {
+        decision: Decision::Allow,
+        rule_ids: Vec::new(),
+        reason: format!("safety check unavailable ({error}); accepted by fail-open mode"),
+        snapshot_hash: active.policy.hash().to_owned(),
+        snapshot_version: active.version,
+        at: now,
+        bypassed: true,
+    };
+    let data = json!({"outcome": "accepted", "fail_mode": "open", "gate_a_bypassed": true, "error": error});
+    accept(state, caller, job, job_hash, now, gate, None, Vec::new(), data).await
+}
+
+#[expect(clippy::too_many_arguments, reason = "one call per accepting path; a struct would only rename them")]
+async fn accept(
+    state: &AppState,
+    caller: &Caller,
+    job: Job,
+    job_hash: String,
+    now: i64,
+    gate: GateDecision,
+    approval: Option<Request>,
+    budgets: Vec<Budget>,
+    audit_data: Value,
+) -> Result<Response, ApiError> {
+    let id = JobId::generate(now, random_bytes()?);
+    let approval = match approval {
+        Some(request) => Some(ApprovalRecord {
+            id: ApprovalId::generate(now, random_bytes()?),
+            tenant: caller.tenant.clone(),
+            job_id: id.clone(),
+            request,
+            decided_at: None,
+            decided_by: None,
+        }),
+        None => None,
+    };
+    let state_after = if approval.is_some() { JobState::AwaitingApproval } else { JobState::Queued };
+    let mut body = json!({
+        "job_id": id.as_str(),
+        "state": state_after.as_str(),
+        "job_hash": job_hash,
+        "decision": {"decision": gate.decision.as_str(), "rule_ids": gate.rule_ids, "reason": gate.reason, "snapshot": gate.snapshot_hash},
+        "gate_a_bypassed": gate.bypassed,
+    });
+    if let (Some(a), Some(o)) = (&approval, body.as_object_mut()) {
+        o.insert(
+            "approval".into(),
+            json!({"id": a.id.as_str(), "expires_at": a.request.expires_at, "quorum": a.request.quorum}),
+        );
+    }
+    let idempotency_key = job.idempotency_key.clone();
+    let topic = job.topic.clone();
+    let record = JobRecord {
+        id: id.clone(),
+        tenant: caller.tenant.clone(),
+        principal: job.principal,
+        topic: job.topic,
+        env: job.env,
+        labels: job.labels,
+        payload: job.payload,
+        plan_hash: job.plan_hash,
+        idempotency_key: job.idempotency_key,
+        job_hash,
+        state: state_after,
+        gate_a: gate.clone(),
+        approval_id: approval.as_ref().map(|a| a.id.clone()),
+        created_at: now,
+        updated_at: now,
+    };
+    let mut data = audit_data;
+    merge(
+        &mut data,
+        json!({"topic": record.topic, "env": record.env, "job_hash": record.job_hash, "state": state_after.as_str()}),
+    );
+    let submission = Submission {
+        job: record,
+        approval,
+        idempotency: idempotency_key
+            .as_ref()
+            .map(|k| (k.clone(), StatusCode::ACCEPTED.as_u16(), body.to_string())),
+        budgets,
+        audit: Draft {
+            at: now,
+            kind: "job.submitted".into(),
+            subject: id.to_string(),
+            actor: caller.principal.clone(),
+            data,
+        },
+    };
+    let retained_since = now - state.config().idempotency_retention_ms;
+    match state.store().submit(submission, retained_since).await? {
+        SubmitOutcome::Accepted => {
+            if idempotency_key.is_none() {
+                let topic = state.metrics().topic(&topic);
+                state
+                    .metrics()
+                    .inc("airlock_submissions_without_idempotency_key_total", &[("topic", &topic)]);
+            }
+            Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response())
+        }
+        SubmitOutcome::Replay(existing) => {
+            let key = idempotency_key.unwrap_or_default();
+            idempotent_answer(state, &key, &existing.job_hash, &existing)
+        }
+        SubmitOutcome::KeyReused(existing) => {
+            Err(key_reused(&idempotency_key.unwrap_or_default(), &existing))
+        }
+        SubmitOutcome::Throttled { retry_after_ms } => Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "throttled",
+            format!("{}; the budget refills in {} ms", gate.reason, retry_after_ms),
+        )
+        .with("rule_ids", json!(gate.rule_ids))
+        .with("reason", json!(gate.reason))
+        .with("snapshot", json!(gate.snapshot_hash))
+        .retry_after(retry_after_ms.div_ceil(1000))),
+    }
+}

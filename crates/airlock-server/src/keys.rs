@@ -1,0 +1,169 @@
+//! API keys (SPEC 11): admins create and revoke them; the secret is returned once, at
+//! creation, and only its hash is stored. A platform admin manages every tenant's keys; a
+//! tenant admin only its own tenant's.
+
+use airlock_core::audit::Draft;
+use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
+use airlock_core::ids::{KeyId, TenantId};
+use airlock_core::role::{Role, Roles};
+use airlock_store::{KeyRecord, Store, StoreError};
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::auth::{Caller, generate_key, hash_key};
+use crate::error::ApiError;
+use crate::state::{AppState, now_ms, random_bytes};
+use crate::wire::{self, json_object, only_fields};
+
+fn require_admin_of(caller: &Caller, tenant: &TenantId) -> Result<(), ApiError> {
+    caller.require(Role::Admin)?;
+    if caller.is_platform_admin() || caller.tenant == *tenant {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!("this key administers tenant `{}`, not `{tenant}`", caller.tenant)))
+    }
+}
+
+/// `POST /api/v1/keys` `{"tenant", "roles", "name"}` → 201 `{"id", "key"}`.
+pub async fn create(State(state): State<AppState>, caller: Caller, body: Body) -> Result<Response, ApiError> {
+    caller.require(Role::Admin)?;
+    let map = json_object(&wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?)?;
+    only_fields(&map, &["tenant", "roles", "name"])?;
+    let mut errors = Vec::new();
+    let tenant = match map.get("tenant").and_then(Value::as_str).map(str::parse::<TenantId>) {
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => {
+            errors.push((
+                "tenant".to_owned(),
+                format!("{e}: use 1 to 64 lowercase letters, digits, `-` or `_`"),
+            ));
+            None
+        }
+        None => {
+            errors.push(("tenant".into(), "is required".into()));
+            None
+        }
+    };
+    let name = match map.get("name").and_then(Value::as_str) {
+        Some(n)
+            if !n.is_empty()
+                && n.len() <= 128
+                && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)) =>
+        {
+            Some(n.to_owned())
+        }
+        Some(n) => {
+            errors.push((
+                "name".into(),
+                format!("`{n}` must be 1 to 128 letters, digits, `-`, `_`, `.` or `@`"),
+            ));
+            None
+        }
+        None => {
+            errors.push(("name".into(), "is required: the principal this key authenticates as".into()));
+            None
+        }
+    };
+    let roles = match map.get("roles").and_then(Value::as_array) {
+        Some(list) if !list.is_empty() => {
+            let parsed: Result<Roles, String> = list
+                .iter()
+                .map(|r| r.as_str().ok_or_else(|| "roles must be strings".to_owned())?.parse::<Role>())
+                .collect();
+            parsed.map_err(|e| errors.push(("roles".into(), e))).ok()
+        }
+        _ => {
+            errors.push(("roles".into(), "is required: a non-empty list of roles".into()));
+            None
+        }
+    };
+    let (Some(tenant), Some(name), Some(roles)) = (tenant, name, roles) else {
+        return Err(ApiError::invalid(errors));
+    };
+    require_admin_of(&caller, &tenant)?;
+    let (id, secret) = create_key(state.store(), tenant, name, roles, &caller.principal).await?;
+    Ok((StatusCode::CREATED, Json(json!({"id": id.as_str(), "key": secret}))).into_response())
+}
+
+/// Creates a key and returns its id and secret.
+pub async fn create_key(
+    store: &dyn Store,
+    tenant: TenantId,
+    name: String,
+    roles: Roles,
+    actor: &str,
+) -> Result<(KeyId, String), ApiError> {
+    create_key_with_secret(store, tenant, name, roles, actor, generate_key()?).await
+}
+
+/// Creates a key with a given secret (the bootstrap admin key from `AIRLOCK_ADMIN_KEY`).
+pub async fn create_key_with_secret(
+    store: &dyn Store,
+    tenant: TenantId,
+    name: String,
+    roles: Roles,
+    actor: &str,
+    secret: String,
+) -> Result<(KeyId, String), ApiError> {
+    let now = now_ms();
+    let id = KeyId::generate(now, random_bytes()?);
+    let record = KeyRecord {
+        id: id.clone(),
+        tenant,
+        name,
+        roles,
+        secret_hash: hash_key(&secret),
+        created_at: now,
+        revoked_at: None,
+    };
+    let draft = Draft {
+        at: now,
+        kind: "key.created".into(),
+        subject: id.to_string(),
+        actor: actor.to_owned(),
+        data: json!({"name": record.name, "roles": record.roles.to_string()}),
+    };
+    match store.create_key(record, draft).await {
+        Ok(()) => Ok((id, secret)),
+        Err(StoreError::Conflict(m)) if m.contains("already exists") => {
+            Err(ApiError::new(StatusCode::CONFLICT, "key_name_taken", m))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `GET /api/v1/keys`: a platform admin sees every key; a tenant admin its tenant's.
+pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Admin)?;
+    let tenant = (!caller.is_platform_admin()).then_some(&caller.tenant);
+    let keys = state.store().keys(tenant).await?;
+    Ok(Json(json!({"keys": keys.iter().map(wire::key).collect::<Vec<_>>()})))
+}
+
+/// `DELETE /api/v1/keys/{id}`: revokes a key.
+pub async fn revoke(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Admin)?;
+    let id: KeyId = id.parse().map_err(|_| ApiError::not_found("key"))?;
+    let key = state.store().key(&id).await?.ok_or_else(|| ApiError::not_found("key"))?;
+    if !(caller.is_platform_admin() || caller.tenant == key.tenant) {
+        return Err(ApiError::not_found("key"));
+    }
+    let now = now_ms();
+    let draft = Draft {
+        at: now,
+        kind: "key.revoked".into(),
+        subject: id.to_string(),
+        actor: caller.principal.clone(),
+        data: json!({"name": key.name}),
+    };
+    let revoked = state.store().revoke_key(&id, now, draft).await?;
+    Ok(Json(wire::key(&revoked)))
+}

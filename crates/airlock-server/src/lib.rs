@@ -1,0 +1,183 @@
+//! Airlock's HTTP service (SPEC sections 5, 7, 8, 11, 12): Gate A, jobs, approvals, the policy
+//! API, keys, audit and metrics, over one [`Store`]. Handlers read the clock and parse the
+//! wire format; decisions come from the policy engine and the pure core.
+
+mod approvals;
+mod audit_api;
+pub mod auth;
+pub mod error;
+mod gate_a;
+mod jobs;
+pub mod keys;
+pub mod metrics;
+mod ops;
+mod policy_api;
+pub mod state;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use airlock_core::ids::TenantId;
+use airlock_core::role::Role;
+use airlock_store::Store;
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{delete, get, post};
+
+pub use audit_api::verify_tenant;
+pub use ops::OPENAPI;
+use state::{ActivePolicy, AppState, Config};
+
+/// Every route: method and path. The OpenAPI document must describe each (tested).
+pub const ROUTES: [(&str, &str); 24] = [
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", "/api/v1/openapi.json"),
+    ("post", "/api/v1/jobs"),
+    ("get", "/api/v1/jobs"),
+    ("get", "/api/v1/jobs/{id}"),
+    ("post", "/api/v1/jobs/{id}/cancel"),
+    ("get", "/api/v1/approvals"),
+    ("get", "/api/v1/approvals/{id}"),
+    ("post", "/api/v1/approvals/{id}/approve"),
+    ("post", "/api/v1/approvals/{id}/reject"),
+    ("get", "/api/v1/policy/snapshots"),
+    ("post", "/api/v1/policy/publish"),
+    ("post", "/api/v1/policy/rollback"),
+    ("post", "/api/v1/policy/simulate"),
+    ("post", "/api/v1/policy/explain"),
+    ("post", "/api/v1/policy/diff"),
+    ("post", "/api/v1/keys"),
+    ("get", "/api/v1/keys"),
+    ("delete", "/api/v1/keys/{id}"),
+    ("get", "/api/v1/audit"),
+    ("post", "/api/v1/audit/verify"),
+    ("post", "/api/v1/admin/faults"),
+];
+
+/// The application, ready to serve or to test with `tower::ServiceExt::oneshot`.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/api/v1/openapi.json", get(ops::openapi))
+        .route("/api/v1/jobs", post(gate_a::submit).get(jobs::list))
+        .route("/api/v1/jobs/{id}", get(jobs::get))
+        .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/api/v1/approvals", get(approvals::list))
+        .route("/api/v1/approvals/{id}", get(approvals::get))
+        .route("/api/v1/approvals/{id}/approve", post(approvals::approve))
+        .route("/api/v1/approvals/{id}/reject", post(approvals::reject))
+        .route("/api/v1/policy/snapshots", get(policy_api::snapshots))
+        .route("/api/v1/policy/publish", post(policy_api::publish))
+        .route("/api/v1/policy/rollback", post(policy_api::rollback))
+        .route("/api/v1/policy/simulate", post(policy_api::simulate))
+        .route("/api/v1/policy/explain", post(policy_api::explain))
+        .route("/api/v1/policy/diff", post(policy_api::diff))
+        .route("/api/v1/keys", post(keys::create).get(keys::list))
+        .route("/api/v1/keys/{id}", delete(keys::revoke))
+        .route("/api/v1/audit", get(audit_api::list))
+        .route("/api/v1/audit/verify", post(audit_api::verify))
+        .route("/api/v1/admin/faults", post(ops::faults))
+        .fallback(|| async { error::ApiError::not_found("route") })
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    let metrics = state.metrics();
+    metrics
+        .inc("airlock_http_requests_total", &[("method", &method), ("route", &route), ("status", &status)]);
+    metrics.observe("airlock_http_request_seconds", &[("route", &route)], started.elapsed().as_secs_f64());
+    response
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] airlock_store::StoreError),
+    /// The stored or given policy does not compile.
+    #[error("policy `{source_name}` does not compile:\n{errors}")]
+    Policy {
+        /// Where it came from.
+        source_name: String,
+        /// Its errors, one per line.
+        errors: String,
+    },
+    /// Anything else at start, with its description.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Loads the active snapshot, publishing `initial` (name, text) first when the store has none.
+pub async fn load_policy(store: &dyn Store, initial: (&str, &str)) -> Result<ActivePolicy, StartError> {
+    let compile = |name: &str, text: &str| {
+        airlock_policy::compile(text).map(|(p, _)| p).map_err(|errors| StartError::Policy {
+            source_name: name.to_owned(),
+            errors: errors.iter().map(|d| d.render(name)).collect::<Vec<_>>().join("\n"),
+        })
+    };
+    if let Some(active) = store.active_snapshot().await? {
+        let policy = compile(&format!("stored snapshot {}", active.version), &active.source)?;
+        return Ok(ActivePolicy { version: active.version, policy });
+    }
+    let (name, text) = initial;
+    let policy = compile(name, text)?;
+    let record = store
+        .publish(policy.hash(), text, Some(&format!("initial policy from {name}")), state::now_ms(), "system")
+        .await?;
+    Ok(ActivePolicy { version: record.version, policy })
+}
+
+/// Creates the platform admin key when the store has no key at all. Returns the secret when
+/// it was generated (to be printed once), `None` when it came from `admin_key` or keys exist.
+pub async fn bootstrap_admin(
+    store: &dyn Store,
+    admin_key: Option<String>,
+) -> Result<Option<String>, StartError> {
+    if !store.keys(None).await?.is_empty() {
+        return Ok(None);
+    }
+    let tenant: TenantId = TenantId::PLATFORM.parse().map_err(|e| StartError::Other(format!("{e}")))?;
+    let roles = [Role::Admin].into_iter().collect();
+    let generated = admin_key.is_none();
+    let secret = match admin_key {
+        Some(key) if key.len() >= 16 => key,
+        Some(_) => return Err(StartError::Other("AIRLOCK_ADMIN_KEY must be at least 16 characters".into())),
+        None => auth::generate_key().map_err(|e| StartError::Other(format!("{e:?}")))?,
+    };
+    let (_, secret) = keys::create_key_with_secret(store, tenant, "admin".into(), roles, "system", secret)
+        .await
+        .map_err(|e| StartError::Other(format!("cannot create the admin key: {e:?}")))?;
+    Ok(generated.then_some(secret))
+}
+
+/// Expires due approval requests every `period` until the process ends.
+pub fn spawn_expiry(state: AppState, period: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            if let Err(e) = approvals::expire_due(&state, state::now_ms()).await {
+                tracing::warn!(error = %e, "approval expiry sweep failed");
+            }
+        }
+    });
+}
+
+/// Builds the shared state.
+pub fn app_state(store: Arc<dyn Store>, active: ActivePolicy, config: Config) -> AppState {
+    AppState::new(store, active, config)
+}

@@ -1,0 +1,96 @@
+//! Operational endpoints: liveness, readiness, Prometheus metrics, the OpenAPI document, and
+//! (only when enabled at start) fault injection into the safety check for tests and drills.
+
+use std::time::Duration;
+
+use airlock_core::approval::Status;
+use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::state::{AppState, Fault};
+use crate::wire::{self, json_object, only_fields};
+
+/// The OpenAPI document, served as is.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /readyz`: the store answers and a policy is active.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    match state.store().active_snapshot().await {
+        Ok(Some(s)) => Json(json!({"status": "ready", "snapshot_version": s.version})).into_response(),
+        Ok(None) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "no active policy"}))).into_response()
+        }
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "store unavailable", "error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let mut gauges = Vec::new();
+    let counts = state.store().job_counts().await?;
+    for job_state in airlock_core::state::JobState::ALL {
+        let n = counts.get(&job_state).copied().unwrap_or(0);
+        gauges.push(("airlock_jobs", vec![("state", job_state.as_str().to_owned())], n as f64));
+    }
+    let mut pending = 0usize;
+    for tenant in state.store().audit_tenants().await? {
+        pending += state.store().approvals(&tenant, Some(Status::Pending), None, u32::MAX).await?.len();
+    }
+    gauges.push(("airlock_approvals_pending", Vec::new(), pending as f64));
+    gauges.push(("airlock_policy_snapshot_version", Vec::new(), state.safety().active().version as f64));
+    let text = state.metrics().render(&gauges);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+/// `GET /api/v1/openapi.json`.
+pub async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// `POST /api/v1/admin/faults` `{"safety": "unavailable" | "slow" | "none", "delay_ms"?}`.
+/// Exists only when the server was started with fault injection enabled.
+pub async fn faults(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    if !state.config().fault_injection {
+        return Err(ApiError::not_found("route"));
+    }
+    caller.require_platform_admin()?;
+    let map = json_object(&wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?)?;
+    only_fields(&map, &["safety", "delay_ms"])?;
+    let fault = match map.get("safety").and_then(Value::as_str) {
+        Some("none") => None,
+        Some("unavailable") => Some(Fault::Unavailable),
+        Some("slow") => {
+            let ms = map.get("delay_ms").and_then(Value::as_u64).unwrap_or(10_000);
+            Some(Fault::Slow(Duration::from_millis(ms)))
+        }
+        _ => {
+            return Err(ApiError::invalid(vec![(
+                "safety".into(),
+                "must be `none`, `unavailable` or `slow`".into(),
+            )]));
+        }
+    };
+    state.safety().inject(fault);
+    tracing::warn!(?fault, actor = %caller.principal, "safety fault injected");
+    Ok(Json(json!({"safety": map.get("safety")})))
+}

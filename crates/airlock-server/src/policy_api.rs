@@ -1,0 +1,243 @@
+//! The policy API: snapshots, publish, rollback, and the side-effect-free questions
+//! (simulate, explain, diff). Publishing and rolling back change the one global policy, so they
+//! belong to platform admins; the questions are asked about the caller's own tenant.
+
+use airlock_core::defaults::{POLICY_BODY_BYTES_MAX, REQUEST_BODY_BYTES_MAX};
+use airlock_core::role::Role;
+use airlock_policy::{Job, Policy};
+use airlock_store::JobFilter;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::state::{ActivePolicy, AppState, now_ms};
+use crate::wire::{self, json_object, only_fields};
+
+/// Most stored jobs one diff evaluates.
+const DIFF_JOBS_MAX: u32 = 100_000;
+/// Jobs read from the store per page during a diff.
+const DIFF_PAGE: u32 = 500;
+
+/// `GET /api/v1/policy/snapshots`: the active snapshot (with its source) and the history.
+pub async fn snapshots(State(state): State<AppState>, _caller: Caller) -> Result<Json<Value>, ApiError> {
+    let all = state.store().snapshots().await?;
+    let active = all.iter().find(|s| s.active).map(|s| wire::snapshot(s, true));
+    Ok(Json(
+        json!({"active": active, "snapshots": all.iter().map(|s| wire::snapshot(s, false)).collect::<Vec<_>>()}),
+    ))
+}
+
+fn compile(source: &str) -> Result<(Policy, Vec<airlock_policy::Diagnostic>), ApiError> {
+    airlock_policy::compile(source).map_err(|errors| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_policy",
+            format!("the policy has {} error(s)", errors.len()),
+        )
+        .with("diagnostics", wire::diagnostics(&errors))
+    })
+}
+
+async fn activate(
+    state: &AppState,
+    caller: &Caller,
+    source: String,
+    note: Option<String>,
+) -> Result<Response, ApiError> {
+    let (policy, warnings) = compile(&source)?;
+    let record =
+        state.store().publish(policy.hash(), &source, note.as_deref(), now_ms(), &caller.principal).await?;
+    state.safety().activate(ActivePolicy { version: record.version, policy });
+    tracing::info!(version = record.version, hash = %record.hash, actor = %caller.principal, "policy published");
+    let mut body = wire::snapshot(&record, false);
+    if let Some(o) = body.as_object_mut() {
+        o.insert("warnings".into(), wire::diagnostics(&warnings));
+    }
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// `POST /api/v1/policy/publish`: the body is the policy YAML.
+pub async fn publish(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Body,
+) -> Result<Response, ApiError> {
+    caller.require_platform_admin()?;
+    let bytes = wire::read_body(body, POLICY_BODY_BYTES_MAX).await?;
+    let source = String::from_utf8(bytes.to_vec())
+        .map_err(|_| ApiError::bad_request("the policy is not valid UTF-8"))?;
+    activate(&state, &caller, source, None).await
+}
+
+/// `POST /api/v1/policy/rollback` `{"version": n}`: re-activates version n as a new version.
+pub async fn rollback(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Body,
+) -> Result<Response, ApiError> {
+    caller.require_platform_admin()?;
+    let map = json_object(&wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?)?;
+    only_fields(&map, &["version"])?;
+    let version = map.get("version").and_then(Value::as_u64).ok_or_else(|| {
+        ApiError::invalid(vec![("version".into(), "is required: the snapshot version to restore".into())])
+    })?;
+    let old = state
+        .store()
+        .snapshot(version)
+        .await?
+        .ok_or_else(|| ApiError::not_found(&format!("snapshot {version}")))?;
+    activate(&state, &caller, old.source, Some(format!("rollback to version {version}"))).await
+}
+
+/// The policy to ask: the candidate in the body, or the active snapshot.
+fn candidate(state: &AppState, map: &Map<String, Value>) -> Result<std::sync::Arc<ActivePolicy>, ApiError> {
+    match map.get("policy") {
+        None | Some(Value::Null) => Ok(state.safety().active()),
+        Some(Value::String(source)) => {
+            Ok(std::sync::Arc::new(ActivePolicy { version: 0, policy: compile(source)?.0 }))
+        }
+        Some(_) => {
+            Err(ApiError::invalid(vec![("policy".into(), "must be the policy YAML as a string".into())]))
+        }
+    }
+}
+
+/// The job of a simulate/explain body: the caller's tenant; the principal may be set for a
+/// what-if, and defaults to the caller.
+fn job_of(caller: &Caller, map: &Map<String, Value>) -> Result<Job, ApiError> {
+    let Some(Value::Object(job)) = map.get("job") else {
+        return Err(ApiError::invalid(vec![("job".into(), "is required: the job as a JSON object".into())]));
+    };
+    let mut job = job.clone();
+    if job.contains_key("tenant") {
+        return Err(ApiError::invalid(vec![(
+            "job.tenant".into(),
+            "is set by the API key; remove it".into(),
+        )]));
+    }
+    job.insert("tenant".into(), json!(caller.tenant.as_str()));
+    job.entry("principal").or_insert_with(|| json!(caller.principal));
+    Job::from_json(&Value::Object(job)).map_err(|errors| {
+        ApiError::invalid(errors.into_iter().map(|e| (format!("job.{}", e.field), e.message)).collect())
+    })
+}
+
+async fn question(caller: &Caller, body: Body) -> Result<Map<String, Value>, ApiError> {
+    if !(caller.roles.allows(Role::Operator) || caller.roles.allows(Role::Submitter)) {
+        caller.require(Role::Operator)?;
+    }
+    let map = json_object(&wire::read_body(body, POLICY_BODY_BYTES_MAX).await?)?;
+    only_fields(&map, &["job", "policy"])?;
+    Ok(map)
+}
+
+/// `POST /api/v1/policy/simulate` `{"job": {...}, "policy": "..."?}`: no budget consumed,
+/// nothing stored.
+pub async fn simulate(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let map = question(&caller, body).await?;
+    let policy = candidate(&state, &map)?;
+    let job = job_of(&caller, &map)?;
+    Ok(Json(wire::evaluation(&policy.policy, &job, &policy.policy.evaluate(&job))))
+}
+
+/// `POST /api/v1/policy/explain`: like simulate, with every rule's verdict.
+pub async fn explain(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let map = question(&caller, body).await?;
+    let policy = candidate(&state, &map)?;
+    let job = job_of(&caller, &map)?;
+    Ok(Json(wire::explanation(&policy.policy, &job, &policy.policy.explain(&job))))
+}
+
+/// `POST /api/v1/policy/diff` `{"policy": "...", "since": ms?, "until": ms?, "limit": n?}`:
+/// every stored job of the caller's tenant, created in the range, whose decision would change
+/// under the candidate.
+pub async fn diff(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Operator)?;
+    let map = json_object(&wire::read_body(body, POLICY_BODY_BYTES_MAX).await?)?;
+    only_fields(&map, &["policy", "since", "until", "limit"])?;
+    let Some(Value::String(source)) = map.get("policy") else {
+        return Err(ApiError::invalid(vec![(
+            "policy".into(),
+            "is required: the candidate policy YAML as a string".into(),
+        )]));
+    };
+    let (candidate, _) = compile(source)?;
+    let number = |field: &str| -> Result<Option<i64>, ApiError> {
+        match map.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_i64().map(Some).ok_or_else(|| {
+                ApiError::invalid(vec![(
+                    field.into(),
+                    "must be a time in milliseconds since the epoch".into(),
+                )])
+            }),
+        }
+    };
+    let (since, until) = (number("since")?, number("until")?);
+    let limit = match number("limit")? {
+        None => DIFF_JOBS_MAX,
+        Some(n) if (1..=i64::from(DIFF_JOBS_MAX)).contains(&n) => u32::try_from(n).unwrap_or(DIFF_JOBS_MAX),
+        Some(n) => {
+            return Err(ApiError::invalid(vec![(
+                "limit".into(),
+                format!("`{n}` is not between 1 and {DIFF_JOBS_MAX}"),
+            )]));
+        }
+    };
+    let active = state.safety().active();
+    let mut changed = Vec::new();
+    let mut evaluated = 0u32;
+    let mut filter = JobFilter { since, until, limit: DIFF_PAGE.min(limit), ..JobFilter::default() };
+    loop {
+        let page = state.store().jobs(&caller.tenant, &filter).await?;
+        for record in &page {
+            let job = record.to_policy_job();
+            let before = active.policy.evaluate(&job);
+            let after = candidate.evaluate(&job);
+            let (before_ids, after_ids) =
+                (active.policy.ids(&before.deciding), candidate.ids(&after.deciding));
+            if before.decision != after.decision || before_ids != after_ids {
+                changed.push(json!({
+                    "job_id": record.id.as_str(),
+                    "topic": record.topic,
+                    "env": record.env,
+                    "state": record.state.as_str(),
+                    "created_at": record.created_at,
+                    "active": {"decision": before.decision.as_str(), "rule_ids": before_ids},
+                    "candidate": {"decision": after.decision.as_str(), "rule_ids": after_ids},
+                }));
+            }
+        }
+        evaluated += u32::try_from(page.len()).unwrap_or(u32::MAX);
+        match page.last() {
+            Some(last) if page.len() == filter.limit as usize && evaluated < limit => {
+                filter.after = Some(last.id.clone());
+                filter.limit = DIFF_PAGE.min(limit - evaluated);
+            }
+            _ => break,
+        }
+    }
+    Ok(Json(json!({
+        "active": active.policy.hash(),
+        "candidate": candidate.hash(),
+        "jobs_evaluated": evaluated,
+        "changed": changed,
+    })))
+}

@@ -1,0 +1,252 @@
+//! What every request handler shares: the store, the safety check with the active snapshot,
+//! the configuration and the metrics. The clock and randomness are read here, at the edge, and
+//! passed into the pure core as values.
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use airlock_core::Millis;
+use airlock_core::approval::Binding;
+use airlock_core::defaults;
+use airlock_policy::glob::Glob;
+use airlock_policy::{Evaluation, Job, Policy};
+use airlock_store::Store;
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+/// What a gate does when the safety check is unavailable (SPEC 5, 6).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FailMode {
+    /// Refuse (Gate A: 503; Gate B: requeue with backoff).
+    #[default]
+    Closed,
+    /// Proceed, mark the job bypassed, count and audit it.
+    Open,
+}
+
+impl std::str::FromStr for FailMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "closed" => Ok(Self::Closed),
+            "open" => Ok(Self::Open),
+            other => Err(format!("unknown fail mode `{other}`; expected `closed` or `open`")),
+        }
+    }
+}
+
+impl FailMode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+        }
+    }
+}
+
+/// Gate A's settings; defaults from SPEC 13.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Gate A's fail mode.
+    pub gate_a_fail_mode: FailMode,
+    /// Per-topic overrides of the fail mode; the first matching pattern wins.
+    pub gate_a_fail_mode_topics: Vec<(Glob, FailMode)>,
+    /// Gate A evaluation timeout.
+    pub gate_a_timeout: Duration,
+    /// Approval TTL.
+    pub approval_ttl_ms: Millis,
+    /// What approvals stay bound to.
+    pub approval_binding: Binding,
+    /// How long idempotency keys are remembered.
+    pub idempotency_retention_ms: Millis,
+    /// Topics whose submissions must carry an idempotency key.
+    pub require_idempotency_key: Vec<Glob>,
+    /// Whether `POST /api/v1/admin/faults` exists (tests and drills only).
+    pub fault_injection: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            gate_a_fail_mode: FailMode::Closed,
+            gate_a_fail_mode_topics: Vec::new(),
+            gate_a_timeout: Duration::from_millis(defaults::GATE_A_TIMEOUT_MS),
+            approval_ttl_ms: defaults::APPROVAL_TTL_MS,
+            approval_binding: Binding::Snapshot,
+            idempotency_retention_ms: defaults::IDEMPOTENCY_RETENTION_MS,
+            require_idempotency_key: Vec::new(),
+            fault_injection: false,
+        }
+    }
+}
+
+impl Config {
+    /// The fail mode for a topic at Gate A.
+    pub fn gate_a_fail_mode_for(&self, topic: &str) -> FailMode {
+        self.gate_a_fail_mode_topics
+            .iter()
+            .find(|(glob, _)| glob.matches(topic))
+            .map_or(self.gate_a_fail_mode, |(_, mode)| *mode)
+    }
+}
+
+/// The active snapshot, compiled.
+#[derive(Debug)]
+pub struct ActivePolicy {
+    /// Its version.
+    pub version: u64,
+    /// The compiled policy (its hash is the snapshot hash).
+    pub policy: Policy,
+}
+
+/// A failure injected into the safety check, for tests and outage drills.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Every check fails at once.
+    Unavailable,
+    /// Every check takes this long (past the timeout, it times out).
+    Slow(Duration),
+}
+
+/// Why the safety check could not answer.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SafetyError {
+    /// It failed.
+    #[error("safety check unavailable: {0}")]
+    Unavailable(String),
+    /// It did not answer in time.
+    #[error("safety check timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+impl SafetyError {
+    /// The `reason` label of `airlock_safety_check_failures_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unavailable(_) => "unavailable",
+            Self::Timeout(_) => "timeout",
+        }
+    }
+}
+
+/// The in-process safety check: one policy evaluation against the active snapshot.
+pub struct Safety {
+    active: RwLock<Arc<ActivePolicy>>,
+    fault: Mutex<Option<Fault>>,
+}
+
+/// A safety check's answer.
+pub struct Checked {
+    /// The snapshot it was made under.
+    pub active: Arc<ActivePolicy>,
+    /// The decision.
+    pub evaluation: Evaluation,
+    /// How long the evaluation took.
+    pub elapsed: Duration,
+}
+
+impl Safety {
+    /// A safety check starting with `active`.
+    pub fn new(active: ActivePolicy) -> Self {
+        Self { active: RwLock::new(Arc::new(active)), fault: Mutex::new(None) }
+    }
+
+    /// The active snapshot.
+    pub fn active(&self) -> Arc<ActivePolicy> {
+        match self.active.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Makes `active` the snapshot every later check uses.
+    pub fn activate(&self, active: ActivePolicy) {
+        let active = Arc::new(active);
+        match self.active.write() {
+            Ok(mut guard) => *guard = active,
+            Err(poisoned) => *poisoned.into_inner() = active,
+        }
+    }
+
+    /// Sets or clears the injected fault.
+    pub fn inject(&self, fault: Option<Fault>) {
+        if let Ok(mut guard) = self.fault.lock() {
+            *guard = fault;
+        }
+    }
+
+    fn fault(&self) -> Option<Fault> {
+        self.fault.lock().ok().and_then(|f| *f)
+    }
+
+    /// Evaluates `job` against the active snapshot within `timeout`.
+    pub async fn check(&self, job: &Job, timeout: Duration) -> Result<Checked, SafetyError> {
+        let evaluate = async {
+            match self.fault() {
+                Some(Fault::Unavailable) => return Err(SafetyError::Unavailable("injected fault".into())),
+                Some(Fault::Slow(delay)) => tokio::time::sleep(delay).await,
+                None => {}
+            }
+            let active = self.active();
+            let started = Instant::now();
+            let evaluation = active.policy.evaluate(job);
+            Ok(Checked { active, evaluation, elapsed: started.elapsed() })
+        };
+        tokio::time::timeout(timeout, evaluate).await.map_err(|_| SafetyError::Timeout(timeout))?
+    }
+}
+
+/// Shared state of the HTTP service.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+struct Inner {
+    store: Arc<dyn Store>,
+    safety: Safety,
+    config: Config,
+    metrics: Metrics,
+}
+
+impl AppState {
+    /// State over a store, with `active` as the active snapshot.
+    pub fn new(store: Arc<dyn Store>, active: ActivePolicy, config: Config) -> Self {
+        Self(Arc::new(Inner { store, safety: Safety::new(active), config, metrics: Metrics::default() }))
+    }
+
+    /// The store.
+    pub fn store(&self) -> &dyn Store {
+        &*self.0.store
+    }
+
+    /// The safety check.
+    pub fn safety(&self) -> &Safety {
+        &self.0.safety
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.0.config
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+}
+
+/// The current time, read once per request.
+pub fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Ten random bytes for a new id.
+pub fn random_bytes() -> Result<[u8; 10], ApiError> {
+    let mut bytes = [0u8; 10];
+    getrandom::fill(&mut bytes).map_err(ApiError::internal)?;
+    Ok(bytes)
+}

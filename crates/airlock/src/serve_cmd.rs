@@ -1,0 +1,140 @@
+//! `airlock serve`: the embedded mode. One process, one SQLite file under `--data`, no other
+//! service. On first start the policy comes from `--policy` (or the seed example) and the
+//! platform admin key from `AIRLOCK_ADMIN_KEY` (or is generated and printed once).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use airlock_server::state::Config;
+use airlock_store::{SqliteStore, Store};
+use clap::Args;
+
+/// The policy a fresh install starts with when `--policy` is not given.
+const SEED_POLICY: &str = include_str!("../../../examples/policies/seed.yaml");
+
+/// How often pending approvals are checked for expiry.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Directory for the embedded store.
+    #[arg(long, default_value = "./airlock-data")]
+    data: PathBuf,
+    /// Policy to publish on first start (default: the seed example). Ignored once a policy is stored.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// YAML file with the other settings (fail modes, approval TTL and binding, idempotency).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Enable `POST /api/v1/admin/faults`, which makes the safety check fail (tests and drills only).
+    #[arg(long)]
+    enable_fault_injection: bool,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+pub fn run(args: ServeArgs) -> ExitCode {
+    init_logging(args.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), String> {
+    let mut config = match &args.config {
+        None => Config::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+            crate::config::parse(&text).map_err(|errors| {
+                errors.iter().map(|d| d.render(&path.display().to_string())).collect::<Vec<_>>().join("\n")
+            })?
+        }
+    };
+    config.fault_injection = args.enable_fault_injection;
+
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&args.data).map_err(|e| e.to_string())?);
+    let initial = match &args.policy {
+        Some(path) => (
+            path.display().to_string(),
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?,
+        ),
+        None => ("the seed example policy".to_owned(), SEED_POLICY.to_owned()),
+    };
+    let active =
+        airlock_server::load_policy(&*store, (&initial.0, &initial.1)).await.map_err(|e| e.to_string())?;
+    let admin_key = std::env::var("AIRLOCK_ADMIN_KEY").ok().filter(|k| !k.is_empty());
+    if let Some(secret) =
+        airlock_server::bootstrap_admin(&*store, admin_key).await.map_err(|e| e.to_string())?
+    {
+        println!("admin key (shown once; store it now): {secret}");
+    }
+    let (version, hash) = (active.version, active.policy.hash().to_owned());
+    let state = airlock_server::app_state(Arc::clone(&store), active, config);
+    airlock_server::spawn_expiry(state.clone(), EXPIRY_SWEEP);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    println!(
+        "airlock listening on http://{local} (data {}, policy version {version} {hash})",
+        args.data.display()
+    );
+    tracing::info!(%local, data = %args.data.display(), version, %hash, "serving");
+    axum::serve(listener, airlock_server::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| format!("server error: {e}"))?;
+    tracing::info!("stopped: in-flight requests drained");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown requested; draining in-flight requests");
+}
