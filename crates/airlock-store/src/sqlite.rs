@@ -583,6 +583,7 @@ fn submit(tx: &mut Tx<'_>, s: Submission, retained_since: Millis) -> Reply {
             data.insert("outcome".into(), json!("throttled"));
             data.insert("retry_after_ms".into(), json!(retry_after_ms));
         }
+        draft.kind = "gate_a.decision".into();
         draft.subject = "-".into();
         tx.append_audit(&tenant, draft)?;
         return Ok(Output::Submit(SubmitOutcome::Throttled { retry_after_ms }));
