@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use airlock_core::approval::Status;
 use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
 use axum::Json;
 use axum::body::Body;
@@ -48,10 +47,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
         let n = counts.get(&job_state).copied().unwrap_or(0);
         gauges.push(("airlock_jobs", vec![("state", job_state.as_str().to_owned())], n as f64));
     }
-    let mut pending = 0usize;
-    for tenant in state.store().audit_tenants().await? {
-        pending += state.store().approvals(&tenant, Some(Status::Pending), None, u32::MAX).await?.len();
-    }
+    let pending = state.store().pending_approvals().await?;
     gauges.push(("airlock_approvals_pending", Vec::new(), pending as f64));
     gauges.push(("airlock_policy_snapshot_version", Vec::new(), state.safety().active().version as f64));
     let text = state.metrics().render(&gauges);

@@ -217,6 +217,31 @@ async fn approvals_are_bound_to_job_and_snapshot() {
 }
 
 #[tokio::test]
+async fn rule_binding_survives_unrelated_publishes() {
+    let config = Config { approval_binding: airlock_core::approval::Binding::Rule, ..Config::default() };
+    let api = Api::start(config).await;
+    let agent = api.key("acme", "agent", &["submitter"]).await;
+    let alice = api.key("acme", "alice", &["approver"]).await;
+    let first = api.submit(&agent, delete_prod()).await;
+    let second = api.submit(&agent, delete_prod()).await;
+    let unrelated =
+        format!("{SEED}  - id: new-rule\n    when: {{ topic: infra.dns.zone.delete }}\n    decision: deny\n");
+    assert_eq!(api.publish(&unrelated).await.status, StatusCode::CREATED);
+    let id = first.body["approval"]["id"].as_str().unwrap();
+    let kept = api.post(&format!("/api/v1/approvals/{id}/approve"), &alice, json!({})).await;
+    assert_eq!(kept.status, StatusCode::OK, "the deciding rule did not change: {}", kept.body);
+    let edited = unrelated.replace(
+        "when: { topic: infra.resource.delete, env: production }",
+        "when: { topic: infra.resource.delete, env: [production, prod] }",
+    );
+    assert_eq!(api.publish(&edited).await.status, StatusCode::CREATED);
+    let id = second.body["approval"]["id"].as_str().unwrap();
+    let stale = api.post(&format!("/api/v1/approvals/{id}/approve"), &alice, json!({})).await;
+    assert_eq!(stale.body["error"], "approval_stale", "{}", stale.body);
+    assert!(stale.body["reason"].as_str().unwrap().contains("require-approval-prod-delete"));
+}
+
+#[tokio::test]
 async fn quorum_reject_and_expiry() {
     let quorum = SEED.replace("decision: require_human", "decision: require_human\n    approvals: 2");
     let api = Api::start(Config { approval_ttl_ms: 200, ..Config::default() }).await;

@@ -17,7 +17,7 @@ use airlock_core::state::{Event, InvalidTransition, JobState};
 use airlock_policy::{Decision, Limit};
 use serde_json::Value;
 
-pub use sqlite::SqliteStore;
+pub use sqlite::{DATABASE_FILE, SqliteStore};
 
 /// What can go wrong in the store, by what the caller can do about it.
 #[derive(Debug, thiserror::Error)]
@@ -370,6 +370,8 @@ pub trait Store: Send + Sync {
         after: Option<&ApprovalId>,
         limit: u32,
     ) -> Result<Vec<ApprovalRecord>, StoreError>;
+    /// Pending requests across tenants.
+    async fn pending_approvals(&self) -> Result<u64, StoreError>;
     /// Pending requests past their expiry, across tenants.
     async fn expired_approvals(&self, now: Millis, limit: u32) -> Result<Vec<ApprovalRecord>, StoreError>;
     /// Applies a decided change to a request, and to its job, atomically.

@@ -1006,6 +1006,16 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn pending_approvals(&self) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            let n: i64 = conn
+                .prepare_cached("SELECT COUNT(*) FROM approvals WHERE status = 'pending'")?
+                .query_row([], |r| r.get(0))?;
+            Ok(n.unsigned_abs())
+        })
+        .await
+    }
+
     async fn expired_approvals(&self, now: Millis, limit: u32) -> Result<Vec<ApprovalRecord>, StoreError> {
         self.read(move |conn| {
             let sql = format!(

@@ -258,6 +258,7 @@ async fn approval_changes_are_optimistic_and_move_the_job() {
             decided_by: None,
         });
         store.submit(s, 0).await.unwrap();
+        assert_eq!(store.pending_approvals().await.unwrap(), 1);
         assert_eq!(store.expired_approvals(199, 10).await.unwrap().len(), 0);
         assert_eq!(store.expired_approvals(200, 10).await.unwrap().len(), 1);
         let approved =
