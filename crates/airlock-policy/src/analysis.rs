@@ -77,7 +77,7 @@ fn never_matches(policy: &Policy, rule: &Rule) -> Option<String> {
     let classes =
         atoms.iter().find_map(|(f, tests)| (**f == Field::Risk).then(|| literal_names(tests)).flatten());
     if let (Some(topics), Some(classes)) = (topics, classes)
-        && topics.iter().all(|t| policy.risk_of(t).is_none_or(|class| !classes.contains(&class)))
+        && topics.iter().all(|t| !classes.iter().any(|class| policy.in_class(t, class)))
     {
         let classes: Vec<String> = classes.iter().map(|c| format!("`{c}`")).collect();
         return Some(format!("no topic it names is in risk class {}", classes.join(" or ")));
@@ -193,7 +193,7 @@ fn cond_implies(policy: &Policy, given: &Cond, needed: &Cond, when: &[Cond]) -> 
                 _ => None,
             });
             topics.is_some_and(|ts| {
-                !ts.is_empty() && ts.iter().all(|t| policy.risk_of(t).is_some_and(|c| classes.contains(&c)))
+                !ts.is_empty() && ts.iter().all(|t| classes.iter().any(|c| policy.in_class(t, c)))
             })
         }
         (Cond::Field { .. }, _) => false,

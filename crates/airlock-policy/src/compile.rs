@@ -90,7 +90,7 @@ impl Parts {
         let canonical = json!({
             "version": "v1",
             "defaults": {"decision": self.default.as_str(), "reason": self.default_reason},
-            "risk": self.risk.iter().map(|c| json!([c.name, c.topics.iter().map(|g| g.as_str()).collect::<Vec<_>>()])).collect::<Vec<_>>(),
+            "risk": self.risk.iter().map(|c| (c.name.clone(), sorted(c.topics.iter().map(|g| json!(g.as_str())).collect()))).collect::<Map<String, Value>>(),
             "rules": self.rules.iter().map(canonical_rule).collect::<Vec<_>>(),
         });
         let hash = sha256_tagged(&jcs::to_vec(&canonical));
@@ -497,7 +497,13 @@ impl Compiler {
                             .with_help(format!("did you mean `{reserved}`?")),
                         );
                     }
-                    self.field(Field::Payload(Path::key(shorthand)), value)
+                    match Path::parse(shorthand) {
+                        Ok(path) => self.field(Field::Payload(path), value),
+                        Err(e) => {
+                            self.error(key.span, format!("invalid payload path: {e}"));
+                            None
+                        }
+                    }
                 }
             };
             match parsed {
@@ -837,7 +843,7 @@ pub(crate) fn canonical_cond(cond: &Cond) -> Value {
 }
 
 pub(crate) fn canonical_test(test: &Test) -> Value {
-    let literals = |ls: &[Literal]| sorted(ls.iter().map(literal_json).collect());
+    let literals = |ls: &[Literal]| sorted(ls.iter().map(canonical_literal).collect());
     let nets = |ns: &[Net]| sorted(ns.iter().map(|n| json!(n.to_string())).collect());
     match test {
         Test::Equals(ls) => json!({"equals": literals(ls)}),
@@ -849,12 +855,23 @@ pub(crate) fn canonical_test(test: &Test) -> Value {
         Test::Lt(n) => json!({"lt": n}),
         Test::Lte(n) => json!({"lte": n}),
         Test::Exists(b) => json!({"exists": b}),
-        Test::Contains(l) => json!({"contains": literal_json(l)}),
+        Test::Contains(l) => json!({"contains": canonical_literal(l)}),
         Test::CidrWithin(ns) => json!({"cidr_within": nets(ns)}),
         Test::CidrOverlaps(ns) => json!({"cidr_overlaps": nets(ns)}),
     }
 }
 
+/// A literal in the canonical form. Integers a double cannot hold exactly are tagged strings,
+/// so that two integers that compare differently never hash alike.
+fn canonical_literal(literal: &Literal) -> Value {
+    const EXACT_MAX: u64 = 1 << 53;
+    match literal {
+        Literal::Int(i) if i.unsigned_abs() > EXACT_MAX => json!({"int": i.to_string()}),
+        other => literal_json(other),
+    }
+}
+
+/// A literal as JSON, for display.
 pub(crate) fn literal_json(literal: &Literal) -> Value {
     match literal {
         Literal::Null => Value::Null,

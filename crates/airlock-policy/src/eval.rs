@@ -55,27 +55,34 @@ impl<'a> Subject<'a> {
 pub(crate) struct Ctx<'a> {
     pub job: &'a Job,
     pub policy: &'a Policy,
-    risk: Option<Option<&'a str>>,
+    classes: Option<Vec<&'a str>>,
 }
 
 impl<'a> Ctx<'a> {
     pub fn new(job: &'a Job, policy: &'a Policy) -> Self {
-        Self { job, policy, risk: None }
+        Self { job, policy, classes: None }
     }
 
-    fn risk(&mut self) -> Option<&'a str> {
-        *self.risk.get_or_insert_with(|| self.policy.risk_of(&self.job.topic))
+    /// The risk classes of the job's topic, computed once.
+    fn classes(&mut self) -> &[&'a str] {
+        let (policy, topic) = (self.policy, self.job.topic.as_str());
+        self.classes.get_or_insert_with(|| policy.classes_of(topic).collect())
     }
 }
 
-/// Whether every condition holds.
+/// Whether every condition holds, in three-valued logic so that the written order of
+/// conditions never matters: one condition that is definitely false makes the conjunction
+/// false even when another errors; otherwise an error wins over true.
 pub(crate) fn all(conds: &[Cond], ctx: &mut Ctx<'_>) -> Result<bool, EvalError> {
+    let mut error = None;
     for cond in conds {
-        if !holds(cond, ctx)? {
-            return Ok(false);
+        match holds(cond, ctx) {
+            Ok(false) => return Ok(false),
+            Ok(true) => {}
+            Err(e) => error = Some(e),
         }
     }
-    Ok(true)
+    error.map_or(Ok(true), Err)
 }
 
 fn holds(cond: &Cond, ctx: &mut Ctx<'_>) -> Result<bool, EvalError> {
@@ -83,12 +90,15 @@ fn holds(cond: &Cond, ctx: &mut Ctx<'_>) -> Result<bool, EvalError> {
         Cond::Field { field, tests, .. } => field_holds(field, tests, ctx),
         Cond::All(conds) => all(conds, ctx),
         Cond::Any(conds) => {
+            let mut error = None;
             for cond in conds {
-                if holds(cond, ctx)? {
-                    return Ok(true);
+                match holds(cond, ctx) {
+                    Ok(true) => return Ok(true),
+                    Ok(false) => {}
+                    Err(e) => error = Some(e),
                 }
             }
-            Ok(false)
+            error.map_or(Ok(false), Err)
         }
         Cond::Not(cond) => Ok(!holds(cond, ctx)?),
     }
@@ -101,7 +111,16 @@ fn field_holds(field: &Field, tests: &[Test], ctx: &mut Ctx<'_>) -> Result<bool,
         Field::Env => Some(Subject::Str(&job.env)),
         Field::Tenant => Some(Subject::Str(&job.tenant)),
         Field::Principal => Some(Subject::Str(&job.principal)),
-        Field::Risk => ctx.risk().map(Subject::Str),
+        Field::Risk => {
+            // A topic may be in several classes; the condition holds when one of them passes.
+            let classes = ctx.classes();
+            if classes.is_empty() {
+                return Ok(wants_absent(tests).unwrap_or(false));
+            }
+            let passes = wants_absent(tests).is_none()
+                && classes.iter().any(|c| tests.iter().all(|t| test_holds(t, Subject::Str(c))));
+            return Ok(passes);
+        }
         Field::Label(name) => job.labels.get(name).map(|v| Subject::Str(v)),
         Field::Payload(path) => {
             if let Some(absent) = wants_absent(tests) {
@@ -174,14 +193,18 @@ fn equals(literal: &Literal, subject: Subject<'_>) -> bool {
     }
 }
 
-/// Why a rule did not match, for `explain`: the first condition that failed, in words.
+/// Why a rule did not match, for `explain`: the first condition that is definitely false,
+/// in words. Same three-valued logic as [`all`]: an error only counts when nothing is false.
 pub(crate) fn why_not(conds: &[Cond], ctx: &mut Ctx<'_>) -> Result<Option<String>, EvalError> {
+    let mut error = None;
     for cond in conds {
-        if !holds(cond, ctx)? {
-            return Ok(Some(describe_failure(cond, ctx)));
+        match holds(cond, ctx) {
+            Ok(false) => return Ok(Some(describe_failure(cond, ctx))),
+            Ok(true) => {}
+            Err(e) => error = Some(e),
         }
     }
-    Ok(None)
+    error.map_or(Ok(None), Err)
 }
 
 fn describe_failure(cond: &Cond, ctx: &mut Ctx<'_>) -> String {
@@ -218,7 +241,10 @@ fn current_value(field: &Field, ctx: &mut Ctx<'_>) -> Option<String> {
         Field::Env => Some(quoted(&job.env)),
         Field::Tenant => Some(quoted(&job.tenant)),
         Field::Principal => Some(quoted(&job.principal)),
-        Field::Risk => ctx.risk().map(quoted),
+        Field::Risk => {
+            let classes: Vec<String> = ctx.classes().iter().map(|c| quoted(c)).collect();
+            (!classes.is_empty()).then(|| classes.join(" and "))
+        }
         Field::Label(name) => job.labels.get(name).map(|v| quoted(v)),
         Field::Payload(path) => {
             let mut seen = Vec::new();

@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use crate::limits::{GLOB_BYTES_MAX, GLOB_WILDCARDS_MAX};
+
 /// A compiled glob.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Glob {
@@ -35,6 +37,9 @@ pub enum GlobError {
     /// The pattern is empty.
     #[error("empty glob")]
     Empty,
+    /// Longer than [`GLOB_BYTES_MAX`] or with more than [`GLOB_WILDCARDS_MAX`] wildcards.
+    #[error("a glob may have at most {GLOB_BYTES_MAX} bytes and {GLOB_WILDCARDS_MAX} wildcards")]
+    TooLong,
     /// Three or more stars in a row.
     #[error("`{0}` has three or more `*` in a row; use `*` for one segment or `**` for any")]
     TooManyStars(String),
@@ -75,6 +80,11 @@ impl Glob {
                 tokens.push(Token::Literal(literal.to_owned()));
                 rest = after;
             }
+        }
+        if pattern.len() > GLOB_BYTES_MAX
+            || tokens.iter().filter(|t| !matches!(t, Token::Literal(_))).count() > GLOB_WILDCARDS_MAX
+        {
+            return Err(GlobError::TooLong);
         }
         let shape = match tokens.as_slice() {
             [Token::Literal(_)] => Shape::Exact,
@@ -203,5 +213,7 @@ mod tests {
         assert!(matches!(Glob::new("a.***"), Err(GlobError::TooManyStars(_))));
         assert!(matches!(Glob::new("a.?"), Err(GlobError::Unsupported { ch: '?', .. })));
         assert!(matches!(Glob::new("a.[bc]"), Err(GlobError::Unsupported { ch: '[', .. })));
+        assert_eq!(Glob::new(&"*a".repeat(GLOB_WILDCARDS_MAX + 1)), Err(GlobError::TooLong));
+        assert!(Glob::new(&"*a".repeat(GLOB_WILDCARDS_MAX)).is_ok());
     }
 }

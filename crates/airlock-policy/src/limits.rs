@@ -20,6 +20,12 @@ pub const REGEX_SIZE_MAX: usize = 256 * 1024;
 /// Past it the rule errors, and an erroring rule fails closed (see `eval`).
 pub const PATH_FANOUT_MAX: usize = 10_000;
 
+/// Longest glob, in bytes.
+pub const GLOB_BYTES_MAX: usize = 1_024;
+
+/// Most wildcards in one glob (matching recurses once per wildcard).
+pub const GLOB_WILDCARDS_MAX: usize = 32;
+
 /// Most segments in one payload path.
 pub const PATH_SEGMENTS_MAX: usize = 32;
 

@@ -83,11 +83,6 @@ impl Path {
         Ok(Self { segments })
     }
 
-    /// A one-key path, for the `when` shorthand (`cidr: ...` means `payload.cidr`).
-    pub fn key(name: &str) -> Self {
-        Self { segments: vec![Segment::Key(name.to_owned())] }
-    }
-
     /// Calls `test` on every value the path reaches from `root` until one passes. `Ok(true)`
     /// when one passed; an error when the expansion exceeds [`PATH_FANOUT_MAX`] values.
     pub fn any(&self, root: &Value, test: &mut impl FnMut(&Value) -> bool) -> Result<bool, FanoutExceeded> {

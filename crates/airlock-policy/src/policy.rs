@@ -94,9 +94,14 @@ impl Policy {
         &self.risk
     }
 
-    /// The risk class of a topic: the first class, in file order, with a matching pattern.
-    pub fn risk_of(&self, topic: &str) -> Option<&str> {
-        self.risk.iter().find(|c| c.topics.iter().any(|g| g.matches(topic))).map(|c| c.name.as_str())
+    /// The risk classes a topic is in: every class with a matching pattern, in name order.
+    pub fn classes_of<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.risk.iter().filter(move |c| c.topics.iter().any(|g| g.matches(topic))).map(|c| c.name.as_str())
+    }
+
+    /// Whether a topic is in the named risk class.
+    pub fn in_class(&self, topic: &str, class: &str) -> bool {
+        self.classes_of(topic).any(|c| c == class)
     }
 
     /// The decision for `job` (SPEC 3.3): the most restrictive matching enforced rule wins,
@@ -239,7 +244,9 @@ struct EnvIndex {
 impl EnvIndex {
     fn insert(&mut self, envs: Option<Vec<&str>>, idx: RuleIdx) {
         match envs {
-            Some(envs) => {
+            Some(mut envs) => {
+                envs.sort_unstable();
+                envs.dedup();
                 for env in envs {
                     self.by_env.entry(env.into()).or_default().push(idx);
                 }
@@ -266,7 +273,9 @@ impl Index {
         let mut index = Self::default();
         for (idx, rule) in (0..).zip(rules) {
             let envs = exact_names(&rule.when, &Field::Env);
-            if let Some(topics) = exact_names(&rule.when, &Field::Topic) {
+            if let Some(mut topics) = exact_names(&rule.when, &Field::Topic) {
+                topics.sort_unstable();
+                topics.dedup();
                 for topic in topics {
                     index.by_topic.entry(topic.into()).or_default().insert(envs.clone(), idx);
                 }

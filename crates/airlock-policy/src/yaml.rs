@@ -82,9 +82,22 @@ impl Node {
 pub fn parse(text: &str) -> Result<Node, Vec<Diagnostic>> {
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
-    if let Err(e) = parser.load(&mut builder, false) {
-        let span = span_of(*e.marker());
-        builder.errors.push(Diagnostic::error(span, format!("invalid YAML: {}", e.info())));
+    // Events are pulled one at a time rather than through `Parser::load`, which recurses once
+    // per block level: a deeply nested document then stops at the depth limit instead of
+    // overflowing the stack.
+    loop {
+        match parser.next_token() {
+            Ok((Event::StreamEnd | Event::DocumentEnd, _)) => break,
+            Ok((event, mark)) => builder.on_event(event, mark),
+            Err(e) => {
+                let span = span_of(*e.marker());
+                builder.errors.push(Diagnostic::error(span, format!("invalid YAML: {}", e.info())));
+                break;
+            }
+        }
+        if builder.skipped_depth > 0 {
+            break;
+        }
     }
     if !builder.errors.is_empty() {
         return Err(builder.errors);
@@ -256,11 +269,20 @@ fn resolve(text: String, style: TScalarStyle) -> Kind {
 }
 
 fn parse_int(text: &str) -> Option<i64> {
+    // `from_str_radix` accepts a sign, which YAML's `0x`/`0o` forms do not.
     if let Some(hex) = text.strip_prefix("0x") {
-        return i64::from_str_radix(hex, 16).ok();
+        return hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit())
+            .then(|| i64::from_str_radix(hex, 16).ok())
+            .flatten();
     }
     if let Some(oct) = text.strip_prefix("0o") {
-        return i64::from_str_radix(oct, 8).ok();
+        return oct
+            .bytes()
+            .all(|b| (b'0'..=b'7').contains(&b))
+            .then(|| i64::from_str_radix(oct, 8).ok())
+            .flatten();
     }
     let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -303,6 +325,8 @@ mod tests {
     fn resolves_scalars_by_the_core_schema() {
         assert_eq!(kind("1"), Kind::Int(1));
         assert_eq!(kind("-0x10"), Kind::Str("-0x10".into()));
+        assert_eq!(kind("0x-1"), Kind::Str("0x-1".into()));
+        assert_eq!(kind("0x1f"), Kind::Int(31));
         assert_eq!(kind("1.5"), Kind::Float(1.5));
         assert_eq!(kind("1e3"), Kind::Float(1000.0));
         assert_eq!(kind("'1'"), Kind::Str("1".into()));
@@ -334,6 +358,8 @@ mod tests {
         let errors = parse(&deep).unwrap_err();
         assert_eq!(errors.len(), 1);
         assert!(errors[0].message.contains("nesting deeper"));
+        let deep_block = "- ".repeat(100_000);
+        assert!(parse(&deep_block).unwrap_err()[0].message.contains("nesting deeper"));
     }
 
     #[test]
