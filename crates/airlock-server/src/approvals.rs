@@ -67,7 +67,8 @@ pub async fn get(
     let (approval, job) = load(&state, &caller, &parse_id(&id)?).await?;
     let mut body = wire::approval(&approval);
     if let Some(o) = body.as_object_mut() {
-        o.insert("job".into(), wire::job(&job, &[]));
+        let history = state.store().history(&caller.tenant, &job.id).await?;
+        o.insert("job".into(), wire::job(&job, &history));
         o.insert("current_decision".into(), current_decision(&state, &job));
     }
     Ok(Json(body))
@@ -209,6 +210,15 @@ async fn attempt(
         )
         .into());
     }
+    // Decisions on a job are never its submitter's: refuse before anything else can change.
+    if caller.principal == record.request.requested_by {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "self_approval",
+            format!("`{}` submitted this job and cannot decide on it", caller.principal),
+        )
+        .into());
+    }
     let active = state.safety().active();
     let recomputed = job.to_policy_job().hash();
     let binding = approval::check_binding(
@@ -303,7 +313,9 @@ async fn refuse_stale(
             change(caller, record, Request { status: Status::Expired, ..record.request.clone() }, now);
         c.job_event = Some(Event::ApprovalExpired);
         c.actor = "system".into();
-        c.audit.push(draft(caller, record, now, "approval.expired", json!({})));
+        let mut expired = draft(caller, record, now, "approval.expired", json!({}));
+        expired.actor = "system".into();
+        c.audit.push(expired);
         state.store().change_approval(c).await?;
         return Ok(ApiError::new(
             StatusCode::CONFLICT,

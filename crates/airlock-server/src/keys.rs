@@ -48,18 +48,21 @@ pub async fn create(State(state): State<AppState>, caller: Caller, body: Body) -
             None
         }
     };
+    // The name is the principal of every job the key submits, so it follows the same rules.
     let name = match map.get("name").and_then(Value::as_str) {
         Some(n)
-            if !n.is_empty()
-                && n.len() <= 128
-                && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)) =>
+            if n.len() <= 128
+                && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+                && !n.split('.').any(str::is_empty) =>
         {
             Some(n.to_owned())
         }
         Some(n) => {
             errors.push((
                 "name".into(),
-                format!("`{n}` must be 1 to 128 letters, digits, `-`, `_`, `.` or `@`"),
+                format!(
+                    "`{n}` must be 1 to 128 letters, digits, `-`, `_`, `.` or `@`, without empty dot segments"
+                ),
             ));
             None
         }
@@ -155,6 +158,13 @@ pub async fn revoke(
     let key = state.store().key(&id).await?.ok_or_else(|| ApiError::not_found("key"))?;
     if !(caller.is_platform_admin() || caller.tenant == key.tenant) {
         return Err(ApiError::not_found("key"));
+    }
+    if key.revoked_at.is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "already_revoked",
+            format!("key `{id}` is already revoked"),
+        ));
     }
     let now = now_ms();
     let draft = Draft {

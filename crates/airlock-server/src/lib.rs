@@ -85,6 +85,13 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/audit/verify", post(audit_api::verify))
         .route("/api/v1/admin/faults", post(ops::faults))
         .fallback(|| async { error::ApiError::not_found("route") })
+        .method_not_allowed_fallback(|| async {
+            error::ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method; see /api/v1/openapi.json",
+            )
+        })
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }

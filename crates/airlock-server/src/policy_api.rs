@@ -179,19 +179,18 @@ pub async fn diff(
         )]));
     };
     let (candidate, _) = compile(source)?;
-    let number = |field: &str| -> Result<Option<i64>, ApiError> {
+    let number = |field: &str, what: &str| -> Result<Option<i64>, ApiError> {
         match map.get(field) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_i64().map(Some).ok_or_else(|| {
-                ApiError::invalid(vec![(
-                    field.into(),
-                    "must be a time in milliseconds since the epoch".into(),
-                )])
-            }),
+            Some(v) => v
+                .as_i64()
+                .map(Some)
+                .ok_or_else(|| ApiError::invalid(vec![(field.into(), format!("must be {what}"))])),
         }
     };
-    let (since, until) = (number("since")?, number("until")?);
-    let limit = match number("limit")? {
+    let time = "a time in milliseconds since the epoch";
+    let (since, until) = (number("since", time)?, number("until", time)?);
+    let limit = match number("limit", "a number of jobs")? {
         None => DIFF_JOBS_MAX,
         Some(n) if (1..=i64::from(DIFF_JOBS_MAX)).contains(&n) => u32::try_from(n).unwrap_or(DIFF_JOBS_MAX),
         Some(n) => {

@@ -381,6 +381,14 @@ async fn auth_and_roles_are_checked() {
         .call(Method::DELETE, &format!("/api/v1/keys/{}", id.as_str().unwrap()), Some(ADMIN), Body::empty())
         .await;
     assert_eq!(revoked.status, StatusCode::OK);
+    let twice = api
+        .call(Method::DELETE, &format!("/api/v1/keys/{}", id.as_str().unwrap()), Some(ADMIN), Body::empty())
+        .await;
+    assert_eq!((twice.status, twice.body["error"].as_str()), (StatusCode::CONFLICT, Some("already_revoked")));
+    let dotted = api
+        .post("/api/v1/keys", ADMIN, json!({"tenant": "acme", "name": "bob.", "roles": ["submitter"]}))
+        .await;
+    assert_eq!(dotted.status, StatusCode::BAD_REQUEST, "a key name must be a valid principal");
     let after = api.submit(&agent, json!({"topic": "a.b", "env": "dev"})).await;
     assert_eq!(
         (after.status, after.body["message"].as_str()),
@@ -432,6 +440,11 @@ async fn bad_input_gets_clear_errors_and_the_server_keeps_serving() {
     assert_eq!(bad_policy.status, StatusCode::BAD_REQUEST);
     assert_eq!(bad_policy.body["diagnostics"][0]["line"], 5);
     assert_eq!(api.call(Method::GET, "/nope", None, Body::empty()).await.status, StatusCode::NOT_FOUND);
+    let wrong_method = api.call(Method::DELETE, "/api/v1/jobs", Some(&agent), Body::empty()).await;
+    assert_eq!(
+        (wrong_method.status, wrong_method.body["error"].as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
+    );
     let ok = api.submit(&agent, json!({"topic": "a.b", "env": "dev"})).await;
     assert_eq!(ok.status, StatusCode::ACCEPTED, "still serving");
 }

@@ -1,5 +1,8 @@
 //! The `airlock` binary: the single entry point for every role and every tool.
 
+mod audit_cmd;
+mod bench_cmd;
+mod client_cmd;
 mod config;
 mod policy_cmd;
 mod serve_cmd;
@@ -18,11 +21,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Check, test, simulate and explain policies, offline.
+    /// Check, test, simulate and explain policies offline; publish, roll back, list, diff on a server.
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
     /// Run the service (embedded mode: one process, one SQLite file).
     Serve(serve_cmd::ServeArgs),
+    /// Submit a job to a server through Gate A.
+    #[command(after_help = client_cmd::SUBMIT_EXIT_CODES)]
+    Submit(client_cmd::SubmitArgs),
+    /// List, inspect and cancel jobs on a server.
+    #[command(subcommand)]
+    Jobs(client_cmd::JobsCommand),
+    /// List, inspect, approve and reject approval requests on a server.
+    #[command(subcommand)]
+    Approvals(client_cmd::ApprovalsCommand),
+    /// Create, list and revoke API keys on a server.
+    #[command(subcommand)]
+    Keys(client_cmd::KeysCommand),
+    /// Verify the audit trail.
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCommand),
+    /// Load generators for the benchmarks in BENCHMARKS.md.
+    #[command(subcommand)]
+    Bench(bench_cmd::BenchCommand),
 }
 
 /// How results are printed.
@@ -48,5 +69,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Policy(command) => policy_cmd::run(command),
         Command::Serve(args) => serve_cmd::run(args),
+        Command::Submit(args) => client_cmd::submit(&args),
+        Command::Jobs(command) => client_cmd::jobs(command),
+        Command::Approvals(command) => client_cmd::approvals(command),
+        Command::Keys(command) => client_cmd::keys(command),
+        Command::Audit(command) => audit_cmd::run(command),
+        Command::Bench(command) => bench_cmd::run(command),
     }
 }

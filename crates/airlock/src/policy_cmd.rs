@@ -49,6 +49,14 @@ pub enum PolicyCommand {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
+    /// Publish a policy file on a server as the new active snapshot (platform admin).
+    Publish(crate::client_cmd::PublishArgs),
+    /// Re-activate an earlier snapshot version on a server, as a new version (platform admin).
+    Rollback(crate::client_cmd::RollbackArgs),
+    /// List a server's policy snapshots, newest first.
+    Snapshots(crate::client_cmd::SnapshotsArgs),
+    /// The stored jobs whose decision a candidate policy file would change (operator).
+    Diff(crate::client_cmd::DiffArgs),
 }
 
 #[derive(Args)]
@@ -70,6 +78,10 @@ pub fn run(command: PolicyCommand) -> ExitCode {
         PolicyCommand::Simulate { input, exit_code, format } => simulate(&input, exit_code, format),
         PolicyCommand::Explain { input, format } => explain(&input, format),
         PolicyCommand::Test { file, cases, format } => test(&file, &cases, format),
+        PolicyCommand::Publish(args) => Ok(crate::client_cmd::publish(&args)),
+        PolicyCommand::Rollback(args) => Ok(crate::client_cmd::rollback(&args)),
+        PolicyCommand::Snapshots(args) => Ok(crate::client_cmd::snapshots(&args)),
+        PolicyCommand::Diff(args) => Ok(crate::client_cmd::diff(&args)),
     };
     result.unwrap_or(ExitCode::FAILURE)
 }

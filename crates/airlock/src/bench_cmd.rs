@@ -1,0 +1,291 @@
+//! `airlock bench submit`: a load generator for Gate A's allow path. With no `--url` it starts
+//! its own `airlock serve` (this binary) on a fresh data directory and loopback port, so that
+//! one command measures the real server with durable commits; it reports throughput, latency
+//! percentiles measured from each request's intended send time (no coordinated omission), and
+//! the server's resident memory.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+use crate::Format;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Sustained submits on the allow path.
+    Submit(SubmitArgs),
+}
+
+#[derive(Args)]
+pub struct SubmitArgs {
+    /// Server to load (`host:port`). Without it, a fresh server is started and stopped.
+    #[arg(long)]
+    addr: Option<String>,
+    /// An admin key of that server (default: `AIRLOCK_ADMIN_KEY`).
+    #[arg(long)]
+    admin_key: Option<String>,
+    /// Requests per second to send; 0 sends as fast as the connections allow.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// How long to send for, in seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Stop after this many requests (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    total: u64,
+    /// Connections (each carries one request at a time).
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Data directory for the server this command starts (default: a new temp directory).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t)]
+    format: Format,
+}
+
+const BENCH_ADMIN_KEY: &str = "bench-admin-key-not-secret-0001";
+const ALLOW_ALL: &str = "version: v1\ndefaults: { decision: allow }\nrules:\n  - id: deny-public-ingress\n    \
+                         when: { topic: infra.security_group.update, env: production, cidr: \"0.0.0.0/0\" }\n    \
+                         decision: deny\n";
+
+pub fn run(command: BenchCommand) -> ExitCode {
+    let BenchCommand::Submit(args) = command;
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(submit(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A server this command started; killed when dropped.
+struct OwnServer {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(data: Option<PathBuf>) -> Result<OwnServer, String> {
+    let data =
+        data.unwrap_or_else(|| std::env::temp_dir().join(format!("airlock-bench-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&data);
+    std::fs::create_dir_all(&data).map_err(|e| format!("cannot create `{}`: {e}", data.display()))?;
+    let policy = data.join("bench-policy.yaml");
+    std::fs::write(&policy, ALLOW_ALL).map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(&data)
+        .arg("--policy")
+        .arg(&policy)
+        .env("AIRLOCK_ADMIN_KEY", BENCH_ADMIN_KEY)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start the server: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no server stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        match lines.next() {
+            Some(Ok(line)) => {
+                if let Some(rest) = line.strip_prefix("airlock listening on http://") {
+                    break rest.split_whitespace().next().unwrap_or_default().to_owned();
+                }
+            }
+            _ => return Err("the server exited before listening".into()),
+        }
+    };
+    Ok(OwnServer { child, addr })
+}
+
+fn resident_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// One keep-alive HTTP/1.1 connection.
+struct Conn {
+    stream: tokio::io::BufReader<TcpStream>,
+}
+
+impl Conn {
+    async fn open(addr: &str) -> Result<Self, String> {
+        let stream = TcpStream::connect(addr).await.map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        Ok(Self { stream: tokio::io::BufReader::new(stream) })
+    }
+
+    async fn post(&mut self, path: &str, key: &str, body: &str) -> Result<(u16, String), String> {
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nhost: bench\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.stream.get_mut().write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+        let mut status_line = String::new();
+        self.stream.read_line(&mut status_line).await.map_err(|e| e.to_string())?;
+        let status: u16 =
+            status_line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or("bad status line")?;
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            self.stream.read_line(&mut line).await.map_err(|e| e.to_string())?;
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().map_err(|_| "bad content-length")?;
+            }
+        }
+        let mut body = vec![0u8; length];
+        self.stream.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+async fn submit(args: SubmitArgs) -> Result<(), String> {
+    let own = match &args.addr {
+        Some(_) => None,
+        None => Some(start_server(args.data.clone())?),
+    };
+    let addr = args.addr.clone().or_else(|| own.as_ref().map(|s| s.addr.clone())).ok_or("no server")?;
+    let admin = match (&own, &args.admin_key) {
+        (Some(_), _) => BENCH_ADMIN_KEY.to_owned(),
+        (None, Some(k)) => k.clone(),
+        (None, None) => {
+            std::env::var("AIRLOCK_ADMIN_KEY").map_err(|_| "give --admin-key or AIRLOCK_ADMIN_KEY")?
+        }
+    };
+    let tenant = format!("bench-{}", std::process::id());
+    let mut setup = Conn::open(&addr).await?;
+    let (status, body) = setup
+        .post(
+            "/api/v1/keys",
+            &admin,
+            &json!({"tenant": tenant, "name": "bench", "roles": ["submitter"]}).to_string(),
+        )
+        .await?;
+    if status != 201 {
+        return Err(format!("cannot create a submitter key ({status}): {body}"));
+    }
+    let key: String = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("key").and_then(serde_json::Value::as_str).map(str::to_owned))
+        .ok_or("no key in the response")?;
+
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.seconds);
+    let mut workers = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        let (next, key, addr) = (Arc::clone(&next), key.clone(), addr.clone());
+        let (rate, total) = (args.rate, args.total);
+        workers.push(tokio::spawn(async move {
+            let mut conn = Conn::open(&addr).await?;
+            let mut samples = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if total > 0 && i >= total {
+                    break;
+                }
+                let intended = if rate > 0 { started + Duration::from_secs_f64(i as f64 / rate as f64) } else { Instant::now() };
+                if intended >= deadline {
+                    break;
+                }
+                if rate > 0 {
+                    tokio::time::sleep_until(intended.into()).await;
+                }
+                let body = json!({"topic": "infra.vm.create", "env": "production", "payload": {"n": i, "size": "m5.large"}})
+                    .to_string();
+                let (status, _) = conn.post("/api/v1/jobs", &key, &body).await?;
+                samples.push((status, intended.elapsed()));
+            }
+            Ok::<_, String>(samples)
+        }));
+    }
+    let mut samples = Vec::new();
+    for w in workers {
+        samples.extend(w.await.map_err(|e| e.to_string())??);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let rss_kib = own.as_ref().and_then(|s| resident_kib(s.child.id()));
+    report(&args, &samples, elapsed, rss_kib);
+    Ok(())
+}
+
+fn report(args: &SubmitArgs, samples: &[(u16, Duration)], elapsed: f64, rss_kib: Option<u64>) {
+    let accepted = samples.iter().filter(|(s, _)| *s == 202).count();
+    let mut latencies: Vec<Duration> = samples.iter().map(|(_, l)| *l).collect();
+    latencies.sort();
+    let pct = |p: f64| -> f64 {
+        let i = ((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1);
+        latencies.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    let mut statuses = std::collections::BTreeMap::new();
+    for (s, _) in samples {
+        *statuses.entry(*s).or_insert(0u64) += 1;
+    }
+    let result = json!({
+        "requests": samples.len(),
+        "accepted": accepted,
+        "statuses": statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        "seconds": elapsed,
+        "accepted_per_sec": accepted as f64 / elapsed,
+        "target_rate": args.rate,
+        "connections": args.connections,
+        "latency_ms": {"p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99), "max": pct(1.0)},
+        "server_rss_mib": rss_kib.map(|k| k as f64 / 1024.0),
+    });
+    match args.format {
+        Format::Json => println!("{result}"),
+        Format::Human => {
+            println!(
+                "requests   {} in {elapsed:.1} s ({} accepted; statuses {:?})",
+                samples.len(),
+                accepted,
+                statuses
+            );
+            println!(
+                "throughput {:.0} accepted submits/s (target rate {})",
+                accepted as f64 / elapsed,
+                args.rate
+            );
+            println!(
+                "latency    p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                pct(0.50),
+                pct(0.90),
+                pct(0.99),
+                pct(1.0)
+            );
+            if let Some(k) = rss_kib {
+                println!("server RSS {:.1} MiB", k as f64 / 1024.0);
+            }
+        }
+    }
+}
