@@ -25,17 +25,18 @@ pub async fn healthz() -> Json<Value> {
 }
 
 /// `GET /readyz`: the store answers and a policy is active.
-pub async fn readyz(State(state): State<AppState>) -> Response {
+pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     match state.store().active_snapshot().await {
-        Ok(Some(s)) => Json(json!({"status": "ready", "snapshot_version": s.version})).into_response(),
+        Ok(Some(s)) => Ok(Json(json!({"status": "ready", "snapshot_version": s.version}))),
         Ok(None) => {
-            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "no active policy"}))).into_response()
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "no policy is active")
+                .retry_after(1))
         }
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "store unavailable", "error": e.to_string()})),
-        )
-            .into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check failed");
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the store is unavailable")
+                .retry_after(1))
+        }
     }
 }
 
@@ -63,12 +64,13 @@ pub async fn openapi() -> Response {
 /// Exists only when the server was started with fault injection enabled.
 pub async fn faults(
     State(state): State<AppState>,
-    caller: Caller,
+    caller: Result<Caller, ApiError>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     if !state.config().fault_injection {
         return Err(ApiError::not_found("route"));
     }
+    let caller = caller?;
     caller.require_platform_admin()?;
     let map = json_object(&wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?)?;
     only_fields(&map, &["safety", "delay_ms"])?;

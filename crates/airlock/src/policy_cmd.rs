@@ -1,5 +1,6 @@
-//! `airlock policy ...`: the offline policy tools. They read files, call the policy engine,
-//! and print; nothing here decides anything the engine does not.
+//! `airlock policy ...`: the offline policy tools (check, simulate, explain, test), which read
+//! files, call the policy engine and print; and the server-side ones (publish, rollback,
+//! snapshots, diff), which `client_cmd` sends to a running server.
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
