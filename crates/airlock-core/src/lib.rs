@@ -5,7 +5,9 @@
 
 pub mod approval;
 pub mod audit;
+pub mod breaker;
 pub mod defaults;
+pub mod dispatch;
 pub mod ids;
 pub mod role;
 pub mod state;
