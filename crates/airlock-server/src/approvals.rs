@@ -288,7 +288,11 @@ async fn attempt(
         c.audit.push(draft(caller, record, now, "approval.rejected", json!({})));
         json!({})
     };
+    let queued = c.job_event == Some(Event::Approved);
     let saved = state.store().change_approval(c).await?;
+    if queued {
+        state.work().notify_waiters();
+    }
     let job_state = state.store().job(&caller.tenant, &job.id).await?.map(|j| j.state).unwrap_or(job.state);
     let mut out = json!({"approval": wire::approval(&saved), "job_state": job_state.as_str()});
     if let (Value::Object(out), Value::Object(body)) = (&mut out, body) {

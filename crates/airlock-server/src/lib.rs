@@ -7,6 +7,7 @@ mod audit_api;
 pub mod auth;
 pub mod error;
 mod gate_a;
+mod gate_b;
 mod jobs;
 pub mod keys;
 pub mod metrics;
@@ -32,7 +33,7 @@ pub use ops::OPENAPI;
 use state::{ActivePolicy, AppState, Config};
 
 /// Every route: method and path. The OpenAPI document must describe each (tested).
-pub const ROUTES: [(&str, &str); 24] = [
+pub const ROUTES: [(&str, &str); 32] = [
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -57,6 +58,14 @@ pub const ROUTES: [(&str, &str); 24] = [
     ("get", "/api/v1/audit"),
     ("post", "/api/v1/audit/verify"),
     ("post", "/api/v1/admin/faults"),
+    ("post", "/api/v1/workers/claim"),
+    ("post", "/api/v1/workers/jobs/{id}/heartbeat"),
+    ("post", "/api/v1/workers/jobs/{id}/complete"),
+    ("post", "/api/v1/workers/jobs/{id}/fail"),
+    ("get", "/api/v1/dlq"),
+    ("get", "/api/v1/dlq/{id}"),
+    ("post", "/api/v1/dlq/{id}/retry"),
+    ("post", "/api/v1/dlq/{id}/discard"),
 ];
 
 /// The application, ready to serve or to test with `tower::ServiceExt::oneshot`.
@@ -84,6 +93,14 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/audit", get(audit_api::list))
         .route("/api/v1/audit/verify", post(audit_api::verify))
         .route("/api/v1/admin/faults", post(ops::faults))
+        .route("/api/v1/workers/claim", post(gate_b::claim))
+        .route("/api/v1/workers/jobs/{id}/heartbeat", post(gate_b::heartbeat))
+        .route("/api/v1/workers/jobs/{id}/complete", post(gate_b::complete))
+        .route("/api/v1/workers/jobs/{id}/fail", post(gate_b::fail))
+        .route("/api/v1/dlq", get(gate_b::dlq_list))
+        .route("/api/v1/dlq/{id}", get(gate_b::dlq_get))
+        .route("/api/v1/dlq/{id}/retry", post(gate_b::dlq_retry))
+        .route("/api/v1/dlq/{id}/discard", post(gate_b::dlq_discard))
         .fallback(|| async { error::ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {
             error::ApiError::new(
@@ -171,14 +188,23 @@ pub async fn bootstrap_admin(
     Ok(generated.then_some(secret))
 }
 
-/// Expires due approval requests every `period` until the process ends.
-pub fn spawn_expiry(state: AppState, period: Duration) {
+/// Every `period` until the process ends: expires due approval requests, and requeues or
+/// dead-letters jobs whose lease lapsed.
+pub fn spawn_sweeps(state: AppState, period: Duration) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         loop {
             tick.tick().await;
             if let Err(e) = approvals::expire_due(&state, state::now_ms()).await {
                 tracing::warn!(error = %e, "approval expiry sweep failed");
+            }
+            match gate_b::expire_leases(&state).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(jobs = n, "lapsed leases ended");
+                    state.work().notify_waiters();
+                }
+                Err(e) => tracing::warn!(error = %e, "lease expiry sweep failed"),
             }
         }
     });

@@ -14,7 +14,7 @@ const BUCKETS: [f64; 14] =
     [0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0];
 
 /// Every metric this process exports: name, type and help.
-pub const FAMILIES: [(&str, &str, &str); 17] = [
+pub const FAMILIES: [(&str, &str, &str); 20] = [
     ("airlock_gate_decisions_total", "counter", "Decisions made at each gate."),
     (
         "airlock_gateway_fail_open_total",
@@ -43,6 +43,13 @@ pub const FAMILIES: [(&str, &str, &str); 17] = [
     ("airlock_audit_records_total", "counter", "Audit records appended by this process."),
     ("airlock_safety_circuit_state", "gauge", "Safety-check circuit breaker: 0 closed, 1 half-open, 2 open."),
     ("airlock_policy_snapshot_version", "gauge", "Version of the active policy snapshot."),
+    (
+        "airlock_scheduling_attempts_total",
+        "counter",
+        "Failed scheduling attempts at Gate B, by topic and reason.",
+    ),
+    ("airlock_dead_lettered_total", "counter", "Jobs dead-lettered, by topic and reason."),
+    ("airlock_dlq_depth", "gauge", "Dead-lettered jobs not yet retried or discarded."),
     (
         "airlock_policy_audit_matches_total",
         "counter",

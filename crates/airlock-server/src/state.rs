@@ -7,7 +7,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use airlock_core::Millis;
 use airlock_core::approval::Binding;
+use airlock_core::breaker::{Breaker, BreakerConfig};
 use airlock_core::defaults;
+use airlock_core::dispatch::Caps;
 use airlock_policy::glob::Glob;
 use airlock_policy::{Evaluation, Job, Policy};
 use airlock_store::Store;
@@ -66,6 +68,32 @@ pub struct Config {
     pub require_idempotency_key: Vec<Glob>,
     /// Whether `POST /api/v1/admin/faults` exists (tests and drills only).
     pub fault_injection: bool,
+    /// Gate B's fail mode.
+    pub gate_b_fail_mode: FailMode,
+    /// Per-topic overrides of Gate B's fail mode; the first matching pattern wins.
+    pub gate_b_fail_mode_topics: Vec<(Glob, FailMode)>,
+    /// Per-risk-class overrides of Gate B's fail mode (when a topic is in several classes,
+    /// `closed` wins).
+    pub gate_b_fail_mode_risk: Vec<(String, FailMode)>,
+    /// Let `open` apply to `high`-risk topics (refused at start otherwise).
+    pub force_fail_open_high_risk: bool,
+    /// Gate B's safety client timeout.
+    pub gate_b_timeout: Duration,
+    /// The breaker around Gate B's safety check.
+    pub breaker: BreakerConfig,
+    /// Attempt caps and backoff.
+    pub caps: Caps,
+    /// Per-topic execution attempt caps; the first matching pattern wins.
+    pub execution_attempts_topics: Vec<(Glob, u32)>,
+    /// Lease length.
+    pub lease_ms: u64,
+    /// Heartbeat interval workers are told to keep.
+    pub heartbeat_ms: u64,
+    /// Worker pools: name and the topics routed to it.
+    pub pools: Vec<(String, Vec<Glob>)>,
+    /// Benchmark-only: skip both gates' policy evaluation (every job is allowed). Never set
+    /// by configuration; only `airlock bench` uses it, to measure what the gates cost.
+    pub gates_off: bool,
 }
 
 impl Default for Config {
@@ -79,11 +107,98 @@ impl Default for Config {
             idempotency_retention_ms: defaults::IDEMPOTENCY_RETENTION_MS,
             require_idempotency_key: Vec::new(),
             fault_injection: false,
+            gate_b_fail_mode: FailMode::Closed,
+            gate_b_fail_mode_topics: Vec::new(),
+            gate_b_fail_mode_risk: Vec::new(),
+            force_fail_open_high_risk: false,
+            gate_b_timeout: Duration::from_millis(defaults::GATE_B_CLIENT_TIMEOUT_MS),
+            breaker: BreakerConfig::default(),
+            caps: Caps::default(),
+            execution_attempts_topics: Vec::new(),
+            lease_ms: defaults::LEASE_MS,
+            heartbeat_ms: defaults::HEARTBEAT_MS,
+            pools: Vec::new(),
+            gates_off: false,
         }
     }
 }
 
 impl Config {
+    /// The fail mode for a topic at Gate B: topic override, then risk-class override (closed
+    /// wins among classes), then the gate's default.
+    pub fn gate_b_fail_mode_for(&self, topic: &str, classes: &[&str]) -> FailMode {
+        if let Some((_, mode)) = self.gate_b_fail_mode_topics.iter().find(|(g, _)| g.matches(topic)) {
+            return *mode;
+        }
+        let by_class: Vec<FailMode> = self
+            .gate_b_fail_mode_risk
+            .iter()
+            .filter(|(class, _)| classes.contains(&class.as_str()))
+            .map(|(_, mode)| *mode)
+            .collect();
+        if by_class.contains(&FailMode::Closed) {
+            FailMode::Closed
+        } else if by_class.contains(&FailMode::Open) {
+            FailMode::Open
+        } else {
+            self.gate_b_fail_mode
+        }
+    }
+
+    /// Execution attempts allowed for a topic.
+    pub fn execution_attempts_for(&self, topic: &str) -> u32 {
+        self.execution_attempts_topics
+            .iter()
+            .find(|(g, _)| g.matches(topic))
+            .map_or(self.caps.execution_attempts_max, |(_, n)| *n)
+    }
+
+    /// Whether `pool` takes `topic`. Without configured pools, the pool `default` takes all.
+    pub fn pool_takes(&self, pool: &str, topic: &str) -> Option<bool> {
+        if self.pools.is_empty() {
+            return (pool == "default").then_some(true);
+        }
+        self.pools
+            .iter()
+            .find(|(name, _)| name == pool)
+            .map(|(_, globs)| globs.iter().any(|g| g.matches(topic)))
+    }
+
+    /// Refuses a fail-open setting that reaches `high`-risk topics unless forced; returns the
+    /// warnings to log when it is forced.
+    pub fn check_fail_open(&self, policy: &Policy) -> Result<Vec<String>, String> {
+        let high: Vec<&str> = policy
+            .risk_classes()
+            .iter()
+            .filter(|c| c.name == "high")
+            .flat_map(|c| c.topics.iter().map(Glob::as_str))
+            .collect();
+        let mut reaches = Vec::new();
+        if !high.is_empty() {
+            if self.gate_a_fail_mode == FailMode::Open || self.gate_b_fail_mode == FailMode::Open {
+                reaches.push("the default fail mode is `open`".to_owned());
+            }
+            if self.gate_b_fail_mode_risk.iter().any(|(c, m)| c == "high" && *m == FailMode::Open) {
+                reaches.push("risk class `high` is set to `open`".to_owned());
+            }
+            for (glob, mode) in self.gate_a_fail_mode_topics.iter().chain(&self.gate_b_fail_mode_topics) {
+                if *mode == FailMode::Open && high.iter().any(|t| glob.matches(t) || glob.as_str() == *t) {
+                    reaches.push(format!("topic pattern `{glob}` is `open` and covers high-risk topics"));
+                }
+            }
+        }
+        if reaches.is_empty() {
+            return Ok(Vec::new());
+        }
+        let warnings: Vec<String> =
+            reaches.into_iter().map(|r| format!("fail-open reaches high-risk topics: {r}")).collect();
+        if self.force_fail_open_high_risk {
+            Ok(warnings)
+        } else {
+            Err(format!("{}; pass --force-fail-open-high-risk to accept this", warnings.join("; ")))
+        }
+    }
+
     /// The fail mode for a topic at Gate A.
     pub fn gate_a_fail_mode_for(&self, topic: &str) -> FailMode {
         self.gate_a_fail_mode_topics
@@ -208,12 +323,32 @@ struct Inner {
     safety: Safety,
     config: Config,
     metrics: Metrics,
+    breaker: Mutex<Breaker>,
+    work: tokio::sync::Notify,
 }
 
 impl AppState {
     /// State over a store, with `active` as the active snapshot.
     pub fn new(store: Arc<dyn Store>, active: ActivePolicy, config: Config) -> Self {
-        Self(Arc::new(Inner { store, safety: Safety::new(active), config, metrics: Metrics::default() }))
+        let breaker = Mutex::new(Breaker::new(config.breaker));
+        Self(Arc::new(Inner {
+            store,
+            safety: Safety::new(active),
+            config,
+            metrics: Metrics::default(),
+            breaker,
+            work: tokio::sync::Notify::new(),
+        }))
+    }
+
+    /// The breaker around Gate B's safety check.
+    pub fn breaker(&self) -> &Mutex<Breaker> {
+        &self.0.breaker
+    }
+
+    /// Wakes claimers waiting for work (a job became dispatchable).
+    pub fn work(&self) -> &tokio::sync::Notify {
+        &self.0.work
     }
 
     /// The store.

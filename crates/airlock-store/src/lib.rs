@@ -129,6 +129,42 @@ pub struct JobRecord {
     pub created_at: Millis,
     /// When it last changed.
     pub updated_at: Millis,
+    /// Gate B's progress: attempts, lease, decision and outcome.
+    pub dispatch: DispatchState,
+}
+
+/// Everything Gate B and the workers add to a job.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DispatchState {
+    /// Scheduling attempts that failed (safety unavailable in closed mode).
+    pub scheduling_attempts: u32,
+    /// Execution attempts started (leases handed out).
+    pub execution_attempts: u32,
+    /// Not dispatchable before this time (backoff, throttle delay).
+    pub not_before: Millis,
+    /// The live lease, when leased.
+    pub lease: Option<Lease>,
+    /// Gate B's last decision.
+    pub gate_b: Option<GateDecision>,
+    /// Why it was dead-lettered.
+    pub dead_letter_reason: Option<String>,
+    /// When an operator discarded it from the DLQ.
+    pub discarded_at: Option<Millis>,
+    /// The worker's result, on success.
+    pub result: Option<Value>,
+    /// The worker's last error.
+    pub error: Option<String>,
+}
+
+/// A lease: who holds the job, until when, fenced by a token only the holder knows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The fencing token.
+    pub token: String,
+    /// When it lapses without a heartbeat.
+    pub expires_at: Millis,
+    /// The worker (principal) holding it.
+    pub worker: String,
 }
 
 impl JobRecord {
@@ -281,6 +317,106 @@ pub struct ApprovalChange {
     pub actor: String,
 }
 
+/// What Gate B does with a queued job, applied atomically with its audit record.
+#[derive(Clone, Debug)]
+pub enum DispatchAction {
+    /// Lease it, after charging these budgets (all or nothing).
+    Lease {
+        /// The lease.
+        lease: Lease,
+        /// Gate B's throttle budgets; a refusal requeues the job until the budget refills.
+        budgets: Vec<Budget>,
+    },
+    /// Gate B denied it.
+    Deny,
+    /// Back to awaiting approval with a fresh request; the previous request, if any, is
+    /// recorded as stale.
+    NeedsApproval {
+        /// The new request.
+        replacement: ApprovalRecord,
+    },
+    /// Back to the queue until `not_before`; `counted` uses a scheduling attempt.
+    Requeue {
+        /// When it may be tried again.
+        not_before: Millis,
+        /// Whether it counts against the scheduling cap.
+        counted: bool,
+    },
+    /// Out of attempts.
+    DeadLetter {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One Gate B decision to apply to a job that must still be queued.
+#[derive(Clone, Debug)]
+pub struct Dispatch {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// The job.
+    pub job_id: JobId,
+    /// What to do.
+    pub action: DispatchAction,
+    /// The decision, recorded on the job.
+    pub gate_b: GateDecision,
+    /// When.
+    pub at: Millis,
+    /// The audit record.
+    pub audit: Draft,
+}
+
+/// What became of a dispatch.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DispatchOutcome {
+    /// Applied; the job as it is now.
+    Applied(JobRecord),
+    /// A Gate B budget refused the lease; the job was requeued, uncounted, until it refills.
+    Throttled {
+        /// When a token will be available.
+        retry_after_ms: u64,
+    },
+    /// The job was no longer queued (claimed, cancelled or changed by someone else).
+    Gone,
+}
+
+/// How an execution attempt ended, reported under the lease's token.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Finish {
+    /// Done.
+    Succeeded {
+        /// What the worker returned.
+        result: Value,
+    },
+    /// Failed; run it again.
+    Retry {
+        /// Why it failed.
+        error: String,
+    },
+    /// Failed for good.
+    Failed {
+        /// Why.
+        error: String,
+    },
+    /// Failed with no attempts left.
+    DeadLetter {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What a heartbeat found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Heartbeat {
+    /// The lease runs until then.
+    Extended {
+        /// The new expiry.
+        expires_at: Millis,
+    },
+    /// The job was cancelled: stop work.
+    Cancelled,
+}
+
 /// Audit records for a caller to page through.
 #[derive(Clone, Debug, Default)]
 pub struct AuditPage {
@@ -376,6 +512,64 @@ pub trait Store: Send + Sync {
     async fn expired_approvals(&self, now: Millis, limit: u32) -> Result<Vec<ApprovalRecord>, StoreError>;
     /// Applies a decided change to a request, and to its job, atomically.
     async fn change_approval(&self, change: ApprovalChange) -> Result<ApprovalRecord, StoreError>;
+
+    /// Queued jobs of a tenant whose `not_before` has passed, oldest first.
+    async fn dispatchable(
+        &self,
+        tenant: &TenantId,
+        now: Millis,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>, StoreError>;
+    /// Applies Gate B's decision to a job that is still queued.
+    async fn dispatch(&self, dispatch: Dispatch) -> Result<DispatchOutcome, StoreError>;
+    /// Extends a lease held under `token`; `Conflict` when the token is not the live lease's.
+    async fn heartbeat(
+        &self,
+        tenant: &TenantId,
+        id: &JobId,
+        token: &str,
+        expires_at: Millis,
+    ) -> Result<Heartbeat, StoreError>;
+    /// Ends an execution attempt held under `token`; `Conflict` when the token is not the
+    /// live lease's (the lease expired or the job was cancelled), so a late worker changes
+    /// nothing.
+    async fn finish(
+        &self,
+        tenant: &TenantId,
+        id: &JobId,
+        token: &str,
+        finish: Finish,
+        at: Millis,
+        actor: &str,
+    ) -> Result<JobRecord, StoreError>;
+    /// Leased jobs whose lease lapsed before `now`, across tenants.
+    async fn lapsed_leases(&self, now: Millis, limit: u32) -> Result<Vec<JobRecord>, StoreError>;
+    /// Dead-lettered jobs of a tenant not yet discarded, by id.
+    async fn dead_letters(
+        &self,
+        tenant: &TenantId,
+        topic: Option<&str>,
+        after: Option<&JobId>,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>, StoreError>;
+    /// Sends a dead-lettered job back to the queue with fresh attempts (operator retry).
+    async fn retry_dead_letter(
+        &self,
+        tenant: &TenantId,
+        id: &JobId,
+        at: Millis,
+        actor: &str,
+    ) -> Result<JobRecord, StoreError>;
+    /// Marks a dead-lettered job discarded: kept, but out of the DLQ.
+    async fn discard_dead_letter(
+        &self,
+        tenant: &TenantId,
+        id: &JobId,
+        at: Millis,
+        actor: &str,
+    ) -> Result<JobRecord, StoreError>;
+    /// Dead-lettered jobs not discarded, across tenants.
+    async fn dlq_depth(&self) -> Result<u64, StoreError>;
 
     /// A tenant's audit records after `after_seq`, and the chain head.
     async fn audit(&self, tenant: &TenantId, after_seq: u64, limit: u32) -> Result<AuditPage, StoreError>;

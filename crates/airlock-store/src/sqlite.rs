@@ -21,12 +21,13 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use crate::{
-    ApprovalChange, ApprovalRecord, AuditPage, GateDecision, IdempotencyRecord, JobFilter, JobRecord,
-    KeyRecord, SnapshotRecord, Store, StoreError, Submission, SubmitOutcome, Transition,
+    ApprovalChange, ApprovalRecord, AuditPage, Budget, Dispatch, DispatchAction, DispatchOutcome,
+    DispatchState, Finish, GateDecision, Heartbeat, IdempotencyRecord, JobFilter, JobRecord, KeyRecord,
+    Lease, SnapshotRecord, Store, StoreError, Submission, SubmitOutcome, Transition,
 };
 
 /// The schema migrations, in order; `PRAGMA user_version` counts how many are applied.
-const MIGRATIONS: [&str; 1] = [include_str!("schema.sql")];
+const MIGRATIONS: [&str; 2] = [include_str!("schema.sql"), include_str!("schema_v2.sql")];
 
 /// Most commands committed in one transaction.
 const GROUP_COMMIT_MAX: usize = 512;
@@ -50,6 +51,8 @@ enum Output {
     Submit(SubmitOutcome),
     Job(JobRecord),
     Approval(ApprovalRecord),
+    Dispatch(DispatchOutcome),
+    Heartbeat(Heartbeat),
 }
 
 struct Command {
@@ -388,8 +391,15 @@ fn gate_from_json(text: &str) -> Result<GateDecision, StoreError> {
     })
 }
 
+/// The columns a submit writes.
+const JOB_INSERT_COLUMNS: &str = "id, tenant, principal, topic, env, labels, payload, plan_hash, idempotency_key, \
+                                  job_hash, state, gate_a, approval_id, created_at, updated_at";
+
+/// Every column of a job, in `job_from_row` order.
 const JOB_COLUMNS: &str = "id, tenant, principal, topic, env, labels, payload, plan_hash, idempotency_key, job_hash, \
-                           state, gate_a, approval_id, created_at, updated_at";
+                           state, gate_a, approval_id, created_at, updated_at, scheduling_attempts, \
+                           execution_attempts, not_before, lease_token, lease_expires_at, leased_by, gate_b, \
+                           dead_letter_reason, discarded_at, result, error";
 
 fn job_from_row(row: &Row<'_>) -> Result<JobRecord, StoreError> {
     let text = |i: usize| row.get::<_, String>(i);
@@ -410,6 +420,28 @@ fn job_from_row(row: &Row<'_>) -> Result<JobRecord, StoreError> {
         approval_id: row.get::<_, Option<String>>(12)?.map(|s| s.parse()).transpose().map_err(corrupt)?,
         created_at: row.get(13)?,
         updated_at: row.get(14)?,
+        dispatch: DispatchState {
+            scheduling_attempts: row.get(15)?,
+            execution_attempts: row.get(16)?,
+            not_before: row.get(17)?,
+            lease: match (
+                row.get::<_, Option<String>>(18)?,
+                row.get::<_, Option<i64>>(19)?,
+                row.get::<_, Option<String>>(20)?,
+            ) {
+                (Some(token), Some(expires_at), Some(worker)) => Some(Lease { token, expires_at, worker }),
+                _ => None,
+            },
+            gate_b: row.get::<_, Option<String>>(21)?.map(|g| gate_from_json(&g)).transpose()?,
+            dead_letter_reason: row.get(22)?,
+            discarded_at: row.get(23)?,
+            result: row
+                .get::<_, Option<String>>(24)?
+                .map(|r| serde_json::from_str(&r))
+                .transpose()
+                .map_err(corrupt)?,
+            error: row.get(25)?,
+        },
     })
 }
 
@@ -564,20 +596,7 @@ fn submit(tx: &mut Tx<'_>, s: Submission, retained_since: Millis) -> Reply {
         return Ok(Output::Submit(outcome));
     }
     let at = s.job.created_at;
-    let mut taken = Vec::with_capacity(s.budgets.len());
-    let mut retry_after_ms = 0;
-    for budget in &s.budgets {
-        let bucket = tx
-            .conn
-            .prepare_cached("SELECT tokens, updated_at FROM throttle_buckets WHERE key = ?1")?
-            .query_row([&budget.key], |r| Ok(Bucket { tokens: r.get(0)?, updated_at: r.get(1)? }))
-            .optional()?;
-        match throttle::take(bucket, &budget.limit, at) {
-            Take::Admitted(b) => taken.push((&budget.key, b)),
-            Take::Refused { retry_after_ms: ms } => retry_after_ms = retry_after_ms.max(ms),
-        }
-    }
-    if retry_after_ms > 0 {
+    if let Err(retry_after_ms) = take_budgets(tx.conn, &s.budgets, at)? {
         let mut draft = s.audit;
         if let Value::Object(data) = &mut draft.data {
             data.insert("outcome".into(), json!("throttled"));
@@ -588,19 +607,11 @@ fn submit(tx: &mut Tx<'_>, s: Submission, retained_since: Millis) -> Reply {
         tx.append_audit(&tenant, draft)?;
         return Ok(Output::Submit(SubmitOutcome::Throttled { retry_after_ms }));
     }
-    for (key, bucket) in taken {
-        tx.conn
-            .prepare_cached(
-                "INSERT INTO throttle_buckets (key, tokens, updated_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (key) DO UPDATE SET tokens = excluded.tokens, updated_at = excluded.updated_at",
-            )?
-            .execute(params![key, bucket.tokens, bucket.updated_at])?;
-    }
     let j = &s.job;
     let labels = serde_json::to_string(&j.labels).map_err(corrupt)?;
     tx.conn
         .prepare_cached(&format!(
-            "INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+            "INSERT INTO jobs ({JOB_INSERT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
         ))?
         .execute(params![
             j.id.as_str(),
@@ -685,6 +696,166 @@ fn change_approval(tx: &mut Tx<'_>, c: ApprovalChange) -> Reply {
         decided_by: decided.then_some(c.actor),
         ..current
     }))
+}
+
+/// Takes every budget or none; `Err(retry_after_ms)` when one refuses.
+fn take_budgets(conn: &Connection, budgets: &[Budget], at: Millis) -> Result<Result<(), u64>, StoreError> {
+    let mut taken = Vec::with_capacity(budgets.len());
+    let mut retry_after_ms = 0;
+    for budget in budgets {
+        let bucket = conn
+            .prepare_cached("SELECT tokens, updated_at FROM throttle_buckets WHERE key = ?1")?
+            .query_row([&budget.key], |r| Ok(Bucket { tokens: r.get(0)?, updated_at: r.get(1)? }))
+            .optional()?;
+        match throttle::take(bucket, &budget.limit, at) {
+            Take::Admitted(b) => taken.push((&budget.key, b)),
+            Take::Refused { retry_after_ms: ms } => retry_after_ms = retry_after_ms.max(ms),
+        }
+    }
+    if retry_after_ms > 0 {
+        return Ok(Err(retry_after_ms));
+    }
+    for (key, bucket) in taken {
+        conn.prepare_cached(
+            "INSERT INTO throttle_buckets (key, tokens, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key) DO UPDATE SET tokens = excluded.tokens, updated_at = excluded.updated_at",
+        )?
+        .execute(params![key, bucket.tokens, bucket.updated_at])?;
+    }
+    Ok(Ok(()))
+}
+
+const CLEAR_LEASE: &str = "lease_token = NULL, lease_expires_at = NULL, leased_by = NULL";
+
+fn dispatch(tx: &mut Tx<'_>, d: Dispatch) -> Reply {
+    let Some(job) = load_job(tx.conn, &d.tenant, &d.job_id)? else { return Err(StoreError::NotFound) };
+    if job.state != JobState::Queued {
+        return Ok(Output::Dispatch(DispatchOutcome::Gone));
+    }
+    let id = d.job_id.as_str();
+    tx.conn
+        .prepare_cached("UPDATE jobs SET gate_b = ?1 WHERE id = ?2")?
+        .execute(params![gate_json(&d.gate_b), id])?;
+    let actor = d.audit.actor.clone();
+    let (event, reason) = match d.action {
+        DispatchAction::Lease { lease, budgets } => {
+            if let Err(retry_after_ms) = take_budgets(tx.conn, &budgets, d.at)? {
+                let not_before = d.at.saturating_add(i64::try_from(retry_after_ms).unwrap_or(i64::MAX));
+                tx.conn
+                    .prepare_cached("UPDATE jobs SET not_before = ?1, updated_at = ?2 WHERE id = ?3")?
+                    .execute(params![not_before, d.at, id])?;
+                let mut draft = d.audit;
+                draft.kind = "gate_b.throttled".into();
+                if let Value::Object(data) = &mut draft.data {
+                    data.insert("retry_after_ms".into(), json!(retry_after_ms));
+                }
+                tx.append_audit(d.tenant.as_str(), draft)?;
+                return Ok(Output::Dispatch(DispatchOutcome::Throttled { retry_after_ms }));
+            }
+            tx.conn
+                .prepare_cached(
+                    "UPDATE jobs SET lease_token = ?1, lease_expires_at = ?2, leased_by = ?3,
+                     execution_attempts = execution_attempts + 1 WHERE id = ?4",
+                )?
+                .execute(params![lease.token, lease.expires_at, lease.worker, id])?;
+            (Event::Lease, format!("leased to {}", lease.worker))
+        }
+        DispatchAction::Deny => (Event::GateBDeny, "denied at gate b".to_owned()),
+        DispatchAction::NeedsApproval { replacement } => {
+            if let Some(old) = &job.approval_id {
+                tx.conn
+                    .prepare_cached(
+                        "UPDATE approvals SET status = 'stale', decided_at = ?1, decided_by = 'system'
+                         WHERE id = ?2 AND status IN ('pending', 'approved')",
+                    )?
+                    .execute(params![d.at, old.as_str()])?;
+            }
+            tx.insert_approval(&replacement)?;
+            tx.conn
+                .prepare_cached("UPDATE jobs SET approval_id = ?1 WHERE id = ?2")?
+                .execute(params![replacement.id.as_str(), id])?;
+            (Event::NeedsApproval, "gate b needs a fresh approval".to_owned())
+        }
+        DispatchAction::Requeue { not_before, counted } => {
+            tx.conn
+                .prepare_cached(
+                    "UPDATE jobs SET not_before = ?1, scheduling_attempts = scheduling_attempts + ?2 WHERE id = ?3",
+                )?
+                .execute(params![not_before, i64::from(counted), id])?;
+            (Event::Requeue, "requeued with backoff".to_owned())
+        }
+        DispatchAction::DeadLetter { reason } => {
+            tx.conn
+                .prepare_cached(
+                    "UPDATE jobs SET dead_letter_reason = ?1, scheduling_attempts = scheduling_attempts + 1 WHERE id = ?2",
+                )?
+                .execute(params![reason, id])?;
+            (Event::DeadLetter, reason)
+        }
+    };
+    tx.append_audit(d.tenant.as_str(), d.audit)?;
+    Ok(Output::Dispatch(DispatchOutcome::Applied(
+        tx.transition(&d.tenant, &d.job_id, event, d.at, &actor, &reason)?,
+    )))
+}
+
+fn leased_under(
+    conn: &Connection,
+    tenant: &TenantId,
+    id: &JobId,
+    token: &str,
+) -> Result<JobRecord, StoreError> {
+    let job = load_job(conn, tenant, id)?.ok_or(StoreError::NotFound)?;
+    match &job.dispatch.lease {
+        Some(lease) if lease.token == token => Ok(job),
+        _ => Err(StoreError::Conflict("the lease token is not the job's live lease".into())),
+    }
+}
+
+fn finish(
+    tx: &mut Tx<'_>,
+    tenant: &TenantId,
+    id: &JobId,
+    token: &str,
+    finish: Finish,
+    at: Millis,
+    actor: &str,
+) -> Reply {
+    let job = leased_under(tx.conn, tenant, id, token)?;
+    if job.state != JobState::Leased {
+        return Err(StoreError::Conflict(format!("the job is `{}`, no longer leased", job.state)));
+    }
+    let (event, reason) = match finish {
+        Finish::Succeeded { result } => {
+            tx.conn
+                .prepare_cached("UPDATE jobs SET result = ?1 WHERE id = ?2")?
+                .execute(params![result.to_string(), id.as_str()])?;
+            (Event::Succeed, "succeeded".to_owned())
+        }
+        Finish::Retry { error } => {
+            tx.conn
+                .prepare_cached(&format!(
+                    "UPDATE jobs SET error = ?1, not_before = ?2, {CLEAR_LEASE} WHERE id = ?3"
+                ))?
+                .execute(params![error, at, id.as_str()])?;
+            (Event::Requeue, format!("attempt failed, retrying: {error}"))
+        }
+        Finish::Failed { error } => {
+            tx.conn
+                .prepare_cached("UPDATE jobs SET error = ?1 WHERE id = ?2")?
+                .execute(params![error, id.as_str()])?;
+            (Event::Fail, format!("failed: {error}"))
+        }
+        Finish::DeadLetter { reason } => {
+            tx.conn
+                .prepare_cached(&format!(
+                    "UPDATE jobs SET dead_letter_reason = ?1, error = ?1, {CLEAR_LEASE} WHERE id = ?2"
+                ))?
+                .execute(params![reason, id.as_str()])?;
+            (Event::DeadLetter, reason)
+        }
+    };
+    Ok(Output::Job(tx.transition(tenant, id, event, at, actor, &reason)?))
 }
 
 macro_rules! expect_output {
@@ -1030,6 +1201,177 @@ impl Store for SqliteStore {
     async fn change_approval(&self, change: ApprovalChange) -> Result<ApprovalRecord, StoreError> {
         let reply = self.write(Box::new(move |tx| change_approval(tx, change))).await;
         expect_output!(reply, Approval)
+    }
+
+    async fn dispatchable(
+        &self,
+        tenant: &TenantId,
+        now: Millis,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let tenant = tenant.to_string();
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant = ?1 AND state = 'queued' AND not_before <= ?2
+                 ORDER BY not_before, id LIMIT ?3"
+            );
+            collect(conn, &sql, params![tenant, now, limit], job_from_row)
+        })
+        .await
+    }
+
+    async fn dispatch(&self, dispatch_: Dispatch) -> Result<DispatchOutcome, StoreError> {
+        let reply = self.write(Box::new(move |tx| dispatch(tx, dispatch_))).await;
+        expect_output!(reply, Dispatch)
+    }
+
+    async fn heartbeat(
+        &self,
+        tenant: &TenantId,
+        id: &JobId,
+        token: &str,
+        expires_at: Millis,
+    ) -> Result<Heartbeat, StoreError> {
+        let (tenant, id, token) = (tenant.clone(), id.clone(), token.to_owned());
+        let reply = self
+            .write(Box::new(move |tx| {
+                let job = leased_under(tx.conn, &tenant, &id, &token)?;
+                match job.state {
+                    JobState::Cancelled => Ok(Output::Heartbeat(Heartbeat::Cancelled)),
+                    JobState::Leased => {
+                        tx.conn
+                            .prepare_cached("UPDATE jobs SET lease_expires_at = ?1 WHERE id = ?2")?
+                            .execute(params![expires_at, id.as_str()])?;
+                        Ok(Output::Heartbeat(Heartbeat::Extended { expires_at }))
+                    }
+                    other => Err(StoreError::Conflict(format!("the job is `{other}`, no longer leased"))),
+                }
+            }))
+            .await;
+        expect_output!(reply, Heartbeat)
+    }
+
+    async fn finish(
+        &self,
+        tenant: &TenantId,
+        id: &JobId,
+        token: &str,
+        finish_: Finish,
+        at: Millis,
+        actor: &str,
+    ) -> Result<JobRecord, StoreError> {
+        let (tenant, id, token, actor) = (tenant.clone(), id.clone(), token.to_owned(), actor.to_owned());
+        let reply =
+            self.write(Box::new(move |tx| finish(tx, &tenant, &id, &token, finish_, at, &actor))).await;
+        expect_output!(reply, Job)
+    }
+
+    async fn lapsed_leases(&self, now: Millis, limit: u32) -> Result<Vec<JobRecord>, StoreError> {
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'leased' AND lease_expires_at < ?1
+                 ORDER BY lease_expires_at LIMIT ?2"
+            );
+            collect(conn, &sql, params![now, limit], job_from_row)
+        })
+        .await
+    }
+
+    async fn dead_letters(
+        &self,
+        tenant: &TenantId,
+        topic: Option<&str>,
+        after: Option<&JobId>,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let (tenant, topic, after) =
+            (tenant.to_string(), topic.map(str::to_owned), after.map(ToString::to_string));
+        self.read(move |conn| {
+            let sql = format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant = ?1 AND state = 'dead_lettered' AND discarded_at IS NULL
+                 AND (?2 IS NULL OR topic = ?2) AND (?3 IS NULL OR id > ?3) ORDER BY id LIMIT ?4"
+            );
+            collect(conn, &sql, params![tenant, topic, after, limit], job_from_row)
+        })
+        .await
+    }
+
+    async fn retry_dead_letter(
+        &self,
+        tenant: &TenantId,
+        id: &JobId,
+        at: Millis,
+        actor: &str,
+    ) -> Result<JobRecord, StoreError> {
+        let (tenant, id, actor) = (tenant.clone(), id.clone(), actor.to_owned());
+        let reply = self
+            .write(Box::new(move |tx| {
+                let job = load_job(tx.conn, &tenant, &id)?.ok_or(StoreError::NotFound)?;
+                if job.dispatch.discarded_at.is_some() {
+                    return Err(StoreError::Conflict("the job was discarded from the DLQ".into()));
+                }
+                let to = job.state.next(Event::OperatorRetry)?;
+                tx.conn
+                    .prepare_cached(&format!(
+                        "UPDATE jobs SET scheduling_attempts = 0, execution_attempts = 0, not_before = ?1,
+                         dead_letter_reason = NULL, {CLEAR_LEASE} WHERE id = ?2"
+                    ))?
+                    .execute(params![at, id.as_str()])?;
+                let reason = format!(
+                    "operator retry from the DLQ (was: {})",
+                    job.dispatch.dead_letter_reason.unwrap_or_default()
+                );
+                let job = tx.transition(&tenant, &id, Event::OperatorRetry, at, &actor, &reason)?;
+                debug_assert_eq!(job.state, to);
+                Ok(Output::Job(job))
+            }))
+            .await;
+        expect_output!(reply, Job)
+    }
+
+    async fn discard_dead_letter(
+        &self,
+        tenant: &TenantId,
+        id: &JobId,
+        at: Millis,
+        actor: &str,
+    ) -> Result<JobRecord, StoreError> {
+        let (tenant, id, actor) = (tenant.clone(), id.clone(), actor.to_owned());
+        let reply = self
+            .write(Box::new(move |tx| {
+                let job = load_job(tx.conn, &tenant, &id)?.ok_or(StoreError::NotFound)?;
+                if job.state != JobState::DeadLettered || job.dispatch.discarded_at.is_some() {
+                    return Err(StoreError::Conflict(format!("the job is `{}`, not in the DLQ", job.state)));
+                }
+                tx.conn
+                    .prepare_cached("UPDATE jobs SET discarded_at = ?1, updated_at = ?1 WHERE id = ?2")?
+                    .execute(params![at, id.as_str()])?;
+                tx.append_audit(
+                    tenant.as_str(),
+                    Draft {
+                        at,
+                        kind: "dlq.discarded".into(),
+                        subject: id.to_string(),
+                        actor: actor.clone(),
+                        data: json!({"reason": job.dispatch.dead_letter_reason}),
+                    },
+                )?;
+                Ok(Output::Job(load_job(tx.conn, &tenant, &id)?.ok_or(StoreError::NotFound)?))
+            }))
+            .await;
+        expect_output!(reply, Job)
+    }
+
+    async fn dlq_depth(&self) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            let n: i64 = conn
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM jobs WHERE state = 'dead_lettered' AND discarded_at IS NULL",
+                )?
+                .query_row([], |r| r.get(0))?;
+            Ok(n.unsigned_abs())
+        })
+        .await
     }
 
     async fn audit(&self, tenant: &TenantId, after_seq: u64, limit: u32) -> Result<AuditPage, StoreError> {

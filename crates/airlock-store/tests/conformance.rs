@@ -16,8 +16,8 @@ use airlock_core::role::{Role, Roles};
 use airlock_core::state::{Event, JobState};
 use airlock_policy::{Decision, Limit, LimitKey};
 use airlock_store::{
-    ApprovalChange, ApprovalRecord, Budget, GateDecision, JobFilter, JobRecord, KeyRecord, SqliteStore,
-    Store, StoreError, Submission, SubmitOutcome,
+    ApprovalChange, ApprovalRecord, Budget, DispatchState, GateDecision, JobFilter, JobRecord, KeyRecord,
+    SqliteStore, Store, StoreError, Submission, SubmitOutcome,
 };
 use serde_json::json;
 
@@ -81,6 +81,7 @@ fn job(t: &TenantId, state: JobState, at: i64) -> JobRecord {
         approval_id: None,
         created_at: at,
         updated_at: at,
+        dispatch: DispatchState::default(),
     }
 }
 

@@ -12,6 +12,16 @@
 //! idempotency:
 //!   retention_days: 30
 //!   required_topics: ["infra.resource.*"]
+//! gate_b:
+//!   fail_mode: closed
+//!   fail_mode_topics: { "infra.*.read": open }
+//!   fail_mode_risk: { low: open }
+//!   timeout_ms: 2000
+//! breaker: { failures_to_open: 3, open_ms: 30000, probes: 3 }
+//! scheduling: { attempts_max: 50, backoff_base_ms: 1000, backoff_cap_ms: 30000 }
+//! execution: { attempts_max: 3, attempts_topics: { "infra.cluster.*": 1 } }
+//! leases: { lease_ms: 30000, heartbeat_ms: 10000 }
+//! pools: { default: ["**"], infra: ["infra.**"] }
 //! ```
 
 use std::time::Duration;
@@ -110,7 +120,141 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                     }
                 }
             }
-            _ => unknown(section, &["gate_a", "approvals", "idempotency"], &mut errors),
+            "gate_b" => {
+                for (key, v) in entries(value, &mut errors) {
+                    match key.text.as_str() {
+                        "fail_mode" => {
+                            if let Some(m) = parse_str::<FailMode>(v, &mut errors) {
+                                config.gate_b_fail_mode = m;
+                            }
+                        }
+                        "fail_mode_topics" => {
+                            for (pattern, mode) in entries(v, &mut errors) {
+                                let glob = Glob::new(&pattern.text).map_err(|e| {
+                                    errors.push(Diagnostic::error(pattern.span, format!("invalid glob: {e}")))
+                                });
+                                if let (Ok(glob), Some(mode)) =
+                                    (glob, parse_str::<FailMode>(mode, &mut errors))
+                                {
+                                    config.gate_b_fail_mode_topics.push((glob, mode));
+                                }
+                            }
+                        }
+                        "fail_mode_risk" => {
+                            for (class, mode) in entries(v, &mut errors) {
+                                if let Some(mode) = parse_str::<FailMode>(mode, &mut errors) {
+                                    config.gate_b_fail_mode_risk.push((class.text.clone(), mode));
+                                }
+                            }
+                        }
+                        "timeout_ms" => {
+                            if let Some(ms) = positive(v, &mut errors) {
+                                config.gate_b_timeout = Duration::from_millis(ms);
+                            }
+                        }
+                        _ => unknown(
+                            key,
+                            &["fail_mode", "fail_mode_topics", "fail_mode_risk", "timeout_ms"],
+                            &mut errors,
+                        ),
+                    }
+                }
+            }
+            "breaker" => {
+                for (key, v) in entries(value, &mut errors) {
+                    let Some(n) = positive(v, &mut errors) else { continue };
+                    match key.text.as_str() {
+                        "failures_to_open" => config.breaker.failures_to_open = small(n),
+                        "open_ms" => config.breaker.open_ms = n,
+                        "probes" => config.breaker.probes = small(n),
+                        _ => unknown(key, &["failures_to_open", "open_ms", "probes"], &mut errors),
+                    }
+                }
+            }
+            "scheduling" => {
+                for (key, v) in entries(value, &mut errors) {
+                    let Some(n) = positive(v, &mut errors) else { continue };
+                    match key.text.as_str() {
+                        "attempts_max" => config.caps.scheduling_attempts_max = small(n),
+                        "backoff_base_ms" => config.caps.backoff_base_ms = n,
+                        "backoff_cap_ms" => config.caps.backoff_cap_ms = n,
+                        _ => {
+                            unknown(key, &["attempts_max", "backoff_base_ms", "backoff_cap_ms"], &mut errors)
+                        }
+                    }
+                }
+            }
+            "execution" => {
+                for (key, v) in entries(value, &mut errors) {
+                    match key.text.as_str() {
+                        "attempts_max" => {
+                            if let Some(n) = positive(v, &mut errors) {
+                                config.caps.execution_attempts_max = small(n);
+                            }
+                        }
+                        "attempts_topics" => {
+                            for (pattern, n) in entries(v, &mut errors) {
+                                let glob = Glob::new(&pattern.text).map_err(|e| {
+                                    errors.push(Diagnostic::error(pattern.span, format!("invalid glob: {e}")))
+                                });
+                                if let (Ok(glob), Some(n)) = (glob, positive(n, &mut errors)) {
+                                    config.execution_attempts_topics.push((glob, small(n)));
+                                }
+                            }
+                        }
+                        _ => unknown(key, &["attempts_max", "attempts_topics"], &mut errors),
+                    }
+                }
+            }
+            "leases" => {
+                for (key, v) in entries(value, &mut errors) {
+                    let Some(n) = positive(v, &mut errors) else { continue };
+                    match key.text.as_str() {
+                        "lease_ms" => config.lease_ms = n,
+                        "heartbeat_ms" => config.heartbeat_ms = n,
+                        _ => unknown(key, &["lease_ms", "heartbeat_ms"], &mut errors),
+                    }
+                }
+            }
+            "pools" => {
+                for (name, patterns) in entries(value, &mut errors) {
+                    let Kind::Seq(items) = &patterns.kind else {
+                        errors.push(Diagnostic::error(patterns.span, "a pool is a list of topic globs"));
+                        continue;
+                    };
+                    let mut globs = Vec::new();
+                    for item in items {
+                        match &item.kind {
+                            Kind::Str(s) => match Glob::new(s) {
+                                Ok(g) => globs.push(g),
+                                Err(e) => {
+                                    errors.push(Diagnostic::error(item.span, format!("invalid glob: {e}")))
+                                }
+                            },
+                            other => errors.push(Diagnostic::error(
+                                item.span,
+                                format!("expected a topic glob, found {}", other.describe()),
+                            )),
+                        }
+                    }
+                    config.pools.push((name.text.clone(), globs));
+                }
+            }
+            _ => unknown(
+                section,
+                &[
+                    "gate_a",
+                    "approvals",
+                    "idempotency",
+                    "gate_b",
+                    "breaker",
+                    "scheduling",
+                    "execution",
+                    "leases",
+                    "pools",
+                ],
+                &mut errors,
+            ),
         }
     }
     if errors.is_empty() { Ok(config) } else { Err(errors) }
@@ -145,6 +289,10 @@ fn parse_str<T: std::str::FromStr<Err = String>>(node: &Node, errors: &mut Vec<D
     }
 }
 
+fn small(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 fn positive(node: &Node, errors: &mut Vec<Diagnostic>) -> Option<u64> {
     match node.kind {
         Kind::Int(n) if n > 0 => Some(n.unsigned_abs()),
@@ -175,6 +323,30 @@ mod tests {
         assert_eq!((config.approval_ttl_ms, config.approval_binding), (60_000, Binding::Rule));
         assert_eq!(config.idempotency_retention_ms, 2 * 86_400_000);
         assert!(config.require_idempotency_key[0].matches("infra.a.b"));
+    }
+
+    #[test]
+    fn reads_gate_b_settings() {
+        let config = parse(
+            "gate_b: { fail_mode: open, fail_mode_risk: { high: closed }, timeout_ms: 100 }\n\
+             breaker: { failures_to_open: 2, open_ms: 500, probes: 1 }\n\
+             scheduling: { attempts_max: 5, backoff_base_ms: 10, backoff_cap_ms: 40 }\n\
+             execution: { attempts_max: 2, attempts_topics: { \"infra.cluster.*\": 1 } }\n\
+             leases: { lease_ms: 1500, heartbeat_ms: 500 }\npools: { infra: [\"infra.**\"] }\n",
+        )
+        .unwrap();
+        assert_eq!(config.gate_b_fail_mode_for("infra.vm.delete", &["high"]), FailMode::Closed);
+        assert_eq!(config.gate_b_fail_mode_for("infra.vm.read", &[]), FailMode::Open);
+        assert_eq!(
+            (config.breaker.failures_to_open, config.breaker.open_ms, config.breaker.probes),
+            (2, 500, 1)
+        );
+        assert_eq!(config.caps.scheduling_attempts_max, 5);
+        assert_eq!(config.execution_attempts_for("infra.cluster.recreate"), 1);
+        assert_eq!(config.execution_attempts_for("infra.vm.create"), 2);
+        assert_eq!((config.lease_ms, config.heartbeat_ms), (1500, 500));
+        assert_eq!(config.pool_takes("infra", "infra.vm.create"), Some(true));
+        assert_eq!(config.pool_takes("default", "infra.vm.create"), None);
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub struct ServeArgs {
     /// Enable `POST /api/v1/admin/faults`, which makes the safety check fail (tests and drills only).
     #[arg(long)]
     enable_fault_injection: bool,
+    /// Accept a fail-open setting that reaches `high`-risk topics (refused otherwise).
+    #[arg(long)]
+    force_fail_open_high_risk: bool,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -83,6 +86,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         }
     };
     config.fault_injection = args.enable_fault_injection;
+    config.force_fail_open_high_risk = args.force_fail_open_high_risk;
 
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&args.data).map_err(|e| e.to_string())?);
     let initial = match &args.policy {
@@ -94,6 +98,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     };
     let active =
         airlock_server::load_policy(&*store, (&initial.0, &initial.1)).await.map_err(|e| e.to_string())?;
+    for warning in config.check_fail_open(&active.policy)? {
+        tracing::warn!("{warning}");
+    }
     let admin_key = std::env::var("AIRLOCK_ADMIN_KEY").ok().filter(|k| !k.is_empty());
     if let Some(secret) =
         airlock_server::bootstrap_admin(&*store, admin_key).await.map_err(|e| e.to_string())?
@@ -102,7 +109,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     }
     let (version, hash) = (active.version, active.policy.hash().to_owned());
     let state = airlock_server::app_state(Arc::clone(&store), active, config);
-    airlock_server::spawn_expiry(state.clone(), EXPIRY_SWEEP);
+    airlock_server::spawn_sweeps(state.clone(), EXPIRY_SWEEP);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

@@ -1,0 +1,610 @@
+//! Gate B (SPEC 6) and the worker protocol (SPEC 9). Gate B runs when a worker claims: the
+//! job it is handed was checked against the snapshot active a moment before. The decisions
+//! are `airlock_core::dispatch`'s; this module gathers their inputs (the safety check behind
+//! the breaker, the approval binding, the fail mode, the clock and the jitter) and executes the
+//! action through one atomic `Store::dispatch`. Leases are fenced by a token: a worker whose
+//! lease lapsed can neither heartbeat nor complete.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use airlock_core::Millis;
+use airlock_core::approval::{self, Request, Status};
+use airlock_core::audit::Draft;
+use airlock_core::breaker::Admission;
+use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
+use airlock_core::dispatch::{self, Action, AfterAttempt, ApprovalState, Safety as SafetyAnswer};
+use airlock_core::ids::{ApprovalId, JobId};
+use airlock_core::role::Role;
+use airlock_core::state::JobState;
+use airlock_core::throttle::bucket_key;
+use airlock_policy::Decision;
+use airlock_store::{
+    ApprovalRecord, Budget, Dispatch, DispatchAction, DispatchOutcome, Finish, GateDecision, Heartbeat,
+    JobRecord, Lease,
+};
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query as RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::state::{AppState, FailMode, now_ms, random_bytes};
+use crate::wire::{self, Query, json_object, only_fields};
+
+/// Longest a claim waits for work.
+const CLAIM_WAIT_MAX_MS: u64 = 30_000;
+/// How often a waiting claim looks again when nothing woke it.
+const CLAIM_POLL: Duration = Duration::from_millis(200);
+/// Candidates examined per look.
+const CLAIM_BATCH: u32 = 16;
+/// Largest result a worker may report, in bytes.
+pub const RESULT_BYTES_MAX: usize = 256 * 1024;
+
+fn jitter() -> Result<f64, ApiError> {
+    let bytes = random_bytes()?;
+    let n = u16::from_le_bytes([bytes[0], bytes[1]]);
+    Ok(0.5 + f64::from(n) / f64::from(u16::MAX))
+}
+
+fn lease_token() -> Result<String, ApiError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(ApiError::internal)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `POST /api/v1/workers/claim` `{"pool", "wait_ms"}`: long-polls for a job of the pool,
+/// runs Gate B on each candidate, and returns the first one leased (204 when none came).
+pub async fn claim(State(state): State<AppState>, caller: Caller, body: Body) -> Result<Response, ApiError> {
+    caller.require(Role::Worker)?;
+    let map = json_object(&wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?)?;
+    only_fields(&map, &["pool", "wait_ms"])?;
+    let pool = map.get("pool").and_then(Value::as_str).unwrap_or("default").to_owned();
+    if state.config().pool_takes(&pool, "").is_none() {
+        return Err(ApiError::invalid(vec![("pool".into(), format!("unknown pool `{pool}`"))]));
+    }
+    let wait_ms = match map.get("wait_ms") {
+        None => 0,
+        Some(v) => v.as_u64().filter(|w| *w <= CLAIM_WAIT_MAX_MS).ok_or_else(|| {
+            ApiError::invalid(vec![("wait_ms".into(), format!("must be 0 to {CLAIM_WAIT_MAX_MS}"))])
+        })?,
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+    loop {
+        let woken = state.work().notified();
+        let now = now_ms();
+        for job in state.store().dispatchable(&caller.tenant, now, CLAIM_BATCH).await? {
+            if state.config().pool_takes(&pool, &job.topic) != Some(true) {
+                continue;
+            }
+            if let Some(leased) = gate_b(&state, &caller, job).await? {
+                return Ok(Json(leased).into_response());
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        let _ = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + CLAIM_POLL), woken).await;
+    }
+}
+
+/// Runs Gate B on one queued job; the lease to hand out, or `None` when the job was not leased.
+async fn gate_b(state: &AppState, caller: &Caller, job: JobRecord) -> Result<Option<Value>, ApiError> {
+    let now = now_ms();
+    let policy_job = job.to_policy_job();
+    let topic = state.metrics().topic(&job.topic);
+    let active = state.safety().active();
+    let classes: Vec<&str> = active.policy.classes_of(&job.topic).collect();
+    let fail_mode = match state.config().gate_b_fail_mode_for(&job.topic, &classes) {
+        FailMode::Closed => dispatch::FailMode::Closed,
+        FailMode::Open => dispatch::FailMode::Open,
+    };
+
+    let (answer, decided) = if state.config().gates_off {
+        (SafetyAnswer::Decided(Decision::Allow, ApprovalState::Missing), None)
+    } else {
+        match safety_check(state, &policy_job, now).await {
+            Ok(checked) => {
+                let decision = checked.evaluation.decision;
+                state.metrics().inc(
+                    "airlock_gate_decisions_total",
+                    &[("gate", "b"), ("decision", decision.as_str()), ("topic", &topic)],
+                );
+                state.metrics().observe(
+                    "airlock_policy_eval_seconds",
+                    &[("gate", "b")],
+                    checked.elapsed.as_secs_f64(),
+                );
+                let approval_state = if decision == Decision::RequireHuman {
+                    approval_state(state, &job, &checked.active.policy, now).await?
+                } else {
+                    ApprovalState::Missing
+                };
+                (SafetyAnswer::Decided(decision, approval_state), Some(checked))
+            }
+            Err(reason) => {
+                state
+                    .metrics()
+                    .inc("airlock_safety_check_failures_total", &[("gate", "b"), ("reason", reason.0)]);
+                (SafetyAnswer::Unavailable(reason.1), None)
+            }
+        }
+    };
+    let caps = dispatch::Caps {
+        execution_attempts_max: state.config().execution_attempts_for(&job.topic),
+        ..state.config().caps
+    };
+    let action = dispatch::gate_b(answer, fail_mode, job.dispatch.scheduling_attempts, &caps, jitter()?);
+
+    let (gate, decision_name) = match &decided {
+        Some(c) => (
+            GateDecision {
+                decision: c.evaluation.decision,
+                rule_ids: c
+                    .active
+                    .policy
+                    .ids(&c.evaluation.deciding)
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect(),
+                reason: c.active.policy.reason(&c.evaluation),
+                snapshot_hash: c.active.policy.hash().to_owned(),
+                snapshot_version: c.active.version,
+                at: now,
+                bypassed: false,
+            },
+            c.evaluation.decision.as_str(),
+        ),
+        None => (
+            GateDecision {
+                decision: Decision::Allow,
+                rule_ids: Vec::new(),
+                reason: if state.config().gates_off {
+                    "gates off (benchmark)".into()
+                } else {
+                    "safety check unavailable".into()
+                },
+                snapshot_hash: active.policy.hash().to_owned(),
+                snapshot_version: active.version,
+                at: now,
+                bypassed: matches!(action, Action::Lease { bypassed: true, .. }),
+            },
+            "unavailable",
+        ),
+    };
+    let mut data = json!({
+        "decision": decision_name,
+        "rule_ids": gate.rule_ids,
+        "reason": gate.reason,
+        "snapshot": gate.snapshot_hash,
+        "fail_mode": fail_mode_name(fail_mode),
+        "scheduling_attempts": job.dispatch.scheduling_attempts,
+    });
+    let action = match action {
+        Action::Lease { budgets, bypassed } => {
+            if bypassed {
+                state.metrics().inc("airlock_scheduler_input_fail_open_total", &[("topic", &topic)]);
+                tracing::warn!(job_id = %job.id, topic = %job.topic, "gate b unavailable; dispatched by fail-open mode");
+            }
+            let budgets = match (&decided, budgets) {
+                (Some(c), true) => c
+                    .evaluation
+                    .deciding
+                    .iter()
+                    .filter_map(|i| c.active.policy.rule(*i))
+                    .filter_map(|rule| {
+                        let limit = rule.limit.clone()?;
+                        Some(Budget {
+                            key: format!("b|{}", bucket_key(&rule.id, &limit, &policy_job)),
+                            limit,
+                        })
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            merge(
+                &mut data,
+                json!({"outcome": if bypassed { "bypassed" } else { "leased" }, "gate_b_bypassed": bypassed}),
+            );
+            let lease = Lease {
+                token: lease_token()?,
+                expires_at: now.saturating_add(ms(state.config().lease_ms)),
+                worker: caller.principal.clone(),
+            };
+            DispatchAction::Lease { lease, budgets }
+        }
+        Action::Deny => {
+            merge(&mut data, json!({"outcome": "denied"}));
+            DispatchAction::Deny
+        }
+        Action::NeedsApproval(stale) => {
+            if stale.is_some() {
+                state.metrics().inc("airlock_approvals_stale_total", &[]);
+            }
+            merge(
+                &mut data,
+                json!({"outcome": "needs_approval", "stale": stale.as_ref().map(ToString::to_string)}),
+            );
+            let c =
+                decided.as_ref().ok_or_else(|| ApiError::internal("approval needed without a decision"))?;
+            let deciding: Vec<_> =
+                c.evaluation.deciding.iter().filter_map(|i| c.active.policy.rule(*i)).collect();
+            DispatchAction::NeedsApproval {
+                replacement: ApprovalRecord {
+                    id: ApprovalId::generate(now, random_bytes()?),
+                    tenant: job.tenant.clone(),
+                    job_id: job.id.clone(),
+                    request: Request {
+                        job_hash: policy_job.hash(),
+                        snapshot_hash: c.active.policy.hash().to_owned(),
+                        rule_ids: deciding.iter().map(|r| r.id.clone()).collect(),
+                        rule_hashes: deciding.iter().map(|r| r.hash.clone()).collect(),
+                        requested_by: job.principal.clone(),
+                        created_at: now,
+                        expires_at: now + state.config().approval_ttl_ms,
+                        quorum: deciding.iter().map(|r| r.approvals).max().unwrap_or(1),
+                        approvers: Vec::new(),
+                        status: Status::Pending,
+                    },
+                    decided_at: None,
+                    decided_by: None,
+                },
+            }
+        }
+        Action::Requeue { delay_ms, counted, reason } => {
+            state.metrics().inc(
+                "airlock_scheduling_attempts_total",
+                &[("topic", &topic), ("reason", "safety_unavailable")],
+            );
+            merge(
+                &mut data,
+                json!({"outcome": "requeued", "delay_ms": delay_ms, "counted": counted, "why": reason}),
+            );
+            DispatchAction::Requeue { not_before: now.saturating_add(ms(delay_ms)), counted }
+        }
+        Action::DeadLetter(reason) => {
+            state
+                .metrics()
+                .inc("airlock_dead_lettered_total", &[("topic", &topic), ("reason", "scheduling_attempts")]);
+            merge(&mut data, json!({"outcome": "dead_lettered", "why": reason}));
+            DispatchAction::DeadLetter { reason }
+        }
+    };
+    let leasing = matches!(action, DispatchAction::Lease { .. });
+    let dispatch = Dispatch {
+        tenant: job.tenant.clone(),
+        job_id: job.id.clone(),
+        action,
+        gate_b: gate.clone(),
+        at: now,
+        audit: Draft {
+            at: now,
+            kind: "gate_b.decision".into(),
+            subject: job.id.to_string(),
+            actor: caller.principal.clone(),
+            data,
+        },
+    };
+    match state.store().dispatch(dispatch).await? {
+        DispatchOutcome::Applied(leased) if leasing => {
+            let lease =
+                leased.dispatch.lease.clone().ok_or_else(|| ApiError::internal("leased without a lease"))?;
+            Ok(Some(json!({
+                "job_id": leased.id.as_str(),
+                "lease_token": lease.token,
+                "lease_expires_at": lease.expires_at,
+                "heartbeat_ms": state.config().heartbeat_ms,
+                "attempt": leased.dispatch.execution_attempts,
+                "idempotency_key": leased.idempotency_key,
+                "topic": leased.topic,
+                "env": leased.env,
+                "labels": leased.labels,
+                "payload": leased.payload,
+                "job_hash": leased.job_hash,
+                "gate_b": wire::decision(&gate),
+            })))
+        }
+        DispatchOutcome::Applied(_) | DispatchOutcome::Gone | DispatchOutcome::Throttled { .. } => Ok(None),
+    }
+}
+
+fn ms(value: u64) -> Millis {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn fail_mode_name(mode: dispatch::FailMode) -> &'static str {
+    match mode {
+        dispatch::FailMode::Closed => "closed",
+        dispatch::FailMode::Open => "open",
+    }
+}
+
+fn merge(into: &mut Value, from: Value) {
+    if let (Value::Object(into), Value::Object(from)) = (into, from) {
+        into.extend(from);
+    }
+}
+
+/// The safety check behind the breaker: `Err((reason label, description))` when unavailable.
+async fn safety_check(
+    state: &AppState,
+    job: &airlock_policy::Job,
+    now: Millis,
+) -> Result<crate::state::Checked, (&'static str, String)> {
+    let admission = state.breaker().lock().map_or(Admission::Refused, |mut b| b.admit(now));
+    if admission == Admission::Refused {
+        return Err(("circuit_open", "circuit open".into()));
+    }
+    let result = state.safety().check(job, state.config().gate_b_timeout).await;
+    if let Ok(mut breaker) = state.breaker().lock() {
+        let later = now_ms();
+        match &result {
+            Ok(_) => breaker.success(later),
+            Err(_) => breaker.failure(later),
+        }
+    }
+    result.map_err(|e| (e.reason(), e.to_string()))
+}
+
+async fn approval_state(
+    state: &AppState,
+    job: &JobRecord,
+    policy: &airlock_policy::Policy,
+    now: Millis,
+) -> Result<ApprovalState, ApiError> {
+    let Some(id) = &job.approval_id else { return Ok(ApprovalState::Missing) };
+    let Some(record) = state.store().approval(&job.tenant, id).await? else {
+        return Ok(ApprovalState::Missing);
+    };
+    if record.request.status != Status::Approved {
+        return Ok(ApprovalState::Missing);
+    }
+    let recomputed = job.to_policy_job().hash();
+    Ok(
+        match approval::check_binding(
+            &record.request,
+            &recomputed,
+            policy,
+            state.config().approval_binding,
+            now,
+        ) {
+            Ok(()) => ApprovalState::Valid,
+            Err(stale) => ApprovalState::Stale(stale),
+        },
+    )
+}
+
+fn job_id(text: &str) -> Result<JobId, ApiError> {
+    text.parse().map_err(|_| ApiError::not_found("job"))
+}
+
+fn token_of(map: &serde_json::Map<String, Value>) -> Result<String, ApiError> {
+    map.get("lease_token").and_then(Value::as_str).filter(|t| !t.is_empty()).map(str::to_owned).ok_or_else(
+        || ApiError::invalid(vec![("lease_token".into(), "is required: the token of the claim".into())]),
+    )
+}
+
+fn stale_lease(e: airlock_store::StoreError) -> ApiError {
+    match e {
+        airlock_store::StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "lease_lost", m),
+        other => other.into(),
+    }
+}
+
+/// `POST /api/v1/workers/jobs/{id}/heartbeat` `{"lease_token"}`: extends the lease, or
+/// answers `cancel: true` when the job was cancelled.
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Worker)?;
+    let map = json_object(&wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?)?;
+    only_fields(&map, &["lease_token"])?;
+    let expires_at = now_ms().saturating_add(ms(state.config().lease_ms));
+    let beat = state
+        .store()
+        .heartbeat(&caller.tenant, &job_id(&id)?, &token_of(&map)?, expires_at)
+        .await
+        .map_err(stale_lease)?;
+    Ok(Json(match beat {
+        Heartbeat::Extended { expires_at } => json!({"lease_expires_at": expires_at, "cancel": false}),
+        Heartbeat::Cancelled => json!({"cancel": true}),
+    }))
+}
+
+/// `POST /api/v1/workers/jobs/{id}/complete` `{"lease_token", "result"}`.
+pub async fn complete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Worker)?;
+    let bytes = wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?;
+    let map = json_object(&bytes)?;
+    only_fields(&map, &["lease_token", "result"])?;
+    let result = map.get("result").cloned().unwrap_or(Value::Null);
+    let size = result.to_string().len();
+    if size > RESULT_BYTES_MAX {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the result is {size} bytes; the limit is {RESULT_BYTES_MAX}"),
+        ));
+    }
+    let job = state
+        .store()
+        .finish(
+            &caller.tenant,
+            &job_id(&id)?,
+            &token_of(&map)?,
+            Finish::Succeeded { result },
+            now_ms(),
+            &caller.principal,
+        )
+        .await
+        .map_err(stale_lease)?;
+    Ok(Json(json!({"job_id": job.id.as_str(), "state": job.state.as_str()})))
+}
+
+/// `POST /api/v1/workers/jobs/{id}/fail` `{"lease_token", "error", "retryable"}`.
+pub async fn fail(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Worker)?;
+    let map = json_object(&wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?)?;
+    only_fields(&map, &["lease_token", "error", "retryable"])?;
+    let token = token_of(&map)?;
+    let error: String =
+        map.get("error").and_then(Value::as_str).unwrap_or("failed").chars().take(4096).collect();
+    let retryable = map.get("retryable").and_then(Value::as_bool).unwrap_or(false);
+    let id = job_id(&id)?;
+    let job = state.store().job(&caller.tenant, &id).await?.ok_or_else(|| ApiError::not_found("job"))?;
+    let job =
+        end_attempt(&state, &job, &token, retryable, &error, &caller.principal).await.map_err(stale_lease)?;
+    Ok(Json(json!({"job_id": job.id.as_str(), "state": job.state.as_str()})))
+}
+
+/// Ends an execution attempt that failed or whose lease lapsed, by the execution cap.
+async fn end_attempt(
+    state: &AppState,
+    job: &JobRecord,
+    token: &str,
+    retryable: bool,
+    error: &str,
+    actor: &str,
+) -> Result<JobRecord, airlock_store::StoreError> {
+    let caps = dispatch::Caps {
+        execution_attempts_max: state.config().execution_attempts_for(&job.topic),
+        ..state.config().caps
+    };
+    let finish = match dispatch::after_attempt(job.dispatch.execution_attempts, retryable, &caps, error) {
+        AfterAttempt::Retry => Finish::Retry { error: error.to_owned() },
+        AfterAttempt::Fail => Finish::Failed { error: error.to_owned() },
+        AfterAttempt::DeadLetter(reason) => {
+            let topic = state.metrics().topic(&job.topic);
+            state
+                .metrics()
+                .inc("airlock_dead_lettered_total", &[("topic", &topic), ("reason", "execution_attempts")]);
+            Finish::DeadLetter { reason }
+        }
+    };
+    let retry = matches!(finish, Finish::Retry { .. });
+    let job = state.store().finish(&job.tenant, &job.id, token, finish, now_ms(), actor).await?;
+    if retry {
+        state.work().notify_waiters();
+    }
+    Ok(job)
+}
+
+/// Requeues or dead-letters jobs whose lease lapsed (a worker died or stalled). Run periodically.
+pub async fn expire_leases(state: &AppState) -> Result<usize, airlock_store::StoreError> {
+    let lapsed = state.store().lapsed_leases(now_ms(), 100).await?;
+    let mut n = 0;
+    for job in lapsed {
+        let Some(lease) = &job.dispatch.lease else { continue };
+        match end_attempt(state, &job, &lease.token.clone(), true, "lease expired", "system").await {
+            Ok(_) => n += 1,
+            Err(airlock_store::StoreError::Conflict(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// `GET /api/v1/dlq?topic=&reason=&after=&limit=`.
+pub async fn dlq_list(
+    State(state): State<AppState>,
+    caller: Caller,
+    RawQuery(params): RawQuery<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Operator)?;
+    let q = Query::new(params, &["topic", "reason", "after", "limit"])?;
+    let (topic, reason) = (q.get::<String>("topic")?, q.get::<String>("reason")?);
+    let limit = q.limit()?;
+    let jobs = state
+        .store()
+        .dead_letters(&caller.tenant, topic.as_deref(), q.get::<JobId>("after")?.as_ref(), limit)
+        .await?;
+    let next = (jobs.len() == limit as usize).then(|| jobs.last().map(|j| j.id.to_string())).flatten();
+    let shown: Vec<Value> = jobs
+        .iter()
+        .filter(|j| {
+            reason.as_ref().is_none_or(|r| {
+                j.dispatch.dead_letter_reason.as_deref().is_some_and(|d| d.contains(r.as_str()))
+            })
+        })
+        .map(dead_letter)
+        .collect();
+    Ok(Json(json!({"dead_letters": shown, "next": next})))
+}
+
+fn dead_letter(j: &JobRecord) -> Value {
+    let mut v = wire::job_summary(j);
+    if let Some(o) = v.as_object_mut() {
+        o.insert("reason".into(), json!(j.dispatch.dead_letter_reason));
+        o.insert("scheduling_attempts".into(), json!(j.dispatch.scheduling_attempts));
+        o.insert("execution_attempts".into(), json!(j.dispatch.execution_attempts));
+    }
+    v
+}
+
+async fn dead_lettered(state: &AppState, caller: &Caller, id: &str) -> Result<JobRecord, ApiError> {
+    let job =
+        state.store().job(&caller.tenant, &job_id(id)?).await?.ok_or_else(|| ApiError::not_found("job"))?;
+    if job.state != JobState::DeadLettered || job.dispatch.discarded_at.is_some() {
+        return Err(ApiError::not_found("dead-lettered job"));
+    }
+    Ok(job)
+}
+
+/// `GET /api/v1/dlq/{id}`.
+pub async fn dlq_get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Operator)?;
+    let job = dead_lettered(&state, &caller, &id).await?;
+    let history = state.store().history(&caller.tenant, &job.id).await?;
+    let mut v = wire::job(&job, &history);
+    if let Some(o) = v.as_object_mut() {
+        o.insert("reason".into(), json!(job.dispatch.dead_letter_reason));
+    }
+    Ok(Json(v))
+}
+
+/// `POST /api/v1/dlq/{id}/retry`: back to the queue with fresh attempts; Gate B runs again.
+pub async fn dlq_retry(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Operator)?;
+    let job = dead_lettered(&state, &caller, &id).await?;
+    let job = state.store().retry_dead_letter(&caller.tenant, &job.id, now_ms(), &caller.principal).await?;
+    state.work().notify_waiters();
+    Ok(Json(json!({"job_id": job.id.as_str(), "state": job.state.as_str()})))
+}
+
+/// `POST /api/v1/dlq/{id}/discard`: kept for the record, out of the DLQ.
+pub async fn dlq_discard(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Operator)?;
+    let job = dead_lettered(&state, &caller, &id).await?;
+    let job = state.store().discard_dead_letter(&caller.tenant, &job.id, now_ms(), &caller.principal).await?;
+    Ok(Json(
+        json!({"job_id": job.id.as_str(), "state": job.state.as_str(), "discarded_at": job.dispatch.discarded_at}),
+    ))
+}
