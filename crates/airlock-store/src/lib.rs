@@ -370,7 +370,7 @@ pub struct Dispatch {
 #[derive(Clone, Debug, PartialEq)]
 pub enum DispatchOutcome {
     /// Applied; the job as it is now.
-    Applied(JobRecord),
+    Applied(Box<JobRecord>),
     /// A Gate B budget refused the lease; the job was requeued, uncounted, until it refills.
     Throttled {
         /// When a token will be available.
