@@ -794,9 +794,8 @@ fn dispatch(tx: &mut Tx<'_>, d: Dispatch) -> Reply {
         }
     };
     tx.append_audit(d.tenant.as_str(), d.audit)?;
-    Ok(Output::Dispatch(DispatchOutcome::Applied(
-        tx.transition(&d.tenant, &d.job_id, event, d.at, &actor, &reason)?,
-    )))
+    let job = tx.transition(&d.tenant, &d.job_id, event, d.at, &actor, &reason)?;
+    Ok(Output::Dispatch(DispatchOutcome::Applied(Box::new(job))))
 }
 
 fn leased_under(
