@@ -49,7 +49,7 @@ enum Output {
     Key(KeyRecord),
     Snapshot(SnapshotRecord),
     Submit(SubmitOutcome),
-    Job(JobRecord),
+    Job(Box<JobRecord>),
     Approval(ApprovalRecord),
     Dispatch(DispatchOutcome),
     Heartbeat(Heartbeat),
@@ -854,7 +854,7 @@ fn finish(
             (Event::DeadLetter, reason)
         }
     };
-    Ok(Output::Job(tx.transition(tenant, id, event, at, actor, &reason)?))
+    Ok(Output::Job(Box::new(tx.transition(tenant, id, event, at, actor, &reason)?)))
 }
 
 macro_rules! expect_output {
@@ -1132,10 +1132,10 @@ impl Store for SqliteStore {
         let (tenant, id, actor, reason) = (tenant.clone(), id.clone(), actor.to_owned(), reason.to_owned());
         let reply = self
             .write(Box::new(move |tx| {
-                Ok(Output::Job(tx.transition(&tenant, &id, event, at, &actor, &reason)?))
+                Ok(Output::Job(Box::new(tx.transition(&tenant, &id, event, at, &actor, &reason)?)))
             }))
             .await;
-        expect_output!(reply, Job)
+        expect_output!(reply, Job).map(|job| *job)
     }
 
     async fn job_counts(&self) -> Result<BTreeMap<JobState, u64>, StoreError> {
@@ -1262,7 +1262,7 @@ impl Store for SqliteStore {
         let (tenant, id, token, actor) = (tenant.clone(), id.clone(), token.to_owned(), actor.to_owned());
         let reply =
             self.write(Box::new(move |tx| finish(tx, &tenant, &id, &token, finish_, at, &actor))).await;
-        expect_output!(reply, Job)
+        expect_output!(reply, Job).map(|job| *job)
     }
 
     async fn lapsed_leases(&self, now: Millis, limit: u32) -> Result<Vec<JobRecord>, StoreError> {
@@ -1322,10 +1322,10 @@ impl Store for SqliteStore {
                 );
                 let job = tx.transition(&tenant, &id, Event::OperatorRetry, at, &actor, &reason)?;
                 debug_assert_eq!(job.state, to);
-                Ok(Output::Job(job))
+                Ok(Output::Job(Box::new(job)))
             }))
             .await;
-        expect_output!(reply, Job)
+        expect_output!(reply, Job).map(|job| *job)
     }
 
     async fn discard_dead_letter(
@@ -1355,10 +1355,10 @@ impl Store for SqliteStore {
                         data: json!({"reason": job.dispatch.dead_letter_reason}),
                     },
                 )?;
-                Ok(Output::Job(load_job(tx.conn, &tenant, &id)?.ok_or(StoreError::NotFound)?))
+                Ok(Output::Job(Box::new(load_job(tx.conn, &tenant, &id)?.ok_or(StoreError::NotFound)?)))
             }))
             .await;
-        expect_output!(reply, Job)
+        expect_output!(reply, Job).map(|job| *job)
     }
 
     async fn dlq_depth(&self) -> Result<u64, StoreError> {
