@@ -188,26 +188,30 @@ pub async fn bootstrap_admin(
     Ok(generated.then_some(secret))
 }
 
-/// Every `period` until the process ends: expires due approval requests, and requeues or
-/// dead-letters jobs whose lease lapsed.
+/// Every `period` until the process ends, [`sweep`].
 pub fn spawn_sweeps(state: AppState, period: Duration) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         loop {
             tick.tick().await;
-            if let Err(e) = approvals::expire_due(&state, state::now_ms()).await {
-                tracing::warn!(error = %e, "approval expiry sweep failed");
-            }
-            match gate_b::expire_leases(&state).await {
-                Ok(0) => {}
-                Ok(n) => {
-                    tracing::info!(jobs = n, "lapsed leases ended");
-                    state.work().notify_waiters();
-                }
-                Err(e) => tracing::warn!(error = %e, "lease expiry sweep failed"),
-            }
+            sweep(&state).await;
         }
     });
+}
+
+/// Expires due approval requests, and requeues or dead-letters jobs whose lease lapsed.
+pub async fn sweep(state: &AppState) {
+    if let Err(e) = approvals::expire_due(state, state::now_ms()).await {
+        tracing::warn!(error = %e, "approval expiry sweep failed");
+    }
+    match gate_b::expire_leases(state).await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(jobs = n, "lapsed leases ended");
+            state.work().notify_waiters();
+        }
+        Err(e) => tracing::warn!(error = %e, "lease expiry sweep failed"),
+    }
 }
 
 /// Builds the shared state.

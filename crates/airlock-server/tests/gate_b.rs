@@ -1,0 +1,463 @@
+//! Gate B and the worker protocol in process: dispatch-time decisions under the snapshot
+//! active at claim time, fenced leases, lease expiry, execution and scheduling caps ending in
+//! the DLQ, fail modes, the breaker, Gate B's own throttle budgets, and cancellation.
+
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic, reason = "a test fails by panicking")]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use airlock_core::breaker::BreakerConfig;
+use airlock_core::dispatch::Caps;
+use airlock_server::state::{AppState, Config, FailMode, Fault};
+use airlock_store::{SqliteStore, Store};
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use serde_json::{Value, json};
+use tower::ServiceExt as _;
+
+const ADMIN: &str = "test-admin-key-0123456789";
+const SEED: &str = include_str!("../../../examples/policies/seed.yaml");
+
+static DIRS: AtomicUsize = AtomicUsize::new(0);
+
+fn temp_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "airlock-gate-b-{}-{}",
+        std::process::id(),
+        DIRS.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+struct Api {
+    app: Router,
+    state: AppState,
+    submitter: String,
+    worker: String,
+    approver: String,
+}
+
+impl Api {
+    async fn start(config: Config) -> Self {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&temp_dir()).unwrap());
+        let active = airlock_server::load_policy(&*store, ("seed", SEED)).await.unwrap();
+        airlock_server::bootstrap_admin(&*store, Some(ADMIN.into())).await.unwrap();
+        let state = airlock_server::app_state(store, active, config);
+        let mut api = Self {
+            app: airlock_server::router(state.clone()),
+            state,
+            submitter: String::new(),
+            worker: String::new(),
+            approver: String::new(),
+        };
+        api.submitter = api.key("agent", &["submitter", "operator"]).await;
+        api.worker = api.key("w1", &["worker"]).await;
+        api.approver = api.key("alice", &["approver"]).await;
+        api
+    }
+
+    async fn call(&self, method: Method, uri: &str, key: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {key}"))
+            .body(body.map_or(Body::empty(), |b| Body::from(b.to_string())))
+            .unwrap();
+        let response = self.app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())),
+        )
+    }
+
+    async fn key(&self, name: &str, roles: &[&str]) -> String {
+        let (status, body) = self
+            .call(
+                Method::POST,
+                "/api/v1/keys",
+                ADMIN,
+                Some(json!({"tenant": "acme", "name": name, "roles": roles})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED);
+        body["key"].as_str().unwrap().to_owned()
+    }
+
+    async fn submit(&self, job: Value) -> String {
+        let (status, body) = self.call(Method::POST, "/api/v1/jobs", &self.submitter, Some(job)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        body["job_id"].as_str().unwrap().to_owned()
+    }
+
+    async fn claim(&self) -> Option<Value> {
+        let (status, body) =
+            self.call(Method::POST, "/api/v1/workers/claim", &self.worker, Some(json!({"wait_ms": 0}))).await;
+        match status {
+            StatusCode::OK => Some(body),
+            StatusCode::NO_CONTENT => None,
+            other => panic!("claim answered {other}: {body}"),
+        }
+    }
+
+    async fn worker_call(&self, job: &str, action: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, &format!("/api/v1/workers/jobs/{job}/{action}"), &self.worker, Some(body))
+            .await
+    }
+
+    async fn job(&self, id: &str) -> Value {
+        self.call(Method::GET, &format!("/api/v1/jobs/{id}"), &self.submitter, None).await.1
+    }
+
+    async fn publish(&self, policy: &str) {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri("/api/v1/policy/publish")
+            .header("authorization", format!("Bearer {ADMIN}"))
+            .body(Body::from(policy.to_owned()))
+            .unwrap();
+        assert_eq!(self.app.clone().oneshot(request).await.unwrap().status(), StatusCode::CREATED);
+    }
+
+    async fn metrics(&self) -> String {
+        let (_, body) = self.call(Method::GET, "/metrics", "none", None).await;
+        body.as_str().unwrap().to_owned()
+    }
+}
+
+fn vm() -> Value {
+    json!({"topic": "infra.vm.create", "env": "dev", "payload": {"size": "m5.large"}, "idempotency_key": "vm-1"})
+}
+
+#[tokio::test]
+async fn a_claimed_job_completes_once_under_its_lease() {
+    let api = Api::start(Config::default()).await;
+    let id = api.submit(vm()).await;
+    let claim = api.claim().await.unwrap();
+    assert_eq!((claim["job_id"].as_str(), claim["attempt"].as_u64()), (Some(id.as_str()), Some(1)));
+    assert_eq!(claim["idempotency_key"], "vm-1");
+    assert_eq!(claim["gate_b"]["decision"], "allow");
+    assert!(api.claim().await.is_none(), "never two live leases for one job");
+    let token = claim["lease_token"].as_str().unwrap();
+    let (status, beat) = api.worker_call(&id, "heartbeat", json!({"lease_token": token})).await;
+    assert_eq!((status, beat["cancel"].as_bool()), (StatusCode::OK, Some(false)));
+    let (status, done) =
+        api.worker_call(&id, "complete", json!({"lease_token": token, "result": {"id": "i-123"}})).await;
+    assert_eq!((status, done["state"].as_str()), (StatusCode::OK, Some("succeeded")));
+    let (status, again) = api.worker_call(&id, "complete", json!({"lease_token": token, "result": {}})).await;
+    assert_eq!(
+        (status, again["error"].as_str()),
+        (StatusCode::CONFLICT, Some("lease_lost")),
+        "at most one completion"
+    );
+    let (status, _) = api.worker_call(&id, "complete", json!({"lease_token": "forged", "result": {}})).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let job = api.job(&id).await;
+    let states: Vec<&str> =
+        job["history"].as_array().unwrap().iter().map(|h| h["to"].as_str().unwrap()).collect();
+    assert_eq!(states, ["queued", "leased", "succeeded"]);
+    let (status, body) =
+        api.call(Method::POST, "/api/v1/workers/claim", &api.submitter, Some(json!({}))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, body) =
+        api.call(Method::POST, "/api/v1/workers/claim", &api.worker, Some(json!({"pool": "gpu"}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}
+
+#[tokio::test]
+async fn a_policy_turning_to_deny_between_submit_and_claim_is_caught_by_gate_b() {
+    let api = Api::start(Config::default()).await;
+    let id = api.submit(vm()).await;
+    api.publish(&format!(
+        "{SEED}  - id: no-vms\n    when: {{ topic: infra.vm.create }}\n    decision: deny\n"
+    ))
+    .await;
+    assert!(api.claim().await.is_none(), "the worker is never handed a job the active policy denies");
+    let job = api.job(&id).await;
+    assert_eq!(job["state"], "denied");
+    let metrics = api.metrics().await;
+    assert!(
+        metrics.contains(
+            "airlock_gate_decisions_total{gate=\"b\",decision=\"deny\",topic=\"infra.vm.create\"} 1"
+        ),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn an_approval_goes_stale_when_the_snapshot_changes_before_dispatch() {
+    let api = Api::start(Config::default()).await;
+    let (_, body) = api
+        .call(
+            Method::POST,
+            "/api/v1/jobs",
+            &api.submitter,
+            Some(json!({"topic": "infra.resource.delete", "env": "production"})),
+        )
+        .await;
+    let (id, approval) =
+        (body["job_id"].as_str().unwrap().to_owned(), body["approval"]["id"].as_str().unwrap().to_owned());
+    let (status, _) =
+        api.call(Method::POST, &format!("/api/v1/approvals/{approval}/approve"), &api.approver, None).await;
+    assert_eq!(status, StatusCode::OK);
+    api.publish(&SEED.replace("reason: public ingress", "reason: v2 public ingress")).await;
+    assert!(api.claim().await.is_none());
+    let job = api.job(&id).await;
+    assert_eq!(job["state"], "awaiting_approval", "{job}");
+    let fresh = job["approval"]["id"].as_str().unwrap().to_owned();
+    assert_ne!(fresh, approval);
+    let (_, old) = api.call(Method::GET, &format!("/api/v1/approvals/{approval}"), &api.approver, None).await;
+    assert_eq!(old["status"], "stale");
+    let (status, _) =
+        api.call(Method::POST, &format!("/api/v1/approvals/{fresh}/approve"), &api.approver, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let claim = api.claim().await.unwrap();
+    assert_eq!(claim["job_id"], id.as_str());
+    assert_eq!(claim["gate_b"]["decision"], "require_human");
+}
+
+#[tokio::test]
+async fn a_lapsed_lease_is_retried_and_the_old_worker_is_fenced_out() {
+    let api = Api::start(Config { lease_ms: 50, ..Config::default() }).await;
+    let id = api.submit(vm()).await;
+    let first = api.claim().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    airlock_server::sweep(&api.state).await;
+    assert_eq!(api.job(&id).await["state"], "queued");
+    let token = first["lease_token"].as_str().unwrap();
+    let (status, _) = api.worker_call(&id, "heartbeat", json!({"lease_token": token})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "a lapsed lease cannot be extended");
+    let second = api.claim().await.unwrap();
+    assert_eq!(second["attempt"], 2);
+    let (status, _) = api.worker_call(&id, "complete", json!({"lease_token": token, "result": {}})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "the first worker cannot complete after its lease lapsed");
+    let token = second["lease_token"].as_str().unwrap();
+    let (status, _) = api.worker_call(&id, "complete", json!({"lease_token": token, "result": {}})).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn execution_attempts_end_in_the_dlq_and_operators_retry_or_discard() {
+    let api = Api::start(Config::default()).await;
+    let id = api.submit(vm()).await;
+    for attempt in 1..=3 {
+        let claim = api.claim().await.unwrap();
+        assert_eq!(claim["attempt"], attempt);
+        let token = claim["lease_token"].as_str().unwrap();
+        let (status, body) = api
+            .worker_call(&id, "fail", json!({"lease_token": token, "error": "api 503", "retryable": true}))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["state"], if attempt < 3 { "queued" } else { "dead_lettered" });
+    }
+    let (_, dlq) = api.call(Method::GET, "/api/v1/dlq", &api.submitter, None).await;
+    let entry = &dlq["dead_letters"][0];
+    assert_eq!(entry["job_id"], id.as_str());
+    assert!(entry["reason"].as_str().unwrap().contains("execution attempts exhausted (3)"), "{entry}");
+    let metrics = api.metrics().await;
+    assert!(metrics.contains("airlock_dlq_depth 1"), "{metrics}");
+    let (status, retried) =
+        api.call(Method::POST, &format!("/api/v1/dlq/{id}/retry"), &api.submitter, None).await;
+    assert_eq!((status, retried["state"].as_str()), (StatusCode::OK, Some("queued")));
+    let claim = api.claim().await.unwrap();
+    assert_eq!(claim["attempt"], 1, "an operator retry resets the attempts and goes through Gate B again");
+    let token = claim["lease_token"].as_str().unwrap();
+    let (_, failed) = api
+        .worker_call(&id, "fail", json!({"lease_token": token, "error": "bad input", "retryable": false}))
+        .await;
+    assert_eq!(failed["state"], "failed");
+
+    let other = api.submit(json!({"topic": "infra.vm.create", "env": "dev", "payload": {"n": 2}})).await;
+    for _ in 0..3 {
+        let claim = api.claim().await.unwrap();
+        let token = claim["lease_token"].as_str().unwrap();
+        api.worker_call(&other, "fail", json!({"lease_token": token, "error": "x", "retryable": true})).await;
+    }
+    let (status, discarded) =
+        api.call(Method::POST, &format!("/api/v1/dlq/{other}/discard"), &api.submitter, None).await;
+    assert_eq!(status, StatusCode::OK, "{discarded}");
+    let (_, dlq) = api.call(Method::GET, "/api/v1/dlq", &api.submitter, None).await;
+    assert_eq!(dlq["dead_letters"], json!([]));
+}
+
+#[tokio::test]
+async fn fail_closed_requeues_with_backoff_until_the_cap_then_dead_letters() {
+    let config = Config {
+        caps: Caps { scheduling_attempts_max: 50, backoff_base_ms: 1, backoff_cap_ms: 1, ..Caps::default() },
+        ..Config::default()
+    };
+    let api = Api::start(config).await;
+    let id = api.submit(vm()).await;
+    api.state.safety().inject(Some(Fault::Unavailable));
+    let mut claims = 0;
+    loop {
+        assert!(api.claim().await.is_none(), "fail closed never leases");
+        claims += 1;
+        let job = api.job(&id).await;
+        if job["state"] == "dead_lettered" {
+            break;
+        }
+        assert!(claims < 200, "never dead-lettered: {job}");
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    assert_eq!(claims, 50, "exactly 50 scheduling attempts");
+    let (_, dlq) = api.call(Method::GET, &format!("/api/v1/dlq/{id}"), &api.submitter, None).await;
+    assert!(dlq["reason"].as_str().unwrap().contains("scheduling attempts exhausted (50)"), "{dlq}");
+    let metrics = api.metrics().await;
+    assert!(
+        metrics.contains(
+            "airlock_dead_lettered_total{topic=\"infra.vm.create\",reason=\"scheduling_attempts\"} 1"
+        )
+    );
+    assert!(
+        metrics.contains("airlock_safety_check_failures_total{gate=\"b\",reason=\"circuit_open\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn the_breaker_opens_after_three_failures_and_admits_at_most_three_probes() {
+    let config = Config {
+        breaker: BreakerConfig { failures_to_open: 3, open_ms: 200, probes: 3 },
+        caps: Caps { backoff_base_ms: 1, backoff_cap_ms: 1, ..Caps::default() },
+        ..Config::default()
+    };
+    let api = Api::start(config).await;
+    for n in 0..6 {
+        api.submit(json!({"topic": "infra.vm.create", "env": "dev", "payload": {"n": n}})).await;
+    }
+    api.state.safety().inject(Some(Fault::Unavailable));
+    for _ in 0..3 {
+        assert!(api.claim().await.is_none());
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let metrics = api.metrics().await;
+    assert!(metrics.contains("airlock_safety_circuit_state 2"), "open after 3 failures: {metrics}");
+    assert!(api.claim().await.is_none());
+    let metrics = api.metrics().await;
+    let unavailable = "airlock_safety_check_failures_total{gate=\"b\",reason=\"unavailable\"}";
+    assert!(
+        metrics.contains(&format!("{unavailable} 3")),
+        "open: no more calls reach the service: {metrics}"
+    );
+    tokio::time::sleep(Duration::from_millis(220)).await;
+    api.state.safety().inject(None);
+    let leased = api.claim().await.unwrap();
+    assert!(leased["job_id"].is_string(), "a successful probe leases");
+    let metrics = api.metrics().await;
+    assert!(metrics.contains("airlock_safety_circuit_state 0"), "a probe success closes it: {metrics}");
+
+    // Half-open admits at most three probes: hold them all with a slow service.
+    api.state.safety().inject(Some(Fault::Unavailable));
+    for _ in 0..3 {
+        api.claim().await;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(220)).await;
+    let before = api.metrics().await.matches("reason=\"unavailable\"} ").count();
+    api.state.safety().inject(Some(Fault::Slow(Duration::from_secs(5))));
+    let api = Arc::new(api);
+    let mut probes = Vec::new();
+    for _ in 0..6 {
+        let api = Arc::clone(&api);
+        probes.push(tokio::spawn(async move { api.claim().await }));
+    }
+    for p in probes {
+        assert!(p.await.unwrap().is_none());
+    }
+    let metrics = api.metrics().await;
+    let timeouts = metrics
+        .lines()
+        .find(|l| l.starts_with("airlock_safety_check_failures_total{gate=\"b\",reason=\"timeout\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0.0, |v| v.parse::<f64>().unwrap());
+    assert!(
+        timeouts <= 3.0 && timeouts >= 1.0,
+        "at most 3 half-open probes reached the service, got {timeouts}: {metrics}"
+    );
+    assert!(before > 0);
+}
+
+#[tokio::test]
+async fn fail_open_dispatches_marks_and_counts() {
+    let config = Config { gate_b_fail_mode: FailMode::Open, ..Config::default() };
+    let api = Api::start(config).await;
+    let id = api.submit(vm()).await;
+    api.state.safety().inject(Some(Fault::Unavailable));
+    let claim = api.claim().await.unwrap();
+    assert_eq!(claim["gate_b"]["bypassed"], true);
+    let job = api.job(&id).await;
+    assert_eq!(job["state"], "leased");
+    let metrics = api.metrics().await;
+    assert!(
+        metrics.contains("airlock_scheduler_input_fail_open_total{topic=\"infra.vm.create\"} 1"),
+        "{metrics}"
+    );
+    let (_, audit) = api.call(Method::GET, "/api/v1/audit?limit=500", &api.submitter, None).await;
+    let bypass =
+        audit["records"].as_array().unwrap().iter().find(|r| r["kind"] == "gate_b.decision").unwrap();
+    assert_eq!(bypass["data"]["outcome"], "bypassed");
+}
+
+#[tokio::test]
+async fn gate_b_keeps_its_own_throttle_budget() {
+    let api = Api::start(Config::default()).await;
+    let first = api.submit(json!({"topic": "infra.vm.create", "env": "dev", "payload": {"n": 1}})).await;
+    let second = api.submit(json!({"topic": "infra.vm.create", "env": "dev", "payload": {"n": 2}})).await;
+    api.publish(&format!(
+        "{SEED}  - id: throttle-vms\n    when: {{ topic: infra.vm.create }}\n    decision: throttle\n    limit: {{ rate: 1, per: 10m }}\n"
+    ))
+    .await;
+    let claim = api.claim().await.unwrap();
+    assert_eq!(claim["job_id"], first.as_str());
+    assert!(api.claim().await.is_none(), "the second dispatch waits for the budget");
+    let job = api.job(&second).await;
+    assert_eq!(job["state"], "queued");
+    let (_, audit) = api.call(Method::GET, "/api/v1/audit?limit=500", &api.submitter, None).await;
+    let throttled =
+        audit["records"].as_array().unwrap().iter().find(|r| r["kind"] == "gate_b.throttled").unwrap();
+    assert!(throttled["data"]["retry_after_ms"].as_u64().unwrap() > 590_000);
+}
+
+#[tokio::test]
+async fn cancelling_a_leased_job_reaches_its_worker_on_the_next_heartbeat() {
+    let api = Api::start(Config::default()).await;
+    let id = api.submit(vm()).await;
+    let claim = api.claim().await.unwrap();
+    let token = claim["lease_token"].as_str().unwrap();
+    let (status, _) =
+        api.call(Method::POST, &format!("/api/v1/jobs/{id}/cancel"), &api.submitter, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, beat) = api.worker_call(&id, "heartbeat", json!({"lease_token": token})).await;
+    assert_eq!(beat["cancel"], true);
+    let (status, _) = api.worker_call(&id, "complete", json!({"lease_token": token, "result": {}})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "a cancelled job cannot complete");
+    assert_eq!(api.job(&id).await["state"], "cancelled");
+}
+
+#[tokio::test]
+async fn bad_worker_calls_change_nothing() {
+    let api = Api::start(Config::default()).await;
+    let id = api.submit(vm()).await;
+    let claim = api.claim().await.unwrap();
+    let token = claim["lease_token"].as_str().unwrap();
+    let (status, _) = api.worker_call(&id, "complete", json!({"result": {}})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "no lease token");
+    let big = "x".repeat(300 * 1024);
+    let (status, _) = api.worker_call(&id, "complete", json!({"lease_token": token, "result": big})).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let (status, _) = api.worker_call(&id, "complete", json!({"lease_token": token, "colour": 1})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = api.worker_call("job_notanid", "complete", json!({"lease_token": token})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(api.job(&id).await["state"], "leased", "nothing changed");
+    let (status, _) =
+        api.worker_call(&id, "complete", json!({"lease_token": token, "result": {"ok": true}})).await;
+    assert_eq!(status, StatusCode::OK);
+}
