@@ -39,8 +39,10 @@ use crate::wire::{self, Query, json_object, only_fields};
 const CLAIM_WAIT_MAX_MS: u64 = 30_000;
 /// How often a waiting claim looks again when nothing woke it.
 const CLAIM_POLL: Duration = Duration::from_millis(200);
-/// Candidates examined per look.
+/// Candidates read per page.
 const CLAIM_BATCH: u32 = 16;
+/// Most queued jobs one look pages through to find the pool's.
+const CLAIM_SCAN_MAX: u32 = 1_024;
 /// Largest result a worker may report, in bytes.
 pub const RESULT_BYTES_MAX: usize = 256 * 1024;
 
@@ -60,29 +62,53 @@ fn lease_token() -> Result<String, ApiError> {
 /// runs Gate B on each candidate, and returns the first one leased (204 when none came).
 pub async fn claim(State(state): State<AppState>, caller: Caller, body: Body) -> Result<Response, ApiError> {
     caller.require(Role::Worker)?;
-    let map = json_object(&wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?)?;
+    let bytes = wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?;
+    let map = if bytes.is_empty() { serde_json::Map::new() } else { json_object(&bytes)? };
     only_fields(&map, &["pool", "wait_ms"])?;
-    let pool = map.get("pool").and_then(Value::as_str).unwrap_or("default").to_owned();
-    if state.config().pool_takes(&pool, "").is_none() {
-        return Err(ApiError::invalid(vec![("pool".into(), format!("unknown pool `{pool}`"))]));
-    }
+    let mut errors = Vec::new();
+    let pool = match map.get("pool") {
+        None => "default".to_owned(),
+        Some(Value::String(p)) if state.config().pool_takes(p, "").is_some() => p.clone(),
+        Some(Value::String(p)) => {
+            errors.push(("pool".to_owned(), format!("unknown pool `{p}`")));
+            String::new()
+        }
+        Some(_) => {
+            errors.push(("pool".to_owned(), "must be a pool name".to_owned()));
+            String::new()
+        }
+    };
     let wait_ms = match map.get("wait_ms") {
         None => 0,
-        Some(v) => v.as_u64().filter(|w| *w <= CLAIM_WAIT_MAX_MS).ok_or_else(|| {
-            ApiError::invalid(vec![("wait_ms".into(), format!("must be 0 to {CLAIM_WAIT_MAX_MS}"))])
-        })?,
+        Some(v) => v.as_u64().filter(|w| *w <= CLAIM_WAIT_MAX_MS).unwrap_or_else(|| {
+            errors.push(("wait_ms".into(), format!("must be 0 to {CLAIM_WAIT_MAX_MS}")));
+            0
+        }),
     };
+    if !errors.is_empty() {
+        return Err(ApiError::invalid(errors));
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
     loop {
         let woken = state.work().notified();
         let now = now_ms();
-        for job in state.store().dispatchable(&caller.tenant, now, CLAIM_BATCH).await? {
-            if state.config().pool_takes(&pool, &job.topic) != Some(true) {
-                continue;
+        // Pools are topic globs, filtered here: page past other pools' jobs, up to a bound.
+        let mut offset = 0;
+        while offset < CLAIM_SCAN_MAX {
+            let page = state.store().dispatchable(&caller.tenant, now, offset, CLAIM_BATCH).await?;
+            let full = page.len() == CLAIM_BATCH as usize;
+            for job in page {
+                if state.config().pool_takes(&pool, &job.topic) != Some(true) {
+                    continue;
+                }
+                if let Some(leased) = gate_b(&state, &caller, job).await? {
+                    return Ok(Json(leased).into_response());
+                }
             }
-            if let Some(leased) = gate_b(&state, &caller, job).await? {
-                return Ok(Json(leased).into_response());
+            if !full {
+                break;
             }
+            offset += CLAIM_BATCH;
         }
         if tokio::time::Instant::now() >= deadline {
             return Ok(StatusCode::NO_CONTENT.into_response());
@@ -346,7 +372,13 @@ async fn safety_check(
             Err(_) => breaker.failure(later),
         }
     }
-    result.map_err(|e| (e.reason(), e.to_string()))
+    result.map_err(|e| {
+        let description = match &e {
+            crate::state::SafetyError::Unavailable(m) => m.clone(),
+            crate::state::SafetyError::Timeout(d) => format!("timed out after {d:?}"),
+        };
+        (e.reason(), description)
+    })
 }
 
 async fn approval_state(
@@ -405,10 +437,11 @@ pub async fn heartbeat(
     caller.require(Role::Worker)?;
     let map = json_object(&wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?)?;
     only_fields(&map, &["lease_token"])?;
-    let expires_at = now_ms().saturating_add(ms(state.config().lease_ms));
+    let now = now_ms();
+    let expires_at = now.saturating_add(ms(state.config().lease_ms));
     let beat = state
         .store()
-        .heartbeat(&caller.tenant, &job_id(&id)?, &token_of(&map)?, expires_at)
+        .heartbeat(&caller.tenant, &job_id(&id)?, &token_of(&map)?, now, expires_at)
         .await
         .map_err(stale_lease)?;
     Ok(Json(match beat {
@@ -437,14 +470,16 @@ pub async fn complete(
             format!("the result is {size} bytes; the limit is {RESULT_BYTES_MAX}"),
         ));
     }
+    let now = now_ms();
     let job = state
         .store()
         .finish(
             &caller.tenant,
             &job_id(&id)?,
             &token_of(&map)?,
+            Some(now),
             Finish::Succeeded { result },
-            now_ms(),
+            now,
             &caller.principal,
         )
         .await
@@ -463,21 +498,32 @@ pub async fn fail(
     let map = json_object(&wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?)?;
     only_fields(&map, &["lease_token", "error", "retryable"])?;
     let token = token_of(&map)?;
-    let error: String =
-        map.get("error").and_then(Value::as_str).unwrap_or("failed").chars().take(4096).collect();
-    let retryable = map.get("retryable").and_then(Value::as_bool).unwrap_or(false);
+    let error: String = match map.get("error") {
+        None => "failed".into(),
+        Some(Value::String(e)) => e.chars().take(4096).collect(),
+        Some(_) => return Err(ApiError::invalid(vec![("error".into(), "must be a string".into())])),
+    };
+    let retryable = match map.get("retryable") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::invalid(vec![("retryable".into(), "must be `true` or `false`".into())])),
+    };
     let id = job_id(&id)?;
     let job = state.store().job(&caller.tenant, &id).await?.ok_or_else(|| ApiError::not_found("job"))?;
-    let job =
-        end_attempt(&state, &job, &token, retryable, &error, &caller.principal).await.map_err(stale_lease)?;
+    let live = Some(now_ms());
+    let job = end_attempt(&state, &job, &token, live, retryable, &error, &caller.principal)
+        .await
+        .map_err(stale_lease)?;
     Ok(Json(json!({"job_id": job.id.as_str(), "state": job.state.as_str()})))
 }
 
-/// Ends an execution attempt that failed or whose lease lapsed, by the execution cap.
+/// Ends an execution attempt that failed (`live_at`: the worker's lease must still be live)
+/// or whose lease lapsed (`None`), by the execution cap.
 async fn end_attempt(
     state: &AppState,
     job: &JobRecord,
     token: &str,
+    live_at: Option<Millis>,
     retryable: bool,
     error: &str,
     actor: &str,
@@ -498,7 +544,7 @@ async fn end_attempt(
         }
     };
     let retry = matches!(finish, Finish::Retry { .. });
-    let job = state.store().finish(&job.tenant, &job.id, token, finish, now_ms(), actor).await?;
+    let job = state.store().finish(&job.tenant, &job.id, token, live_at, finish, now_ms(), actor).await?;
     if retry {
         state.work().notify_waiters();
     }
@@ -511,7 +557,7 @@ pub async fn expire_leases(state: &AppState) -> Result<usize, airlock_store::Sto
     let mut n = 0;
     for job in lapsed {
         let Some(lease) = &job.dispatch.lease else { continue };
-        match end_attempt(state, &job, &lease.token.clone(), true, "lease expired", "system").await {
+        match end_attempt(state, &job, &lease.token.clone(), None, true, "lease expired", "system").await {
             Ok(_) => n += 1,
             Err(airlock_store::StoreError::Conflict(_)) => {}
             Err(e) => return Err(e),

@@ -228,6 +228,9 @@ async fn a_lapsed_lease_is_retried_and_the_old_worker_is_fenced_out() {
     let id = api.submit(vm()).await;
     let first = api.claim().await.unwrap();
     tokio::time::sleep(Duration::from_millis(80)).await;
+    let token = first["lease_token"].as_str().unwrap();
+    let (status, body) = api.worker_call(&id, "complete", json!({"lease_token": token, "result": {}})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "a lapsed lease is fenced even before the sweep: {body}");
     airlock_server::sweep(&api.state).await;
     assert_eq!(api.job(&id).await["state"], "queued");
     let token = first["lease_token"].as_str().unwrap();
@@ -454,6 +457,8 @@ async fn bad_worker_calls_change_nothing() {
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     let (status, _) = api.worker_call(&id, "complete", json!({"lease_token": token, "colour": 1})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = api.worker_call(&id, "fail", json!({"lease_token": token, "retryable": "true"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a mistyped flag is refused, not read as false");
     let (status, _) = api.worker_call("job_notanid", "complete", json!({"lease_token": token})).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(api.job(&id).await["state"], "leased", "nothing changed");

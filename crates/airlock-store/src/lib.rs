@@ -513,31 +513,37 @@ pub trait Store: Send + Sync {
     /// Applies a decided change to a request, and to its job, atomically.
     async fn change_approval(&self, change: ApprovalChange) -> Result<ApprovalRecord, StoreError>;
 
-    /// Queued jobs of a tenant whose `not_before` has passed, oldest first.
+    /// Queued jobs of a tenant whose `not_before` has passed, oldest first, skipping `offset`.
     async fn dispatchable(
         &self,
         tenant: &TenantId,
         now: Millis,
+        offset: u32,
         limit: u32,
     ) -> Result<Vec<JobRecord>, StoreError>;
     /// Applies Gate B's decision to a job that is still queued.
     async fn dispatch(&self, dispatch: Dispatch) -> Result<DispatchOutcome, StoreError>;
-    /// Extends a lease held under `token`; `Conflict` when the token is not the live lease's.
+    /// Extends, at `now`, a lease held under `token` until `expires_at`; `Conflict` when the
+    /// token is not the live lease's or the lease lapsed before `now`.
     async fn heartbeat(
         &self,
         tenant: &TenantId,
         id: &JobId,
         token: &str,
+        now: Millis,
         expires_at: Millis,
     ) -> Result<Heartbeat, StoreError>;
     /// Ends an execution attempt held under `token`; `Conflict` when the token is not the
-    /// live lease's (the lease expired or the job was cancelled), so a late worker changes
-    /// nothing.
+    /// job's lease or the job is no longer leased, so a late worker changes nothing. With
+    /// `live_at`, the lease must also not have lapsed by then (workers); the lapsed-lease
+    /// sweep passes `None`.
+    #[expect(clippy::too_many_arguments, reason = "each is a distinct part of the fenced call")]
     async fn finish(
         &self,
         tenant: &TenantId,
         id: &JobId,
         token: &str,
+        live_at: Option<Millis>,
         finish: Finish,
         at: Millis,
         actor: &str,

@@ -803,24 +803,30 @@ fn leased_under(
     tenant: &TenantId,
     id: &JobId,
     token: &str,
+    live_at: Option<Millis>,
 ) -> Result<JobRecord, StoreError> {
     let job = load_job(conn, tenant, id)?.ok_or(StoreError::NotFound)?;
     match &job.dispatch.lease {
+        Some(lease) if lease.token == token && live_at.is_some_and(|now| now > lease.expires_at) => {
+            Err(StoreError::Conflict("the lease lapsed; the job will be retried".into()))
+        }
         Some(lease) if lease.token == token => Ok(job),
         _ => Err(StoreError::Conflict("the lease token is not the job's live lease".into())),
     }
 }
 
+#[expect(clippy::too_many_arguments, reason = "mirrors Store::finish")]
 fn finish(
     tx: &mut Tx<'_>,
     tenant: &TenantId,
     id: &JobId,
     token: &str,
+    live_at: Option<Millis>,
     finish: Finish,
     at: Millis,
     actor: &str,
 ) -> Reply {
-    let job = leased_under(tx.conn, tenant, id, token)?;
+    let job = leased_under(tx.conn, tenant, id, token, live_at)?;
     if job.state != JobState::Leased {
         return Err(StoreError::Conflict(format!("the job is `{}`, no longer leased", job.state)));
     }
@@ -1206,15 +1212,16 @@ impl Store for SqliteStore {
         &self,
         tenant: &TenantId,
         now: Millis,
+        offset: u32,
         limit: u32,
     ) -> Result<Vec<JobRecord>, StoreError> {
         let tenant = tenant.to_string();
         self.read(move |conn| {
             let sql = format!(
                 "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant = ?1 AND state = 'queued' AND not_before <= ?2
-                 ORDER BY not_before, id LIMIT ?3"
+                 ORDER BY not_before, id LIMIT ?3 OFFSET ?4"
             );
-            collect(conn, &sql, params![tenant, now, limit], job_from_row)
+            collect(conn, &sql, params![tenant, now, limit, offset], job_from_row)
         })
         .await
     }
@@ -1229,12 +1236,13 @@ impl Store for SqliteStore {
         tenant: &TenantId,
         id: &JobId,
         token: &str,
+        now: Millis,
         expires_at: Millis,
     ) -> Result<Heartbeat, StoreError> {
         let (tenant, id, token) = (tenant.clone(), id.clone(), token.to_owned());
         let reply = self
             .write(Box::new(move |tx| {
-                let job = leased_under(tx.conn, &tenant, &id, &token)?;
+                let job = leased_under(tx.conn, &tenant, &id, &token, Some(now))?;
                 match job.state {
                     JobState::Cancelled => Ok(Output::Heartbeat(Heartbeat::Cancelled)),
                     JobState::Leased => {
@@ -1255,13 +1263,14 @@ impl Store for SqliteStore {
         tenant: &TenantId,
         id: &JobId,
         token: &str,
+        live_at: Option<Millis>,
         finish_: Finish,
         at: Millis,
         actor: &str,
     ) -> Result<JobRecord, StoreError> {
         let (tenant, id, token, actor) = (tenant.clone(), id.clone(), token.to_owned(), actor.to_owned());
         let reply =
-            self.write(Box::new(move |tx| finish(tx, &tenant, &id, &token, finish_, at, &actor))).await;
+            self.write(Box::new(move |tx| finish(tx, &tenant, &id, &token, live_at, finish_, at, &actor))).await;
         expect_output!(reply, Job).map(|job| *job)
     }
 

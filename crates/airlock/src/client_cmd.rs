@@ -1,5 +1,5 @@
-//! The client commands (`airlock submit`, `jobs`, `approvals`, `keys`, and the server-side
-//! `policy` commands): thin HTTP calls to a running server that print its answers as tables
+//! The client commands (`airlock submit`, `jobs`, `approvals`, `dlq`, `keys`, and the
+//! server-side `policy` commands): thin HTTP calls to a running server that print its answers as tables
 //! for people or as the server's own JSON for scripts. The server decides everything; nothing
 //! here interprets a policy.
 
@@ -142,6 +142,49 @@ pub enum ApprovalsCommand {
     /// Reject (approver; never the job's submitter); the job becomes `rejected`.
     Reject {
         /// The approval id.
+        id: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+/// `airlock dlq ...`.
+#[derive(Subcommand)]
+pub enum DlqCommand {
+    /// List dead-lettered jobs (operator), oldest first, a page at a time.
+    List {
+        /// Only jobs with this exact topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Only jobs whose dead-letter reason contains this text.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+        /// The page after this job id (the `next` of the previous page).
+        #[arg(long, value_name = "JOB_ID")]
+        after: Option<String>,
+        /// Page size, 1 to 500 (server default 50).
+        #[arg(long)]
+        limit: Option<u32>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// One dead-lettered job: why it was dead-lettered, its decision and history (operator).
+    Get {
+        /// The job id.
+        id: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Send a dead-lettered job back to the queue with fresh attempts (operator); Gate B runs again.
+    Retry {
+        /// The job id.
+        id: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Take a job out of the DLQ for good (operator); it is kept, `dead_lettered`, for the record.
+    Discard {
+        /// The job id.
         id: String,
         #[command(flatten)]
         connection: Connection,
@@ -700,61 +743,64 @@ fn list_jobs(connection: &Connection, path: &str) -> Result<(), Exit> {
 fn get_job(connection: &Connection, id: &str) -> Result<(), Exit> {
     let client = Client::new(connection)?;
     let body = client.call(Verb::Get, &format!("/api/v1/jobs/{}", encode(id)), Payload::Empty)?;
-    client.show(&body, |b| {
-        let gate_a = field(field(b, "decisions"), "gate_a");
-        let labels = field(b, "labels")
-            .as_object()
-            .map(|l| l.iter().map(|(k, v)| format!("{k}={}", scalar(v))).collect::<Vec<_>>().join(", "))
-            .filter(|l| !l.is_empty())
-            .unwrap_or_else(|| "-".to_owned());
-        let mut pairs = vec![
-            ("id", text(b, "job_id")),
-            ("state", text(b, "state")),
-            ("topic", text(b, "topic")),
-            ("env", text(b, "env")),
-            ("tenant", text(b, "tenant")),
-            ("principal", text(b, "principal")),
-            ("labels", labels),
-            ("payload", field(b, "payload").to_string()),
-            ("plan hash", text(b, "plan_hash")),
-            ("idempotency key", text(b, "idempotency_key")),
-            ("job hash", text(b, "job_hash")),
-            ("decision", decision_line(gate_a)),
-            ("reason", text(gate_a, "reason")),
-            (
-                "snapshot",
-                format!("{} (version {})", text(gate_a, "snapshot"), text(gate_a, "snapshot_version")),
-            ),
-        ];
-        if field(b, "gate_a_bypassed") == true {
-            pairs.push(("bypassed", "yes: accepted by fail-open mode without a safety check".into()));
-        }
-        let approval = field(b, "approval");
-        if approval.is_object() {
-            pairs.push(("approval", approval_line(approval)));
-        }
-        pairs.push(("created", time(b, "created_at")));
-        pairs.push(("updated", time(b, "updated_at")));
-        block(&pairs);
-        let history: Vec<Vec<String>> = field(b, "history")
-            .as_array()
-            .map(|h| {
-                h.iter()
-                    .map(|t| {
-                        vec![
-                            time(t, "at"),
-                            format!("{} -> {}", text(t, "from"), text(t, "to")),
-                            text(t, "actor"),
-                            text(t, "reason"),
-                        ]
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        println!();
-        table(&["AT", "TRANSITION", "ACTOR", "REASON"], &history, "no history");
-    });
+    client.show(&body, print_job);
     Ok(())
+}
+
+/// A job in full (`GET /api/v1/jobs/{id}` or `GET /api/v1/dlq/{id}`), then its history.
+fn print_job(b: &Value) {
+    let gate_a = field(field(b, "decisions"), "gate_a");
+    let labels = field(b, "labels")
+        .as_object()
+        .map(|l| l.iter().map(|(k, v)| format!("{k}={}", scalar(v))).collect::<Vec<_>>().join(", "))
+        .filter(|l| !l.is_empty())
+        .unwrap_or_else(|| "-".to_owned());
+    let mut pairs = vec![
+        ("id", text(b, "job_id")),
+        ("state", text(b, "state")),
+        ("topic", text(b, "topic")),
+        ("env", text(b, "env")),
+        ("tenant", text(b, "tenant")),
+        ("principal", text(b, "principal")),
+        ("labels", labels),
+        ("payload", field(b, "payload").to_string()),
+        ("plan hash", text(b, "plan_hash")),
+        ("idempotency key", text(b, "idempotency_key")),
+        ("job hash", text(b, "job_hash")),
+        ("decision", decision_line(gate_a)),
+        ("reason", text(gate_a, "reason")),
+        ("snapshot", format!("{} (version {})", text(gate_a, "snapshot"), text(gate_a, "snapshot_version"))),
+    ];
+    if field(b, "gate_a_bypassed") == true {
+        pairs.push(("bypassed", "yes: accepted by fail-open mode without a safety check".into()));
+    }
+    if !field(b, "reason").is_null() {
+        pairs.insert(2, ("dead-lettered", text(b, "reason")));
+    }
+    let approval = field(b, "approval");
+    if approval.is_object() {
+        pairs.push(("approval", approval_line(approval)));
+    }
+    pairs.push(("created", time(b, "created_at")));
+    pairs.push(("updated", time(b, "updated_at")));
+    block(&pairs);
+    let history: Vec<Vec<String>> = field(b, "history")
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .map(|t| {
+                    vec![
+                        time(t, "at"),
+                        format!("{} -> {}", text(t, "from"), text(t, "to")),
+                        text(t, "actor"),
+                        text(t, "reason"),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    println!();
+    table(&["AT", "TRANSITION", "ACTOR", "REASON"], &history, "no history");
 }
 
 /// `appr_... pending, 1/2 approvals (alice), expires ...`.
@@ -871,6 +917,84 @@ fn decide(connection: &Connection, id: &str, action: &str) -> Result<(), Exit> {
                 println!("approval {} counted; {remaining} more needed; {job}", text(approval, "id"));
             }
             _ => println!("approval {} is {}; {job}", text(approval, "id"), text(approval, "status")),
+        }
+    });
+    Ok(())
+}
+
+// ---- dlq ---------------------------------------------------------------------------------
+
+/// `airlock dlq ...`.
+pub fn dlq(command: DlqCommand) -> ExitCode {
+    finish(match command {
+        DlqCommand::List { topic, reason, after, limit, connection } => {
+            let path = format!(
+                "/api/v1/dlq{}",
+                query(&[
+                    ("topic", topic),
+                    ("reason", reason),
+                    ("after", after),
+                    ("limit", limit.map(|n| n.to_string())),
+                ])
+            );
+            list_dead_letters(&connection, &path)
+        }
+        DlqCommand::Get { id, connection } => Client::new(&connection).and_then(|client| {
+            let body = client.call(Verb::Get, &format!("/api/v1/dlq/{}", encode(&id)), Payload::Empty)?;
+            client.show(&body, print_job);
+            Ok(())
+        }),
+        DlqCommand::Retry { id, connection } => Client::new(&connection).and_then(|client| {
+            let path = format!("/api/v1/dlq/{}/retry", encode(&id));
+            let body = client.call(Verb::Post, &path, Payload::Empty)?;
+            client.show(&body, |b| {
+                println!(
+                    "job {} is {} with fresh attempts; it passes Gate B again when a worker claims it",
+                    text(b, "job_id"),
+                    text(b, "state")
+                );
+            });
+            Ok(())
+        }),
+        DlqCommand::Discard { id, connection } => Client::new(&connection).and_then(|client| {
+            let path = format!("/api/v1/dlq/{}/discard", encode(&id));
+            let body = client.call(Verb::Post, &path, Payload::Empty)?;
+            client.show(&body, |b| {
+                println!(
+                    "job {} discarded from the DLQ {} (kept as {} for the record)",
+                    text(b, "job_id"),
+                    time(b, "discarded_at"),
+                    text(b, "state")
+                );
+            });
+            Ok(())
+        }),
+    })
+}
+
+fn list_dead_letters(connection: &Connection, path: &str) -> Result<(), Exit> {
+    let client = Client::new(connection)?;
+    let body = client.call(Verb::Get, path, Payload::Empty)?;
+    client.show(&body, |b| {
+        let rows: Vec<Vec<String>> = field(b, "dead_letters")
+            .as_array()
+            .map(|jobs| {
+                jobs.iter()
+                    .map(|j| {
+                        vec![
+                            text(j, "job_id"),
+                            text(j, "topic"),
+                            text(j, "env"),
+                            text(j, "reason"),
+                            format!("{}/{}", text(j, "scheduling_attempts"), text(j, "execution_attempts")),
+                        ]
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        table(&["ID", "TOPIC", "ENV", "REASON", "ATTEMPTS (SCHED/EXEC)"], &rows, "no dead-lettered jobs");
+        if let Some(next) = field(b, "next").as_str() {
+            println!("more: --after {next}");
         }
     });
     Ok(())

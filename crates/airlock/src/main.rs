@@ -4,6 +4,7 @@ mod audit_cmd;
 mod bench_cmd;
 mod client_cmd;
 mod config;
+mod demo_cmd;
 mod policy_cmd;
 mod serve_cmd;
 
@@ -26,6 +27,8 @@ enum Command {
     Policy(policy_cmd::PolicyCommand),
     /// Run the service (embedded mode: one process, one SQLite file).
     Serve(serve_cmd::ServeArgs),
+    /// Start Airlock in-process and walk through every case of the dual-gate model.
+    Demo,
     /// Submit a job to a server through Gate A.
     #[command(after_help = client_cmd::SUBMIT_EXIT_CODES)]
     Submit(client_cmd::SubmitArgs),
@@ -35,6 +38,9 @@ enum Command {
     /// List, inspect, approve and reject approval requests on a server.
     #[command(subcommand)]
     Approvals(client_cmd::ApprovalsCommand),
+    /// List, inspect, retry and discard dead-lettered jobs on a server.
+    #[command(subcommand)]
+    Dlq(client_cmd::DlqCommand),
     /// Create, list and revoke API keys on a server.
     #[command(subcommand)]
     Keys(client_cmd::KeysCommand),
@@ -69,9 +75,11 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Policy(command) => policy_cmd::run(command),
         Command::Serve(args) => serve_cmd::run(args),
+        Command::Demo => demo_cmd::run(),
         Command::Submit(args) => client_cmd::submit(&args),
         Command::Jobs(command) => client_cmd::jobs(command),
         Command::Approvals(command) => client_cmd::approvals(command),
+        Command::Dlq(command) => client_cmd::dlq(command),
         Command::Keys(command) => client_cmd::keys(command),
         Command::Audit(command) => audit_cmd::run(command),
         Command::Bench(command) => bench_cmd::run(command),

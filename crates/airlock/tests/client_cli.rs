@@ -1,14 +1,16 @@
-//! The client commands (`submit`, `jobs`, `approvals`, `keys`, server-side `policy`) through
-//! the real binary against a real `airlock serve` on port 0: what they print, what they send,
-//! and their exit codes for allowed, denied and approval-bound jobs, errors and revoked keys.
+//! The client commands (`submit`, `jobs`, `approvals`, `dlq`, `keys`, server-side `policy`)
+//! through the real binary against a real `airlock serve` on port 0: what they print, what they
+//! send, and their exit codes for allowed, denied, approval-bound and dead-lettered jobs, errors
+//! and revoked keys.
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic, reason = "a test fails by panicking")]
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const ADMIN: &str = "client-cli-admin-key-0123456789";
 
@@ -37,12 +39,22 @@ struct Server {
 
 impl Server {
     fn start(name: &str) -> Self {
+        Self::start_with(name, None, &[])
+    }
+
+    /// Starts with `config` as the `--config` file, when given, and `extra` flags.
+    fn start_with(name: &str, config: Option<&str>, extra: &[&str]) -> Self {
         let data = std::env::temp_dir().join(format!("airlock-client-cli-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data);
         std::fs::create_dir_all(&data).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-            .arg(&data)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_airlock"));
+        command.args(["serve", "--listen", "127.0.0.1:0", "--data"]).arg(&data).args(extra);
+        if let Some(text) = config {
+            let path = data.join("config.yaml");
+            std::fs::write(&path, text).unwrap();
+            command.arg("--config").arg(path);
+        }
+        let mut child = command
             .env("AIRLOCK_ADMIN_KEY", ADMIN)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -83,6 +95,29 @@ impl Server {
         let created = self.json(ADMIN, &args);
         assert!(created["id"].as_str().unwrap().starts_with("key_"));
         created["key"].as_str().unwrap().to_owned()
+    }
+
+    /// An HTTP call straight to the API: status and JSON body (null when there is none).
+    fn http(&self, method: &str, path: &str, key: &str, body: Option<&Value>) -> (u16, Value) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        let (url, auth) = (format!("{}{path}", self.url), format!("Bearer {key}"));
+        let mut response = match (method, body) {
+            ("GET", _) => agent.get(&url).header("authorization", &auth).call(),
+            ("POST", Some(body)) => agent
+                .post(&url)
+                .header("authorization", &auth)
+                .header("content-type", "application/json")
+                .send(body.to_string()),
+            _ => panic!("unsupported call {method} {path}"),
+        }
+        .unwrap();
+        let text = response.body_mut().read_to_string().unwrap();
+        let body = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap() };
+        (response.status().as_u16(), body)
     }
 
     fn file(&self, name: &str, text: &str) -> String {
@@ -342,4 +377,114 @@ fn a_missing_policy_file_is_named() {
     let output =
         airlock("http://127.0.0.1:1", Some("k"), &["policy", "publish", &missing.display().to_string()]);
     check(&output, 1, &[], &["cannot read policy", "/nonexistent/airlock/policy.yaml"]);
+}
+
+#[test]
+fn dead_lettered_jobs_are_listed_retried_and_discarded_through_the_client() {
+    // Two scheduling attempts, no real backoff, and a breaker that stays closed through the
+    // outage, so that the retried job is leased as soon as the safety check is back.
+    let config = "scheduling: { attempts_max: 2, backoff_base_ms: 1, backoff_cap_ms: 1 }\n\
+                  breaker: { failures_to_open: 10 }\n";
+    let server = Server::start_with("dlq", Some(config), &["--enable-fault-injection"]);
+    let submitter = server.create_key("sam", &["submitter"]);
+    let operator = server.create_key("olga", &["operator"]);
+    let worker = server.create_key("wendy", &["worker"]);
+    let submit = |env: &str| {
+        let accepted = server.json(&submitter, &["submit", "--topic", "infra.resource.update", "--env", env]);
+        accepted["job_id"].as_str().unwrap().to_owned()
+    };
+    let (retried, discarded) = (submit("staging"), submit("dev"));
+    check(&server.run(&operator, &["dlq", "list"]), 0, &["no dead-lettered jobs"], &[]);
+
+    // The safety check is down: every claim requeues, then dead-letters, both jobs.
+    let (status, _) =
+        server.http("POST", "/api/v1/admin/faults", ADMIN, Some(&json!({"safety": "unavailable"})));
+    assert_eq!(status, 200);
+    let state =
+        |id: &str| server.http("GET", &format!("/api/v1/jobs/{id}"), &submitter, None).1["state"].clone();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while state(&retried) != "dead_lettered" || state(&discarded) != "dead_lettered" {
+        assert!(Instant::now() < deadline, "not dead-lettered: {} {}", state(&retried), state(&discarded));
+        let (status, body) =
+            server.http("POST", "/api/v1/workers/claim", &worker, Some(&json!({"wait_ms": 0})));
+        assert_eq!(status, 204, "nothing is leased while the safety check is down: {body}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    // List: a table with the reason and the attempts, filters, JSON, and the operator role.
+    check(
+        &server.run(&operator, &["dlq", "list"]),
+        0,
+        &[
+            "ID",
+            "TOPIC",
+            "ENV",
+            "REASON",
+            "ATTEMPTS",
+            &retried,
+            &discarded,
+            "scheduling attempts exhausted",
+            "2/0",
+        ],
+        &[],
+    );
+    let listed = server.json(&operator, &["dlq", "list"]);
+    let mut listed_ids = ids(&listed, "dead_letters", "job_id");
+    let first = listed_ids[0].clone();
+    listed_ids.sort();
+    let mut both = vec![retried.clone(), discarded.clone()];
+    both.sort();
+    assert_eq!(listed_ids, both, "{listed}");
+    assert_eq!(listed["dead_letters"][0]["scheduling_attempts"], 2);
+    assert_eq!(listed["dead_letters"][0]["execution_attempts"], 0);
+    let by_reason = server.json(&operator, &["dlq", "list", "--reason", "injected fault", "--limit", "1"]);
+    assert_eq!(ids(&by_reason, "dead_letters", "job_id"), vec![first.clone()]);
+    assert_eq!(by_reason["next"], first.as_str());
+    check(
+        &server.run(&operator, &["dlq", "list", "--topic", "infra.other"]),
+        0,
+        &["no dead-lettered jobs"],
+        &[],
+    );
+    check(
+        &server.run(&operator, &["dlq", "list", "--reason", "execution"]),
+        0,
+        &["no dead-lettered jobs"],
+        &[],
+    );
+    check(&server.run(&worker, &["dlq", "list"]), 1, &[], &["forbidden", "HTTP 403", "operator"]);
+
+    // Get: the reason and the history.
+    check(
+        &server.run(&operator, &["dlq", "get", &retried]),
+        0,
+        &["dead-lettered", "scheduling attempts exhausted (2)", "queued -> dead_lettered"],
+        &[],
+    );
+    check(&server.run(&operator, &["dlq", "get", "job_nope"]), 1, &[], &["not_found", "HTTP 404"]);
+
+    // Retry one (once), discard the other (once): both leave the DLQ.
+    check(&server.run(&operator, &["dlq", "retry", &retried]), 0, &[&retried, "is queued"], &[]);
+    check(&server.run(&operator, &["dlq", "retry", &retried]), 1, &[], &["not_found", "HTTP 404"]);
+    let gone = server.json(&operator, &["dlq", "discard", &discarded]);
+    assert_eq!(gone["state"], "dead_lettered");
+    assert!(gone["discarded_at"].is_i64(), "{gone}");
+    check(&server.run(&operator, &["dlq", "discard", &discarded]), 1, &[], &["not_found"]);
+    check(&server.run(&operator, &["dlq", "get", &discarded]), 1, &[], &["not_found"]);
+    check(&server.run(&operator, &["dlq", "list"]), 0, &["no dead-lettered jobs"], &[]);
+    assert_eq!(state(&discarded), "dead_lettered", "a discarded job is kept");
+
+    // The safety check is back: the retried job passes Gate B and is leased; the discarded
+    // one never comes back.
+    let (status, _) = server.http("POST", "/api/v1/admin/faults", ADMIN, Some(&json!({"safety": "none"})));
+    assert_eq!(status, 200);
+    let (status, claim) =
+        server.http("POST", "/api/v1/workers/claim", &worker, Some(&json!({"wait_ms": 2000})));
+    assert_eq!(status, 200, "{claim}");
+    assert_eq!(claim["job_id"], retried.as_str());
+    assert_eq!(claim["attempt"], 1);
+    assert_eq!(claim["gate_b"]["decision"], "allow");
+    assert_eq!(state(&retried), "leased");
+    let (status, _) = server.http("POST", "/api/v1/workers/claim", &worker, Some(&json!({"wait_ms": 0})));
+    assert_eq!(status, 204);
 }
