@@ -5,7 +5,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use airlock_policy::Policy;
+use airlock_policy::{Job, Policy};
 
 use crate::Millis;
 
@@ -123,22 +123,33 @@ pub enum Stale {
         /// Active snapshot.
         now: String,
     },
-    /// A deciding rule was removed or edited (rule binding).
-    #[error("rule `{rule_id}` changed or was removed since the approval was requested")]
+    /// A rule deciding now is not one the approval covered unchanged (rule binding).
+    #[error("rule `{rule_id}` now decides this job and the approval did not cover it as it is")]
     RuleChanged {
         /// The rule.
         rule_id: String,
+    },
+    /// A rule deciding now needs more approvers than signed (rule binding).
+    #[error("rule `{rule_id}` now needs {needed} approver(s); the approval has {have}")]
+    QuorumRaised {
+        /// The rule.
+        rule_id: String,
+        /// Approvers it needs.
+        needed: u32,
+        /// Approvers who signed.
+        have: u32,
     },
     /// The request outlived its TTL.
     #[error("the approval request expired")]
     Expired,
 }
 
-/// Checks that `request` still binds: same job hash, same snapshot (or, with rule binding,
-/// the same deciding rules), and not expired.
+/// Checks that `request` still binds `job` under `active`: not expired, the job hash
+/// (recomputed from the job's content) unchanged, and the same snapshot, or, with rule
+/// binding, every rule deciding now covered by the approval unchanged and with its quorum.
 pub fn check_binding(
     request: &Request,
-    job_hash: &str,
+    job: &Job,
     active: &Policy,
     binding: Binding,
     now: Millis,
@@ -146,8 +157,9 @@ pub fn check_binding(
     if now >= request.expires_at {
         return Err(Stale::Expired);
     }
+    let job_hash = job.hash();
     if request.job_hash != job_hash {
-        return Err(Stale::JobChanged { was: request.job_hash.clone(), now: job_hash.to_owned() });
+        return Err(Stale::JobChanged { was: request.job_hash.clone(), now: job_hash });
     }
     match binding {
         Binding::Snapshot if request.snapshot_hash != active.hash() => {
@@ -155,10 +167,25 @@ pub fn check_binding(
         }
         Binding::Snapshot => Ok(()),
         Binding::Rule => {
-            for (id, hash) in request.rule_ids.iter().zip(&request.rule_hashes) {
-                let same = active.rules().iter().any(|r| &r.id == id && &r.hash == hash);
-                if !same {
-                    return Err(Stale::RuleChanged { rule_id: id.clone() });
+            let evaluation = active.evaluate(job);
+            let have = u32::try_from(request.approvers.len()).unwrap_or(u32::MAX);
+            for rule in evaluation.deciding.iter().filter_map(|i| active.rule(*i)) {
+                let covered = request
+                    .rule_ids
+                    .iter()
+                    .zip(&request.rule_hashes)
+                    .any(|(id, hash)| *id == rule.id && *hash == rule.hash);
+                if !covered {
+                    return Err(Stale::RuleChanged { rule_id: rule.id.clone() });
+                }
+                // An approved request must carry every deciding rule's quorum (a pending one
+                // is still collecting votes).
+                if request.status == Status::Approved && have < rule.approvals {
+                    return Err(Stale::QuorumRaised {
+                        rule_id: rule.id.clone(),
+                        needed: rule.approvals,
+                        have,
+                    });
                 }
             }
             Ok(())
@@ -238,9 +265,13 @@ mod tests {
     const V2_OTHER_RULE: &str = "version: v1\nrules:\n  - id: del\n    when: { topic: infra.resource.delete }\n    decision: require_human\n  - id: x\n    when: { topic: x }\n    decision: deny\n";
     const V3_EDITED: &str = "version: v1\nrules:\n  - id: del\n    when: { topic: infra.resource.delete, env: production }\n    decision: require_human\n";
 
+    fn job(topic: &str) -> Job {
+        Job::from_json(&serde_json::json!({"topic": topic, "env": "production"})).unwrap()
+    }
+
     fn request(p: &Policy) -> Request {
         Request {
-            job_hash: "sha256:job".into(),
+            job_hash: job("infra.resource.delete").hash(),
             snapshot_hash: p.hash().into(),
             rule_ids: vec!["del".into()],
             rule_hashes: vec![p.rules()[0].hash.clone()],
@@ -256,23 +287,54 @@ mod tests {
     #[test]
     fn binding_follows_job_snapshot_rules_and_ttl() {
         let v1 = policy(V1);
-        let r = request(&v1);
-        assert_eq!(check_binding(&r, "sha256:job", &v1, Binding::Snapshot, 10), Ok(()));
+        let mut r = request(&v1);
+        r.approvers = vec!["alice".into()];
+        let delete = job("infra.resource.delete");
+        assert_eq!(check_binding(&r, &delete, &v1, Binding::Snapshot, 10), Ok(()));
         assert!(matches!(
-            check_binding(&r, "sha256:other", &v1, Binding::Snapshot, 10),
+            check_binding(&r, &job("infra.vm.delete"), &v1, Binding::Snapshot, 10),
             Err(Stale::JobChanged { .. })
         ));
-        assert_eq!(check_binding(&r, "sha256:job", &v1, Binding::Snapshot, 1_000), Err(Stale::Expired));
+        assert_eq!(check_binding(&r, &delete, &v1, Binding::Snapshot, 1_000), Err(Stale::Expired));
         let v2 = policy(V2_OTHER_RULE);
         assert!(matches!(
-            check_binding(&r, "sha256:job", &v2, Binding::Snapshot, 10),
+            check_binding(&r, &delete, &v2, Binding::Snapshot, 10),
             Err(Stale::SnapshotChanged { .. })
         ));
-        assert_eq!(check_binding(&r, "sha256:job", &v2, Binding::Rule, 10), Ok(()));
+        assert_eq!(check_binding(&r, &delete, &v2, Binding::Rule, 10), Ok(()));
         let v3 = policy(V3_EDITED);
         assert_eq!(
-            check_binding(&r, "sha256:job", &v3, Binding::Rule, 10),
+            check_binding(&r, &delete, &v3, Binding::Rule, 10),
             Err(Stale::RuleChanged { rule_id: "del".into() })
+        );
+    }
+
+    #[test]
+    fn rule_binding_covers_every_rule_deciding_now_and_its_quorum() {
+        let v1 = policy(V1);
+        let mut r = request(&v1);
+        r.approvers = vec!["alice".into()];
+        let delete = job("infra.resource.delete");
+        let added = policy(&format!(
+            "{V1}  - id: two-people\n    when: {{ env: production }}\n    decision: require_human\n"
+        ));
+        assert_eq!(
+            check_binding(&r, &delete, &added, Binding::Rule, 10),
+            Err(Stale::RuleChanged { rule_id: "two-people".into() }),
+            "a new deciding rule the approval never saw"
+        );
+        let quorum =
+            policy(&V1.replace("decision: require_human", "decision: require_human\n    approvals: 2"));
+        r.rule_hashes = vec![quorum.rules()[0].hash.clone()];
+        assert_eq!(
+            check_binding(&r, &delete, &quorum, Binding::Rule, 10),
+            Ok(()),
+            "pending: still collecting votes"
+        );
+        r.status = Status::Approved;
+        assert_eq!(
+            check_binding(&r, &delete, &quorum, Binding::Rule, 10),
+            Err(Stale::QuorumRaised { rule_id: "del".into(), needed: 2, have: 1 })
         );
     }
 

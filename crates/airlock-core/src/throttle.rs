@@ -32,11 +32,14 @@ pub fn take(bucket: Option<Bucket>, limit: &Limit, now: Millis) -> Take {
     let capacity = f64::from(limit.burst.max(1));
     let per_ms = (limit.per_secs.max(1) * 1000) as f64;
     let refill_per_ms = f64::from(limit.rate.max(1)) / per_ms;
-    let current = match bucket {
-        None => capacity,
+    // A clock that steps back never moves the bucket back: time already refilled once is
+    // never refilled again.
+    let (current, now) = match bucket {
+        None => (capacity, now),
         Some(b) => {
-            let elapsed = (now - b.updated_at).max(0) as f64;
-            (b.tokens + elapsed * refill_per_ms).min(capacity)
+            let now = now.max(b.updated_at);
+            let elapsed = (now - b.updated_at) as f64;
+            ((b.tokens + elapsed * refill_per_ms).min(capacity), now)
         }
     };
     if current >= 1.0 {
@@ -104,5 +107,12 @@ mod tests {
         let l = limit(1, 60, 1);
         let b = admitted(take(None, &l, 10_000));
         assert!(matches!(take(Some(b), &l, 0), Take::Refused { .. }));
+        // Two per minute: a step back must not let the same stretch refill twice.
+        let l = limit(2, 60, 2);
+        let b = admitted(take(None, &l, 100_000));
+        let b = admitted(take(Some(b), &l, 100_000));
+        let b = admitted(take(Some(b), &l, 130_000));
+        assert_eq!(b.updated_at, 130_000);
+        assert!(matches!(take(Some(b), &l, 120_000), Take::Refused { .. }), "stepping back refills nothing");
     }
 }

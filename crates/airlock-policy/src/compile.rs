@@ -8,7 +8,7 @@ use crate::cidr::Net;
 use crate::diag::{Diagnostic, Span, one_of, suggest};
 use crate::glob::Glob;
 use crate::jcs;
-use crate::job::sha256_tagged;
+use crate::job::{sha256_tagged, tagged};
 use crate::limits::{
     APPROVALS_MAX, CONDITION_DEPTH_MAX, POLICY_BYTES_MAX, REGEX_SIZE_MAX, RULES_MAX,
     THROTTLE_DEFAULT_PER_SECS, THROTTLE_DEFAULT_RATE, THROTTLE_PER_MAX_SECS,
@@ -83,17 +83,36 @@ struct Parts {
     default_reason: Option<String>,
     risk: Vec<RiskClass>,
     rules: Vec<Rule>,
+    /// Each rule's canonical bytes, in rule order.
+    canonical_rules: Vec<Vec<u8>>,
 }
 
 impl Parts {
+    /// Hashes the canonical form `{"defaults", "risk", "rules", "version"}` (keys in RFC 8785
+    /// order) by streaming each rule's canonical bytes into the digest, so that a large policy
+    /// is never held as one JSON tree.
     fn into_policy(self) -> Policy {
-        let canonical = json!({
-            "version": "v1",
-            "defaults": {"decision": self.default.as_str(), "reason": self.default_reason},
-            "risk": self.risk.iter().map(|c| (c.name.clone(), sorted(c.topics.iter().map(|g| json!(g.as_str())).collect()))).collect::<Map<String, Value>>(),
-            "rules": self.rules.iter().map(canonical_rule).collect::<Vec<_>>(),
-        });
-        let hash = sha256_tagged(&jcs::to_vec(&canonical));
+        use sha2::{Digest, Sha256};
+        let defaults = json!({"decision": self.default.as_str(), "reason": self.default_reason});
+        let risk: Map<String, Value> = self
+            .risk
+            .iter()
+            .map(|c| (c.name.clone(), sorted(c.topics.iter().map(|g| json!(g.as_str())).collect())))
+            .collect();
+        let mut digest = Sha256::new();
+        digest.update(b"{\"defaults\":");
+        digest.update(jcs::to_vec(&defaults));
+        digest.update(b",\"risk\":");
+        digest.update(jcs::to_vec(&Value::Object(risk)));
+        digest.update(b",\"rules\":[");
+        for (i, bytes) in self.canonical_rules.iter().enumerate() {
+            if i > 0 {
+                digest.update(b",");
+            }
+            digest.update(bytes);
+        }
+        digest.update(b"],\"version\":\"v1\"}");
+        let hash = tagged(&digest.finalize());
         Policy::new(self.default, self.default_reason, self.risk, self.rules, hash)
     }
 }
@@ -101,6 +120,7 @@ impl Parts {
 #[derive(Default)]
 struct Compiler {
     diagnostics: Vec<Diagnostic>,
+    canonical_rules: Vec<Vec<u8>>,
     risk_names: Vec<String>,
 }
 
@@ -178,7 +198,13 @@ impl Compiler {
             None => Vec::new(),
             Some(node) => self.rules(node),
         };
-        Some(Parts { default, default_reason, risk, rules })
+        Some(Parts {
+            default,
+            default_reason,
+            risk,
+            rules,
+            canonical_rules: std::mem::take(&mut self.canonical_rules),
+        })
     }
 
     fn defaults(&mut self, node: &Node) -> (Decision, Option<String>) {
@@ -359,7 +385,9 @@ impl Compiler {
             approvals: if decision == Decision::RequireHuman { approvals } else { 1 },
             hash: String::new(),
         };
-        rule.hash = sha256_tagged(&jcs::to_vec(&canonical_rule(&rule)));
+        let canonical = jcs::to_vec(&canonical_rule(&rule));
+        rule.hash = sha256_tagged(&canonical);
+        self.canonical_rules.push(canonical);
         Some(rule)
     }
 

@@ -117,8 +117,12 @@ impl Job {
 
 /// `sha256:` followed by the lowercase hex digest of `bytes`.
 pub fn sha256_tagged(bytes: &[u8]) -> String {
+    tagged(&Sha256::digest(bytes))
+}
+
+/// `sha256:` followed by the lowercase hex of a finished digest.
+pub(crate) fn tagged(digest: &[u8]) -> String {
     use std::fmt::Write as _;
-    let digest = Sha256::digest(bytes);
     let mut out = String::with_capacity(7 + 64);
     out.push_str("sha256:");
     for byte in digest.iter() {

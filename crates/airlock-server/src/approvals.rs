@@ -220,10 +220,9 @@ async fn attempt(
         .into());
     }
     let active = state.safety().active();
-    let recomputed = job.to_policy_job().hash();
     let binding = approval::check_binding(
         &record.request,
-        &recomputed,
+        &job.to_policy_job(),
         &active.policy,
         state.config().approval_binding,
         now,

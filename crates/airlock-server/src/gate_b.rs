@@ -394,11 +394,10 @@ async fn approval_state(
     if record.request.status != Status::Approved {
         return Ok(ApprovalState::Missing);
     }
-    let recomputed = job.to_policy_job().hash();
     Ok(
         match approval::check_binding(
             &record.request,
-            &recomputed,
+            &job.to_policy_job(),
             policy,
             state.config().approval_binding,
             now,
@@ -506,7 +505,9 @@ pub async fn fail(
     let retryable = match map.get("retryable") {
         None => false,
         Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(ApiError::invalid(vec![("retryable".into(), "must be `true` or `false`".into())])),
+        Some(_) => {
+            return Err(ApiError::invalid(vec![("retryable".into(), "must be `true` or `false`".into())]));
+        }
     };
     let id = job_id(&id)?;
     let job = state.store().job(&caller.tenant, &id).await?.ok_or_else(|| ApiError::not_found("job"))?;
