@@ -1269,8 +1269,9 @@ impl Store for SqliteStore {
         actor: &str,
     ) -> Result<JobRecord, StoreError> {
         let (tenant, id, token, actor) = (tenant.clone(), id.clone(), token.to_owned(), actor.to_owned());
-        let reply =
-            self.write(Box::new(move |tx| finish(tx, &tenant, &id, &token, live_at, finish_, at, &actor))).await;
+        let reply = self
+            .write(Box::new(move |tx| finish(tx, &tenant, &id, &token, live_at, finish_, at, &actor)))
+            .await;
         expect_output!(reply, Job).map(|job| *job)
     }
 

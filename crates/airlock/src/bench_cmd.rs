@@ -22,6 +22,29 @@ use crate::Format;
 pub enum BenchCommand {
     /// Sustained submits on the allow path.
     Submit(SubmitArgs),
+    /// End to end in embedded mode: submit → Gate B claim → complete, with several workers.
+    E2e(E2eArgs),
+}
+
+#[derive(Args)]
+pub struct E2eArgs {
+    /// How long to submit for, in seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Submits per second; 0 submits as fast as the connections allow.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Submitting connections.
+    #[arg(long, default_value_t = 16)]
+    submitters: usize,
+    /// Workers (each one connection, claiming with long-poll).
+    #[arg(long, default_value_t = 8)]
+    workers: usize,
+    /// Also run with both gates switched off (a benchmark-only setting) and report the cost.
+    #[arg(long)]
+    compare_gates_off: bool,
+    #[arg(long, value_enum, default_value_t)]
+    format: Format,
 }
 
 #[derive(Args)]
@@ -57,7 +80,6 @@ const ALLOW_ALL: &str = "version: v1\ndefaults: { decision: allow }\nrules:\n  -
                          decision: deny\n";
 
 pub fn run(command: BenchCommand) -> ExitCode {
-    let BenchCommand::Submit(args) = command;
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -65,7 +87,11 @@ pub fn run(command: BenchCommand) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(submit(args)) {
+    let result = match command {
+        BenchCommand::Submit(args) => runtime.block_on(submit(args)),
+        BenchCommand::E2e(args) => e2e(&runtime, &args),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -288,4 +314,187 @@ fn report(args: &SubmitArgs, samples: &[(u16, Duration)], elapsed: f64, rss_kib:
             }
         }
     }
+}
+
+/// One end-to-end run's figures.
+struct E2eResult {
+    submitted: usize,
+    completed_in_window: usize,
+    seconds: f64,
+    submit_to_claim_ms: Vec<f64>,
+}
+
+impl E2eResult {
+    fn completed_per_sec(&self) -> f64 {
+        self.completed_in_window as f64 / self.seconds
+    }
+
+    fn percentile(&self, p: f64) -> f64 {
+        let i = ((self.submit_to_claim_ms.len() as f64 * p).ceil() as usize).saturating_sub(1);
+        self.submit_to_claim_ms.get(i).copied().unwrap_or(0.0)
+    }
+
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "submitted": self.submitted,
+            "completed_in_window": self.completed_in_window,
+            "seconds": self.seconds,
+            "completed_per_sec": self.completed_per_sec(),
+            "submit_to_claim_ms": {"p50": self.percentile(0.5), "p90": self.percentile(0.9), "p99": self.percentile(0.99)},
+        })
+    }
+}
+
+fn e2e(runtime: &tokio::runtime::Runtime, args: &E2eArgs) -> Result<(), String> {
+    let on = e2e_run(runtime, args, false)?;
+    let off = if args.compare_gates_off { Some(e2e_run(runtime, args, true)?) } else { None };
+    let cost = off.as_ref().map(|off| 1.0 - on.completed_per_sec() / off.completed_per_sec());
+    match args.format {
+        Format::Json => println!(
+            "{}",
+            json!({"gates_on": on.json(), "gates_off": off.as_ref().map(E2eResult::json), "throughput_lost_to_gates": cost})
+        ),
+        Format::Human => {
+            for (name, r) in std::iter::once(("gates on ", &on)).chain(off.as_ref().map(|o| ("gates off", o)))
+            {
+                println!(
+                    "{name}  {:.0} jobs/s completed ({} submitted); submit→claim p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms",
+                    r.completed_per_sec(),
+                    r.submitted,
+                    r.percentile(0.5),
+                    r.percentile(0.9),
+                    r.percentile(0.99)
+                );
+            }
+            if let Some(cost) = cost {
+                println!("throughput lost to the two gates: {:.1}%", cost * 100.0);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn e2e_run(runtime: &tokio::runtime::Runtime, args: &E2eArgs, gates_off: bool) -> Result<E2eResult, String> {
+    let config = airlock_server::state::Config { gates_off, ..airlock_server::state::Config::default() };
+    let name = if gates_off { "bench-e2e-off" } else { "bench-e2e-on" };
+    let server = crate::inproc::start(runtime, name, ALLOW_ALL, config)?;
+    let addr = server.addr.to_string();
+    let result = runtime.block_on(async {
+        let mut setup = Conn::open(&addr).await?;
+        let mut keys = Vec::new();
+        for (name, role) in [("agent", "submitter"), ("worker", "worker")] {
+            let body = json!({"tenant": "bench", "name": name, "roles": [role]}).to_string();
+            let (status, reply) = setup.post("/api/v1/keys", crate::inproc::ADMIN, &body).await?;
+            if status != 201 {
+                return Err(format!("cannot create the {name} key ({status}): {reply}"));
+            }
+            let secret = serde_json::from_str::<serde_json::Value>(&reply)
+                .ok()
+                .and_then(|v| v.get("key").and_then(serde_json::Value::as_str).map(str::to_owned))
+                .ok_or("no key in the response")?;
+            keys.push(secret);
+        }
+        let (agent, worker) = (keys.remove(0), keys.remove(0));
+
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(args.seconds);
+        let next = Arc::new(AtomicU64::new(0));
+        let mut submitters = Vec::new();
+        for _ in 0..args.submitters.max(1) {
+            let (addr, agent, next, rate) = (addr.clone(), agent.clone(), Arc::clone(&next), args.rate);
+            submitters.push(tokio::spawn(async move {
+                let mut conn = Conn::open(&addr).await?;
+                let mut sent = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let intended = if rate > 0 {
+                        started + Duration::from_secs_f64(i as f64 / rate as f64)
+                    } else {
+                        Instant::now()
+                    };
+                    if intended >= deadline {
+                        break;
+                    }
+                    if rate > 0 {
+                        tokio::time::sleep_until(intended.into()).await;
+                    }
+                    let body = json!({"topic": "infra.vm.create", "env": "production", "payload": {"n": i}})
+                        .to_string();
+                    let (status, reply) = conn.post("/api/v1/jobs", &agent, &body).await?;
+                    if status == 202 {
+                        let id = serde_json::from_str::<serde_json::Value>(&reply)
+                            .ok()
+                            .and_then(|v| {
+                                v.get("job_id").and_then(serde_json::Value::as_str).map(str::to_owned)
+                            })
+                            .unwrap_or_default();
+                        sent.push((id, intended));
+                    }
+                }
+                Ok::<_, String>(sent)
+            }));
+        }
+        let drain_until = deadline + Duration::from_secs(5);
+        let mut workers = Vec::new();
+        for _ in 0..args.workers.max(1) {
+            let (addr, worker) = (addr.clone(), worker.clone());
+            workers.push(tokio::spawn(async move {
+                let mut conn = Conn::open(&addr).await?;
+                let mut claimed = Vec::new();
+                while Instant::now() < drain_until {
+                    let (status, reply) =
+                        conn.post("/api/v1/workers/claim", &worker, "{\"wait_ms\": 200}").await?;
+                    if status == 204 {
+                        if Instant::now() > deadline {
+                            break;
+                        }
+                        continue;
+                    }
+                    let at = Instant::now();
+                    let claim: serde_json::Value = serde_json::from_str(&reply).map_err(|e| e.to_string())?;
+                    let id = claim
+                        .get("job_id")
+                        .and_then(serde_json::Value::as_str)
+                        .unwrap_or_default()
+                        .to_owned();
+                    let token =
+                        claim.get("lease_token").and_then(serde_json::Value::as_str).unwrap_or_default();
+                    let body = json!({"lease_token": token, "result": {"ok": true}}).to_string();
+                    let (status, _) =
+                        conn.post(&format!("/api/v1/workers/jobs/{id}/complete"), &worker, &body).await?;
+                    if status == 200 {
+                        claimed.push((id, at, Instant::now()));
+                    }
+                }
+                Ok::<_, String>(claimed)
+            }));
+        }
+        let mut sent = std::collections::HashMap::new();
+        for s in submitters {
+            for (id, at) in s.await.map_err(|e| e.to_string())?? {
+                sent.insert(id, at);
+            }
+        }
+        let mut latencies = Vec::new();
+        let mut completed_in_window = 0;
+        for w in workers {
+            for (id, claimed_at, done_at) in w.await.map_err(|e| e.to_string())?? {
+                if done_at <= deadline {
+                    completed_in_window += 1;
+                }
+                if let Some(sent_at) = sent.get(&id) {
+                    latencies.push(claimed_at.saturating_duration_since(*sent_at).as_secs_f64() * 1000.0);
+                }
+            }
+        }
+        latencies.sort_by(f64::total_cmp);
+        Ok(E2eResult {
+            submitted: sent.len(),
+            completed_in_window,
+            seconds: args.seconds as f64,
+            submit_to_claim_ms: latencies,
+        })
+    });
+    let _ = std::fs::remove_dir_all(&server.dir);
+    result
 }

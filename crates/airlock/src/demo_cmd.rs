@@ -3,21 +3,21 @@
 //! HTTP API, and narrates each case of the dual-gate model. Every step checks its outcome;
 //! any surprise exits 1.
 
-#![expect(clippy::indexing_slicing, reason = "only serde_json::Value is indexed, which yields Null and never panics")]
+#![expect(
+    clippy::indexing_slicing,
+    reason = "only serde_json::Value is indexed, which yields Null and never panics"
+)]
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use airlock_core::breaker::BreakerConfig;
 use airlock_core::dispatch::Caps;
 use airlock_policy::glob::Glob;
 use airlock_server::state::{AppState, Config, FailMode, Fault};
-use airlock_store::{SqliteStore, Store};
 use serde_json::{Value, json};
 
-const SEED: &str = include_str!("../../../examples/policies/seed.yaml");
-const ADMIN: &str = "demo-admin-key-0123456789";
+use crate::inproc::{self, ADMIN, SEED};
 
 struct Http {
     base: String,
@@ -89,30 +89,16 @@ pub fn run() -> ExitCode {
     }
 }
 
-/// Starts an in-process server; returns its state and its base URL.
+/// Starts an in-process server; returns its state and a client for it.
 fn start(runtime: &tokio::runtime::Runtime, name: &str, config: Config) -> Result<(AppState, Http), String> {
-    let dir = std::env::temp_dir().join(format!("airlock-demo-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    runtime.block_on(async {
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir).map_err(|e| e.to_string())?);
-        let active = airlock_server::load_policy(&*store, ("the seed policy", SEED))
-            .await
-            .map_err(|e| e.to_string())?;
-        airlock_server::bootstrap_admin(&*store, Some(ADMIN.into())).await.map_err(|e| e.to_string())?;
-        let state = airlock_server::app_state(store, active, config);
-        airlock_server::spawn_sweeps(state.clone(), Duration::from_millis(100));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
-        let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let app = airlock_server::router(state.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        println!("  airlock serving on http://{addr}, data in {}", dir.display());
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(10)))
-            .build()
-            .into();
-        Ok((state, Http { base: format!("http://{addr}"), agent }))
-    })
+    let server = inproc::start(runtime, &format!("demo-{name}"), SEED, config)?;
+    println!("  airlock serving on http://{}, data in {}", server.addr, server.dir.display());
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    Ok((server.state, Http { base: format!("http://{}", server.addr), agent }))
 }
 
 fn keys(http: &Http) -> Result<Keys, String> {

@@ -5,8 +5,10 @@ mod bench_cmd;
 mod client_cmd;
 mod config;
 mod demo_cmd;
+mod inproc;
 mod policy_cmd;
 mod serve_cmd;
+mod worker_cmd;
 
 use std::process::ExitCode;
 
@@ -50,6 +52,8 @@ enum Command {
     /// Load generators for the benchmarks in BENCHMARKS.md.
     #[command(subcommand)]
     Bench(bench_cmd::BenchCommand),
+    /// Run a command per job for a worker pool (job JSON on stdin, result on stdout).
+    Worker(worker_cmd::WorkerArgs),
 }
 
 /// How results are printed.
@@ -83,5 +87,6 @@ fn main() -> ExitCode {
         Command::Keys(command) => client_cmd::keys(command),
         Command::Audit(command) => audit_cmd::run(command),
         Command::Bench(command) => bench_cmd::run(command),
+        Command::Worker(args) => worker_cmd::run(args),
     }
 }
