@@ -98,10 +98,15 @@ pub async fn claim(State(state): State<AppState>, caller: Caller, body: Body) ->
             let page = state.store().dispatchable(&caller.tenant, now, offset, CLAIM_BATCH).await?;
             let full = page.len() == CLAIM_BATCH as usize;
             for job in page {
-                if state.config().pool_takes(&pool, &job.topic) != Some(true) {
+                if state.config().pool_takes(&pool, &job.topic) != Some(true)
+                    || !state.begin_dispatch(&job.id)
+                {
                     continue;
                 }
-                if let Some(leased) = gate_b(&state, &caller, job).await? {
+                let id = job.id.clone();
+                let leased = gate_b(&state, &caller, job).await;
+                state.end_dispatch(&id);
+                if let Some(leased) = leased? {
                     return Ok(Json(leased).into_response());
                 }
             }

@@ -325,6 +325,7 @@ struct Inner {
     metrics: Metrics,
     breaker: Mutex<Breaker>,
     work: tokio::sync::Notify,
+    in_flight: Mutex<std::collections::HashSet<airlock_core::ids::JobId>>,
 }
 
 impl AppState {
@@ -338,7 +339,21 @@ impl AppState {
             metrics: Metrics::default(),
             breaker,
             work: tokio::sync::Notify::new(),
+            in_flight: Mutex::new(std::collections::HashSet::new()),
         }))
+    }
+
+    /// Marks a job as being run through Gate B by this process, so that concurrent claims
+    /// skip it instead of racing for it; `false` when another claim already has it.
+    pub fn begin_dispatch(&self, id: &airlock_core::ids::JobId) -> bool {
+        self.0.in_flight.lock().is_ok_and(|mut set| set.insert(id.clone()))
+    }
+
+    /// Ends what [`AppState::begin_dispatch`] began.
+    pub fn end_dispatch(&self, id: &airlock_core::ids::JobId) {
+        if let Ok(mut set) = self.0.in_flight.lock() {
+            set.remove(id);
+        }
     }
 
     /// The breaker around Gate B's safety check.

@@ -27,7 +27,8 @@ use crate::{
 };
 
 /// The schema migrations, in order; `PRAGMA user_version` counts how many are applied.
-const MIGRATIONS: [&str; 2] = [include_str!("schema.sql"), include_str!("schema_v2.sql")];
+const MIGRATIONS: [&str; 3] =
+    [include_str!("schema.sql"), include_str!("schema_v2.sql"), include_str!("schema_v3.sql")];
 
 /// Most commands committed in one transaction.
 const GROUP_COMMIT_MAX: usize = 512;
