@@ -13,6 +13,7 @@ pub mod keys;
 pub mod metrics;
 mod ops;
 mod policy_api;
+pub mod remote_safety;
 pub mod state;
 pub mod wire;
 
@@ -33,7 +34,7 @@ pub use ops::OPENAPI;
 use state::{ActivePolicy, AppState, Config};
 
 /// Every route: method and path. The OpenAPI document must describe each (tested).
-pub const ROUTES: [(&str, &str); 32] = [
+pub const ROUTES: [(&str, &str); 33] = [
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -66,6 +67,7 @@ pub const ROUTES: [(&str, &str); 32] = [
     ("get", "/api/v1/dlq/{id}"),
     ("post", "/api/v1/dlq/{id}/retry"),
     ("post", "/api/v1/dlq/{id}/discard"),
+    ("post", "/api/v1/safety/evaluate"),
 ];
 
 /// The application, ready to serve or to test with `tower::ServiceExt::oneshot`.
@@ -109,6 +111,18 @@ pub fn router(state: AppState) -> Router {
                 "this route does not take that method; see /api/v1/openapi.json",
             )
         })
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// The safety service (`airlock serve --role safety`): health, metrics and evaluations only.
+pub fn safety_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/api/v1/safety/evaluate", post(remote_safety::evaluate))
+        .fallback(|| async { error::ApiError::not_found("route") })
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }

@@ -91,6 +91,10 @@ pub struct Config {
     pub heartbeat_ms: u64,
     /// Worker pools: name and the topics routed to it.
     pub pools: Vec<(String, Vec<Glob>)>,
+    /// The token the safety service requires (`--role safety`); `None` elsewhere.
+    pub safety_token: Option<String>,
+    /// Where the safety check runs when it is not in this process (`--safety-url`).
+    pub remote_safety: Option<crate::remote_safety::RemoteSafety>,
     /// Benchmark-only: skip both gates' policy evaluation (every job is allowed). Never set
     /// by configuration; only `airlock bench` uses it, to measure what the gates cost.
     pub gates_off: bool,
@@ -118,6 +122,8 @@ impl Default for Config {
             lease_ms: defaults::LEASE_MS,
             heartbeat_ms: defaults::HEARTBEAT_MS,
             pools: Vec::new(),
+            safety_token: None,
+            remote_safety: None,
             gates_off: false,
         }
     }
@@ -251,6 +257,7 @@ impl SafetyError {
 pub struct Safety {
     active: RwLock<Arc<ActivePolicy>>,
     fault: Mutex<Option<Fault>>,
+    remote: Option<crate::remote_safety::RemoteSafety>,
 }
 
 /// A safety check's answer.
@@ -264,9 +271,10 @@ pub struct Checked {
 }
 
 impl Safety {
-    /// A safety check starting with `active`.
-    pub fn new(active: ActivePolicy) -> Self {
-        Self { active: RwLock::new(Arc::new(active)), fault: Mutex::new(None) }
+    /// A safety check starting with `active`, in this process or, with `remote`, in the
+    /// safety service.
+    pub fn new(active: ActivePolicy, remote: Option<crate::remote_safety::RemoteSafety>) -> Self {
+        Self { active: RwLock::new(Arc::new(active)), fault: Mutex::new(None), remote }
     }
 
     /// The active snapshot.
@@ -307,7 +315,10 @@ impl Safety {
             }
             let active = self.active();
             let started = Instant::now();
-            let evaluation = active.policy.evaluate(job);
+            let evaluation = match &self.remote {
+                None => active.policy.evaluate(job),
+                Some(remote) => remote.evaluate(job, active.version, &active.policy).await?,
+            };
             Ok(Checked { active, evaluation, elapsed: started.elapsed() })
         };
         tokio::time::timeout(timeout, evaluate).await.map_err(|_| SafetyError::Timeout(timeout))?
@@ -326,21 +337,29 @@ struct Inner {
     breaker: Mutex<Breaker>,
     work: tokio::sync::Notify,
     in_flight: Mutex<std::collections::HashSet<airlock_core::ids::JobId>>,
+    snapshots: crate::remote_safety::Snapshots,
 }
 
 impl AppState {
     /// State over a store, with `active` as the active snapshot.
     pub fn new(store: Arc<dyn Store>, active: ActivePolicy, config: Config) -> Self {
         let breaker = Mutex::new(Breaker::new(config.breaker));
+        let remote = config.remote_safety.clone();
         Self(Arc::new(Inner {
             store,
-            safety: Safety::new(active),
+            safety: Safety::new(active, remote),
             config,
             metrics: Metrics::default(),
             breaker,
             work: tokio::sync::Notify::new(),
             in_flight: Mutex::new(std::collections::HashSet::new()),
+            snapshots: crate::remote_safety::Snapshots::default(),
         }))
+    }
+
+    /// Snapshots compiled by the safety service, by version.
+    pub fn snapshots(&self) -> &crate::remote_safety::Snapshots {
+        &self.0.snapshots
     }
 
     /// Marks a job as being run through Gate B by this process, so that concurrent claims

@@ -113,7 +113,15 @@ fn operations_are_described_and_secured() {
                 "{name}: a public route must set `security: []`"
             );
         } else {
-            assert!(op.get("security").is_none(), "{name}: must use the global bearer-key security");
+            let schemes = doc["components"]["securitySchemes"].as_object().unwrap();
+            let own_scheme = op["security"].as_array().is_some_and(|s| {
+                !s.is_empty()
+                    && s.iter().all(|r| r.as_object().unwrap().keys().all(|k| schemes.contains_key(k)))
+            });
+            assert!(
+                op.get("security").is_none() || own_scheme,
+                "{name}: must use the global bearer-key security or name a declared scheme"
+            );
             assert!(description.contains("**Role:**"), "{name}: the description must name the required role");
             assert!(responses.contains_key("401"), "{name}: no 401 response");
         }

@@ -18,8 +18,24 @@ const SEED_POLICY: &str = include_str!("../../../examples/policies/seed.yaml");
 /// How often pending approvals are checked for expiry.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 
+/// The roles one process can take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Role {
+    /// Gateway, scheduler and (unless `--safety-url`) the safety check.
+    All,
+    /// Only the safety service, for `--safety-url` of the other processes.
+    Safety,
+}
+
 #[derive(Args)]
 pub struct ServeArgs {
+    /// What this process runs: everything, or only the safety service.
+    #[arg(long, value_enum, default_value_t = Role::All)]
+    role: Role,
+    /// Call the safety service at this URL (`http://host:port`) instead of evaluating in
+    /// process; the token comes from `AIRLOCK_SAFETY_TOKEN`.
+    #[arg(long)]
+    safety_url: Option<String>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -87,6 +103,18 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     };
     config.fault_injection = args.enable_fault_injection;
     config.force_fail_open_high_risk = args.force_fail_open_high_risk;
+    let token = || {
+        std::env::var("AIRLOCK_SAFETY_TOKEN")
+            .ok()
+            .filter(|t| t.len() >= 16)
+            .ok_or("the safety service needs AIRLOCK_SAFETY_TOKEN (16+ characters)".to_owned())
+    };
+    if args.role == Role::Safety {
+        config.safety_token = Some(token()?);
+    }
+    if let Some(url) = &args.safety_url {
+        config.remote_safety = Some(airlock_server::remote_safety::RemoteSafety::new(url, token()?)?);
+    }
 
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&args.data).map_err(|e| e.to_string())?);
     let initial = match &args.policy {
@@ -100,6 +128,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         airlock_server::load_policy(&*store, (&initial.0, &initial.1)).await.map_err(|e| e.to_string())?;
     for warning in config.check_fail_open(&active.policy)? {
         tracing::warn!("{warning}");
+    }
+    if args.role == Role::Safety {
+        return serve_safety(args, store, active, config).await;
     }
     let admin_key = std::env::var("AIRLOCK_ADMIN_KEY").ok().filter(|k| !k.is_empty());
     if let Some(secret) =
@@ -125,6 +156,28 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("server error: {e}"))?;
     tracing::info!("stopped: in-flight requests drained");
     Ok(())
+}
+
+async fn serve_safety(
+    args: ServeArgs,
+    store: Arc<dyn Store>,
+    active: airlock_server::state::ActivePolicy,
+    config: Config,
+) -> Result<(), String> {
+    let version = active.version;
+    let state = airlock_server::app_state(store, active, config);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    println!(
+        "airlock safety service listening on http://{local} (data {}, policy version {version})",
+        args.data.display()
+    );
+    axum::serve(listener, airlock_server::safety_router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| format!("server error: {e}"))
 }
 
 async fn shutdown_signal() {
