@@ -61,13 +61,20 @@ impl Job {
     /// and `principal` default to [`SIMULATION_TENANT`] and [`SIMULATION_PRINCIPAL`]. Every
     /// bad field is reported.
     pub fn from_json(value: &Value) -> Result<Self, Vec<FieldError>> {
+        Self::from_value(value.clone())
+    }
+
+    /// Like [`Job::from_json`], taking the document by value so that the payload is moved,
+    /// not copied.
+    pub fn from_value(value: Value) -> Result<Self, Vec<FieldError>> {
         let mut errors = Vec::new();
-        let Value::Object(map) = value else {
+        let Value::Object(mut map) = value else {
             return Err(vec![FieldError {
                 field: "job".into(),
-                message: format!("expected a JSON object, found {}", json_kind(value)),
+                message: format!("expected a JSON object, found {}", json_kind(&value)),
             }]);
         };
+        let payload = map.remove("payload");
         for key in map.keys() {
             if !JOB_FIELDS.contains(&key.as_str()) {
                 errors.push(FieldError {
@@ -76,16 +83,16 @@ impl Job {
                 });
             }
         }
-        let tenant = name(map, "tenant", false, &mut errors).unwrap_or_else(|| SIMULATION_TENANT.into());
+        let tenant = name(&map, "tenant", false, &mut errors).unwrap_or_else(|| SIMULATION_TENANT.into());
         let principal =
-            name(map, "principal", false, &mut errors).unwrap_or_else(|| SIMULATION_PRINCIPAL.into());
-        let topic = name(map, "topic", true, &mut errors).unwrap_or_default();
-        let env = name(map, "env", true, &mut errors).unwrap_or_default();
+            name(&map, "principal", false, &mut errors).unwrap_or_else(|| SIMULATION_PRINCIPAL.into());
+        let topic = name(&map, "topic", true, &mut errors).unwrap_or_default();
+        let env = name(&map, "env", true, &mut errors).unwrap_or_default();
         let labels = labels(map.get("labels"), &mut errors);
-        let payload = map.get("payload").cloned().unwrap_or_else(|| Value::Object(Map::new()));
+        let payload = payload.unwrap_or_else(|| Value::Object(Map::new()));
         check_payload_depth(&payload, &mut errors);
-        let plan_hash = optional_string(map, "plan_hash", &mut errors);
-        let idempotency_key = optional_string(map, "idempotency_key", &mut errors);
+        let plan_hash = optional_string(&map, "plan_hash", &mut errors);
+        let idempotency_key = optional_string(&map, "idempotency_key", &mut errors);
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -96,7 +103,7 @@ impl Job {
     pub fn from_slice(bytes: &[u8]) -> Result<Self, Vec<FieldError>> {
         let value: Value = serde_json::from_slice(bytes)
             .map_err(|e| vec![FieldError { field: "job".into(), message: format!("invalid JSON: {e}") }])?;
-        Self::from_json(&value)
+        Self::from_value(value)
     }
 
     /// The job hash of SPEC 2. An absent `plan_hash` is hashed as `null`.
@@ -189,21 +196,21 @@ fn labels(value: Option<&Value>, errors: &mut Vec<FieldError>) -> BTreeMap<Strin
                 return labels;
             }
             for (key, value) in map {
-                let field = format!("labels.{key}");
+                let field = || format!("labels.{key}");
                 match value {
                     _ if key.is_empty() || key.len() > LABEL_BYTES_MAX => errors.push(FieldError {
-                        field,
+                        field: field(),
                         message: format!("label names must be 1 to {LABEL_BYTES_MAX} bytes"),
                     }),
                     Value::String(s) if s.len() > LABEL_BYTES_MAX => errors.push(FieldError {
-                        field,
+                        field: field(),
                         message: format!("is longer than {LABEL_BYTES_MAX} bytes"),
                     }),
                     Value::String(s) => {
                         labels.insert(key.clone(), s.clone());
                     }
                     other => errors.push(FieldError {
-                        field,
+                        field: field(),
                         message: format!("expected a string, found {}", json_kind(other)),
                     }),
                 }
