@@ -164,10 +164,7 @@ async fn gate_b(state: &AppState, caller: &Caller, job: JobRecord) -> Result<Opt
             }
         }
     };
-    let caps = dispatch::Caps {
-        execution_attempts_max: state.config().execution_attempts_for(&job.topic),
-        ..state.config().caps
-    };
+    let caps = state.config().caps_for(&job.topic);
     let action = dispatch::gate_b(answer, fail_mode, job.dispatch.scheduling_attempts, &caps, jitter()?);
 
     let (gate, decision_name) = match &decided {
@@ -534,10 +531,7 @@ async fn end_attempt(
     error: &str,
     actor: &str,
 ) -> Result<JobRecord, airlock_store::StoreError> {
-    let caps = dispatch::Caps {
-        execution_attempts_max: state.config().execution_attempts_for(&job.topic),
-        ..state.config().caps
-    };
+    let caps = state.config().caps_for(&job.topic);
     let finish = match dispatch::after_attempt(job.dispatch.execution_attempts, retryable, &caps, error) {
         AfterAttempt::Retry => Finish::Retry { error: error.to_owned() },
         AfterAttempt::Fail => Finish::Failed { error: error.to_owned() },

@@ -151,12 +151,14 @@ impl Config {
         }
     }
 
-    /// Execution attempts allowed for a topic.
-    pub fn execution_attempts_for(&self, topic: &str) -> u32 {
-        self.execution_attempts_topics
+    /// The caps for a topic: the configured ones, with the topic's execution-attempt override.
+    pub fn caps_for(&self, topic: &str) -> Caps {
+        let execution_attempts_max = self
+            .execution_attempts_topics
             .iter()
             .find(|(g, _)| g.matches(topic))
-            .map_or(self.caps.execution_attempts_max, |(_, n)| *n)
+            .map_or(self.caps.execution_attempts_max, |(_, n)| *n);
+        Caps { execution_attempts_max, ..self.caps }
     }
 
     /// Whether `pool` takes `topic`. Without configured pools, the pool `default` takes all.

@@ -342,8 +342,8 @@ mod tests {
             (2, 500, 1)
         );
         assert_eq!(config.caps.scheduling_attempts_max, 5);
-        assert_eq!(config.execution_attempts_for("infra.cluster.recreate"), 1);
-        assert_eq!(config.execution_attempts_for("infra.vm.create"), 2);
+        assert_eq!(config.caps_for("infra.cluster.recreate").execution_attempts_max, 1);
+        assert_eq!(config.caps_for("infra.vm.create").execution_attempts_max, 2);
         assert_eq!((config.lease_ms, config.heartbeat_ms), (1500, 500));
         assert_eq!(config.pool_takes("infra", "infra.vm.create"), Some(true));
         assert_eq!(config.pool_takes("default", "infra.vm.create"), None);

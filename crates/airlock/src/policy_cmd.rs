@@ -193,39 +193,6 @@ fn load_job(spec: &str) -> Result<Job, Reported> {
     })
 }
 
-fn evaluation_json(policy: &Policy, job: &Job, evaluation: &Evaluation) -> Value {
-    let deciding = evaluation.deciding.first().and_then(|idx| policy.rule(*idx));
-    let mut out = json!({
-        "decision": evaluation.decision.as_str(),
-        "rule_ids": policy.ids(&evaluation.deciding),
-        "reason": policy.reason(evaluation),
-        "snapshot": policy.hash(),
-        "job_hash": job.hash(),
-        "audit_rule_ids": policy.ids(&evaluation.audit),
-        "errors": evaluation.errors.iter().map(|(idx, e)| json!({
-            "rule_id": policy.rule(*idx).map(|r| r.id.as_str()),
-            "error": e.to_string(),
-        })).collect::<Vec<_>>(),
-    });
-    if let (Some(rule), Some(object)) = (deciding, out.as_object_mut()) {
-        if let Some(limit) = &rule.limit {
-            object.insert(
-                "limit".into(),
-                json!({
-                    "rate": limit.rate,
-                    "per_secs": limit.per_secs,
-                    "burst": limit.burst,
-                    "key": limit.key.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
-                }),
-            );
-        }
-        if rule.decision == Decision::RequireHuman {
-            object.insert("approvals".into(), json!(rule.approvals));
-        }
-    }
-    out
-}
-
 fn print_evaluation(policy: &Policy, job: &Job, evaluation: &Evaluation) {
     let ids = policy.ids(&evaluation.deciding);
     println!("decision  {}", evaluation.decision);
@@ -248,7 +215,7 @@ fn simulate(input: &JobInput, exit_code: bool, format: Format) -> Result<ExitCod
     let evaluation = policy.evaluate(&job);
     match format {
         Format::Human => print_evaluation(&policy, &job, &evaluation),
-        Format::Json => print_json(&evaluation_json(&policy, &job, &evaluation)),
+        Format::Json => print_json(&airlock_server::wire::evaluation(&policy, &job, &evaluation)),
     }
     Ok(match (exit_code, evaluation.decision) {
         (true, Decision::Deny) => ExitCode::from(2),
@@ -277,30 +244,7 @@ fn explain(input: &JobInput, format: Format) -> Result<ExitCode, Reported> {
             }
         }
         Format::Json => {
-            let mut out = evaluation_json(&policy, &job, &explanation.evaluation);
-            let rules: Vec<Value> = policy
-                .rules()
-                .iter()
-                .zip(&explanation.verdicts)
-                .map(|(rule, verdict)| {
-                    let (verdict, detail) = match verdict {
-                        Verdict::Matched => ("matched", None),
-                        Verdict::NotMatched(why) => ("not_matched", Some(why.as_str())),
-                        Verdict::Error(e) => ("error", Some(e.as_str())),
-                    };
-                    json!({
-                        "id": rule.id,
-                        "decision": rule.decision.as_str(),
-                        "mode": rule.mode.as_str(),
-                        "verdict": verdict,
-                        "detail": detail,
-                    })
-                })
-                .collect();
-            if let Some(object) = out.as_object_mut() {
-                object.insert("rules".into(), Value::Array(rules));
-            }
-            print_json(&out);
+            print_json(&airlock_server::wire::explanation(&policy, &job, &explanation));
         }
     }
     Ok(ExitCode::SUCCESS)
