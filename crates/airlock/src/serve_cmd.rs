@@ -15,8 +15,8 @@ use clap::Args;
 /// The policy a fresh install starts with when `--policy` is not given.
 const SEED_POLICY: &str = include_str!("../../../examples/policies/seed.yaml");
 
-/// How often pending approvals are checked for expiry.
-const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
+/// How often approvals are checked for expiry and leases for lapses.
+const SWEEP_PERIOD: Duration = Duration::from_secs(1);
 
 /// The roles one process can take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -140,7 +140,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     }
     let (version, hash) = (active.version, active.policy.hash().to_owned());
     let state = airlock_server::app_state(Arc::clone(&store), active, config);
-    airlock_server::spawn_sweeps(state.clone(), EXPIRY_SWEEP);
+    airlock_server::spawn_sweeps(state.clone(), SWEEP_PERIOD);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
