@@ -1,9 +1,10 @@
 //! The store: every durable fact of Airlock (keys, snapshots, jobs and their history,
 //! approvals, idempotency keys, throttle budgets, the audit chain) behind one trait, so that
-//! the gateway and scheduler run unchanged on the embedded SQLite file or, later, on
-//! PostgreSQL. Implementations keep each operation atomic: a submit's job, approval request,
+//! the gateway and scheduler run unchanged on the embedded SQLite file or on PostgreSQL
+//! ([`PgStore`]). Implementations keep each operation atomic: a submit's job, approval request,
 //! idempotency key, budget and audit record are committed together or not at all.
 
+mod postgres;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -17,6 +18,7 @@ use airlock_core::state::{Event, InvalidTransition, JobState};
 use airlock_policy::{Decision, Limit};
 use serde_json::Value;
 
+pub use postgres::PgStore;
 pub use sqlite::{DATABASE_FILE, SqliteStore};
 
 /// What can go wrong in the store, by what the caller can do about it.

@@ -84,7 +84,7 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-fn corrupt(what: impl std::fmt::Display) -> StoreError {
+pub(crate) fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
 
@@ -359,7 +359,7 @@ impl Tx<'_> {
     }
 }
 
-fn gate_json(g: &GateDecision) -> String {
+pub(crate) fn gate_json(g: &GateDecision) -> String {
     json!({
         "decision": g.decision.as_str(),
         "rule_ids": g.rule_ids,
@@ -372,7 +372,7 @@ fn gate_json(g: &GateDecision) -> String {
     .to_string()
 }
 
-fn gate_from_json(text: &str) -> Result<GateDecision, StoreError> {
+pub(crate) fn gate_from_json(text: &str) -> Result<GateDecision, StoreError> {
     let v: Value = serde_json::from_str(text).map_err(corrupt)?;
     let s = |k: &str| {
         v.get(k).and_then(Value::as_str).map(str::to_owned).ok_or_else(|| corrupt(format!("gate `{k}`")))
@@ -456,7 +456,7 @@ fn load_job(conn: &Connection, tenant: &TenantId, id: &JobId) -> Result<Option<J
     }
 }
 
-fn strings(text: &str) -> Result<Vec<String>, StoreError> {
+pub(crate) fn strings(text: &str) -> Result<Vec<String>, StoreError> {
     serde_json::from_str(text).map_err(corrupt)
 }
 

@@ -1,13 +1,15 @@
 //! The semantics the gates rely on, written once against `dyn Store`: transactional submit,
 //! idempotency conflicts, all-or-nothing budgets, the lifecycle table, optimistic approval
 //! changes, the audit chain, and durability across a reopen. Every store implementation must
-//! pass these.
+//! pass these: the embedded SQLite store always, and PostgreSQL on a fresh schema per test at
+//! `AIRLOCK_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`). Outside CI
+//! an unreachable PostgreSQL skips with a notice; with `CI=true` it fails the test.
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic, reason = "a test fails by panicking")]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 
 use airlock_core::approval::{Request, Status};
 use airlock_core::audit::{self, Draft};
@@ -16,8 +18,9 @@ use airlock_core::role::{Role, Roles};
 use airlock_core::state::{Event, JobState};
 use airlock_policy::{Decision, Limit, LimitKey};
 use airlock_store::{
-    ApprovalChange, ApprovalRecord, Budget, DispatchState, GateDecision, JobFilter, JobRecord, KeyRecord,
-    SqliteStore, Store, StoreError, Submission, SubmitOutcome,
+    ApprovalChange, ApprovalRecord, Budget, Dispatch, DispatchAction, DispatchOutcome, DispatchState, Finish,
+    GateDecision, JobFilter, JobRecord, KeyRecord, Lease, PgStore, SqliteStore, Store, StoreError,
+    Submission, SubmitOutcome,
 };
 use serde_json::json;
 
@@ -37,9 +40,78 @@ fn temp_dir() -> std::path::PathBuf {
     dir
 }
 
-fn stores() -> Vec<(String, Arc<dyn Store>, std::path::PathBuf)> {
-    let dir = temp_dir();
-    vec![("sqlite".into(), Arc::new(SqliteStore::open(&dir).unwrap()), dir)]
+static SCHEMAS: AtomicU32 = AtomicU32::new(1);
+
+/// A fresh PostgreSQL schema for one test, dropped with this guard.
+struct PgSchema {
+    base: String,
+    name: String,
+}
+
+impl PgSchema {
+    /// `None` (with a notice) when PostgreSQL is unreachable outside CI; in CI, a failure.
+    async fn create() -> Option<Self> {
+        let base = std::env::var("AIRLOCK_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let connected = tokio_postgres::connect(&base, tokio_postgres::NoTls).await;
+        let client = match connected.map_err(|e| match std::error::Error::source(&e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        }) {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                client
+            }
+            Err(e) if std::env::var("CI").is_ok_and(|ci| ci == "true") => panic!(
+                "PostgreSQL at AIRLOCK_TEST_POSTGRES_URL (`{base}`) is unreachable: {e}; CI must run the \
+                 PostgreSQL conformance tests, so start PostgreSQL before them"
+            ),
+            Err(e) => {
+                eprintln!("notice: skipping the PostgreSQL store, `{base}` is unreachable: {e}");
+                return None;
+            }
+        };
+        let name = format!("airlock_test_{}_{}", std::process::id(), SCHEMAS.fetch_add(1, Ordering::Relaxed));
+        client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"))
+            .await
+            .unwrap();
+        Some(Self { base, name })
+    }
+
+    /// The URL of a store whose connections see only this schema.
+    fn url(&self) -> String {
+        let separator = if self.base.contains('?') { '&' } else { '?' };
+        format!("{}{separator}options=-csearch_path%3D{}", self.base, self.name)
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        // Drop is synchronous: drop the schema from a thread with its own runtime.
+        let (base, name) = (self.base.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                if let Ok((client, connection)) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(connection);
+                    let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE")).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+async fn stores() -> Vec<(String, Arc<dyn Store>, Option<PgSchema>)> {
+    let mut stores: Vec<(String, Arc<dyn Store>, Option<PgSchema>)> =
+        vec![("sqlite".into(), Arc::new(SqliteStore::open(&temp_dir()).unwrap()), None)];
+    if let Some(schema) = PgSchema::create().await {
+        let store = PgStore::connect(&schema.url()).await.unwrap();
+        stores.push(("postgres".into(), Arc::new(store), Some(schema)));
+    }
+    stores
 }
 
 fn tenant(name: &str) -> TenantId {
@@ -103,7 +175,7 @@ async fn verify_chain(store: &dyn Store, t: &TenantId) -> Result<u64, audit::Bro
 
 #[tokio::test]
 async fn submit_writes_everything_together() {
-    for (name, store, _) in stores() {
+    for (name, store, _schema) in stores().await {
         let t = tenant("acme");
         let mut j = job(&t, JobState::AwaitingApproval, 1_000);
         let approval = ApprovalRecord {
@@ -144,7 +216,7 @@ async fn submit_writes_everything_together() {
 
 #[tokio::test]
 async fn idempotency_keys_replay_or_conflict() {
-    for (name, store, _) in stores() {
+    for (name, store, _schema) in stores().await {
         let t = tenant("acme");
         let first = job(&t, JobState::Queued, 10);
         let mut s = submission(first.clone());
@@ -184,7 +256,7 @@ async fn idempotency_keys_replay_or_conflict() {
 
 #[tokio::test]
 async fn budgets_admit_all_or_nothing() {
-    for (name, store, _) in stores() {
+    for (name, store, _schema) in stores().await {
         let t = tenant("acme");
         let one_per_minute = Limit { rate: 1, per_secs: 60, burst: 1, key: vec![LimitKey::Tenant] };
         let roomy = Limit { rate: 100, per_secs: 1, burst: 100, key: vec![LimitKey::Tenant] };
@@ -210,7 +282,7 @@ async fn budgets_admit_all_or_nothing() {
 
 #[tokio::test]
 async fn transitions_follow_the_table() {
-    for (name, store, _) in stores() {
+    for (name, store, _schema) in stores().await {
         let t = tenant("acme");
         let j = job(&t, JobState::Queued, 5);
         store.submit(submission(j.clone()), 0).await.unwrap();
@@ -232,7 +304,7 @@ async fn transitions_follow_the_table() {
 
 #[tokio::test]
 async fn approval_changes_are_optimistic_and_move_the_job() {
-    for (name, store, _) in stores() {
+    for (name, store, _schema) in stores().await {
         let t = tenant("acme");
         let mut j = job(&t, JobState::AwaitingApproval, 100);
         let id = ApprovalId::generate(100, random());
@@ -294,6 +366,20 @@ async fn approval_changes_are_optimistic_and_move_the_job() {
 #[tokio::test]
 async fn keys_snapshots_and_durability_across_reopen() {
     let dir = temp_dir();
+    keys_snapshots_and_durability(async || Box::new(SqliteStore::open(&dir).unwrap()) as Box<dyn Store>)
+        .await;
+}
+
+#[tokio::test]
+async fn keys_snapshots_and_durability_across_reconnect_postgres() {
+    let Some(schema) = PgSchema::create().await else { return };
+    let url = schema.url();
+    keys_snapshots_and_durability(async || Box::new(PgStore::connect(&url).await.unwrap()) as Box<dyn Store>)
+        .await;
+}
+
+/// Writes through one store, drops it, and reads everything back through a fresh one.
+async fn keys_snapshots_and_durability(open: impl AsyncFn() -> Box<dyn Store>) {
     let t = tenant("acme");
     let key = KeyRecord {
         id: KeyId::generate(1, random()),
@@ -306,7 +392,7 @@ async fn keys_snapshots_and_durability_across_reopen() {
     };
     let j = job(&t, JobState::Queued, 9);
     {
-        let store = SqliteStore::open(&dir).unwrap();
+        let store = open().await;
         store.create_key(key.clone(), draft("key.created", key.id.as_str())).await.unwrap();
         let duplicate = KeyRecord { id: KeyId::generate(2, random()), ..key.clone() };
         assert!(matches!(
@@ -321,7 +407,7 @@ async fn keys_snapshots_and_durability_across_reopen() {
         assert_eq!((v1.version, v2.version), (1, 2));
         store.submit(submission(j.clone()), 0).await.unwrap();
     }
-    let store = SqliteStore::open(&dir).unwrap();
+    let store = open().await;
     assert_eq!(store.key(&key.id).await.unwrap().unwrap(), key);
     assert_eq!(store.active_snapshot().await.unwrap().unwrap().hash, "sha256:two");
     let all = store.snapshots().await.unwrap();
@@ -333,15 +419,15 @@ async fn keys_snapshots_and_durability_across_reopen() {
         store.revoke_key(&key.id, 11, draft("key.revoked", "x")).await,
         Err(StoreError::NotFound)
     ));
-    assert_eq!(verify_chain(&store, &t).await, Ok(3), "key created, job submitted, key revoked");
+    assert_eq!(verify_chain(&*store, &t).await, Ok(3), "key created, job submitted, key revoked");
     let platform = tenant(TenantId::PLATFORM);
-    assert_eq!(verify_chain(&store, &platform).await, Ok(2), "two publishes");
+    assert_eq!(verify_chain(&*store, &platform).await, Ok(2), "two publishes");
     assert_eq!(store.audit_tenants().await.unwrap(), [t, platform]);
 }
 
 #[tokio::test]
 async fn concurrent_submits_group_commit_and_chain_in_order() {
-    for (name, store, _) in stores() {
+    for (name, store, _schema) in stores().await {
         let t = tenant("acme");
         let mut handles = Vec::new();
         for i in 0..200 {
@@ -359,4 +445,188 @@ async fn concurrent_submits_group_commit_and_chain_in_order() {
         let page = store.jobs(&t, &filter).await.unwrap();
         assert_eq!(page[0].id, listed[50].id, "{name}: cursors continue where the page ended");
     }
+}
+
+#[tokio::test]
+async fn leases_are_fenced_and_dead_letters_come_back() {
+    for (name, store, _schema) in stores().await {
+        let t = tenant("acme");
+        let j = job(&t, JobState::Queued, 100);
+        store.submit(submission(j.clone()), 0).await.unwrap();
+        let lease = |token: &str, budgets: Vec<Budget>| Dispatch {
+            tenant: t.clone(),
+            job_id: j.id.clone(),
+            action: DispatchAction::Lease {
+                lease: Lease { token: token.into(), expires_at: 1_000, worker: "w".into() },
+                budgets,
+            },
+            gate_b: j.gate_a.clone(),
+            at: 200,
+            audit: draft("gate_b.decision", j.id.as_str()),
+        };
+        // A Gate B budget that refuses requeues the job until it refills, uncounted.
+        let tight = Limit { rate: 1, per_secs: 60, burst: 1, key: vec![LimitKey::Tenant] };
+        store.submit(submission(job(&t, JobState::Queued, 150)), 0).await.unwrap();
+        let mut first = lease("t0", vec![Budget { key: "b|tight".into(), limit: tight.clone() }]);
+        first.job_id = store.dispatchable(&t, 150, 1, 1).await.unwrap()[0].id.clone();
+        assert!(matches!(store.dispatch(first).await.unwrap(), DispatchOutcome::Applied(_)), "{name}");
+        let throttled =
+            store.dispatch(lease("t1", vec![Budget { key: "b|tight".into(), limit: tight }])).await;
+        assert_eq!(throttled.unwrap(), DispatchOutcome::Throttled { retry_after_ms: 60_000 }, "{name}");
+        assert!(
+            store.dispatchable(&t, 60_199, 0, 10).await.unwrap().is_empty(),
+            "{name}: not before the refill"
+        );
+        let ready = store.dispatchable(&t, 60_200, 0, 10).await.unwrap();
+        assert_eq!(ready.iter().map(|r| &r.id).collect::<Vec<_>>(), [&j.id], "{name}");
+
+        let leased = match store.dispatch(lease("t2", vec![])).await.unwrap() {
+            DispatchOutcome::Applied(job) => job,
+            other => panic!("{name}: expected a lease, got {other:?}"),
+        };
+        assert_eq!((leased.state, leased.dispatch.execution_attempts), (JobState::Leased, 1), "{name}");
+        assert_eq!(store.dispatch(lease("t3", vec![])).await.unwrap(), DispatchOutcome::Gone, "{name}");
+        let wrong = store.heartbeat(&t, &j.id, "t3", 300, 2_000).await;
+        assert!(matches!(wrong, Err(StoreError::Conflict(_))), "{name}: {wrong:?}");
+        let extended = store.heartbeat(&t, &j.id, "t2", 300, 2_000).await.unwrap();
+        assert_eq!(extended, airlock_store::Heartbeat::Extended { expires_at: 2_000 }, "{name}");
+        // The other job's lease (until 1 000) lapsed; this one's runs until 2 000.
+        assert_eq!(store.lapsed_leases(2_000, 10).await.unwrap().len(), 1, "{name}");
+        assert_eq!(store.lapsed_leases(2_001, 10).await.unwrap().len(), 2, "{name}");
+        let late = store.heartbeat(&t, &j.id, "t2", 2_001, 3_000).await;
+        assert!(matches!(late, Err(StoreError::Conflict(_))), "{name}: a lapsed lease is not extended");
+
+        let retried = store
+            .finish(&t, &j.id, "t2", Some(400), Finish::Retry { error: "boom".into() }, 400, "w")
+            .await
+            .unwrap();
+        assert_eq!((retried.state, retried.dispatch.lease.as_ref()), (JobState::Queued, None), "{name}");
+        let stale =
+            store.finish(&t, &j.id, "t2", None, Finish::Succeeded { result: json!(1) }, 401, "w").await;
+        assert!(matches!(stale, Err(StoreError::Conflict(_))), "{name}: a late worker changes nothing");
+
+        assert!(matches!(store.dispatch(lease("t4", vec![])).await.unwrap(), DispatchOutcome::Applied(_)));
+        let dead = store
+            .finish(
+                &t,
+                &j.id,
+                "t4",
+                Some(500),
+                Finish::DeadLetter { reason: "out of attempts".into() },
+                500,
+                "w",
+            )
+            .await
+            .unwrap();
+        assert_eq!(dead.state, JobState::DeadLettered, "{name}");
+        assert_eq!(store.dlq_depth().await.unwrap(), 1, "{name}");
+        assert_eq!(store.dead_letters(&t, Some("infra.resource.delete"), None, 10).await.unwrap().len(), 1);
+        let back = store.retry_dead_letter(&t, &j.id, 600, "op").await.unwrap();
+        assert_eq!(
+            (back.state, back.dispatch.execution_attempts, back.dispatch.dead_letter_reason),
+            (JobState::Queued, 0, None),
+            "{name}"
+        );
+        let requeue =
+            Dispatch { action: DispatchAction::DeadLetter { reason: "again".into() }, ..lease("t5", vec![]) };
+        assert!(matches!(store.dispatch(requeue).await.unwrap(), DispatchOutcome::Applied(_)), "{name}");
+        let discarded = store.discard_dead_letter(&t, &j.id, 700, "op").await.unwrap();
+        assert_eq!(discarded.dispatch.discarded_at, Some(700), "{name}");
+        assert_eq!(store.dlq_depth().await.unwrap(), 0, "{name}");
+        let again = store.retry_dead_letter(&t, &j.id, 800, "op").await;
+        assert!(matches!(again, Err(StoreError::Conflict(_))), "{name}: {again:?}");
+        let states: Vec<JobState> = store.history(&t, &j.id).await.unwrap().iter().map(|h| h.to).collect();
+        let (queued, leased, dead) = (JobState::Queued, JobState::Leased, JobState::DeadLettered);
+        assert_eq!(states, [queued, leased, queued, leased, dead, queued, dead], "{name}");
+        assert!(verify_chain(&*store, &t).await.is_ok(), "{name}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_replicas_keep_one_chain_and_lease_once() {
+    let Some(schema) = PgSchema::create().await else { return };
+    let url = schema.url();
+    // Both replicas migrate the fresh schema at once: the advisory lock makes it happen once.
+    let (a, b) = tokio::join!(PgStore::connect(&url), PgStore::connect(&url));
+    let replicas: [Arc<dyn Store>; 2] = [Arc::new(a.unwrap()), Arc::new(b.unwrap())];
+    let t = tenant("acme");
+
+    let mut handles = Vec::new();
+    for i in 0..100_i64 {
+        let store = Arc::clone(&replicas[usize::from(i % 2 == 1)]);
+        let j = job(&t, JobState::Queued, 10_000 + i);
+        handles.push(tokio::spawn(async move { store.submit(submission(j), 0).await }));
+    }
+    // One idempotency key submitted from both replicas at once: one job, the rest replays.
+    let same_hash = job(&t, JobState::Queued, 20_000).job_hash;
+    let mut keyed = Vec::new();
+    for i in 0..10_i64 {
+        let store = Arc::clone(&replicas[usize::from(i % 2 == 1)]);
+        let mut j = job(&t, JobState::Queued, 20_000 + i);
+        j.job_hash = same_hash.clone();
+        let mut s = submission(j);
+        s.idempotency = Some(("shared-key".into(), 202, format!("body {i}")));
+        keyed.push(tokio::spawn(async move { store.submit(s, 0).await }));
+    }
+    for h in handles {
+        assert_eq!(h.await.unwrap().unwrap(), SubmitOutcome::Accepted);
+    }
+    let mut accepted = 0;
+    for h in keyed {
+        match h.await.unwrap().unwrap() {
+            SubmitOutcome::Accepted => accepted += 1,
+            SubmitOutcome::Replay(_) => {}
+            other => panic!("expected accepted or replay, got {other:?}"),
+        }
+    }
+    assert_eq!(accepted, 1, "one submit wins the idempotency key");
+    for replica in &replicas {
+        assert_eq!(verify_chain(&**replica, &t).await, Ok(101), "one chain, seen alike from both replicas");
+    }
+
+    // Both replicas lease the same queued jobs at once: each job goes to exactly one.
+    let queued = replicas[0].dispatchable(&t, i64::MAX, 0, 1_000).await.unwrap();
+    assert_eq!(queued.len(), 101);
+    let mut leases = Vec::new();
+    for (i, j) in queued.iter().take(30).enumerate() {
+        for (r, replica) in replicas.iter().enumerate() {
+            let replica = Arc::clone(replica);
+            let dispatch = Dispatch {
+                tenant: t.clone(),
+                job_id: j.id.clone(),
+                action: DispatchAction::Lease {
+                    lease: Lease {
+                        token: format!("token-{r}-{i}"),
+                        expires_at: 90_000,
+                        worker: format!("w{r}"),
+                    },
+                    budgets: vec![],
+                },
+                gate_b: j.gate_a.clone(),
+                at: 30_000,
+                audit: draft("gate_b.decision", j.id.as_str()),
+            };
+            leases.push((j.id.clone(), tokio::spawn(async move { replica.dispatch(dispatch).await })));
+        }
+    }
+    let mut applied: BTreeMap<JobId, Vec<String>> = BTreeMap::new();
+    for (id, h) in leases {
+        match h.await.unwrap().unwrap() {
+            DispatchOutcome::Applied(job) => {
+                assert_eq!(job.state, JobState::Leased);
+                applied.entry(id).or_default().push(job.dispatch.lease.unwrap().token);
+            }
+            DispatchOutcome::Gone => {}
+            other => panic!("expected applied or gone, got {other:?}"),
+        }
+    }
+    assert_eq!(applied.len(), 30, "every job was leased");
+    for (id, tokens) in &applied {
+        assert_eq!(tokens.len(), 1, "job `{id}` was leased twice: {tokens:?}");
+        let stored = replicas[1].job(&t, id).await.unwrap().unwrap();
+        assert_eq!(stored.dispatch.execution_attempts, 1);
+        assert_eq!(stored.dispatch.lease.unwrap().token, tokens[0]);
+    }
+    // Each applied lease wrote its decision and its transition.
+    assert_eq!(verify_chain(&*replicas[1], &t).await, Ok(101 + 30 * 2));
 }

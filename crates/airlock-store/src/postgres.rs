@@ -1,0 +1,1368 @@
+//! The distributed store: PostgreSQL, shared by any number of gateway and scheduler replicas.
+//! Every write is one transaction at READ COMMITTED that takes explicit row locks on what it
+//! decides from (the job row, the approval row, the throttle buckets, the tenant's audit chain
+//! head), so replicas keep the same invariants the embedded store's single writer keeps; a
+//! deadlock or serialization failure is retried a few times. Connections are plain TCP without
+//! TLS: run it on loopback or a private network only.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use airlock_core::Millis;
+use airlock_core::approval::{Request, Status};
+use airlock_core::audit::{self, Draft, Record};
+use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
+use airlock_core::role::{Role, Roles};
+use airlock_core::state::{Event, JobState};
+use airlock_core::throttle::{self, Bucket, Take};
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{FromSql, ToSql};
+use tokio_postgres::{Client, Config, GenericClient, IsolationLevel, NoTls, Row, Transaction};
+
+use crate::sqlite::{corrupt, gate_from_json, gate_json, strings};
+use crate::{
+    ApprovalChange, ApprovalRecord, AuditPage, Budget, Dispatch, DispatchAction, DispatchOutcome,
+    DispatchState, Finish, Heartbeat, IdempotencyRecord, JobFilter, JobRecord, KeyRecord, Lease,
+    SnapshotRecord, Store, StoreError, Submission, SubmitOutcome, Transition,
+};
+
+/// The schema migrations, in order; the `airlock_migrations` table records which are applied.
+const MIGRATIONS: [&str; 1] = [include_str!("postgres_schema.sql")];
+
+/// Connections kept per store (per replica).
+const POOL_MAX: usize = 16;
+
+/// Tries of one transaction that hit a deadlock or a serialization failure.
+const TX_ATTEMPTS: u32 = 5;
+
+/// How long a new connection may take when the URL does not say.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Advisory lock (two-key space, so no clash with the one-key locks below) held while
+/// migrating, so that replicas starting together migrate once.
+const MIGRATION_LOCK: (i32, i32) = (0x4169_726c, 1);
+
+/// Advisory lock held while publishing, so that versions are numbered without gaps or clashes.
+const PUBLISH_LOCK: (i32, i32) = (0x4169_726c, 2);
+
+/// Why a transaction failed: retry it, or give up with a store error.
+enum Fail {
+    /// Deadlock or serialization failure: nothing was committed, run it again.
+    Retry(String),
+    /// The idempotency key was claimed by a concurrent submit: nothing was committed, read it.
+    KeyRaced,
+    /// Any other outcome.
+    Store(StoreError),
+}
+
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        Fail::Store(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for Fail {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let message = match e.as_db_error() {
+            Some(db) => format!("{}: {}", db.code().code(), db.message()),
+            None => describe(&e),
+        };
+        match e.code() {
+            Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED => {
+                Fail::Retry(message)
+            }
+            Some(c) if *c == SqlState::UNIQUE_VIOLATION => Fail::Store(StoreError::Conflict(message)),
+            _ => Fail::Store(StoreError::Unavailable(message)),
+        }
+    }
+}
+
+/// The error and its causes: tokio-postgres puts the useful part (refused, timed out) in the
+/// source.
+fn describe(e: &tokio_postgres::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    message
+}
+
+impl From<Fail> for StoreError {
+    fn from(f: Fail) -> Self {
+        match f {
+            Fail::Retry(m) => StoreError::Unavailable(format!("gave up after {TX_ATTEMPTS} tries: {m}")),
+            Fail::KeyRaced => StoreError::Conflict("the idempotency key was used concurrently".into()),
+            Fail::Store(e) => e,
+        }
+    }
+}
+
+/// The PostgreSQL store.
+pub struct PgStore {
+    config: Config,
+    idle: Mutex<Vec<Client>>,
+    permits: Semaphore,
+}
+
+/// A connection out of the pool; back in on drop unless it broke.
+struct Pooled<'a> {
+    store: &'a PgStore,
+    client: Option<Client>,
+    _permit: SemaphorePermit<'a>,
+}
+
+impl Pooled<'_> {
+    fn client(&mut self) -> Result<&mut Client, Fail> {
+        self.client.as_mut().ok_or_else(|| Fail::Store(StoreError::Unavailable("no connection".into())))
+    }
+}
+
+impl Drop for Pooled<'_> {
+    fn drop(&mut self) {
+        // An unfinished transaction queued its ROLLBACK on drop, ahead of the next user's query.
+        if let Some(client) = self.client.take()
+            && !client.is_closed()
+            && let Ok(mut idle) = self.store.idle.lock()
+        {
+            idle.push(client);
+        }
+    }
+}
+
+/// Runs `$body` (a future using the transaction `$tx`) in a transaction, committing on `Ok`,
+/// and runs it again on a deadlock or serialization failure.
+macro_rules! write_tx {
+    ($store:expr, |$tx:ident| $body:expr) => {
+        async {
+            let mut attempt = 1;
+            loop {
+                let mut pooled = $store.checkout().await?;
+                let result: Result<_, Fail> = async {
+                    let $tx = pooled.client()?.transaction().await?;
+                    let value = $body.await?;
+                    $tx.commit().await?;
+                    Ok(value)
+                }
+                .await;
+                match result {
+                    Err(Fail::Retry(_)) if attempt < TX_ATTEMPTS => attempt += 1,
+                    other => break other,
+                }
+            }
+        }
+    };
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (a `postgres://` URL or key-value string) and applies
+    /// the migrations it lacks, under an advisory lock so replicas may start together.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let mut config: Config =
+            url.parse().map_err(|e| StoreError::Unavailable(format!("invalid postgres url: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let store = Self { config, idle: Mutex::new(Vec::new()), permits: Semaphore::new(POOL_MAX) };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn checkout(&self) -> Result<Pooled<'_>, Fail> {
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Unavailable("the connection pool is closed".into()))?;
+        let reused = loop {
+            let next = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+            match next {
+                Some(client) if client.is_closed() => {}
+                other => break other,
+            }
+        };
+        let client = match reused {
+            Some(client) => client,
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
+                    StoreError::Unavailable(format!("cannot connect to postgres: {}", describe(&e)))
+                })?;
+                tokio::spawn(async move {
+                    // The connection ends when its client is dropped or the server goes away;
+                    // the client then reports closed and is not pooled again.
+                    let _ = connection.await;
+                });
+                client
+            }
+        };
+        Ok(Pooled { store: self, client: Some(client), _permit: permit })
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut pooled = self.checkout().await?;
+        let tx = pooled.client()?.transaction().await.map_err(Fail::from)?;
+        let result: Result<(), Fail> = async {
+            tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&MIGRATION_LOCK.0, &MIGRATION_LOCK.1])
+                .await?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS airlock_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+            )
+            .await?;
+            let applied: i64 =
+                get(&tx.query_one("SELECT COALESCE(MAX(version), 0) FROM airlock_migrations", &[]).await?, 0)?;
+            let applied = usize::try_from(applied).map_err(corrupt)?;
+            if applied > MIGRATIONS.len() {
+                return Err(corrupt(format!(
+                    "the database has schema version {applied}, newer than this Airlock ({})",
+                    MIGRATIONS.len()
+                ))
+                .into());
+            }
+            for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+                tx.batch_execute(sql).await?;
+                let version = i64::try_from(i + 1).map_err(corrupt)?;
+                tx.execute(
+                    "INSERT INTO airlock_migrations (version, applied_at)
+                     VALUES ($1, (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT)",
+                    &[&version],
+                )
+                .await?;
+            }
+            Ok(())
+        }
+        .await;
+        result?;
+        tx.commit().await.map_err(Fail::from)?;
+        Ok(())
+    }
+
+    async fn read<T>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        map: impl Fn(&Row) -> Result<T, Fail>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut pooled = self.checkout().await?;
+        let rows = pooled.client()?.query(sql, params).await.map_err(Fail::from)?;
+        Ok(rows.iter().map(map).collect::<Result<_, _>>()?)
+    }
+}
+
+fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> Result<T, Fail> {
+    row.try_get(i).map_err(|e| Fail::Store(corrupt(e)))
+}
+
+fn get_u32(row: &Row, i: usize) -> Result<u32, Fail> {
+    Ok(u32::try_from(get::<i64>(row, i)?).map_err(corrupt)?)
+}
+
+fn get_u64(row: &Row, i: usize) -> Result<u64, Fail> {
+    Ok(get::<i64>(row, i)?.unsigned_abs())
+}
+
+fn parsed<T: std::str::FromStr>(row: &Row, i: usize) -> Result<T, Fail>
+where
+    T::Err: std::fmt::Display,
+{
+    Ok(get::<&str>(row, i)?.parse().map_err(corrupt)?)
+}
+
+fn parsed_opt<T: std::str::FromStr>(row: &Row, i: usize) -> Result<Option<T>, Fail>
+where
+    T::Err: std::fmt::Display,
+{
+    Ok(get::<Option<&str>>(row, i)?.map(str::parse).transpose().map_err(corrupt)?)
+}
+
+fn big(n: u32) -> i64 {
+    i64::from(n)
+}
+
+fn big_u64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Every column of a job, in `job_from_row` order.
+const JOB_COLUMNS: &str = "id, tenant, principal, topic, env, labels, payload, plan_hash, idempotency_key, job_hash, \
+                           state, gate_a, approval_id, created_at, updated_at, scheduling_attempts, \
+                           execution_attempts, not_before, lease_token, lease_expires_at, leased_by, gate_b, \
+                           dead_letter_reason, discarded_at, result, error";
+
+fn job_from_row(row: &Row) -> Result<JobRecord, Fail> {
+    Ok(JobRecord {
+        id: parsed(row, 0)?,
+        tenant: parsed(row, 1)?,
+        principal: get(row, 2)?,
+        topic: get(row, 3)?,
+        env: get(row, 4)?,
+        labels: serde_json::from_str(get(row, 5)?).map_err(corrupt)?,
+        payload: serde_json::from_str(get(row, 6)?).map_err(corrupt)?,
+        plan_hash: get(row, 7)?,
+        idempotency_key: get(row, 8)?,
+        job_hash: get(row, 9)?,
+        state: parsed(row, 10)?,
+        gate_a: gate_from_json(get(row, 11)?)?,
+        approval_id: parsed_opt(row, 12)?,
+        created_at: get(row, 13)?,
+        updated_at: get(row, 14)?,
+        dispatch: DispatchState {
+            scheduling_attempts: get_u32(row, 15)?,
+            execution_attempts: get_u32(row, 16)?,
+            not_before: get(row, 17)?,
+            lease: match (get(row, 18)?, get(row, 19)?, get(row, 20)?) {
+                (Some(token), Some(expires_at), Some(worker)) => Some(Lease { token, expires_at, worker }),
+                _ => None,
+            },
+            gate_b: get::<Option<&str>>(row, 21)?.map(gate_from_json).transpose()?,
+            dead_letter_reason: get(row, 22)?,
+            discarded_at: get(row, 23)?,
+            result: get::<Option<&str>>(row, 24)?.map(serde_json::from_str).transpose().map_err(corrupt)?,
+            error: get(row, 25)?,
+        },
+    })
+}
+
+/// A job of a tenant; with `lock`, its row stays locked until the transaction ends.
+async fn load_job(
+    c: &impl GenericClient,
+    tenant: &TenantId,
+    id: &JobId,
+    lock: bool,
+) -> Result<Option<JobRecord>, Fail> {
+    let sql = format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND tenant = $2{}",
+        if lock { " FOR UPDATE" } else { "" }
+    );
+    c.query_opt(&sql, &[&id.as_str(), &tenant.as_str()]).await?.as_ref().map(job_from_row).transpose()
+}
+
+const APPROVAL_COLUMNS: &str = "id, tenant, job_id, status, job_hash, snapshot_hash, rule_ids, rule_hashes, \
+                                requested_by, created_at, expires_at, quorum, approvers, decided_at, decided_by";
+
+fn approval_from_row(row: &Row) -> Result<ApprovalRecord, Fail> {
+    Ok(ApprovalRecord {
+        id: parsed(row, 0)?,
+        tenant: parsed(row, 1)?,
+        job_id: parsed(row, 2)?,
+        request: Request {
+            status: parsed(row, 3)?,
+            job_hash: get(row, 4)?,
+            snapshot_hash: get(row, 5)?,
+            rule_ids: strings(get(row, 6)?)?,
+            rule_hashes: strings(get(row, 7)?)?,
+            requested_by: get(row, 8)?,
+            created_at: get(row, 9)?,
+            expires_at: get(row, 10)?,
+            quorum: get_u32(row, 11)?,
+            approvers: strings(get(row, 12)?)?,
+        },
+        decided_at: get(row, 13)?,
+        decided_by: get(row, 14)?,
+    })
+}
+
+async fn load_approval(
+    c: &impl GenericClient,
+    tenant: &TenantId,
+    id: &ApprovalId,
+    lock: bool,
+) -> Result<Option<ApprovalRecord>, Fail> {
+    let sql = format!(
+        "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = $1 AND tenant = $2{}",
+        if lock { " FOR UPDATE" } else { "" }
+    );
+    c.query_opt(&sql, &[&id.as_str(), &tenant.as_str()]).await?.as_ref().map(approval_from_row).transpose()
+}
+
+const KEY_COLUMNS: &str = "id, tenant, name, roles, secret_hash, created_at, revoked_at";
+
+fn key_from_row(row: &Row) -> Result<KeyRecord, Fail> {
+    let roles: Roles = get::<&str>(row, 3)?
+        .split(',')
+        .filter(|r| !r.is_empty())
+        .map(str::parse::<Role>)
+        .collect::<Result<_, _>>()
+        .map_err(corrupt)?;
+    let hash: &[u8] = get(row, 4)?;
+    Ok(KeyRecord {
+        id: parsed(row, 0)?,
+        tenant: parsed(row, 1)?,
+        name: get(row, 2)?,
+        roles,
+        secret_hash: hash.try_into().map_err(|_| corrupt("key hash length"))?,
+        created_at: get(row, 5)?,
+        revoked_at: get(row, 6)?,
+    })
+}
+
+async fn load_key(c: &impl GenericClient, id: &str) -> Result<Option<KeyRecord>, Fail> {
+    let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1");
+    c.query_opt(&sql, &[&id]).await?.as_ref().map(key_from_row).transpose()
+}
+
+const SNAPSHOT_SELECT: &str = "SELECT s.version, s.hash, s.source, s.created_at, s.created_by, s.note, \
+                               (a.version IS NOT NULL) FROM snapshots s \
+                               LEFT JOIN active_snapshot a ON a.version = s.version";
+
+fn snapshot_from_row(row: &Row) -> Result<SnapshotRecord, Fail> {
+    Ok(SnapshotRecord {
+        version: get_u64(row, 0)?,
+        hash: get(row, 1)?,
+        source: get(row, 2)?,
+        created_at: get(row, 3)?,
+        created_by: get(row, 4)?,
+        note: get(row, 5)?,
+        active: get(row, 6)?,
+    })
+}
+
+async fn load_idempotency(
+    c: &impl GenericClient,
+    tenant: &str,
+    key: &str,
+    retained_since: Millis,
+) -> Result<Option<IdempotencyRecord>, Fail> {
+    let row = c
+        .query_opt(
+            "SELECT job_hash, job_id, status, body, created_at FROM idempotency
+             WHERE tenant = $1 AND key = $2 AND created_at >= $3",
+            &[&tenant, &key, &retained_since],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    Ok(Some(IdempotencyRecord {
+        job_hash: get(&row, 0)?,
+        job_id: parsed(&row, 1)?,
+        status: u16::try_from(get::<i32>(&row, 2)?).map_err(corrupt)?,
+        body: get(&row, 3)?,
+        created_at: get(&row, 4)?,
+    }))
+}
+
+/// Appends to a tenant's chain, holding its head row locked until the transaction ends so
+/// that no other replica can seal a record on the same head.
+async fn append_audit(tx: &Transaction<'_>, tenant: &str, draft: Draft) -> Result<Record, Fail> {
+    tx.execute(
+        "INSERT INTO audit_heads (tenant, seq, hash) VALUES ($1, 0, '') ON CONFLICT (tenant) DO NOTHING",
+        &[&tenant],
+    )
+    .await?;
+    let row =
+        tx.query_one("SELECT seq, hash FROM audit_heads WHERE tenant = $1 FOR UPDATE", &[&tenant]).await?;
+    let (seq, hash): (i64, String) = (get(&row, 0)?, get(&row, 1)?);
+    let head = (seq > 0).then_some((seq.unsigned_abs(), hash));
+    let record = audit::seal(tenant, head.as_ref().map(|(s, h)| (*s, h.as_str())), draft);
+    let seq = i64::try_from(record.seq).map_err(corrupt)?;
+    tx.execute(
+        "INSERT INTO audit (tenant, seq, at, kind, subject, actor, data, prev_hash, hash)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        &[
+            &tenant,
+            &seq,
+            &record.draft.at,
+            &record.draft.kind,
+            &record.draft.subject,
+            &record.draft.actor,
+            &record.draft.data.to_string(),
+            &record.prev_hash,
+            &record.hash,
+        ],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE audit_heads SET seq = $2, hash = $3 WHERE tenant = $1",
+        &[&tenant, &seq, &record.hash],
+    )
+    .await?;
+    Ok(record)
+}
+
+async fn transition(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    id: &JobId,
+    event: Event,
+    at: Millis,
+    actor: &str,
+    reason: &str,
+) -> Result<JobRecord, Fail> {
+    let job = load_job(tx, tenant, id, true).await?.ok_or(StoreError::NotFound)?;
+    let to = job.state.next(event).map_err(StoreError::from)?;
+    tx.execute(
+        "UPDATE jobs SET state = $1, updated_at = $2 WHERE id = $3",
+        &[&to.as_str(), &at, &id.as_str()],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO job_transitions (job_id, seq, from_state, to_state, at, actor, reason)
+         SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5, $6 FROM job_transitions WHERE job_id = $1",
+        &[&id.as_str(), &job.state.as_str(), &to.as_str(), &at, &actor, &reason],
+    )
+    .await?;
+    append_audit(
+        tx,
+        tenant.as_str(),
+        Draft {
+            at,
+            kind: "job.transition".into(),
+            subject: id.to_string(),
+            actor: actor.to_owned(),
+            data: json!({"from": job.state.as_str(), "to": to.as_str(), "reason": reason}),
+        },
+    )
+    .await?;
+    Ok(JobRecord { state: to, updated_at: at, ..job })
+}
+
+async fn insert_approval(tx: &Transaction<'_>, approval: &ApprovalRecord) -> Result<(), Fail> {
+    let r = &approval.request;
+    tx.execute(
+        "INSERT INTO approvals (id, tenant, job_id, status, job_hash, snapshot_hash, rule_ids, rule_hashes,
+         requested_by, created_at, expires_at, quorum, approvers, decided_at, decided_by)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        &[
+            &approval.id.as_str(),
+            &approval.tenant.as_str(),
+            &approval.job_id.as_str(),
+            &r.status.as_str(),
+            &r.job_hash,
+            &r.snapshot_hash,
+            &json!(r.rule_ids).to_string(),
+            &json!(r.rule_hashes).to_string(),
+            &r.requested_by,
+            &r.created_at,
+            &r.expires_at,
+            &big(r.quorum),
+            &json!(r.approvers).to_string(),
+            &approval.decided_at,
+            &approval.decided_by,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Takes every budget or none; `Err(retry_after_ms)` when one refuses. The buckets stay
+/// locked, in key order (so two takers never deadlock), until the transaction ends.
+async fn take_budgets(tx: &Transaction<'_>, budgets: &[Budget], at: Millis) -> Result<Result<(), u64>, Fail> {
+    if budgets.is_empty() {
+        return Ok(Ok(()));
+    }
+    let mut keys: Vec<&str> = budgets.iter().map(|b| b.key.as_str()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    tx.execute(
+        "INSERT INTO throttle_buckets (key, tokens, updated_at) SELECT k, NULL, 0 FROM UNNEST($1::TEXT[]) AS k
+         ORDER BY k COLLATE \"C\" ON CONFLICT (key) DO NOTHING",
+        &[&keys],
+    )
+    .await?;
+    let rows = tx
+        .query(
+            "SELECT key, tokens, updated_at FROM throttle_buckets WHERE key = ANY($1) ORDER BY key FOR UPDATE",
+            &[&keys],
+        )
+        .await?;
+    let mut current = BTreeMap::new();
+    for row in &rows {
+        let tokens: Option<f64> = get(row, 1)?;
+        let bucket = tokens.map(|tokens| Ok::<_, Fail>(Bucket { tokens, updated_at: get(row, 2)? }));
+        current.insert(get::<String>(row, 0)?, bucket.transpose()?);
+    }
+    let mut taken = Vec::with_capacity(budgets.len());
+    let mut retry_after_ms = 0;
+    for budget in budgets {
+        // A key listed twice reads the stored bucket each time, as in the embedded store.
+        let bucket = current.get(&budget.key).cloned().flatten();
+        match throttle::take(bucket, &budget.limit, at) {
+            Take::Admitted(b) => taken.push((&budget.key, b)),
+            Take::Refused { retry_after_ms: ms } => retry_after_ms = retry_after_ms.max(ms),
+        }
+    }
+    if retry_after_ms > 0 {
+        return Ok(Err(retry_after_ms));
+    }
+    for (key, bucket) in taken {
+        tx.execute(
+            "UPDATE throttle_buckets SET tokens = $2, updated_at = $3 WHERE key = $1",
+            &[key, &bucket.tokens, &bucket.updated_at],
+        )
+        .await?;
+    }
+    Ok(Ok(()))
+}
+
+async fn submit(tx: &Transaction<'_>, s: &Submission, retained_since: Millis) -> Result<SubmitOutcome, Fail> {
+    let tenant = s.job.tenant.as_str();
+    if let Some((key, _, _)) = &s.idempotency {
+        // Submits with the same key wait for each other here, so the re-check below sees the
+        // winner's commit; the primary key on (tenant, key) is the backstop.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1 || '|' || $2, 0))",
+            &[&tenant, &key.as_str()],
+        )
+        .await?;
+        if let Some(existing) = load_idempotency(tx, tenant, key, retained_since).await? {
+            let outcome = if existing.job_hash == s.job.job_hash {
+                SubmitOutcome::Replay(existing)
+            } else {
+                SubmitOutcome::KeyReused(existing)
+            };
+            return Ok(outcome);
+        }
+    }
+    let at = s.job.created_at;
+    if let Err(retry_after_ms) = take_budgets(tx, &s.budgets, at).await? {
+        let mut draft = s.audit.clone();
+        if let Value::Object(data) = &mut draft.data {
+            data.insert("outcome".into(), json!("throttled"));
+            data.insert("retry_after_ms".into(), json!(retry_after_ms));
+        }
+        draft.kind = "gate_a.decision".into();
+        draft.subject = "-".into();
+        append_audit(tx, tenant, draft).await?;
+        return Ok(SubmitOutcome::Throttled { retry_after_ms });
+    }
+    let j = &s.job;
+    if let Some((key, status, body)) = &s.idempotency {
+        // Overwrites only a key past retention; a live one means a concurrent submit won.
+        let claimed = tx
+            .execute(
+                "INSERT INTO idempotency (tenant, key, job_hash, job_id, status, body, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (tenant, key) DO UPDATE SET job_hash = excluded.job_hash, job_id = excluded.job_id,
+                 status = excluded.status, body = excluded.body, created_at = excluded.created_at
+                 WHERE idempotency.created_at < $8",
+                &[&tenant, key, &j.job_hash, &j.id.as_str(), &i32::from(*status), body, &at, &retained_since],
+            )
+            .await?;
+        if claimed == 0 {
+            return Err(Fail::KeyRaced);
+        }
+    }
+    let labels = serde_json::to_string(&j.labels).map_err(corrupt)?;
+    tx.execute(
+        "INSERT INTO jobs (id, tenant, principal, topic, env, labels, payload, plan_hash, idempotency_key,
+         job_hash, state, gate_a, approval_id, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        &[
+            &j.id.as_str(),
+            &tenant,
+            &j.principal,
+            &j.topic,
+            &j.env,
+            &labels,
+            &j.payload.to_string(),
+            &j.plan_hash,
+            &j.idempotency_key,
+            &j.job_hash,
+            &j.state.as_str(),
+            &gate_json(&j.gate_a),
+            &j.approval_id.as_ref().map(ApprovalId::as_str),
+            &j.created_at,
+            &j.updated_at,
+        ],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO job_transitions (job_id, seq, from_state, to_state, at, actor, reason)
+         VALUES ($1, 1, NULL, $2, $3, $4, 'submitted')",
+        &[&j.id.as_str(), &j.state.as_str(), &at, &j.principal],
+    )
+    .await?;
+    if let Some(approval) = &s.approval {
+        insert_approval(tx, approval).await?;
+    }
+    append_audit(tx, tenant, s.audit.clone()).await?;
+    Ok(SubmitOutcome::Accepted)
+}
+
+async fn change_approval(tx: &Transaction<'_>, c: &ApprovalChange) -> Result<ApprovalRecord, Fail> {
+    let current = load_approval(tx, &c.tenant, &c.id, true).await?.ok_or(StoreError::NotFound)?;
+    if current.request.status != c.expected_status || current.request.approvers.len() != c.expected_approvers
+    {
+        return Err(StoreError::Conflict("the approval request changed; read it again".into()).into());
+    }
+    // Lock the job before the audit head, in the order dispatch and finish take them.
+    load_job(tx, &c.tenant, &current.job_id, true).await?;
+    let decided = c.request.status != Status::Pending;
+    tx.execute(
+        "UPDATE approvals SET status = $1, approvers = $2, decided_at = $3, decided_by = $4 WHERE id = $5",
+        &[
+            &c.request.status.as_str(),
+            &json!(c.request.approvers).to_string(),
+            &decided.then_some(c.at),
+            &decided.then_some(c.actor.as_str()),
+            &c.id.as_str(),
+        ],
+    )
+    .await?;
+    for draft in &c.audit {
+        append_audit(tx, c.tenant.as_str(), draft.clone()).await?;
+    }
+    if let Some(event) = c.job_event {
+        let reason = format!("approval {}", c.request.status);
+        transition(tx, &c.tenant, &current.job_id, event, c.at, &c.actor, &reason).await?;
+    }
+    if let Some(replacement) = &c.replacement {
+        insert_approval(tx, replacement).await?;
+        tx.execute(
+            "UPDATE jobs SET approval_id = $1, updated_at = $2 WHERE id = $3",
+            &[&replacement.id.as_str(), &c.at, &current.job_id.as_str()],
+        )
+        .await?;
+    }
+    Ok(ApprovalRecord {
+        request: c.request.clone(),
+        decided_at: decided.then_some(c.at),
+        decided_by: decided.then(|| c.actor.clone()),
+        ..current
+    })
+}
+
+const CLEAR_LEASE: &str = "lease_token = NULL, lease_expires_at = NULL, leased_by = NULL";
+
+async fn dispatch(tx: &Transaction<'_>, d: &Dispatch) -> Result<DispatchOutcome, Fail> {
+    let Some(job) = load_job(tx, &d.tenant, &d.job_id, true).await? else {
+        return Err(StoreError::NotFound.into());
+    };
+    if job.state != JobState::Queued {
+        return Ok(DispatchOutcome::Gone);
+    }
+    let id = d.job_id.as_str();
+    tx.execute("UPDATE jobs SET gate_b = $1 WHERE id = $2", &[&gate_json(&d.gate_b), &id]).await?;
+    let actor = d.audit.actor.clone();
+    let (event, reason) = match &d.action {
+        DispatchAction::Lease { lease, budgets } => {
+            if let Err(retry_after_ms) = take_budgets(tx, budgets, d.at).await? {
+                let not_before = d.at.saturating_add(i64::try_from(retry_after_ms).unwrap_or(i64::MAX));
+                tx.execute(
+                    "UPDATE jobs SET not_before = $1, updated_at = $2 WHERE id = $3",
+                    &[&not_before, &d.at, &id],
+                )
+                .await?;
+                let mut draft = d.audit.clone();
+                draft.kind = "gate_b.throttled".into();
+                if let Value::Object(data) = &mut draft.data {
+                    data.insert("retry_after_ms".into(), json!(retry_after_ms));
+                }
+                append_audit(tx, d.tenant.as_str(), draft).await?;
+                return Ok(DispatchOutcome::Throttled { retry_after_ms });
+            }
+            tx.execute(
+                "UPDATE jobs SET lease_token = $1, lease_expires_at = $2, leased_by = $3,
+                 execution_attempts = execution_attempts + 1 WHERE id = $4",
+                &[&lease.token, &lease.expires_at, &lease.worker, &id],
+            )
+            .await?;
+            (Event::Lease, format!("leased to {}", lease.worker))
+        }
+        DispatchAction::Deny => (Event::GateBDeny, "denied at gate b".to_owned()),
+        DispatchAction::NeedsApproval { replacement } => {
+            if let Some(old) = &job.approval_id {
+                tx.execute(
+                    "UPDATE approvals SET status = 'stale', decided_at = $1, decided_by = 'system'
+                     WHERE id = $2 AND status IN ('pending', 'approved')",
+                    &[&d.at, &old.as_str()],
+                )
+                .await?;
+            }
+            insert_approval(tx, replacement).await?;
+            tx.execute("UPDATE jobs SET approval_id = $1 WHERE id = $2", &[&replacement.id.as_str(), &id])
+                .await?;
+            (Event::NeedsApproval, "gate b needs a fresh approval".to_owned())
+        }
+        DispatchAction::Requeue { not_before, counted } => {
+            tx.execute(
+                "UPDATE jobs SET not_before = $1, scheduling_attempts = scheduling_attempts + $2 WHERE id = $3",
+                &[not_before, &i64::from(*counted), &id],
+            )
+            .await?;
+            (Event::Requeue, "requeued with backoff".to_owned())
+        }
+        DispatchAction::DeadLetter { reason } => {
+            tx.execute(
+                "UPDATE jobs SET dead_letter_reason = $1, scheduling_attempts = scheduling_attempts + 1 WHERE id = $2",
+                &[reason, &id],
+            )
+            .await?;
+            (Event::DeadLetter, reason.clone())
+        }
+    };
+    append_audit(tx, d.tenant.as_str(), d.audit.clone()).await?;
+    let job = transition(tx, &d.tenant, &d.job_id, event, d.at, &actor, &reason).await?;
+    Ok(DispatchOutcome::Applied(Box::new(job)))
+}
+
+/// The job, locked, if `token` is its live lease's.
+async fn leased_under(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    id: &JobId,
+    token: &str,
+    live_at: Option<Millis>,
+) -> Result<JobRecord, Fail> {
+    let job = load_job(tx, tenant, id, true).await?.ok_or(StoreError::NotFound)?;
+    match &job.dispatch.lease {
+        Some(lease) if lease.token == token && live_at.is_some_and(|now| now > lease.expires_at) => {
+            Err(StoreError::Conflict("the lease lapsed; the job will be retried".into()).into())
+        }
+        Some(lease) if lease.token == token => Ok(job),
+        _ => Err(StoreError::Conflict("the lease token is not the job's live lease".into()).into()),
+    }
+}
+
+async fn heartbeat(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    id: &JobId,
+    token: &str,
+    now: Millis,
+    expires_at: Millis,
+) -> Result<Heartbeat, Fail> {
+    let job = leased_under(tx, tenant, id, token, Some(now)).await?;
+    match job.state {
+        JobState::Cancelled => Ok(Heartbeat::Cancelled),
+        JobState::Leased => {
+            tx.execute("UPDATE jobs SET lease_expires_at = $1 WHERE id = $2", &[&expires_at, &id.as_str()])
+                .await?;
+            Ok(Heartbeat::Extended { expires_at })
+        }
+        other => Err(StoreError::Conflict(format!("the job is `{other}`, no longer leased")).into()),
+    }
+}
+
+#[expect(clippy::too_many_arguments, reason = "mirrors Store::finish")]
+async fn finish(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    id: &JobId,
+    token: &str,
+    live_at: Option<Millis>,
+    finish: &Finish,
+    at: Millis,
+    actor: &str,
+) -> Result<JobRecord, Fail> {
+    let job = leased_under(tx, tenant, id, token, live_at).await?;
+    if job.state != JobState::Leased {
+        return Err(StoreError::Conflict(format!("the job is `{}`, no longer leased", job.state)).into());
+    }
+    let id_ = id.as_str();
+    let (event, reason) = match finish {
+        Finish::Succeeded { result } => {
+            tx.execute("UPDATE jobs SET result = $1 WHERE id = $2", &[&result.to_string(), &id_]).await?;
+            (Event::Succeed, "succeeded".to_owned())
+        }
+        Finish::Retry { error } => {
+            let sql = format!("UPDATE jobs SET error = $1, not_before = $2, {CLEAR_LEASE} WHERE id = $3");
+            tx.execute(&sql, &[error, &at, &id_]).await?;
+            (Event::Requeue, format!("attempt failed, retrying: {error}"))
+        }
+        Finish::Failed { error } => {
+            tx.execute("UPDATE jobs SET error = $1 WHERE id = $2", &[error, &id_]).await?;
+            (Event::Fail, format!("failed: {error}"))
+        }
+        Finish::DeadLetter { reason } => {
+            let sql =
+                format!("UPDATE jobs SET dead_letter_reason = $1, error = $1, {CLEAR_LEASE} WHERE id = $2");
+            tx.execute(&sql, &[reason, &id_]).await?;
+            (Event::DeadLetter, reason.clone())
+        }
+    };
+    transition(tx, tenant, id, event, at, actor, &reason).await
+}
+
+async fn create_key(tx: &Transaction<'_>, key: &KeyRecord, audit: &Draft) -> Result<(), Fail> {
+    let inserted = tx
+        .execute(
+            "INSERT INTO api_keys (id, tenant, name, roles, secret_hash, created_at, revoked_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                &key.id.as_str(),
+                &key.tenant.as_str(),
+                &key.name,
+                &key.roles.to_string(),
+                &key.secret_hash.as_slice(),
+                &key.created_at,
+                &key.revoked_at,
+            ],
+        )
+        .await
+        .map_err(Fail::from);
+    if let Err(Fail::Store(StoreError::Conflict(_))) = inserted {
+        return Err(StoreError::Conflict(format!(
+            "a key named `{}` already exists in tenant `{}`",
+            key.name, key.tenant
+        ))
+        .into());
+    }
+    inserted?;
+    append_audit(tx, key.tenant.as_str(), audit.clone()).await?;
+    Ok(())
+}
+
+async fn revoke_key(tx: &Transaction<'_>, id: &str, at: Millis, audit: &Draft) -> Result<KeyRecord, Fail> {
+    let changed = tx
+        .execute("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL", &[&at, &id])
+        .await?;
+    if changed == 0 {
+        return Err(StoreError::NotFound.into());
+    }
+    let key = load_key(tx, id).await?.ok_or(StoreError::NotFound)?;
+    append_audit(tx, key.tenant.as_str(), audit.clone()).await?;
+    Ok(key)
+}
+
+async fn publish(
+    tx: &Transaction<'_>,
+    hash: &str,
+    source: &str,
+    note: Option<&str>,
+    at: Millis,
+    actor: &str,
+) -> Result<SnapshotRecord, Fail> {
+    tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&PUBLISH_LOCK.0, &PUBLISH_LOCK.1]).await?;
+    let version: i64 =
+        get(&tx.query_one("SELECT COALESCE(MAX(version), 0) + 1 FROM snapshots", &[]).await?, 0)?;
+    tx.execute(
+        "INSERT INTO snapshots (version, hash, source, created_at, created_by, note) VALUES ($1, $2, $3, $4, $5, $6)",
+        &[&version, &hash, &source, &at, &actor, &note],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO active_snapshot (id, version) VALUES (1, $1)
+         ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+        &[&version],
+    )
+    .await?;
+    append_audit(
+        tx,
+        TenantId::PLATFORM,
+        Draft {
+            at,
+            kind: "policy.published".into(),
+            subject: format!("snapshot:{version}"),
+            actor: actor.to_owned(),
+            data: json!({"version": version, "hash": hash, "note": note}),
+        },
+    )
+    .await?;
+    Ok(SnapshotRecord {
+        version: version.unsigned_abs(),
+        hash: hash.to_owned(),
+        source: source.to_owned(),
+        created_at: at,
+        created_by: actor.to_owned(),
+        note: note.map(str::to_owned),
+        active: true,
+    })
+}
+
+async fn retry_dead_letter(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    id: &JobId,
+    at: Millis,
+    actor: &str,
+) -> Result<JobRecord, Fail> {
+    let job = load_job(tx, tenant, id, true).await?.ok_or(StoreError::NotFound)?;
+    if job.dispatch.discarded_at.is_some() {
+        return Err(StoreError::Conflict("the job was discarded from the DLQ".into()).into());
+    }
+    job.state.next(Event::OperatorRetry).map_err(StoreError::from)?;
+    let sql = format!(
+        "UPDATE jobs SET scheduling_attempts = 0, execution_attempts = 0, not_before = $1,
+         dead_letter_reason = NULL, {CLEAR_LEASE} WHERE id = $2"
+    );
+    tx.execute(&sql, &[&at, &id.as_str()]).await?;
+    let reason =
+        format!("operator retry from the DLQ (was: {})", job.dispatch.dead_letter_reason.unwrap_or_default());
+    transition(tx, tenant, id, Event::OperatorRetry, at, actor, &reason).await
+}
+
+async fn discard_dead_letter(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    id: &JobId,
+    at: Millis,
+    actor: &str,
+) -> Result<JobRecord, Fail> {
+    let job = load_job(tx, tenant, id, true).await?.ok_or(StoreError::NotFound)?;
+    if job.state != JobState::DeadLettered || job.dispatch.discarded_at.is_some() {
+        return Err(StoreError::Conflict(format!("the job is `{}`, not in the DLQ", job.state)).into());
+    }
+    tx.execute("UPDATE jobs SET discarded_at = $1, updated_at = $1 WHERE id = $2", &[&at, &id.as_str()])
+        .await?;
+    append_audit(
+        tx,
+        tenant.as_str(),
+        Draft {
+            at,
+            kind: "dlq.discarded".into(),
+            subject: id.to_string(),
+            actor: actor.to_owned(),
+            data: json!({"reason": job.dispatch.dead_letter_reason}),
+        },
+    )
+    .await?;
+    Ok(load_job(tx, tenant, id, false).await?.ok_or(StoreError::NotFound)?)
+}
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    async fn create_key(&self, key: KeyRecord, audit: Draft) -> Result<(), StoreError> {
+        Ok(write_tx!(self, |tx| create_key(&tx, &key, &audit)).await?)
+    }
+
+    async fn key(&self, id: &KeyId) -> Result<Option<KeyRecord>, StoreError> {
+        let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1");
+        Ok(self.read(&sql, &[&id.as_str()], key_from_row).await?.pop())
+    }
+
+    async fn key_by_secret(&self, secret_hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError> {
+        let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE secret_hash = $1");
+        Ok(self.read(&sql, &[&secret_hash.as_slice()], key_from_row).await?.pop())
+    }
+
+    async fn keys(&self, tenant: Option<&TenantId>) -> Result<Vec<KeyRecord>, StoreError> {
+        let sql =
+            format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE ($1::TEXT IS NULL OR tenant = $1) ORDER BY id");
+        self.read(&sql, &[&tenant.map(TenantId::as_str)], key_from_row).await
+    }
+
+    async fn revoke_key(&self, id: &KeyId, at: Millis, audit: Draft) -> Result<KeyRecord, StoreError> {
+        Ok(write_tx!(self, |tx| revoke_key(&tx, id.as_str(), at, &audit)).await?)
+    }
+
+    async fn publish(
+        &self,
+        hash: &str,
+        source: &str,
+        note: Option<&str>,
+        at: Millis,
+        actor: &str,
+    ) -> Result<SnapshotRecord, StoreError> {
+        Ok(write_tx!(self, |tx| publish(&tx, hash, source, note, at, actor)).await?)
+    }
+
+    async fn active_snapshot(&self) -> Result<Option<SnapshotRecord>, StoreError> {
+        let sql = format!("{SNAPSHOT_SELECT} WHERE a.version IS NOT NULL");
+        Ok(self.read(&sql, &[], snapshot_from_row).await?.pop())
+    }
+
+    async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
+        self.read(&format!("{SNAPSHOT_SELECT} ORDER BY s.version DESC"), &[], snapshot_from_row).await
+    }
+
+    async fn snapshot(&self, version: u64) -> Result<Option<SnapshotRecord>, StoreError> {
+        let version = i64::try_from(version).map_err(|_| StoreError::NotFound)?;
+        let sql = format!("{SNAPSHOT_SELECT} WHERE s.version = $1");
+        Ok(self.read(&sql, &[&version], snapshot_from_row).await?.pop())
+    }
+
+    async fn idempotency(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        retained_since: Millis,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let mut pooled = self.checkout().await?;
+        Ok(load_idempotency(&*pooled.client()?, tenant.as_str(), key, retained_since).await?)
+    }
+
+    async fn submit(
+        &self,
+        submission: Submission,
+        retained_since: Millis,
+    ) -> Result<SubmitOutcome, StoreError> {
+        match write_tx!(self, |tx| submit(&tx, &submission, retained_since)).await {
+            Err(Fail::KeyRaced) => {
+                let (tenant, key) = (&submission.job.tenant, submission.idempotency.as_ref().map(|i| &i.0));
+                let existing = match key {
+                    Some(key) => self.idempotency(tenant, key, retained_since).await?,
+                    None => None,
+                };
+                match existing {
+                    Some(e) if e.job_hash == submission.job.job_hash => Ok(SubmitOutcome::Replay(e)),
+                    Some(e) => Ok(SubmitOutcome::KeyReused(e)),
+                    None => Err(Fail::KeyRaced.into()),
+                }
+            }
+            other => Ok(other?),
+        }
+    }
+
+    async fn append_audit(&self, tenant: &TenantId, draft: Draft) -> Result<(), StoreError> {
+        write_tx!(self, |tx| append_audit(&tx, tenant.as_str(), draft.clone())).await?;
+        Ok(())
+    }
+
+    async fn job(&self, tenant: &TenantId, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
+        let mut pooled = self.checkout().await?;
+        Ok(load_job(&*pooled.client()?, tenant, id, false).await?)
+    }
+
+    async fn jobs(&self, tenant: &TenantId, filter: &JobFilter) -> Result<Vec<JobRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant = $1
+             AND ($2::TEXT IS NULL OR state = $2) AND ($3::TEXT IS NULL OR topic = $3)
+             AND ($4::TEXT IS NULL OR env = $4) AND ($5::TEXT IS NULL OR id > $5)
+             AND ($6::BIGINT IS NULL OR created_at >= $6) AND ($7::BIGINT IS NULL OR created_at < $7)
+             ORDER BY id LIMIT $8"
+        );
+        self.read(
+            &sql,
+            &[
+                &tenant.as_str(),
+                &filter.state.map(JobState::as_str),
+                &filter.topic,
+                &filter.env,
+                &filter.after.as_ref().map(JobId::as_str),
+                &filter.since,
+                &filter.until,
+                &big(filter.limit),
+            ],
+            job_from_row,
+        )
+        .await
+    }
+
+    async fn history(&self, tenant: &TenantId, id: &JobId) -> Result<Vec<Transition>, StoreError> {
+        self.read(
+            "SELECT t.seq, t.from_state, t.to_state, t.at, t.actor, t.reason FROM job_transitions t
+             JOIN jobs j ON j.id = t.job_id WHERE t.job_id = $1 AND j.tenant = $2 ORDER BY t.seq",
+            &[&id.as_str(), &tenant.as_str()],
+            |row| {
+                Ok(Transition {
+                    seq: get_u32(row, 0)?,
+                    from: parsed_opt(row, 1)?,
+                    to: parsed(row, 2)?,
+                    at: get(row, 3)?,
+                    actor: get(row, 4)?,
+                    reason: get(row, 5)?,
+                })
+            },
+        )
+        .await
+    }
+
+    async fn transition(
+        &self,
+        tenant: &TenantId,
+        id: &JobId,
+        event: Event,
+        at: Millis,
+        actor: &str,
+        reason: &str,
+    ) -> Result<JobRecord, StoreError> {
+        Ok(write_tx!(self, |tx| transition(&tx, tenant, id, event, at, actor, reason)).await?)
+    }
+
+    async fn job_counts(&self) -> Result<BTreeMap<JobState, u64>, StoreError> {
+        let rows = self
+            .read("SELECT state, COUNT(*) FROM jobs GROUP BY state", &[], |row| {
+                Ok((parsed::<JobState>(row, 0)?, get_u64(row, 1)?))
+            })
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn approval(
+        &self,
+        tenant: &TenantId,
+        id: &ApprovalId,
+    ) -> Result<Option<ApprovalRecord>, StoreError> {
+        let mut pooled = self.checkout().await?;
+        Ok(load_approval(&*pooled.client()?, tenant, id, false).await?)
+    }
+
+    async fn approvals(
+        &self,
+        tenant: &TenantId,
+        status: Option<Status>,
+        after: Option<&ApprovalId>,
+        limit: u32,
+    ) -> Result<Vec<ApprovalRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE tenant = $1 AND ($2::TEXT IS NULL OR status = $2)
+             AND ($3::TEXT IS NULL OR id > $3) ORDER BY id LIMIT $4"
+        );
+        let params: [&(dyn ToSql + Sync); 4] =
+            [&tenant.as_str(), &status.map(Status::as_str), &after.map(ApprovalId::as_str), &big(limit)];
+        self.read(&sql, &params, approval_from_row).await
+    }
+
+    async fn pending_approvals(&self) -> Result<u64, StoreError> {
+        let counts = self
+            .read("SELECT COUNT(*) FROM approvals WHERE status = 'pending'", &[], |r| get_u64(r, 0))
+            .await?;
+        Ok(counts.into_iter().sum())
+    }
+
+    async fn expired_approvals(&self, now: Millis, limit: u32) -> Result<Vec<ApprovalRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE status = 'pending' AND expires_at <= $1
+             ORDER BY expires_at LIMIT $2"
+        );
+        self.read(&sql, &[&now, &big(limit)], approval_from_row).await
+    }
+
+    async fn change_approval(&self, change: ApprovalChange) -> Result<ApprovalRecord, StoreError> {
+        Ok(write_tx!(self, |tx| change_approval(&tx, &change)).await?)
+    }
+
+    async fn dispatchable(
+        &self,
+        tenant: &TenantId,
+        now: Millis,
+        offset: u32,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant = $1 AND state = 'queued' AND not_before <= $2
+             ORDER BY not_before, id LIMIT $3 OFFSET $4"
+        );
+        self.read(&sql, &[&tenant.as_str(), &now, &big(limit), &big(offset)], job_from_row).await
+    }
+
+    async fn dispatch(&self, dispatch_: Dispatch) -> Result<DispatchOutcome, StoreError> {
+        Ok(write_tx!(self, |tx| dispatch(&tx, &dispatch_)).await?)
+    }
+
+    async fn heartbeat(
+        &self,
+        tenant: &TenantId,
+        id: &JobId,
+        token: &str,
+        now: Millis,
+        expires_at: Millis,
+    ) -> Result<Heartbeat, StoreError> {
+        Ok(write_tx!(self, |tx| heartbeat(&tx, tenant, id, token, now, expires_at)).await?)
+    }
+
+    async fn finish(
+        &self,
+        tenant: &TenantId,
+        id: &JobId,
+        token: &str,
+        live_at: Option<Millis>,
+        finish_: Finish,
+        at: Millis,
+        actor: &str,
+    ) -> Result<JobRecord, StoreError> {
+        Ok(write_tx!(self, |tx| finish(&tx, tenant, id, token, live_at, &finish_, at, actor)).await?)
+    }
+
+    async fn lapsed_leases(&self, now: Millis, limit: u32) -> Result<Vec<JobRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'leased' AND lease_expires_at < $1
+             ORDER BY lease_expires_at LIMIT $2"
+        );
+        self.read(&sql, &[&now, &big(limit)], job_from_row).await
+    }
+
+    async fn dead_letters(
+        &self,
+        tenant: &TenantId,
+        topic: Option<&str>,
+        after: Option<&JobId>,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant = $1 AND state = 'dead_lettered' AND discarded_at IS NULL
+             AND ($2::TEXT IS NULL OR topic = $2) AND ($3::TEXT IS NULL OR id > $3) ORDER BY id LIMIT $4"
+        );
+        let params: [&(dyn ToSql + Sync); 4] =
+            [&tenant.as_str(), &topic, &after.map(JobId::as_str), &big(limit)];
+        self.read(&sql, &params, job_from_row).await
+    }
+
+    async fn retry_dead_letter(
+        &self,
+        tenant: &TenantId,
+        id: &JobId,
+        at: Millis,
+        actor: &str,
+    ) -> Result<JobRecord, StoreError> {
+        Ok(write_tx!(self, |tx| retry_dead_letter(&tx, tenant, id, at, actor)).await?)
+    }
+
+    async fn discard_dead_letter(
+        &self,
+        tenant: &TenantId,
+        id: &JobId,
+        at: Millis,
+        actor: &str,
+    ) -> Result<JobRecord, StoreError> {
+        Ok(write_tx!(self, |tx| discard_dead_letter(&tx, tenant, id, at, actor)).await?)
+    }
+
+    async fn dlq_depth(&self) -> Result<u64, StoreError> {
+        let counts = self
+            .read(
+                "SELECT COUNT(*) FROM jobs WHERE state = 'dead_lettered' AND discarded_at IS NULL",
+                &[],
+                |r| get_u64(r, 0),
+            )
+            .await?;
+        Ok(counts.into_iter().sum())
+    }
+
+    async fn audit(&self, tenant: &TenantId, after_seq: u64, limit: u32) -> Result<AuditPage, StoreError> {
+        let mut pooled = self.checkout().await?;
+        // One snapshot for the page and the head, so the head is never ahead of what a full
+        // read of the records would show.
+        let tx = pooled
+            .client()?
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(Fail::from)?;
+        let tenant_ = tenant.as_str();
+        let rows = tx
+            .query(
+                "SELECT seq, at, kind, subject, actor, data, prev_hash, hash FROM audit
+                 WHERE tenant = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                &[&tenant_, &big_u64(after_seq), &big(limit)],
+            )
+            .await
+            .map_err(Fail::from)?;
+        let records = rows
+            .iter()
+            .map(|row| {
+                Ok(Record {
+                    tenant: tenant_.to_owned(),
+                    seq: get_u64(row, 0)?,
+                    draft: Draft {
+                        at: get(row, 1)?,
+                        kind: get(row, 2)?,
+                        subject: get(row, 3)?,
+                        actor: get(row, 4)?,
+                        data: serde_json::from_str(get(row, 5)?).map_err(corrupt)?,
+                    },
+                    prev_hash: get(row, 6)?,
+                    hash: get(row, 7)?,
+                })
+            })
+            .collect::<Result<Vec<_>, Fail>>()?;
+        let head = tx
+            .query_opt("SELECT seq, hash FROM audit_heads WHERE tenant = $1 AND seq > 0", &[&tenant_])
+            .await
+            .map_err(Fail::from)?
+            .map(|r| Ok::<_, Fail>((get_u64(&r, 0)?, get(&r, 1)?)))
+            .transpose()?;
+        tx.commit().await.map_err(Fail::from)?;
+        Ok(AuditPage { records, head })
+    }
+
+    async fn audit_tenants(&self) -> Result<Vec<TenantId>, StoreError> {
+        self.read("SELECT tenant FROM audit_heads WHERE seq > 0 ORDER BY tenant", &[], |row| parsed(row, 0))
+            .await
+    }
+}
