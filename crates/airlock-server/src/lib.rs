@@ -140,6 +140,21 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     response
 }
 
+/// Activates the store's active snapshot when it is not the one this process uses.
+async fn refresh_policy(state: &AppState) -> Result<(), StartError> {
+    let Some(stored) = state.store().active_snapshot().await? else { return Ok(()) };
+    if stored.version == state.safety().active().version {
+        return Ok(());
+    }
+    let (policy, _) = airlock_policy::compile(&stored.source).map_err(|_| StartError::Policy {
+        source_name: format!("stored snapshot {}", stored.version),
+        errors: "does not compile".into(),
+    })?;
+    tracing::info!(version = stored.version, hash = %stored.hash, "activated a snapshot published elsewhere");
+    state.safety().activate(ActivePolicy { version: stored.version, policy });
+    Ok(())
+}
+
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -196,10 +211,12 @@ pub async fn bootstrap_admin(
         Some(_) => return Err(StartError::Other("AIRLOCK_ADMIN_KEY must be at least 16 characters".into())),
         None => auth::generate_key().map_err(|e| StartError::Other(format!("{e:?}")))?,
     };
-    let (_, secret) = keys::create_key_with_secret(store, tenant, "admin".into(), roles, "system", secret)
-        .await
-        .map_err(|e| StartError::Other(format!("cannot create the admin key: {e:?}")))?;
-    Ok(generated.then_some(secret))
+    match keys::create_key_with_secret(store, tenant, "admin".into(), roles, "system", secret).await {
+        Ok((_, secret)) => Ok(generated.then_some(secret)),
+        // Another replica starting at the same moment created it first.
+        Err(e) if e.status() == axum::http::StatusCode::CONFLICT => Ok(None),
+        Err(e) => Err(StartError::Other(format!("cannot create the admin key: {e:?}"))),
+    }
 }
 
 /// Every `period` until the process ends, [`sweep`].
@@ -213,8 +230,12 @@ pub fn spawn_sweeps(state: AppState, period: Duration) {
     });
 }
 
-/// Expires due approval requests, and requeues or dead-letters jobs whose lease lapsed.
+/// Expires due approval requests, requeues or dead-letters jobs whose lease lapsed, and picks
+/// up a snapshot another process published (the polling that keeps replicas on one policy).
 pub async fn sweep(state: &AppState) {
+    if let Err(e) = refresh_policy(state).await {
+        tracing::warn!(error = %e, "policy refresh failed");
+    }
     if let Err(e) = approvals::expire_due(state, state::now_ms()).await {
         tracing::warn!(error = %e, "approval expiry sweep failed");
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use airlock_server::state::Config;
-use airlock_store::{SqliteStore, Store};
+use airlock_store::{PgStore, SqliteStore, Store};
 use clap::Args;
 
 /// The policy a fresh install starts with when `--policy` is not given.
@@ -17,6 +17,32 @@ const SEED_POLICY: &str = include_str!("../../../examples/policies/seed.yaml");
 
 /// How often approvals are checked for expiry and leases for lapses.
 const SWEEP_PERIOD: Duration = Duration::from_secs(1);
+
+/// Where state lives.
+enum Mode {
+    /// One SQLite file in a directory; one process.
+    Embedded {
+        /// The directory.
+        data: PathBuf,
+    },
+    /// PostgreSQL, shared by every process.
+    Distributed {
+        /// The connection URL.
+        url: String,
+    },
+}
+
+impl Mode {
+    fn of(args: &ServeArgs) -> Result<Self, String> {
+        match &args.store {
+            None => Ok(Self::Embedded { data: args.data.clone() }),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(Self::Distributed { url: url.clone() })
+            }
+            Some(other) => Err(format!("`--store {other}` is not a postgres:// URL")),
+        }
+    }
+}
 
 /// The roles one process can take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -42,6 +68,10 @@ pub struct ServeArgs {
     /// Directory for the embedded store.
     #[arg(long, default_value = "./airlock-data")]
     data: PathBuf,
+    /// Keep state in PostgreSQL instead (`postgres://user@host:port/db`): distributed mode,
+    /// where any number of processes share one store. Replaces `--data`.
+    #[arg(long)]
+    store: Option<String>,
     /// Policy to publish on first start (default: the seed example). Ignored once a policy is stored.
     #[arg(long)]
     policy: Option<PathBuf>,
@@ -116,7 +146,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         config.remote_safety = Some(airlock_server::remote_safety::RemoteSafety::new(url, token()?)?);
     }
 
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&args.data).map_err(|e| e.to_string())?);
+    let store: Arc<dyn Store> = match Mode::of(&args)? {
+        Mode::Embedded { data } => Arc::new(SqliteStore::open(&data).map_err(|e| e.to_string())?),
+        Mode::Distributed { url } => Arc::new(PgStore::connect(&url).await.map_err(|e| e.to_string())?),
+    };
     let initial = match &args.policy {
         Some(path) => (
             path.display().to_string(),
@@ -145,10 +178,11 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
-    println!(
-        "airlock listening on http://{local} (data {}, policy version {version} {hash})",
-        args.data.display()
-    );
+    let place = match &args.store {
+        Some(_) => "store postgres".to_owned(),
+        None => format!("data {}", args.data.display()),
+    };
+    println!("airlock listening on http://{local} ({place}, policy version {version} {hash})");
     tracing::info!(%local, data = %args.data.display(), version, %hash, "serving");
     axum::serve(listener, airlock_server::router(state))
         .with_graceful_shutdown(shutdown_signal())

@@ -1,0 +1,146 @@
+//! Distributed mode through the real binary: two `airlock serve --store postgres://…`
+//! replicas on one PostgreSQL schema behave as one service. A job submitted to one is claimed
+//! and completed through the other, a publish on one reaches the other, and the audit chain
+//! they share verifies. PostgreSQL must be reachable (127.0.0.1:5432, or
+//! `AIRLOCK_TEST_POSTGRES_URL`): this test fails, never skips, without it.
+
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic, reason = "a test fails by panicking")]
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const ADMIN: &str = "distributed-e2e-admin-key-0123456789";
+
+struct Replica(Child);
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A fresh schema, dropped at the end.
+struct Schema {
+    base: String,
+    name: String,
+}
+
+impl Schema {
+    fn create() -> Self {
+        let base = std::env::var("AIRLOCK_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let name = format!("airlock_e2e_{}", std::process::id());
+        let status = Command::new("psql")
+            .args([&base, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}")])
+            .status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "PostgreSQL must be reachable at {base} for the distributed tests (start it with \
+             `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`)"
+        );
+        Self { base, name }
+    }
+
+    fn url(&self) -> String {
+        let sep = if self.base.contains('?') { '&' } else { '?' };
+        format!("{}{sep}options=-csearch_path%3D{}", self.base, self.name)
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([&self.base, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name)])
+            .status();
+    }
+}
+
+fn replica(url: &str) -> (Replica, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", url])
+        .env("AIRLOCK_ADMIN_KEY", ADMIN)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let line = BufReader::new(child.stdout.take().unwrap()).lines().next().unwrap().unwrap();
+    let addr = line.split("http://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    (Replica(child), addr)
+}
+
+fn call(addr: &str, path: &str, key: &str, body: Option<String>) -> (u16, Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let url = format!("http://{addr}{path}");
+    let auth = format!("Bearer {key}");
+    let mut response = match body {
+        Some(b) => agent.post(&url).header("authorization", &auth).send(b),
+        None => agent.get(&url).header("authorization", &auth).call(),
+    }
+    .unwrap();
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn key(addr: &str, name: &str, roles: &[&str]) -> String {
+    let body = json!({"tenant": "acme", "name": name, "roles": roles}).to_string();
+    let (status, reply) = call(addr, "/api/v1/keys", ADMIN, Some(body));
+    assert_eq!(status, 201, "{reply}");
+    reply["key"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn two_replicas_on_postgres_act_as_one_service() {
+    let schema = Schema::create();
+    let url = schema.url();
+    let (_a, a) = replica(&url);
+    let (_b, b) = replica(&url);
+    let agent = key(&a, "agent", &["submitter", "operator"]);
+    let worker = key(&b, "w1", &["worker"]);
+
+    let job = json!({"topic": "infra.vm.create", "env": "dev", "idempotency_key": "vm-1"}).to_string();
+    let (status, submitted) = call(&a, "/api/v1/jobs", &agent, Some(job.clone()));
+    assert_eq!(status, 202, "{submitted}");
+    let (status, replay) = call(&b, "/api/v1/jobs", &agent, Some(job));
+    assert_eq!((status, &replay["job_id"]), (202, &submitted["job_id"]), "the idempotency key is shared");
+
+    let (status, claim) =
+        call(&b, "/api/v1/workers/claim", &worker, Some(json!({"wait_ms": 2000}).to_string()));
+    assert_eq!(status, 200, "{claim}");
+    assert_eq!(claim["job_id"], submitted["job_id"]);
+    let (status, again) = call(&a, "/api/v1/workers/claim", &worker, Some("{}".into()));
+    assert_eq!(status, 204, "never two leases for one job: {again}");
+    let id = claim["job_id"].as_str().unwrap();
+    let body = json!({"lease_token": claim["lease_token"], "result": {"ok": true}}).to_string();
+    assert_eq!(call(&b, &format!("/api/v1/workers/jobs/{id}/complete"), &worker, Some(body)).0, 200);
+    assert_eq!(call(&a, &format!("/api/v1/jobs/{id}"), &agent, None).1["state"], "succeeded");
+
+    let deny_vms = format!(
+        "{}  - id: no-vms\n    when: {{ topic: infra.vm.create }}\n    decision: deny\n",
+        include_str!("../../../examples/policies/seed.yaml")
+    );
+    let (status, published) = call(&a, "/api/v1/policy/publish", ADMIN, Some(deny_vms));
+    assert_eq!(status, 201, "{published}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _) = call(
+            &b,
+            "/api/v1/jobs",
+            &agent,
+            Some(json!({"topic": "infra.vm.create", "env": "dev"}).to_string()),
+        );
+        if status == 403 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the publish never reached the other replica");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let (_, verify) = call(&b, "/api/v1/audit/verify", ADMIN, Some(String::new()));
+    assert_eq!(verify["ok"], true, "{verify}");
+}
