@@ -138,7 +138,8 @@ pub(crate) fn tagged(digest: &[u8]) -> String {
     out
 }
 
-pub(crate) fn json_kind(value: &Value) -> &'static str {
+/// How a JSON value is named in error messages: "a string", "an object", ...
+pub fn json_kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::state::{AppState, Checked, FailMode, now_ms, random_bytes};
-use crate::wire::{self, json_object};
+use crate::wire::{self, json_object, merge};
 
 const SUBMIT_FIELDS: [&str; 6] = ["topic", "env", "labels", "payload", "idempotency_key", "plan_hash"];
 
@@ -252,12 +252,6 @@ fn decision_draft(caller: &Caller, job: &Job, job_hash: &str, at: i64, kind: &st
     let mut full = json!({"topic": job.topic, "env": job.env, "job_hash": job_hash});
     merge(&mut full, data);
     Draft { at, kind: kind.into(), subject: "-".into(), actor: caller.principal.clone(), data: full }
-}
-
-fn merge(into: &mut Value, from: Value) {
-    if let (Value::Object(into), Value::Object(from)) = (into, from) {
-        into.extend(from);
-    }
 }
 
 async fn accept_bypassed(

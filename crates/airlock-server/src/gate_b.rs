@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::state::{AppState, FailMode, now_ms, random_bytes};
-use crate::wire::{self, Query, json_object, only_fields};
+use crate::wire::{self, Query, json_object, merge, only_fields};
 
 /// Longest a claim waits for work.
 const CLAIM_WAIT_MAX_MS: u64 = 30_000;
@@ -347,12 +347,6 @@ fn fail_mode_name(mode: dispatch::FailMode) -> &'static str {
     match mode {
         dispatch::FailMode::Closed => "closed",
         dispatch::FailMode::Open => "open",
-    }
-}
-
-fn merge(into: &mut Value, from: Value) {
-    if let (Value::Object(into), Value::Object(from)) = (into, from) {
-        into.extend(from);
     }
 }
 

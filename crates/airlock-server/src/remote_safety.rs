@@ -146,8 +146,7 @@ fn authorized(headers: &HeaderMap, token: &str) -> bool {
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
         .unwrap_or_default();
-    let (a, b): ([u8; 32], [u8; 32]) = (Sha256::digest(presented).into(), Sha256::digest(token).into());
-    a.iter().zip(&b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    crate::auth::constant_time_eq(&Sha256::digest(presented).into(), &Sha256::digest(token).into())
 }
 
 /// `POST /api/v1/safety/evaluate` `{"snapshot_version", "job"}` (role `safety` only).

@@ -29,20 +29,16 @@ pub fn json_object(bytes: &[u8]) -> Result<serde_json::Map<String, Value>, ApiEr
         Ok(Value::Object(map)) => Ok(map),
         Ok(other) => Err(ApiError::bad_request(format!(
             "the body must be a JSON object, found {}",
-            airlock_policy_kind(&other)
+            airlock_policy::job::json_kind(&other)
         ))),
         Err(e) => Err(ApiError::bad_request(format!("the body is not valid JSON: {e}"))),
     }
 }
 
-fn airlock_policy_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+/// Adds the fields of the object `from` to the object `into`.
+pub fn merge(into: &mut Value, from: Value) {
+    if let (Value::Object(into), Value::Object(from)) = (into, from) {
+        into.extend(from);
     }
 }
 
