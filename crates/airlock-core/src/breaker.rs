@@ -48,6 +48,26 @@ pub enum BreakerState {
 }
 
 impl BreakerState {
+    /// The state as a stored pair: a kind and its number (failures, open-until, probes).
+    pub fn encode(self) -> (&'static str, i64) {
+        match self {
+            Self::Closed { failures } => ("closed", i64::from(failures)),
+            Self::Open { until } => ("open", until),
+            Self::HalfOpen { admitted } => ("half_open", i64::from(admitted)),
+        }
+    }
+
+    /// The state from a stored pair; `None` for a pair no version of Airlock writes.
+    pub fn decode(kind: &str, value: i64) -> Option<Self> {
+        let count = || u32::try_from(value).ok();
+        match kind {
+            "closed" => Some(Self::Closed { failures: count()? }),
+            "open" => Some(Self::Open { until: value }),
+            "half_open" => Some(Self::HalfOpen { admitted: count()? }),
+            _ => None,
+        }
+    }
+
     /// The value of `airlock_safety_circuit_state`: 0 closed, 1 half-open, 2 open.
     pub fn gauge(self) -> u8 {
         match self {
@@ -80,6 +100,16 @@ impl Breaker {
     /// A closed breaker.
     pub fn new(config: BreakerConfig) -> Self {
         Self { config, state: BreakerState::Closed { failures: 0 } }
+    }
+
+    /// A breaker whose state was stored (shared by several processes through a store).
+    pub fn restore(config: BreakerConfig, state: BreakerState) -> Self {
+        Self { config, state }
+    }
+
+    /// The state to store, exactly as held (not advanced to any time).
+    pub fn saved(&self) -> BreakerState {
+        self.state
     }
 
     /// The current state as of `now` (an expired open period reads as half-open).
@@ -159,6 +189,21 @@ mod tests {
         b.failure(101);
         assert_eq!(b.state(150), BreakerState::Open { until: 201 });
         assert_eq!(b.state(201).gauge(), 1);
+    }
+
+    #[test]
+    fn stored_states_round_trip() {
+        for state in [
+            BreakerState::Closed { failures: 2 },
+            BreakerState::Open { until: 99 },
+            BreakerState::HalfOpen { admitted: 1 },
+        ] {
+            let (kind, value) = state.encode();
+            assert_eq!(BreakerState::decode(kind, value), Some(state));
+            let b = Breaker::restore(BreakerConfig::default(), state);
+            assert_eq!(b.saved(), state);
+        }
+        assert_eq!(BreakerState::decode("ajar", 0), None);
     }
 
     #[test]

@@ -356,13 +356,27 @@ async fn safety_check(
     job: &airlock_policy::Job,
     now: Millis,
 ) -> Result<crate::state::Checked, (&'static str, String)> {
-    let admission = state.breaker().lock().map_or(Admission::Refused, |mut b| b.admit(now));
+    let shared = state.config().shared_breaker;
+    let admission = if shared {
+        // Replicas share one breaker through the store; if the store cannot answer, neither
+        // can a decision be recorded: count it as unavailable.
+        match state.store().breaker_admit(state.config().breaker, now).await {
+            Ok(a) => a,
+            Err(e) => return Err(("store_unavailable", e.to_string())),
+        }
+    } else {
+        state.breaker().lock().map_or(Admission::Refused, |mut b| b.admit(now))
+    };
     if admission == Admission::Refused {
         return Err(("circuit_open", "circuit open".into()));
     }
     let result = state.safety().check(job, state.config().gate_b_timeout).await;
-    if let Ok(mut breaker) = state.breaker().lock() {
-        let later = now_ms();
+    let later = now_ms();
+    if shared {
+        if let Err(e) = state.store().breaker_report(state.config().breaker, later, result.is_ok()).await {
+            tracing::warn!(error = %e, "cannot report to the shared breaker");
+        }
+    } else if let Ok(mut breaker) = state.breaker().lock() {
         match &result {
             Ok(_) => breaker.success(later),
             Err(_) => breaker.failure(later),

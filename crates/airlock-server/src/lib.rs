@@ -26,7 +26,7 @@ use airlock_store::Store;
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use axum::routing::{delete, get, post};
 
 pub use audit_api::verify_tenant;
@@ -69,6 +69,46 @@ pub const ROUTES: [(&str, &str); 33] = [
     ("post", "/api/v1/dlq/{id}/discard"),
     ("post", "/api/v1/safety/evaluate"),
 ];
+
+/// What one process serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcessRole {
+    /// Everything: the gateway's and the scheduler's routes.
+    All,
+    /// Gate A and the API for people and agents; not the worker protocol.
+    Gateway,
+    /// The worker protocol (Gate B), with health and metrics.
+    Scheduler,
+}
+
+impl ProcessRole {
+    /// Whether a request path belongs to this role.
+    fn serves(self, path: &str) -> bool {
+        let common = matches!(path, "/healthz" | "/readyz" | "/metrics" | "/api/v1/openapi.json");
+        let worker = path.starts_with("/api/v1/workers/");
+        match self {
+            Self::All => true,
+            Self::Gateway => !worker,
+            Self::Scheduler => worker || common,
+        }
+    }
+}
+
+/// The application for one role.
+pub fn router_for(state: AppState, role: ProcessRole) -> Router {
+    router(state).layer(middleware::from_fn(move |request: Request, next: Next| async move {
+        if role.serves(request.uri().path()) {
+            next.run(request).await
+        } else {
+            error::ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "not_found",
+                format!("this process runs the {role:?} role; send this request to another"),
+            )
+            .into_response()
+        }
+    }))
+}
 
 /// The application, ready to serve or to test with `tower::ServiceExt::oneshot`.
 pub fn router(state: AppState) -> Router {

@@ -52,7 +52,12 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
     gauges.push(("airlock_approvals_pending", Vec::new(), pending as f64));
     gauges.push(("airlock_policy_snapshot_version", Vec::new(), state.safety().active().version as f64));
     gauges.push(("airlock_dlq_depth", Vec::new(), state.store().dlq_depth().await? as f64));
-    let circuit = state.breaker().lock().map_or(2, |b| b.state(crate::state::now_ms()).gauge());
+    let now = crate::state::now_ms();
+    let circuit = if state.config().shared_breaker {
+        state.store().breaker_state(now).await?.gauge()
+    } else {
+        state.breaker().lock().map_or(2, |b| b.state(now).gauge())
+    };
     gauges.push(("airlock_safety_circuit_state", Vec::new(), f64::from(circuit)));
     let text = state.metrics().render(&gauges);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())

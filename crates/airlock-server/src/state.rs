@@ -81,6 +81,9 @@ pub struct Config {
     pub gate_b_timeout: Duration,
     /// The breaker around Gate B's safety check.
     pub breaker: BreakerConfig,
+    /// Keep the breaker in the store, shared by every process on it (distributed mode), rather
+    /// than in this process.
+    pub shared_breaker: bool,
     /// Attempt caps and backoff.
     pub caps: Caps,
     /// Per-topic execution attempt caps; the first matching pattern wins.
@@ -117,6 +120,7 @@ impl Default for Config {
             force_fail_open_high_risk: false,
             gate_b_timeout: Duration::from_millis(defaults::GATE_B_CLIENT_TIMEOUT_MS),
             breaker: BreakerConfig::default(),
+            shared_breaker: false,
             caps: Caps::default(),
             execution_attempts_topics: Vec::new(),
             lease_ms: defaults::LEASE_MS,

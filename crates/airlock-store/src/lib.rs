@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use airlock_core::Millis;
 use airlock_core::approval::{Request, Status};
 use airlock_core::audit::{Draft, Record};
+use airlock_core::breaker::{Admission, BreakerConfig, BreakerState};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
 use airlock_core::role::Roles;
 use airlock_core::state::{Event, InvalidTransition, JobState};
@@ -578,6 +579,19 @@ pub trait Store: Send + Sync {
     ) -> Result<JobRecord, StoreError>;
     /// Dead-lettered jobs not discarded, across tenants.
     async fn dlq_depth(&self) -> Result<u64, StoreError>;
+
+    /// The circuit breaker shared by every process on this store: asks it to admit a call at
+    /// `now`, atomically (so that replicas together let at most `config.probes` probes through).
+    async fn breaker_admit(&self, config: BreakerConfig, now: Millis) -> Result<Admission, StoreError>;
+    /// Reports an admitted call's outcome to the shared breaker; its state after.
+    async fn breaker_report(
+        &self,
+        config: BreakerConfig,
+        now: Millis,
+        success: bool,
+    ) -> Result<BreakerState, StoreError>;
+    /// The shared breaker's state as of `now`.
+    async fn breaker_state(&self, now: Millis) -> Result<BreakerState, StoreError>;
 
     /// A tenant's audit records after `after_seq`, and the chain head.
     async fn audit(&self, tenant: &TenantId, after_seq: u64, limit: u32) -> Result<AuditPage, StoreError>;

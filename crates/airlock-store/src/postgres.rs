@@ -12,6 +12,7 @@ use std::time::Duration;
 use airlock_core::Millis;
 use airlock_core::approval::{Request, Status};
 use airlock_core::audit::{self, Draft, Record};
+use airlock_core::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
 use airlock_core::role::{Role, Roles};
 use airlock_core::state::{Event, JobState};
@@ -30,7 +31,7 @@ use crate::{
 };
 
 /// The schema migrations, in order; the `airlock_migrations` table records which are applied.
-const MIGRATIONS: [&str; 1] = [include_str!("postgres_schema.sql")];
+const MIGRATIONS: [&str; 2] = [include_str!("postgres_schema.sql"), include_str!("postgres_schema_v2.sql")];
 
 /// Connections kept per store (per replica).
 const POOL_MAX: usize = 16;
@@ -1012,6 +1013,47 @@ async fn discard_dead_letter(
     Ok(load_job(tx, tenant, id, false).await?.ok_or(StoreError::NotFound)?)
 }
 
+/// Locks the shared breaker's row (creating it closed) and reads its state.
+async fn lock_breaker(tx: &Transaction<'_>) -> Result<BreakerState, Fail> {
+    tx.execute(
+        "INSERT INTO breaker (id, kind, value) VALUES (1, 'closed', 0) ON CONFLICT (id) DO NOTHING",
+        &[],
+    )
+    .await?;
+    let row = tx.query_one("SELECT kind, value FROM breaker WHERE id = 1 FOR UPDATE", &[]).await?;
+    let (kind, value): (String, i64) = (get(&row, 0)?, get(&row, 1)?);
+    Ok(BreakerState::decode(&kind, value).ok_or_else(|| corrupt("breaker state"))?)
+}
+
+async fn save_breaker(tx: &Transaction<'_>, state: BreakerState) -> Result<(), Fail> {
+    let (kind, value) = state.encode();
+    tx.execute("UPDATE breaker SET kind = $1, value = $2 WHERE id = 1", &[&kind, &value]).await?;
+    Ok(())
+}
+
+async fn breaker_admit(tx: &Transaction<'_>, config: BreakerConfig, now: Millis) -> Result<Admission, Fail> {
+    let mut breaker = Breaker::restore(config, lock_breaker(tx).await?);
+    let admission = breaker.admit(now);
+    save_breaker(tx, breaker.saved()).await?;
+    Ok(admission)
+}
+
+async fn breaker_report(
+    tx: &Transaction<'_>,
+    config: BreakerConfig,
+    now: Millis,
+    success: bool,
+) -> Result<BreakerState, Fail> {
+    let mut breaker = Breaker::restore(config, lock_breaker(tx).await?);
+    if success {
+        breaker.success(now);
+    } else {
+        breaker.failure(now);
+    }
+    save_breaker(tx, breaker.saved()).await?;
+    Ok(breaker.state(now))
+}
+
 #[async_trait::async_trait]
 impl Store for PgStore {
     async fn create_key(&self, key: KeyRecord, audit: Draft) -> Result<(), StoreError> {
@@ -1310,6 +1352,30 @@ impl Store for PgStore {
             )
             .await?;
         Ok(counts.into_iter().sum())
+    }
+
+    async fn breaker_admit(&self, config: BreakerConfig, now: Millis) -> Result<Admission, StoreError> {
+        Ok(write_tx!(self, |tx| breaker_admit(&tx, config, now)).await?)
+    }
+
+    async fn breaker_report(
+        &self,
+        config: BreakerConfig,
+        now: Millis,
+        success: bool,
+    ) -> Result<BreakerState, StoreError> {
+        Ok(write_tx!(self, |tx| breaker_report(&tx, config, now, success)).await?)
+    }
+
+    async fn breaker_state(&self, now: Millis) -> Result<BreakerState, StoreError> {
+        let rows = self
+            .read("SELECT kind, value FROM breaker WHERE id = 1", &[], |r| {
+                let (kind, value): (String, i64) = (get(r, 0)?, get(r, 1)?);
+                Ok(BreakerState::decode(&kind, value).ok_or_else(|| corrupt("breaker state"))?)
+            })
+            .await?;
+        let stored = rows.into_iter().next().unwrap_or(BreakerState::Closed { failures: 0 });
+        Ok(Breaker::restore(BreakerConfig::default(), stored).state(now))
     }
 
     async fn audit(&self, tenant: &TenantId, after_seq: u64, limit: u32) -> Result<AuditPage, StoreError> {

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use airlock_core::Millis;
 use airlock_core::approval::{Request, Status};
 use airlock_core::audit::{self, Draft, Record};
+use airlock_core::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
 use airlock_core::role::{Role, Roles};
 use airlock_core::state::{Event, JobState};
@@ -27,8 +28,12 @@ use crate::{
 };
 
 /// The schema migrations, in order; `PRAGMA user_version` counts how many are applied.
-const MIGRATIONS: [&str; 3] =
-    [include_str!("schema.sql"), include_str!("schema_v2.sql"), include_str!("schema_v3.sql")];
+const MIGRATIONS: [&str; 4] = [
+    include_str!("schema.sql"),
+    include_str!("schema_v2.sql"),
+    include_str!("schema_v3.sql"),
+    include_str!("schema_v4.sql"),
+];
 
 /// Most commands committed in one transaction.
 const GROUP_COMMIT_MAX: usize = 512;
@@ -54,6 +59,8 @@ enum Output {
     Approval(ApprovalRecord),
     Dispatch(DispatchOutcome),
     Heartbeat(Heartbeat),
+    Admission(Admission),
+    Breaker(BreakerState),
 }
 
 struct Command {
@@ -864,6 +871,27 @@ fn finish(
     Ok(Output::Job(Box::new(tx.transition(tenant, id, event, at, actor, &reason)?)))
 }
 
+fn load_breaker(conn: &Connection) -> Result<BreakerState, StoreError> {
+    let row = conn
+        .prepare_cached("SELECT kind, value FROM breaker WHERE id = 1")?
+        .query_row([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        .optional()?;
+    match row {
+        None => Ok(BreakerState::Closed { failures: 0 }),
+        Some((kind, value)) => BreakerState::decode(&kind, value).ok_or_else(|| corrupt("breaker state")),
+    }
+}
+
+fn save_breaker(conn: &Connection, state: BreakerState) -> Result<(), StoreError> {
+    let (kind, value) = state.encode();
+    conn.prepare_cached(
+        "INSERT INTO breaker (id, kind, value) VALUES (1, ?1, ?2)
+         ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, value = excluded.value",
+    )?
+    .execute(params![kind, value])?;
+    Ok(())
+}
+
 macro_rules! expect_output {
     ($reply:expr, $variant:ident) => {
         match $reply? {
@@ -1380,6 +1408,47 @@ impl Store for SqliteStore {
                 )?
                 .query_row([], |r| r.get(0))?;
             Ok(n.unsigned_abs())
+        })
+        .await
+    }
+
+    async fn breaker_admit(&self, config: BreakerConfig, now: Millis) -> Result<Admission, StoreError> {
+        let reply = self
+            .write(Box::new(move |tx| {
+                let mut breaker = Breaker::restore(config, load_breaker(tx.conn)?);
+                let admission = breaker.admit(now);
+                save_breaker(tx.conn, breaker.saved())?;
+                Ok(Output::Admission(admission))
+            }))
+            .await;
+        expect_output!(reply, Admission)
+    }
+
+    async fn breaker_report(
+        &self,
+        config: BreakerConfig,
+        now: Millis,
+        success: bool,
+    ) -> Result<BreakerState, StoreError> {
+        let reply = self
+            .write(Box::new(move |tx| {
+                let mut breaker = Breaker::restore(config, load_breaker(tx.conn)?);
+                if success {
+                    breaker.success(now);
+                } else {
+                    breaker.failure(now);
+                }
+                save_breaker(tx.conn, breaker.saved())?;
+                Ok(Output::Breaker(breaker.state(now)))
+            }))
+            .await;
+        expect_output!(reply, Breaker)
+    }
+
+    async fn breaker_state(&self, now: Millis) -> Result<BreakerState, StoreError> {
+        self.read(move |conn| {
+            let stored = load_breaker(conn)?;
+            Ok(Breaker::restore(BreakerConfig::default(), stored).state(now))
         })
         .await
     }

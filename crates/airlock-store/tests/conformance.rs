@@ -630,3 +630,72 @@ async fn postgres_replicas_keep_one_chain_and_lease_once() {
     // Each applied lease wrote its decision and its transition.
     assert_eq!(verify_chain(&*replicas[1], &t).await, Ok(101 + 30 * 2));
 }
+
+#[tokio::test]
+async fn the_shared_breaker_opens_after_failures_and_limits_probes() {
+    use airlock_core::breaker::{Admission, BreakerConfig, BreakerState};
+    let config = BreakerConfig { failures_to_open: 3, open_ms: 100, probes: 3 };
+    for (name, store, _schema) in stores().await {
+        assert_eq!(store.breaker_state(0).await.unwrap(), BreakerState::Closed { failures: 0 }, "{name}");
+        for t in 0..3 {
+            assert_eq!(store.breaker_admit(config, t).await.unwrap(), Admission::Call, "{name}");
+            store.breaker_report(config, t, false).await.unwrap();
+        }
+        assert_eq!(store.breaker_state(5).await.unwrap(), BreakerState::Open { until: 102 }, "{name}");
+        assert_eq!(store.breaker_admit(config, 50).await.unwrap(), Admission::Refused, "{name}");
+        let admitted: Vec<Admission> = futures_admit(&store, config, 102, 6).await;
+        assert_eq!(admitted.iter().filter(|a| **a == Admission::Probe).count(), 3, "{name}: {admitted:?}");
+        store.breaker_report(config, 103, true).await.unwrap();
+        assert_eq!(
+            store.breaker_admit(config, 104).await.unwrap(),
+            Admission::Call,
+            "{name}: a probe success closes it"
+        );
+    }
+}
+
+/// `n` concurrent admissions at `now`.
+async fn futures_admit(
+    store: &Arc<dyn Store>,
+    config: airlock_core::breaker::BreakerConfig,
+    now: i64,
+    n: usize,
+) -> Vec<airlock_core::breaker::Admission> {
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let store = Arc::clone(store);
+            tokio::spawn(async move { store.breaker_admit(config, now).await.unwrap() })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn postgres_replicas_share_one_breaker() {
+    use airlock_core::breaker::{Admission, BreakerConfig};
+    let Some(schema) = PgSchema::create().await else { return };
+    let url = schema.url();
+    let (a, b) = tokio::join!(PgStore::connect(&url), PgStore::connect(&url));
+    let replicas: [Arc<dyn Store>; 2] = [Arc::new(a.unwrap()), Arc::new(b.unwrap())];
+    let config = BreakerConfig { failures_to_open: 3, open_ms: 100, probes: 3 };
+    for t in 0..3 {
+        let replica = &replicas[t % 2];
+        replica.breaker_admit(config, 0).await.unwrap();
+        replica.breaker_report(config, 0, false).await.unwrap();
+    }
+    assert_eq!(
+        replicas[1].breaker_admit(config, 10).await.unwrap(),
+        Admission::Refused,
+        "opened once, for both"
+    );
+    let (left, right) = tokio::join!(
+        futures_admit(&replicas[0], config, 100, 5),
+        futures_admit(&replicas[1], config, 100, 5)
+    );
+    let probes = left.iter().chain(&right).filter(|a| **a == Admission::Probe).count();
+    assert_eq!(probes, 3, "half-open probes across replicas: {left:?} {right:?}");
+}

@@ -49,6 +49,10 @@ impl Mode {
 enum Role {
     /// Gateway, scheduler and (unless `--safety-url`) the safety check.
     All,
+    /// Gate A and the API for people and agents (no worker protocol).
+    Gateway,
+    /// The worker protocol (Gate B), the lease and approval sweeps.
+    Scheduler,
     /// Only the safety service, for `--safety-url` of the other processes.
     Safety,
 }
@@ -148,7 +152,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
 
     let store: Arc<dyn Store> = match Mode::of(&args)? {
         Mode::Embedded { data } => Arc::new(SqliteStore::open(&data).map_err(|e| e.to_string())?),
-        Mode::Distributed { url } => Arc::new(PgStore::connect(&url).await.map_err(|e| e.to_string())?),
+        Mode::Distributed { url } => {
+            config.shared_breaker = true;
+            Arc::new(PgStore::connect(&url).await.map_err(|e| e.to_string())?)
+        }
     };
     let initial = match &args.policy {
         Some(path) => (
@@ -174,6 +181,11 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let (version, hash) = (active.version, active.policy.hash().to_owned());
     let state = airlock_server::app_state(Arc::clone(&store), active, config);
     airlock_server::spawn_sweeps(state.clone(), SWEEP_PERIOD);
+    let role = match args.role {
+        Role::Gateway => airlock_server::ProcessRole::Gateway,
+        Role::Scheduler => airlock_server::ProcessRole::Scheduler,
+        Role::All | Role::Safety => airlock_server::ProcessRole::All,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
@@ -184,7 +196,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     };
     println!("airlock listening on http://{local} ({place}, policy version {version} {hash})");
     tracing::info!(%local, data = %args.data.display(), version, %hash, "serving");
-    axum::serve(listener, airlock_server::router(state))
+    axum::serve(listener, airlock_server::router_for(state, role))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| format!("server error: {e}"))?;

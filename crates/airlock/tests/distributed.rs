@@ -29,11 +29,21 @@ struct Schema {
     name: String,
 }
 
+fn metric(addr: &str, series: &str) -> f64 {
+    let (_, text) = call(addr, "/metrics", "", None);
+    text.as_str()
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
 impl Schema {
-    fn create() -> Self {
+    fn create(test: &str) -> Self {
         let base = std::env::var("AIRLOCK_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let name = format!("airlock_e2e_{}", std::process::id());
+        let name = format!("airlock_e2e_{test}_{}", std::process::id());
         let status = Command::new("psql")
             .args([&base, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}")])
             .status();
@@ -60,8 +70,14 @@ impl Drop for Schema {
 }
 
 fn replica(url: &str) -> (Replica, String) {
+    replica_with(url, &[])
+}
+
+fn replica_with(url: &str, extra: &[&str]) -> (Replica, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
         .args(["serve", "--listen", "127.0.0.1:0", "--store", url])
+        .args(extra)
+        .env("AIRLOCK_SAFETY_TOKEN", "distributed-e2e-safety-token")
         .env("AIRLOCK_ADMIN_KEY", ADMIN)
         .env("RUST_LOG", "error")
         .stdout(Stdio::piped())
@@ -96,7 +112,7 @@ fn key(addr: &str, name: &str, roles: &[&str]) -> String {
 
 #[test]
 fn two_replicas_on_postgres_act_as_one_service() {
-    let schema = Schema::create();
+    let schema = Schema::create("replicas");
     let url = schema.url();
     let (_a, a) = replica(&url);
     let (_b, b) = replica(&url);
@@ -143,4 +159,60 @@ fn two_replicas_on_postgres_act_as_one_service() {
 
     let (_, verify) = call(&b, "/api/v1/audit/verify", ADMIN, Some(String::new()));
     assert_eq!(verify["ok"], true, "{verify}");
+}
+
+#[test]
+fn two_schedulers_share_one_breaker() {
+    let schema = Schema::create("breaker");
+    let url = schema.url();
+    let config = std::env::temp_dir().join(format!("airlock-shared-breaker-{}.yaml", std::process::id()));
+    std::fs::write(&config, "breaker: { failures_to_open: 3, open_ms: 600, probes: 3 }\nscheduling: { backoff_base_ms: 1, backoff_cap_ms: 1 }\n").unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    // A safety service that is down: nothing listens on this port.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let safety = format!("http://{dead}");
+    let (_gateway, gateway) = replica_with(&url, &["--role", "gateway"]);
+    let scheduler = ["--role", "scheduler", "--safety-url", &safety, "--config", &config];
+    let (_s1, s1) = replica_with(&url, &scheduler);
+    let (_s2, s2) = replica_with(&url, &scheduler);
+    let agent = key(&gateway, "agent", &["submitter"]);
+    let worker = key(&gateway, "w1", &["worker"]);
+    for n in 0..8 {
+        let body = json!({"topic": "infra.vm.create", "env": "dev", "payload": {"n": n}}).to_string();
+        assert_eq!(call(&gateway, "/api/v1/jobs", &agent, Some(body)).0, 202);
+    }
+    assert_eq!(
+        call(&gateway, "/api/v1/workers/claim", &worker, Some("{}".into())).0,
+        404,
+        "a gateway does not serve workers"
+    );
+    let unavailable = "airlock_safety_check_failures_total{gate=\"b\",reason=\"unavailable\"}";
+    let calls = || metric(&s1, unavailable) + metric(&s2, unavailable);
+    for n in 0..3 {
+        let scheduler = if n % 2 == 0 { &s1 } else { &s2 };
+        assert_eq!(call(scheduler, "/api/v1/workers/claim", &worker, Some("{}".into())).0, 204);
+    }
+    assert_eq!(calls(), 3.0);
+    assert_eq!(
+        metric(&s2, "airlock_safety_circuit_state"),
+        2.0,
+        "three failures across both replicas opened it"
+    );
+    assert_eq!(metric(&s1, "airlock_safety_circuit_state"), 2.0, "one breaker for both");
+    for scheduler in [&s1, &s2] {
+        assert_eq!(call(scheduler, "/api/v1/workers/claim", &worker, Some("{}".into())).0, 204);
+    }
+    assert_eq!(calls(), 3.0, "while open, neither replica calls the safety service");
+    std::thread::sleep(Duration::from_millis(700));
+    let claims: Vec<_> = (0..8)
+        .map(|n| {
+            let (addr, worker) = (if n % 2 == 0 { s1.clone() } else { s2.clone() }, worker.clone());
+            std::thread::spawn(move || call(&addr, "/api/v1/workers/claim", &worker, Some("{}".into())).0)
+        })
+        .collect();
+    for c in claims {
+        assert_eq!(c.join().unwrap(), 204);
+    }
+    let probes = calls() - 3.0;
+    assert!((1.0..=3.0).contains(&probes), "half-open probes across both replicas: {probes}");
 }
