@@ -259,6 +259,26 @@ pub async fn bootstrap_admin(
     }
 }
 
+/// Acts on other processes' notifications at once (claims wake up, publishes are activated),
+/// when the store delivers them; polling in [`sweep`] covers anything missed.
+pub fn spawn_listener(state: AppState) {
+    let Some(mut events) = state.store().events() else { return };
+    tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(airlock_store::StoreEvent::Work) => state.work().notify_waiters(),
+                Ok(airlock_store::StoreEvent::Policy) => {
+                    if let Err(e) = refresh_policy(&state).await {
+                        tracing::warn!(error = %e, "policy refresh failed");
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => state.work().notify_waiters(),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+}
+
 /// Every `period` until the process ends, [`sweep`].
 pub fn spawn_sweeps(state: AppState, period: Duration) {
     tokio::spawn(async move {

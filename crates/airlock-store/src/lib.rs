@@ -420,6 +420,15 @@ pub enum Heartbeat {
     Cancelled,
 }
 
+/// Something another process did that this one should act on now rather than at its next poll.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// A job became dispatchable (submitted, approved, requeued, retried).
+    Work,
+    /// A snapshot was published or rolled back.
+    Policy,
+}
+
 /// Audit records for a caller to page through.
 #[derive(Clone, Debug, Default)]
 pub struct AuditPage {
@@ -579,6 +588,13 @@ pub trait Store: Send + Sync {
     ) -> Result<JobRecord, StoreError>;
     /// Dead-lettered jobs not discarded, across tenants.
     async fn dlq_depth(&self) -> Result<u64, StoreError>;
+
+    /// Notifications from other processes sharing this store, when the store has them (the
+    /// embedded store serves one process and has none). Missing one only delays: every
+    /// process also polls.
+    fn events(&self) -> Option<tokio::sync::broadcast::Receiver<StoreEvent>> {
+        None
+    }
 
     /// The circuit breaker shared by every process on this store: asks it to admit a call at
     /// `now`, atomically (so that replicas together let at most `config.probes` probes through).

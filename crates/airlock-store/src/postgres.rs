@@ -27,7 +27,7 @@ use crate::sqlite::{corrupt, gate_from_json, gate_json, strings};
 use crate::{
     ApprovalChange, ApprovalRecord, AuditPage, Budget, Dispatch, DispatchAction, DispatchOutcome,
     DispatchState, Finish, Heartbeat, IdempotencyRecord, JobFilter, JobRecord, KeyRecord, Lease,
-    SnapshotRecord, Store, StoreError, Submission, SubmitOutcome, Transition,
+    SnapshotRecord, Store, StoreError, StoreEvent, Submission, SubmitOutcome, Transition,
 };
 
 /// The schema migrations, in order; the `airlock_migrations` table records which are applied.
@@ -108,7 +108,16 @@ pub struct PgStore {
     config: Config,
     idle: Mutex<Vec<Client>>,
     permits: Semaphore,
+    events: tokio::sync::broadcast::Sender<StoreEvent>,
 }
+
+/// The notification channels: `NOTIFY` is sent inside the writing transaction, so it is
+/// delivered only if that transaction commits.
+const WORK_CHANNEL: &str = "airlock_work";
+const POLICY_CHANNEL: &str = "airlock_policy";
+
+/// How long the listener waits before reconnecting after losing its connection.
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
 
 /// A connection out of the pool; back in on drop unless it broke.
 struct Pooled<'a> {
@@ -168,8 +177,10 @@ impl PgStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        let store = Self { config, idle: Mutex::new(Vec::new()), permits: Semaphore::new(POOL_MAX) };
+        let (events, _) = tokio::sync::broadcast::channel(64);
+        let store = Self { config, idle: Mutex::new(Vec::new()), permits: Semaphore::new(POOL_MAX), events };
         store.migrate().await?;
+        tokio::spawn(listen(store.config.clone(), store.events.clone()));
         Ok(store)
     }
 
@@ -493,6 +504,9 @@ async fn transition(
 ) -> Result<JobRecord, Fail> {
     let job = load_job(tx, tenant, id, true).await?.ok_or(StoreError::NotFound)?;
     let to = job.state.next(event).map_err(StoreError::from)?;
+    if to == JobState::Queued {
+        notify(tx, WORK_CHANNEL).await?;
+    }
     tx.execute(
         "UPDATE jobs SET state = $1, updated_at = $2 WHERE id = $3",
         &[&to.as_str(), &at, &id.as_str()],
@@ -679,6 +693,9 @@ async fn submit(tx: &Transaction<'_>, s: &Submission, retained_since: Millis) ->
         insert_approval(tx, approval).await?;
     }
     append_audit(tx, tenant, s.audit.clone()).await?;
+    if j.state == JobState::Queued {
+        notify(tx, WORK_CHANNEL).await?;
+    }
     Ok(SubmitOutcome::Accepted)
 }
 
@@ -952,6 +969,7 @@ async fn publish(
         },
     )
     .await?;
+    notify(tx, POLICY_CHANNEL).await?;
     Ok(SnapshotRecord {
         version: version.unsigned_abs(),
         hash: hash.to_owned(),
@@ -1011,6 +1029,40 @@ async fn discard_dead_letter(
     )
     .await?;
     Ok(load_job(tx, tenant, id, false).await?.ok_or(StoreError::NotFound)?)
+}
+
+/// Forwards `NOTIFY` on the Airlock channels to `events` for the life of the process,
+/// reconnecting whenever the connection is lost.
+async fn listen(config: Config, events: tokio::sync::broadcast::Sender<StoreEvent>) {
+    use tokio_postgres::AsyncMessage;
+    loop {
+        if let Ok((client, mut connection)) = config.connect(NoTls).await {
+            let forward = events.clone();
+            let driver = tokio::spawn(async move {
+                while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    if let AsyncMessage::Notification(n) = message {
+                        let event =
+                            if n.channel() == POLICY_CHANNEL { StoreEvent::Policy } else { StoreEvent::Work };
+                        let _ = forward.send(event);
+                    }
+                }
+            });
+            if client.batch_execute(&format!("LISTEN {WORK_CHANNEL}; LISTEN {POLICY_CHANNEL}")).await.is_ok()
+            {
+                // Whatever happened while this process was not listening is picked up now.
+                let _ = events.send(StoreEvent::Policy);
+                let _ = events.send(StoreEvent::Work);
+            }
+            let _ = driver.await;
+            drop(client);
+        }
+        tokio::time::sleep(LISTEN_RETRY).await;
+    }
+}
+
+async fn notify(tx: &Transaction<'_>, channel: &str) -> Result<(), Fail> {
+    tx.execute("SELECT pg_notify($1, '')", &[&channel]).await?;
+    Ok(())
 }
 
 /// Locks the shared breaker's row (creating it closed) and reads its state.
@@ -1352,6 +1404,10 @@ impl Store for PgStore {
             )
             .await?;
         Ok(counts.into_iter().sum())
+    }
+
+    fn events(&self) -> Option<tokio::sync::broadcast::Receiver<StoreEvent>> {
+        Some(self.events.subscribe())
     }
 
     async fn breaker_admit(&self, config: BreakerConfig, now: Millis) -> Result<Admission, StoreError> {

@@ -181,6 +181,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let (version, hash) = (active.version, active.policy.hash().to_owned());
     let state = airlock_server::app_state(Arc::clone(&store), active, config);
     airlock_server::spawn_sweeps(state.clone(), SWEEP_PERIOD);
+    airlock_server::spawn_listener(state.clone());
     let role = match args.role {
         Role::Gateway => airlock_server::ProcessRole::Gateway,
         Role::Scheduler => airlock_server::ProcessRole::Scheduler,

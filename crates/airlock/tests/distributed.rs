@@ -136,6 +136,26 @@ fn two_replicas_on_postgres_act_as_one_service() {
     assert_eq!(call(&b, &format!("/api/v1/workers/jobs/{id}/complete"), &worker, Some(body)).0, 200);
     assert_eq!(call(&a, &format!("/api/v1/jobs/{id}"), &agent, None).1["state"], "succeeded");
 
+    // A claim waiting on one replica wakes up when the other commits a job (LISTEN/NOTIFY),
+    // not at its next 200 ms poll: polling alone would put the median wait near 100 ms.
+    let mut waits = Vec::new();
+    for n in 0..5 {
+        let waiting = {
+            let (b, worker) = (b.clone(), worker.clone());
+            std::thread::spawn(move || {
+                call(&b, "/api/v1/workers/claim", &worker, Some(json!({"wait_ms": 5000}).to_string()))
+            })
+        };
+        std::thread::sleep(Duration::from_millis(150));
+        let submitted_at = Instant::now();
+        let body = json!({"topic": "infra.vm.create", "env": "dev", "payload": {"wake": n}}).to_string();
+        assert_eq!(call(&a, "/api/v1/jobs", &agent, Some(body)).0, 202);
+        assert_eq!(waiting.join().unwrap().0, 200);
+        waits.push(submitted_at.elapsed());
+    }
+    waits.sort();
+    assert!(waits[2] < Duration::from_millis(60), "claims woke {waits:?} after the submits");
+
     let deny_vms = format!(
         "{}  - id: no-vms\n    when: {{ topic: infra.vm.create }}\n    decision: deny\n",
         include_str!("../../../examples/policies/seed.yaml")
