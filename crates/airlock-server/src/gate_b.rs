@@ -217,8 +217,10 @@ async fn gate_b(state: &AppState, caller: &Caller, job: JobRecord) -> Result<Opt
                 state.metrics().inc("airlock_scheduler_input_fail_open_total", &[("topic", &topic)]);
                 tracing::warn!(job_id = %job.id, topic = %job.topic, "gate b unavailable; dispatched by fail-open mode");
             }
+            // A job is charged once at Gate B (SPEC 3.4): its first lease took the token, so a
+            // retry after a lapsed lease or a failed attempt is not charged again.
             let budgets = match (&decided, budgets) {
-                (Some(c), true) => c
+                (Some(c), true) if job.dispatch.execution_attempts == 0 => c
                     .evaluation
                     .deciding
                     .iter()
