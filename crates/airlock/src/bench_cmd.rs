@@ -2,7 +2,9 @@
 //! its own `airlock serve` (this binary) on a fresh data directory and loopback port, so that
 //! one command measures the real server with durable commits; it reports throughput, latency
 //! percentiles measured from each request's intended send time (no coordinated omission), and
-//! the server's resident memory.
+//! the server's resident memory. `airlock bench e2e` measures submit → claim → complete, in
+//! process by default, or with `--store postgres://…` against two `airlock serve` replicas
+//! sharing one PostgreSQL schema (distributed mode).
 
 use std::io::{BufRead as _, BufReader};
 use std::path::PathBuf;
@@ -46,6 +48,11 @@ pub struct E2eArgs {
     /// Runs of each setting, alternating; medians are reported.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
+    /// Distributed mode: start two `airlock serve --store URL` replicas (this binary) and spread
+    /// submitters and workers across them. Without `options=-csearch_path%3D<schema>` in the
+    /// URL, each run gets a fresh schema (created and dropped with `psql`).
+    #[arg(long, value_name = "URL", conflicts_with = "compare_gates_off")]
+    store: Option<String>,
     #[arg(long, value_enum, default_value_t)]
     format: Format,
 }
@@ -124,7 +131,7 @@ fn start_server(data: Option<PathBuf>) -> Result<OwnServer, String> {
     let policy = data.join("bench-policy.yaml");
     std::fs::write(&policy, ALLOW_ALL).map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut child = Command::new(exe)
+    let child = Command::new(exe)
         .args(["serve", "--listen", "127.0.0.1:0", "--data"])
         .arg(&data)
         .arg("--policy")
@@ -135,19 +142,86 @@ fn start_server(data: Option<PathBuf>) -> Result<OwnServer, String> {
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| format!("cannot start the server: {e}"))?;
+    listening(child)
+}
+
+/// Replicas in distributed mode.
+const REPLICAS: usize = 2;
+
+/// A PostgreSQL schema this command created; dropped with `psql` when dropped.
+struct OwnSchema {
+    base: String,
+    name: String,
+}
+
+impl Drop for OwnSchema {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([&self.base, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name)])
+            .env("PGOPTIONS", "-c client_min_messages=warning")
+            .status();
+    }
+}
+
+/// Starts the replicas of a distributed run on `url`; in a fresh schema unless the URL names one.
+fn start_replicas(url: &str, run: usize) -> Result<(Option<OwnSchema>, Vec<OwnServer>), String> {
+    let (url, schema) = if url.contains("search_path") {
+        (url.to_owned(), None)
+    } else {
+        let name = format!("airlock_bench_{}_{run}", std::process::id());
+        let created = Command::new("psql")
+            .args([url, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}")])
+            .env("PGOPTIONS", "-c client_min_messages=warning")
+            .status()
+            .map_err(|e| format!("cannot run psql to create a schema: {e}"))?;
+        if !created.success() {
+            return Err(format!("psql could not create schema {name} at {url}"));
+        }
+        let sep = if url.contains('?') { '&' } else { '?' };
+        (format!("{url}{sep}options=-csearch_path%3D{name}"), Some(OwnSchema { base: url.to_owned(), name }))
+    };
+    let dir = std::env::temp_dir().join(format!("airlock-bench-pg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create `{}`: {e}", dir.display()))?;
+    let policy = dir.join("bench-policy.yaml");
+    std::fs::write(&policy, ALLOW_ALL).map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut replicas = Vec::new();
+    // One after the other: the first creates the tables, the admin key and the policy.
+    for _ in 0..REPLICAS {
+        let child = Command::new(&exe)
+            .args(["serve", "--listen", "127.0.0.1:0", "--store", &url, "--policy"])
+            .arg(&policy)
+            .env("AIRLOCK_ADMIN_KEY", BENCH_ADMIN_KEY)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start a replica: {e}"))?;
+        replicas.push(listening(child)?);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((schema, replicas))
+}
+
+/// Waits for a started server's "listening" line; the server is killed if it never comes.
+fn listening(mut child: Child) -> Result<OwnServer, String> {
     let stdout = child.stdout.take().ok_or("no server stdout")?;
+    let mut server = OwnServer { child, addr: String::new() };
     let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
+    loop {
         match lines.next() {
             Some(Ok(line)) => {
                 if let Some(rest) = line.strip_prefix("airlock listening on http://") {
-                    break rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    server.addr = rest.split_whitespace().next().unwrap_or_default().to_owned();
+                    break;
                 }
             }
             _ => return Err("the server exited before listening".into()),
         }
-    };
-    Ok(OwnServer { child, addr })
+    }
+    // Keep reading stdout so that the server never writes into a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(server)
 }
 
 fn resident_kib(pid: u32) -> Option<u64> {
@@ -351,8 +425,15 @@ impl E2eResult {
 fn e2e(runtime: &tokio::runtime::Runtime, args: &E2eArgs) -> Result<(), String> {
     let mut on = Vec::new();
     let mut off = Vec::new();
-    for _ in 0..args.repeat.max(1) {
-        on.push(e2e_run(runtime, args, false)?);
+    for run in 0..args.repeat.max(1) {
+        on.push(match &args.store {
+            None => e2e_run(runtime, args, false)?,
+            Some(url) => {
+                let (_schema, replicas) = start_replicas(url, run)?;
+                let addrs: Vec<String> = replicas.iter().map(|r| r.addr.clone()).collect();
+                runtime.block_on(e2e_load(args, &addrs, BENCH_ADMIN_KEY))?
+            }
+        });
         if args.compare_gates_off {
             off.push(e2e_run(runtime, args, true)?);
         }
@@ -376,6 +457,9 @@ fn e2e(runtime: &tokio::runtime::Runtime, args: &E2eArgs) -> Result<(), String> 
             })
         ),
         Format::Human => {
+            if let Some(url) = &args.store {
+                println!("distributed: {REPLICAS} `airlock serve --store` replicas on {url}");
+            }
             for (name, r, runs) in std::iter::once(("gates on ", &on, &on_all))
                 .chain(off.as_ref().map(|o| ("gates off", o, &off_all)))
             {
@@ -400,13 +484,20 @@ fn e2e_run(runtime: &tokio::runtime::Runtime, args: &E2eArgs, gates_off: bool) -
     let config = airlock_server::state::Config { gates_off, ..airlock_server::state::Config::default() };
     let name = if gates_off { "bench-e2e-off" } else { "bench-e2e-on" };
     let server = crate::inproc::start(runtime, name, ALLOW_ALL, config)?;
-    let addr = server.addr.to_string();
-    let result = runtime.block_on(async {
-        let mut setup = Conn::open(&addr).await?;
+    let result = runtime.block_on(e2e_load(args, &[server.addr.to_string()], crate::inproc::ADMIN));
+    let _ = std::fs::remove_dir_all(&server.dir);
+    result
+}
+
+/// One end-to-end load on servers sharing one store: submitter and worker `i` use `addrs[i % n]`.
+async fn e2e_load(args: &E2eArgs, addrs: &[String], admin: &str) -> Result<E2eResult, String> {
+    let server_for = |i: usize| addrs.get(i % addrs.len().max(1)).cloned().unwrap_or_default();
+    {
+        let mut setup = Conn::open(&server_for(0)).await?;
         let mut keys = Vec::new();
         for (name, role) in [("agent", "submitter"), ("worker", "worker")] {
             let body = json!({"tenant": "bench", "name": name, "roles": [role]}).to_string();
-            let (status, reply) = setup.post("/api/v1/keys", crate::inproc::ADMIN, &body).await?;
+            let (status, reply) = setup.post("/api/v1/keys", admin, &body).await?;
             if status != 201 {
                 return Err(format!("cannot create the {name} key ({status}): {reply}"));
             }
@@ -422,8 +513,8 @@ fn e2e_run(runtime: &tokio::runtime::Runtime, args: &E2eArgs, gates_off: bool) -
         let deadline = started + Duration::from_secs(args.seconds);
         let next = Arc::new(AtomicU64::new(0));
         let mut submitters = Vec::new();
-        for _ in 0..args.submitters.max(1) {
-            let (addr, agent, next, rate) = (addr.clone(), agent.clone(), Arc::clone(&next), args.rate);
+        for i in 0..args.submitters.max(1) {
+            let (addr, agent, next, rate) = (server_for(i), agent.clone(), Arc::clone(&next), args.rate);
             submitters.push(tokio::spawn(async move {
                 let mut conn = Conn::open(&addr).await?;
                 let mut sent = Vec::new();
@@ -458,8 +549,8 @@ fn e2e_run(runtime: &tokio::runtime::Runtime, args: &E2eArgs, gates_off: bool) -
         }
         let drain_until = deadline + Duration::from_secs(5);
         let mut workers = Vec::new();
-        for _ in 0..args.workers.max(1) {
-            let (addr, worker) = (addr.clone(), worker.clone());
+        for i in 0..args.workers.max(1) {
+            let (addr, worker) = (server_for(i), worker.clone());
             workers.push(tokio::spawn(async move {
                 let mut conn = Conn::open(&addr).await?;
                 let mut claimed = Vec::new();
@@ -516,7 +607,5 @@ fn e2e_run(runtime: &tokio::runtime::Runtime, args: &E2eArgs, gates_off: bool) -
             seconds: args.seconds as f64,
             submit_to_claim_ms: latencies,
         })
-    });
-    let _ = std::fs::remove_dir_all(&server.dir);
-    result
+    }
 }

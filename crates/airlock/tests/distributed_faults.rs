@@ -1,0 +1,424 @@
+//! Why this exists: distributed mode must survive its processes dying. Two tests through the
+//! real binary on PostgreSQL: `scripts/distributed-demo.sh` (the documented example) runs to
+//! exit 0, and three `airlock serve --store postgres://…` replicas under submit and worker load
+//! are killed with SIGKILL one at a time and restarted on new ports, after which every accepted
+//! job is present and succeeded (or still queued with attempts left), none completed twice, and
+//! the audit chain verifies. PostgreSQL must be reachable (127.0.0.1:5432, or
+//! `AIRLOCK_TEST_POSTGRES_URL`): these tests fail, never skip, without it.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    reason = "a test fails by panicking"
+)]
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher as _, RandomState};
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const ADMIN: &str = "distributed-faults-admin-key-0123456789";
+
+/// Both tests hold many PostgreSQL connections (up to 16 per replica); one at a time keeps
+/// them under the default `max_connections` of 100.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `psql`, without its notices.
+fn psql() -> Command {
+    let mut command = Command::new("psql");
+    command.env("PGOPTIONS", "-c client_min_messages=warning");
+    command
+}
+
+fn base_url() -> String {
+    std::env::var("AIRLOCK_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn require_postgres(base: &str) {
+    let status = psql().args([base, "-q", "-c", "SELECT 1"]).stdout(Stdio::null()).status();
+    assert!(
+        status.is_ok_and(|s| s.success()),
+        "PostgreSQL must be reachable at {base} (with psql on PATH) for the distributed fault tests \
+         (start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
+         or set AIRLOCK_TEST_POSTGRES_URL)"
+    );
+}
+
+/// A uniformly random index below `n` (no `rand` dependency: `RandomState` is seeded per call).
+fn pick(n: usize) -> usize {
+    (RandomState::new().hash_one(Instant::now()) % n.max(1) as u64) as usize
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A fresh schema, dropped at the end.
+struct Schema {
+    base: String,
+    name: String,
+}
+
+impl Schema {
+    fn create(tag: &str) -> Self {
+        let base = base_url();
+        require_postgres(&base);
+        let name = format!("airlock_faults_{tag}_{}", std::process::id());
+        let status = psql()
+            .args([&base, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}")])
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "cannot create schema {name} at {base}");
+        Self { base, name }
+    }
+
+    fn url(&self) -> String {
+        let sep = if self.base.contains('?') { '&' } else { '?' };
+        format!("{}{sep}options=-csearch_path%3D{}", self.base, self.name)
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let _ = psql()
+            .args([&self.base, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name)])
+            .status();
+    }
+}
+
+#[test]
+fn the_distributed_demo_script_succeeds() {
+    let _serial = serial();
+    let base = base_url();
+    require_postgres(&base);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let log = std::env::temp_dir().join(format!("airlock-demo-test-{}.log", std::process::id()));
+    let out = std::fs::File::create(&log).unwrap();
+    let started = Instant::now();
+    let mut script = Guard(
+        Command::new("bash")
+            .arg(root.join("scripts/distributed-demo.sh"))
+            .current_dir(&root)
+            .env("AIRLOCK_BIN", env!("CARGO_BIN_EXE_airlock"))
+            .env("AIRLOCK_DEMO_POSTGRES_URL", &base)
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .unwrap(),
+    );
+    let status = loop {
+        if let Some(status) = script.0.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            // SIGTERM, so that the script's trap stops what it started and drops its schema.
+            let _ = Command::new("kill").args(["-TERM", &script.0.id().to_string()]).status();
+            let grace = Instant::now();
+            while grace.elapsed() < Duration::from_secs(10) && script.0.try_wait().unwrap().is_none() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    eprintln!("{output}");
+    match status {
+        Some(s) => assert!(s.success(), "the demo script failed ({s}):\n{output}"),
+        None => panic!("the demo script did not finish within 60 s:\n{output}"),
+    }
+    assert!(output.contains("all 50 jobs succeeded"), "{output}");
+    eprintln!("demo script: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// One replica: its process and address.
+struct Replica {
+    _process: Guard,
+    addr: String,
+}
+
+fn start_replica(url: &str, config: &std::path::Path) -> Replica {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", url, "--config"])
+        .arg(config)
+        .env("AIRLOCK_ADMIN_KEY", ADMIN)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap());
+    let mut addr = None;
+    let mut line = String::new();
+    while lines.read_line(&mut line).unwrap_or(0) > 0 {
+        if let Some(rest) = line.strip_prefix("airlock listening on http://") {
+            addr = rest.split_whitespace().next().map(str::to_owned);
+            break;
+        }
+        line.clear();
+    }
+    // Keep draining stdout so the replica never writes into a closed pipe.
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = lines.read_to_end(&mut sink);
+    });
+    let process = Guard(child);
+    let addr = addr.expect("the replica exited before listening");
+    Replica { _process: process, addr }
+}
+
+/// An HTTP call; `None` when the replica could not be reached or the connection broke.
+fn call(addr: &str, path: &str, key: &str, body: Option<String>) -> Option<(u16, Value)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let url = format!("http://{addr}{path}");
+    let auth = format!("Bearer {key}");
+    let mut response = match body {
+        Some(b) => agent.post(&url).header("authorization", &auth).send(b),
+        None => agent.get(&url).header("authorization", &auth).call(),
+    }
+    .ok()?;
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().ok()?;
+    Some((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+}
+
+/// The addresses of the live replicas, re-read by every client before each call.
+type Live = Arc<Mutex<Vec<String>>>;
+
+fn any_live(live: &Live) -> String {
+    let addrs = live.lock().unwrap_or_else(PoisonError::into_inner);
+    addrs[pick(addrs.len())].clone()
+}
+
+/// Calls a random live replica until one answers (a killed one fails fast), for up to 20 s.
+fn call_any(live: &Live, path: &str, key: &str, body: Option<&str>) -> (u16, Value) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(answer) = call(&any_live(live), path, key, body.map(str::to_owned))
+            && answer.0 != 503
+        {
+            return answer;
+        }
+        assert!(Instant::now() < deadline, "no replica answered {path} for 20 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn metric(addr: &str, name: &str) -> f64 {
+    let (_, text) = call(addr, "/metrics", "", None).unwrap_or((0, Value::Null));
+    text.as_str()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()))
+        .unwrap_or(f64::NAN)
+}
+
+#[test]
+fn replicas_killed_with_sigkill_lose_no_job_and_complete_none_twice() {
+    let _serial = serial();
+    let schema = Schema::create("kill");
+    let url = schema.url();
+    let config = std::env::temp_dir().join(format!("airlock-faults-{}.yaml", std::process::id()));
+    // Short leases so that a lease handed out by a replica that died before answering comes
+    // back within the test; more execution attempts than kills can take.
+    std::fs::write(
+        &config,
+        "leases: { lease_ms: 2000, heartbeat_ms: 500 }\nexecution: { attempts_max: 10 }\n",
+    )
+    .unwrap();
+
+    let mut replicas: Vec<Replica> = (0..3).map(|_| start_replica(&url, &config)).collect();
+    let live: Live = Arc::new(Mutex::new(replicas.iter().map(|r| r.addr.clone()).collect()));
+    let key = |name: &str, roles: &[&str]| {
+        let body = json!({"tenant": "acme", "name": name, "roles": roles}).to_string();
+        let (status, reply) = call_any(&live, "/api/v1/keys", ADMIN, Some(&body));
+        assert_eq!(status, 201, "{reply}");
+        reply["key"].as_str().unwrap().to_owned()
+    };
+    let agent = key("agent", &["submitter"]);
+    let worker = key("worker", &["worker"]);
+
+    let stop_submitting = Arc::new(AtomicBool::new(false));
+    let stop_working = Arc::new(AtomicBool::new(false));
+    let submit_errors = Arc::new(AtomicUsize::new(0));
+    let submitters: Vec<_> = (0..3)
+        .map(|t| {
+            let (live, agent, stop, errors) =
+                (Arc::clone(&live), agent.clone(), Arc::clone(&stop_submitting), Arc::clone(&submit_errors));
+            std::thread::spawn(move || {
+                // idempotency key → job id of every 202.
+                let mut accepted: HashMap<String, String> = HashMap::new();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let key = format!("t{t}-{n}");
+                    let body = json!({"topic": "infra.vm.create", "env": "dev", "idempotency_key": key,
+                                      "payload": {"n": n, "t": t}})
+                    .to_string();
+                    // Retry the same key on other replicas until one answers for it.
+                    for _ in 0..50 {
+                        match call(&any_live(&live), "/api/v1/jobs", &agent, Some(body.clone())) {
+                            Some((202, reply)) => {
+                                let id = reply["job_id"].as_str().unwrap().to_owned();
+                                if let Some(before) = accepted.insert(key.clone(), id.clone()) {
+                                    assert_eq!(before, id, "one idempotency key, two jobs");
+                                }
+                                break;
+                            }
+                            Some((status, reply)) if status < 500 => {
+                                panic!("submit {key} answered {status}: {reply}")
+                            }
+                            _ => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                accepted
+            })
+        })
+        .collect();
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            let (live, worker, stop) = (Arc::clone(&live), worker.clone(), Arc::clone(&stop_working));
+            std::thread::spawn(move || {
+                // (job id, lease token) of every complete answered 200.
+                let mut completed: Vec<(String, String)> = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let claim = call(
+                        &any_live(&live),
+                        "/api/v1/workers/claim",
+                        &worker,
+                        Some(json!({"wait_ms": 300}).to_string()),
+                    );
+                    let Some((200, claim)) = claim else { continue };
+                    let id = claim["job_id"].as_str().unwrap().to_owned();
+                    let token = claim["lease_token"].as_str().unwrap().to_owned();
+                    let body = json!({"lease_token": token, "result": {"ok": true}}).to_string();
+                    // Complete through any replica; after a broken connection the first try may
+                    // have committed, so a refusal then is expected and the lease lapses otherwise.
+                    for _ in 0..20 {
+                        match call(
+                            &any_live(&live),
+                            &format!("/api/v1/workers/jobs/{id}/complete"),
+                            &worker,
+                            Some(body.clone()),
+                        ) {
+                            Some((200, _)) => {
+                                completed.push((id, token));
+                                break;
+                            }
+                            Some((status, _)) if status < 500 => break,
+                            _ => std::thread::sleep(Duration::from_millis(20)),
+                        }
+                    }
+                }
+                completed
+            })
+        })
+        .collect();
+
+    // Chaos: every ~3 s, SIGKILL a random replica and start a new one on a new port.
+    let load = Instant::now();
+    let mut kills = 0;
+    while load.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(2500 + pick(1000) as u64));
+        let victim = replicas.swap_remove(pick(replicas.len()));
+        live.lock().unwrap().retain(|a| *a != victim.addr);
+        drop(victim); // kill -9 and reap
+        kills += 1;
+        let fresh = start_replica(&url, &config);
+        live.lock().unwrap().push(fresh.addr.clone());
+        replicas.push(fresh);
+    }
+    stop_submitting.store(true, Ordering::Relaxed);
+    let mut accepted: HashMap<String, String> = HashMap::new();
+    for s in submitters {
+        accepted.extend(s.join().unwrap());
+    }
+
+    // Drain: workers keep going until nothing is queued or leased (lapsed leases come back).
+    let drain = Instant::now();
+    while drain.elapsed() < Duration::from_secs(30) {
+        let addr = any_live(&live);
+        let open =
+            metric(&addr, "airlock_jobs{state=\"queued\"}") + metric(&addr, "airlock_jobs{state=\"leased\"}");
+        if open == 0.0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    stop_working.store(true, Ordering::Relaxed);
+    let mut completes: HashMap<String, Vec<String>> = HashMap::new();
+    for w in workers {
+        for (id, token) in w.join().unwrap() {
+            completes.entry(id).or_default().push(token);
+        }
+    }
+
+    let mut states: HashMap<String, usize> = HashMap::new();
+    for id in accepted.values() {
+        let (status, job) = call_any(&live, &format!("/api/v1/jobs/{id}"), &agent, None);
+        assert_eq!(status, 200, "accepted job {id} is missing: {job}");
+        let state = job["state"].as_str().unwrap().to_owned();
+        let succeeded = job["history"].as_array().unwrap().iter().filter(|t| t["to"] == "succeeded").count();
+        match state.as_str() {
+            "succeeded" => assert_eq!(succeeded, 1, "job {id} succeeded {succeeded} times: {job}"),
+            "queued" | "leased" => assert_eq!(succeeded, 0, "{job}"),
+            other => panic!("job {id} ended {other} (not succeeded, not queued with attempts left): {job}"),
+        }
+        *states.entry(state).or_default() += 1;
+    }
+    for (id, tokens) in &completes {
+        assert_eq!(tokens.len(), 1, "job {id} was completed {} times", tokens.len());
+    }
+    // A second complete under a lease token already used is refused.
+    let (id, tokens) = completes.iter().next().expect("no job was completed");
+    let body = json!({"lease_token": tokens[0], "result": {"ok": true}}).to_string();
+    let (status, reply) =
+        call_any(&live, &format!("/api/v1/workers/jobs/{id}/complete"), &worker, Some(&body));
+    assert_ne!(status, 200, "a second complete with the same lease token succeeded: {reply}");
+
+    let (status, verify) = call_any(&live, "/api/v1/audit/verify", ADMIN, Some(""));
+    assert_eq!((status, &verify["ok"]), (200, &json!(true)), "the audit chain does not verify: {verify}");
+
+    eprintln!(
+        "kill -9 test: {kills} kills, {} jobs accepted ({} transport retries), {} completes answered 200, \
+         final states {states:?}, drain {:.1} s",
+        accepted.len(),
+        submit_errors.load(Ordering::Relaxed),
+        completes.len(),
+        drain.elapsed().as_secs_f64()
+    );
+    assert!(kills >= 5, "only {kills} kills");
+    assert!(accepted.len() >= 100, "too little load: {} jobs accepted", accepted.len());
+    assert!(
+        states.get("succeeded").copied().unwrap_or(0) * 10 >= accepted.len() * 9,
+        "fewer than 90% of the accepted jobs succeeded: {states:?}"
+    );
+    drop(replicas);
+    let _ = std::fs::remove_file(&config);
+}
