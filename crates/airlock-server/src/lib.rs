@@ -13,6 +13,7 @@ pub mod keys;
 pub mod metrics;
 mod ops;
 mod policy_api;
+pub mod relay;
 pub mod remote_safety;
 pub mod state;
 pub mod wire;
@@ -279,6 +280,9 @@ pub fn spawn_listener(state: AppState) {
     });
 }
 
+/// How long an unrelayed wake-up is kept in the outbox.
+const OUTBOX_KEEP_MS: i64 = 5 * 60 * 1000;
+
 /// Every `period` until the process ends, [`sweep`].
 pub fn spawn_sweeps(state: AppState, period: Duration) {
     tokio::spawn(async move {
@@ -295,6 +299,9 @@ pub fn spawn_sweeps(state: AppState, period: Duration) {
 pub async fn sweep(state: &AppState) {
     if let Err(e) = refresh_policy(state).await {
         tracing::warn!(error = %e, "policy refresh failed");
+    }
+    if let Err(e) = state.store().outbox_prune(state::now_ms() - OUTBOX_KEEP_MS).await {
+        tracing::warn!(error = %e, "outbox prune failed");
     }
     if let Err(e) = approvals::expire_due(state, state::now_ms()).await {
         tracing::warn!(error = %e, "approval expiry sweep failed");

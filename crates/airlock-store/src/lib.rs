@@ -596,6 +596,28 @@ pub trait Store: Send + Sync {
         None
     }
 
+    /// Up to `limit` rows of the transactional outbox, oldest first, as `(id, tenant, job_id)`:
+    /// wake-ups owed to the job bus for jobs that became queued. The rows stay until
+    /// [`Store::outbox_done`]; rows another relay is reading at that moment are skipped. The
+    /// embedded store has no outbox (and no bus) and returns none.
+    async fn outbox_take(&self, limit: u32) -> Result<Vec<(i64, String, String)>, StoreError> {
+        let _ = limit;
+        Ok(Vec::new())
+    }
+
+    /// Deletes outbox rows whose wake-ups the bus acknowledged.
+    async fn outbox_done(&self, ids: &[i64]) -> Result<(), StoreError> {
+        let _ = ids;
+        Ok(())
+    }
+
+    /// Deletes outbox rows older than `before`: a wake-up nobody relayed is worthless once
+    /// every claim has polled past it, and without a bus nobody relays them.
+    async fn outbox_prune(&self, before: Millis) -> Result<u64, StoreError> {
+        let _ = before;
+        Ok(0)
+    }
+
     /// The circuit breaker shared by every process on this store: asks it to admit a call at
     /// `now`, atomically (so that replicas together let at most `config.probes` probes through).
     async fn breaker_admit(&self, config: BreakerConfig, now: Millis) -> Result<Admission, StoreError>;

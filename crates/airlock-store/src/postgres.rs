@@ -31,7 +31,11 @@ use crate::{
 };
 
 /// The schema migrations, in order; the `airlock_migrations` table records which are applied.
-const MIGRATIONS: [&str; 2] = [include_str!("postgres_schema.sql"), include_str!("postgres_schema_v2.sql")];
+const MIGRATIONS: [&str; 3] = [
+    include_str!("postgres_schema.sql"),
+    include_str!("postgres_schema_v2.sql"),
+    include_str!("postgres_schema_v3.sql"),
+];
 
 /// Connections kept per store (per replica).
 const POOL_MAX: usize = 16;
@@ -180,7 +184,10 @@ impl PgStore {
         let (events, _) = tokio::sync::broadcast::channel(64);
         let store = Self { config, idle: Mutex::new(Vec::new()), permits: Semaphore::new(POOL_MAX), events };
         store.migrate().await?;
-        tokio::spawn(listen(store.config.clone(), store.events.clone()));
+        // Tests of the job bus turn LISTEN/NOTIFY off to show the bus wakes replicas on its own.
+        if std::env::var_os("AIRLOCK_DISABLE_PG_NOTIFY").is_none_or(|v| v != "1") {
+            tokio::spawn(listen(store.config.clone(), store.events.clone()));
+        }
         Ok(store)
     }
 
@@ -506,6 +513,7 @@ async fn transition(
     let to = job.state.next(event).map_err(StoreError::from)?;
     if to == JobState::Queued {
         notify(tx, WORK_CHANNEL).await?;
+        outbox(tx, tenant.as_str(), id.as_str(), at).await?;
     }
     tx.execute(
         "UPDATE jobs SET state = $1, updated_at = $2 WHERE id = $3",
@@ -695,6 +703,7 @@ async fn submit(tx: &Transaction<'_>, s: &Submission, retained_since: Millis) ->
     append_audit(tx, tenant, s.audit.clone()).await?;
     if j.state == JobState::Queued {
         notify(tx, WORK_CHANNEL).await?;
+        outbox(tx, tenant, j.id.as_str(), at).await?;
     }
     Ok(SubmitOutcome::Accepted)
 }
@@ -1065,6 +1074,16 @@ async fn notify(tx: &Transaction<'_>, channel: &str) -> Result<(), Fail> {
     Ok(())
 }
 
+/// Records, in the transaction that queues the job, that a wake-up for it is owed to the bus.
+async fn outbox(tx: &Transaction<'_>, tenant: &str, job_id: &str, at: Millis) -> Result<(), Fail> {
+    tx.execute(
+        "INSERT INTO outbox (tenant, job_id, created_at) VALUES ($1, $2, $3)",
+        &[&tenant, &job_id, &at],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Locks the shared breaker's row (creating it closed) and reads its state.
 async fn lock_breaker(tx: &Transaction<'_>) -> Result<BreakerState, Fail> {
     tx.execute(
@@ -1408,6 +1427,44 @@ impl Store for PgStore {
 
     fn events(&self) -> Option<tokio::sync::broadcast::Receiver<StoreEvent>> {
         Some(self.events.subscribe())
+    }
+
+    async fn outbox_take(&self, limit: u32) -> Result<Vec<(i64, String, String)>, StoreError> {
+        let limit = i64::from(limit);
+        let rows = write_tx!(self, |tx| async {
+            let rows = tx
+                .query(
+                    "SELECT id, tenant, job_id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                    &[&limit],
+                )
+                .await?;
+            rows.iter()
+                .map(|r| Ok::<_, Fail>((get::<i64>(r, 0)?, get::<String>(r, 1)?, get::<String>(r, 2)?)))
+                .collect::<Result<Vec<_>, Fail>>()
+        })
+        .await?;
+        Ok(rows)
+    }
+
+    async fn outbox_done(&self, ids: &[i64]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ids = ids.to_vec();
+        write_tx!(self, |tx| async {
+            tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&ids]).await?;
+            Ok::<_, Fail>(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn outbox_prune(&self, before: Millis) -> Result<u64, StoreError> {
+        let pruned = write_tx!(self, |tx| async {
+            Ok::<_, Fail>(tx.execute("DELETE FROM outbox WHERE created_at < $1", &[&before]).await?)
+        })
+        .await?;
+        Ok(pruned)
     }
 
     async fn breaker_admit(&self, config: BreakerConfig, now: Millis) -> Result<Admission, StoreError> {

@@ -699,3 +699,22 @@ async fn postgres_replicas_share_one_breaker() {
     let probes = left.iter().chain(&right).filter(|a| **a == Admission::Probe).count();
     assert_eq!(probes, 3, "half-open probes across replicas: {left:?} {right:?}");
 }
+
+#[tokio::test]
+async fn the_outbox_holds_wake_ups_until_relayed_or_pruned() {
+    for (name, store, schema) in stores().await {
+        let t = tenant("acme");
+        store.submit(submission(job(&t, JobState::Queued, 1_000)), 0).await.unwrap();
+        store.submit(submission(job(&t, JobState::Queued, 2_000)), 0).await.unwrap();
+        let taken = store.outbox_take(10).await.unwrap();
+        if schema.is_none() {
+            assert!(taken.is_empty(), "{name}: one process needs no outbox");
+            continue;
+        }
+        assert_eq!(taken.len(), 2, "{name}: written with the jobs");
+        store.outbox_done(&[taken[0].0]).await.unwrap();
+        assert_eq!(store.outbox_prune(1_500).await.unwrap(), 0, "{name}: the remaining row is newer");
+        assert_eq!(store.outbox_prune(i64::MAX).await.unwrap(), 1, "{name}");
+        assert!(store.outbox_take(10).await.unwrap().is_empty(), "{name}");
+    }
+}

@@ -26,6 +26,24 @@ pub enum BenchCommand {
     Submit(SubmitArgs),
     /// End to end in embedded mode: submit → Gate B claim → complete, with several workers.
     E2e(E2eArgs),
+    /// The raw NATS JetStream loop (publish with ack → pull → ack), the ceiling for the bus.
+    Jetstream(JetstreamArgs),
+}
+
+#[derive(Args)]
+pub struct JetstreamArgs {
+    /// The NATS server.
+    #[arg(long, default_value = "nats://127.0.0.1:4222")]
+    url: String,
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Message size in bytes (the bus carries a job id).
+    #[arg(long, default_value_t = 32)]
+    payload: usize,
+    /// Publishes awaiting their ack at once.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
 }
 
 #[derive(Args)]
@@ -100,6 +118,7 @@ pub fn run(command: BenchCommand) -> ExitCode {
     let result = match command {
         BenchCommand::Submit(args) => runtime.block_on(submit(args)),
         BenchCommand::E2e(args) => e2e(&runtime, &args),
+        BenchCommand::Jetstream(args) => runtime.block_on(jetstream(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -420,6 +439,20 @@ impl E2eResult {
             "submit_to_claim_ms": {"p50": self.percentile(0.5), "p90": self.percentile(0.9), "p99": self.percentile(0.99)},
         })
     }
+}
+
+async fn jetstream(args: &JetstreamArgs) -> Result<(), String> {
+    let duration = Duration::from_secs(args.seconds);
+    let n = airlock_bus::bench_loop(&args.url, args.payload, args.window.max(1), duration)
+        .await
+        .map_err(|e| e.to_string())?;
+    #[allow(clippy::cast_precision_loss, reason = "a rate for display")]
+    let rate = n as f64 / duration.as_secs_f64().max(f64::EPSILON);
+    println!(
+        "jetstream: {n} messages of {} bytes published, consumed and acked in {}s: {rate:.0} msg/s",
+        args.payload, args.seconds
+    );
+    Ok(())
 }
 
 fn e2e(runtime: &tokio::runtime::Runtime, args: &E2eArgs) -> Result<(), String> {

@@ -76,6 +76,13 @@ pub struct ServeArgs {
     /// where any number of processes share one store. Replaces `--data`.
     #[arg(long)]
     store: Option<String>,
+    /// With `--store postgres://…`: also carry job wake-ups on NATS JetStream
+    /// (`nats://host:port`), drained from the store's transactional outbox.
+    #[arg(long)]
+    bus: Option<String>,
+    /// The JetStream stream for `--bus` (one per deployment sharing a NATS server).
+    #[arg(long, default_value = airlock_bus::DEFAULT_STREAM, hide = true)]
+    bus_stream: String,
     /// Policy to publish on first start (default: the seed example). Ignored once a policy is stored.
     #[arg(long)]
     policy: Option<PathBuf>,
@@ -182,6 +189,18 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let state = airlock_server::app_state(Arc::clone(&store), active, config);
     airlock_server::spawn_sweeps(state.clone(), SWEEP_PERIOD);
     airlock_server::spawn_listener(state.clone());
+    if let Some(url) = &args.bus {
+        if args.store.is_none() {
+            return Err("`--bus` needs `--store postgres://…` (the embedded mode has no bus)".into());
+        }
+        let bus = airlock_bus::NatsBus::connect(url, &args.bus_stream).await.map_err(|e| e.to_string())?;
+        airlock_server::relay::spawn_relay(state.clone(), bus.clone());
+        if matches!(args.role, Role::All | Role::Scheduler) {
+            // Every scheduler sees every wake-up: one durable consumer per process.
+            let group = format!("airlock-{}-{}", std::process::id(), airlock_server::state::now_ms());
+            airlock_server::relay::spawn_subscriber(state.clone(), &bus, group);
+        }
+    }
     let role = match args.role {
         Role::Gateway => airlock_server::ProcessRole::Gateway,
         Role::Scheduler => airlock_server::ProcessRole::Scheduler,

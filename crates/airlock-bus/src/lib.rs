@@ -1,0 +1,222 @@
+//! The distributed job bus: NATS JetStream carries wake-ups between replicas.
+//!
+//! PostgreSQL stays the source of truth. A job that becomes queued writes an outbox row in the
+//! same transaction; a relay publishes the row here and deletes it only after JetStream
+//! acknowledged the publish. Schedulers consume a durable pull consumer with explicit acks and,
+//! for each message, wake their claim loops, which read the job from PostgreSQL (`FOR UPDATE`).
+//! So a lost message only delays a dispatch until the next poll, and a duplicate (a crash
+//! between publish and delete, a redelivery after a missed ack) is one more harmless wake-up:
+//! JetStream's dedupe window is never used (no `Nats-Msg-Id` is sent).
+//!
+//! The embedded mode has no bus: its wake-up path is the in-process `Notify` of the server.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use futures_util::StreamExt as _;
+
+/// The stream name when none is given.
+pub const DEFAULT_STREAM: &str = "AIRLOCK_WORK";
+
+/// How long a wake-up is kept: a consumer that was away longer polls the store instead.
+const MAX_AGE: Duration = Duration::from_secs(300);
+
+/// How long the server waits for an ack before redelivering.
+const ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// Deliveries of one message before the server gives up on it (it is only a wake-up).
+const MAX_DELIVER: i64 = 5;
+
+/// A consumer nobody pulled from for this long (its process is gone) is removed by the server.
+const INACTIVE_THRESHOLD: Duration = Duration::from_secs(600);
+
+/// How long a publish waits for JetStream's ack.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the subscriber waits before re-attaching after losing its consumer.
+const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
+
+/// A bus failure: the server is unreachable, refused, or did not acknowledge in time.
+#[derive(Debug, thiserror::Error)]
+#[error("nats: {0}")]
+pub struct BusError(String);
+
+fn fail(e: impl std::fmt::Display) -> BusError {
+    BusError(e.to_string())
+}
+
+/// A connection to the JetStream job bus.
+#[derive(Clone)]
+pub struct NatsBus {
+    js: jetstream::Context,
+    stream: String,
+    /// Subjects are `<prefix>.<tenant>`; the stream holds `<prefix>.>`.
+    prefix: String,
+}
+
+impl NatsBus {
+    /// Connects to the NATS server at `url` (`nats://host:port`) and creates the stream
+    /// `stream_name` if it does not exist (file storage, a few minutes of retention). The
+    /// default stream takes the subjects `airlock.work.>`; any other stream (tests, several
+    /// deployments on one server) takes `<stream name in lower case>.>`, so streams never
+    /// overlap.
+    pub async fn connect(url: &str, stream_name: &str) -> Result<Self, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("airlock")
+            .connection_timeout(Duration::from_secs(5))
+            .max_reconnects(None)
+            .connect(url)
+            .await
+            .map_err(|e| BusError(format!("cannot connect to {url}: {e}")))?;
+        let mut js = jetstream::new(client);
+        js.set_timeout(PUBLISH_TIMEOUT);
+        let prefix = if stream_name == DEFAULT_STREAM {
+            "airlock.work".to_owned()
+        } else {
+            stream_name.to_ascii_lowercase()
+        };
+        let bus = Self { js, stream: stream_name.to_owned(), prefix };
+        bus.ensure_stream().await?;
+        Ok(bus)
+    }
+
+    /// The stream, created with the bus's settings if missing (idempotent).
+    async fn ensure_stream(&self) -> Result<stream::Stream, BusError> {
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: self.stream.clone(),
+                subjects: vec![format!("{}.>", self.prefix)],
+                max_age: MAX_AGE,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(fail)
+    }
+
+    /// Publishes a wake-up for `job_id` of `tenant` and waits for JetStream's ack: once this
+    /// returns `Ok`, the message is stored.
+    pub async fn publish(&self, tenant: &str, job_id: &str) -> Result<(), BusError> {
+        let token: String = tenant
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .collect();
+        let subject = format!("{}.{token}", self.prefix);
+        let ack = self.js.publish(subject, job_id.to_owned().into()).await.map_err(fail)?;
+        ack.await.map_err(fail)?;
+        Ok(())
+    }
+
+    /// Consumes the durable pull consumer `group` (created if missing; explicit acks, bounded
+    /// redelivery, only messages published from now on) for the life of the process: calls
+    /// `on_wake` for each message, then acks it. Re-attaches after losing the server. Processes
+    /// that must each see every wake-up use distinct groups; processes sharing a group share
+    /// the messages.
+    pub fn subscribe(
+        &self,
+        group: String,
+        on_wake: impl Fn() + Send + Sync + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let bus = self.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = bus.consume(&group, &on_wake).await {
+                    tracing::warn!(error = %e, "job bus subscription lost; re-attaching");
+                }
+                tokio::time::sleep(RESUBSCRIBE_DELAY).await;
+            }
+        })
+    }
+
+    async fn consume(&self, group: &str, on_wake: &(impl Fn() + Send + Sync)) -> Result<(), BusError> {
+        let stream = self.ensure_stream().await?;
+        let consumer: consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                group,
+                consumer::pull::Config {
+                    durable_name: Some(group.to_owned()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: ACK_WAIT,
+                    max_deliver: MAX_DELIVER,
+                    deliver_policy: consumer::DeliverPolicy::New,
+                    inactive_threshold: INACTIVE_THRESHOLD,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(fail)?;
+        let mut messages = consumer.messages().await.map_err(fail)?;
+        while let Some(message) = messages.next().await {
+            let message = message.map_err(fail)?;
+            on_wake();
+            // A lost ack means one redelivery: one more wake-up, nothing else.
+            if let Err(e) = message.ack().await {
+                tracing::debug!(error = %e, "job bus ack failed");
+            }
+        }
+        Err(BusError("the consumer's message stream ended".into()))
+    }
+
+    /// The stream's name.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+}
+
+/// The raw JetStream loop `airlock bench jetstream` measures: messages of `payload` bytes
+/// published (each publish ack awaited, up to `window` in flight) to a fresh file-backed stream,
+/// consumed from a durable pull consumer and acked one by one, for `duration`. Returns the
+/// messages consumed and acked. The stream is deleted afterwards.
+pub async fn bench_loop(
+    url: &str,
+    payload: usize,
+    window: usize,
+    duration: Duration,
+) -> Result<u64, BusError> {
+    let name = format!("AIRLOCK_BENCH_{}", std::process::id());
+    let bus = NatsBus::connect(url, &name).await?;
+    let stream = bus.ensure_stream().await?;
+    let consumer: consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            "bench",
+            consumer::pull::Config {
+                durable_name: Some("bench".into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(fail)?;
+    let mut messages = consumer.messages().await.map_err(fail)?;
+    let deadline = tokio::time::Instant::now() + duration;
+    let body = "j".repeat(payload);
+    let publisher = {
+        let js = bus.js.clone();
+        let subject = format!("{}.bench", bus.prefix);
+        tokio::spawn(async move {
+            let mut acks = std::collections::VecDeque::with_capacity(window);
+            while tokio::time::Instant::now() < deadline {
+                if acks.len() >= window
+                    && let Some(ack) = acks.pop_front()
+                {
+                    let _: jetstream::context::PublishAckFuture = ack;
+                    ack.await.map_err(fail)?;
+                }
+                acks.push_back(js.publish(subject.clone(), body.clone().into()).await.map_err(fail)?);
+            }
+            for ack in acks {
+                ack.await.map_err(fail)?;
+            }
+            Ok::<(), BusError>(())
+        })
+    };
+    let mut consumed = 0_u64;
+    while let Ok(Some(message)) = tokio::time::timeout_at(deadline, messages.next()).await {
+        message.map_err(fail)?.ack().await.map_err(fail)?;
+        consumed += 1;
+    }
+    publisher.await.map_err(fail)??;
+    let _ = bus.js.delete_stream(&name).await;
+    Ok(consumed)
+}

@@ -1,0 +1,91 @@
+//! The outbox relay and the bus subscriber of distributed mode (`serve --bus nats://…`).
+//!
+//! The relay drains the store's transactional outbox: it publishes each row's wake-up to
+//! JetStream and deletes the row only after the publish was acknowledged, so a crash in
+//! between publishes it again (a duplicate wake-up, harmless: claims read PostgreSQL and lock
+//! the job row). The subscriber turns each bus message into a wake-up of this process's claim
+//! loops.
+
+use std::time::Duration;
+
+use airlock_bus::NatsBus;
+
+use crate::state::AppState;
+
+/// Rows drained per round.
+const BATCH: u32 = 256;
+
+/// How often the relay looks at the outbox when nothing woke it (rows written by replicas
+/// without a relay, or a wake-up it missed).
+const IDLE_POLL: Duration = Duration::from_millis(250);
+
+/// How long the relay waits after the bus or the store failed.
+const RETRY_DELAY: Duration = Duration::from_millis(500);
+
+/// Test-only fault: exit right after a job is committed and before its wake-up is published.
+const FAULT_CRASH_AFTER_COMMIT: &str = "AIRLOCK_FAULT_CRASH_AFTER_COMMIT";
+
+/// Exit status of the fault above.
+const FAULT_EXIT: i32 = 86;
+
+/// Starts the relay: drains the outbox to `bus` for the life of the process.
+pub fn spawn_relay(state: AppState, bus: NatsBus) {
+    let crash_after_commit = std::env::var_os(FAULT_CRASH_AFTER_COMMIT).is_some_and(|v| v == "1");
+    tokio::spawn(async move {
+        loop {
+            // Registered before reading, so a commit during the round is not missed.
+            let woken = state.work().notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let delay = match drain(&state, &bus, crash_after_commit).await {
+                Ok(BATCH_FULL) => continue,
+                Ok(_) => IDLE_POLL,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox relay failed; retrying");
+                    tokio::time::sleep(RETRY_DELAY).await;
+                    continue;
+                }
+            };
+            tokio::select! {
+                () = woken => {}
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    });
+}
+
+/// The row count meaning "there may be more".
+const BATCH_FULL: usize = BATCH as usize;
+
+/// One round: the rows published and deleted.
+async fn drain(state: &AppState, bus: &NatsBus, crash_after_commit: bool) -> Result<usize, String> {
+    let rows = state.store().outbox_take(BATCH).await.map_err(|e| e.to_string())?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    if crash_after_commit {
+        eprintln!("fault {FAULT_CRASH_AFTER_COMMIT}: exiting before publishing {} wake-up(s)", rows.len());
+        std::process::exit(FAULT_EXIT);
+    }
+    let publishes = rows.iter().map(|(_, tenant, job)| bus.publish(tenant, job));
+    let results = futures_util::future::join_all(publishes).await;
+    let mut acked = Vec::with_capacity(rows.len());
+    let mut failure = None;
+    for ((id, _, _), result) in rows.iter().zip(results) {
+        match result {
+            Ok(()) => acked.push(*id),
+            Err(e) => failure = Some(e),
+        }
+    }
+    state.store().outbox_done(&acked).await.map_err(|e| e.to_string())?;
+    match failure {
+        Some(e) => Err(e.to_string()),
+        None => Ok(rows.len()),
+    }
+}
+
+/// Starts consuming the bus as consumer `group`: each message wakes this process's claim loops,
+/// which then read the store.
+pub fn spawn_subscriber(state: AppState, bus: &NatsBus, group: String) {
+    bus.subscribe(group, move || state.work().notify_waiters());
+}

@@ -1,0 +1,402 @@
+//! The NATS JetStream job bus through the real binary (`serve --store postgres://… --bus
+//! nats://…`): a claim on one replica wakes through the bus alone (LISTEN/NOTIFY off), a crash
+//! between commit and publish loses no job and doubles none (the outbox row survives), and a
+//! NATS restart under load loses no acknowledged job. PostgreSQL must be reachable (as in
+//! `distributed.rs`); NATS must listen on 127.0.0.1:4222 (started here if it does not) and
+//! `/usr/sbin/nats-server` must exist. With `CI=true` a missing service fails; elsewhere the
+//! test says so and returns.
+
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic, reason = "a test fails by panicking")]
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const ADMIN: &str = "bus-e2e-admin-key-0123456789abcdef";
+const NATS: &str = "127.0.0.1:4222";
+const NATS_BIN: &str = "/usr/sbin/nats-server";
+
+static STREAMS: AtomicUsize = AtomicUsize::new(0);
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// A child process killed (by its PID, through `Child`) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn reachable(addr: &str) -> bool {
+    TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(300)).is_ok()
+}
+
+fn wait_reachable(addr: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if reachable(addr) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Makes sure the shared NATS server runs; false (outside CI only) when it cannot.
+fn shared_nats() -> bool {
+    if !reachable(NATS) {
+        let _ = Command::new("start-stop-daemon")
+            .args(["--start", "--oknodo", "--background", "--exec", NATS_BIN, "--"])
+            .args(["-a", "127.0.0.1", "-p", "4222", "-js", "-sd", "/var/lib/nats-server"])
+            .args(["-l", "/var/log/nats-server.log"])
+            .status();
+    }
+    let up = wait_reachable(NATS, Duration::from_secs(5));
+    assert!(up || !in_ci(), "NATS with JetStream must listen on {NATS} for the bus tests");
+    if !up {
+        eprintln!("skipped: no NATS server on {NATS}");
+    }
+    up
+}
+
+/// A stream of its own for one test, deleted at the end.
+struct Stream {
+    name: String,
+    server: String,
+}
+
+impl Stream {
+    fn new(server: &str) -> Self {
+        let n = STREAMS.fetch_add(1, Ordering::Relaxed);
+        Self { name: format!("AIRLOCK_WORK_{}_{n}", std::process::id()), server: server.to_owned() }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // Best effort, over the plain NATS protocol: `$JS.API.STREAM.DELETE.<name>`.
+        if let Ok(mut c) = TcpStream::connect(&self.server) {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+            let request = format!(
+                "CONNECT {{\"verbose\":false}}\r\nSUB _INBOX.del 1\r\nPUB $JS.API.STREAM.DELETE.{} _INBOX.del 0\r\n\r\n",
+                self.name
+            );
+            let _ = c.write_all(request.as_bytes());
+            let mut buf = [0_u8; 4096];
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let mut seen = String::new();
+            while Instant::now() < deadline && !seen.contains("MSG ") {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+                }
+            }
+        }
+    }
+}
+
+/// A fresh PostgreSQL schema, dropped at the end.
+struct Schema {
+    base: String,
+    name: String,
+}
+
+impl Schema {
+    fn create(test: &str) -> Self {
+        let base = std::env::var("AIRLOCK_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        let name = format!("airlock_bus_{test}_{}", std::process::id());
+        let status = Command::new("psql")
+            .args([&base, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}")])
+            .env("PGOPTIONS", "-c client_min_messages=warning")
+            .status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "PostgreSQL must be reachable at {base} for the bus tests"
+        );
+        Self { base, name }
+    }
+
+    fn url(&self) -> String {
+        let sep = if self.base.contains('?') { '&' } else { '?' };
+        format!("{}{sep}options=-csearch_path%3D{}", self.base, self.name)
+    }
+
+    /// One number from a query in this schema.
+    fn count(&self, sql: &str) -> i64 {
+        let out = Command::new("psql")
+            .args([&self.base, "-qtA", "-c", &format!("SET search_path = {}; {sql}", self.name)])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([&self.base, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name)])
+            .env("PGOPTIONS", "-c client_min_messages=warning")
+            .status();
+    }
+}
+
+/// A replica on `url` with the bus at `nats` on `stream`; `env` adds variables.
+fn replica(url: &str, nats: &str, stream: &str, env: &[(&str, &str)]) -> (Proc, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", url])
+        .args(["--bus", &format!("nats://{nats}"), "--bus-stream", stream])
+        .envs(env.iter().copied())
+        .env("AIRLOCK_SAFETY_TOKEN", "bus-e2e-safety-token-0123")
+        .env("AIRLOCK_ADMIN_KEY", ADMIN)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let line = BufReader::new(child.stdout.take().unwrap()).lines().next().unwrap().unwrap();
+    let addr = line.split("http://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    (Proc(child), addr)
+}
+
+/// The status and body, or `None` if the connection failed.
+fn try_call(addr: &str, path: &str, key: &str, body: Option<String>) -> Option<(u16, Value)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let url = format!("http://{addr}{path}");
+    let auth = format!("Bearer {key}");
+    let mut response = match body {
+        Some(b) => agent.post(&url).header("authorization", &auth).send(b),
+        None => agent.get(&url).header("authorization", &auth).call(),
+    }
+    .ok()?;
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().ok()?;
+    Some((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+}
+
+fn call(addr: &str, path: &str, key: &str, body: Option<String>) -> (u16, Value) {
+    try_call(addr, path, key, body).unwrap()
+}
+
+fn key(addr: &str, name: &str, roles: &[&str]) -> String {
+    let body = json!({"tenant": "acme", "name": name, "roles": roles}).to_string();
+    let (status, reply) = call(addr, "/api/v1/keys", ADMIN, Some(body));
+    assert_eq!(status, 201, "{reply}");
+    reply["key"].as_str().unwrap().to_owned()
+}
+
+fn complete(addr: &str, worker: &str, claim: &Value) -> u16 {
+    let id = claim["job_id"].as_str().unwrap();
+    let body = json!({"lease_token": claim["lease_token"], "result": {"ok": true}}).to_string();
+    call(addr, &format!("/api/v1/workers/jobs/{id}/complete"), worker, Some(body)).0
+}
+
+const NO_PG_NOTIFY: (&str, &str) = ("AIRLOCK_DISABLE_PG_NOTIFY", "1");
+
+#[test]
+fn the_bus_alone_wakes_a_waiting_claim() {
+    if !shared_nats() {
+        return;
+    }
+    let schema = Schema::create("wake");
+    let stream = Stream::new(NATS);
+    let url = schema.url();
+    let (_a, a) = replica(&url, NATS, &stream.name, &[NO_PG_NOTIFY]);
+    let (_b, b) = replica(&url, NATS, &stream.name, &[NO_PG_NOTIFY]);
+    let agent = key(&a, "agent", &["submitter"]);
+    let worker = key(&b, "w1", &["worker"]);
+
+    let mut waits = Vec::new();
+    for n in 0..5_u64 {
+        let waiting = {
+            let (b, worker) = (b.clone(), worker.clone());
+            std::thread::spawn(move || {
+                call(&b, "/api/v1/workers/claim", &worker, Some(json!({"wait_ms": 5000}).to_string()))
+            })
+        };
+        // Just after the claim's poll at 200 ms: polling alone would wait 110-190 ms.
+        std::thread::sleep(Duration::from_millis(210 + 20 * n));
+        let submitted_at = Instant::now();
+        let body = json!({"topic": "infra.vm.create", "env": "dev", "payload": {"wake": n}}).to_string();
+        assert_eq!(call(&a, "/api/v1/jobs", &agent, Some(body)).0, 202);
+        let (status, claim) = waiting.join().unwrap();
+        waits.push(submitted_at.elapsed());
+        assert_eq!(status, 200, "{claim}");
+        assert_eq!(complete(&b, &worker, &claim), 200);
+    }
+    waits.sort();
+    eprintln!("claims woke {waits:?} after the submits");
+    assert!(waits[2] < Duration::from_millis(60), "claims woke {waits:?} after the submits");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while schema.count("SELECT COUNT(*) FROM outbox") != 0 {
+        assert!(Instant::now() < deadline, "the relay never drained the outbox");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_crash_between_commit_and_publish_loses_and_doubles_nothing() {
+    if !shared_nats() {
+        return;
+    }
+    let schema = Schema::create("crash");
+    let stream = Stream::new(NATS);
+    let url = schema.url();
+    let (mut a, a_addr) =
+        replica(&url, NATS, &stream.name, &[NO_PG_NOTIFY, ("AIRLOCK_FAULT_CRASH_AFTER_COMMIT", "1")]);
+    let agent = key(&a_addr, "agent", &["submitter"]);
+    let worker = key(&a_addr, "w1", &["worker"]);
+    let body = json!({"topic": "infra.vm.create", "env": "dev", "idempotency_key": "crash-1"}).to_string();
+    // The 202 may or may not arrive before the process exits.
+    let _ = try_call(&a_addr, "/api/v1/jobs", &agent, Some(body));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = a.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the fault never fired");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(86), "the relay's fault exits 86");
+    assert_eq!(schema.count("SELECT COUNT(*) FROM jobs WHERE idempotency_key = 'crash-1'"), 1, "committed");
+    assert_eq!(schema.count("SELECT COUNT(*) FROM outbox"), 1, "its wake-up is still owed");
+
+    let (_a, a_addr) = replica(&url, NATS, &stream.name, &[NO_PG_NOTIFY]);
+    let (status, claim) =
+        call(&a_addr, "/api/v1/workers/claim", &worker, Some(json!({"wait_ms": 5000}).to_string()));
+    assert_eq!(status, 200, "{claim}");
+    assert_eq!(complete(&a_addr, &worker, &claim), 200);
+    let (status, again) =
+        call(&a_addr, "/api/v1/workers/claim", &worker, Some(json!({"wait_ms": 500}).to_string()));
+    assert_eq!(status, 204, "never a second lease: {again}");
+    let id = claim["job_id"].as_str().unwrap();
+    let (_, job) = call(&a_addr, &format!("/api/v1/jobs/{id}"), &agent, None);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(
+        schema.count(&format!(
+            "SELECT COUNT(*) FROM job_transitions WHERE job_id = '{id}' AND to_state = 'succeeded'"
+        )),
+        1,
+        "exactly one success"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while schema.count("SELECT COUNT(*) FROM outbox") != 0 {
+        assert!(Instant::now() < deadline, "the restarted relay never drained the outbox");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A NATS server of this test's own, on `port` with its store in `dir`.
+fn throwaway_nats(port: u16, dir: &std::path::Path) -> Proc {
+    let child = Command::new(NATS_BIN)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_reachable(&format!("127.0.0.1:{port}"), Duration::from_secs(10)),
+        "nats-server did not start"
+    );
+    Proc(child)
+}
+
+#[test]
+fn a_nats_restart_under_load_loses_no_acknowledged_job() {
+    if !std::path::Path::new(NATS_BIN).exists() {
+        assert!(!in_ci(), "{NATS_BIN} is needed for the bus tests");
+        eprintln!("skipped: no {NATS_BIN}");
+        return;
+    }
+    let schema = Schema::create("restart");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = std::env::temp_dir().join(format!("airlock-bus-nats-{}-{port}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let server = format!("127.0.0.1:{port}");
+    let mut nats = throwaway_nats(port, &dir);
+    let stream = format!("AIRLOCK_WORK_{}_R", std::process::id());
+    let url = schema.url();
+    let (_a, a) = replica(&url, &server, &stream, &[NO_PG_NOTIFY]);
+    let (_b, b) = replica(&url, &server, &stream, &[NO_PG_NOTIFY]);
+    let agent = key(&a, "agent", &["submitter"]);
+    let worker = key(&b, "w1", &["worker"]);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (b, worker, stop) = (b.clone(), worker.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut done = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let claim = try_call(
+                        &b,
+                        "/api/v1/workers/claim",
+                        &worker,
+                        Some(json!({"wait_ms": 300}).to_string()),
+                    );
+                    if let Some((200, claim)) = claim {
+                        assert_eq!(complete(&b, &worker, &claim), 200);
+                        done += 1;
+                    }
+                }
+                done
+            })
+        })
+        .collect();
+    let mut accepted = Vec::new();
+    let started = Instant::now();
+    let mut restarted = false;
+    for n in 0..300 {
+        let body = json!({"topic": "infra.vm.create", "env": "dev", "payload": {"n": n}}).to_string();
+        if let Some((202, reply)) = try_call(&a, "/api/v1/jobs", &agent, Some(body)) {
+            accepted.push(reply["job_id"].as_str().unwrap().to_owned());
+        }
+        if n == 100 {
+            // kill -9 the server this test started, by its PID, then restart it on the same port.
+            nats.0.kill().unwrap();
+            nats.0.wait().unwrap();
+            std::thread::sleep(Duration::from_millis(1500));
+            nats = throwaway_nats(port, &dir);
+            restarted = true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(restarted);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let done = schema.count("SELECT COUNT(*) FROM jobs WHERE state = 'succeeded'");
+        if done == i64::try_from(accepted.len()).unwrap() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{done} of {} acknowledged jobs completed", accepted.len());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let completed: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert_eq!(completed, accepted.len(), "each job completed exactly once");
+    assert!(accepted.len() >= 290, "only {} of 300 submits acknowledged", accepted.len());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while schema.count("SELECT COUNT(*) FROM outbox") != 0 {
+        assert!(Instant::now() < deadline, "the relay never caught up after the restart");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("{} jobs in {:?}, NATS restarted once", accepted.len(), started.elapsed());
+    drop(nats);
+    let _ = std::fs::remove_dir_all(&dir);
+}
