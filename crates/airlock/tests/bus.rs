@@ -8,6 +8,8 @@
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic, reason = "a test fails by panicking")]
 
+mod support;
+
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
@@ -171,21 +173,7 @@ fn replica(url: &str, nats: &str, stream: &str, env: &[(&str, &str)]) -> (Proc, 
 
 /// The status and body, or `None` if the connection failed.
 fn try_call(addr: &str, path: &str, key: &str, body: Option<String>) -> Option<(u16, Value)> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .into();
-    let url = format!("http://{addr}{path}");
-    let auth = format!("Bearer {key}");
-    let mut response = match body {
-        Some(b) => agent.post(&url).header("authorization", &auth).send(b),
-        None => agent.get(&url).header("authorization", &auth).call(),
-    }
-    .ok()?;
-    let status = response.status().as_u16();
-    let text = response.body_mut().read_to_string().ok()?;
-    Some((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+    support::try_call(addr, path, key, body.as_deref(), Duration::from_secs(10))
 }
 
 fn call(addr: &str, path: &str, key: &str, body: Option<String>) -> (u16, Value) {

@@ -6,37 +6,20 @@
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic, reason = "a test fails by panicking")]
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::json;
+use support::{Process as Replica, call_text as call, metric};
 
 const ADMIN: &str = "distributed-e2e-admin-key-0123456789";
-
-struct Replica(Child);
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A fresh schema, dropped at the end.
 struct Schema {
     base: String,
     name: String,
-}
-
-fn metric(addr: &str, series: &str) -> f64 {
-    let (_, text) = call(addr, "/metrics", "", None);
-    text.as_str()
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .map_or(0.0, |v| v.parse().unwrap())
 }
 
 impl Schema {
@@ -74,40 +57,16 @@ fn replica(url: &str) -> (Replica, String) {
 }
 
 fn replica_with(url: &str, extra: &[&str]) -> (Replica, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--store", url])
-        .args(extra)
-        .env("AIRLOCK_SAFETY_TOKEN", "distributed-e2e-safety-token")
-        .env("AIRLOCK_ADMIN_KEY", ADMIN)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let line = BufReader::new(child.stdout.take().unwrap()).lines().next().unwrap().unwrap();
-    let addr = line.split("http://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
-    (Replica(child), addr)
-}
-
-fn call(addr: &str, path: &str, key: &str, body: Option<String>) -> (u16, Value) {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let url = format!("http://{addr}{path}");
-    let auth = format!("Bearer {key}");
-    let mut response = match body {
-        Some(b) => agent.post(&url).header("authorization", &auth).send(b),
-        None => agent.get(&url).header("authorization", &auth).call(),
-    }
-    .unwrap();
-    let status = response.status().as_u16();
-    let text = response.body_mut().read_to_string().unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--store", url];
+    args.extend(extra);
+    support::airlock(
+        &args,
+        &[("AIRLOCK_ADMIN_KEY", ADMIN), ("AIRLOCK_SAFETY_TOKEN", "distributed-e2e-safety-token")],
+    )
 }
 
 fn key(addr: &str, name: &str, roles: &[&str]) -> String {
-    let body = json!({"tenant": "acme", "name": name, "roles": roles}).to_string();
-    let (status, reply) = call(addr, "/api/v1/keys", ADMIN, Some(body));
-    assert_eq!(status, 201, "{reply}");
-    reply["key"].as_str().unwrap().to_owned()
+    support::key(addr, ADMIN, "acme", name, roles)
 }
 
 #[test]

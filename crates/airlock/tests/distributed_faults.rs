@@ -14,6 +14,8 @@
     reason = "a test fails by panicking"
 )]
 
+mod support;
+
 use std::collections::HashMap;
 use std::hash::{BuildHasher as _, RandomState};
 use std::io::{BufRead as _, BufReader, Read as _};
@@ -188,21 +190,7 @@ fn start_replica(url: &str, config: &std::path::Path) -> Replica {
 
 /// An HTTP call; `None` when the replica could not be reached or the connection broke.
 fn call(addr: &str, path: &str, key: &str, body: Option<String>) -> Option<(u16, Value)> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .into();
-    let url = format!("http://{addr}{path}");
-    let auth = format!("Bearer {key}");
-    let mut response = match body {
-        Some(b) => agent.post(&url).header("authorization", &auth).send(b),
-        None => agent.get(&url).header("authorization", &auth).call(),
-    }
-    .ok()?;
-    let status = response.status().as_u16();
-    let text = response.body_mut().read_to_string().ok()?;
-    Some((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+    support::try_call(addr, path, key, body.as_deref(), Duration::from_secs(10))
 }
 
 /// The addresses of the live replicas, re-read by every client before each call.

@@ -9,6 +9,8 @@
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic, reason = "a test fails by panicking")]
 
+mod support;
+
 use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::path::{Path, PathBuf};
@@ -191,21 +193,7 @@ fn start_replica(url: &str, config: &Path) -> Replica {
 
 /// An HTTP call with a short timeout; `None` when the replica could not be reached in time.
 fn call(addr: &str, path: &str, key: &str, body: Option<String>) -> Option<(u16, Value)> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(3)))
-        .build()
-        .into();
-    let url = format!("http://{addr}{path}");
-    let auth = format!("Bearer {key}");
-    let mut response = match body {
-        Some(b) => agent.post(&url).header("authorization", &auth).send(b),
-        None => agent.get(&url).header("authorization", &auth).call(),
-    }
-    .ok()?;
-    let status = response.status().as_u16();
-    let text = response.body_mut().read_to_string().ok()?;
-    Some((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+    support::try_call(addr, path, key, body.as_deref(), Duration::from_secs(3))
 }
 
 /// Calls `addr` until it answers other than 503 or a transport failure, for up to 20 s.

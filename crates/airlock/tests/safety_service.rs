@@ -5,66 +5,23 @@
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic, reason = "a test fails by panicking")]
 
-use std::io::{BufRead as _, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::json;
+use support::{Process, call_json as call, temp_dir};
 
 const ADMIN: &str = "safety-e2e-admin-key-0123456789";
 const TOKEN: &str = "safety-e2e-token-0123456789";
 
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn spawn(args: &[&str]) -> (Process, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
-        .args(args)
-        .env("AIRLOCK_ADMIN_KEY", ADMIN)
-        .env("AIRLOCK_SAFETY_TOKEN", TOKEN)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let line = BufReader::new(child.stdout.take().unwrap()).lines().next().unwrap().unwrap();
-    let addr = line.split("http://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
-    (Process(child), addr)
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("airlock-safety-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn call(addr: &str, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let url = format!("http://{addr}{path}");
-    let auth = format!("Bearer {key}");
-    let mut response = match body {
-        Some(b) => agent.post(&url).header("authorization", &auth).send(b.to_string()),
-        None => agent.get(&url).header("authorization", &auth).call(),
-    }
-    .unwrap();
-    let status = response.status().as_u16();
-    let text = response.body_mut().read_to_string().unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    support::airlock(args, &[("AIRLOCK_ADMIN_KEY", ADMIN), ("AIRLOCK_SAFETY_TOKEN", TOKEN)])
 }
 
 fn key(addr: &str, name: &str, role: &str) -> String {
-    let (status, body) =
-        call(addr, "/api/v1/keys", ADMIN, Some(json!({"tenant": "acme", "name": name, "roles": [role]})));
-    assert_eq!(status, 201, "{body}");
-    body["key"].as_str().unwrap().to_owned()
+    support::key(addr, ADMIN, "acme", name, &[role])
 }
 
 fn submit(addr: &str, key: &str, n: u64) -> String {
@@ -106,7 +63,7 @@ fn config(dir: &Path, extra: &str) -> String {
 
 #[test]
 fn a_stopped_safety_service_fails_closed_then_jobs_complete_after_it_returns() {
-    let dir = temp_dir("closed");
+    let dir = temp_dir("safety-closed");
     let data = dir.to_str().unwrap();
     let (safety, safety_addr) =
         spawn(&["serve", "--role", "safety", "--listen", "127.0.0.1:0", "--data", data]);
@@ -156,7 +113,7 @@ fn a_stopped_safety_service_fails_closed_then_jobs_complete_after_it_returns() {
 
 #[test]
 fn a_stopped_safety_service_with_fail_open_dispatches_and_counts() {
-    let dir = temp_dir("open");
+    let dir = temp_dir("safety-open");
     let data = dir.to_str().unwrap();
     let (safety, safety_addr) =
         spawn(&["serve", "--role", "safety", "--listen", "127.0.0.1:0", "--data", data]);

@@ -1,0 +1,122 @@
+//! What the tests through the real binary share: starting `airlock` processes that are killed
+//! when dropped, and JSON calls to them over loopback.
+
+#![allow(dead_code, reason = "each test file uses the part it needs")]
+#![allow(clippy::unwrap_used, clippy::panic, reason = "a test fails by panicking")]
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// A process this test started; killed (by its own handle) when dropped.
+pub struct Process(pub Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `airlock ARGS` with `ENV`, and reads the address from its first stdout line
+/// (`airlock listening on http://ADDR …` or `airlock safety service listening on http://ADDR …`).
+pub fn airlock(args: &[&str], env: &[(&str, &str)]) -> (Process, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_airlock"));
+    command.args(args).env("RUST_LOG", "error").stdout(Stdio::piped()).stderr(Stdio::inherit());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().unwrap();
+    let line = BufReader::new(child.stdout.take().unwrap()).lines().next().unwrap().unwrap();
+    let addr = line.split("http://").nth(1).unwrap_or_else(|| panic!("no address in `{line}`"));
+    let addr = addr.split_whitespace().next().unwrap().to_owned();
+    (Process(child), addr)
+}
+
+/// One call: POST `body` when given, GET otherwise. `None` when the connection failed or the
+/// call outlived `timeout`.
+pub fn try_call(
+    addr: &str,
+    path: &str,
+    key: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Option<(u16, Value)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build()
+        .into();
+    let url = format!("http://{addr}{path}");
+    let auth = format!("Bearer {key}");
+    let response = match body {
+        Some(b) => agent.post(&url).header("authorization", &auth).send(b),
+        None => agent.get(&url).header("authorization", &auth).call(),
+    };
+    let mut response = response.ok()?;
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().ok()?;
+    Some((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+}
+
+/// A POST of `body` (any JSON or text) that must reach the server.
+pub fn post(addr: &str, path: &str, key: &str, body: impl std::fmt::Display) -> (u16, Value) {
+    let body = body.to_string();
+    try_call(addr, path, key, Some(&body), Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("POST {path} on {addr} failed"))
+}
+
+/// A GET that must reach the server.
+pub fn get(addr: &str, path: &str, key: &str) -> (u16, Value) {
+    try_call(addr, path, key, None, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("GET {path} on {addr} failed"))
+}
+
+/// A key in `tenant`, created with the platform admin key `admin`.
+pub fn key(addr: &str, admin: &str, tenant: &str, name: &str, roles: &[&str]) -> String {
+    let (status, reply) = post(
+        addr,
+        "/api/v1/keys",
+        admin,
+        serde_json::json!({"tenant": tenant, "name": name, "roles": roles}),
+    );
+    assert_eq!(status, 201, "{reply}");
+    reply["key"].as_str().unwrap().to_owned()
+}
+
+/// The value of one Prometheus series (0 when absent).
+pub fn metric(addr: &str, series: &str) -> f64 {
+    let (_, text) = get(addr, "/metrics", "");
+    text.as_str()
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+/// A fresh directory under the system temp dir.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("airlock-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// [`post`] when `body` is given, [`get`] otherwise.
+pub fn call_json(addr: &str, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {
+    match body {
+        Some(b) => post(addr, path, key, b),
+        None => get(addr, path, key),
+    }
+}
+
+/// [`call_json`] for a body already rendered as text.
+pub fn call_text(addr: &str, path: &str, key: &str, body: Option<String>) -> (u16, Value) {
+    match body {
+        Some(b) => post(addr, path, key, b),
+        None => get(addr, path, key),
+    }
+}
