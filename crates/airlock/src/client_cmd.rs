@@ -712,27 +712,34 @@ pub fn jobs(command: JobsCommand) -> ExitCode {
 }
 
 fn list_jobs(connection: &Connection, path: &str) -> Result<(), Exit> {
+    let headers = ["ID", "STATE", "TOPIC", "ENV", "DECISION", "CREATED"];
+    list_page(connection, path, "jobs", &headers, "no jobs", |j| {
+        vec![
+            text(j, "job_id"),
+            text(j, "state"),
+            text(j, "topic"),
+            text(j, "env"),
+            text(j, "decision"),
+            time(j, "created_at"),
+        ]
+    })
+}
+
+/// Fetches one page of a list endpoint and prints it as a table, with the next-page cursor.
+fn list_page(
+    connection: &Connection,
+    path: &str,
+    key: &str,
+    headers: &[&str],
+    empty: &str,
+    row: impl Fn(&Value) -> Vec<String>,
+) -> Result<(), Exit> {
     let client = Client::new(connection)?;
     let body = client.call(Verb::Get, path, Payload::Empty)?;
     client.show(&body, |b| {
-        let rows: Vec<Vec<String>> = field(b, "jobs")
-            .as_array()
-            .map(|jobs| {
-                jobs.iter()
-                    .map(|j| {
-                        vec![
-                            text(j, "job_id"),
-                            text(j, "state"),
-                            text(j, "topic"),
-                            text(j, "env"),
-                            text(j, "decision"),
-                            time(j, "created_at"),
-                        ]
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        table(&["ID", "STATE", "TOPIC", "ENV", "DECISION", "CREATED"], &rows, "no jobs");
+        let rows: Vec<Vec<String>> =
+            field(b, key).as_array().map(|items| items.iter().map(&row).collect()).unwrap_or_default();
+        table(headers, &rows, empty);
         if let Some(next) = field(b, "next").as_str() {
             println!("more: --after {next}");
         }
@@ -835,38 +842,19 @@ pub fn approvals(command: ApprovalsCommand) -> ExitCode {
 }
 
 fn list_approvals(connection: &Connection, path: &str) -> Result<(), Exit> {
-    let client = Client::new(connection)?;
-    let body = client.call(Verb::Get, path, Payload::Empty)?;
-    client.show(&body, |b| {
-        let rows: Vec<Vec<String>> = field(b, "approvals")
-            .as_array()
-            .map(|list| {
-                list.iter()
-                    .map(|a| {
-                        let count = field(a, "approvers").as_array().map_or(0, Vec::len);
-                        vec![
-                            text(a, "id"),
-                            text(a, "status"),
-                            text(a, "job_id"),
-                            text(a, "requested_by"),
-                            format!("{count}/{}", text(a, "quorum")),
-                            scalar(field(field(a, "binding"), "rule_ids")),
-                            time(a, "expires_at"),
-                        ]
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        table(
-            &["ID", "STATUS", "JOB", "REQUESTED BY", "APPROVALS", "RULES", "EXPIRES"],
-            &rows,
-            "no approval requests",
-        );
-        if let Some(next) = field(b, "next").as_str() {
-            println!("more: --after {next}");
-        }
-    });
-    Ok(())
+    let headers = ["ID", "STATUS", "JOB", "REQUESTED BY", "APPROVALS", "RULES", "EXPIRES"];
+    list_page(connection, path, "approvals", &headers, "no approval requests", |a| {
+        let count = field(a, "approvers").as_array().map_or(0, Vec::len);
+        vec![
+            text(a, "id"),
+            text(a, "status"),
+            text(a, "job_id"),
+            text(a, "requested_by"),
+            format!("{count}/{}", text(a, "quorum")),
+            scalar(field(field(a, "binding"), "rule_ids")),
+            time(a, "expires_at"),
+        ]
+    })
 }
 
 fn get_approval(connection: &Connection, id: &str) -> Result<(), Exit> {
@@ -973,31 +961,16 @@ pub fn dlq(command: DlqCommand) -> ExitCode {
 }
 
 fn list_dead_letters(connection: &Connection, path: &str) -> Result<(), Exit> {
-    let client = Client::new(connection)?;
-    let body = client.call(Verb::Get, path, Payload::Empty)?;
-    client.show(&body, |b| {
-        let rows: Vec<Vec<String>> = field(b, "dead_letters")
-            .as_array()
-            .map(|jobs| {
-                jobs.iter()
-                    .map(|j| {
-                        vec![
-                            text(j, "job_id"),
-                            text(j, "topic"),
-                            text(j, "env"),
-                            text(j, "reason"),
-                            format!("{}/{}", text(j, "scheduling_attempts"), text(j, "execution_attempts")),
-                        ]
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        table(&["ID", "TOPIC", "ENV", "REASON", "ATTEMPTS (SCHED/EXEC)"], &rows, "no dead-lettered jobs");
-        if let Some(next) = field(b, "next").as_str() {
-            println!("more: --after {next}");
-        }
-    });
-    Ok(())
+    let headers = ["ID", "TOPIC", "ENV", "REASON", "ATTEMPTS (SCHED/EXEC)"];
+    list_page(connection, path, "dead_letters", &headers, "no dead-lettered jobs", |j| {
+        vec![
+            text(j, "job_id"),
+            text(j, "topic"),
+            text(j, "env"),
+            text(j, "reason"),
+            format!("{}/{}", text(j, "scheduling_attempts"), text(j, "execution_attempts")),
+        ]
+    })
 }
 
 // ---- keys --------------------------------------------------------------------------------
