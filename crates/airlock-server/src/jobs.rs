@@ -76,3 +76,22 @@ pub async fn cancel(
         .await?;
     Ok(Json(json!({"job_id": job.id.as_str(), "state": job.state.as_str()})))
 }
+
+/// `GET /api/v1/reports/idempotency`: the release-gate report of SPEC 8. Per topic, accepted
+/// submissions and how many arrived without an idempotency key, and whether the configuration
+/// requires one for that topic.
+pub async fn idempotency_report(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(Role::Operator)?;
+    let rows = state.store().idempotency_report(&caller.tenant).await?;
+    let topics: Vec<Value> = rows
+        .into_iter()
+        .map(|(topic, submissions, without_key)| {
+            let required = state.config().require_idempotency_key.iter().any(|g| g.matches(&topic));
+            json!({"topic": topic, "submissions": submissions, "without_idempotency_key": without_key, "key_required": required})
+        })
+        .collect();
+    Ok(Json(json!({"topics": topics})))
+}

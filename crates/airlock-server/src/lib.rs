@@ -35,7 +35,7 @@ pub use ops::OPENAPI;
 use state::{ActivePolicy, AppState, Config};
 
 /// Every route: method and path. The OpenAPI document must describe each (tested).
-pub const ROUTES: [(&str, &str); 33] = [
+pub const ROUTES: [(&str, &str); 34] = [
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -69,6 +69,7 @@ pub const ROUTES: [(&str, &str); 33] = [
     ("post", "/api/v1/dlq/{id}/retry"),
     ("post", "/api/v1/dlq/{id}/discard"),
     ("post", "/api/v1/safety/evaluate"),
+    ("get", "/api/v1/reports/idempotency"),
 ];
 
 /// What one process serves.
@@ -121,6 +122,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/jobs", post(gate_a::submit).get(jobs::list))
         .route("/api/v1/jobs/{id}", get(jobs::get))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/api/v1/reports/idempotency", get(jobs::idempotency_report))
         .route("/api/v1/approvals", get(approvals::list))
         .route("/api/v1/approvals/{id}", get(approvals::get))
         .route("/api/v1/approvals/{id}/approve", post(approvals::approve))

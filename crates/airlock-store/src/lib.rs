@@ -501,6 +501,9 @@ pub trait Store: Send + Sync {
         actor: &str,
         reason: &str,
     ) -> Result<JobRecord, StoreError>;
+    /// Per topic of a tenant: accepted submissions, and how many carried no idempotency key
+    /// (the release-gate report of SPEC 8), by topic.
+    async fn idempotency_report(&self, tenant: &TenantId) -> Result<Vec<(String, u64, u64)>, StoreError>;
     /// Counts of jobs per state, across tenants.
     async fn job_counts(&self) -> Result<BTreeMap<JobState, u64>, StoreError>;
 

@@ -1275,6 +1275,18 @@ impl Store for PgStore {
         Ok(write_tx!(self, |tx| transition(&tx, tenant, id, event, at, actor, reason)).await?)
     }
 
+    async fn idempotency_report(&self, tenant: &TenantId) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        let tenant = tenant.as_str();
+        Ok(self
+            .read(
+                "SELECT topic, COUNT(*), COUNT(*) FILTER (WHERE idempotency_key IS NULL) FROM jobs
+                 WHERE tenant = $1 GROUP BY topic ORDER BY topic COLLATE \"C\"",
+                &[&tenant],
+                |row| Ok((get::<String>(row, 0)?, get_u64(row, 1)?, get_u64(row, 2)?)),
+            )
+            .await?)
+    }
+
     async fn job_counts(&self) -> Result<BTreeMap<JobState, u64>, StoreError> {
         let rows = self
             .read("SELECT state, COUNT(*) FROM jobs GROUP BY state", &[], |row| {

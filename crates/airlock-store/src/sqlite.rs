@@ -1173,6 +1173,26 @@ impl Store for SqliteStore {
         expect_output!(reply, Job).map(|job| *job)
     }
 
+    async fn idempotency_report(&self, tenant: &TenantId) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        let tenant = tenant.to_string();
+        self.read(move |conn| {
+            collect(
+                conn,
+                "SELECT topic, COUNT(*), SUM(idempotency_key IS NULL) FROM jobs WHERE tenant = ?1
+                 GROUP BY topic ORDER BY topic",
+                [tenant],
+                |row| {
+                    Ok((
+                        row.get(0)?,
+                        row.get::<_, i64>(1)?.unsigned_abs(),
+                        row.get::<_, i64>(2)?.unsigned_abs(),
+                    ))
+                },
+            )
+        })
+        .await
+    }
+
     async fn job_counts(&self) -> Result<BTreeMap<JobState, u64>, StoreError> {
         self.read(|conn| {
             let rows = collect(conn, "SELECT state, COUNT(*) FROM jobs GROUP BY state", [], |row| {

@@ -718,3 +718,23 @@ async fn the_outbox_holds_wake_ups_until_relayed_or_pruned() {
         assert!(store.outbox_take(10).await.unwrap().is_empty(), "{name}");
     }
 }
+
+#[tokio::test]
+async fn the_idempotency_report_counts_submissions_without_keys_per_topic() {
+    for (name, store, _schema) in stores().await {
+        let t = tenant("acme");
+        let mut keyed = job(&t, JobState::Queued, 1);
+        keyed.topic = "infra.a".into();
+        keyed.idempotency_key = Some("k".into());
+        let mut bare = job(&t, JobState::Queued, 2);
+        bare.topic = "infra.a".into();
+        let mut other = job(&t, JobState::Queued, 3);
+        other.topic = "infra.b".into();
+        for j in [keyed, bare, other] {
+            store.submit(submission(j), 0).await.unwrap();
+        }
+        store.submit(submission(job(&tenant("globex"), JobState::Queued, 4)), 0).await.unwrap();
+        let report = store.idempotency_report(&t).await.unwrap();
+        assert_eq!(report, [("infra.a".to_owned(), 2, 1), ("infra.b".to_owned(), 1, 1)], "{name}");
+    }
+}
