@@ -74,7 +74,9 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, body: Body) -
             state
                 .metrics()
                 .inc("airlock_safety_check_failures_total", &[("gate", "a"), ("reason", e.reason())]);
-            match state.config().gate_a_fail_mode_for(&job.topic) {
+            let active = state.safety().active();
+            let classes: Vec<&str> = active.policy.classes_of(&job.topic).collect();
+            match state.config().gate_a_fail.for_topic(&job.topic, &classes) {
                 FailMode::Closed => {
                     let draft = decision_draft(
                         &caller,

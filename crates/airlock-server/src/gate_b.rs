@@ -129,7 +129,7 @@ async fn gate_b(state: &AppState, caller: &Caller, job: JobRecord) -> Result<Opt
     let topic = state.metrics().topic(&job.topic);
     let active = state.safety().active();
     let classes: Vec<&str> = active.policy.classes_of(&job.topic).collect();
-    let fail_mode = match state.config().gate_b_fail_mode_for(&job.topic, &classes) {
+    let fail_mode = match state.config().gate_b_fail.for_topic(&job.topic, &classes) {
         FailMode::Closed => dispatch::FailMode::Closed,
         FailMode::Open => dispatch::FailMode::Open,
     };

@@ -49,13 +49,61 @@ impl FailMode {
     }
 }
 
+/// One gate's fail mode, overridable per topic pattern and per risk class.
+#[derive(Clone, Debug, Default)]
+pub struct FailModes {
+    /// The gate's mode.
+    pub default: FailMode,
+    /// Per-topic overrides; the first matching pattern wins over everything else.
+    pub topics: Vec<(Glob, FailMode)>,
+    /// Per-risk-class overrides; when a topic is in several classes, `closed` wins.
+    pub risk: Vec<(String, FailMode)>,
+}
+
+impl FailModes {
+    /// The mode for a topic in the given risk classes.
+    pub fn for_topic(&self, topic: &str, classes: &[&str]) -> FailMode {
+        if let Some((_, mode)) = self.topics.iter().find(|(g, _)| g.matches(topic)) {
+            return *mode;
+        }
+        let by_class: Vec<FailMode> = self
+            .risk
+            .iter()
+            .filter(|(class, _)| classes.contains(&class.as_str()))
+            .map(|(_, m)| *m)
+            .collect();
+        if by_class.contains(&FailMode::Closed) {
+            FailMode::Closed
+        } else if by_class.contains(&FailMode::Open) {
+            FailMode::Open
+        } else {
+            self.default
+        }
+    }
+
+    /// Whether any setting opens a gate for `high`-risk topics (`high` lists the class's patterns).
+    fn reaches_high(&self, high: &[&str]) -> Vec<String> {
+        let mut reaches = Vec::new();
+        if self.default == FailMode::Open {
+            reaches.push("the default fail mode is `open`".to_owned());
+        }
+        if self.risk.iter().any(|(c, m)| c == "high" && *m == FailMode::Open) {
+            reaches.push("risk class `high` is set to `open`".to_owned());
+        }
+        for (glob, mode) in &self.topics {
+            if *mode == FailMode::Open && high.iter().any(|t| glob.matches(t) || glob.as_str() == *t) {
+                reaches.push(format!("topic pattern `{glob}` is `open` and covers high-risk topics"));
+            }
+        }
+        reaches
+    }
+}
+
 /// Gate A's settings; defaults from SPEC 13.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Gate A's fail mode.
-    pub gate_a_fail_mode: FailMode,
-    /// Per-topic overrides of the fail mode; the first matching pattern wins.
-    pub gate_a_fail_mode_topics: Vec<(Glob, FailMode)>,
+    /// Gate A's fail modes.
+    pub gate_a_fail: FailModes,
     /// Gate A evaluation timeout.
     pub gate_a_timeout: Duration,
     /// Approval TTL.
@@ -68,13 +116,8 @@ pub struct Config {
     pub require_idempotency_key: Vec<Glob>,
     /// Whether `POST /api/v1/admin/faults` exists (tests and drills only).
     pub fault_injection: bool,
-    /// Gate B's fail mode.
-    pub gate_b_fail_mode: FailMode,
-    /// Per-topic overrides of Gate B's fail mode; the first matching pattern wins.
-    pub gate_b_fail_mode_topics: Vec<(Glob, FailMode)>,
-    /// Per-risk-class overrides of Gate B's fail mode (when a topic is in several classes,
-    /// `closed` wins).
-    pub gate_b_fail_mode_risk: Vec<(String, FailMode)>,
+    /// Gate B's fail modes.
+    pub gate_b_fail: FailModes,
     /// Let `open` apply to `high`-risk topics (refused at start otherwise).
     pub force_fail_open_high_risk: bool,
     /// Gate B's safety client timeout.
@@ -106,17 +149,14 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            gate_a_fail_mode: FailMode::Closed,
-            gate_a_fail_mode_topics: Vec::new(),
+            gate_a_fail: FailModes::default(),
             gate_a_timeout: Duration::from_millis(defaults::GATE_A_TIMEOUT_MS),
             approval_ttl_ms: defaults::APPROVAL_TTL_MS,
             approval_binding: Binding::Snapshot,
             idempotency_retention_ms: defaults::IDEMPOTENCY_RETENTION_MS,
             require_idempotency_key: Vec::new(),
             fault_injection: false,
-            gate_b_fail_mode: FailMode::Closed,
-            gate_b_fail_mode_topics: Vec::new(),
-            gate_b_fail_mode_risk: Vec::new(),
+            gate_b_fail: FailModes::default(),
             force_fail_open_high_risk: false,
             gate_b_timeout: Duration::from_millis(defaults::GATE_B_CLIENT_TIMEOUT_MS),
             breaker: BreakerConfig::default(),
@@ -134,27 +174,6 @@ impl Default for Config {
 }
 
 impl Config {
-    /// The fail mode for a topic at Gate B: topic override, then risk-class override (closed
-    /// wins among classes), then the gate's default.
-    pub fn gate_b_fail_mode_for(&self, topic: &str, classes: &[&str]) -> FailMode {
-        if let Some((_, mode)) = self.gate_b_fail_mode_topics.iter().find(|(g, _)| g.matches(topic)) {
-            return *mode;
-        }
-        let by_class: Vec<FailMode> = self
-            .gate_b_fail_mode_risk
-            .iter()
-            .filter(|(class, _)| classes.contains(&class.as_str()))
-            .map(|(_, mode)| *mode)
-            .collect();
-        if by_class.contains(&FailMode::Closed) {
-            FailMode::Closed
-        } else if by_class.contains(&FailMode::Open) {
-            FailMode::Open
-        } else {
-            self.gate_b_fail_mode
-        }
-    }
-
     /// The caps for a topic: the configured ones, with the topic's execution-attempt override.
     pub fn caps_for(&self, topic: &str) -> Caps {
         let execution_attempts_max = self
@@ -185,20 +204,14 @@ impl Config {
             .filter(|c| c.name == "high")
             .flat_map(|c| c.topics.iter().map(Glob::as_str))
             .collect();
-        let mut reaches = Vec::new();
-        if !high.is_empty() {
-            if self.gate_a_fail_mode == FailMode::Open || self.gate_b_fail_mode == FailMode::Open {
-                reaches.push("the default fail mode is `open`".to_owned());
-            }
-            if self.gate_b_fail_mode_risk.iter().any(|(c, m)| c == "high" && *m == FailMode::Open) {
-                reaches.push("risk class `high` is set to `open`".to_owned());
-            }
-            for (glob, mode) in self.gate_a_fail_mode_topics.iter().chain(&self.gate_b_fail_mode_topics) {
-                if *mode == FailMode::Open && high.iter().any(|t| glob.matches(t) || glob.as_str() == *t) {
-                    reaches.push(format!("topic pattern `{glob}` is `open` and covers high-risk topics"));
-                }
-            }
-        }
+        let reaches: Vec<String> = if high.is_empty() {
+            Vec::new()
+        } else {
+            let gate_a = self.gate_a_fail.reaches_high(&high).into_iter().map(|r| format!("Gate A: {r}"));
+            gate_a
+                .chain(self.gate_b_fail.reaches_high(&high).into_iter().map(|r| format!("Gate B: {r}")))
+                .collect()
+        };
         if reaches.is_empty() {
             return Ok(Vec::new());
         }
@@ -209,14 +222,6 @@ impl Config {
         } else {
             Err(format!("{}; pass --force-fail-open-high-risk to accept this", warnings.join("; ")))
         }
-    }
-
-    /// The fail mode for a topic at Gate A.
-    pub fn gate_a_fail_mode_for(&self, topic: &str) -> FailMode {
-        self.gate_a_fail_mode_topics
-            .iter()
-            .find(|(glob, _)| glob.matches(topic))
-            .map_or(self.gate_a_fail_mode, |(_, mode)| *mode)
     }
 }
 

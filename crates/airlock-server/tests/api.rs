@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use airlock_server::state::{AppState, Config, FailMode, Fault};
+use airlock_server::state::{AppState, Config, FailMode, FailModes, Fault};
 use airlock_store::{SqliteStore, Store};
 use axum::Router;
 use axum::body::Body;
@@ -469,7 +469,11 @@ async fn fail_modes_when_the_safety_check_is_unavailable() {
         api.submit(&agent, json!({"topic": "infra.vm.create", "env": "dev", "idempotency_key": "k"})).await;
     assert_eq!(retried.status, StatusCode::ACCEPTED, "a 503 never poisons an idempotency key");
 
-    let open = Api::start(Config { gate_a_fail_mode: FailMode::Open, ..Config::default() }).await;
+    let open = Api::start(Config {
+        gate_a_fail: FailModes { default: FailMode::Open, ..FailModes::default() },
+        ..Config::default()
+    })
+    .await;
     let agent = open.key("acme", "agent", &["submitter"]).await;
     open.state.safety().inject(Some(Fault::Unavailable));
     let bypassed = open.submit(&agent, public_ingress()).await;

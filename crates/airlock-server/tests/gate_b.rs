@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use airlock_core::breaker::BreakerConfig;
 use airlock_core::dispatch::Caps;
-use airlock_server::state::{AppState, Config, FailMode, Fault};
+use airlock_server::state::{AppState, Config, FailMode, FailModes, Fault};
 use airlock_store::{SqliteStore, Store};
 use axum::Router;
 use axum::body::Body;
@@ -389,7 +389,10 @@ async fn the_breaker_opens_after_three_failures_and_admits_at_most_three_probes(
 
 #[tokio::test]
 async fn fail_open_dispatches_marks_and_counts() {
-    let config = Config { gate_b_fail_mode: FailMode::Open, ..Config::default() };
+    let config = Config {
+        gate_b_fail: FailModes { default: FailMode::Open, ..FailModes::default() },
+        ..Config::default()
+    };
     let api = Api::start(config).await;
     let id = api.submit(vm()).await;
     api.state.safety().inject(Some(Fault::Unavailable));

@@ -5,6 +5,7 @@
 //! gate_a:
 //!   fail_mode: closed              # or open
 //!   fail_mode_topics: { "infra.*.read": open }
+//!   fail_mode_risk: { low: open }
 //!   timeout_ms: 5000
 //! approvals:
 //!   ttl_secs: 86400
@@ -43,7 +44,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                     match key.text.as_str() {
                         "fail_mode" => {
                             if let Some(m) = parse_str::<FailMode>(v, &mut errors) {
-                                config.gate_a_fail_mode = m;
+                                config.gate_a_fail.default = m;
                             }
                         }
                         "fail_mode_topics" => {
@@ -54,7 +55,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                                 if let (Ok(glob), Some(mode)) =
                                     (glob, parse_str::<FailMode>(mode, &mut errors))
                                 {
-                                    config.gate_a_fail_mode_topics.push((glob, mode));
+                                    config.gate_a_fail.topics.push((glob, mode));
                                 }
                             }
                         }
@@ -63,7 +64,18 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                                 config.gate_a_timeout = Duration::from_millis(ms);
                             }
                         }
-                        _ => unknown(key, &["fail_mode", "fail_mode_topics", "timeout_ms"], &mut errors),
+                        "fail_mode_risk" => {
+                            for (class, mode) in entries(v, &mut errors) {
+                                if let Some(mode) = parse_str::<FailMode>(mode, &mut errors) {
+                                    config.gate_a_fail.risk.push((class.text.clone(), mode));
+                                }
+                            }
+                        }
+                        _ => unknown(
+                            key,
+                            &["fail_mode", "fail_mode_topics", "fail_mode_risk", "timeout_ms"],
+                            &mut errors,
+                        ),
                     }
                 }
             }
@@ -125,7 +137,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                     match key.text.as_str() {
                         "fail_mode" => {
                             if let Some(m) = parse_str::<FailMode>(v, &mut errors) {
-                                config.gate_b_fail_mode = m;
+                                config.gate_b_fail.default = m;
                             }
                         }
                         "fail_mode_topics" => {
@@ -136,14 +148,14 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                                 if let (Ok(glob), Some(mode)) =
                                     (glob, parse_str::<FailMode>(mode, &mut errors))
                                 {
-                                    config.gate_b_fail_mode_topics.push((glob, mode));
+                                    config.gate_b_fail.topics.push((glob, mode));
                                 }
                             }
                         }
                         "fail_mode_risk" => {
                             for (class, mode) in entries(v, &mut errors) {
                                 if let Some(mode) = parse_str::<FailMode>(mode, &mut errors) {
-                                    config.gate_b_fail_mode_risk.push((class.text.clone(), mode));
+                                    config.gate_b_fail.risk.push((class.text.clone(), mode));
                                 }
                             }
                         }
@@ -316,9 +328,13 @@ mod tests {
              approvals: { ttl_secs: 60, binding: rule }\nidempotency: { retention_days: 2, required_topics: [\"infra.**\"] }\n",
         )
         .unwrap();
-        assert_eq!(config.gate_a_fail_mode, FailMode::Open);
-        assert_eq!(config.gate_a_fail_mode_for("infra.resource.delete"), FailMode::Closed);
-        assert_eq!(config.gate_a_fail_mode_for("infra.bucket.read"), FailMode::Open);
+        assert_eq!(config.gate_a_fail.default, FailMode::Open);
+        let risky = parse("gate_a: { fail_mode_risk: { high: closed, low: open } }\n").unwrap();
+        assert_eq!(risky.gate_a_fail.for_topic("infra.x", &["low"]), FailMode::Open);
+        assert_eq!(risky.gate_a_fail.for_topic("infra.x", &["low", "high"]), FailMode::Closed, "closed wins");
+        assert_eq!(risky.gate_a_fail.for_topic("infra.x", &[]), FailMode::Closed, "the default");
+        assert_eq!(config.gate_a_fail.for_topic("infra.resource.delete", &[]), FailMode::Closed);
+        assert_eq!(config.gate_a_fail.for_topic("infra.bucket.read", &[]), FailMode::Open);
         assert_eq!(config.gate_a_timeout, Duration::from_millis(250));
         assert_eq!((config.approval_ttl_ms, config.approval_binding), (60_000, Binding::Rule));
         assert_eq!(config.idempotency_retention_ms, 2 * 86_400_000);
@@ -335,8 +351,8 @@ mod tests {
              leases: { lease_ms: 1500, heartbeat_ms: 500 }\npools: { infra: [\"infra.**\"] }\n",
         )
         .unwrap();
-        assert_eq!(config.gate_b_fail_mode_for("infra.vm.delete", &["high"]), FailMode::Closed);
-        assert_eq!(config.gate_b_fail_mode_for("infra.vm.read", &[]), FailMode::Open);
+        assert_eq!(config.gate_b_fail.for_topic("infra.vm.delete", &["high"]), FailMode::Closed);
+        assert_eq!(config.gate_b_fail.for_topic("infra.vm.read", &[]), FailMode::Open);
         assert_eq!(
             (config.breaker.failures_to_open, config.breaker.open_ms, config.breaker.probes),
             (2, 500, 1)

@@ -14,7 +14,7 @@ use std::time::Duration;
 use airlock_core::breaker::BreakerConfig;
 use airlock_core::dispatch::Caps;
 use airlock_policy::glob::Glob;
-use airlock_server::state::{AppState, Config, FailMode, Fault};
+use airlock_server::state::{AppState, Config, FailMode, FailModes, Fault};
 use serde_json::{Value, json};
 
 use crate::inproc::{self, ADMIN, SEED};
@@ -333,7 +333,10 @@ fn demo(runtime: &tokio::runtime::Runtime) -> Result<(), String> {
         "\n8. The same outage with fail mode `open` for low-risk `infra.vm.*` topics (a second Airlock)."
     );
     let open_config = Config {
-        gate_b_fail_mode_topics: vec![(Glob::new("infra.vm.*").map_err(|e| e.to_string())?, FailMode::Open)],
+        gate_b_fail: FailModes {
+            topics: vec![(Glob::new("infra.vm.*").map_err(|e| e.to_string())?, FailMode::Open)],
+            ..FailModes::default()
+        },
         ..Config::default()
     };
     let (open_state, open_http) = start(runtime, "open", open_config)?;
