@@ -20,7 +20,7 @@ use airlock_core::throttle::{self, Bucket, Take};
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{FromSql, ToSql};
+use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{Client, Config, GenericClient, IsolationLevel, NoTls, Row, Transaction};
 
 use crate::sqlite::{corrupt, gate_from_json, gate_json, strings};
@@ -464,37 +464,38 @@ async fn load_idempotency(
 
 /// Appends to a tenant's chain, holding its head row locked until the transaction ends so
 /// that no other replica can seal a record on the same head.
+/// Appends to a tenant's chain in two round trips: the first creates or locks the head row and
+/// reads it, the second inserts the record and moves the head. The head stays locked to the
+/// commit, so these statements are typed (no prepare round trip) and kept to two.
 async fn append_audit(tx: &Transaction<'_>, tenant: &str, draft: Draft) -> Result<Record, Fail> {
-    tx.execute(
-        "INSERT INTO audit_heads (tenant, seq, hash) VALUES ($1, 0, '') ON CONFLICT (tenant) DO NOTHING",
-        &[&tenant],
-    )
-    .await?;
-    let row =
-        tx.query_one("SELECT seq, hash FROM audit_heads WHERE tenant = $1 FOR UPDATE", &[&tenant]).await?;
+    let row = tx
+        .query_typed_one(
+            "INSERT INTO audit_heads (tenant, seq, hash) VALUES ($1, 0, '')
+             ON CONFLICT (tenant) DO UPDATE SET seq = audit_heads.seq RETURNING seq, hash",
+            &[(&tenant, Type::TEXT)],
+        )
+        .await?;
     let (seq, hash): (i64, String) = (get(&row, 0)?, get(&row, 1)?);
     let head = (seq > 0).then_some((seq.unsigned_abs(), hash));
     let record = audit::seal(tenant, head.as_ref().map(|(s, h)| (*s, h.as_str())), draft);
     let seq = i64::try_from(record.seq).map_err(corrupt)?;
-    tx.execute(
-        "INSERT INTO audit (tenant, seq, at, kind, subject, actor, data, prev_hash, hash)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    let data = record.draft.data.to_string();
+    tx.execute_typed(
+        "WITH appended AS (
+             INSERT INTO audit (tenant, seq, at, kind, subject, actor, data, prev_hash, hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9))
+         UPDATE audit_heads SET seq = $2, hash = $9 WHERE tenant = $1",
         &[
-            &tenant,
-            &seq,
-            &record.draft.at,
-            &record.draft.kind,
-            &record.draft.subject,
-            &record.draft.actor,
-            &record.draft.data.to_string(),
-            &record.prev_hash,
-            &record.hash,
+            (&tenant, Type::TEXT),
+            (&seq, Type::INT8),
+            (&record.draft.at, Type::INT8),
+            (&record.draft.kind, Type::TEXT),
+            (&record.draft.subject, Type::TEXT),
+            (&record.draft.actor, Type::TEXT),
+            (&data, Type::TEXT),
+            (&record.prev_hash, Type::TEXT),
+            (&record.hash, Type::TEXT),
         ],
-    )
-    .await?;
-    tx.execute(
-        "UPDATE audit_heads SET seq = $2, hash = $3 WHERE tenant = $1",
-        &[&tenant, &seq, &record.hash],
     )
     .await?;
     Ok(record)
@@ -700,11 +701,12 @@ async fn submit(tx: &Transaction<'_>, s: &Submission, retained_since: Millis) ->
     if let Some(approval) = &s.approval {
         insert_approval(tx, approval).await?;
     }
-    append_audit(tx, tenant, s.audit.clone()).await?;
     if j.state == JobState::Queued {
         notify(tx, WORK_CHANNEL).await?;
         outbox(tx, tenant, j.id.as_str(), at).await?;
     }
+    // Last: the tenant's chain head stays locked from here to the commit.
+    append_audit(tx, tenant, s.audit.clone()).await?;
     Ok(SubmitOutcome::Accepted)
 }
 
@@ -820,8 +822,10 @@ async fn dispatch(tx: &Transaction<'_>, d: &Dispatch) -> Result<DispatchOutcome,
             (Event::DeadLetter, reason.clone())
         }
     };
-    append_audit(tx, d.tenant.as_str(), d.audit.clone()).await?;
+    // The transition appends to the chain, and the decision right after it, so that the head
+    // lock is held only across the two appends and the commit.
     let job = transition(tx, &d.tenant, &d.job_id, event, d.at, &actor, &reason).await?;
+    append_audit(tx, d.tenant.as_str(), d.audit.clone()).await?;
     Ok(DispatchOutcome::Applied(Box::new(job)))
 }
 
