@@ -756,8 +756,13 @@ async fn change_approval(tx: &Transaction<'_>, c: &ApprovalChange) -> Result<App
 const CLEAR_LEASE: &str = "lease_token = NULL, lease_expires_at = NULL, leased_by = NULL";
 
 async fn dispatch(tx: &Transaction<'_>, d: &Dispatch) -> Result<DispatchOutcome, Fail> {
-    let Some(job) = load_job(tx, &d.tenant, &d.job_id, true).await? else {
-        return Err(StoreError::NotFound.into());
+    // A job another replica is dispatching right now is skipped, not waited for: by the time
+    // its lock is released it is leased (or otherwise no longer this claim's to take).
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND tenant = $2 FOR UPDATE SKIP LOCKED");
+    let row = tx.query_opt(&sql, &[&d.job_id.as_str(), &d.tenant.as_str()]).await?;
+    let Some(job) = row.as_ref().map(job_from_row).transpose()? else {
+        let exists = load_job(tx, &d.tenant, &d.job_id, false).await?.is_some();
+        return if exists { Ok(DispatchOutcome::Gone) } else { Err(StoreError::NotFound.into()) };
     };
     if job.state != JobState::Queued {
         return Ok(DispatchOutcome::Gone);
