@@ -1489,6 +1489,11 @@ impl Store for PgStore {
     }
 
     async fn breaker_admit(&self, config: BreakerConfig, now: Millis) -> Result<Admission, StoreError> {
+        // The healthy case, a closed breaker, admits without a write: every claim asks, and a
+        // locked update of the one shared row per call would serialize every replica.
+        if matches!(self.breaker_state(now).await?, BreakerState::Closed { .. }) {
+            return Ok(Admission::Call);
+        }
         Ok(write_tx!(self, |tx| breaker_admit(&tx, config, now)).await?)
     }
 
@@ -1498,6 +1503,13 @@ impl Store for PgStore {
         now: Millis,
         success: bool,
     ) -> Result<BreakerState, StoreError> {
+        // A success on a closed breaker with no failures counted changes nothing.
+        if success {
+            let state = self.breaker_state(now).await?;
+            if state == (BreakerState::Closed { failures: 0 }) {
+                return Ok(state);
+            }
+        }
         Ok(write_tx!(self, |tx| breaker_report(&tx, config, now, success)).await?)
     }
 
