@@ -18,14 +18,14 @@ mod support;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher as _, RandomState};
-use std::io::{BufRead as _, BufReader, Read as _};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::{Process, Replica, replica, try_metric};
 
 const ADMIN: &str = "distributed-faults-admin-key-0123456789";
 
@@ -62,16 +62,6 @@ fn require_postgres(base: &str) {
 /// A uniformly random index below `n` (no `rand` dependency: `RandomState` is seeded per call).
 fn pick(n: usize) -> usize {
     (RandomState::new().hash_one(Instant::now()) % n.max(1) as u64) as usize
-}
-
-/// A child process killed (SIGKILL) and reaped when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A fresh schema, dropped at the end.
@@ -115,7 +105,7 @@ fn the_distributed_demo_script_succeeds() {
     let log = std::env::temp_dir().join(format!("airlock-demo-test-{}.log", std::process::id()));
     let out = std::fs::File::create(&log).unwrap();
     let started = Instant::now();
-    let mut script = Guard(
+    let mut script = Process(
         Command::new("bash")
             .arg(root.join("scripts/distributed-demo.sh"))
             .current_dir(&root)
@@ -152,42 +142,6 @@ fn the_distributed_demo_script_succeeds() {
     eprintln!("demo script: {:.1} s", started.elapsed().as_secs_f64());
 }
 
-/// One replica: its process and address.
-struct Replica {
-    _process: Guard,
-    addr: String,
-}
-
-fn start_replica(url: &str, config: &std::path::Path) -> Replica {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--store", url, "--config"])
-        .arg(config)
-        .env("AIRLOCK_ADMIN_KEY", ADMIN)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap());
-    let mut addr = None;
-    let mut line = String::new();
-    while lines.read_line(&mut line).unwrap_or(0) > 0 {
-        if let Some(rest) = line.strip_prefix("airlock listening on http://") {
-            addr = rest.split_whitespace().next().map(str::to_owned);
-            break;
-        }
-        line.clear();
-    }
-    // Keep draining stdout so the replica never writes into a closed pipe.
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = lines.read_to_end(&mut sink);
-    });
-    let process = Guard(child);
-    let addr = addr.expect("the replica exited before listening");
-    Replica { _process: process, addr }
-}
-
 /// An HTTP call; `None` when the replica could not be reached or the connection broke.
 fn call(addr: &str, path: &str, key: &str, body: Option<String>) -> Option<(u16, Value)> {
     support::try_call(addr, path, key, body.as_deref(), Duration::from_secs(10))
@@ -215,13 +169,6 @@ fn call_any(live: &Live, path: &str, key: &str, body: Option<&str>) -> (u16, Val
     }
 }
 
-fn metric(addr: &str, name: &str) -> f64 {
-    let (_, text) = call(addr, "/metrics", "", None).unwrap_or((0, Value::Null));
-    text.as_str()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()))
-        .unwrap_or(f64::NAN)
-}
-
 #[test]
 fn replicas_killed_with_sigkill_lose_no_job_and_complete_none_twice() {
     let _serial = serial();
@@ -236,7 +183,7 @@ fn replicas_killed_with_sigkill_lose_no_job_and_complete_none_twice() {
     )
     .unwrap();
 
-    let mut replicas: Vec<Replica> = (0..3).map(|_| start_replica(&url, &config)).collect();
+    let mut replicas: Vec<Replica> = (0..3).map(|_| replica(&url, &config, ADMIN)).collect();
     let live: Live = Arc::new(Mutex::new(replicas.iter().map(|r| r.addr.clone()).collect()));
     let key = |name: &str, roles: &[&str]| {
         let body = json!({"tenant": "acme", "name": name, "roles": roles}).to_string();
@@ -338,7 +285,7 @@ fn replicas_killed_with_sigkill_lose_no_job_and_complete_none_twice() {
         live.lock().unwrap().retain(|a| *a != victim.addr);
         drop(victim); // kill -9 and reap
         kills += 1;
-        let fresh = start_replica(&url, &config);
+        let fresh = replica(&url, &config, ADMIN);
         live.lock().unwrap().push(fresh.addr.clone());
         replicas.push(fresh);
     }
@@ -352,9 +299,9 @@ fn replicas_killed_with_sigkill_lose_no_job_and_complete_none_twice() {
     let drain = Instant::now();
     while drain.elapsed() < Duration::from_secs(30) {
         let addr = any_live(&live);
-        let open =
-            metric(&addr, "airlock_jobs{state=\"queued\"}") + metric(&addr, "airlock_jobs{state=\"leased\"}");
-        if open == 0.0 {
+        let queued = try_metric(&addr, "airlock_jobs{state=\"queued\"}");
+        let leased = try_metric(&addr, "airlock_jobs{state=\"leased\"}");
+        if queued == Some(0.0) && leased == Some(0.0) {
             break;
         }
         std::thread::sleep(Duration::from_millis(250));

@@ -12,14 +12,14 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::{BufRead as _, BufReader, Read as _};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::{Replica, replica, try_metric};
 
 const ADMIN: &str = "postgres-restart-admin-key-0123456789";
 
@@ -145,52 +145,6 @@ impl Drop for Cluster {
     }
 }
 
-/// A child process killed (SIGKILL, by its PID) and reaped when dropped.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// One replica: its process and address.
-struct Replica {
-    _process: Guard,
-    addr: String,
-}
-
-fn start_replica(url: &str, config: &Path) -> Replica {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--store", url, "--config"])
-        .arg(config)
-        .env("AIRLOCK_ADMIN_KEY", ADMIN)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap());
-    let process = Guard(child);
-    let mut addr = None;
-    let mut line = String::new();
-    while lines.read_line(&mut line).unwrap_or(0) > 0 {
-        if let Some(rest) = line.strip_prefix("airlock listening on http://") {
-            addr = rest.split_whitespace().next().map(str::to_owned);
-            break;
-        }
-        line.clear();
-    }
-    // Keep draining stdout so the replica never writes into a closed pipe.
-    std::thread::spawn(move || {
-        let mut sink = Vec::new();
-        let _ = lines.read_to_end(&mut sink);
-    });
-    let addr = addr.unwrap_or_else(|| panic!("the replica exited before listening"));
-    Replica { _process: process, addr }
-}
-
 /// An HTTP call with a short timeout; `None` when the replica could not be reached in time.
 fn call(addr: &str, path: &str, key: &str, body: Option<String>) -> Option<(u16, Value)> {
     support::try_call(addr, path, key, body.as_deref(), Duration::from_secs(3))
@@ -208,13 +162,6 @@ fn call_until(addr: &str, path: &str, key: &str, body: Option<&str>) -> (u16, Va
         assert!(Instant::now() < deadline, "{addr} did not answer {path} for 20 s");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn metric(addr: &str, name: &str) -> f64 {
-    let (_, text) = call(addr, "/metrics", "", None).unwrap_or((0, Value::Null));
-    text.as_str()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()))
-        .unwrap_or(f64::NAN)
 }
 
 /// What one submitter saw.
@@ -240,7 +187,7 @@ fn postgres_restarted_under_load_loses_nothing_acknowledged() {
     )
     .unwrap();
     let url = cluster.url();
-    let replicas: Vec<Replica> = (0..2).map(|_| start_replica(&url, &config)).collect();
+    let replicas: Vec<Replica> = (0..2).map(|_| replica(&url, &config, ADMIN)).collect();
     let addrs: Arc<Vec<String>> = Arc::new(replicas.iter().map(|r| r.addr.clone()).collect());
 
     let key = |name: &str, roles: &[&str]| {
@@ -411,9 +358,9 @@ fn postgres_restarted_under_load_loses_nothing_acknowledged() {
     // Drain: workers keep going until nothing is queued or leased (lapsed leases come back).
     let drain = Instant::now();
     while drain.elapsed() < Duration::from_secs(20) {
-        let open = metric(&addrs[0], "airlock_jobs{state=\"queued\"}")
-            + metric(&addrs[0], "airlock_jobs{state=\"leased\"}");
-        if open == 0.0 {
+        let queued = try_metric(&addrs[0], "airlock_jobs{state=\"queued\"}");
+        let leased = try_metric(&addrs[0], "airlock_jobs{state=\"leased\"}");
+        if queued == Some(0.0) && leased == Some(0.0) {
             break;
         }
         std::thread::sleep(Duration::from_millis(250));

@@ -20,8 +20,9 @@ impl Drop for Process {
     }
 }
 
-/// Starts `airlock ARGS` with `ENV`, and reads the address from its first stdout line
-/// (`airlock listening on http://ADDR …` or `airlock safety service listening on http://ADDR …`).
+/// Starts `airlock ARGS` with `ENV`, and reads the address from the first stdout line that has
+/// one (`airlock listening on http://ADDR …` or `airlock safety service listening on http://ADDR …`).
+/// The rest of stdout is drained, so the process never writes into a closed pipe.
 pub fn airlock(args: &[&str], env: &[(&str, &str)]) -> (Process, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_airlock"));
     command.args(args).env("RUST_LOG", "error").stdout(Stdio::piped()).stderr(Stdio::inherit());
@@ -29,10 +30,32 @@ pub fn airlock(args: &[&str], env: &[(&str, &str)]) -> (Process, String) {
         command.env(k, v);
     }
     let mut child = command.spawn().unwrap();
-    let line = BufReader::new(child.stdout.take().unwrap()).lines().next().unwrap().unwrap();
-    let addr = line.split("http://").nth(1).unwrap_or_else(|| panic!("no address in `{line}`"));
-    let addr = addr.split_whitespace().next().unwrap().to_owned();
-    (Process(child), addr)
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let process = Process(child);
+    let addr = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|line| Some(line.split("http://").nth(1)?.split_whitespace().next()?.to_owned()))
+        .unwrap_or_else(|| panic!("`airlock {}` exited before printing its address", args.join(" ")));
+    std::thread::spawn(move || lines.for_each(drop));
+    (process, addr)
+}
+
+/// An `airlock serve` replica on `store` (a `postgres://` URL), killed when dropped.
+pub struct Replica {
+    _process: Process,
+    pub addr: String,
+}
+
+/// Starts a replica with `config` and the platform admin key `admin`; its logs are off, since
+/// fault tests make it log every failed request.
+pub fn replica(store: &str, config: &std::path::Path, admin: &str) -> Replica {
+    let config = config.to_str().unwrap();
+    let (process, addr) = airlock(
+        &["serve", "--listen", "127.0.0.1:0", "--store", store, "--config", config],
+        &[("AIRLOCK_ADMIN_KEY", admin), ("RUST_LOG", "off")],
+    );
+    Replica { _process: process, addr }
 }
 
 /// One call: POST `body` when given, GET otherwise. `None` when the connection failed or the
@@ -89,9 +112,17 @@ pub fn key(addr: &str, admin: &str, tenant: &str, name: &str, roles: &[&str]) ->
 /// The value of one Prometheus series (0 when absent).
 pub fn metric(addr: &str, series: &str) -> f64 {
     let (_, text) = get(addr, "/metrics", "");
-    text.as_str()
-        .unwrap()
-        .lines()
+    series_value(text.as_str().unwrap(), series)
+}
+
+/// [`metric`] of a process that may be down: `None` when `/metrics` did not answer in 3 s.
+pub fn try_metric(addr: &str, series: &str) -> Option<f64> {
+    let (_, text) = try_call(addr, "/metrics", "", None, Duration::from_secs(3))?;
+    Some(series_value(text.as_str()?, series))
+}
+
+fn series_value(text: &str, series: &str) -> f64 {
+    text.lines()
         .find(|l| l.starts_with(series))
         .and_then(|l| l.rsplit(' ').next())
         .map_or(0.0, |v| v.parse().unwrap())
