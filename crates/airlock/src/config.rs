@@ -30,7 +30,7 @@ use std::time::Duration;
 use airlock_policy::Diagnostic;
 use airlock_policy::glob::Glob;
 use airlock_policy::yaml::{self, Key, Kind, Node};
-use airlock_server::state::{Config, FailMode};
+use airlock_server::state::{Config, FailMode, FailModes};
 
 /// Parses a config file into the server configuration.
 pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
@@ -39,46 +39,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
     let mut config = Config::default();
     for (section, value) in entries(&root, &mut errors) {
         match section.text.as_str() {
-            "gate_a" => {
-                for (key, v) in entries(value, &mut errors) {
-                    match key.text.as_str() {
-                        "fail_mode" => {
-                            if let Some(m) = parse_str::<FailMode>(v, &mut errors) {
-                                config.gate_a_fail.default = m;
-                            }
-                        }
-                        "fail_mode_topics" => {
-                            for (pattern, mode) in entries(v, &mut errors) {
-                                let glob = Glob::new(&pattern.text).map_err(|e| {
-                                    errors.push(Diagnostic::error(pattern.span, format!("invalid glob: {e}")))
-                                });
-                                if let (Ok(glob), Some(mode)) =
-                                    (glob, parse_str::<FailMode>(mode, &mut errors))
-                                {
-                                    config.gate_a_fail.topics.push((glob, mode));
-                                }
-                            }
-                        }
-                        "timeout_ms" => {
-                            if let Some(ms) = positive(v, &mut errors) {
-                                config.gate_a_timeout = Duration::from_millis(ms);
-                            }
-                        }
-                        "fail_mode_risk" => {
-                            for (class, mode) in entries(v, &mut errors) {
-                                if let Some(mode) = parse_str::<FailMode>(mode, &mut errors) {
-                                    config.gate_a_fail.risk.push((class.text.clone(), mode));
-                                }
-                            }
-                        }
-                        _ => unknown(
-                            key,
-                            &["fail_mode", "fail_mode_topics", "fail_mode_risk", "timeout_ms"],
-                            &mut errors,
-                        ),
-                    }
-                }
-            }
+            "gate_a" => gate(value, &mut config.gate_a_fail, &mut config.gate_a_timeout, &mut errors),
             "approvals" => {
                 for (key, v) in entries(value, &mut errors) {
                     match key.text.as_str() {
@@ -132,46 +93,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                     }
                 }
             }
-            "gate_b" => {
-                for (key, v) in entries(value, &mut errors) {
-                    match key.text.as_str() {
-                        "fail_mode" => {
-                            if let Some(m) = parse_str::<FailMode>(v, &mut errors) {
-                                config.gate_b_fail.default = m;
-                            }
-                        }
-                        "fail_mode_topics" => {
-                            for (pattern, mode) in entries(v, &mut errors) {
-                                let glob = Glob::new(&pattern.text).map_err(|e| {
-                                    errors.push(Diagnostic::error(pattern.span, format!("invalid glob: {e}")))
-                                });
-                                if let (Ok(glob), Some(mode)) =
-                                    (glob, parse_str::<FailMode>(mode, &mut errors))
-                                {
-                                    config.gate_b_fail.topics.push((glob, mode));
-                                }
-                            }
-                        }
-                        "fail_mode_risk" => {
-                            for (class, mode) in entries(v, &mut errors) {
-                                if let Some(mode) = parse_str::<FailMode>(mode, &mut errors) {
-                                    config.gate_b_fail.risk.push((class.text.clone(), mode));
-                                }
-                            }
-                        }
-                        "timeout_ms" => {
-                            if let Some(ms) = positive(v, &mut errors) {
-                                config.gate_b_timeout = Duration::from_millis(ms);
-                            }
-                        }
-                        _ => unknown(
-                            key,
-                            &["fail_mode", "fail_mode_topics", "fail_mode_risk", "timeout_ms"],
-                            &mut errors,
-                        ),
-                    }
-                }
-            }
+            "gate_b" => gate(value, &mut config.gate_b_fail, &mut config.gate_b_timeout, &mut errors),
             "breaker" => {
                 for (key, v) in entries(value, &mut errors) {
                     let Some(n) = positive(v, &mut errors) else { continue };
@@ -270,6 +192,42 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
         }
     }
     if errors.is_empty() { Ok(config) } else { Err(errors) }
+}
+
+/// A `gate_a` or `gate_b` section: the gate's fail modes and its check timeout.
+fn gate(section: &Node, fail: &mut FailModes, timeout: &mut Duration, errors: &mut Vec<Diagnostic>) {
+    for (key, v) in entries(section, errors) {
+        match key.text.as_str() {
+            "fail_mode" => {
+                if let Some(m) = parse_str::<FailMode>(v, errors) {
+                    fail.default = m;
+                }
+            }
+            "fail_mode_topics" => {
+                for (pattern, mode) in entries(v, errors) {
+                    let glob = Glob::new(&pattern.text).map_err(|e| {
+                        errors.push(Diagnostic::error(pattern.span, format!("invalid glob: {e}")))
+                    });
+                    if let (Ok(glob), Some(mode)) = (glob, parse_str::<FailMode>(mode, errors)) {
+                        fail.topics.push((glob, mode));
+                    }
+                }
+            }
+            "fail_mode_risk" => {
+                for (class, mode) in entries(v, errors) {
+                    if let Some(mode) = parse_str::<FailMode>(mode, errors) {
+                        fail.risk.push((class.text.clone(), mode));
+                    }
+                }
+            }
+            "timeout_ms" => {
+                if let Some(ms) = positive(v, errors) {
+                    *timeout = Duration::from_millis(ms);
+                }
+            }
+            _ => unknown(key, &["fail_mode", "fail_mode_topics", "fail_mode_risk", "timeout_ms"], errors),
+        }
+    }
 }
 
 fn entries<'a>(node: &'a Node, errors: &mut Vec<Diagnostic>) -> &'a [(Key, Node)] {
