@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::Schema;
 
 const ADMIN: &str = "bus-e2e-admin-key-0123456789abcdef";
 const NATS: &str = "127.0.0.1:4222";
@@ -103,53 +104,6 @@ impl Drop for Stream {
                 }
             }
         }
-    }
-}
-
-/// A fresh PostgreSQL schema, dropped at the end.
-struct Schema {
-    base: String,
-    name: String,
-}
-
-impl Schema {
-    fn create(test: &str) -> Self {
-        let base = std::env::var("AIRLOCK_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let name = format!("airlock_bus_{test}_{}", std::process::id());
-        let status = Command::new("psql")
-            .args([&base, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}")])
-            .env("PGOPTIONS", "-c client_min_messages=warning")
-            .status();
-        assert!(
-            status.is_ok_and(|s| s.success()),
-            "PostgreSQL must be reachable at {base} for the bus tests"
-        );
-        Self { base, name }
-    }
-
-    fn url(&self) -> String {
-        let sep = if self.base.contains('?') { '&' } else { '?' };
-        format!("{}{sep}options=-csearch_path%3D{}", self.base, self.name)
-    }
-
-    /// One number from a query in this schema.
-    fn count(&self, sql: &str) -> i64 {
-        let out = Command::new("psql")
-            .args([&self.base, "-qtA", "-c", &format!("SET search_path = {}; {sql}", self.name)])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args([&self.base, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name)])
-            .env("PGOPTIONS", "-c client_min_messages=warning")
-            .status();
     }
 }
 

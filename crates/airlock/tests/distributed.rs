@@ -8,49 +8,12 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{Process as Replica, call_text as call, metric};
+use support::{Process as Replica, Schema, call_text as call, metric};
 
 const ADMIN: &str = "distributed-e2e-admin-key-0123456789";
-
-/// A fresh schema, dropped at the end.
-struct Schema {
-    base: String,
-    name: String,
-}
-
-impl Schema {
-    fn create(test: &str) -> Self {
-        let base = std::env::var("AIRLOCK_TEST_POSTGRES_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        let name = format!("airlock_e2e_{test}_{}", std::process::id());
-        let status = Command::new("psql")
-            .args([&base, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}")])
-            .status();
-        assert!(
-            status.is_ok_and(|s| s.success()),
-            "PostgreSQL must be reachable at {base} for the distributed tests (start it with \
-             `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`)"
-        );
-        Self { base, name }
-    }
-
-    fn url(&self) -> String {
-        let sep = if self.base.contains('?') { '&' } else { '?' };
-        format!("{}{sep}options=-csearch_path%3D{}", self.base, self.name)
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args([&self.base, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name)])
-            .status();
-    }
-}
 
 fn replica(url: &str) -> (Replica, String) {
     replica_with(url, &[])

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Process, Replica, replica, try_metric};
+use support::{Process, Replica, Schema, postgres_url, replica, require_postgres, try_metric};
 
 const ADMIN: &str = "distributed-faults-admin-key-0123456789";
 
@@ -37,69 +37,15 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// `psql`, without its notices.
-fn psql() -> Command {
-    let mut command = Command::new("psql");
-    command.env("PGOPTIONS", "-c client_min_messages=warning");
-    command
-}
-
-fn base_url() -> String {
-    std::env::var("AIRLOCK_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-fn require_postgres(base: &str) {
-    let status = psql().args([base, "-q", "-c", "SELECT 1"]).stdout(Stdio::null()).status();
-    assert!(
-        status.is_ok_and(|s| s.success()),
-        "PostgreSQL must be reachable at {base} (with psql on PATH) for the distributed fault tests \
-         (start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
-         or set AIRLOCK_TEST_POSTGRES_URL)"
-    );
-}
-
 /// A uniformly random index below `n` (no `rand` dependency: `RandomState` is seeded per call).
 fn pick(n: usize) -> usize {
     (RandomState::new().hash_one(Instant::now()) % n.max(1) as u64) as usize
 }
 
-/// A fresh schema, dropped at the end.
-struct Schema {
-    base: String,
-    name: String,
-}
-
-impl Schema {
-    fn create(tag: &str) -> Self {
-        let base = base_url();
-        require_postgres(&base);
-        let name = format!("airlock_faults_{tag}_{}", std::process::id());
-        let status = psql()
-            .args([&base, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}")])
-            .status();
-        assert!(status.is_ok_and(|s| s.success()), "cannot create schema {name} at {base}");
-        Self { base, name }
-    }
-
-    fn url(&self) -> String {
-        let sep = if self.base.contains('?') { '&' } else { '?' };
-        format!("{}{sep}options=-csearch_path%3D{}", self.base, self.name)
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let _ = psql()
-            .args([&self.base, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name)])
-            .status();
-    }
-}
-
 #[test]
 fn the_distributed_demo_script_succeeds() {
     let _serial = serial();
-    let base = base_url();
+    let base = postgres_url();
     require_postgres(&base);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let log = std::env::temp_dir().join(format!("airlock-demo-test-{}.log", std::process::id()));

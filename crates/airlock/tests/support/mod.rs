@@ -151,3 +151,71 @@ pub fn call_text(addr: &str, path: &str, key: &str, body: Option<String>) -> (u1
         None => get(addr, path, key),
     }
 }
+
+/// The PostgreSQL the distributed tests use: `AIRLOCK_TEST_POSTGRES_URL`, or the local one.
+pub fn postgres_url() -> String {
+    std::env::var("AIRLOCK_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// `psql`, without its notices.
+pub fn psql() -> Command {
+    let mut command = Command::new("psql");
+    command.env("PGOPTIONS", "-c client_min_messages=warning");
+    command
+}
+
+/// Fails the test, saying how to start it, unless PostgreSQL answers at `base`: the
+/// distributed tests never skip.
+pub fn require_postgres(base: &str) {
+    let status = psql().args([base, "-q", "-c", "SELECT 1"]).stdout(Stdio::null()).status();
+    assert!(
+        status.is_ok_and(|s| s.success()),
+        "PostgreSQL must be reachable at {base} (with psql on PATH) for the distributed tests \
+         (start it with `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`, \
+         or set AIRLOCK_TEST_POSTGRES_URL)"
+    );
+}
+
+/// A fresh PostgreSQL schema for one test, dropped at the end.
+pub struct Schema {
+    base: String,
+    name: String,
+}
+
+impl Schema {
+    pub fn create(tag: &str) -> Self {
+        let base = postgres_url();
+        require_postgres(&base);
+        let name = format!("airlock_test_{tag}_{}", std::process::id());
+        let status = psql()
+            .args([&base, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}")])
+            .status();
+        assert!(status.is_ok_and(|s| s.success()), "cannot create schema {name} at {base}");
+        Self { base, name }
+    }
+
+    /// The store URL of this schema.
+    pub fn url(&self) -> String {
+        let sep = if self.base.contains('?') { '&' } else { '?' };
+        format!("{}{sep}options=-csearch_path%3D{}", self.base, self.name)
+    }
+
+    /// One number from a query in this schema.
+    pub fn count(&self, sql: &str) -> i64 {
+        let out = psql()
+            .args([&self.base, "-qtA", "-c", &format!("SET search_path = {}; {sql}", self.name)])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let _ = psql()
+            .args([&self.base, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name)])
+            .status();
+    }
+}
