@@ -1,12 +1,14 @@
 //! The distributed store: PostgreSQL, shared by any number of gateway and scheduler replicas.
 //! Every write is one transaction at READ COMMITTED that takes explicit row locks on what it
-//! decides from (the job row, the approval row, the throttle buckets, the tenant's audit chain
-//! head), so replicas keep the same invariants the embedded store's single writer keeps; a
-//! deadlock or serialization failure is retried a few times. Connections are plain TCP without
+//! decides from (the job row, the approval row, the throttle buckets), so replicas keep the same
+//! invariants the embedded store's single writer keeps; a deadlock or serialization failure is
+//! retried a few times. Audit records are written by the same transaction but chained after
+//! commit, in batches, by a sealer ([`seal`]): a per-tenant chain head locked by every write
+//! would serialize every replica. Connections are plain TCP without
 //! TLS: run it on loopback or a private network only.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use airlock_core::Millis;
@@ -18,7 +20,7 @@ use airlock_core::role::{Role, Roles};
 use airlock_core::state::{Event, JobState};
 use airlock_core::throttle::{self, Bucket, Take};
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{Client, Config, GenericClient, IsolationLevel, NoTls, Row, Transaction};
@@ -31,10 +33,12 @@ use crate::{
 };
 
 /// The schema migrations, in order; the `airlock_migrations` table records which are applied.
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 5] = [
     include_str!("postgres_schema.sql"),
     include_str!("postgres_schema_v2.sql"),
     include_str!("postgres_schema_v3.sql"),
+    include_str!("postgres_schema_v4.sql"),
+    include_str!("postgres_schema_v5.sql"),
 ];
 
 /// Connections kept per store (per replica).
@@ -52,6 +56,17 @@ const MIGRATION_LOCK: (i32, i32) = (0x4169_726c, 1);
 
 /// Advisory lock held while publishing, so that versions are numbered without gaps or clashes.
 const PUBLISH_LOCK: (i32, i32) = (0x4169_726c, 2);
+
+/// Advisory lock held while sealing pending audit records, so that one sealer at a time (of any
+/// replica) moves the chain heads.
+const SEAL_LOCK: (i32, i32) = (0x4169_726c, 3);
+
+/// Pending audit records chained per sealing transaction.
+const SEAL_BATCH: usize = 2_000;
+
+/// How long a replica's sealer waits for a wake-up before looking anyway: it picks up records
+/// that a replica which died before sealing left pending.
+const SEAL_IDLE: Duration = Duration::from_secs(1);
 
 /// Why a transaction failed: retry it, or give up with a store error.
 enum Fail {
@@ -113,6 +128,18 @@ pub struct PgStore {
     idle: Mutex<Vec<Client>>,
     permits: Semaphore,
     events: tokio::sync::broadcast::Sender<StoreEvent>,
+    /// Wakes this replica's sealer after a write.
+    sealer: Arc<Notify>,
+    /// The sealer and the notification listener, stopped with the store.
+    background: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        for task in &self.background {
+            task.abort();
+        }
+    }
 }
 
 /// The notification channels: `NOTIFY` is sent inside the writing transaction, so it is
@@ -160,6 +187,7 @@ macro_rules! write_tx {
                     let $tx = pooled.client()?.transaction().await?;
                     let value = $body.await?;
                     $tx.commit().await?;
+                    $store.sealer.notify_one();
                     Ok(value)
                 }
                 .await;
@@ -182,11 +210,22 @@ impl PgStore {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         let (events, _) = tokio::sync::broadcast::channel(64);
-        let store = Self { config, idle: Mutex::new(Vec::new()), permits: Semaphore::new(POOL_MAX), events };
+        let sealer = Arc::new(Notify::new());
+        let mut store = Self {
+            config,
+            idle: Mutex::new(Vec::new()),
+            permits: Semaphore::new(POOL_MAX),
+            events,
+            sealer,
+            background: Vec::new(),
+        };
         store.migrate().await?;
+        let sealing = tokio::spawn(seal_loop(store.config.clone(), Arc::clone(&store.sealer)));
+        store.background.push(sealing.abort_handle());
         // Tests of the job bus turn LISTEN/NOTIFY off to show the bus wakes replicas on its own.
         if std::env::var_os("AIRLOCK_DISABLE_PG_NOTIFY").is_none_or(|v| v != "1") {
-            tokio::spawn(listen(store.config.clone(), store.events.clone()));
+            let listening = tokio::spawn(listen(store.config.clone(), store.events.clone()));
+            store.background.push(listening.abort_handle());
         }
         Ok(store)
     }
@@ -462,43 +501,124 @@ async fn load_idempotency(
     }))
 }
 
-/// Appends to a tenant's chain, holding its head row locked until the transaction ends so
-/// that no other replica can seal a record on the same head.
-/// Appends to a tenant's chain in two round trips: the first creates or locks the head row and
-/// reads it, the second inserts the record and moves the head. The head stays locked to the
-/// commit, so these statements are typed (no prepare round trip) and kept to two.
-async fn append_audit(tx: &Transaction<'_>, tenant: &str, draft: Draft) -> Result<Record, Fail> {
-    let row = tx
-        .query_typed_one(
-            "INSERT INTO audit_heads (tenant, seq, hash) VALUES ($1, 0, '')
-             ON CONFLICT (tenant) DO UPDATE SET seq = audit_heads.seq RETURNING seq, hash",
-            &[(&tenant, Type::TEXT)],
-        )
-        .await?;
-    let (seq, hash): (i64, String) = (get(&row, 0)?, get(&row, 1)?);
-    let head = (seq > 0).then_some((seq.unsigned_abs(), hash));
-    let record = audit::seal(tenant, head.as_ref().map(|(s, h)| (*s, h.as_str())), draft);
-    let seq = i64::try_from(record.seq).map_err(corrupt)?;
-    let data = record.draft.data.to_string();
+/// Queues an audit record of a tenant, in the transaction of the change it describes; [`seal`]
+/// chains it after commit. One statement, typed so that it needs no prepare round trip.
+async fn append_audit(tx: &Transaction<'_>, tenant: &str, draft: Draft) -> Result<(), Fail> {
+    let data = draft.data.to_string();
     tx.execute_typed(
-        "WITH appended AS (
-             INSERT INTO audit (tenant, seq, at, kind, subject, actor, data, prev_hash, hash)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9))
-         UPDATE audit_heads SET seq = $2, hash = $9 WHERE tenant = $1",
+        "INSERT INTO audit_pending (tenant, at, kind, subject, actor, data) VALUES ($1, $2, $3, $4, $5, $6)",
         &[
             (&tenant, Type::TEXT),
-            (&seq, Type::INT8),
-            (&record.draft.at, Type::INT8),
-            (&record.draft.kind, Type::TEXT),
-            (&record.draft.subject, Type::TEXT),
-            (&record.draft.actor, Type::TEXT),
+            (&draft.at, Type::INT8),
+            (&draft.kind, Type::TEXT),
+            (&draft.subject, Type::TEXT),
+            (&draft.actor, Type::TEXT),
             (&data, Type::TEXT),
-            (&record.prev_hash, Type::TEXT),
-            (&record.hash, Type::TEXT),
         ],
     )
     .await?;
-    Ok(record)
+    Ok(())
+}
+
+/// Chains up to [`SEAL_BATCH`] pending audit records, in `id` order, onto their tenants' chains
+/// in one transaction, under [`SEAL_LOCK`] so that sealers of different replicas take turns.
+/// Returns how many it sealed. A record whose transaction commits while a batch is being sealed
+/// is taken by the next batch: its ids may be lower than some already sealed, but a record
+/// written after another's commit always has a larger id, so causal order is kept.
+async fn seal(client: &mut Client) -> Result<usize, Fail> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&SEAL_LOCK.0, &SEAL_LOCK.1]).await?;
+    let batch = i64::try_from(SEAL_BATCH).map_err(corrupt)?;
+    let pending = tx
+        .query(
+            "SELECT id, tenant, at, kind, subject, actor, data FROM audit_pending ORDER BY id LIMIT $1",
+            &[&batch],
+        )
+        .await?;
+    if pending.is_empty() {
+        tx.commit().await?;
+        return Ok(0);
+    }
+    let mut tenants: Vec<&str> = pending.iter().map(|r| get(r, 1)).collect::<Result<_, _>>()?;
+    tenants.sort_unstable();
+    tenants.dedup();
+    let mut heads: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    for row in tx
+        .query("SELECT tenant, seq, hash FROM audit_heads WHERE tenant = ANY($1) AND seq > 0", &[&tenants])
+        .await?
+    {
+        heads.insert(get(&row, 0)?, (get_u64(&row, 1)?, get(&row, 2)?));
+    }
+    let (mut ids, mut tenant_col, mut seqs, mut ats, mut kinds) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut subjects, mut actors, mut datas, mut prevs, mut hashes) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for row in &pending {
+        let tenant: String = get(row, 1)?;
+        let data: String = get(row, 6)?;
+        let draft = Draft {
+            at: get(row, 2)?,
+            kind: get(row, 3)?,
+            subject: get(row, 4)?,
+            actor: get(row, 5)?,
+            data: serde_json::from_str(&data).map_err(corrupt)?,
+        };
+        let head = heads.get(&tenant).map(|(seq, hash)| (*seq, hash.as_str()));
+        let record = audit::seal(&tenant, head, draft);
+        heads.insert(tenant.clone(), (record.seq, record.hash.clone()));
+        ids.push(get::<i64>(row, 0)?);
+        seqs.push(i64::try_from(record.seq).map_err(corrupt)?);
+        ats.push(record.draft.at);
+        kinds.push(record.draft.kind);
+        subjects.push(record.draft.subject);
+        actors.push(record.draft.actor);
+        datas.push(data);
+        prevs.push(record.prev_hash);
+        hashes.push(record.hash);
+        tenant_col.push(tenant);
+    }
+    tx.execute(
+        "INSERT INTO audit (tenant, seq, at, kind, subject, actor, data, prev_hash, hash)
+         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[],
+                              $7::text[], $8::text[], $9::text[])",
+        &[&tenant_col, &seqs, &ats, &kinds, &subjects, &actors, &datas, &prevs, &hashes],
+    )
+    .await?;
+    let (mut head_tenants, mut head_seqs, mut head_hashes) = (vec![], vec![], vec![]);
+    for (tenant, (seq, hash)) in &heads {
+        head_tenants.push(tenant.as_str());
+        head_seqs.push(i64::try_from(*seq).map_err(corrupt)?);
+        head_hashes.push(hash.as_str());
+    }
+    tx.execute(
+        "INSERT INTO audit_heads (tenant, seq, hash) SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[])
+         ON CONFLICT (tenant) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+        &[&head_tenants, &head_seqs, &head_hashes],
+    )
+    .await?;
+    tx.execute("DELETE FROM audit_pending WHERE id = ANY($1)", &[&ids]).await?;
+    tx.commit().await?;
+    Ok(pending.len())
+}
+
+/// Seals until nothing is pending.
+async fn seal_all(client: &mut Client) -> Result<(), Fail> {
+    while seal(client).await? == SEAL_BATCH {}
+    Ok(())
+}
+
+/// A replica's sealer: on its own connection, seals whenever a write of this replica wakes it,
+/// and every [`SEAL_IDLE`] regardless; reconnects when the connection is lost.
+async fn seal_loop(config: Config, wake: Arc<Notify>) {
+    loop {
+        if let Ok((mut client, connection)) = config.connect(NoTls).await {
+            let driver = tokio::spawn(connection);
+            while seal_all(&mut client).await.is_ok() {
+                let _ = tokio::time::timeout(SEAL_IDLE, wake.notified()).await;
+            }
+            driver.abort();
+        }
+        tokio::time::sleep(LISTEN_RETRY).await;
+    }
 }
 
 async fn transition(
@@ -705,7 +825,6 @@ async fn submit(tx: &Transaction<'_>, s: &Submission, retained_since: Millis) ->
         notify(tx, WORK_CHANNEL).await?;
         outbox(tx, tenant, j.id.as_str(), at).await?;
     }
-    // Last: the tenant's chain head stays locked from here to the commit.
     append_audit(tx, tenant, s.audit.clone()).await?;
     Ok(SubmitOutcome::Accepted)
 }
@@ -716,7 +835,7 @@ async fn change_approval(tx: &Transaction<'_>, c: &ApprovalChange) -> Result<App
     {
         return Err(StoreError::Conflict("the approval request changed; read it again".into()).into());
     }
-    // Lock the job before the audit head, in the order dispatch and finish take them.
+    // The job is locked too: the change may move it.
     load_job(tx, &c.tenant, &current.job_id, true).await?;
     let decided = c.request.status != Status::Pending;
     tx.execute(
@@ -827,8 +946,6 @@ async fn dispatch(tx: &Transaction<'_>, d: &Dispatch) -> Result<DispatchOutcome,
             (Event::DeadLetter, reason.clone())
         }
     };
-    // The transition appends to the chain, and the decision right after it, so that the head
-    // lock is held only across the two appends and the commit.
     let job = transition(tx, &d.tenant, &d.job_id, event, d.at, &actor, &reason).await?;
     append_audit(tx, d.tenant.as_str(), d.audit.clone()).await?;
     Ok(DispatchOutcome::Applied(Box::new(job)))
@@ -1526,6 +1643,8 @@ impl Store for PgStore {
 
     async fn audit(&self, tenant: &TenantId, after_seq: u64, limit: u32) -> Result<AuditPage, StoreError> {
         let mut pooled = self.checkout().await?;
+        // Whatever was committed before this read is in the chain before it is read.
+        seal_all(pooled.client()?).await?;
         // One snapshot for the page and the head, so the head is never ahead of what a full
         // read of the records would show.
         let tx = pooled
@@ -1574,6 +1693,7 @@ impl Store for PgStore {
     }
 
     async fn audit_tenants(&self) -> Result<Vec<TenantId>, StoreError> {
+        seal_all(self.checkout().await?.client()?).await?;
         self.read("SELECT tenant FROM audit_heads WHERE seq > 0 ORDER BY tenant", &[], |row| parsed(row, 0))
             .await
     }

@@ -79,10 +79,14 @@ impl PgSchema {
         Some(Self { base, name })
     }
 
-    /// The URL of a store whose connections see only this schema.
+    /// The URL of a store whose connections see only this schema; they are named after it, so
+    /// that dropping the schema can end those still open.
     fn url(&self) -> String {
         let separator = if self.base.contains('?') { '&' } else { '?' };
-        format!("{}{separator}options=-csearch_path%3D{}", self.base, self.name)
+        format!(
+            "{}{separator}options=-csearch_path%3D{}&application_name={}",
+            self.base, self.name, self.name
+        )
     }
 }
 
@@ -96,6 +100,11 @@ impl Drop for PgSchema {
                 if let Ok((client, connection)) = tokio_postgres::connect(&base, tokio_postgres::NoTls).await
                 {
                     tokio::spawn(connection);
+                    // The test's runtime is blocked in this drop: a store's connection caught in
+                    // a transaction (its sealer, say) would hold its locks forever.
+                    let _ = client
+                        .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1", &[&name])
+                        .await;
                     let _ = client.batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE")).await;
                 }
             });
@@ -737,4 +746,40 @@ async fn the_idempotency_report_counts_submissions_without_keys_per_topic() {
         let report = store.idempotency_report(&t).await.unwrap();
         assert_eq!(report, [("infra.a".to_owned(), 2, 1), ("infra.b".to_owned(), 1, 1)], "{name}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_seals_audit_records_a_dead_replica_left_pending() {
+    let Some(schema) = PgSchema::create().await else { return };
+    let url = schema.url();
+    let store = PgStore::connect(&url).await.unwrap();
+    let t = tenant("acme");
+    store.submit(submission(job(&t, JobState::Queued, 1_000)), 0).await.unwrap();
+    // A replica that committed a record and died before its sealer ran left it pending.
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+        .execute(
+            "INSERT INTO audit_pending (tenant, at, kind, subject, actor, data)
+             VALUES ('acme', 2000, 'job.transition', 'j', 'dead-replica', '{\"to\":\"queued\"}')",
+            &[],
+        )
+        .await
+        .unwrap();
+    // Nothing reads the chain (a read seals first): the live replica's sealer takes it alone.
+    let mut sealed = 0;
+    for _ in 0..50 {
+        let row = client.query_opt("SELECT seq FROM audit_heads WHERE tenant = 'acme'", &[]).await.unwrap();
+        sealed = row.map_or(0, |r| r.get::<_, i64>(0));
+        if sealed == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(sealed, 2, "the pending record was chained within the sealer's idle period");
+    let pending: i64 = client.query_one("SELECT COUNT(*) FROM audit_pending", &[]).await.unwrap().get(0);
+    assert_eq!(pending, 0);
+    let page = store.audit(&t, 0, 10).await.unwrap();
+    assert_eq!(page.records[1].draft.actor, "dead-replica", "chained after the record committed before it");
+    assert_eq!(verify_chain(&store, &t).await, Ok(2));
 }
