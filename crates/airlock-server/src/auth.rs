@@ -3,6 +3,10 @@
 //! compared in constant time. The key alone determines the tenant, the principal (the key's
 //! name) and the roles.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
 use airlock_core::ids::{KeyId, TenantId};
 use airlock_core::role::{Role, Roles};
 use axum::extract::FromRequestParts;
@@ -56,6 +60,43 @@ impl Caller {
     }
 }
 
+/// How long a looked-up key is trusted without asking the store again. A revocation in this
+/// process clears the cache at once, and one in another process does too when the store
+/// notifies it (PostgreSQL `NOTIFY`); this bounds the delay when a notification is lost.
+pub const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// Keys cached before the cache is emptied and starts over.
+const KEY_CACHE_MAX: usize = 10_000;
+
+/// Live keys recently looked up, by the hash of their secret: every request authenticates, and
+/// without this each one would cost a store round trip.
+#[derive(Default)]
+pub struct KeyCache(Mutex<HashMap<[u8; 32], (Caller, Instant)>>);
+
+impl KeyCache {
+    fn get(&self, hash: &[u8; 32]) -> Option<Caller> {
+        let cache = self.0.lock().ok()?;
+        let (caller, at) = cache.get(hash)?;
+        (at.elapsed() < KEY_CACHE_TTL).then(|| caller.clone())
+    }
+
+    fn put(&self, hash: [u8; 32], caller: Caller) {
+        if let Ok(mut cache) = self.0.lock() {
+            if cache.len() >= KEY_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(hash, (caller, Instant::now()));
+        }
+    }
+
+    /// Forgets every key: one was revoked.
+    pub fn clear(&self) {
+        if let Ok(mut cache) = self.0.lock() {
+            cache.clear();
+        }
+    }
+}
+
 /// SHA-256 of a presented key.
 pub fn hash_key(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
@@ -98,6 +139,9 @@ impl FromRequestParts<AppState> for Caller {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| unauthorized("the `Authorization` header must be `Bearer <key>`"))?;
         let presented = hash_key(token);
+        if let Some(caller) = state.keys().get(&presented) {
+            return Ok(caller);
+        }
         let key =
             state.store().key_by_secret(&presented).await?.ok_or_else(|| unauthorized("unknown API key"))?;
         if !constant_time_eq(&key.secret_hash, &presented) {
@@ -106,7 +150,9 @@ impl FromRequestParts<AppState> for Caller {
         if key.revoked_at.is_some() {
             return Err(unauthorized("this API key was revoked"));
         }
-        Ok(Caller { key_id: key.id, tenant: key.tenant, principal: key.name, roles: key.roles })
+        let caller = Caller { key_id: key.id, tenant: key.tenant, principal: key.name, roles: key.roles };
+        state.keys().put(presented, caller.clone());
+        Ok(caller)
     }
 }
 

@@ -175,5 +175,6 @@ pub async fn revoke(
         data: json!({"name": key.name}),
     };
     let revoked = state.store().revoke_key(&id, now, draft).await?;
+    state.keys().clear();
     Ok(Json(wire::key(&revoked)))
 }

@@ -270,12 +270,16 @@ pub fn spawn_listener(state: AppState) {
         loop {
             match events.recv().await {
                 Ok(airlock_store::StoreEvent::Work) => state.work().notify_waiters(),
+                Ok(airlock_store::StoreEvent::Keys) => state.keys().clear(),
                 Ok(airlock_store::StoreEvent::Policy) => {
                     if let Err(e) = refresh_policy(&state).await {
                         tracing::warn!(error = %e, "policy refresh failed");
                     }
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => state.work().notify_waiters(),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    state.keys().clear();
+                    state.work().notify_waiters();
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
         }

@@ -349,6 +349,7 @@ struct Inner {
     work: tokio::sync::Notify,
     in_flight: Mutex<std::collections::HashSet<airlock_core::ids::JobId>>,
     snapshots: crate::remote_safety::Snapshots,
+    keys: crate::auth::KeyCache,
 }
 
 impl AppState {
@@ -365,7 +366,13 @@ impl AppState {
             work: tokio::sync::Notify::new(),
             in_flight: Mutex::new(std::collections::HashSet::new()),
             snapshots: crate::remote_safety::Snapshots::default(),
+            keys: crate::auth::KeyCache::default(),
         }))
+    }
+
+    /// Keys recently authenticated.
+    pub fn keys(&self) -> &crate::auth::KeyCache {
+        &self.0.keys
     }
 
     /// Snapshots compiled by the safety service, by version.

@@ -427,6 +427,8 @@ pub enum StoreEvent {
     Work,
     /// A snapshot was published or rolled back.
     Policy,
+    /// An API key was revoked.
+    Keys,
 }
 
 /// Audit records for a caller to page through.

@@ -7,7 +7,9 @@
 //! would serialize every replica. Connections are plain TCP without
 //! TLS: run it on loopback or a private network only.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,8 +24,8 @@ use airlock_core::throttle::{self, Bucket, Take};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{FromSql, ToSql, Type};
-use tokio_postgres::{Client, Config, GenericClient, IsolationLevel, NoTls, Row, Transaction};
+use tokio_postgres::types::{FromSql, ToSql};
+use tokio_postgres::{Client, Config, GenericClient, IsolationLevel, NoTls, Row, Statement, Transaction};
 
 use crate::sqlite::{corrupt, gate_from_json, gate_json, strings};
 use crate::{
@@ -125,7 +127,7 @@ impl From<Fail> for StoreError {
 /// The PostgreSQL store.
 pub struct PgStore {
     config: Config,
-    idle: Mutex<Vec<Client>>,
+    idle: Mutex<Vec<Conn>>,
     permits: Semaphore,
     events: tokio::sync::broadcast::Sender<StoreEvent>,
     /// Wakes this replica's sealer after a write.
@@ -146,32 +148,95 @@ impl Drop for PgStore {
 /// delivered only if that transaction commits.
 const WORK_CHANNEL: &str = "airlock_work";
 const POLICY_CHANNEL: &str = "airlock_policy";
+const KEYS_CHANNEL: &str = "airlock_keys";
 
 /// How long the listener waits before reconnecting after losing its connection.
 const LISTEN_RETRY: Duration = Duration::from_secs(1);
 
+/// A pooled connection and the statements prepared on it, by SQL text: a statement is parsed
+/// and planned once per connection, and each later use is one round trip.
+struct Conn {
+    client: Client,
+    prepared: Prepared,
+}
+
+type Prepared = Mutex<HashMap<String, Statement>>;
+
 /// A connection out of the pool; back in on drop unless it broke.
 struct Pooled<'a> {
     store: &'a PgStore,
-    client: Option<Client>,
+    conn: Option<Conn>,
     _permit: SemaphorePermit<'a>,
 }
 
 impl Pooled<'_> {
+    fn conn(&mut self) -> Result<&mut Conn, Fail> {
+        self.conn.as_mut().ok_or_else(|| Fail::Store(StoreError::Unavailable("no connection".into())))
+    }
+
     fn client(&mut self) -> Result<&mut Client, Fail> {
-        self.client.as_mut().ok_or_else(|| Fail::Store(StoreError::Unavailable("no connection".into())))
+        Ok(&mut self.conn()?.client)
+    }
+
+    fn db(&mut self) -> Result<Db<'_, Client>, Fail> {
+        let conn = self.conn()?;
+        Ok(Db { c: &conn.client, prepared: &conn.prepared })
     }
 }
 
 impl Drop for Pooled<'_> {
     fn drop(&mut self) {
         // An unfinished transaction queued its ROLLBACK on drop, ahead of the next user's query.
-        if let Some(client) = self.client.take()
-            && !client.is_closed()
+        if let Some(conn) = self.conn.take()
+            && !conn.client.is_closed()
             && let Ok(mut idle) = self.store.idle.lock()
         {
-            idle.push(client);
+            idle.push(conn);
         }
+    }
+}
+
+/// A connection, or a transaction on one, that runs statements prepared once per connection.
+/// Statements whose futures are polled together (`tokio::try_join!`) are pipelined: sent
+/// without waiting for each other's answers.
+struct Db<'a, C> {
+    c: &'a C,
+    prepared: &'a Prepared,
+}
+
+/// A transaction, with its connection's prepared statements.
+type Tx<'a> = Db<'a, Transaction<'a>>;
+
+impl<C: GenericClient + Sync> Db<'_, C> {
+    async fn statement(&self, sql: &str) -> Result<Statement, Fail> {
+        if let Some(statement) = self.prepared.lock().ok().and_then(|p| p.get(sql).cloned()) {
+            return Ok(statement);
+        }
+        let statement = self.c.prepare(sql).await?;
+        if let Ok(mut prepared) = self.prepared.lock() {
+            prepared.insert(sql.to_owned(), statement.clone());
+        }
+        Ok(statement)
+    }
+
+    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, Fail> {
+        let statement = self.statement(sql).await?;
+        Ok(self.c.execute(&statement, params).await?)
+    }
+
+    async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Fail> {
+        let statement = self.statement(sql).await?;
+        Ok(self.c.query(&statement, params).await?)
+    }
+
+    async fn query_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, Fail> {
+        let statement = self.statement(sql).await?;
+        Ok(self.c.query_one(&statement, params).await?)
+    }
+
+    async fn query_opt(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, Fail> {
+        let statement = self.statement(sql).await?;
+        Ok(self.c.query_opt(&statement, params).await?)
     }
 }
 
@@ -184,9 +249,11 @@ macro_rules! write_tx {
             loop {
                 let mut pooled = $store.checkout().await?;
                 let result: Result<_, Fail> = async {
-                    let $tx = pooled.client()?.transaction().await?;
+                    let Conn { client, prepared } = pooled.conn()?;
+                    let raw = client.transaction().await?;
+                    let $tx = Db { c: &raw, prepared: &*prepared };
                     let value = $body.await?;
-                    $tx.commit().await?;
+                    raw.commit().await?;
                     $store.sealer.notify_one();
                     Ok(value)
                 }
@@ -239,12 +306,12 @@ impl PgStore {
         let reused = loop {
             let next = self.idle.lock().ok().and_then(|mut idle| idle.pop());
             match next {
-                Some(client) if client.is_closed() => {}
+                Some(conn) if conn.client.is_closed() => {}
                 other => break other,
             }
         };
-        let client = match reused {
-            Some(client) => client,
+        let conn = match reused {
+            Some(conn) => conn,
             None => {
                 let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
                     StoreError::Unavailable(format!("cannot connect to postgres: {}", describe(&e)))
@@ -254,10 +321,10 @@ impl PgStore {
                     // the client then reports closed and is not pooled again.
                     let _ = connection.await;
                 });
-                client
+                Conn { client, prepared: Mutex::new(HashMap::new()) }
             }
         };
-        Ok(Pooled { store: self, client: Some(client), _permit: permit })
+        Ok(Pooled { store: self, conn: Some(conn), _permit: permit })
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -305,7 +372,7 @@ impl PgStore {
         map: impl Fn(&Row) -> Result<T, Fail>,
     ) -> Result<Vec<T>, StoreError> {
         let mut pooled = self.checkout().await?;
-        let rows = pooled.client()?.query(sql, params).await.map_err(Fail::from)?;
+        let rows = pooled.db()?.query(sql, params).await?;
         Ok(rows.iter().map(map).collect::<Result<_, _>>()?)
     }
 }
@@ -386,7 +453,7 @@ fn job_from_row(row: &Row) -> Result<JobRecord, Fail> {
 
 /// A job of a tenant; with `lock`, its row stays locked until the transaction ends.
 async fn load_job(
-    c: &impl GenericClient,
+    c: &Db<'_, impl GenericClient + Sync>,
     tenant: &TenantId,
     id: &JobId,
     lock: bool,
@@ -424,7 +491,7 @@ fn approval_from_row(row: &Row) -> Result<ApprovalRecord, Fail> {
 }
 
 async fn load_approval(
-    c: &impl GenericClient,
+    c: &Db<'_, impl GenericClient + Sync>,
     tenant: &TenantId,
     id: &ApprovalId,
     lock: bool,
@@ -457,7 +524,7 @@ fn key_from_row(row: &Row) -> Result<KeyRecord, Fail> {
     })
 }
 
-async fn load_key(c: &impl GenericClient, id: &str) -> Result<Option<KeyRecord>, Fail> {
+async fn load_key(c: &Db<'_, impl GenericClient + Sync>, id: &str) -> Result<Option<KeyRecord>, Fail> {
     let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1");
     c.query_opt(&sql, &[&id]).await?.as_ref().map(key_from_row).transpose()
 }
@@ -479,7 +546,7 @@ fn snapshot_from_row(row: &Row) -> Result<SnapshotRecord, Fail> {
 }
 
 async fn load_idempotency(
-    c: &impl GenericClient,
+    c: &Db<'_, impl GenericClient + Sync>,
     tenant: &str,
     key: &str,
     retained_since: Millis,
@@ -502,19 +569,11 @@ async fn load_idempotency(
 }
 
 /// Queues an audit record of a tenant, in the transaction of the change it describes; [`seal`]
-/// chains it after commit. One statement, typed so that it needs no prepare round trip.
-async fn append_audit(tx: &Transaction<'_>, tenant: &str, draft: Draft) -> Result<(), Fail> {
-    let data = draft.data.to_string();
-    tx.execute_typed(
+/// chains it after commit.
+async fn append_audit(tx: &Tx<'_>, tenant: &str, draft: Draft) -> Result<(), Fail> {
+    tx.execute(
         "INSERT INTO audit_pending (tenant, at, kind, subject, actor, data) VALUES ($1, $2, $3, $4, $5, $6)",
-        &[
-            (&tenant, Type::TEXT),
-            (&draft.at, Type::INT8),
-            (&draft.kind, Type::TEXT),
-            (&draft.subject, Type::TEXT),
-            (&draft.actor, Type::TEXT),
-            (&data, Type::TEXT),
-        ],
+        &[&tenant, &draft.at, &draft.kind, &draft.subject, &draft.actor, &draft.data.to_string()],
     )
     .await?;
     Ok(())
@@ -621,8 +680,25 @@ async fn seal_loop(config: Config, wake: Arc<Notify>) {
     }
 }
 
+/// One statement of a [`pipelined`] batch, its result discarded.
+type Step<'a> = Pin<Box<dyn Future<Output = Result<(), Fail>> + Send + 'a>>;
+
+fn step<'a, T>(statement: impl Future<Output = Result<T, Fail>> + Send + 'a) -> Step<'a> {
+    Box::pin(async move { statement.await.map(drop) })
+}
+
+/// Runs `batch` pipelined (see [`Db`]): one round trip for all of it.
+async fn pipelined(batch: Vec<Step<'_>>) -> Result<(), Fail> {
+    futures_util::future::try_join_all(batch).await?;
+    Ok(())
+}
+
+/// A column of `jobs` and its new value, written by the UPDATE that moves the job.
+type Change<'a> = (&'static str, &'a (dyn ToSql + Sync));
+
+/// Loads a job locked and moves it by `event` ([`apply_transition`]).
 async fn transition(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     tenant: &TenantId,
     id: &JobId,
     event: Event,
@@ -631,38 +707,69 @@ async fn transition(
     reason: &str,
 ) -> Result<JobRecord, Fail> {
     let job = load_job(tx, tenant, id, true).await?.ok_or(StoreError::NotFound)?;
-    let to = job.state.next(event).map_err(StoreError::from)?;
-    if to == JobState::Queued {
-        notify(tx, WORK_CHANNEL).await?;
-        outbox(tx, tenant.as_str(), id.as_str(), at).await?;
-    }
-    tx.execute(
-        "UPDATE jobs SET state = $1, updated_at = $2 WHERE id = $3",
-        &[&to.as_str(), &at, &id.as_str()],
-    )
-    .await?;
-    tx.execute(
-        "INSERT INTO job_transitions (job_id, seq, from_state, to_state, at, actor, reason)
-         SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5, $6 FROM job_transitions WHERE job_id = $1",
-        &[&id.as_str(), &job.state.as_str(), &to.as_str(), &at, &actor, &reason],
-    )
-    .await?;
-    append_audit(
-        tx,
-        tenant.as_str(),
-        Draft {
-            at,
-            kind: "job.transition".into(),
-            subject: id.to_string(),
-            actor: actor.to_owned(),
-            data: json!({"from": job.state.as_str(), "to": to.as_str(), "reason": reason}),
-        },
-    )
-    .await?;
-    Ok(JobRecord { state: to, updated_at: at, ..job })
+    apply_transition(tx, job, event, Moved { at, actor, reason, changes: &[], decision: None }).await
 }
 
-async fn insert_approval(tx: &Transaction<'_>, approval: &ApprovalRecord) -> Result<(), Fail> {
+/// How a job is moved: when, by whom, why, the columns written with the new state, and the
+/// decision record that follows the transition's in the chain.
+struct Moved<'a> {
+    at: Millis,
+    actor: &'a str,
+    reason: &'a str,
+    changes: &'a [Change<'a>],
+    decision: Option<&'a Draft>,
+}
+
+/// Moves `job` (locked by the caller, and already holding the `changes` in memory) by `event`:
+/// one UPDATE of its row with the new state and the changes, its history step, its audit
+/// records and, when it becomes queued, the wake-ups, all pipelined.
+async fn apply_transition(
+    tx: &Tx<'_>,
+    job: JobRecord,
+    event: Event,
+    m: Moved<'_>,
+) -> Result<JobRecord, Fail> {
+    let to = job.state.next(event).map_err(StoreError::from)?;
+    let (tenant, id, from, to_name) = (job.tenant.as_str(), job.id.as_str(), job.state.as_str(), to.as_str());
+    let mut sql = String::from("UPDATE jobs SET state = $1, updated_at = $2");
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&to_name, &m.at];
+    for (column, value) in m.changes {
+        params.push(*value);
+        sql.push_str(&format!(", {column} = ${}", params.len()));
+    }
+    params.push(&id);
+    sql.push_str(&format!(" WHERE id = ${}", params.len()));
+    let draft = Draft {
+        at: m.at,
+        kind: "job.transition".into(),
+        subject: id.to_owned(),
+        actor: m.actor.to_owned(),
+        data: json!({"from": from, "to": to_name, "reason": m.reason}),
+    };
+    let mut batch = vec![
+        step(async { tx.execute(&sql, &params).await }),
+        step(async {
+            tx.execute(
+                "INSERT INTO job_transitions (job_id, seq, from_state, to_state, at, actor, reason)
+             SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5, $6 FROM job_transitions WHERE job_id = $1",
+                &[&id, &from, &to_name, &m.at, &m.actor, &m.reason],
+            )
+            .await
+        }),
+        step(append_audit(tx, tenant, draft)),
+    ];
+    if let Some(decision) = m.decision {
+        batch.push(step(append_audit(tx, tenant, decision.clone())));
+    }
+    if to == JobState::Queued {
+        batch.push(step(notify(tx, WORK_CHANNEL)));
+        batch.push(step(outbox(tx, tenant, id, m.at)));
+    }
+    pipelined(batch).await?;
+    Ok(JobRecord { state: to, updated_at: m.at, ..job })
+}
+
+async fn insert_approval(tx: &Tx<'_>, approval: &ApprovalRecord) -> Result<(), Fail> {
     let r = &approval.request;
     tx.execute(
         "INSERT INTO approvals (id, tenant, job_id, status, job_hash, snapshot_hash, rule_ids, rule_hashes,
@@ -692,7 +799,7 @@ async fn insert_approval(tx: &Transaction<'_>, approval: &ApprovalRecord) -> Res
 
 /// Takes every budget or none; `Err(retry_after_ms)` when one refuses. The buckets stay
 /// locked, in key order (so two takers never deadlock), until the transaction ends.
-async fn take_budgets(tx: &Transaction<'_>, budgets: &[Budget], at: Millis) -> Result<Result<(), u64>, Fail> {
+async fn take_budgets(tx: &Tx<'_>, budgets: &[Budget], at: Millis) -> Result<Result<(), u64>, Fail> {
     if budgets.is_empty() {
         return Ok(Ok(()));
     }
@@ -740,7 +847,7 @@ async fn take_budgets(tx: &Transaction<'_>, budgets: &[Budget], at: Millis) -> R
     Ok(Ok(()))
 }
 
-async fn submit(tx: &Transaction<'_>, s: &Submission, retained_since: Millis) -> Result<SubmitOutcome, Fail> {
+async fn submit(tx: &Tx<'_>, s: &Submission, retained_since: Millis) -> Result<SubmitOutcome, Fail> {
     let tenant = s.job.tenant.as_str();
     if let Some((key, _, _)) = &s.idempotency {
         // Submits with the same key wait for each other here, so the re-check below sees the
@@ -789,47 +896,55 @@ async fn submit(tx: &Transaction<'_>, s: &Submission, retained_since: Millis) ->
         }
     }
     let labels = serde_json::to_string(&j.labels).map_err(corrupt)?;
-    tx.execute(
-        "INSERT INTO jobs (id, tenant, principal, topic, env, labels, payload, plan_hash, idempotency_key,
-         job_hash, state, gate_a, approval_id, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-        &[
-            &j.id.as_str(),
-            &tenant,
-            &j.principal,
-            &j.topic,
-            &j.env,
-            &labels,
-            &j.payload.to_string(),
-            &j.plan_hash,
-            &j.idempotency_key,
-            &j.job_hash,
-            &j.state.as_str(),
-            &gate_json(&j.gate_a),
-            &j.approval_id.as_ref().map(ApprovalId::as_str),
-            &j.created_at,
-            &j.updated_at,
-        ],
-    )
-    .await?;
-    tx.execute(
-        "INSERT INTO job_transitions (job_id, seq, from_state, to_state, at, actor, reason)
-         VALUES ($1, 1, NULL, $2, $3, $4, 'submitted')",
-        &[&j.id.as_str(), &j.state.as_str(), &at, &j.principal],
-    )
-    .await?;
+    let payload = j.payload.to_string();
+    let gate_a = gate_json(&j.gate_a);
+    let mut batch = vec![
+        step(async {
+            tx.execute(
+            "INSERT INTO jobs (id, tenant, principal, topic, env, labels, payload, plan_hash, idempotency_key,
+             job_hash, state, gate_a, approval_id, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            &[
+                &j.id.as_str(),
+                &tenant,
+                &j.principal,
+                &j.topic,
+                &j.env,
+                &labels,
+                &payload,
+                &j.plan_hash,
+                &j.idempotency_key,
+                &j.job_hash,
+                &j.state.as_str(),
+                &gate_a,
+                &j.approval_id.as_ref().map(ApprovalId::as_str),
+                &j.created_at,
+                &j.updated_at,
+            ],
+        ).await
+        }),
+        step(async {
+            tx.execute(
+                "INSERT INTO job_transitions (job_id, seq, from_state, to_state, at, actor, reason)
+             VALUES ($1, 1, NULL, $2, $3, $4, 'submitted')",
+                &[&j.id.as_str(), &j.state.as_str(), &at, &j.principal],
+            )
+            .await
+        }),
+        step(append_audit(tx, tenant, s.audit.clone())),
+    ];
     if let Some(approval) = &s.approval {
-        insert_approval(tx, approval).await?;
+        batch.push(step(insert_approval(tx, approval)));
     }
     if j.state == JobState::Queued {
-        notify(tx, WORK_CHANNEL).await?;
-        outbox(tx, tenant, j.id.as_str(), at).await?;
+        batch.push(step(notify(tx, WORK_CHANNEL)));
+        batch.push(step(outbox(tx, tenant, j.id.as_str(), at)));
     }
-    append_audit(tx, tenant, s.audit.clone()).await?;
+    pipelined(batch).await?;
     Ok(SubmitOutcome::Accepted)
 }
 
-async fn change_approval(tx: &Transaction<'_>, c: &ApprovalChange) -> Result<ApprovalRecord, Fail> {
+async fn change_approval(tx: &Tx<'_>, c: &ApprovalChange) -> Result<ApprovalRecord, Fail> {
     let current = load_approval(tx, &c.tenant, &c.id, true).await?.ok_or(StoreError::NotFound)?;
     if current.request.status != c.expected_status || current.request.approvers.len() != c.expected_approvers
     {
@@ -872,14 +987,12 @@ async fn change_approval(tx: &Transaction<'_>, c: &ApprovalChange) -> Result<App
     })
 }
 
-const CLEAR_LEASE: &str = "lease_token = NULL, lease_expires_at = NULL, leased_by = NULL";
-
-async fn dispatch(tx: &Transaction<'_>, d: &Dispatch) -> Result<DispatchOutcome, Fail> {
+async fn dispatch(tx: &Tx<'_>, d: &Dispatch) -> Result<DispatchOutcome, Fail> {
     // A job another replica is dispatching right now is skipped, not waited for: by the time
     // its lock is released it is leased (or otherwise no longer this claim's to take).
     let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND tenant = $2 FOR UPDATE SKIP LOCKED");
     let row = tx.query_opt(&sql, &[&d.job_id.as_str(), &d.tenant.as_str()]).await?;
-    let Some(job) = row.as_ref().map(job_from_row).transpose()? else {
+    let Some(mut job) = row.as_ref().map(job_from_row).transpose()? else {
         let exists = load_job(tx, &d.tenant, &d.job_id, false).await?.is_some();
         return if exists { Ok(DispatchOutcome::Gone) } else { Err(StoreError::NotFound.into()) };
     };
@@ -887,73 +1000,95 @@ async fn dispatch(tx: &Transaction<'_>, d: &Dispatch) -> Result<DispatchOutcome,
         return Ok(DispatchOutcome::Gone);
     }
     let id = d.job_id.as_str();
-    tx.execute("UPDATE jobs SET gate_b = $1 WHERE id = $2", &[&gate_json(&d.gate_b), &id]).await?;
-    let actor = d.audit.actor.clone();
-    let (event, reason) = match &d.action {
+    let gate_b = gate_json(&d.gate_b);
+    job.dispatch.gate_b = Some(d.gate_b.clone());
+    let moved = |reason: &'static str, changes| Moved {
+        at: d.at,
+        actor: &d.audit.actor,
+        reason,
+        changes,
+        decision: Some(&d.audit),
+    };
+    let job = match &d.action {
         DispatchAction::Lease { lease, budgets } => {
             if let Err(retry_after_ms) = take_budgets(tx, budgets, d.at).await? {
                 let not_before = d.at.saturating_add(i64::try_from(retry_after_ms).unwrap_or(i64::MAX));
-                tx.execute(
-                    "UPDATE jobs SET not_before = $1, updated_at = $2 WHERE id = $3",
-                    &[&not_before, &d.at, &id],
-                )
-                .await?;
                 let mut draft = d.audit.clone();
                 draft.kind = "gate_b.throttled".into();
                 if let Value::Object(data) = &mut draft.data {
                     data.insert("retry_after_ms".into(), json!(retry_after_ms));
                 }
-                append_audit(tx, d.tenant.as_str(), draft).await?;
+                pipelined(vec![
+                    step(async {
+                        tx.execute(
+                            "UPDATE jobs SET gate_b = $1, not_before = $2, updated_at = $3 WHERE id = $4",
+                            &[&gate_b, &not_before, &d.at, &id],
+                        )
+                        .await
+                    }),
+                    step(append_audit(tx, d.tenant.as_str(), draft)),
+                ])
+                .await?;
                 return Ok(DispatchOutcome::Throttled { retry_after_ms });
             }
-            tx.execute(
-                "UPDATE jobs SET lease_token = $1, lease_expires_at = $2, leased_by = $3,
-                 execution_attempts = execution_attempts + 1 WHERE id = $4",
-                &[&lease.token, &lease.expires_at, &lease.worker, &id],
-            )
-            .await?;
-            (Event::Lease, format!("leased to {}", lease.worker))
+            job.dispatch.execution_attempts += 1;
+            job.dispatch.lease = Some(lease.clone());
+            let attempts = i64::from(job.dispatch.execution_attempts);
+            let reason = format!("leased to {}", lease.worker);
+            let changes: [Change<'_>; 5] = [
+                ("gate_b", &gate_b),
+                ("lease_token", &lease.token),
+                ("lease_expires_at", &lease.expires_at),
+                ("leased_by", &lease.worker),
+                ("execution_attempts", &attempts),
+            ];
+            apply_transition(tx, job, Event::Lease, Moved { reason: &reason, ..moved("", &changes) }).await?
         }
-        DispatchAction::Deny => (Event::GateBDeny, "denied at gate b".to_owned()),
+        DispatchAction::Deny => {
+            apply_transition(tx, job, Event::GateBDeny, moved("denied at gate b", &[("gate_b", &gate_b)]))
+                .await?
+        }
         DispatchAction::NeedsApproval { replacement } => {
+            let mut batch = vec![step(insert_approval(tx, replacement))];
             if let Some(old) = &job.approval_id {
-                tx.execute(
-                    "UPDATE approvals SET status = 'stale', decided_at = $1, decided_by = 'system'
-                     WHERE id = $2 AND status IN ('pending', 'approved')",
-                    &[&d.at, &old.as_str()],
-                )
-                .await?;
+                batch.push(step(async move {
+                    tx.execute(
+                        "UPDATE approvals SET status = 'stale', decided_at = $1, decided_by = 'system'
+                         WHERE id = $2 AND status IN ('pending', 'approved')",
+                        &[&d.at, &old.as_str()],
+                    )
+                    .await
+                }));
             }
-            insert_approval(tx, replacement).await?;
-            tx.execute("UPDATE jobs SET approval_id = $1 WHERE id = $2", &[&replacement.id.as_str(), &id])
-                .await?;
-            (Event::NeedsApproval, "gate b needs a fresh approval".to_owned())
+            pipelined(batch).await?;
+            job.approval_id = Some(replacement.id.clone());
+            let changes: [Change<'_>; 2] = [("gate_b", &gate_b), ("approval_id", &replacement.id.as_str())];
+            apply_transition(tx, job, Event::NeedsApproval, moved("gate b needs a fresh approval", &changes))
+                .await?
         }
         DispatchAction::Requeue { not_before, counted } => {
-            tx.execute(
-                "UPDATE jobs SET not_before = $1, scheduling_attempts = scheduling_attempts + $2 WHERE id = $3",
-                &[not_before, &i64::from(*counted), &id],
-            )
-            .await?;
-            (Event::Requeue, "requeued with backoff".to_owned())
+            job.dispatch.not_before = *not_before;
+            job.dispatch.scheduling_attempts += u32::from(*counted);
+            let attempts = i64::from(job.dispatch.scheduling_attempts);
+            let changes: [Change<'_>; 3] =
+                [("gate_b", &gate_b), ("not_before", not_before), ("scheduling_attempts", &attempts)];
+            apply_transition(tx, job, Event::Requeue, moved("requeued with backoff", &changes)).await?
         }
         DispatchAction::DeadLetter { reason } => {
-            tx.execute(
-                "UPDATE jobs SET dead_letter_reason = $1, scheduling_attempts = scheduling_attempts + 1 WHERE id = $2",
-                &[reason, &id],
-            )
-            .await?;
-            (Event::DeadLetter, reason.clone())
+            job.dispatch.dead_letter_reason = Some(reason.clone());
+            job.dispatch.scheduling_attempts += 1;
+            let attempts = i64::from(job.dispatch.scheduling_attempts);
+            let changes: [Change<'_>; 3] =
+                [("gate_b", &gate_b), ("dead_letter_reason", reason), ("scheduling_attempts", &attempts)];
+            apply_transition(tx, job, Event::DeadLetter, Moved { reason, ..moved("", &changes) }).await?
         }
     };
-    let job = transition(tx, &d.tenant, &d.job_id, event, d.at, &actor, &reason).await?;
-    append_audit(tx, d.tenant.as_str(), d.audit.clone()).await?;
     Ok(DispatchOutcome::Applied(Box::new(job)))
 }
 
 /// The job, locked, if `token` is its live lease's.
 async fn leased_under(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     tenant: &TenantId,
     id: &JobId,
     token: &str,
@@ -970,7 +1105,7 @@ async fn leased_under(
 }
 
 async fn heartbeat(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     tenant: &TenantId,
     id: &JobId,
     token: &str,
@@ -991,7 +1126,7 @@ async fn heartbeat(
 
 #[expect(clippy::too_many_arguments, reason = "mirrors Store::finish")]
 async fn finish(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     tenant: &TenantId,
     id: &JobId,
     token: &str,
@@ -1000,36 +1135,54 @@ async fn finish(
     at: Millis,
     actor: &str,
 ) -> Result<JobRecord, Fail> {
-    let job = leased_under(tx, tenant, id, token, live_at).await?;
+    let mut job = leased_under(tx, tenant, id, token, live_at).await?;
     if job.state != JobState::Leased {
         return Err(StoreError::Conflict(format!("the job is `{}`, no longer leased", job.state)).into());
     }
-    let id_ = id.as_str();
-    let (event, reason) = match finish {
+    let moved = |reason, changes| Moved { at, actor, reason, changes, decision: None };
+    let no_lease: (Option<String>, Option<Millis>) = (None, None);
+    match finish {
         Finish::Succeeded { result } => {
-            tx.execute("UPDATE jobs SET result = $1 WHERE id = $2", &[&result.to_string(), &id_]).await?;
-            (Event::Succeed, "succeeded".to_owned())
+            job.dispatch.result = Some(result.clone());
+            let result = result.to_string();
+            apply_transition(tx, job, Event::Succeed, moved("succeeded", &[("result", &result)])).await
         }
         Finish::Retry { error } => {
-            let sql = format!("UPDATE jobs SET error = $1, not_before = $2, {CLEAR_LEASE} WHERE id = $3");
-            tx.execute(&sql, &[error, &at, &id_]).await?;
-            (Event::Requeue, format!("attempt failed, retrying: {error}"))
+            job.dispatch.error = Some(error.clone());
+            job.dispatch.not_before = at;
+            job.dispatch.lease = None;
+            let reason = format!("attempt failed, retrying: {error}");
+            let changes: [Change<'_>; 5] = [
+                ("error", error),
+                ("not_before", &at),
+                ("lease_token", &no_lease.0),
+                ("lease_expires_at", &no_lease.1),
+                ("leased_by", &no_lease.0),
+            ];
+            apply_transition(tx, job, Event::Requeue, moved(&reason, &changes)).await
         }
         Finish::Failed { error } => {
-            tx.execute("UPDATE jobs SET error = $1 WHERE id = $2", &[error, &id_]).await?;
-            (Event::Fail, format!("failed: {error}"))
+            job.dispatch.error = Some(error.clone());
+            let reason = format!("failed: {error}");
+            apply_transition(tx, job, Event::Fail, moved(&reason, &[("error", error)])).await
         }
         Finish::DeadLetter { reason } => {
-            let sql =
-                format!("UPDATE jobs SET dead_letter_reason = $1, error = $1, {CLEAR_LEASE} WHERE id = $2");
-            tx.execute(&sql, &[reason, &id_]).await?;
-            (Event::DeadLetter, reason.clone())
+            job.dispatch.dead_letter_reason = Some(reason.clone());
+            job.dispatch.error = Some(reason.clone());
+            job.dispatch.lease = None;
+            let changes: [Change<'_>; 5] = [
+                ("dead_letter_reason", reason),
+                ("error", reason),
+                ("lease_token", &no_lease.0),
+                ("lease_expires_at", &no_lease.1),
+                ("leased_by", &no_lease.0),
+            ];
+            apply_transition(tx, job, Event::DeadLetter, moved(reason, &changes)).await
         }
-    };
-    transition(tx, tenant, id, event, at, actor, &reason).await
+    }
 }
 
-async fn create_key(tx: &Transaction<'_>, key: &KeyRecord, audit: &Draft) -> Result<(), Fail> {
+async fn create_key(tx: &Tx<'_>, key: &KeyRecord, audit: &Draft) -> Result<(), Fail> {
     let inserted = tx
         .execute(
             "INSERT INTO api_keys (id, tenant, name, roles, secret_hash, created_at, revoked_at)
@@ -1044,8 +1197,7 @@ async fn create_key(tx: &Transaction<'_>, key: &KeyRecord, audit: &Draft) -> Res
                 &key.revoked_at,
             ],
         )
-        .await
-        .map_err(Fail::from);
+        .await;
     if let Err(Fail::Store(StoreError::Conflict(_))) = inserted {
         return Err(StoreError::Conflict(format!(
             "a key named `{}` already exists in tenant `{}`",
@@ -1058,7 +1210,7 @@ async fn create_key(tx: &Transaction<'_>, key: &KeyRecord, audit: &Draft) -> Res
     Ok(())
 }
 
-async fn revoke_key(tx: &Transaction<'_>, id: &str, at: Millis, audit: &Draft) -> Result<KeyRecord, Fail> {
+async fn revoke_key(tx: &Tx<'_>, id: &str, at: Millis, audit: &Draft) -> Result<KeyRecord, Fail> {
     let changed = tx
         .execute("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL", &[&at, &id])
         .await?;
@@ -1067,11 +1219,12 @@ async fn revoke_key(tx: &Transaction<'_>, id: &str, at: Millis, audit: &Draft) -
     }
     let key = load_key(tx, id).await?.ok_or(StoreError::NotFound)?;
     append_audit(tx, key.tenant.as_str(), audit.clone()).await?;
+    notify(tx, KEYS_CHANNEL).await?;
     Ok(key)
 }
 
 async fn publish(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     hash: &str,
     source: &str,
     note: Option<&str>,
@@ -1117,7 +1270,7 @@ async fn publish(
 }
 
 async fn retry_dead_letter(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     tenant: &TenantId,
     id: &JobId,
     at: Millis,
@@ -1127,19 +1280,35 @@ async fn retry_dead_letter(
     if job.dispatch.discarded_at.is_some() {
         return Err(StoreError::Conflict("the job was discarded from the DLQ".into()).into());
     }
-    job.state.next(Event::OperatorRetry).map_err(StoreError::from)?;
-    let sql = format!(
-        "UPDATE jobs SET scheduling_attempts = 0, execution_attempts = 0, not_before = $1,
-         dead_letter_reason = NULL, {CLEAR_LEASE} WHERE id = $2"
-    );
-    tx.execute(&sql, &[&at, &id.as_str()]).await?;
     let reason =
         format!("operator retry from the DLQ (was: {})", job.dispatch.dead_letter_reason.unwrap_or_default());
-    transition(tx, tenant, id, Event::OperatorRetry, at, actor, &reason).await
+    let job = JobRecord {
+        dispatch: DispatchState {
+            scheduling_attempts: 0,
+            execution_attempts: 0,
+            not_before: at,
+            lease: None,
+            dead_letter_reason: None,
+            ..job.dispatch
+        },
+        ..job
+    };
+    let (zero, no_lease): (i64, (Option<String>, Option<Millis>)) = (0, (None, None));
+    let changes: [Change<'_>; 7] = [
+        ("scheduling_attempts", &zero),
+        ("execution_attempts", &zero),
+        ("not_before", &at),
+        ("dead_letter_reason", &no_lease.0),
+        ("lease_token", &no_lease.0),
+        ("lease_expires_at", &no_lease.1),
+        ("leased_by", &no_lease.0),
+    ];
+    let moved = Moved { at, actor, reason: &reason, changes: &changes, decision: None };
+    apply_transition(tx, job, Event::OperatorRetry, moved).await
 }
 
 async fn discard_dead_letter(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     tenant: &TenantId,
     id: &JobId,
     at: Millis,
@@ -1176,15 +1345,19 @@ async fn listen(config: Config, events: tokio::sync::broadcast::Sender<StoreEven
             let driver = tokio::spawn(async move {
                 while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                     if let AsyncMessage::Notification(n) = message {
-                        let event =
-                            if n.channel() == POLICY_CHANNEL { StoreEvent::Policy } else { StoreEvent::Work };
+                        let event = match n.channel() {
+                            POLICY_CHANNEL => StoreEvent::Policy,
+                            KEYS_CHANNEL => StoreEvent::Keys,
+                            _ => StoreEvent::Work,
+                        };
                         let _ = forward.send(event);
                     }
                 }
             });
-            if client.batch_execute(&format!("LISTEN {WORK_CHANNEL}; LISTEN {POLICY_CHANNEL}")).await.is_ok()
-            {
+            let channels = format!("LISTEN {WORK_CHANNEL}; LISTEN {POLICY_CHANNEL}; LISTEN {KEYS_CHANNEL}");
+            if client.batch_execute(&channels).await.is_ok() {
                 // Whatever happened while this process was not listening is picked up now.
+                let _ = events.send(StoreEvent::Keys);
                 let _ = events.send(StoreEvent::Policy);
                 let _ = events.send(StoreEvent::Work);
             }
@@ -1195,13 +1368,13 @@ async fn listen(config: Config, events: tokio::sync::broadcast::Sender<StoreEven
     }
 }
 
-async fn notify(tx: &Transaction<'_>, channel: &str) -> Result<(), Fail> {
+async fn notify(tx: &Tx<'_>, channel: &str) -> Result<(), Fail> {
     tx.execute("SELECT pg_notify($1, '')", &[&channel]).await?;
     Ok(())
 }
 
 /// Records, in the transaction that queues the job, that a wake-up for it is owed to the bus.
-async fn outbox(tx: &Transaction<'_>, tenant: &str, job_id: &str, at: Millis) -> Result<(), Fail> {
+async fn outbox(tx: &Tx<'_>, tenant: &str, job_id: &str, at: Millis) -> Result<(), Fail> {
     tx.execute(
         "INSERT INTO outbox (tenant, job_id, created_at) VALUES ($1, $2, $3)",
         &[&tenant, &job_id, &at],
@@ -1211,7 +1384,7 @@ async fn outbox(tx: &Transaction<'_>, tenant: &str, job_id: &str, at: Millis) ->
 }
 
 /// Locks the shared breaker's row (creating it closed) and reads its state.
-async fn lock_breaker(tx: &Transaction<'_>) -> Result<BreakerState, Fail> {
+async fn lock_breaker(tx: &Tx<'_>) -> Result<BreakerState, Fail> {
     tx.execute(
         "INSERT INTO breaker (id, kind, value) VALUES (1, 'closed', 0) ON CONFLICT (id) DO NOTHING",
         &[],
@@ -1222,13 +1395,13 @@ async fn lock_breaker(tx: &Transaction<'_>) -> Result<BreakerState, Fail> {
     Ok(BreakerState::decode(&kind, value).ok_or_else(|| corrupt("breaker state"))?)
 }
 
-async fn save_breaker(tx: &Transaction<'_>, state: BreakerState) -> Result<(), Fail> {
+async fn save_breaker(tx: &Tx<'_>, state: BreakerState) -> Result<(), Fail> {
     let (kind, value) = state.encode();
     tx.execute("UPDATE breaker SET kind = $1, value = $2 WHERE id = 1", &[&kind, &value]).await?;
     Ok(())
 }
 
-async fn breaker_admit(tx: &Transaction<'_>, config: BreakerConfig, now: Millis) -> Result<Admission, Fail> {
+async fn breaker_admit(tx: &Tx<'_>, config: BreakerConfig, now: Millis) -> Result<Admission, Fail> {
     let mut breaker = Breaker::restore(config, lock_breaker(tx).await?);
     let admission = breaker.admit(now);
     save_breaker(tx, breaker.saved()).await?;
@@ -1236,7 +1409,7 @@ async fn breaker_admit(tx: &Transaction<'_>, config: BreakerConfig, now: Millis)
 }
 
 async fn breaker_report(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     config: BreakerConfig,
     now: Millis,
     success: bool,
@@ -1310,7 +1483,7 @@ impl Store for PgStore {
         retained_since: Millis,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
         let mut pooled = self.checkout().await?;
-        Ok(load_idempotency(&*pooled.client()?, tenant.as_str(), key, retained_since).await?)
+        Ok(load_idempotency(&pooled.db()?, tenant.as_str(), key, retained_since).await?)
     }
 
     async fn submit(
@@ -1342,7 +1515,7 @@ impl Store for PgStore {
 
     async fn job(&self, tenant: &TenantId, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
         let mut pooled = self.checkout().await?;
-        Ok(load_job(&*pooled.client()?, tenant, id, false).await?)
+        Ok(load_job(&pooled.db()?, tenant, id, false).await?)
     }
 
     async fn jobs(&self, tenant: &TenantId, filter: &JobFilter) -> Result<Vec<JobRecord>, StoreError> {
@@ -1428,7 +1601,7 @@ impl Store for PgStore {
         id: &ApprovalId,
     ) -> Result<Option<ApprovalRecord>, StoreError> {
         let mut pooled = self.checkout().await?;
-        Ok(load_approval(&*pooled.client()?, tenant, id, false).await?)
+        Ok(load_approval(&pooled.db()?, tenant, id, false).await?)
     }
 
     async fn approvals(
@@ -1599,7 +1772,7 @@ impl Store for PgStore {
 
     async fn outbox_prune(&self, before: Millis) -> Result<u64, StoreError> {
         let pruned = write_tx!(self, |tx| async {
-            Ok::<_, Fail>(tx.execute("DELETE FROM outbox WHERE created_at < $1", &[&before]).await?)
+            tx.execute("DELETE FROM outbox WHERE created_at < $1", &[&before]).await
         })
         .await?;
         Ok(pruned)

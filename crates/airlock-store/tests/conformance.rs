@@ -494,6 +494,15 @@ async fn leases_are_fenced_and_dead_letters_come_back() {
             other => panic!("{name}: expected a lease, got {other:?}"),
         };
         assert_eq!((leased.state, leased.dispatch.execution_attempts), (JobState::Leased, 1), "{name}");
+        let stored = |store: Arc<dyn Store>| {
+            let (t, id) = (t.clone(), j.id.clone());
+            async move { store.job(&t, &id).await.unwrap().unwrap() }
+        };
+        assert_eq!(
+            *leased,
+            stored(Arc::clone(&store)).await,
+            "{name}: what dispatch returns is what it stored"
+        );
         assert_eq!(store.dispatch(lease("t3", vec![])).await.unwrap(), DispatchOutcome::Gone, "{name}");
         let wrong = store.heartbeat(&t, &j.id, "t3", 300, 2_000).await;
         assert!(matches!(wrong, Err(StoreError::Conflict(_))), "{name}: {wrong:?}");
@@ -510,6 +519,7 @@ async fn leases_are_fenced_and_dead_letters_come_back() {
             .await
             .unwrap();
         assert_eq!((retried.state, retried.dispatch.lease.as_ref()), (JobState::Queued, None), "{name}");
+        assert_eq!(retried, stored(Arc::clone(&store)).await, "{name}");
         let stale =
             store.finish(&t, &j.id, "t2", None, Finish::Succeeded { result: json!(1) }, 401, "w").await;
         assert!(matches!(stale, Err(StoreError::Conflict(_))), "{name}: a late worker changes nothing");
@@ -528,17 +538,33 @@ async fn leases_are_fenced_and_dead_letters_come_back() {
             .await
             .unwrap();
         assert_eq!(dead.state, JobState::DeadLettered, "{name}");
+        assert_eq!(dead, stored(Arc::clone(&store)).await, "{name}");
         assert_eq!(store.dlq_depth().await.unwrap(), 1, "{name}");
         assert_eq!(store.dead_letters(&t, Some("infra.resource.delete"), None, 10).await.unwrap().len(), 1);
         let back = store.retry_dead_letter(&t, &j.id, 600, "op").await.unwrap();
         assert_eq!(
-            (back.state, back.dispatch.execution_attempts, back.dispatch.dead_letter_reason),
+            (back.state, back.dispatch.execution_attempts, back.dispatch.dead_letter_reason.clone()),
             (JobState::Queued, 0, None),
             "{name}"
         );
+        assert_eq!(back, stored(Arc::clone(&store)).await, "{name}");
+        let backoff = Dispatch {
+            action: DispatchAction::Requeue { not_before: 650, counted: true },
+            ..lease("t5", vec![])
+        };
+        match store.dispatch(backoff).await.unwrap() {
+            DispatchOutcome::Applied(job) => {
+                assert_eq!((job.state, job.dispatch.scheduling_attempts), (JobState::Queued, 1), "{name}");
+                assert_eq!(*job, stored(Arc::clone(&store)).await, "{name}");
+            }
+            other => panic!("{name}: expected a requeue, got {other:?}"),
+        }
         let requeue =
             Dispatch { action: DispatchAction::DeadLetter { reason: "again".into() }, ..lease("t5", vec![]) };
-        assert!(matches!(store.dispatch(requeue).await.unwrap(), DispatchOutcome::Applied(_)), "{name}");
+        match store.dispatch(requeue).await.unwrap() {
+            DispatchOutcome::Applied(job) => assert_eq!(*job, stored(Arc::clone(&store)).await, "{name}"),
+            other => panic!("{name}: expected a dead letter, got {other:?}"),
+        }
         let discarded = store.discard_dead_letter(&t, &j.id, 700, "op").await.unwrap();
         assert_eq!(discarded.dispatch.discarded_at, Some(700), "{name}");
         assert_eq!(store.dlq_depth().await.unwrap(), 0, "{name}");
@@ -546,7 +572,7 @@ async fn leases_are_fenced_and_dead_letters_come_back() {
         assert!(matches!(again, Err(StoreError::Conflict(_))), "{name}: {again:?}");
         let states: Vec<JobState> = store.history(&t, &j.id).await.unwrap().iter().map(|h| h.to).collect();
         let (queued, leased, dead) = (JobState::Queued, JobState::Leased, JobState::DeadLettered);
-        assert_eq!(states, [queued, leased, queued, leased, dead, queued, dead], "{name}");
+        assert_eq!(states, [queued, leased, queued, leased, dead, queued, queued, dead], "{name}");
         assert!(verify_chain(&*store, &t).await.is_ok(), "{name}");
     }
 }

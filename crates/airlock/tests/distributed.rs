@@ -99,6 +99,30 @@ fn two_replicas_on_postgres_act_as_one_service() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // Each replica trusts a key it authenticated for a second without asking the store; a key
+    // revoked on one replica is refused by the other at once, because the revocation's NOTIFY
+    // empties the other's cache.
+    let (_, keys) = call(&a, "/api/v1/keys", ADMIN, None);
+    let agent_id = keys["keys"].as_array().unwrap().iter().find(|k| k["name"] == "agent").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(call(&b, "/api/v1/jobs", &agent, None).0, 200, "the agent's key is now cached on b");
+    let revoked = ureq::delete(format!("http://{a}/api/v1/keys/{agent_id}"))
+        .header("authorization", format!("Bearer {ADMIN}"))
+        .call()
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    let revoked_at = Instant::now();
+    while call(&b, "/api/v1/jobs", &agent, None).0 != 401 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        revoked_at.elapsed() < Duration::from_millis(500),
+        "the revocation took {:?} to reach the other replica",
+        revoked_at.elapsed()
+    );
+
     let (_, verify) = call(&b, "/api/v1/audit/verify", ADMIN, Some(String::new()));
     assert_eq!(verify["ok"], true, "{verify}");
 }
