@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Why this exists: a runnable, tested example of Airlock's distributed mode (docs/OPERATIONS.md).
 # On loopback against a local PostgreSQL it starts 2 gateway and 2 scheduler replicas
-# (`airlock serve --store URL --role gateway|scheduler`; a binary without those roles gets four
-# replicas that each serve the whole API instead), 2 `airlock worker --exec` workers
+# (`airlock serve --store URL --role gateway|scheduler`), 2 `airlock worker --exec` workers
 # on the scheduler replicas, submits jobs across the gateways, waits until all succeeded,
 # prints a summary and verifies the audit chain through the API. Everything it starts is
 # stopped by PID and the schema it created is dropped at exit. Exit 0 means it all worked.
@@ -64,25 +63,13 @@ case "$BASE_URL" in *\?*) SEP='&' ;; *) SEP='?' ;; esac
 STORE="${BASE_URL}${SEP}options=-csearch_path%3D${SCHEMA}"
 say "store: $BASE_URL, schema $SCHEMA"
 
-# Role flags, once the binary has them.
-GATEWAY_ROLE=()
-SCHEDULER_ROLE=()
-if "$BIN" serve --help | grep -Eq -- '- gateway:|possible values:.*gateway'; then
-    GATEWAY_ROLE=(--role gateway)
-    SCHEDULER_ROLE=(--role scheduler)
-    say "this binary has --role gateway|scheduler: using it"
-else
-    say "this binary has no --role gateway|scheduler yet: every replica serves the whole API"
-fi
-
-# start_replica NAME ROLE_ARGS...: starts one replica, sets REPLICA_ADDR to its host:port.
-# (Not called through $(...): the PID must be recorded in this shell.)
+# start_replica NAME ROLE: starts one replica with `--role ROLE`, sets REPLICA_ADDR to its
+# host:port. (Not called through $(...): the PID must be recorded in this shell.)
 start_replica() {
-    local name=$1
-    shift
+    local name=$1 role=$2
     local log="$WORK/$name.log"
     AIRLOCK_ADMIN_KEY="$ADMIN_KEY" RUST_LOG=warn \
-        "$BIN" serve --store "$STORE" --listen 127.0.0.1:0 "$@" >"$log" 2>&1 &
+        "$BIN" serve --store "$STORE" --listen 127.0.0.1:0 --role "$role" >"$log" 2>&1 &
     local pid=$!
     PIDS+=("$pid")
     for _ in $(seq 150); do
@@ -99,13 +86,13 @@ start_replica() {
 }
 
 # The first start creates the tables and the admin key; the others find both.
-start_replica gateway-1 "${GATEWAY_ROLE[@]+"${GATEWAY_ROLE[@]}"}"
+start_replica gateway-1 gateway
 GW1=$REPLICA_ADDR
-start_replica gateway-2 "${GATEWAY_ROLE[@]+"${GATEWAY_ROLE[@]}"}"
+start_replica gateway-2 gateway
 GW2=$REPLICA_ADDR
-start_replica scheduler-1 "${SCHEDULER_ROLE[@]+"${SCHEDULER_ROLE[@]}"}"
+start_replica scheduler-1 scheduler
 SC1=$REPLICA_ADDR
-start_replica scheduler-2 "${SCHEDULER_ROLE[@]+"${SCHEDULER_ROLE[@]}"}"
+start_replica scheduler-2 scheduler
 SC2=$REPLICA_ADDR
 say "gateways $GW1 $GW2; schedulers $SC1 $SC2"
 for addr in "$GW1" "$GW2" "$SC1" "$SC2"; do

@@ -10,10 +10,10 @@
 
 mod support;
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{BufRead as _, BufReader};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -22,8 +22,6 @@ use support::Schema;
 const ADMIN: &str = "bus-e2e-admin-key-0123456789abcdef";
 const NATS: &str = "127.0.0.1:4222";
 const NATS_BIN: &str = "/usr/sbin/nats-server";
-
-static STREAMS: AtomicUsize = AtomicUsize::new(0);
 
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
@@ -69,42 +67,6 @@ fn shared_nats() -> bool {
         eprintln!("skipped: no NATS server on {NATS}");
     }
     up
-}
-
-/// A stream of its own for one test, deleted at the end.
-struct Stream {
-    name: String,
-    server: String,
-}
-
-impl Stream {
-    fn new(server: &str) -> Self {
-        let n = STREAMS.fetch_add(1, Ordering::Relaxed);
-        Self { name: format!("AIRLOCK_WORK_{}_{n}", std::process::id()), server: server.to_owned() }
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        // Best effort, over the plain NATS protocol: `$JS.API.STREAM.DELETE.<name>`.
-        if let Ok(mut c) = TcpStream::connect(&self.server) {
-            let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
-            let request = format!(
-                "CONNECT {{\"verbose\":false}}\r\nSUB _INBOX.del 1\r\nPUB $JS.API.STREAM.DELETE.{} _INBOX.del 0\r\n\r\n",
-                self.name
-            );
-            let _ = c.write_all(request.as_bytes());
-            let mut buf = [0_u8; 4096];
-            let deadline = Instant::now() + Duration::from_secs(2);
-            let mut seen = String::new();
-            while Instant::now() < deadline && !seen.contains("MSG ") {
-                match c.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
-                }
-            }
-        }
-    }
 }
 
 /// A replica on `url` with the bus at `nats` on `stream`; `env` adds variables.
@@ -155,7 +117,7 @@ fn the_bus_alone_wakes_a_waiting_claim() {
         return;
     }
     let schema = Schema::create("wake");
-    let stream = Stream::new(NATS);
+    let stream = support::BusStream::new("bus1");
     let url = schema.url();
     let (_a, a) = replica(&url, NATS, &stream.name, &[NO_PG_NOTIFY]);
     let (_b, b) = replica(&url, NATS, &stream.name, &[NO_PG_NOTIFY]);
@@ -196,7 +158,7 @@ fn a_crash_between_commit_and_publish_loses_and_doubles_nothing() {
         return;
     }
     let schema = Schema::create("crash");
-    let stream = Stream::new(NATS);
+    let stream = support::BusStream::new("bus2");
     let url = schema.url();
     let (mut a, a_addr) =
         replica(&url, NATS, &stream.name, &[NO_PG_NOTIFY, ("AIRLOCK_FAULT_CRASH_AFTER_COMMIT", "1")]);

@@ -1,10 +1,13 @@
 //! Why this exists: distributed mode must survive its processes dying. Two tests through the
 //! real binary on PostgreSQL: `scripts/distributed-demo.sh` (the documented example) runs to
-//! exit 0, and three `airlock serve --store postgres://…` replicas under submit and worker load
-//! are killed with SIGKILL one at a time and restarted on new ports, after which every accepted
-//! job is present and succeeded (or still queued with attempts left), none completed twice, and
-//! the audit chain verifies. PostgreSQL must be reachable (127.0.0.1:5432, or
-//! `AIRLOCK_TEST_POSTGRES_URL`): these tests fail, never skip, without it.
+//! exit 0, and a deployment of separate processes, two `airlock serve --role gateway` and two
+//! `--role scheduler` replicas on one store and one job bus (`--bus`, a JetStream stream of the
+//! test's own), with submitters on the gateways and workers on the schedulers, has a random
+//! replica of either role killed with SIGKILL every ~3 s (ten times) and restarted with the same
+//! role on a new port, after which every accepted job is present and succeeded (or still queued
+//! with attempts left), none completed twice, and the audit chain verifies. PostgreSQL must be
+//! reachable (127.0.0.1:5432, or `AIRLOCK_TEST_POSTGRES_URL`), and NATS with JetStream must
+//! listen on 127.0.0.1:4222: these tests fail, never skip, without them.
 
 #![allow(
     clippy::unwrap_used,
@@ -25,7 +28,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Process, Replica, Schema, postgres_url, replica, require_postgres, try_metric};
+use support::{
+    BusStream, NATS, Process, Replica, Schema, postgres_url, replica_with, require_postgres, try_metric,
+};
 
 const ADMIN: &str = "distributed-faults-admin-key-0123456789";
 
@@ -93,7 +98,7 @@ fn call(addr: &str, path: &str, key: &str, body: Option<String>) -> Option<(u16,
     support::try_call(addr, path, key, body.as_deref(), Duration::from_secs(10))
 }
 
-/// The addresses of the live replicas, re-read by every client before each call.
+/// The addresses of the live replicas of one role, re-read by every client before each call.
 type Live = Arc<Mutex<Vec<String>>>;
 
 fn any_live(live: &Live) -> String {
@@ -115,25 +120,66 @@ fn call_any(live: &Live, path: &str, key: &str, body: Option<&str>) -> (u16, Val
     }
 }
 
+/// The two kinds of replica under test: `serve --role gateway` takes submits, keys and reads;
+/// `serve --role scheduler` the worker protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Role {
+    Gateway,
+    Scheduler,
+}
+
+impl Role {
+    fn flag(self) -> &'static str {
+        match self {
+            Self::Gateway => "gateway",
+            Self::Scheduler => "scheduler",
+        }
+    }
+}
+
+/// Execution attempts per job in the test's config: more than the kills can take from one job.
+const ATTEMPTS_MAX: usize = 10;
+/// SIGKILLs during the load, one every 2.5–3.5 s.
+const KILLS: usize = 10;
+
 #[test]
-fn replicas_killed_with_sigkill_lose_no_job_and_complete_none_twice() {
+fn gateways_and_schedulers_killed_with_sigkill_lose_no_job_and_complete_none_twice() {
     let _serial = serial();
     let schema = Schema::create("kill");
+    let stream = BusStream::new("kill");
     let url = schema.url();
+    let bus = format!("nats://{NATS}");
     let config = std::env::temp_dir().join(format!("airlock-faults-{}.yaml", std::process::id()));
-    // Short leases so that a lease handed out by a replica that died before answering comes
+    // Short leases so that a lease handed out by a scheduler that died before answering comes
     // back within the test; more execution attempts than kills can take.
     std::fs::write(
         &config,
-        "leases: { lease_ms: 2000, heartbeat_ms: 500 }\nexecution: { attempts_max: 10 }\n",
+        format!(
+            "leases: {{ lease_ms: 2000, heartbeat_ms: 500 }}\nexecution: {{ attempts_max: {ATTEMPTS_MAX} }}\n"
+        ),
     )
     .unwrap();
+    let start = |role: Role| {
+        let extra = ["--role", role.flag(), "--bus", &bus, "--bus-stream", &stream.name];
+        (role, replica_with(&url, &config, ADMIN, &extra))
+    };
 
-    let mut replicas: Vec<Replica> = (0..3).map(|_| replica(&url, &config, ADMIN)).collect();
-    let live: Live = Arc::new(Mutex::new(replicas.iter().map(|r| r.addr.clone()).collect()));
+    // Declared after `stream`, so dropped (killed) before it is deleted, even on a panic.
+    let mut replicas: Vec<(Role, Replica)> =
+        [Role::Gateway, Role::Gateway, Role::Scheduler, Role::Scheduler].map(start).into();
+    let live_of = |role: Role| -> Live {
+        Arc::new(Mutex::new(
+            replicas.iter().filter(|(r, _)| *r == role).map(|(_, p)| p.addr.clone()).collect(),
+        ))
+    };
+    let (gateways, schedulers) = (live_of(Role::Gateway), live_of(Role::Scheduler));
+    let live = |role: Role| match role {
+        Role::Gateway => &gateways,
+        Role::Scheduler => &schedulers,
+    };
     let key = |name: &str, roles: &[&str]| {
         let body = json!({"tenant": "acme", "name": name, "roles": roles}).to_string();
-        let (status, reply) = call_any(&live, "/api/v1/keys", ADMIN, Some(&body));
+        let (status, reply) = call_any(&gateways, "/api/v1/keys", ADMIN, Some(&body));
         assert_eq!(status, 201, "{reply}");
         reply["key"].as_str().unwrap().to_owned()
     };
@@ -145,8 +191,12 @@ fn replicas_killed_with_sigkill_lose_no_job_and_complete_none_twice() {
     let submit_errors = Arc::new(AtomicUsize::new(0));
     let submitters: Vec<_> = (0..3)
         .map(|t| {
-            let (live, agent, stop, errors) =
-                (Arc::clone(&live), agent.clone(), Arc::clone(&stop_submitting), Arc::clone(&submit_errors));
+            let (gateways, agent, stop, errors) = (
+                Arc::clone(&gateways),
+                agent.clone(),
+                Arc::clone(&stop_submitting),
+                Arc::clone(&submit_errors),
+            );
             std::thread::spawn(move || {
                 // idempotency key → job id of every 202.
                 let mut accepted: HashMap<String, String> = HashMap::new();
@@ -157,9 +207,9 @@ fn replicas_killed_with_sigkill_lose_no_job_and_complete_none_twice() {
                     let body = json!({"topic": "infra.vm.create", "env": "dev", "idempotency_key": key,
                                       "payload": {"n": n, "t": t}})
                     .to_string();
-                    // Retry the same key on other replicas until one answers for it.
+                    // Retry the same key on the gateways until one answers for it.
                     for _ in 0..50 {
-                        match call(&any_live(&live), "/api/v1/jobs", &agent, Some(body.clone())) {
+                        match call(&any_live(&gateways), "/api/v1/jobs", &agent, Some(body.clone())) {
                             Some((202, reply)) => {
                                 let id = reply["job_id"].as_str().unwrap().to_owned();
                                 if let Some(before) = accepted.insert(key.clone(), id.clone()) {
@@ -184,13 +234,14 @@ fn replicas_killed_with_sigkill_lose_no_job_and_complete_none_twice() {
         .collect();
     let workers: Vec<_> = (0..3)
         .map(|_| {
-            let (live, worker, stop) = (Arc::clone(&live), worker.clone(), Arc::clone(&stop_working));
+            let (schedulers, worker, stop) =
+                (Arc::clone(&schedulers), worker.clone(), Arc::clone(&stop_working));
             std::thread::spawn(move || {
                 // (job id, lease token) of every complete answered 200.
                 let mut completed: Vec<(String, String)> = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let claim = call(
-                        &any_live(&live),
+                        &any_live(&schedulers),
                         "/api/v1/workers/claim",
                         &worker,
                         Some(json!({"wait_ms": 300}).to_string()),
@@ -199,11 +250,11 @@ fn replicas_killed_with_sigkill_lose_no_job_and_complete_none_twice() {
                     let id = claim["job_id"].as_str().unwrap().to_owned();
                     let token = claim["lease_token"].as_str().unwrap().to_owned();
                     let body = json!({"lease_token": token, "result": {"ok": true}}).to_string();
-                    // Complete through any replica; after a broken connection the first try may
+                    // Complete through any scheduler; after a broken connection the first try may
                     // have committed, so a refusal then is expected and the lease lapses otherwise.
                     for _ in 0..20 {
                         match call(
-                            &any_live(&live),
+                            &any_live(&schedulers),
                             &format!("/api/v1/workers/jobs/{id}/complete"),
                             &worker,
                             Some(body.clone()),
@@ -222,17 +273,21 @@ fn replicas_killed_with_sigkill_lose_no_job_and_complete_none_twice() {
         })
         .collect();
 
-    // Chaos: every ~3 s, SIGKILL a random replica and start a new one on a new port.
+    // Chaos: every ~3 s, SIGKILL a random replica of either role and start one of the same role
+    // on a new port. The last kill takes a role no kill has taken yet, if there is one.
     let load = Instant::now();
-    let mut kills = 0;
-    while load.elapsed() < Duration::from_secs(20) {
+    let mut killed: HashMap<Role, usize> = HashMap::new();
+    for k in 0..KILLS {
         std::thread::sleep(Duration::from_millis(2500 + pick(1000) as u64));
-        let victim = replicas.swap_remove(pick(replicas.len()));
-        live.lock().unwrap().retain(|a| *a != victim.addr);
+        let candidates: Vec<usize> = (0..replicas.len())
+            .filter(|&i| k + 1 < KILLS || killed.len() == 2 || !killed.contains_key(&replicas[i].0))
+            .collect();
+        let (role, victim) = replicas.swap_remove(candidates[pick(candidates.len())]);
+        live(role).lock().unwrap().retain(|a| *a != victim.addr);
         drop(victim); // kill -9 and reap
-        kills += 1;
-        let fresh = replica(&url, &config, ADMIN);
-        live.lock().unwrap().push(fresh.addr.clone());
+        *killed.entry(role).or_default() += 1;
+        let fresh = start(role);
+        live(role).lock().unwrap().push(fresh.1.addr.clone());
         replicas.push(fresh);
     }
     stop_submitting.store(true, Ordering::Relaxed);
@@ -240,11 +295,12 @@ fn replicas_killed_with_sigkill_lose_no_job_and_complete_none_twice() {
     for s in submitters {
         accepted.extend(s.join().unwrap());
     }
+    let load = load.elapsed();
 
     // Drain: workers keep going until nothing is queued or leased (lapsed leases come back).
     let drain = Instant::now();
     while drain.elapsed() < Duration::from_secs(30) {
-        let addr = any_live(&live);
+        let addr = any_live(&schedulers);
         let queued = try_metric(&addr, "airlock_jobs{state=\"queued\"}");
         let leased = try_metric(&addr, "airlock_jobs{state=\"leased\"}");
         if queued == Some(0.0) && leased == Some(0.0) {
@@ -259,16 +315,22 @@ fn replicas_killed_with_sigkill_lose_no_job_and_complete_none_twice() {
             completes.entry(id).or_default().push(token);
         }
     }
+    let drain = drain.elapsed();
 
+    // Every 202 is present (read through the gateways) and succeeded once, or is still queued
+    // (or leased) with execution attempts left and never succeeded.
     let mut states: HashMap<String, usize> = HashMap::new();
     for id in accepted.values() {
-        let (status, job) = call_any(&live, &format!("/api/v1/jobs/{id}"), &agent, None);
+        let (status, job) = call_any(&gateways, &format!("/api/v1/jobs/{id}"), &agent, None);
         assert_eq!(status, 200, "accepted job {id} is missing: {job}");
         let state = job["state"].as_str().unwrap().to_owned();
-        let succeeded = job["history"].as_array().unwrap().iter().filter(|t| t["to"] == "succeeded").count();
+        let history = job["history"].as_array().unwrap();
+        let times = |to: &str| history.iter().filter(|t| t["to"] == to).count();
+        let (succeeded, leases) = (times("succeeded"), times("leased"));
         match state.as_str() {
             "succeeded" => assert_eq!(succeeded, 1, "job {id} succeeded {succeeded} times: {job}"),
-            "queued" | "leased" => assert_eq!(succeeded, 0, "{job}"),
+            "queued" => assert!(succeeded == 0 && leases < ATTEMPTS_MAX, "{job}"),
+            "leased" => assert!(succeeded == 0 && leases <= ATTEMPTS_MAX, "{job}"),
             other => panic!("job {id} ended {other} (not succeeded, not queued with attempts left): {job}"),
         }
         *states.entry(state).or_default() += 1;
@@ -280,21 +342,25 @@ fn replicas_killed_with_sigkill_lose_no_job_and_complete_none_twice() {
     let (id, tokens) = completes.iter().next().expect("no job was completed");
     let body = json!({"lease_token": tokens[0], "result": {"ok": true}}).to_string();
     let (status, reply) =
-        call_any(&live, &format!("/api/v1/workers/jobs/{id}/complete"), &worker, Some(&body));
+        call_any(&schedulers, &format!("/api/v1/workers/jobs/{id}/complete"), &worker, Some(&body));
     assert_ne!(status, 200, "a second complete with the same lease token succeeded: {reply}");
 
-    let (status, verify) = call_any(&live, "/api/v1/audit/verify", ADMIN, Some(""));
+    let (status, verify) = call_any(&gateways, "/api/v1/audit/verify", ADMIN, Some(""));
     assert_eq!((status, &verify["ok"]), (200, &json!(true)), "the audit chain does not verify: {verify}");
 
     eprintln!(
-        "kill -9 test: {kills} kills, {} jobs accepted ({} transport retries), {} completes answered 200, \
+        "kill -9 test (2 gateways, 2 schedulers, bus stream {}): {KILLS} kills ({} gateway, {} scheduler) \
+         in {:.1} s of load, {} jobs accepted ({} transport retries), {} completes answered 200, \
          final states {states:?}, drain {:.1} s",
+        stream.name,
+        killed.get(&Role::Gateway).copied().unwrap_or(0),
+        killed.get(&Role::Scheduler).copied().unwrap_or(0),
+        load.as_secs_f64(),
         accepted.len(),
         submit_errors.load(Ordering::Relaxed),
         completes.len(),
-        drain.elapsed().as_secs_f64()
+        drain.as_secs_f64()
     );
-    assert!(kills >= 5, "only {kills} kills");
     assert!(accepted.len() >= 100, "too little load: {} jobs accepted", accepted.len());
     assert!(
         states.get("succeeded").copied().unwrap_or(0) * 10 >= accepted.len() * 9,

@@ -50,11 +50,15 @@ pub struct Replica {
 /// Starts a replica with `config` and the platform admin key `admin`; its logs are off, since
 /// fault tests make it log every failed request.
 pub fn replica(store: &str, config: &std::path::Path, admin: &str) -> Replica {
+    replica_with(store, config, admin, &[])
+}
+
+/// [`replica`] with more `serve` arguments (`--role gateway`, `--bus nats://…`).
+pub fn replica_with(store: &str, config: &std::path::Path, admin: &str, extra: &[&str]) -> Replica {
     let config = config.to_str().unwrap();
-    let (process, addr) = airlock(
-        &["serve", "--listen", "127.0.0.1:0", "--store", store, "--config", config],
-        &[("AIRLOCK_ADMIN_KEY", admin), ("RUST_LOG", "off")],
-    );
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--store", store, "--config", config];
+    args.extend_from_slice(extra);
+    let (process, addr) = airlock(&args, &[("AIRLOCK_ADMIN_KEY", admin), ("RUST_LOG", "off")]);
     Replica { _process: process, addr }
 }
 
@@ -217,5 +221,58 @@ impl Drop for Schema {
         let _ = psql()
             .args([&self.base, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name)])
             .status();
+    }
+}
+
+/// The NATS server (with JetStream) the distributed tests use for `serve --bus`.
+pub const NATS: &str = "127.0.0.1:4222";
+
+/// Fails the test, saying how to start it, unless NATS listens at [`NATS`].
+pub fn require_nats() {
+    let up = std::net::TcpStream::connect_timeout(&NATS.parse().unwrap(), Duration::from_secs(1)).is_ok();
+    assert!(
+        up,
+        "NATS with JetStream must listen on {NATS} for this test (start it with `start-stop-daemon \
+         --start --background --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd \
+         /var/lib/nats-server`)"
+    );
+}
+
+/// A JetStream stream of one test's own (`serve --bus-stream NAME`), deleted when dropped.
+/// Drop it after every replica using it: a live replica would create it again.
+pub struct BusStream {
+    pub name: String,
+}
+
+impl BusStream {
+    pub fn new(tag: &str) -> Self {
+        require_nats();
+        Self { name: format!("AIRLOCK_TEST_{}_{}", tag.to_ascii_uppercase(), std::process::id()) }
+    }
+}
+
+impl Drop for BusStream {
+    fn drop(&mut self) {
+        use std::io::{Read as _, Write as _};
+        // Best effort, over the plain NATS protocol: `$JS.API.STREAM.DELETE.<name>`, then wait
+        // (up to 2 s) for the reply.
+        let Ok(mut c) = std::net::TcpStream::connect(NATS) else { return };
+        let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+        let request = format!(
+            "CONNECT {{\"verbose\":false}}\r\nSUB _INBOX.del 1\r\nPUB $JS.API.STREAM.DELETE.{} _INBOX.del 0\r\n\r\n",
+            self.name
+        );
+        if c.write_all(request.as_bytes()).is_err() {
+            return;
+        }
+        let mut buf = [0_u8; 4096];
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut seen = String::new();
+        while std::time::Instant::now() < deadline && !seen.contains("MSG ") {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.push_str(&String::from_utf8_lossy(buf.get(..n).unwrap_or_default())),
+            }
+        }
     }
 }
