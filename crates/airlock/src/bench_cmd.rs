@@ -2,9 +2,19 @@
 //! its own `airlock serve` (this binary) on a fresh data directory and loopback port, so that
 //! one command measures the real server with durable commits; it reports throughput, latency
 //! percentiles measured from each request's intended send time (no coordinated omission), and
-//! the server's resident memory. `airlock bench e2e` measures submit → claim → complete, in
-//! process by default, or with `--store postgres://…` against two `airlock serve` replicas
-//! sharing one PostgreSQL schema (distributed mode).
+//! the server's resident memory.
+//!
+//! `airlock bench e2e` measures submit → Gate B claim → complete: completed jobs per second
+//! (completions that finished within the submit window) and submit → claim latency from each
+//! submit's intended send time. By default against a server in this process. With
+//! `--store postgres://…` it measures distributed mode: two `airlock serve --role gateway` and
+//! two `--role scheduler` child processes (this binary), all on one PostgreSQL schema and one
+//! JetStream stream of their own (`--bus`); submitters talk to the gateways, workers claim and
+//! complete on the schedulers. After each such run, with the replicas stopped, the raw JetStream
+//! loop (`bench jetstream`: publish with ack → pull → ack, messages the size of a job id) runs
+//! on the same NATS server for the same seconds, and the ratio of the two rates is reported.
+//!
+//! `airlock bench jetstream` runs that raw loop alone.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::PathBuf;
@@ -24,7 +34,9 @@ use crate::Format;
 pub enum BenchCommand {
     /// Sustained submits on the allow path.
     Submit(SubmitArgs),
-    /// End to end in embedded mode: submit → Gate B claim → complete, with several workers.
+    /// End to end: submit → Gate B claim → complete, with several workers; in process, or
+    /// distributed (`--store`: 2 gateways, 2 schedulers, PostgreSQL, JetStream) with the raw
+    /// JetStream loop measured in the same run for comparison.
     E2e(E2eArgs),
     /// The raw NATS JetStream loop (publish with ack → pull → ack), the ceiling for the bus.
     Jetstream(JetstreamArgs),
@@ -38,39 +50,48 @@ pub struct JetstreamArgs {
     /// How long to run, in seconds.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Message size in bytes (the bus carries a job id).
-    #[arg(long, default_value_t = 32)]
+    /// Message size in bytes (default: a job id's, what the bus carries).
+    #[arg(long, default_value_t = bus_payload_bytes())]
     payload: usize,
     /// Publishes awaiting their ack at once.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = RAW_WINDOW)]
     window: usize,
 }
 
 #[derive(Args)]
 pub struct E2eArgs {
-    /// How long to submit for, in seconds.
+    /// How long to submit for, in seconds (also how long the raw JetStream loop runs).
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Submits per second; 0 submits as fast as the connections allow.
+    /// Submits per second offered, spread over the submitters; 0 submits as fast as the
+    /// connections allow. Submit → claim latency counts from each submit's intended send time.
+    /// The raw JetStream loop always runs as fast as it can.
     #[arg(long, default_value_t = 0)]
     rate: u64,
-    /// Submitting connections.
+    /// Submitting connections (with `--store`: spread over the gateways).
     #[arg(long, default_value_t = 16)]
     submitters: usize,
-    /// Workers (each one connection, claiming with long-poll).
+    /// Workers, each one connection claiming with long-poll and completing each job it gets
+    /// (with `--store`: spread over the schedulers).
     #[arg(long, default_value_t = 8)]
     workers: usize,
     /// Also run with both gates switched off (a benchmark-only setting) and report the cost.
     #[arg(long)]
     compare_gates_off: bool,
-    /// Runs of each setting, alternating; medians are reported.
+    /// Runs of each setting, alternating; medians are reported (with `--store`, of Airlock's
+    /// completed jobs/s and of the raw JetStream loop's msg/s, each run followed by its loop).
     #[arg(long, default_value_t = 1)]
     repeat: usize,
-    /// Distributed mode: start two `airlock serve --store URL` replicas (this binary) and spread
-    /// submitters and workers across them. Without `options=-csearch_path%3D<schema>` in the
-    /// URL, each run gets a fresh schema (created and dropped with `psql`).
+    /// Distributed mode: for each run start 2 `airlock serve --role gateway` and 2 `--role
+    /// scheduler` replicas (this binary, one after the other) with `--store URL --bus <--bus>`
+    /// and a JetStream stream of their own, `AIRLOCK_E2E_<pid>_<run>`, then run the raw
+    /// JetStream loop on `--bus`. Without `options=-csearch_path%3D<schema>` in the URL, each
+    /// run gets a fresh schema (created and dropped with `psql`).
     #[arg(long, value_name = "URL", conflicts_with = "compare_gates_off")]
     store: Option<String>,
+    /// With `--store`: the NATS JetStream server the replicas use as job bus and the raw loop runs on.
+    #[arg(long, value_name = "NATS_URL", default_value = "nats://127.0.0.1:4222", requires = "store")]
+    bus: String,
     #[arg(long, value_enum, default_value_t)]
     format: Format,
 }
@@ -164,8 +185,19 @@ fn start_server(data: Option<PathBuf>) -> Result<OwnServer, String> {
     listening(child)
 }
 
-/// Replicas in distributed mode.
-const REPLICAS: usize = 2;
+/// Gateways (Gate A and the API: `--role gateway`) in distributed mode.
+const GATEWAYS: usize = 2;
+
+/// Schedulers (the worker protocol, Gate B: `--role scheduler`) in distributed mode.
+const SCHEDULERS: usize = 2;
+
+/// Publishes awaiting their ack at once in the raw JetStream loop.
+const RAW_WINDOW: usize = 64;
+
+/// The size of a wake-up on the bus: the relay publishes the job id, nothing else.
+fn bus_payload_bytes() -> usize {
+    airlock_core::ids::JobId::generate(0, [0; 10]).as_str().len()
+}
 
 /// A PostgreSQL schema this command created; dropped with `psql` when dropped.
 struct OwnSchema {
@@ -182,44 +214,95 @@ impl Drop for OwnSchema {
     }
 }
 
-/// Starts the replicas of a distributed run on `url`; in a fresh schema unless the URL names one.
-fn start_replicas(url: &str, run: usize) -> Result<(Option<OwnSchema>, Vec<OwnServer>), String> {
-    let (url, schema) = if url.contains("search_path") {
-        (url.to_owned(), None)
-    } else {
-        let name = format!("airlock_bench_{}_{run}", std::process::id());
-        let created = Command::new("psql")
-            .args([url, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}")])
-            .env("PGOPTIONS", "-c client_min_messages=warning")
-            .status()
-            .map_err(|e| format!("cannot run psql to create a schema: {e}"))?;
-        if !created.success() {
-            return Err(format!("psql could not create schema {name} at {url}"));
-        }
-        let sep = if url.contains('?') { '&' } else { '?' };
-        (format!("{url}{sep}options=-csearch_path%3D{name}"), Some(OwnSchema { base: url.to_owned(), name }))
+/// The processes of one distributed run. Dropping it stops the replicas, then drops the schema
+/// (fields drop in order). The JetStream stream stays on the server (`airlock-bus` has no way to
+/// delete it): its messages expire after 5 minutes and its consumers after 10 idle minutes.
+struct Cluster {
+    gateways: Vec<OwnServer>,
+    schedulers: Vec<OwnServer>,
+    stream: String,
+    _schema: Option<OwnSchema>,
+}
+
+impl Cluster {
+    fn addrs(servers: &[OwnServer]) -> Vec<String> {
+        servers.iter().map(|s| s.addr.clone()).collect()
+    }
+}
+
+/// The store URL of run `run`: `url` itself if it names a schema, else a fresh schema's.
+fn own_schema(url: &str, run: usize) -> Result<(String, Option<OwnSchema>), String> {
+    if url.contains("search_path") {
+        return Ok((url.to_owned(), None));
+    }
+    let name = format!("airlock_bench_{}_{run}", std::process::id());
+    let created = Command::new("psql")
+        .args([url, "-q", "-c", &format!("DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}")])
+        .env("PGOPTIONS", "-c client_min_messages=warning")
+        .status()
+        .map_err(|e| format!("cannot run psql to create a schema: {e}"))?;
+    if !created.success() {
+        return Err(format!("psql could not create schema {name} at {url}"));
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    Ok((format!("{url}{sep}options=-csearch_path%3D{name}"), Some(OwnSchema { base: url.to_owned(), name })))
+}
+
+/// Starts the replicas of distributed run `run` on store `url` and bus `bus`: the gateways, then
+/// the schedulers, one after the other (the first creates the tables, the admin key and the
+/// policy), in a fresh schema unless the URL names one and on a JetStream stream of their own.
+fn start_cluster(url: &str, bus: &str, run: usize) -> Result<Cluster, String> {
+    let (url, schema) = own_schema(url, run)?;
+    let mut cluster = Cluster {
+        gateways: Vec::new(),
+        schedulers: Vec::new(),
+        stream: format!("AIRLOCK_E2E_{}_{run}", std::process::id()),
+        _schema: schema,
     };
     let dir = std::env::temp_dir().join(format!("airlock-bench-pg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create `{}`: {e}", dir.display()))?;
-    let policy = dir.join("bench-policy.yaml");
-    std::fs::write(&policy, ALLOW_ALL).map_err(|e| e.to_string())?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut replicas = Vec::new();
-    // One after the other: the first creates the tables, the admin key and the policy.
-    for _ in 0..REPLICAS {
-        let child = Command::new(&exe)
-            .args(["serve", "--listen", "127.0.0.1:0", "--store", &url, "--policy"])
-            .arg(&policy)
-            .env("AIRLOCK_ADMIN_KEY", BENCH_ADMIN_KEY)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("cannot start a replica: {e}"))?;
-        replicas.push(listening(child)?);
-    }
+    let started = start_replicas(&mut cluster, &url, bus, &dir);
     let _ = std::fs::remove_dir_all(&dir);
-    Ok((schema, replicas))
+    started.map(|()| cluster)
+}
+
+/// Writes the policy into `dir` and starts the cluster's gateways, then its schedulers.
+fn start_replicas(cluster: &mut Cluster, url: &str, bus: &str, dir: &std::path::Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create `{}`: {e}", dir.display()))?;
+    let policy = dir.join("bench-policy.yaml");
+    std::fs::write(&policy, ALLOW_ALL).map_err(|e| format!("cannot write `{}`: {e}", policy.display()))?;
+    for i in 0..GATEWAYS {
+        let replica = start_replica("gateway", url, bus, &cluster.stream, &policy)
+            .map_err(|e| format!("gateway {} of {GATEWAYS}: {e}", i + 1))?;
+        cluster.gateways.push(replica);
+    }
+    for i in 0..SCHEDULERS {
+        let replica = start_replica("scheduler", url, bus, &cluster.stream, &policy)
+            .map_err(|e| format!("scheduler {} of {SCHEDULERS}: {e}", i + 1))?;
+        cluster.schedulers.push(replica);
+    }
+    Ok(())
+}
+
+/// Starts one `airlock serve --role <role> --store <url> --bus <bus>` and waits until it listens.
+fn start_replica(
+    role: &str,
+    url: &str,
+    bus: &str,
+    stream: &str,
+    policy: &std::path::Path,
+) -> Result<OwnServer, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let child = Command::new(exe)
+        .args(["serve", "--role", role, "--listen", "127.0.0.1:0", "--store", url])
+        .args(["--bus", bus, "--bus-stream", stream, "--policy"])
+        .arg(policy)
+        .env("AIRLOCK_ADMIN_KEY", BENCH_ADMIN_KEY)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start `airlock serve --role {role}`: {e}"))?;
+    listening(child)
 }
 
 /// Waits for a started server's "listening" line; the server is killed if it never comes.
@@ -442,35 +525,82 @@ impl E2eResult {
 }
 
 async fn jetstream(args: &JetstreamArgs) -> Result<(), String> {
-    let duration = Duration::from_secs(args.seconds);
-    let n = airlock_bus::bench_loop(&args.url, args.payload, args.window.max(1), duration)
-        .await
-        .map_err(|e| e.to_string())?;
-    #[allow(clippy::cast_precision_loss, reason = "a rate for display")]
-    let rate = n as f64 / duration.as_secs_f64().max(f64::EPSILON);
+    let n = raw_loop(&args.url, args.payload, args.window, args.seconds).await?;
     println!(
-        "jetstream: {n} messages of {} bytes published, consumed and acked in {}s: {rate:.0} msg/s",
-        args.payload, args.seconds
+        "jetstream: {n} messages of {} bytes published, consumed and acked in {}s: {:.0} msg/s",
+        args.payload,
+        args.seconds,
+        per_sec(n, args.seconds)
     );
     Ok(())
 }
 
-fn e2e(runtime: &tokio::runtime::Runtime, args: &E2eArgs) -> Result<(), String> {
-    let mut on = Vec::new();
-    let mut off = Vec::new();
-    for run in 0..args.repeat.max(1) {
-        on.push(match &args.store {
-            None => e2e_run(runtime, args, false)?,
-            Some(url) => {
-                let (_schema, replicas) = start_replicas(url, run)?;
-                let addrs: Vec<String> = replicas.iter().map(|r| r.addr.clone()).collect();
-                runtime.block_on(e2e_load(args, &addrs, BENCH_ADMIN_KEY))?
-            }
-        });
-        if args.compare_gates_off {
-            off.push(e2e_run(runtime, args, true)?);
+/// The raw JetStream loop on `url` (publish with ack, up to `window` in flight → pull → ack, on a
+/// fresh stream deleted afterwards) for `seconds`: the messages consumed and acked.
+async fn raw_loop(url: &str, payload: usize, window: usize, seconds: u64) -> Result<u64, String> {
+    airlock_bus::bench_loop(url, payload, window.max(1), Duration::from_secs(seconds))
+        .await
+        .map_err(|e| format!("the raw JetStream loop on {url}: {e}"))
+}
+
+#[allow(clippy::cast_precision_loss, reason = "a rate for display")]
+fn per_sec(n: u64, seconds: u64) -> f64 {
+    n as f64 / (seconds as f64).max(f64::EPSILON)
+}
+
+/// SIGINT and SIGTERM, listened for from the start of `bench e2e`, so that a stopped bench
+/// returns through the usual path and its replicas and schemas are dropped (stopped, removed).
+struct Interrupt {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Interrupt {
+    fn listen(runtime: &tokio::runtime::Runtime) -> Result<Self, String> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _context = runtime.enter();
+        let listen = |kind| signal(kind).map_err(|e| format!("cannot listen for signals: {e}"));
+        Ok(Self { int: listen(SignalKind::interrupt())?, term: listen(SignalKind::terminate())? })
+    }
+
+    /// `work`, unless a signal comes first (also one that came while nothing was waited for).
+    async fn guard<T>(&mut self, work: impl Future<Output = Result<T, String>>) -> Result<T, String> {
+        tokio::select! {
+            result = work => result,
+            _ = self.int.recv() => Err("interrupted (SIGINT)".into()),
+            _ = self.term.recv() => Err("terminated (SIGTERM)".into()),
         }
     }
+}
+
+fn e2e(runtime: &tokio::runtime::Runtime, args: &E2eArgs) -> Result<(), String> {
+    let mut interrupt = Interrupt::listen(runtime)?;
+    let mut on = Vec::new();
+    let mut off = Vec::new();
+    let mut raw = Vec::new();
+    for run in 0..args.repeat.max(1) {
+        match &args.store {
+            None => on.push(e2e_run(runtime, args, false, &mut interrupt)?),
+            Some(url) => {
+                on.push(distributed_run(runtime, args, url, run, &mut interrupt)?);
+                // After the replicas stopped, so that the loop has the machine to itself too.
+                let loop_ = raw_loop(&args.bus, bus_payload_bytes(), RAW_WINDOW, args.seconds);
+                raw.push(per_sec(runtime.block_on(interrupt.guard(loop_))?, args.seconds));
+            }
+        }
+        if args.compare_gates_off {
+            off.push(e2e_run(runtime, args, true, &mut interrupt)?);
+        }
+    }
+    e2e_report(args, on, off, raw)
+}
+
+fn e2e_report(
+    args: &E2eArgs,
+    mut on: Vec<E2eResult>,
+    mut off: Vec<E2eResult>,
+    mut raw: Vec<f64>,
+) -> Result<(), String> {
     let median = |runs: &mut Vec<E2eResult>| -> Option<E2eResult> {
         runs.sort_by(|a, b| a.completed_per_sec().total_cmp(&b.completed_per_sec()));
         let mid = runs.len() / 2;
@@ -478,21 +608,46 @@ fn e2e(runtime: &tokio::runtime::Runtime, args: &E2eArgs) -> Result<(), String> 
     };
     let all = |runs: &[E2eResult]| runs.iter().map(|r| r.completed_per_sec().round()).collect::<Vec<_>>();
     let (on_all, off_all) = (all(&on), all(&off));
+    let raw_all: Vec<f64> = raw.iter().map(|r| r.round()).collect();
     let on = median(&mut on).ok_or("no run")?;
     let off = median(&mut off);
+    raw.sort_by(f64::total_cmp);
+    let raw = raw.get(raw.len() / 2).copied();
     let cost = off.as_ref().map(|off| 1.0 - on.completed_per_sec() / off.completed_per_sec());
+    let ratio = raw.map(|raw| on.completed_per_sec() / raw);
+    let stream = format!("AIRLOCK_E2E_{}_<run>", std::process::id());
     match args.format {
         Format::Json => println!(
             "{}",
             json!({
+                "target_rate": args.rate, "submitters": args.submitters, "workers": args.workers,
+                "distributed": args.store.as_ref().map(|url| json!({
+                    "store": url, "bus": args.bus, "stream": stream,
+                    "gateways": GATEWAYS, "schedulers": SCHEDULERS,
+                })),
                 "gates_on": on.json(), "gates_off": off.as_ref().map(E2eResult::json),
                 "gates_on_runs": on_all, "gates_off_runs": off_all, "throughput_lost_to_gates": cost,
+                "raw_jetstream": raw.map(|raw| json!({
+                    "msg_per_sec": raw, "runs": raw_all, "seconds": args.seconds,
+                    "payload_bytes": bus_payload_bytes(), "window": RAW_WINDOW,
+                })),
+                "airlock_to_raw_jetstream": ratio,
             })
         ),
         Format::Human => {
             if let Some(url) = &args.store {
-                println!("distributed: {REPLICAS} `airlock serve --store` replicas on {url}");
+                println!(
+                    "distributed: {GATEWAYS} gateways, {SCHEDULERS} schedulers (`airlock serve --role …` child \
+                     processes) on {url}, bus {} (stream {stream})",
+                    args.bus
+                );
             }
+            let rate =
+                if args.rate == 0 { "as fast as possible".to_owned() } else { format!("{}/s", args.rate) };
+            println!(
+                "load: {} submitters, {} workers, {}s per run, submits offered {rate}",
+                args.submitters, args.workers, args.seconds
+            );
             for (name, r, runs) in std::iter::once(("gates on ", &on, &on_all))
                 .chain(off.as_ref().map(|o| ("gates off", o, &off_all)))
             {
@@ -508,137 +663,193 @@ fn e2e(runtime: &tokio::runtime::Runtime, args: &E2eArgs) -> Result<(), String> 
             if let Some(cost) = cost {
                 println!("throughput lost to the two gates (medians): {:.1}%", cost * 100.0);
             }
+            if let (Some(raw), Some(ratio)) = (raw, ratio) {
+                println!(
+                    "raw JetStream  median {raw:.0} msg/s (runs {raw_all:?}; {}-byte messages, publish with ack \
+                     ({RAW_WINDOW} in flight) → pull → ack, {}s after each run)",
+                    bus_payload_bytes(),
+                    args.seconds
+                );
+                println!(
+                    "Airlock / raw JetStream (medians): {ratio:.4} = {:.2}% ({:.0} jobs/s completed / {raw:.0} msg/s)",
+                    ratio * 100.0,
+                    on.completed_per_sec()
+                );
+            }
         }
     }
     Ok(())
 }
 
-fn e2e_run(runtime: &tokio::runtime::Runtime, args: &E2eArgs, gates_off: bool) -> Result<E2eResult, String> {
+fn e2e_run(
+    runtime: &tokio::runtime::Runtime,
+    args: &E2eArgs,
+    gates_off: bool,
+    interrupt: &mut Interrupt,
+) -> Result<E2eResult, String> {
     let config = airlock_server::state::Config { gates_off, ..airlock_server::state::Config::default() };
     let name = if gates_off { "bench-e2e-off" } else { "bench-e2e-on" };
     let server = crate::inproc::start(runtime, name, ALLOW_ALL, config)?;
-    let result = runtime.block_on(e2e_load(args, &[server.addr.to_string()], crate::inproc::ADMIN));
+    let addr = [server.addr.to_string()];
+    let result = runtime.block_on(interrupt.guard(e2e_load(args, &addr, &addr, crate::inproc::ADMIN)));
     let _ = std::fs::remove_dir_all(&server.dir);
     result
 }
 
-/// One end-to-end load on servers sharing one store: submitter and worker `i` use `addrs[i % n]`.
-async fn e2e_load(args: &E2eArgs, addrs: &[String], admin: &str) -> Result<E2eResult, String> {
-    let server_for = |i: usize| addrs.get(i % addrs.len().max(1)).cloned().unwrap_or_default();
-    {
-        let mut setup = Conn::open(&server_for(0)).await?;
-        let mut keys = Vec::new();
-        for (name, role) in [("agent", "submitter"), ("worker", "worker")] {
-            let body = json!({"tenant": "bench", "name": name, "roles": [role]}).to_string();
-            let (status, reply) = setup.post("/api/v1/keys", admin, &body).await?;
-            if status != 201 {
-                return Err(format!("cannot create the {name} key ({status}): {reply}"));
-            }
-            let secret = serde_json::from_str::<serde_json::Value>(&reply)
-                .ok()
-                .and_then(|v| v.get("key").and_then(serde_json::Value::as_str).map(str::to_owned))
-                .ok_or("no key in the response")?;
-            keys.push(secret);
-        }
-        let (agent, worker) = (keys.remove(0), keys.remove(0));
+/// One distributed run: its own replicas (stopped, and its schema dropped, on every return).
+fn distributed_run(
+    runtime: &tokio::runtime::Runtime,
+    args: &E2eArgs,
+    url: &str,
+    run: usize,
+    interrupt: &mut Interrupt,
+) -> Result<E2eResult, String> {
+    let cluster = start_cluster(url, &args.bus, run)?;
+    let (gateways, schedulers) = (Cluster::addrs(&cluster.gateways), Cluster::addrs(&cluster.schedulers));
+    runtime.block_on(interrupt.guard(e2e_load(args, &gateways, &schedulers, BENCH_ADMIN_KEY)))
+}
 
-        let started = Instant::now();
-        let deadline = started + Duration::from_secs(args.seconds);
-        let next = Arc::new(AtomicU64::new(0));
-        let mut submitters = Vec::new();
-        for i in 0..args.submitters.max(1) {
-            let (addr, agent, next, rate) = (server_for(i), agent.clone(), Arc::clone(&next), args.rate);
-            submitters.push(tokio::spawn(async move {
-                let mut conn = Conn::open(&addr).await?;
-                let mut sent = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let intended = if rate > 0 {
-                        started + Duration::from_secs_f64(i as f64 / rate as f64)
-                    } else {
-                        Instant::now()
-                    };
-                    if intended >= deadline {
-                        break;
-                    }
-                    if rate > 0 {
-                        tokio::time::sleep_until(intended.into()).await;
-                    }
-                    let body = json!({"topic": "infra.vm.create", "env": "production", "payload": {"n": i}})
-                        .to_string();
-                    let (status, reply) = conn.post("/api/v1/jobs", &agent, &body).await?;
-                    if status == 202 {
-                        let id = serde_json::from_str::<serde_json::Value>(&reply)
-                            .ok()
-                            .and_then(|v| {
-                                v.get("job_id").and_then(serde_json::Value::as_str).map(str::to_owned)
-                            })
-                            .unwrap_or_default();
-                        sent.push((id, intended));
-                    }
-                }
-                Ok::<_, String>(sent)
-            }));
-        }
-        let drain_until = deadline + Duration::from_secs(5);
-        let mut workers = Vec::new();
-        for i in 0..args.workers.max(1) {
-            let (addr, worker) = (server_for(i), worker.clone());
-            workers.push(tokio::spawn(async move {
-                let mut conn = Conn::open(&addr).await?;
-                let mut claimed = Vec::new();
-                while Instant::now() < drain_until {
-                    let (status, reply) =
-                        conn.post("/api/v1/workers/claim", &worker, "{\"wait_ms\": 200}").await?;
-                    if status == 204 {
-                        if Instant::now() > deadline {
-                            break;
-                        }
-                        continue;
-                    }
-                    let at = Instant::now();
-                    let claim: serde_json::Value = serde_json::from_str(&reply).map_err(|e| e.to_string())?;
-                    let id = claim
-                        .get("job_id")
-                        .and_then(serde_json::Value::as_str)
-                        .unwrap_or_default()
-                        .to_owned();
-                    let token =
-                        claim.get("lease_token").and_then(serde_json::Value::as_str).unwrap_or_default();
-                    let body = json!({"lease_token": token, "result": {"ok": true}}).to_string();
-                    let (status, _) =
-                        conn.post(&format!("/api/v1/workers/jobs/{id}/complete"), &worker, &body).await?;
-                    if status == 200 {
-                        claimed.push((id, at, Instant::now()));
-                    }
-                }
-                Ok::<_, String>(claimed)
-            }));
-        }
-        let mut sent = std::collections::HashMap::new();
-        for s in submitters {
-            for (id, at) in s.await.map_err(|e| e.to_string())?? {
-                sent.insert(id, at);
-            }
-        }
-        let mut latencies = Vec::new();
-        let mut completed_in_window = 0;
-        for w in workers {
-            for (id, claimed_at, done_at) in w.await.map_err(|e| e.to_string())?? {
-                if done_at <= deadline {
-                    completed_in_window += 1;
-                }
-                if let Some(sent_at) = sent.get(&id) {
-                    latencies.push(claimed_at.saturating_duration_since(*sent_at).as_secs_f64() * 1000.0);
-                }
-            }
-        }
-        latencies.sort_by(f64::total_cmp);
-        Ok(E2eResult {
-            submitted: sent.len(),
-            completed_in_window,
-            seconds: args.seconds as f64,
-            submit_to_claim_ms: latencies,
-        })
+/// Creates a key of tenant `bench` with one role; returns its secret.
+async fn create_key(conn: &mut Conn, admin: &str, name: &str, role: &str) -> Result<String, String> {
+    let body = json!({"tenant": "bench", "name": name, "roles": [role]}).to_string();
+    let (status, reply) = conn.post("/api/v1/keys", admin, &body).await?;
+    if status != 201 {
+        return Err(format!("cannot create the {name} key ({status}): {reply}"));
     }
+    serde_json::from_str::<serde_json::Value>(&reply)
+        .ok()
+        .and_then(|v| v.get("key").and_then(serde_json::Value::as_str).map(str::to_owned))
+        .ok_or_else(|| format!("no key in the response to creating the {name} key: {reply}"))
+}
+
+/// One end-to-end load on servers sharing one store: submitter `i` uses `gateways[i % n]`, worker
+/// `i` uses `schedulers[i % m]` (in process, both are the one server).
+async fn e2e_load(
+    args: &E2eArgs,
+    gateways: &[String],
+    schedulers: &[String],
+    admin: &str,
+) -> Result<E2eResult, String> {
+    let pick = |addrs: &[String], i: usize| {
+        addrs.get(i % addrs.len().max(1)).cloned().ok_or_else(|| "no server to connect to".to_owned())
+    };
+    // On a gateway: schedulers serve only the worker protocol.
+    let mut setup = Conn::open(&pick(gateways, 0)?).await?;
+    let agent = create_key(&mut setup, admin, "agent", "submitter").await?;
+    let worker = create_key(&mut setup, admin, "worker", "worker").await?;
+
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.seconds);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut submitters = Vec::new();
+    for i in 0..args.submitters.max(1) {
+        let plan = Plan { next: Arc::clone(&next), rate: args.rate, started, deadline };
+        submitters.push(tokio::spawn(submit_jobs(pick(gateways, i)?, agent.clone(), plan)));
+    }
+    let drain_until = deadline + Duration::from_secs(5);
+    let mut workers = Vec::new();
+    for i in 0..args.workers.max(1) {
+        workers.push(tokio::spawn(claim_and_complete(
+            pick(schedulers, i)?,
+            worker.clone(),
+            deadline,
+            drain_until,
+        )));
+    }
+    let mut sent = std::collections::HashMap::new();
+    for s in submitters {
+        for (id, at) in s.await.map_err(|e| format!("a submitter failed: {e}"))?? {
+            sent.insert(id, at);
+        }
+    }
+    let mut latencies = Vec::new();
+    let mut completed_in_window = 0;
+    for w in workers {
+        for (id, claimed_at, done_at) in w.await.map_err(|e| format!("a worker failed: {e}"))?? {
+            if done_at <= deadline {
+                completed_in_window += 1;
+            }
+            if let Some(sent_at) = sent.get(&id) {
+                latencies.push(claimed_at.saturating_duration_since(*sent_at).as_secs_f64() * 1000.0);
+            }
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok(E2eResult {
+        submitted: sent.len(),
+        completed_in_window,
+        seconds: args.seconds as f64,
+        submit_to_claim_ms: latencies,
+    })
+}
+
+/// When the submitters send: submit number `next` at `started + next / rate` (or at once with
+/// rate 0), until `deadline`.
+struct Plan {
+    next: Arc<AtomicU64>,
+    rate: u64,
+    started: Instant,
+    deadline: Instant,
+}
+
+/// One submitter: the ids of its accepted jobs, each with its intended send time.
+async fn submit_jobs(addr: String, key: String, plan: Plan) -> Result<Vec<(String, Instant)>, String> {
+    let mut conn = Conn::open(&addr).await?;
+    let mut sent = Vec::new();
+    loop {
+        let i = plan.next.fetch_add(1, Ordering::Relaxed);
+        let intended = if plan.rate > 0 {
+            plan.started + Duration::from_secs_f64(i as f64 / plan.rate as f64)
+        } else {
+            Instant::now()
+        };
+        if intended >= plan.deadline {
+            break;
+        }
+        if plan.rate > 0 {
+            tokio::time::sleep_until(intended.into()).await;
+        }
+        let body = json!({"topic": "infra.vm.create", "env": "production", "payload": {"n": i}}).to_string();
+        let (status, reply) = conn.post("/api/v1/jobs", &key, &body).await?;
+        if status == 202 {
+            let id = serde_json::from_str::<serde_json::Value>(&reply)
+                .ok()
+                .and_then(|v| v.get("job_id").and_then(serde_json::Value::as_str).map(str::to_owned))
+                .unwrap_or_default();
+            sent.push((id, intended));
+        }
+    }
+    Ok(sent)
+}
+
+/// One worker: claims (long-poll) and completes until the queue stays empty after `deadline`, or
+/// `drain_until`. Returns each completed job's id, claim time and completion time.
+async fn claim_and_complete(
+    addr: String,
+    key: String,
+    deadline: Instant,
+    drain_until: Instant,
+) -> Result<Vec<(String, Instant, Instant)>, String> {
+    let mut conn = Conn::open(&addr).await?;
+    let mut claimed = Vec::new();
+    while Instant::now() < drain_until {
+        let (status, reply) = conn.post("/api/v1/workers/claim", &key, "{\"wait_ms\": 200}").await?;
+        if status == 204 {
+            if Instant::now() > deadline {
+                break;
+            }
+            continue;
+        }
+        let at = Instant::now();
+        let claim: serde_json::Value =
+            serde_json::from_str(&reply).map_err(|e| format!("bad claim reply ({status}): {e}: {reply}"))?;
+        let id = claim.get("job_id").and_then(serde_json::Value::as_str).unwrap_or_default().to_owned();
+        let token = claim.get("lease_token").and_then(serde_json::Value::as_str).unwrap_or_default();
+        let body = json!({"lease_token": token, "result": {"ok": true}}).to_string();
+        let (status, _) = conn.post(&format!("/api/v1/workers/jobs/{id}/complete"), &key, &body).await?;
+        if status == 200 {
+            claimed.push((id, at, Instant::now()));
+        }
+    }
+    Ok(claimed)
 }
