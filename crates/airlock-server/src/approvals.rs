@@ -290,7 +290,7 @@ async fn attempt(
     let queued = c.job_event == Some(Event::Approved);
     let saved = state.store().change_approval(c).await?;
     if queued {
-        state.work().notify_waiters();
+        state.queued_here();
     }
     let job_state = state.store().job(&caller.tenant, &job.id).await?.map(|j| j.state).unwrap_or(job.state);
     let mut out = json!({"approval": wire::approval(&saved), "job_state": job_state.as_str()});

@@ -360,7 +360,7 @@ async fn accept(
     match state.store().submit(submission, retained_since).await? {
         SubmitOutcome::Accepted => {
             if state_after == JobState::Queued {
-                state.work().notify_waiters();
+                state.queued_here();
             }
             if idempotency_key.is_none() {
                 let topic = state.metrics().topic(&topic);

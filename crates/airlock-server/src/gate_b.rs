@@ -95,8 +95,14 @@ pub async fn claim(State(state): State<AppState>, caller: Caller, body: Body) ->
         // Pools are topic globs, filtered here: page past other pools' jobs, up to a bound.
         let mut offset = 0;
         while offset < CLAIM_SCAN_MAX {
-            let page = state.store().dispatchable(&caller.tenant, now, offset, CLAIM_BATCH).await?;
+            let mut page = state.store().dispatchable(&caller.tenant, now, offset, CLAIM_BATCH).await?;
             let full = page.len() == CLAIM_BATCH as usize;
+            // Claims of other processes read the same page: each starts at a random job of it,
+            // so that they seldom run Gate B on the same job only for one to find it taken.
+            if !page.is_empty() {
+                let start = usize::from(random_bytes()?[0]) % page.len();
+                page.rotate_left(start);
+            }
             for job in page {
                 if state.config().pool_takes(&pool, &job.topic) != Some(true)
                     || !state.begin_dispatch(&job.id)
@@ -556,7 +562,7 @@ async fn end_attempt(
     let retry = matches!(finish, Finish::Retry { .. });
     let job = state.store().finish(&job.tenant, &job.id, token, live_at, finish, now_ms(), actor).await?;
     if retry {
-        state.work().notify_waiters();
+        state.queued_here();
     }
     Ok(job)
 }
@@ -647,7 +653,7 @@ pub async fn dlq_retry(
     caller.require(Role::Operator)?;
     let job = dead_lettered(&state, &caller, &id).await?;
     let job = state.store().retry_dead_letter(&caller.tenant, &job.id, now_ms(), &caller.principal).await?;
-    state.work().notify_waiters();
+    state.queued_here();
     Ok(Json(json!({"job_id": job.id.as_str(), "state": job.state.as_str()})))
 }
 

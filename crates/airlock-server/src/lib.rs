@@ -316,7 +316,7 @@ pub async fn sweep(state: &AppState) {
         Ok(0) => {}
         Ok(n) => {
             tracing::info!(jobs = n, "lapsed leases ended");
-            state.work().notify_waiters();
+            state.queued_here();
         }
         Err(e) => tracing::warn!(error = %e, "lease expiry sweep failed"),
     }

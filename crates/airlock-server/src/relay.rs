@@ -15,8 +15,8 @@ use crate::state::AppState;
 /// Rows drained per round.
 const BATCH: u32 = 256;
 
-/// How often the relay looks at the outbox when nothing woke it (rows written by replicas
-/// without a relay, or a wake-up it missed).
+/// How often the relay looks at the outbox when this process queued nothing (rows written by
+/// replicas without a relay, or by a relay that died before publishing them).
 const IDLE_POLL: Duration = Duration::from_millis(250);
 
 /// How long the relay waits after the bus or the store failed.
@@ -33,10 +33,6 @@ pub fn spawn_relay(state: AppState, bus: NatsBus) {
     let crash_after_commit = std::env::var_os(FAULT_CRASH_AFTER_COMMIT).is_some_and(|v| v == "1");
     tokio::spawn(async move {
         loop {
-            // Registered before reading, so a commit during the round is not missed.
-            let woken = state.work().notified();
-            tokio::pin!(woken);
-            woken.as_mut().enable();
             let delay = match drain(&state, &bus, crash_after_commit).await {
                 Ok(BATCH_FULL) => continue,
                 Ok(_) => IDLE_POLL,
@@ -46,10 +42,8 @@ pub fn spawn_relay(state: AppState, bus: NatsBus) {
                     continue;
                 }
             };
-            tokio::select! {
-                () = woken => {}
-                () = tokio::time::sleep(delay) => {}
-            }
+            // A commit during the round left a permit: the next wait returns at once.
+            let _ = tokio::time::timeout(delay, state.relay_wake().notified()).await;
         }
     });
 }

@@ -124,8 +124,8 @@ pub struct Config {
     pub gate_b_timeout: Duration,
     /// The breaker around Gate B's safety check.
     pub breaker: BreakerConfig,
-    /// Keep the breaker in the store, shared by every process on it (distributed mode), rather
-    /// than in this process.
+    /// Keep the breaker in the store, shared by every process on it (distributed mode with a
+    /// remote safety service), rather than in this process.
     pub shared_breaker: bool,
     /// Attempt caps and backoff.
     pub caps: Caps,
@@ -347,6 +347,7 @@ struct Inner {
     metrics: Metrics,
     breaker: Mutex<Breaker>,
     work: tokio::sync::Notify,
+    queued_here: tokio::sync::Notify,
     in_flight: Mutex<std::collections::HashSet<airlock_core::ids::JobId>>,
     snapshots: crate::remote_safety::Snapshots,
     keys: crate::auth::KeyCache,
@@ -364,6 +365,7 @@ impl AppState {
             metrics: Metrics::default(),
             breaker,
             work: tokio::sync::Notify::new(),
+            queued_here: tokio::sync::Notify::new(),
             in_flight: Mutex::new(std::collections::HashSet::new()),
             snapshots: crate::remote_safety::Snapshots::default(),
             keys: crate::auth::KeyCache::default(),
@@ -401,6 +403,18 @@ impl AppState {
     /// Wakes claimers waiting for work (a job became dispatchable).
     pub fn work(&self) -> &tokio::sync::Notify {
         &self.0.work
+    }
+
+    /// After this process committed a job as queued: wakes its claimers and its outbox relay.
+    /// (Wake-ups from other processes wake only the claimers: their own relays publish.)
+    pub fn queued_here(&self) {
+        self.0.work.notify_waiters();
+        self.0.queued_here.notify_one();
+    }
+
+    /// What the outbox relay waits for: a job this process queued.
+    pub fn relay_wake(&self) -> &tokio::sync::Notify {
+        &self.0.queued_here
     }
 
     /// The store.

@@ -603,8 +603,8 @@ pub trait Store: Send + Sync {
 
     /// Up to `limit` rows of the transactional outbox, oldest first, as `(id, tenant, job_id)`:
     /// wake-ups owed to the job bus for jobs that became queued. The rows stay until
-    /// [`Store::outbox_done`]; rows another relay is reading at that moment are skipped. The
-    /// embedded store has no outbox (and no bus) and returns none.
+    /// [`Store::outbox_done`], and are this caller's for a few seconds: other relays skip them
+    /// until then. The embedded store has no outbox (and no bus) and returns none.
     async fn outbox_take(&self, limit: u32) -> Result<Vec<(i64, String, String)>, StoreError> {
         let _ = limit;
         Ok(Vec::new())

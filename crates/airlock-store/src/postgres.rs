@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use airlock_core::Millis;
@@ -22,7 +22,7 @@ use airlock_core::role::{Role, Roles};
 use airlock_core::state::{Event, JobState};
 use airlock_core::throttle::{self, Bucket, Take};
 use serde_json::{Value, json};
-use tokio::sync::{Notify, Semaphore, SemaphorePermit};
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Client, Config, GenericClient, IsolationLevel, NoTls, Row, Statement, Transaction};
@@ -35,13 +35,17 @@ use crate::{
 };
 
 /// The schema migrations, in order; the `airlock_migrations` table records which are applied.
-const MIGRATIONS: [&str; 5] = [
+const MIGRATIONS: [&str; 6] = [
     include_str!("postgres_schema.sql"),
     include_str!("postgres_schema_v2.sql"),
     include_str!("postgres_schema_v3.sql"),
     include_str!("postgres_schema_v4.sql"),
     include_str!("postgres_schema_v5.sql"),
+    include_str!("postgres_schema_v6.sql"),
 ];
+
+/// How long a relay has the outbox rows it took to itself before another may take them.
+const OUTBOX_TAKE_MS: i64 = 5_000;
 
 /// Connections kept per store (per replica).
 const POOL_MAX: usize = 16;
@@ -66,9 +70,9 @@ const SEAL_LOCK: (i32, i32) = (0x4169_726c, 3);
 /// Pending audit records chained per sealing transaction.
 const SEAL_BATCH: usize = 2_000;
 
-/// How long a replica's sealer waits for a wake-up before looking anyway: it picks up records
-/// that a replica which died before sealing left pending.
-const SEAL_IDLE: Duration = Duration::from_secs(1);
+/// How often a replica's sealer looks for pending records (a read of the chain seals first, so
+/// this is how far behind an unread chain may be, not how stale a read can be).
+const SEAL_PERIOD: Duration = Duration::from_millis(100);
 
 /// Why a transaction failed: retry it, or give up with a store error.
 enum Fail {
@@ -130,8 +134,6 @@ pub struct PgStore {
     idle: Mutex<Vec<Conn>>,
     permits: Semaphore,
     events: tokio::sync::broadcast::Sender<StoreEvent>,
-    /// Wakes this replica's sealer after a write.
-    sealer: Arc<Notify>,
     /// The sealer and the notification listener, stopped with the store.
     background: Vec<tokio::task::AbortHandle>,
 }
@@ -254,7 +256,6 @@ macro_rules! write_tx {
                     let $tx = Db { c: &raw, prepared: &*prepared };
                     let value = $body.await?;
                     raw.commit().await?;
-                    $store.sealer.notify_one();
                     Ok(value)
                 }
                 .await;
@@ -277,17 +278,15 @@ impl PgStore {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         let (events, _) = tokio::sync::broadcast::channel(64);
-        let sealer = Arc::new(Notify::new());
         let mut store = Self {
             config,
             idle: Mutex::new(Vec::new()),
             permits: Semaphore::new(POOL_MAX),
             events,
-            sealer,
             background: Vec::new(),
         };
         store.migrate().await?;
-        let sealing = tokio::spawn(seal_loop(store.config.clone(), Arc::clone(&store.sealer)));
+        let sealing = tokio::spawn(seal_loop(store.config.clone()));
         store.background.push(sealing.abort_handle());
         // Tests of the job bus turn LISTEN/NOTIFY off to show the bus wakes replicas on its own.
         if std::env::var_os("AIRLOCK_DISABLE_PG_NOTIFY").is_none_or(|v| v != "1") {
@@ -665,14 +664,14 @@ async fn seal_all(client: &mut Client) -> Result<(), Fail> {
     Ok(())
 }
 
-/// A replica's sealer: on its own connection, seals whenever a write of this replica wakes it,
-/// and every [`SEAL_IDLE`] regardless; reconnects when the connection is lost.
-async fn seal_loop(config: Config, wake: Arc<Notify>) {
+/// A replica's sealer: on its own connection, seals every [`SEAL_PERIOD`], so that each pass
+/// chains many records in one transaction; reconnects when the connection is lost.
+async fn seal_loop(config: Config) {
     loop {
         if let Ok((mut client, connection)) = config.connect(NoTls).await {
             let driver = tokio::spawn(connection);
             while seal_all(&mut client).await.is_ok() {
-                let _ = tokio::time::timeout(SEAL_IDLE, wake.notified()).await;
+                tokio::time::sleep(SEAL_PERIOD).await;
             }
             driver.abort();
         }
@@ -1741,19 +1740,18 @@ impl Store for PgStore {
     }
 
     async fn outbox_take(&self, limit: u32) -> Result<Vec<(i64, String, String)>, StoreError> {
-        let limit = i64::from(limit);
-        let rows = write_tx!(self, |tx| async {
-            let rows = tx
-                .query(
-                    "SELECT id, tenant, job_id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                    &[&limit],
-                )
-                .await?;
-            rows.iter()
-                .map(|r| Ok::<_, Fail>((get::<i64>(r, 0)?, get::<String>(r, 1)?, get::<String>(r, 2)?)))
-                .collect::<Result<Vec<_>, Fail>>()
-        })
-        .await?;
+        let mut rows = self
+            .read(
+                "UPDATE outbox SET taken_until = (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT + $2
+                 WHERE id IN (SELECT id FROM outbox
+                              WHERE taken_until <= (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT
+                              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                 RETURNING id, tenant, job_id",
+                &[&i64::from(limit), &OUTBOX_TAKE_MS],
+                |r| Ok((get::<i64>(r, 0)?, get::<String>(r, 1)?, get::<String>(r, 2)?)),
+            )
+            .await?;
+        rows.sort_unstable_by_key(|r| r.0);
         Ok(rows)
     }
 

@@ -747,6 +747,7 @@ async fn the_outbox_holds_wake_ups_until_relayed_or_pruned() {
             continue;
         }
         assert_eq!(taken.len(), 2, "{name}: written with the jobs");
+        assert!(store.outbox_take(10).await.unwrap().is_empty(), "{name}: taken rows are one relay's");
         store.outbox_done(&[taken[0].0]).await.unwrap();
         assert_eq!(store.outbox_prune(1_500).await.unwrap(), 0, "{name}: the remaining row is newer");
         assert_eq!(store.outbox_prune(i64::MAX).await.unwrap(), 1, "{name}");
@@ -802,7 +803,7 @@ async fn postgres_seals_audit_records_a_dead_replica_left_pending() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert_eq!(sealed, 2, "the pending record was chained within the sealer's idle period");
+    assert_eq!(sealed, 2, "the pending record was chained by the periodic sealer");
     let pending: i64 = client.query_one("SELECT COUNT(*) FROM audit_pending", &[]).await.unwrap().get(0);
     assert_eq!(pending, 0);
     let page = store.audit(&t, 0, 10).await.unwrap();

@@ -160,7 +160,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     let store: Arc<dyn Store> = match Mode::of(&args)? {
         Mode::Embedded { data } => Arc::new(SqliteStore::open(&data).map_err(|e| e.to_string())?),
         Mode::Distributed { url } => {
-            config.shared_breaker = true;
+            // Replicas share the breaker of a remote safety service, their common dependency; an
+            // in-process check times out on its own process's account, so each keeps its own.
+            config.shared_breaker = config.remote_safety.is_some();
             Arc::new(PgStore::connect(&url).await.map_err(|e| e.to_string())?)
         }
     };
