@@ -136,6 +136,8 @@ pub struct PgStore {
     events: tokio::sync::broadcast::Sender<StoreEvent>,
     /// The sealer and the notification listener, stopped with the store.
     background: Vec<tokio::task::AbortHandle>,
+    /// Whether queued jobs are announced with `NOTIFY` (not when the job bus does it).
+    notify_work: bool,
 }
 
 impl Drop for PgStore {
@@ -181,8 +183,9 @@ impl Pooled<'_> {
     }
 
     fn db(&mut self) -> Result<Db<'_, Client>, Fail> {
+        let notify_work = self.store.notify_work;
         let conn = self.conn()?;
-        Ok(Db { c: &conn.client, prepared: &conn.prepared })
+        Ok(Db { c: &conn.client, prepared: &conn.prepared, notify_work })
     }
 }
 
@@ -204,6 +207,8 @@ impl Drop for Pooled<'_> {
 struct Db<'a, C> {
     c: &'a C,
     prepared: &'a Prepared,
+    /// Whether a job made queued is announced with `NOTIFY` ([`PgStore::bus_wakes`]).
+    notify_work: bool,
 }
 
 /// A transaction, with its connection's prepared statements.
@@ -253,7 +258,7 @@ macro_rules! write_tx {
                 let result: Result<_, Fail> = async {
                     let Conn { client, prepared } = pooled.conn()?;
                     let raw = client.transaction().await?;
-                    let $tx = Db { c: &raw, prepared: &*prepared };
+                    let $tx = Db { c: &raw, prepared: &*prepared, notify_work: $store.notify_work };
                     let value = $body.await?;
                     raw.commit().await?;
                     Ok(value)
@@ -284,16 +289,23 @@ impl PgStore {
             permits: Semaphore::new(POOL_MAX),
             events,
             background: Vec::new(),
+            notify_work: true,
         };
         store.migrate().await?;
         let sealing = tokio::spawn(seal_loop(store.config.clone()));
         store.background.push(sealing.abort_handle());
-        // Tests of the job bus turn LISTEN/NOTIFY off to show the bus wakes replicas on its own.
-        if std::env::var_os("AIRLOCK_DISABLE_PG_NOTIFY").is_none_or(|v| v != "1") {
-            let listening = tokio::spawn(listen(store.config.clone(), store.events.clone()));
-            store.background.push(listening.abort_handle());
-        }
+        let listening = tokio::spawn(listen(store.config.clone(), store.events.clone()));
+        store.background.push(listening.abort_handle());
         Ok(store)
+    }
+
+    /// The job bus wakes other processes when a job becomes queued (through the outbox), so
+    /// this store stops announcing it with `NOTIFY` too: every `NOTIFY` serializes its commit
+    /// on the server's notification queue and signals every listening connection.
+    #[must_use]
+    pub fn bus_wakes(mut self) -> Self {
+        self.notify_work = false;
+        self
     }
 
     async fn checkout(&self) -> Result<Pooled<'_>, Fail> {
@@ -761,7 +773,9 @@ async fn apply_transition(
         batch.push(step(append_audit(tx, tenant, decision.clone())));
     }
     if to == JobState::Queued {
-        batch.push(step(notify(tx, WORK_CHANNEL)));
+        if tx.notify_work {
+            batch.push(step(notify(tx, WORK_CHANNEL)));
+        }
         batch.push(step(outbox(tx, tenant, id, m.at)));
     }
     pipelined(batch).await?;
@@ -936,7 +950,9 @@ async fn submit(tx: &Tx<'_>, s: &Submission, retained_since: Millis) -> Result<S
         batch.push(step(insert_approval(tx, approval)));
     }
     if j.state == JobState::Queued {
-        batch.push(step(notify(tx, WORK_CHANNEL)));
+        if tx.notify_work {
+            batch.push(step(notify(tx, WORK_CHANNEL)));
+        }
         batch.push(step(outbox(tx, tenant, j.id.as_str(), at)));
     }
     pipelined(batch).await?;

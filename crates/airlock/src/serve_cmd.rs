@@ -163,7 +163,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             // Replicas share the breaker of a remote safety service, their common dependency; an
             // in-process check times out on its own process's account, so each keeps its own.
             config.shared_breaker = config.remote_safety.is_some();
-            Arc::new(PgStore::connect(&url).await.map_err(|e| e.to_string())?)
+            let store = PgStore::connect(&url).await.map_err(|e| e.to_string())?;
+            Arc::new(if args.bus.is_some() { store.bus_wakes() } else { store })
         }
     };
     let initial = match &args.policy {

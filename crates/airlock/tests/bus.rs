@@ -1,10 +1,10 @@
 //! The NATS JetStream job bus through the real binary (`serve --store postgres://… --bus
-//! nats://…`): a claim on one replica wakes through the bus alone (LISTEN/NOTIFY off), a crash
-//! between commit and publish loses no job and doubles none (the outbox row survives), and a
-//! NATS restart under load loses no acknowledged job. PostgreSQL must be reachable (as in
-//! `distributed.rs`); NATS must listen on 127.0.0.1:4222 (started here if it does not) and
-//! `/usr/sbin/nats-server` must exist. With `CI=true` a missing service fails; elsewhere the
-//! test says so and returns.
+//! nats://…`): a claim on one replica wakes through the bus alone (with a bus, queued jobs send
+//! no `NOTIFY`), a crash between commit and publish loses no job and doubles none (the outbox
+//! row survives), and a NATS restart under load loses no acknowledged job. PostgreSQL must be
+//! reachable (as in `distributed.rs`); NATS must listen on 127.0.0.1:4222 (started here if it
+//! does not) and `/usr/sbin/nats-server` must exist. With `CI=true` a missing service fails;
+//! elsewhere the test says so and returns.
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic, reason = "a test fails by panicking")]
 
@@ -109,8 +109,6 @@ fn complete(addr: &str, worker: &str, claim: &Value) -> u16 {
     call(addr, &format!("/api/v1/workers/jobs/{id}/complete"), worker, Some(body)).0
 }
 
-const NO_PG_NOTIFY: (&str, &str) = ("AIRLOCK_DISABLE_PG_NOTIFY", "1");
-
 #[test]
 fn the_bus_alone_wakes_a_waiting_claim() {
     if !shared_nats() {
@@ -119,8 +117,8 @@ fn the_bus_alone_wakes_a_waiting_claim() {
     let schema = Schema::create("wake");
     let stream = support::BusStream::new("bus1");
     let url = schema.url();
-    let (_a, a) = replica(&url, NATS, &stream.name, &[NO_PG_NOTIFY]);
-    let (_b, b) = replica(&url, NATS, &stream.name, &[NO_PG_NOTIFY]);
+    let (_a, a) = replica(&url, NATS, &stream.name, &[]);
+    let (_b, b) = replica(&url, NATS, &stream.name, &[]);
     let agent = key(&a, "agent", &["submitter"]);
     let worker = key(&b, "w1", &["worker"]);
 
@@ -160,8 +158,7 @@ fn a_crash_between_commit_and_publish_loses_and_doubles_nothing() {
     let schema = Schema::create("crash");
     let stream = support::BusStream::new("bus2");
     let url = schema.url();
-    let (mut a, a_addr) =
-        replica(&url, NATS, &stream.name, &[NO_PG_NOTIFY, ("AIRLOCK_FAULT_CRASH_AFTER_COMMIT", "1")]);
+    let (mut a, a_addr) = replica(&url, NATS, &stream.name, &[("AIRLOCK_FAULT_CRASH_AFTER_COMMIT", "1")]);
     let agent = key(&a_addr, "agent", &["submitter"]);
     let worker = key(&a_addr, "w1", &["worker"]);
     let body = json!({"topic": "infra.vm.create", "env": "dev", "idempotency_key": "crash-1"}).to_string();
@@ -179,7 +176,7 @@ fn a_crash_between_commit_and_publish_loses_and_doubles_nothing() {
     assert_eq!(schema.count("SELECT COUNT(*) FROM jobs WHERE idempotency_key = 'crash-1'"), 1, "committed");
     assert_eq!(schema.count("SELECT COUNT(*) FROM outbox"), 1, "its wake-up is still owed");
 
-    let (_a, a_addr) = replica(&url, NATS, &stream.name, &[NO_PG_NOTIFY]);
+    let (_a, a_addr) = replica(&url, NATS, &stream.name, &[]);
     let (status, claim) =
         call(&a_addr, "/api/v1/workers/claim", &worker, Some(json!({"wait_ms": 5000}).to_string()));
     assert_eq!(status, 200, "{claim}");
@@ -236,8 +233,8 @@ fn a_nats_restart_under_load_loses_no_acknowledged_job() {
     let mut nats = throwaway_nats(port, &dir);
     let stream = format!("AIRLOCK_WORK_{}_R", std::process::id());
     let url = schema.url();
-    let (_a, a) = replica(&url, &server, &stream, &[NO_PG_NOTIFY]);
-    let (_b, b) = replica(&url, &server, &stream, &[NO_PG_NOTIFY]);
+    let (_a, a) = replica(&url, &server, &stream, &[]);
+    let (_b, b) = replica(&url, &server, &stream, &[]);
     let agent = key(&a, "agent", &["submitter"]);
     let worker = key(&b, "w1", &["worker"]);
 
