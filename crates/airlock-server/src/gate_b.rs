@@ -41,8 +41,10 @@ const CLAIM_WAIT_MAX_MS: u64 = 30_000;
 const CLAIM_POLL: Duration = Duration::from_millis(200);
 /// Candidates read per page.
 const CLAIM_BATCH: u32 = 16;
-/// Most queued jobs one look pages through to find the pool's.
+/// Most queued jobs one look goes through to find one to lease.
 const CLAIM_SCAN_MAX: u32 = 1_024;
+/// How much longer than Gate B's safety timeout a claim holds the job it runs Gate B on.
+const CLAIM_HOLD_SLACK_MS: u64 = 3_000;
 /// Largest result a worker may report, in bytes.
 pub const RESULT_BYTES_MAX: usize = 256 * 1024;
 
@@ -91,41 +93,73 @@ pub async fn claim(State(state): State<AppState>, caller: Caller, body: Body) ->
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
     loop {
         let woken = state.work().notified();
-        let now = now_ms();
-        // Pools are topic globs, filtered here: page past other pools' jobs, up to a bound.
-        let mut offset = 0;
-        while offset < CLAIM_SCAN_MAX {
-            let mut page = state.store().dispatchable(&caller.tenant, now, offset, CLAIM_BATCH).await?;
-            let full = page.len() == CLAIM_BATCH as usize;
-            // Claims of other processes read the same page: each starts at a random job of it,
-            // so that they seldom run Gate B on the same job only for one to find it taken.
-            if !page.is_empty() {
-                let start = usize::from(random_bytes()?[0]) % page.len();
-                page.rotate_left(start);
-            }
-            for job in page {
-                if state.config().pool_takes(&pool, &job.topic) != Some(true)
-                    || !state.begin_dispatch(&job.id)
-                {
-                    continue;
-                }
-                let id = job.id.clone();
-                let leased = gate_b(&state, &caller, job).await;
-                state.end_dispatch(&id);
-                if let Some(leased) = leased? {
-                    return Ok(Json(leased).into_response());
-                }
-            }
-            if !full {
-                break;
-            }
-            offset += CLAIM_BATCH;
+        let leased = if state.config().pool_takes_all(&pool) {
+            claim_held(&state, &caller).await?
+        } else {
+            claim_from_pages(&state, &caller, &pool).await?
+        };
+        if let Some(leased) = leased {
+            return Ok(Json(leased).into_response());
         }
         if tokio::time::Instant::now() >= deadline {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
         let _ = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + CLAIM_POLL), woken).await;
     }
+}
+
+/// A claim for a pool that takes every topic: holds the next job no other claim holds (of any
+/// process) and runs Gate B on it, until one is leased or none is left.
+async fn claim_held(state: &AppState, caller: &Caller) -> Result<Option<Value>, ApiError> {
+    // Long enough for Gate B's safety check to time out and the dispatch to commit.
+    let hold_ms = u64::try_from(state.config().gate_b_timeout.as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_add(CLAIM_HOLD_SLACK_MS);
+    // One clock reading per look, as for pages: a job Gate B puts back (backoff, throttle) is
+    // not due again within the same look, so each job is decided at most once per look.
+    let now = now_ms();
+    for _ in 0..CLAIM_SCAN_MAX {
+        let Some(job) = state.store().hold_next(&caller.tenant, now, hold_ms).await? else {
+            return Ok(None);
+        };
+        if let Some(leased) = gate_b(state, caller, job).await? {
+            return Ok(Some(leased));
+        }
+    }
+    Ok(None)
+}
+
+/// A claim for a pool of some topics (globs, matched here): pages through the queue past other
+/// pools' jobs, up to a bound.
+async fn claim_from_pages(state: &AppState, caller: &Caller, pool: &str) -> Result<Option<Value>, ApiError> {
+    let now = now_ms();
+    let mut offset = 0;
+    while offset < CLAIM_SCAN_MAX {
+        let mut page = state.store().dispatchable(&caller.tenant, now, offset, CLAIM_BATCH).await?;
+        let full = page.len() == CLAIM_BATCH as usize;
+        // Claims of other processes read the same page: each starts at a random job of it, so
+        // that they seldom run Gate B on the same job only for one to find it taken.
+        if !page.is_empty() {
+            let start = usize::from(random_bytes()?[0]) % page.len();
+            page.rotate_left(start);
+        }
+        for job in page {
+            if state.config().pool_takes(pool, &job.topic) != Some(true) || !state.begin_dispatch(&job.id) {
+                continue;
+            }
+            let id = job.id.clone();
+            let leased = gate_b(state, caller, job).await;
+            state.end_dispatch(&id);
+            if let Some(leased) = leased? {
+                return Ok(Some(leased));
+            }
+        }
+        if !full {
+            break;
+        }
+        offset += CLAIM_BATCH;
+    }
+    Ok(None)
 }
 
 /// Runs Gate B on one queued job; the lease to hand out, or `None` when the job was not leased.

@@ -184,6 +184,11 @@ impl Config {
         Caps { execution_attempts_max, ..self.caps }
     }
 
+    /// Whether `pool` takes every topic: the pool `default` when no pools are configured.
+    pub fn pool_takes_all(&self, pool: &str) -> bool {
+        self.pools.is_empty() && pool == "default"
+    }
+
     /// Whether `pool` takes `topic`. Without configured pools, the pool `default` takes all.
     pub fn pool_takes(&self, pool: &str, topic: &str) -> Option<bool> {
         if self.pools.is_empty() {

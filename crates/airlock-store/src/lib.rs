@@ -530,6 +530,17 @@ pub trait Store: Send + Sync {
     /// Applies a decided change to a request, and to its job, atomically.
     async fn change_approval(&self, change: ApprovalChange) -> Result<ApprovalRecord, StoreError>;
 
+    /// The oldest queued job of a tenant whose `not_before` has passed and that no claim holds,
+    /// now held by the caller for `hold_ms`: until then no other `hold_next` (of any process on
+    /// this store) returns it, so claims never run Gate B on the same job. A hold needs no
+    /// release: dispatching the job ends it, and a claimer that died leaves it to lapse.
+    async fn hold_next(
+        &self,
+        tenant: &TenantId,
+        now: Millis,
+        hold_ms: u64,
+    ) -> Result<Option<JobRecord>, StoreError>;
+
     /// Queued jobs of a tenant whose `not_before` has passed, oldest first, skipping `offset`.
     async fn dispatchable(
         &self,

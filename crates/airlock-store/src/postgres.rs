@@ -35,13 +35,14 @@ use crate::{
 };
 
 /// The schema migrations, in order; the `airlock_migrations` table records which are applied.
-const MIGRATIONS: [&str; 6] = [
+const MIGRATIONS: [&str; 7] = [
     include_str!("postgres_schema.sql"),
     include_str!("postgres_schema_v2.sql"),
     include_str!("postgres_schema_v3.sql"),
     include_str!("postgres_schema_v4.sql"),
     include_str!("postgres_schema_v5.sql"),
     include_str!("postgres_schema_v6.sql"),
+    include_str!("postgres_schema_v7.sql"),
 ];
 
 /// How long a relay has the outbox rows it took to itself before another may take them.
@@ -755,7 +756,8 @@ async fn apply_transition(
 ) -> Result<JobRecord, Fail> {
     let to = job.state.next(event).map_err(StoreError::from)?;
     let (tenant, id, from, to_name) = (job.tenant.as_str(), job.id.as_str(), job.state.as_str(), to.as_str());
-    let mut sql = String::from("UPDATE jobs SET state = $1, updated_at = $2");
+    // A job that moves is no longer held by the claim that dispatched it.
+    let mut sql = String::from("UPDATE jobs SET state = $1, updated_at = $2, held_until = 0");
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&to_name, &m.at];
     for (column, value) in m.changes {
         params.push(*value);
@@ -1016,14 +1018,10 @@ async fn change_approval(tx: &Tx<'_>, c: &ApprovalChange) -> Result<ApprovalReco
 }
 
 async fn dispatch(tx: &Tx<'_>, d: &Dispatch) -> Result<DispatchOutcome, Fail> {
-    // A job another replica is dispatching right now is skipped, not waited for: by the time
-    // its lock is released it is leased (or otherwise no longer this claim's to take).
-    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND tenant = $2 FOR UPDATE SKIP LOCKED");
-    let row = tx.query_opt(&sql, &[&d.job_id.as_str(), &d.tenant.as_str()]).await?;
-    let Some(mut job) = row.as_ref().map(job_from_row).transpose()? else {
-        let exists = load_job(tx, &d.tenant, &d.job_id, false).await?.is_some();
-        return if exists { Ok(DispatchOutcome::Gone) } else { Err(StoreError::NotFound.into()) };
-    };
+    // Waits for the row rather than skipping it: a claim that holds the job must not give it up
+    // because another claim's `hold_next` (or a dispatch of a page claim) has it locked for an
+    // instant; a job dispatched meanwhile is no longer queued below.
+    let mut job = load_job(tx, &d.tenant, &d.job_id, true).await?.ok_or(StoreError::NotFound)?;
     if job.state != JobState::Queued {
         return Ok(DispatchOutcome::Gone);
     }
@@ -1049,7 +1047,8 @@ async fn dispatch(tx: &Tx<'_>, d: &Dispatch) -> Result<DispatchOutcome, Fail> {
                 pipelined(vec![
                     step(async {
                         tx.execute(
-                            "UPDATE jobs SET gate_b = $1, not_before = $2, updated_at = $3 WHERE id = $4",
+                            "UPDATE jobs SET gate_b = $1, not_before = $2, updated_at = $3, held_until = 0
+                             WHERE id = $4",
                             &[&gate_b, &not_before, &d.at, &id],
                         )
                         .await
@@ -1665,6 +1664,25 @@ impl Store for PgStore {
 
     async fn change_approval(&self, change: ApprovalChange) -> Result<ApprovalRecord, StoreError> {
         Ok(write_tx!(self, |tx| change_approval(&tx, &change)).await?)
+    }
+
+    async fn hold_next(
+        &self,
+        tenant: &TenantId,
+        now: Millis,
+        hold_ms: u64,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        // The classic queue pattern: rows another claim is holding (locked by this statement
+        // or dispatching) are skipped, not waited for; `held_until` is not indexed, so the
+        // hold is usually a HOT update.
+        let sql = format!(
+            "UPDATE jobs SET held_until = $3 WHERE id = (
+                 SELECT id FROM jobs WHERE tenant = $1 AND state = 'queued' AND not_before <= $2
+                 AND held_until <= $2 ORDER BY not_before, id LIMIT 1 FOR UPDATE SKIP LOCKED)
+             RETURNING {JOB_COLUMNS}"
+        );
+        let until = now.saturating_add(i64::try_from(hold_ms).unwrap_or(i64::MAX));
+        Ok(self.read(&sql, &[&tenant.as_str(), &now, &until], job_from_row).await?.pop())
     }
 
     async fn dispatchable(

@@ -72,7 +72,18 @@ struct Command {
 pub struct SqliteStore {
     writer: Mutex<mpsc::Sender<Command>>,
     readers: Arc<Readers>,
+    /// Claim holds, until when: one process owns the file, so they need not be stored.
+    holds: Mutex<HashMap<JobId, Millis>>,
 }
+
+/// Dispatchable jobs read per look for one that no claim holds.
+const HOLD_PAGE: u32 = 32;
+
+/// Pages a hold looks through before it reports no job.
+const HOLD_PAGES: u32 = 4;
+
+/// Holds kept before the lapsed ones are dropped.
+const HOLDS_PRUNE_AT: usize = 1_024;
 
 struct Readers {
     path: PathBuf,
@@ -113,7 +124,7 @@ impl SqliteStore {
             .spawn(move || Writer { conn, heads: HashMap::new() }.run(&receiver))
             .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
         let readers = Arc::new(Readers { path, idle: Mutex::new(Vec::new()) });
-        Ok(Self { writer: Mutex::new(sender), readers })
+        Ok(Self { writer: Mutex::new(sender), readers, holds: Mutex::new(HashMap::new()) })
     }
 
     async fn write(&self, op: Op) -> Reply {
@@ -1257,6 +1268,34 @@ impl Store for SqliteStore {
         expect_output!(reply, Approval)
     }
 
+    async fn hold_next(
+        &self,
+        tenant: &TenantId,
+        now: Millis,
+        hold_ms: u64,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        let until = now.saturating_add(i64::try_from(hold_ms).unwrap_or(i64::MAX));
+        for page in 0..HOLD_PAGES {
+            let candidates = self.dispatchable(tenant, now, page * HOLD_PAGE, HOLD_PAGE).await?;
+            let full = candidates.len() == HOLD_PAGE as usize;
+            let mut holds =
+                self.holds.lock().map_err(|_| StoreError::Unavailable("holds poisoned".into()))?;
+            // Dispatch ends a hold; only those of claims that never dispatched pile up here.
+            if holds.len() > HOLDS_PRUNE_AT {
+                holds.retain(|_, held_until| *held_until > now);
+            }
+            let free = |j: &JobRecord| holds.get(&j.id).is_none_or(|held_until| *held_until <= now);
+            if let Some(job) = candidates.into_iter().find(free) {
+                holds.insert(job.id.clone(), until);
+                return Ok(Some(job));
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(None)
+    }
+
     async fn dispatchable(
         &self,
         tenant: &TenantId,
@@ -1276,7 +1315,12 @@ impl Store for SqliteStore {
     }
 
     async fn dispatch(&self, dispatch_: Dispatch) -> Result<DispatchOutcome, StoreError> {
+        let id = dispatch_.job_id.clone();
         let reply = self.write(Box::new(move |tx| dispatch(tx, dispatch_))).await;
+        // The job has moved on (or stays queued with a later `not_before`): its hold is done.
+        if let Ok(mut holds) = self.holds.lock() {
+            holds.remove(&id);
+        }
         expect_output!(reply, Dispatch)
     }
 

@@ -810,3 +810,53 @@ async fn postgres_seals_audit_records_a_dead_replica_left_pending() {
     assert_eq!(page.records[1].draft.actor, "dead-replica", "chained after the record committed before it");
     assert_eq!(verify_chain(&store, &t).await, Ok(2));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claim_holds_hand_each_job_to_one_claim_until_they_lapse() {
+    for (name, store, _schema) in stores().await {
+        let t = tenant("acme");
+        let mut ids = Vec::new();
+        for i in 0..20 {
+            let j = job(&t, JobState::Queued, 100 + i);
+            ids.push(j.id.clone());
+            store.submit(submission(j), 0).await.unwrap();
+        }
+        // Twenty claims at once, each holding one job: every job goes to exactly one of them.
+        let mut claims = Vec::new();
+        for _ in 0..20 {
+            let (store, t) = (Arc::clone(&store), t.clone());
+            claims.push(tokio::spawn(async move { store.hold_next(&t, 1_000, 5_000).await }));
+        }
+        let mut held = Vec::new();
+        for c in claims {
+            held.push(c.await.unwrap().unwrap().expect("a job for every claim").id);
+        }
+        held.sort();
+        held.dedup();
+        assert_eq!(held.len(), 20, "{name}: no job was held twice");
+        assert_eq!(store.hold_next(&t, 1_000, 5_000).await.unwrap(), None, "{name}: all are held");
+
+        // Dispatching a job ends its hold: a denied job is gone, a requeued one is held again
+        // when due; the others come back once their holds lapse, oldest first.
+        let dispatch = |id: &JobId, action| Dispatch {
+            tenant: t.clone(),
+            job_id: id.clone(),
+            action,
+            gate_b: job(&t, JobState::Queued, 100).gate_a,
+            at: 1_001,
+            audit: draft("gate_b.decision", id.as_str()),
+        };
+        let denied = store.dispatch(dispatch(&ids[0], DispatchAction::Deny)).await.unwrap();
+        assert!(matches!(denied, DispatchOutcome::Applied(_)), "{name}");
+        let backoff = DispatchAction::Requeue { not_before: 1_002, counted: true };
+        let requeued = store.dispatch(dispatch(&ids[5], backoff)).await.unwrap();
+        assert!(matches!(requeued, DispatchOutcome::Applied(_)), "{name}");
+        assert_eq!(store.hold_next(&t, 1_001, 5_000).await.unwrap(), None, "{name}: not due yet");
+        let due = store.hold_next(&t, 1_002, 5_000).await.unwrap().unwrap();
+        assert_eq!(due.id, ids[5], "{name}: the requeued job, no longer held");
+        assert_eq!(store.hold_next(&t, 5_999, 5_000).await.unwrap(), None, "{name}: held until 6 000");
+        let again = store.hold_next(&t, 6_000, 5_000).await.unwrap().unwrap();
+        assert_eq!(again.id, ids[1], "{name}: the oldest queued job, its hold lapsed");
+        assert_eq!(store.hold_next(&tenant("other"), 6_000, 5_000).await.unwrap(), None, "{name}");
+    }
+}
