@@ -207,7 +207,9 @@ impl Drop for Pooled<'_> {
 
 /// A connection, or a transaction on one, that runs statements prepared once per connection.
 /// Statements whose futures are polled together (`tokio::try_join!`) are pipelined: sent
-/// without waiting for each other's answers.
+/// without waiting for each other's answers, in the order first polled, except that one not yet
+/// prepared on this connection goes out after its prepare. So only statements whose order does
+/// not matter are pipelined with each other; `BEGIN` (never prepared) goes out first.
 struct Db<'a, C> {
     c: &'a C,
     prepared: &'a Prepared,
