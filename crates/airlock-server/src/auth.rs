@@ -63,7 +63,7 @@ impl Caller {
 /// How long a looked-up key is trusted without asking the store again. A revocation in this
 /// process clears the cache at once, and one in another process does too when the store
 /// notifies it (PostgreSQL `NOTIFY`); this bounds the delay when a notification is lost.
-pub const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
+const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
 
 /// Keys cached before the cache is emptied and starts over.
 const KEY_CACHE_MAX: usize = 10_000;
