@@ -747,9 +747,66 @@ struct Moved<'a> {
     decision: Option<&'a Draft>,
 }
 
+/// One statement built from parts: data-modifying CTEs, which PostgreSQL runs together,
+/// atomically even outside a transaction, in one round trip and (its text being cached per
+/// connection) without parsing it again. Parameters are numbered as they are added.
+#[derive(Default)]
+struct Composed<'a> {
+    parts: Vec<String>,
+    params: Vec<&'a (dyn ToSql + Sync)>,
+}
+
+impl<'a> Composed<'a> {
+    /// Adds a parameter; its placeholder.
+    fn param(&mut self, value: &'a (dyn ToSql + Sync)) -> String {
+        self.params.push(value);
+        format!("${}", self.params.len())
+    }
+
+    /// Adds a data-modifying statement.
+    fn with(&mut self, sql: String) {
+        self.parts.push(sql);
+    }
+
+    /// Queues audit records, in order (one multi-row INSERT keeps their ids in that order).
+    fn audit(&mut self, tenant: &'a &'a str, drafts: &'a [Draft], data: &'a [String]) {
+        let rows: Vec<String> = drafts
+            .iter()
+            .zip(data)
+            .map(|(d, data)| {
+                let t = self.param(tenant);
+                let (at, kind, subject) = (self.param(&d.at), self.param(&d.kind), self.param(&d.subject));
+                let (actor, data) = (self.param(&d.actor), self.param(data));
+                format!("({t}, {at}, {kind}, {subject}, {actor}, {data})")
+            })
+            .collect();
+        self.with(format!(
+            "INSERT INTO audit_pending (tenant, at, kind, subject, actor, data) VALUES {}",
+            rows.join(", ")
+        ));
+    }
+
+    /// Runs it, ending with `SELECT pg_notify(channel)` when one is given.
+    async fn run(
+        mut self,
+        db: &Db<'_, impl GenericClient + Sync>,
+        notify: Option<&'a &'a str>,
+    ) -> Result<(), Fail> {
+        let last = match notify {
+            Some(channel) => format!("SELECT pg_notify({}, '')", self.param(channel)),
+            None => "SELECT 1".to_owned(),
+        };
+        let ctes: Vec<String> =
+            self.parts.iter().enumerate().map(|(n, part)| format!("p{n} AS ({part})")).collect();
+        let sql = if ctes.is_empty() { last } else { format!("WITH {} {last}", ctes.join(", ")) };
+        db.execute(&sql, &self.params).await?;
+        Ok(())
+    }
+}
+
 /// Moves `job` (locked by the caller, and already holding the `changes` in memory) by `event`:
-/// one UPDATE of its row with the new state and the changes, its history step, its audit
-/// records and, when it becomes queued, the wake-ups, all pipelined.
+/// one statement updates its row with the new state and the changes, adds its history step and
+/// its audit records and, when it becomes queued, the wake-ups.
 async fn apply_transition(
     tx: &Tx<'_>,
     job: JobRecord,
@@ -758,44 +815,38 @@ async fn apply_transition(
 ) -> Result<JobRecord, Fail> {
     let to = job.state.next(event).map_err(StoreError::from)?;
     let (tenant, id, from, to_name) = (job.tenant.as_str(), job.id.as_str(), job.state.as_str(), to.as_str());
-    // A job that moves is no longer held by the claim that dispatched it.
-    let mut sql = String::from("UPDATE jobs SET state = $1, updated_at = $2, held_until = 0");
-    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&to_name, &m.at];
-    for (column, value) in m.changes {
-        params.push(*value);
-        sql.push_str(&format!(", {column} = ${}", params.len()));
-    }
-    params.push(&id);
-    sql.push_str(&format!(" WHERE id = ${}", params.len()));
-    let draft = Draft {
+    let mut drafts = vec![Draft {
         at: m.at,
         kind: "job.transition".into(),
         subject: id.to_owned(),
         actor: m.actor.to_owned(),
         data: json!({"from": from, "to": to_name, "reason": m.reason}),
-    };
-    let mut batch = vec![
-        step(async { tx.execute(&sql, &params).await }),
-        step(async {
-            tx.execute(
-                "INSERT INTO job_transitions (job_id, seq, from_state, to_state, at, actor, reason)
-             SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5, $6 FROM job_transitions WHERE job_id = $1",
-                &[&id, &from, &to_name, &m.at, &m.actor, &m.reason],
-            )
-            .await
-        }),
-        step(append_audit(tx, tenant, draft)),
-    ];
-    if let Some(decision) = m.decision {
-        batch.push(step(append_audit(tx, tenant, decision.clone())));
+    }];
+    drafts.extend(m.decision.cloned());
+    let data: Vec<String> = drafts.iter().map(|d| d.data.to_string()).collect();
+    let queued = to == JobState::Queued;
+    let mut c = Composed::default();
+    let (p_to, p_at, p_id) = (c.param(&to_name), c.param(&m.at), c.param(&id));
+    // A job that moves is no longer held by the claim that dispatched it.
+    let mut set = format!("state = {p_to}, updated_at = {p_at}, held_until = 0");
+    for (column, value) in m.changes {
+        set.push_str(&format!(", {column} = {}", c.param(*value)));
     }
-    if to == JobState::Queued {
-        if tx.notify_work {
-            batch.push(step(notify(tx, WORK_CHANNEL)));
-        }
-        batch.push(step(outbox(tx, tenant, id, m.at)));
+    c.with(format!("UPDATE jobs SET {set} WHERE id = {p_id}"));
+    let (p_from, p_actor, p_reason) = (c.param(&from), c.param(&m.actor), c.param(&m.reason));
+    c.with(format!(
+        "INSERT INTO job_transitions (job_id, seq, from_state, to_state, at, actor, reason)
+         SELECT {p_id}, COALESCE(MAX(seq), 0) + 1, {p_from}, {p_to}, {p_at}, {p_actor}, {p_reason}
+         FROM job_transitions WHERE job_id = {p_id}"
+    ));
+    c.audit(&tenant, &drafts, &data);
+    if queued {
+        let p_tenant = c.param(&tenant);
+        c.with(format!(
+            "INSERT INTO outbox (tenant, job_id, created_at) VALUES ({p_tenant}, {p_id}, {p_at})"
+        ));
     }
-    pipelined(batch).await?;
+    c.run(tx, (queued && tx.notify_work).then_some(&WORK_CHANNEL)).await?;
     Ok(JobRecord { state: to, updated_at: m.at, ..job })
 }
 
@@ -925,55 +976,77 @@ async fn submit(tx: &Tx<'_>, s: &Submission, retained_since: Millis) -> Result<S
             return Err(Fail::KeyRaced);
         }
     }
-    let labels = serde_json::to_string(&j.labels).map_err(corrupt)?;
-    let payload = j.payload.to_string();
-    let gate_a = gate_json(&j.gate_a);
-    let mut batch = vec![
-        step(async {
-            tx.execute(
-            "INSERT INTO jobs (id, tenant, principal, topic, env, labels, payload, plan_hash, idempotency_key,
-             job_hash, state, gate_a, approval_id, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-            &[
-                &j.id.as_str(),
-                &tenant,
-                &j.principal,
-                &j.topic,
-                &j.env,
-                &labels,
-                &payload,
-                &j.plan_hash,
-                &j.idempotency_key,
-                &j.job_hash,
-                &j.state.as_str(),
-                &gate_a,
-                &j.approval_id.as_ref().map(ApprovalId::as_str),
-                &j.created_at,
-                &j.updated_at,
-            ],
-        ).await
-        }),
-        step(async {
-            tx.execute(
-                "INSERT INTO job_transitions (job_id, seq, from_state, to_state, at, actor, reason)
-             VALUES ($1, 1, NULL, $2, $3, $4, 'submitted')",
-                &[&j.id.as_str(), &j.state.as_str(), &at, &j.principal],
-            )
-            .await
-        }),
-        step(append_audit(tx, tenant, s.audit.clone())),
-    ];
-    if let Some(approval) = &s.approval {
-        batch.push(step(insert_approval(tx, approval)));
-    }
-    if j.state == JobState::Queued {
-        if tx.notify_work {
-            batch.push(step(notify(tx, WORK_CHANNEL)));
-        }
-        batch.push(step(outbox(tx, tenant, j.id.as_str(), at)));
-    }
-    pipelined(batch).await?;
+    insert_job(tx, s).await?;
     Ok(SubmitOutcome::Accepted)
+}
+
+/// Writes an accepted submission in one statement: the job, its first history step, its
+/// approval request, its audit record and, when queued, its wake-ups. Atomic by itself, so a
+/// submit with no idempotency key and no budget to take needs no transaction around it.
+async fn insert_job(db: &Db<'_, impl GenericClient + Sync>, s: &Submission) -> Result<(), Fail> {
+    let j = &s.job;
+    let (tenant, id, state) = (j.tenant.as_str(), j.id.as_str(), j.state.as_str());
+    let labels = serde_json::to_string(&j.labels).map_err(corrupt)?;
+    let (payload, gate_a) = (j.payload.to_string(), gate_json(&j.gate_a));
+    let approval_id = j.approval_id.as_ref().map(ApprovalId::as_str);
+    let drafts = [s.audit.clone()];
+    let data = [s.audit.data.to_string()];
+    let approval = s.approval.as_ref().map(|a| {
+        let r = &a.request;
+        let lists =
+            [json!(r.rule_ids).to_string(), json!(r.rule_hashes).to_string(), json!(r.approvers).to_string()];
+        (a, r, lists, big(r.quorum), a.id.as_str(), a.tenant.as_str(), a.job_id.as_str(), r.status.as_str())
+    });
+    let mut c = Composed::default();
+    let (p_id, p_tenant, p_state, p_at) =
+        (c.param(&id), c.param(&tenant), c.param(&state), c.param(&j.created_at));
+    let (principal, topic, env) = (c.param(&j.principal), c.param(&j.topic), c.param(&j.env));
+    let (labels, payload, plan_hash) = (c.param(&labels), c.param(&payload), c.param(&j.plan_hash));
+    let (key, hash, gate) = (c.param(&j.idempotency_key), c.param(&j.job_hash), c.param(&gate_a));
+    let (approval_p, updated_at) = (c.param(&approval_id), c.param(&j.updated_at));
+    c.with(format!(
+        "INSERT INTO jobs (id, tenant, principal, topic, env, labels, payload, plan_hash, idempotency_key,
+         job_hash, state, gate_a, approval_id, created_at, updated_at)
+         VALUES ({p_id}, {p_tenant}, {principal}, {topic}, {env}, {labels}, {payload}, {plan_hash}, {key},
+         {hash}, {p_state}, {gate}, {approval_p}, {p_at}, {updated_at})"
+    ));
+    c.with(format!(
+        "INSERT INTO job_transitions (job_id, seq, from_state, to_state, at, actor, reason)
+         VALUES ({p_id}, 1, NULL, {p_state}, {p_at}, {principal}, 'submitted')"
+    ));
+    if let Some((a, r, lists, quorum, a_id, a_tenant, a_job, a_status)) = &approval {
+        let values = [
+            c.param(a_id),
+            c.param(a_tenant),
+            c.param(a_job),
+            c.param(a_status),
+            c.param(&r.job_hash),
+            c.param(&r.snapshot_hash),
+            c.param(&lists[0]),
+            c.param(&lists[1]),
+            c.param(&r.requested_by),
+            c.param(&r.created_at),
+            c.param(&r.expires_at),
+            c.param(quorum),
+            c.param(&lists[2]),
+            c.param(&a.decided_at),
+            c.param(&a.decided_by),
+        ];
+        c.with(format!(
+            "INSERT INTO approvals (id, tenant, job_id, status, job_hash, snapshot_hash, rule_ids, rule_hashes,
+             requested_by, created_at, expires_at, quorum, approvers, decided_at, decided_by)
+             VALUES ({})",
+            values.join(", ")
+        ));
+    }
+    c.audit(&tenant, &drafts, &data);
+    let queued = j.state == JobState::Queued;
+    if queued {
+        c.with(format!(
+            "INSERT INTO outbox (tenant, job_id, created_at) VALUES ({p_tenant}, {p_id}, {p_at})"
+        ));
+    }
+    c.run(db, (queued && db.notify_work).then_some(&WORK_CHANNEL)).await
 }
 
 async fn change_approval(tx: &Tx<'_>, c: &ApprovalChange) -> Result<ApprovalRecord, Fail> {
@@ -1402,16 +1475,6 @@ async fn notify(tx: &Tx<'_>, channel: &str) -> Result<(), Fail> {
     Ok(())
 }
 
-/// Records, in the transaction that queues the job, that a wake-up for it is owed to the bus.
-async fn outbox(tx: &Tx<'_>, tenant: &str, job_id: &str, at: Millis) -> Result<(), Fail> {
-    tx.execute(
-        "INSERT INTO outbox (tenant, job_id, created_at) VALUES ($1, $2, $3)",
-        &[&tenant, &job_id, &at],
-    )
-    .await?;
-    Ok(())
-}
-
 /// Locks the shared breaker's row (creating it closed) and reads its state.
 async fn lock_breaker(tx: &Tx<'_>) -> Result<BreakerState, Fail> {
     tx.execute(
@@ -1520,6 +1583,11 @@ impl Store for PgStore {
         submission: Submission,
         retained_since: Millis,
     ) -> Result<SubmitOutcome, StoreError> {
+        if submission.idempotency.is_none() && submission.budgets.is_empty() {
+            // Nothing to decide from: one statement, atomic by itself.
+            insert_job(&self.checkout().await?.db()?, &submission).await?;
+            return Ok(SubmitOutcome::Accepted);
+        }
         match write_tx!(self, |tx| submit(&tx, &submission, retained_since)).await {
             Err(Fail::KeyRaced) => {
                 let (tenant, key) = (&submission.job.tenant, submission.idempotency.as_ref().map(|i| &i.0));
