@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use airlock_core::Millis;
@@ -188,7 +189,7 @@ impl Pooled<'_> {
     fn db(&mut self) -> Result<Db<'_, Client>, Fail> {
         let notify_work = self.store.notify_work;
         let conn = self.conn()?;
-        Ok(Db { c: &conn.client, prepared: &conn.prepared, notify_work })
+        Ok(Db { c: &conn.client, prepared: &conn.prepared, notify_work, committed: AtomicBool::new(false) })
     }
 }
 
@@ -215,12 +216,18 @@ struct Db<'a, C> {
     prepared: &'a Prepared,
     /// Whether a job made queued is announced with `NOTIFY` ([`PgStore::bus_wakes`]).
     notify_work: bool,
+    /// The transaction was committed with its last statement ([`Composed::run_last`]).
+    committed: AtomicBool,
 }
 
 /// A connection in a transaction that [`write_tx!`] began and ends.
 type Tx<'a> = Db<'a, Client>;
 
 impl<C: GenericClient + Sync> Db<'_, C> {
+    fn is_prepared(&self, sql: &str) -> bool {
+        self.prepared.lock().is_ok_and(|p| p.contains_key(sql))
+    }
+
     async fn statement(&self, sql: &str) -> Result<Statement, Fail> {
         if let Some(statement) = self.prepared.lock().ok().and_then(|p| p.get(sql).cloned()) {
             return Ok(statement);
@@ -258,8 +265,9 @@ impl<C: GenericClient + Sync> Db<'_, C> {
     }
 }
 
-/// Runs `$body` (a future using the transaction `$tx`) in a transaction, committing on `Ok`,
-/// and runs it again on a deadlock or serialization failure. `BEGIN` is sent together with the
+/// Runs `$body` (a future using the transaction `$tx`) in a transaction, committing on `Ok`
+/// unless the body's last statement did ([`Composed::run_last`]), and runs it again on a
+/// deadlock or serialization failure. `BEGIN` is sent together with the
 /// body's first statement (pipelined), which saves a round trip per transaction.
 macro_rules! write_tx {
     ($store:expr, |$tx:ident| $body:expr) => {
@@ -271,7 +279,9 @@ macro_rules! write_tx {
                 let result: Result<_, Fail> = async {
                     let $tx = pooled.db()?;
                     let ((), value) = tokio::try_join!($tx.simple("BEGIN"), $body)?;
-                    $tx.simple("COMMIT").await?;
+                    if !$tx.committed.load(Ordering::Relaxed) {
+                        $tx.simple("COMMIT").await?;
+                    }
                     Ok(value)
                 }
                 .await;
@@ -734,7 +744,8 @@ async fn transition(
     reason: &str,
 ) -> Result<JobRecord, Fail> {
     let job = load_job(tx, tenant, id, true).await?.ok_or(StoreError::NotFound)?;
-    apply_transition(tx, job, event, Moved { at, actor, reason, changes: &[], decision: None }).await
+    apply_transition(tx, job, event, Moved { at, actor, reason, changes: &[], decision: None, last: false })
+        .await
 }
 
 /// How a job is moved: when, by whom, why, the columns written with the new state, and the
@@ -745,6 +756,8 @@ struct Moved<'a> {
     reason: &'a str,
     changes: &'a [Change<'a>],
     decision: Option<&'a Draft>,
+    /// The transaction ends with this move ([`Composed::run_last`]).
+    last: bool,
 }
 
 /// One statement built from parts: data-modifying CTEs, which PostgreSQL runs together,
@@ -786,20 +799,40 @@ impl<'a> Composed<'a> {
         ));
     }
 
-    /// Runs it, ending with `SELECT pg_notify(channel)` when one is given.
-    async fn run(
-        mut self,
-        db: &Db<'_, impl GenericClient + Sync>,
-        notify: Option<&'a &'a str>,
-    ) -> Result<(), Fail> {
+    /// The statement, ending with `SELECT pg_notify(channel)` when one is given.
+    fn sql(&mut self, notify: Option<&'a &'a str>) -> String {
         let last = match notify {
             Some(channel) => format!("SELECT pg_notify({}, '')", self.param(channel)),
             None => "SELECT 1".to_owned(),
         };
         let ctes: Vec<String> =
             self.parts.iter().enumerate().map(|(n, part)| format!("p{n} AS ({part})")).collect();
-        let sql = if ctes.is_empty() { last } else { format!("WITH {} {last}", ctes.join(", ")) };
+        if ctes.is_empty() { last } else { format!("WITH {} {last}", ctes.join(", ")) }
+    }
+
+    /// Runs it (see [`Composed::sql`]).
+    async fn run(
+        mut self,
+        db: &Db<'_, impl GenericClient + Sync>,
+        notify: Option<&'a &'a str>,
+    ) -> Result<(), Fail> {
+        let sql = self.sql(notify);
         db.execute(&sql, &self.params).await?;
+        Ok(())
+    }
+
+    /// Runs it as the transaction's last statement: when its text is already prepared on this
+    /// connection, `COMMIT` goes out right behind it (one round trip for both; were it to fail,
+    /// the `COMMIT` of the aborted transaction only rolls back). A statement still to prepare
+    /// would go out after its prepare, behind the `COMMIT`, so it is run alone first.
+    async fn run_last(mut self, tx: &Tx<'_>, notify: Option<&'a &'a str>) -> Result<(), Fail> {
+        let sql = self.sql(notify);
+        if !tx.is_prepared(&sql) {
+            tx.execute(&sql, &self.params).await?;
+            return Ok(());
+        }
+        tokio::try_join!(tx.execute(&sql, &self.params), tx.simple("COMMIT"))?;
+        tx.committed.store(true, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -846,7 +879,12 @@ async fn apply_transition(
             "INSERT INTO outbox (tenant, job_id, created_at) VALUES ({p_tenant}, {p_id}, {p_at})"
         ));
     }
-    c.run(tx, (queued && tx.notify_work).then_some(&WORK_CHANNEL)).await?;
+    let notify = (queued && tx.notify_work).then_some(&WORK_CHANNEL);
+    if m.last {
+        c.run_last(tx, notify).await?;
+    } else {
+        c.run(tx, notify).await?;
+    }
     Ok(JobRecord { state: to, updated_at: m.at, ..job })
 }
 
@@ -1109,6 +1147,7 @@ async fn dispatch(tx: &Tx<'_>, d: &Dispatch) -> Result<DispatchOutcome, Fail> {
         reason,
         changes,
         decision: Some(&d.audit),
+        last: true,
     };
     let job = match &d.action {
         DispatchAction::Lease { lease, budgets } => {
@@ -1241,7 +1280,7 @@ async fn finish(
     if job.state != JobState::Leased {
         return Err(StoreError::Conflict(format!("the job is `{}`, no longer leased", job.state)).into());
     }
-    let moved = |reason, changes| Moved { at, actor, reason, changes, decision: None };
+    let moved = |reason, changes| Moved { at, actor, reason, changes, decision: None, last: true };
     let no_lease: (Option<String>, Option<Millis>) = (None, None);
     match finish {
         Finish::Succeeded { result } => {
@@ -1405,7 +1444,7 @@ async fn retry_dead_letter(
         ("lease_expires_at", &no_lease.1),
         ("leased_by", &no_lease.0),
     ];
-    let moved = Moved { at, actor, reason: &reason, changes: &changes, decision: None };
+    let moved = Moved { at, actor, reason: &reason, changes: &changes, decision: None, last: true };
     apply_transition(tx, job, Event::OperatorRetry, moved).await
 }
 
