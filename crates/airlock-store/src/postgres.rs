@@ -781,6 +781,34 @@ impl<'a> Composed<'a> {
         self.parts.push(sql);
     }
 
+    /// Inserts an approval request.
+    fn approval(&mut self, row: &'a ApprovalRow<'a>) {
+        let (a, r) = (row.approval, &row.approval.request);
+        let values = [
+            self.param(&row.keys[0]),
+            self.param(&row.keys[1]),
+            self.param(&row.keys[2]),
+            self.param(&row.keys[3]),
+            self.param(&r.job_hash),
+            self.param(&r.snapshot_hash),
+            self.param(&row.lists[0]),
+            self.param(&row.lists[1]),
+            self.param(&r.requested_by),
+            self.param(&r.created_at),
+            self.param(&r.expires_at),
+            self.param(&row.quorum),
+            self.param(&row.lists[2]),
+            self.param(&a.decided_at),
+            self.param(&a.decided_by),
+        ];
+        self.with(format!(
+            "INSERT INTO approvals (id, tenant, job_id, status, job_hash, snapshot_hash, rule_ids, rule_hashes,
+             requested_by, created_at, expires_at, quorum, approvers, decided_at, decided_by)
+             VALUES ({})",
+            values.join(", ")
+        ));
+    }
+
     /// Queues audit records, in order (one multi-row INSERT keeps their ids in that order).
     fn audit(&mut self, tenant: &'a &'a str, drafts: &'a [Draft], data: &'a [String]) {
         let rows: Vec<String> = drafts
@@ -888,32 +916,40 @@ async fn apply_transition(
     Ok(JobRecord { state: to, updated_at: m.at, ..job })
 }
 
+/// An approval request as the values of its row.
+struct ApprovalRow<'a> {
+    approval: &'a ApprovalRecord,
+    keys: [&'a str; 4],
+    lists: [String; 3],
+    quorum: i64,
+}
+
+impl<'a> ApprovalRow<'a> {
+    fn new(approval: &'a ApprovalRecord) -> Self {
+        let r = &approval.request;
+        Self {
+            approval,
+            keys: [
+                approval.id.as_str(),
+                approval.tenant.as_str(),
+                approval.job_id.as_str(),
+                r.status.as_str(),
+            ],
+            lists: [
+                json!(r.rule_ids).to_string(),
+                json!(r.rule_hashes).to_string(),
+                json!(r.approvers).to_string(),
+            ],
+            quorum: big(r.quorum),
+        }
+    }
+}
+
 async fn insert_approval(tx: &Tx<'_>, approval: &ApprovalRecord) -> Result<(), Fail> {
-    let r = &approval.request;
-    tx.execute(
-        "INSERT INTO approvals (id, tenant, job_id, status, job_hash, snapshot_hash, rule_ids, rule_hashes,
-         requested_by, created_at, expires_at, quorum, approvers, decided_at, decided_by)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-        &[
-            &approval.id.as_str(),
-            &approval.tenant.as_str(),
-            &approval.job_id.as_str(),
-            &r.status.as_str(),
-            &r.job_hash,
-            &r.snapshot_hash,
-            &json!(r.rule_ids).to_string(),
-            &json!(r.rule_hashes).to_string(),
-            &r.requested_by,
-            &r.created_at,
-            &r.expires_at,
-            &big(r.quorum),
-            &json!(r.approvers).to_string(),
-            &approval.decided_at,
-            &approval.decided_by,
-        ],
-    )
-    .await?;
-    Ok(())
+    let row = ApprovalRow::new(approval);
+    let mut c = Composed::default();
+    c.approval(&row);
+    c.run(tx, None).await
 }
 
 /// Takes every budget or none; `Err(retry_after_ms)` when one refuses. The buckets stay
@@ -1029,12 +1065,7 @@ async fn insert_job(db: &Db<'_, impl GenericClient + Sync>, s: &Submission) -> R
     let approval_id = j.approval_id.as_ref().map(ApprovalId::as_str);
     let drafts = [s.audit.clone()];
     let data = [s.audit.data.to_string()];
-    let approval = s.approval.as_ref().map(|a| {
-        let r = &a.request;
-        let lists =
-            [json!(r.rule_ids).to_string(), json!(r.rule_hashes).to_string(), json!(r.approvers).to_string()];
-        (a, r, lists, big(r.quorum), a.id.as_str(), a.tenant.as_str(), a.job_id.as_str(), r.status.as_str())
-    });
+    let approval = s.approval.as_ref().map(ApprovalRow::new);
     let mut c = Composed::default();
     let (p_id, p_tenant, p_state, p_at) =
         (c.param(&id), c.param(&tenant), c.param(&state), c.param(&j.created_at));
@@ -1052,30 +1083,8 @@ async fn insert_job(db: &Db<'_, impl GenericClient + Sync>, s: &Submission) -> R
         "INSERT INTO job_transitions (job_id, seq, from_state, to_state, at, actor, reason)
          VALUES ({p_id}, 1, NULL, {p_state}, {p_at}, {principal}, 'submitted')"
     ));
-    if let Some((a, r, lists, quorum, a_id, a_tenant, a_job, a_status)) = &approval {
-        let values = [
-            c.param(a_id),
-            c.param(a_tenant),
-            c.param(a_job),
-            c.param(a_status),
-            c.param(&r.job_hash),
-            c.param(&r.snapshot_hash),
-            c.param(&lists[0]),
-            c.param(&lists[1]),
-            c.param(&r.requested_by),
-            c.param(&r.created_at),
-            c.param(&r.expires_at),
-            c.param(quorum),
-            c.param(&lists[2]),
-            c.param(&a.decided_at),
-            c.param(&a.decided_by),
-        ];
-        c.with(format!(
-            "INSERT INTO approvals (id, tenant, job_id, status, job_hash, snapshot_hash, rule_ids, rule_hashes,
-             requested_by, created_at, expires_at, quorum, approvers, decided_at, decided_by)
-             VALUES ({})",
-            values.join(", ")
-        ));
+    if let Some(row) = &approval {
+        c.approval(row);
     }
     c.audit(&tenant, &drafts, &data);
     let queued = j.state == JobState::Queued;
