@@ -8,8 +8,6 @@
 //! TLS: run it on loopback or a private network only.
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -209,8 +207,9 @@ impl Drop for Pooled<'_> {
 /// A connection, or a transaction on one, that runs statements prepared once per connection.
 /// Statements whose futures are polled together (`tokio::try_join!`) are pipelined: sent
 /// without waiting for each other's answers, in the order first polled, except that one not yet
-/// prepared on this connection goes out after its prepare. So only statements whose order does
-/// not matter are pipelined with each other; `BEGIN` (never prepared) goes out first.
+/// prepared on this connection goes out after its prepare. Hence `BEGIN` (never prepared) goes
+/// out ahead of a transaction's first statement, and `COMMIT` behind its last only when that
+/// one is already prepared ([`Composed::run_last`]).
 struct Db<'a, C> {
     c: &'a C,
     prepared: &'a Prepared,
@@ -717,19 +716,6 @@ async fn seal_loop(config: Config) {
     }
 }
 
-/// One statement of a [`pipelined`] batch, its result discarded.
-type Step<'a> = Pin<Box<dyn Future<Output = Result<(), Fail>> + Send + 'a>>;
-
-fn step<'a, T>(statement: impl Future<Output = Result<T, Fail>> + Send + 'a) -> Step<'a> {
-    Box::pin(async move { statement.await.map(drop) })
-}
-
-/// Runs `batch` pipelined (see [`Db`]): one round trip for all of it.
-async fn pipelined(batch: Vec<Step<'_>>) -> Result<(), Fail> {
-    futures_util::future::try_join_all(batch).await?;
-    Ok(())
-}
-
 /// A column of `jobs` and its new value, written by the UPDATE that moves the job.
 type Change<'a> = (&'static str, &'a (dyn ToSql + Sync));
 
@@ -1167,18 +1153,17 @@ async fn dispatch(tx: &Tx<'_>, d: &Dispatch) -> Result<DispatchOutcome, Fail> {
                 if let Value::Object(data) = &mut draft.data {
                     data.insert("retry_after_ms".into(), json!(retry_after_ms));
                 }
-                pipelined(vec![
-                    step(async {
-                        tx.execute(
-                            "UPDATE jobs SET gate_b = $1, not_before = $2, updated_at = $3, held_until = 0
-                             WHERE id = $4",
-                            &[&gate_b, &not_before, &d.at, &id],
-                        )
-                        .await
-                    }),
-                    step(append_audit(tx, d.tenant.as_str(), draft)),
-                ])
-                .await?;
+                let (tenant, drafts) = (d.tenant.as_str(), [draft]);
+                let data = [drafts[0].data.to_string()];
+                let mut c = Composed::default();
+                let (p_gate, p_not_before, p_at, p_id) =
+                    (c.param(&gate_b), c.param(&not_before), c.param(&d.at), c.param(&id));
+                c.with(format!(
+                    "UPDATE jobs SET gate_b = {p_gate}, not_before = {p_not_before}, updated_at = {p_at},
+                     held_until = 0 WHERE id = {p_id}"
+                ));
+                c.audit(&tenant, &drafts, &data);
+                c.run_last(tx, None).await?;
                 return Ok(DispatchOutcome::Throttled { retry_after_ms });
             }
             job.dispatch.execution_attempts += 1;
@@ -1199,18 +1184,17 @@ async fn dispatch(tx: &Tx<'_>, d: &Dispatch) -> Result<DispatchOutcome, Fail> {
                 .await?
         }
         DispatchAction::NeedsApproval { replacement } => {
-            let mut batch = vec![step(insert_approval(tx, replacement))];
-            if let Some(old) = &job.approval_id {
-                batch.push(step(async move {
-                    tx.execute(
-                        "UPDATE approvals SET status = 'stale', decided_at = $1, decided_by = 'system'
-                         WHERE id = $2 AND status IN ('pending', 'approved')",
-                        &[&d.at, &old.as_str()],
-                    )
-                    .await
-                }));
-            }
-            pipelined(batch).await?;
+            // The fresh request, and the old one recorded as stale.
+            let row = ApprovalRow::new(replacement);
+            let old = job.approval_id.as_ref().map(ApprovalId::as_str);
+            let mut c = Composed::default();
+            c.approval(&row);
+            let (p_at, p_old) = (c.param(&d.at), c.param(&old));
+            c.with(format!(
+                "UPDATE approvals SET status = 'stale', decided_at = {p_at}, decided_by = 'system'
+                 WHERE id = {p_old} AND status IN ('pending', 'approved')"
+            ));
+            c.run(tx, None).await?;
             job.approval_id = Some(replacement.id.clone());
             let changes: [Change<'_>; 2] = [("gate_b", &gate_b), ("approval_id", &replacement.id.as_str())];
             apply_transition(tx, job, Event::NeedsApproval, moved("gate b needs a fresh approval", &changes))

@@ -369,6 +369,42 @@ async fn approval_changes_are_optimistic_and_move_the_job() {
         assert_eq!(store.approvals(&t, Some(Status::Pending), None, 10).await.unwrap().len(), 0);
         assert_eq!(store.approvals(&t, Some(Status::Approved), None, 10).await.unwrap().len(), 1);
         assert_eq!(verify_chain(&*store, &t).await, Ok(3), "{name}");
+
+        // Gate B finds the approval no longer binding: a fresh request replaces it, the old one
+        // is recorded as stale, and the job waits again.
+        let fresh = ApprovalRecord {
+            id: ApprovalId::generate(160, random()),
+            tenant: t.clone(),
+            job_id: j.id.clone(),
+            request: Request { created_at: 160, expires_at: 260, ..request.clone() },
+            decided_at: None,
+            decided_by: None,
+        };
+        let dispatch = Dispatch {
+            tenant: t.clone(),
+            job_id: j.id.clone(),
+            action: DispatchAction::NeedsApproval { replacement: fresh.clone() },
+            gate_b: j.gate_a.clone(),
+            at: 160,
+            audit: draft("gate_b.decision", j.id.as_str()),
+        };
+        let waiting = match store.dispatch(dispatch).await.unwrap() {
+            DispatchOutcome::Applied(job) => job,
+            other => panic!("{name}: expected a fresh approval request, got {other:?}"),
+        };
+        assert_eq!(
+            (waiting.state, waiting.approval_id.as_ref()),
+            (JobState::AwaitingApproval, Some(&fresh.id))
+        );
+        assert_eq!(*waiting, store.job(&t, &j.id).await.unwrap().unwrap(), "{name}: returned as stored");
+        assert_eq!(store.approval(&t, &fresh.id).await.unwrap(), Some(fresh), "{name}");
+        let old = store.approval(&t, &id).await.unwrap().unwrap();
+        assert_eq!(
+            (old.request.status, old.decided_by.as_deref()),
+            (Status::Stale, Some("system")),
+            "{name}"
+        );
+        assert_eq!(verify_chain(&*store, &t).await, Ok(5), "{name}");
     }
 }
 
