@@ -163,6 +163,23 @@ impl NatsBus {
     }
 }
 
+/// Deletes the stream `name` on the NATS server at `url`, with its messages and consumers (the
+/// benchmark's clean-up; a stream that is already gone is not an error).
+pub async fn delete_stream(url: &str, name: &str) -> Result<(), BusError> {
+    let client = async_nats::ConnectOptions::new()
+        .name("airlock")
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .map_err(|e| BusError(format!("cannot connect to {url}: {e}")))?;
+    let js = jetstream::new(client);
+    match js.delete_stream(name).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.to_string().contains("not found") => Ok(()),
+        Err(e) => Err(fail(e)),
+    }
+}
+
 /// The raw JetStream loop `airlock bench jetstream` measures: messages of `payload` bytes
 /// published (each publish ack awaited, up to `window` in flight) to a fresh file-backed stream,
 /// consumed from a durable pull consumer and acked one by one, for `duration`. Returns the

@@ -215,8 +215,7 @@ impl Drop for OwnSchema {
 }
 
 /// The processes of one distributed run. Dropping it stops the replicas, then drops the schema
-/// (fields drop in order). The JetStream stream stays on the server (`airlock-bus` has no way to
-/// delete it): its messages expire after 5 minutes and its consumers after 10 idle minutes.
+/// (fields drop in order); [`distributed_run`] then deletes the run's JetStream stream.
 struct Cluster {
     gateways: Vec<OwnServer>,
     schedulers: Vec<OwnServer>,
@@ -253,12 +252,8 @@ fn own_schema(url: &str, run: usize) -> Result<(String, Option<OwnSchema>), Stri
 /// policy), in a fresh schema unless the URL names one and on a JetStream stream of their own.
 fn start_cluster(url: &str, bus: &str, run: usize) -> Result<Cluster, String> {
     let (url, schema) = own_schema(url, run)?;
-    let mut cluster = Cluster {
-        gateways: Vec::new(),
-        schedulers: Vec::new(),
-        stream: format!("AIRLOCK_E2E_{}_{run}", std::process::id()),
-        _schema: schema,
-    };
+    let mut cluster =
+        Cluster { gateways: Vec::new(), schedulers: Vec::new(), stream: stream_name(run), _schema: schema };
     let dir = std::env::temp_dir().join(format!("airlock-bench-pg-{}", std::process::id()));
     let started = start_replicas(&mut cluster, &url, bus, &dir);
     let _ = std::fs::remove_dir_all(&dir);
@@ -704,9 +699,21 @@ fn distributed_run(
     run: usize,
     interrupt: &mut Interrupt,
 ) -> Result<E2eResult, String> {
-    let cluster = start_cluster(url, &args.bus, run)?;
-    let (gateways, schedulers) = (Cluster::addrs(&cluster.gateways), Cluster::addrs(&cluster.schedulers));
-    runtime.block_on(interrupt.guard(e2e_load(args, &gateways, &schedulers, BENCH_ADMIN_KEY)))
+    let result = start_cluster(url, &args.bus, run).and_then(|cluster| {
+        let (gateways, schedulers) = (Cluster::addrs(&cluster.gateways), Cluster::addrs(&cluster.schedulers));
+        runtime.block_on(interrupt.guard(e2e_load(args, &gateways, &schedulers, BENCH_ADMIN_KEY)))
+    });
+    // The replicas are stopped (the cluster was dropped), so none creates the stream again.
+    let stream = stream_name(run);
+    if let Err(e) = runtime.block_on(airlock_bus::delete_stream(&args.bus, &stream)) {
+        eprintln!("warning: the JetStream stream {stream} was not deleted: {e}");
+    }
+    result
+}
+
+/// The JetStream stream of distributed run `run` of this process.
+fn stream_name(run: usize) -> String {
+    format!("AIRLOCK_E2E_{}_{run}", std::process::id())
 }
 
 /// Creates a key of tenant `bench` with one role; returns its secret.
