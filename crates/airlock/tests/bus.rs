@@ -11,57 +11,22 @@
 mod support;
 
 use std::io::{BufRead as _, BufReader};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::Schema;
+use support::{NATS, NATS_BIN, Process, Schema, wait_reachable};
 
 const ADMIN: &str = "bus-e2e-admin-key-0123456789abcdef";
-const NATS: &str = "127.0.0.1:4222";
-const NATS_BIN: &str = "/usr/sbin/nats-server";
 
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
-/// A child process killed (by its PID, through `Child`) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn reachable(addr: &str) -> bool {
-    TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(300)).is_ok()
-}
-
-fn wait_reachable(addr: &str, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if reachable(addr) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
 /// Makes sure the shared NATS server runs; false (outside CI only) when it cannot.
 fn shared_nats() -> bool {
-    if !reachable(NATS) {
-        let _ = Command::new("start-stop-daemon")
-            .args(["--start", "--oknodo", "--background", "--exec", NATS_BIN, "--"])
-            .args(["-a", "127.0.0.1", "-p", "4222", "-js", "-sd", "/var/lib/nats-server"])
-            .args(["-l", "/var/log/nats-server.log"])
-            .status();
-    }
-    let up = wait_reachable(NATS, Duration::from_secs(5));
+    let up = support::start_shared_nats();
     assert!(up || !in_ci(), "NATS with JetStream must listen on {NATS} for the bus tests");
     if !up {
         eprintln!("skipped: no NATS server on {NATS}");
@@ -70,7 +35,7 @@ fn shared_nats() -> bool {
 }
 
 /// A replica on `url` with the bus at `nats` on `stream`; `env` adds variables.
-fn replica(url: &str, nats: &str, stream: &str, env: &[(&str, &str)]) -> (Proc, String) {
+fn replica(url: &str, nats: &str, stream: &str, env: &[(&str, &str)]) -> (Process, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
         .args(["serve", "--listen", "127.0.0.1:0", "--store", url])
         .args(["--bus", &format!("nats://{nats}"), "--bus-stream", stream])
@@ -84,7 +49,7 @@ fn replica(url: &str, nats: &str, stream: &str, env: &[(&str, &str)]) -> (Proc, 
         .unwrap();
     let line = BufReader::new(child.stdout.take().unwrap()).lines().next().unwrap().unwrap();
     let addr = line.split("http://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
-    (Proc(child), addr)
+    (Process(child), addr)
 }
 
 /// The status and body, or `None` if the connection failed.
@@ -202,7 +167,7 @@ fn a_crash_between_commit_and_publish_loses_and_doubles_nothing() {
 }
 
 /// A NATS server of this test's own, on `port` with its store in `dir`.
-fn throwaway_nats(port: u16, dir: &std::path::Path) -> Proc {
+fn throwaway_nats(port: u16, dir: &std::path::Path) -> Process {
     let child = Command::new(NATS_BIN)
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
         .arg(dir)
@@ -214,7 +179,7 @@ fn throwaway_nats(port: u16, dir: &std::path::Path) -> Proc {
         wait_reachable(&format!("127.0.0.1:{port}"), Duration::from_secs(10)),
         "nats-server did not start"
     );
-    Proc(child)
+    Process(child)
 }
 
 #[test]

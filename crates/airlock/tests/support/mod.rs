@@ -227,15 +227,39 @@ impl Drop for Schema {
 /// The NATS server (with JetStream) the distributed tests use for `serve --bus`.
 pub const NATS: &str = "127.0.0.1:4222";
 
-/// Fails the test, saying how to start it, unless NATS listens at [`NATS`].
+/// The NATS server binary (Debian's package).
+pub const NATS_BIN: &str = "/usr/sbin/nats-server";
+
+/// Whether something listens at `addr` within `within`.
+pub fn wait_reachable(addr: &str, within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(300)).is_ok() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts the shared NATS server (as `.ci/run` does) unless it listens at [`NATS`]; whether it
+/// listens within 5 s.
+pub fn start_shared_nats() -> bool {
+    if !wait_reachable(NATS, Duration::ZERO) {
+        let _ = Command::new("start-stop-daemon")
+            .args(["--start", "--oknodo", "--background", "--exec", NATS_BIN, "--"])
+            .args(["-a", "127.0.0.1", "-p", "4222", "-js", "-sd", "/var/lib/nats-server"])
+            .args(["-l", "/var/log/nats-server.log"])
+            .status();
+    }
+    wait_reachable(NATS, Duration::from_secs(5))
+}
+
+/// Fails the test unless the shared NATS server listens at [`NATS`] (started if it did not).
 pub fn require_nats() {
-    let up = std::net::TcpStream::connect_timeout(&NATS.parse().unwrap(), Duration::from_secs(1)).is_ok();
-    assert!(
-        up,
-        "NATS with JetStream must listen on {NATS} for this test (start it with `start-stop-daemon \
-         --start --background --exec /usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd \
-         /var/lib/nats-server`)"
-    );
+    assert!(start_shared_nats(), "NATS with JetStream must listen on {NATS} for this test ({NATS_BIN} -js)");
 }
 
 /// A JetStream stream of one test's own (`serve --bus-stream NAME`), deleted when dropped.
