@@ -8,8 +8,8 @@
 //! TLS: run it on loopback or a private network only.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use airlock_core::Millis;
@@ -21,7 +21,7 @@ use airlock_core::role::{Role, Roles};
 use airlock_core::state::{Event, JobState};
 use airlock_core::throttle::{self, Bucket, Take};
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{Semaphore, SemaphorePermit, mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{Client, Config, GenericClient, IsolationLevel, NoTls, Row, Statement};
@@ -34,7 +34,7 @@ use crate::{
 };
 
 /// The schema migrations, in order; the `airlock_migrations` table records which are applied.
-const MIGRATIONS: [&str; 7] = [
+const MIGRATIONS: [&str; 8] = [
     include_str!("postgres_schema.sql"),
     include_str!("postgres_schema_v2.sql"),
     include_str!("postgres_schema_v3.sql"),
@@ -42,6 +42,7 @@ const MIGRATIONS: [&str; 7] = [
     include_str!("postgres_schema_v5.sql"),
     include_str!("postgres_schema_v6.sql"),
     include_str!("postgres_schema_v7.sql"),
+    include_str!("postgres_schema_v8.sql"),
 ];
 
 /// How long a relay has the outbox rows it took to itself before another may take them.
@@ -130,14 +131,21 @@ impl From<Fail> for StoreError {
 
 /// The PostgreSQL store.
 pub struct PgStore {
+    pool: Arc<Pool>,
+    events: tokio::sync::broadcast::Sender<StoreEvent>,
+    /// The writes waiting to be committed in a group ([`group_commit`]).
+    group: mpsc::UnboundedSender<Grouped>,
+    /// The sealer, the notification listener and the group committer, stopped with the store.
+    background: Vec<tokio::task::AbortHandle>,
+}
+
+/// The connections, shared by the store and its group committer.
+struct Pool {
     config: Config,
     idle: Mutex<Vec<Conn>>,
     permits: Semaphore,
-    events: tokio::sync::broadcast::Sender<StoreEvent>,
-    /// The sealer and the notification listener, stopped with the store.
-    background: Vec<tokio::task::AbortHandle>,
     /// Whether queued jobs are announced with `NOTIFY` (not when the job bus does it).
-    notify_work: bool,
+    notify_work: AtomicBool,
 }
 
 impl Drop for PgStore {
@@ -168,7 +176,7 @@ type Prepared = Mutex<HashMap<String, Statement>>;
 
 /// A connection out of the pool; back in on drop unless it broke or was left in a transaction.
 struct Pooled<'a> {
-    store: &'a PgStore,
+    pool: &'a Pool,
     conn: Option<Conn>,
     /// A transaction was begun and not yet ended (the caller was cancelled mid-way, say).
     in_transaction: bool,
@@ -185,9 +193,15 @@ impl Pooled<'_> {
     }
 
     fn db(&mut self) -> Result<Db<'_, Client>, Fail> {
-        let notify_work = self.store.notify_work;
+        let notify_work = self.pool.notify_work.load(Ordering::Relaxed);
         let conn = self.conn()?;
-        Ok(Db { c: &conn.client, prepared: &conn.prepared, notify_work, committed: AtomicBool::new(false) })
+        Ok(Db {
+            c: &conn.client,
+            prepared: &conn.prepared,
+            notify_work,
+            alone: true,
+            committed: AtomicBool::new(false),
+        })
     }
 }
 
@@ -197,7 +211,7 @@ impl Drop for Pooled<'_> {
         if let Some(conn) = self.conn.take()
             && !self.in_transaction
             && !conn.client.is_closed()
-            && let Ok(mut idle) = self.store.idle.lock()
+            && let Ok(mut idle) = self.pool.idle.lock()
         {
             idle.push(conn);
         }
@@ -215,6 +229,9 @@ struct Db<'a, C> {
     prepared: &'a Prepared,
     /// Whether a job made queued is announced with `NOTIFY` ([`PgStore::bus_wakes`]).
     notify_work: bool,
+    /// The transaction holds one write only, so its last statement may carry the `COMMIT`
+    /// ([`Composed::run_last`]); not in a group commit.
+    alone: bool,
     /// The transaction was committed with its last statement ([`Composed::run_last`]).
     committed: AtomicBool,
 }
@@ -307,32 +324,57 @@ impl PgStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        let (events, _) = tokio::sync::broadcast::channel(64);
-        let mut store = Self {
+        let pool = Arc::new(Pool {
             config,
             idle: Mutex::new(Vec::new()),
             permits: Semaphore::new(POOL_MAX),
-            events,
-            background: Vec::new(),
-            notify_work: true,
-        };
-        store.migrate().await?;
-        let sealing = tokio::spawn(seal_loop(store.config.clone()));
-        store.background.push(sealing.abort_handle());
-        let listening = tokio::spawn(listen(store.config.clone(), store.events.clone()));
-        store.background.push(listening.abort_handle());
-        Ok(store)
+            notify_work: AtomicBool::new(true),
+        });
+        pool.migrate().await?;
+        let (events, _) = tokio::sync::broadcast::channel(64);
+        let (group, grouped) = mpsc::unbounded_channel();
+        let background = vec![
+            tokio::spawn(seal_loop(pool.config.clone())).abort_handle(),
+            tokio::spawn(listen(pool.config.clone(), events.clone())).abort_handle(),
+            tokio::spawn(group_commit(Arc::clone(&pool), grouped)).abort_handle(),
+        ];
+        Ok(Self { pool, events, group, background })
     }
 
     /// The job bus wakes other processes when a job becomes queued (through the outbox), so
     /// this store stops announcing it with `NOTIFY` too: every `NOTIFY` serializes its commit
     /// on the server's notification queue and signals every listening connection.
     #[must_use]
-    pub fn bus_wakes(mut self) -> Self {
-        self.notify_work = false;
+    pub fn bus_wakes(self) -> Self {
+        self.pool.notify_work.store(false, Ordering::Relaxed);
         self
     }
 
+    async fn checkout(&self) -> Result<Pooled<'_>, Fail> {
+        self.pool.checkout().await
+    }
+
+    /// Runs `write` in the next group commit ([`group_commit`]).
+    async fn grouped(&self, write: Write) -> Result<Written, StoreError> {
+        let stopped = || StoreError::Unavailable("the group committer stopped".into());
+        let (reply, written) = oneshot::channel();
+        self.group.send((write, reply)).map_err(|_| stopped())?;
+        written.await.map_err(|_| stopped())?
+    }
+
+    async fn read<T>(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        map: impl Fn(&Row) -> Result<T, Fail>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut pooled = self.checkout().await?;
+        let rows = pooled.db()?.query(sql, params).await?;
+        Ok(rows.iter().map(map).collect::<Result<_, _>>()?)
+    }
+}
+
+impl Pool {
     async fn checkout(&self) -> Result<Pooled<'_>, Fail> {
         let permit = self
             .permits
@@ -360,7 +402,7 @@ impl PgStore {
                 Conn { client, prepared: Mutex::new(HashMap::new()) }
             }
         };
-        Ok(Pooled { store: self, conn: Some(conn), in_transaction: false, _permit: permit })
+        Ok(Pooled { pool: self, conn: Some(conn), in_transaction: false, _permit: permit })
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -400,17 +442,185 @@ impl PgStore {
         tx.commit().await.map_err(Fail::from)?;
         Ok(())
     }
+}
 
-    async fn read<T>(
-        &self,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-        map: impl Fn(&Row) -> Result<T, Fail>,
-    ) -> Result<Vec<T>, StoreError> {
-        let mut pooled = self.checkout().await?;
-        let rows = pooled.db()?.query(sql, params).await?;
-        Ok(rows.iter().map(map).collect::<Result<_, _>>()?)
+/// How many groups one store commits at once. Writes arriving meanwhile wait and join the next
+/// group: few slots make writes gather under load instead of each taking its own transaction.
+const GROUPS_IN_FLIGHT: usize = 1;
+
+/// The most writes in one group.
+const GROUP_MAX: usize = 64;
+
+/// A write that many callers make at once, committed in a group with others ([`group_commit`]).
+enum Write {
+    /// A submit with no idempotency key and no budget ([`insert_job`]).
+    Insert(Box<Submission>),
+    /// A claim's hold on the next dispatchable job ([`hold_next`]).
+    Hold {
+        tenant: TenantId,
+        now: Millis,
+        until: Millis,
+    },
+    Dispatch(Box<Dispatch>),
+    Finish(Box<FinishWrite>),
+}
+
+/// The arguments of [`finish`].
+struct FinishWrite {
+    tenant: TenantId,
+    id: JobId,
+    token: String,
+    live_at: Option<Millis>,
+    finish: Finish,
+    at: Millis,
+    actor: String,
+}
+
+/// What a [`Write`] returns.
+enum Written {
+    Inserted,
+    Held(Option<JobRecord>),
+    Dispatched(DispatchOutcome),
+    Finished(JobRecord),
+}
+
+/// A write waiting for its group, and where its answer goes.
+type Grouped = (Write, oneshot::Sender<Result<Written, StoreError>>);
+
+impl Write {
+    /// The job whose row the write locks, if it names one.
+    fn job(&self) -> Option<&str> {
+        match self {
+            Self::Insert(_) | Self::Hold { .. } => None,
+            Self::Dispatch(d) => Some(d.job_id.as_str()),
+            Self::Finish(f) => Some(f.id.as_str()),
+        }
     }
+
+    async fn run(&self, tx: &Tx<'_>) -> Result<Written, Fail> {
+        Ok(match self {
+            Self::Insert(s) => {
+                insert_job(tx, s).await?;
+                Written::Inserted
+            }
+            Self::Hold { tenant, now, until } => Written::Held(hold_next(tx, tenant, *now, *until).await?),
+            Self::Dispatch(d) => Written::Dispatched(dispatch(tx, d).await?),
+            Self::Finish(f) => Written::Finished(
+                finish(tx, &f.tenant, &f.id, &f.token, f.live_at, &f.finish, f.at, &f.actor).await?,
+            ),
+        })
+    }
+
+    /// Runs it in a transaction of its own; an insert or a hold is one statement, atomic
+    /// without one.
+    async fn run_alone(&self, pool: &Pool) -> Result<Written, Fail> {
+        match self {
+            Self::Insert(_) | Self::Hold { .. } => self.run(&pool.checkout().await?.db()?).await,
+            Self::Dispatch(_) | Self::Finish(_) => write_tx!(pool, |tx| self.run(&tx)).await,
+        }
+    }
+}
+
+/// Commits the writes sent to a store in groups: one transaction, and one flush of the
+/// write-ahead log, for all the writes that arrived while the previous groups were committing.
+/// A write that finds a slot free runs at once, alone, so an idle store adds no delay; under load
+/// the flushes per job, which bound throughput, fall with the group size.
+async fn group_commit(pool: Arc<Pool>, mut waiting: mpsc::UnboundedReceiver<Grouped>) {
+    let slots = Arc::new(Semaphore::new(GROUPS_IN_FLIGHT));
+    while let Some(first) = waiting.recv().await {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
+        let mut group = vec![first];
+        while group.len() < GROUP_MAX
+            && let Ok(next) = waiting.try_recv()
+        {
+            group.push(next);
+        }
+        let pool = Arc::clone(&pool);
+        tokio::spawn(async move {
+            commit_group(&pool, group).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Commits one group and answers its writes. The writes run pipelined in one transaction,
+/// sorted by job so that two groups lock their rows in the same order and never deadlock; a
+/// second write to the same job waits for the group to end (each write reads its row before
+/// writing it). If any write fails, the group is rolled back and each write runs again alone,
+/// so that a failure is only its own write's.
+async fn commit_group(pool: &Pool, mut group: Vec<Grouped>) {
+    group.sort_by(|a, b| a.0.job().cmp(&b.0.job()));
+    let (mut together, mut repeats): (Vec<Grouped>, Vec<Grouped>) = (Vec::new(), Vec::new());
+    for write in group {
+        let repeat =
+            write.0.job().is_some() && together.last().is_some_and(|last| last.0.job() == write.0.job());
+        if repeat { repeats.push(write) } else { together.push(write) }
+    }
+    if together.len() > 1 {
+        match commit_together(pool, &together).await {
+            Ok(written) => {
+                for ((_, reply), written) in together.drain(..).zip(written) {
+                    let _ = reply.send(Ok(written));
+                }
+            }
+            Err(Some(unknown)) => {
+                for (_, reply) in together.drain(..) {
+                    let _ = reply.send(Err(StoreError::Unavailable(unknown.clone())));
+                }
+            }
+            Err(None) => {}
+        }
+    }
+    let alone = together.into_iter().map(|(write, reply)| async move {
+        let _ = reply.send(write.run_alone(pool).await.map_err(StoreError::from));
+    });
+    futures_util::future::join_all(alone).await;
+    for (write, reply) in repeats {
+        let _ = reply.send(write.run_alone(pool).await.map_err(StoreError::from));
+    }
+}
+
+/// Runs a group in one transaction: what each write returned, once committed; `Err(None)` when
+/// the group was rolled back (nothing of it written), `Err(Some(why))` when the connection
+/// failed while committing, so that whether it was written is unknown.
+async fn commit_together(pool: &Pool, group: &[Grouped]) -> Result<Vec<Written>, Option<String>> {
+    let mut pooled = pool.checkout().await.map_err(|_| None)?;
+    pooled.in_transaction = true;
+    let ran = match pooled.db() {
+        Ok(mut tx) => {
+            tx.alone = false;
+            let writes = futures_util::future::join_all(group.iter().map(|(write, _)| write.run(&tx)));
+            match tokio::join!(tx.simple("BEGIN"), writes) {
+                (Ok(()), written) => written.into_iter().collect::<Result<Vec<_>, _>>().ok(),
+                // Without a transaction, each statement would have committed by itself.
+                (Err(e), _) => return Err(Some(StoreError::from(e).to_string())),
+            }
+        }
+        Err(_) => None,
+    };
+    let Ok(db) = pooled.db() else { return Err(None) };
+    let Some(written) = ran else {
+        let rolled_back = db.simple("ROLLBACK").await.is_ok();
+        pooled.in_transaction = !rolled_back;
+        return Err(None);
+    };
+    match db.c.batch_execute("COMMIT").await {
+        Ok(()) => {
+            pooled.in_transaction = false;
+            Ok(written)
+        }
+        // The server refused the commit: it rolled the transaction back.
+        Err(e) if e.as_db_error().is_some() => {
+            pooled.in_transaction = false;
+            Err(None)
+        }
+        Err(e) => Err(Some(format!("the connection failed while committing: {}", describe(&e)))),
+    }
+}
+
+/// A grouped write answered with another kind of write's result (a bug, not stored data).
+fn mismatch() -> StoreError {
+    StoreError::Corrupt("a grouped write was answered for another kind of write".into())
 }
 
 fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> Result<T, Fail> {
@@ -488,17 +698,20 @@ fn job_from_row(row: &Row) -> Result<JobRecord, Fail> {
 }
 
 /// A job of a tenant; with `lock`, its row stays locked until the transaction ends.
+///
+/// Looked up by id alone, the tenant checked here: with `tenant = $2` in the query, a plan made
+/// while the table was small (generic plans are kept per connection, and are not remade until
+/// statistics exist) may walk `(tenant, state, id)` over every job of the tenant.
 async fn load_job(
     c: &Db<'_, impl GenericClient + Sync>,
     tenant: &TenantId,
     id: &JobId,
     lock: bool,
 ) -> Result<Option<JobRecord>, Fail> {
-    let sql = format!(
-        "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND tenant = $2{}",
-        if lock { " FOR UPDATE" } else { "" }
-    );
-    c.query_opt(&sql, &[&id.as_str(), &tenant.as_str()]).await?.as_ref().map(job_from_row).transpose()
+    let sql =
+        format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1{}", if lock { " FOR UPDATE" } else { "" });
+    let job = c.query_opt(&sql, &[&id.as_str()]).await?.as_ref().map(job_from_row).transpose()?;
+    Ok(job.filter(|job| job.tenant == *tenant))
 }
 
 const APPROVAL_COLUMNS: &str = "id, tenant, job_id, status, job_hash, snapshot_hash, rule_ids, rule_hashes, \
@@ -532,11 +745,13 @@ async fn load_approval(
     id: &ApprovalId,
     lock: bool,
 ) -> Result<Option<ApprovalRecord>, Fail> {
+    // By id alone, as in `load_job`.
     let sql = format!(
-        "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = $1 AND tenant = $2{}",
+        "SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = $1{}",
         if lock { " FOR UPDATE" } else { "" }
     );
-    c.query_opt(&sql, &[&id.as_str(), &tenant.as_str()]).await?.as_ref().map(approval_from_row).transpose()
+    let approval = c.query_opt(&sql, &[&id.as_str()]).await?.as_ref().map(approval_from_row).transpose()?;
+    Ok(approval.filter(|approval| approval.tenant == *tenant))
 }
 
 const KEY_COLUMNS: &str = "id, tenant, name, roles, secret_hash, created_at, revoked_at";
@@ -841,7 +1056,7 @@ impl<'a> Composed<'a> {
     /// would go out after its prepare, behind the `COMMIT`, so it is run alone first.
     async fn run_last(mut self, tx: &Tx<'_>, notify: Option<&'a &'a str>) -> Result<(), Fail> {
         let sql = self.sql(notify);
-        if !tx.is_prepared(&sql) {
+        if !tx.alone || !tx.is_prepared(&sql) {
             tx.execute(&sql, &self.params).await?;
             return Ok(());
         }
@@ -1123,6 +1338,25 @@ async fn change_approval(tx: &Tx<'_>, c: &ApprovalChange) -> Result<ApprovalReco
         decided_by: decided.then(|| c.actor.clone()),
         ..current
     })
+}
+
+/// Holds the next dispatchable job of `tenant` until `until` for the claim that asked. The
+/// classic queue pattern: rows another claim is holding (locked by this statement or
+/// dispatching) are skipped, not waited for; `held_until` is not indexed, so the hold is usually
+/// a HOT update.
+async fn hold_next(
+    tx: &Tx<'_>,
+    tenant: &TenantId,
+    now: Millis,
+    until: Millis,
+) -> Result<Option<JobRecord>, Fail> {
+    let sql = format!(
+        "UPDATE jobs SET held_until = $3 WHERE id = (
+             SELECT id FROM jobs WHERE tenant = $1 AND state = 'queued' AND not_before <= $2
+             AND held_until <= $2 ORDER BY not_before, id LIMIT 1 FOR UPDATE SKIP LOCKED)
+         RETURNING {JOB_COLUMNS}"
+    );
+    tx.query_opt(&sql, &[&tenant.as_str(), &now, &until]).await?.as_ref().map(job_from_row).transpose()
 }
 
 async fn dispatch(tx: &Tx<'_>, d: &Dispatch) -> Result<DispatchOutcome, Fail> {
@@ -1617,7 +1851,9 @@ impl Store for PgStore {
     ) -> Result<SubmitOutcome, StoreError> {
         if submission.idempotency.is_none() && submission.budgets.is_empty() {
             // Nothing to decide from: one statement, atomic by itself.
-            insert_job(&self.checkout().await?.db()?, &submission).await?;
+            let Written::Inserted = self.grouped(Write::Insert(Box::new(submission))).await? else {
+                return Err(mismatch());
+            };
             return Ok(SubmitOutcome::Accepted);
         }
         match write_tx!(self, |tx| submit(&tx, &submission, retained_since)).await {
@@ -1774,17 +2010,12 @@ impl Store for PgStore {
         now: Millis,
         hold_ms: u64,
     ) -> Result<Option<JobRecord>, StoreError> {
-        // The classic queue pattern: rows another claim is holding (locked by this statement
-        // or dispatching) are skipped, not waited for; `held_until` is not indexed, so the
-        // hold is usually a HOT update.
-        let sql = format!(
-            "UPDATE jobs SET held_until = $3 WHERE id = (
-                 SELECT id FROM jobs WHERE tenant = $1 AND state = 'queued' AND not_before <= $2
-                 AND held_until <= $2 ORDER BY not_before, id LIMIT 1 FOR UPDATE SKIP LOCKED)
-             RETURNING {JOB_COLUMNS}"
-        );
         let until = now.saturating_add(i64::try_from(hold_ms).unwrap_or(i64::MAX));
-        Ok(self.read(&sql, &[&tenant.as_str(), &now, &until], job_from_row).await?.pop())
+        let Written::Held(job) = self.grouped(Write::Hold { tenant: tenant.clone(), now, until }).await?
+        else {
+            return Err(mismatch());
+        };
+        Ok(job)
     }
 
     async fn dispatchable(
@@ -1801,8 +2032,11 @@ impl Store for PgStore {
         self.read(&sql, &[&tenant.as_str(), &now, &big(limit), &big(offset)], job_from_row).await
     }
 
-    async fn dispatch(&self, dispatch_: Dispatch) -> Result<DispatchOutcome, StoreError> {
-        Ok(write_tx!(self, |tx| dispatch(&tx, &dispatch_)).await?)
+    async fn dispatch(&self, dispatch: Dispatch) -> Result<DispatchOutcome, StoreError> {
+        let Written::Dispatched(outcome) = self.grouped(Write::Dispatch(Box::new(dispatch))).await? else {
+            return Err(mismatch());
+        };
+        Ok(outcome)
     }
 
     async fn heartbeat(
@@ -1822,11 +2056,16 @@ impl Store for PgStore {
         id: &JobId,
         token: &str,
         live_at: Option<Millis>,
-        finish_: Finish,
+        finish: Finish,
         at: Millis,
         actor: &str,
     ) -> Result<JobRecord, StoreError> {
-        Ok(write_tx!(self, |tx| finish(&tx, tenant, id, token, live_at, &finish_, at, actor)).await?)
+        let (tenant, id, token, actor) = (tenant.clone(), id.clone(), token.to_owned(), actor.to_owned());
+        let write = FinishWrite { tenant, id, token, live_at, finish, at, actor };
+        let Written::Finished(job) = self.grouped(Write::Finish(Box::new(write))).await? else {
+            return Err(mismatch());
+        };
+        Ok(job)
     }
 
     async fn lapsed_leases(&self, now: Millis, limit: u32) -> Result<Vec<JobRecord>, StoreError> {

@@ -492,6 +492,90 @@ async fn concurrent_submits_group_commit_and_chain_in_order() {
     }
 }
 
+/// Dispatches and finishes arriving together may share a transaction (group commit): each
+/// still succeeds or fails on its own, and two writes to one job still see each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_dispatches_and_finishes_succeed_or_fail_alone() {
+    for (name, store, _schema) in stores().await {
+        let t = tenant("acme");
+        let jobs: Vec<JobRecord> = (0..40).map(|i| job(&t, JobState::Queued, 100 + i)).collect();
+        for j in &jobs {
+            store.submit(submission(j.clone()), 0).await.unwrap();
+        }
+        let lease = |j: &JobRecord, token: String| Dispatch {
+            tenant: t.clone(),
+            job_id: j.id.clone(),
+            action: DispatchAction::Lease {
+                lease: Lease { token, expires_at: 10_000, worker: "w".into() },
+                budgets: vec![],
+            },
+            gate_b: j.gate_a.clone(),
+            at: 200,
+            audit: draft("gate_b.decision", j.id.as_str()),
+        };
+        // Job 20 is dispatched twice at once (adjacent, so that a group commit would take both):
+        // one lease, one `Gone`.
+        let mut dispatches: Vec<Dispatch> =
+            jobs.iter().enumerate().map(|(i, j)| lease(j, format!("t{i}"))).collect();
+        dispatches.insert(21, lease(&jobs[20], "t20-again".into()));
+        let handles: Vec<_> = dispatches
+            .into_iter()
+            .map(|d| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move { store.dispatch(d).await })
+            })
+            .collect();
+        let mut applied = 0;
+        for h in handles {
+            match h.await.unwrap().unwrap() {
+                DispatchOutcome::Applied(job) => {
+                    assert_eq!(job.state, JobState::Leased, "{name}");
+                    applied += 1;
+                }
+                DispatchOutcome::Gone => {}
+                other => panic!("{name}: unexpected {other:?}"),
+            }
+        }
+        assert_eq!(applied, jobs.len(), "{name}: every job leased once");
+        let token20 = store.job(&t, &jobs[20].id).await.unwrap().unwrap().dispatch.lease.unwrap().token;
+
+        // Job 30 is finished twice at once, job 2 under a token that is not its lease's.
+        let mut finishes: Vec<(usize, String)> = (0..jobs.len()).map(|i| (i, format!("t{i}"))).collect();
+        finishes[20].1 = token20;
+        finishes[2].1 = "not-the-lease".into();
+        finishes.insert(31, (30, "t30".into()));
+        let handles: Vec<_> = finishes
+            .into_iter()
+            .map(|(i, token)| {
+                let (store, t, id) = (Arc::clone(&store), t.clone(), jobs[i].id.clone());
+                tokio::spawn(async move {
+                    let done = Finish::Succeeded { result: json!(i) };
+                    (i, store.finish(&t, &id, &token, None, done, 300, "w").await)
+                })
+            })
+            .collect();
+        let mut succeeded = BTreeMap::new();
+        for h in handles {
+            let (i, finished) = h.await.unwrap();
+            match finished {
+                Ok(job) => *succeeded.entry(i).or_insert(0) += u32::from(job.state == JobState::Succeeded),
+                Err(StoreError::Conflict(_)) => assert!(i == 30 || i == 2, "{name}: job {i} refused"),
+                Err(e) => panic!("{name}: job {i}: {e}"),
+            }
+        }
+        assert_eq!(succeeded.len(), jobs.len() - 1, "{name}: all but job 2 succeeded: {succeeded:?}");
+        assert!(succeeded.values().all(|n| *n == 1), "{name}: job 30 completed once: {succeeded:?}");
+        for (i, j) in jobs.iter().enumerate() {
+            let stored = store.job(&t, &j.id).await.unwrap().unwrap();
+            let expected = if i == 2 { JobState::Leased } else { JobState::Succeeded };
+            assert_eq!(stored.state, expected, "{name}: job {i}");
+        }
+        // Each job: its submit, its lease (transition and Gate B), its success (not job 2's).
+        let records = u64::try_from(4 * jobs.len() - 1).unwrap();
+        assert_eq!(verify_chain(&*store, &t).await, Ok(records), "{name}");
+    }
+}
+
 #[tokio::test]
 async fn leases_are_fenced_and_dead_letters_come_back() {
     for (name, store, _schema) in stores().await {
