@@ -1,8 +1,8 @@
 //! The distributed job bus: NATS JetStream carries wake-ups between replicas.
 //!
 //! PostgreSQL stays the source of truth. A job that becomes queued writes an outbox row in the
-//! same transaction; a relay publishes the row here and deletes it only after JetStream
-//! acknowledged the publish. Schedulers consume a durable pull consumer with explicit acks and,
+//! same transaction; a relay publishes the rows here (one message per round and tenant) and
+//! deletes them only after JetStream acknowledged the publish. Schedulers consume a durable pull consumer with explicit acks and,
 //! for each message, wake their claim loops, which read the job from PostgreSQL (`FOR UPDATE`).
 //! So a lost message only delays a dispatch until the next poll, and a duplicate (a crash
 //! between publish and delete, a redelivery after a missed ack) is one more harmless wake-up:
@@ -94,15 +94,17 @@ impl NatsBus {
             .map_err(fail)
     }
 
-    /// Publishes a wake-up for `job_id` of `tenant` and waits for JetStream's ack: once this
-    /// returns `Ok`, the message is stored.
-    pub async fn publish(&self, tenant: &str, job_id: &str) -> Result<(), BusError> {
+    /// Publishes one wake-up for jobs of `tenant` that became queued (the message is their ids,
+    /// one per line) and waits for JetStream's ack: once this returns `Ok`, the message is
+    /// stored. One message per relay round and tenant, not per job: a wake-up says "look at
+    /// the store", and a claim that looks takes every job it finds.
+    pub async fn publish(&self, tenant: &str, job_ids: &[&str]) -> Result<(), BusError> {
         let token: String = tenant
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
             .collect();
         let subject = format!("{}.{token}", self.prefix);
-        let ack = self.js.publish(subject, job_id.to_owned().into()).await.map_err(fail)?;
+        let ack = self.js.publish(subject, job_ids.join("\n").into()).await.map_err(fail)?;
         ack.await.map_err(fail)?;
         Ok(())
     }

@@ -1,11 +1,12 @@
 //! The outbox relay and the bus subscriber of distributed mode (`serve --bus nats://…`).
 //!
-//! The relay drains the store's transactional outbox: it publishes each row's wake-up to
-//! JetStream and deletes the row only after the publish was acknowledged, so a crash in
-//! between publishes it again (a duplicate wake-up, harmless: claims read PostgreSQL and lock
+//! The relay drains the store's transactional outbox: each round publishes one wake-up per
+//! tenant to JetStream (the round's job ids) and deletes the rows only after the publish was
+//! acknowledged, so a crash in between publishes them again (a duplicate wake-up, harmless: claims read PostgreSQL and lock
 //! the job row). The subscriber turns each bus message into a wake-up of this process's claim
 //! loops.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use airlock_bus::NatsBus;
@@ -61,13 +62,19 @@ async fn drain(state: &AppState, bus: &NatsBus, crash_after_commit: bool) -> Res
         eprintln!("fault {FAULT_CRASH_AFTER_COMMIT}: exiting before publishing {} wake-up(s)", rows.len());
         std::process::exit(FAULT_EXIT);
     }
-    let publishes = rows.iter().map(|(_, tenant, job)| bus.publish(tenant, job));
+    let mut by_tenant: BTreeMap<&str, (Vec<i64>, Vec<&str>)> = BTreeMap::new();
+    for (id, tenant, job) in &rows {
+        let (ids, jobs) = by_tenant.entry(tenant).or_default();
+        ids.push(*id);
+        jobs.push(job);
+    }
+    let publishes = by_tenant.iter().map(|(tenant, (_, jobs))| bus.publish(tenant, jobs));
     let results = futures_util::future::join_all(publishes).await;
     let mut acked = Vec::with_capacity(rows.len());
     let mut failure = None;
-    for ((id, _, _), result) in rows.iter().zip(results) {
+    for ((ids, _), result) in by_tenant.into_values().zip(results) {
         match result {
-            Ok(()) => acked.push(*id),
+            Ok(()) => acked.extend(ids),
             Err(e) => failure = Some(e),
         }
     }
