@@ -20,6 +20,12 @@ const BATCH: u32 = 256;
 /// replicas without a relay, or by a relay that died before publishing them).
 const IDLE_POLL: Duration = Duration::from_millis(250);
 
+/// The shortest time from one round's start to the next's. A round alone on an idle relay
+/// starts at once; under load the rows of this long gather into one round, whose one message
+/// per tenant then wakes every scheduler (each message costs the bus a publish, a delivery and
+/// an ack per scheduler, and the store two statements).
+const ROUND_MIN: Duration = Duration::from_millis(10);
+
 /// How long the relay waits after the bus or the store failed.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
 
@@ -34,6 +40,7 @@ pub fn spawn_relay(state: AppState, bus: NatsBus) {
     let crash_after_commit = std::env::var_os(FAULT_CRASH_AFTER_COMMIT).is_some_and(|v| v == "1");
     tokio::spawn(async move {
         loop {
+            let started = tokio::time::Instant::now();
             let delay = match drain(&state, &bus, crash_after_commit).await {
                 Ok(BATCH_FULL) => continue,
                 Ok(_) => IDLE_POLL,
@@ -45,6 +52,7 @@ pub fn spawn_relay(state: AppState, bus: NatsBus) {
             };
             // A commit during the round left a permit: the next wait returns at once.
             let _ = tokio::time::timeout(delay, state.relay_wake().notified()).await;
+            tokio::time::sleep_until(started + ROUND_MIN).await;
         }
     });
 }
