@@ -444,8 +444,10 @@ impl Pool {
     }
 }
 
-/// How many groups one store commits at once. Writes arriving meanwhile wait and join the next
-/// group: few slots make writes gather under load instead of each taking its own transaction.
+/// How many groups one store commits at once. One: the writes that arrive while a group commits
+/// wait and form the next, so under load each WAL flush carries many writes (two at a time
+/// measured slower at 1,000 jobs/s offered: smaller groups). A write waiting for a row lock holds
+/// up the store's later writes until it gets it; rows are locked in job order, briefly.
 const GROUPS_IN_FLIGHT: usize = 1;
 
 /// The most writes in one group.
