@@ -980,3 +980,39 @@ async fn claim_holds_hand_each_job_to_one_claim_until_they_lapse() {
         assert_eq!(store.hold_next(&tenant("other"), 6_000, 5_000).await.unwrap(), None, "{name}");
     }
 }
+
+/// A replica's claims look for the next job from where they last found one (a floor, so that
+/// they do not read every dead index entry the queue left behind); a job behind that floor
+/// which comes free, here because another replica's hold on it lapsed, is still held again
+/// within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_claims_find_a_job_behind_their_floor_within_a_second() {
+    let Some(schema) = PgSchema::create().await else { return };
+    let url = schema.url();
+    let (one, two) = (PgStore::connect(&url).await.unwrap(), PgStore::connect(&url).await.unwrap());
+    let t = tenant("acme");
+    let jobs: Vec<JobRecord> = (0..100).map(|i| job(&t, JobState::Queued, 100 + i)).collect();
+    for j in &jobs {
+        one.submit(submission(j.clone()), 0).await.unwrap();
+    }
+    let first = one.hold_next(&t, 1_000, 1_000).await.unwrap().unwrap();
+    assert_eq!(first.id, jobs[0].id);
+    // Replica two finds the first job held and sets its floor at the second.
+    let second = two.hold_next(&t, 1_000, 60_000).await.unwrap().unwrap();
+    assert_eq!(second.id, jobs[1].id);
+    // At 2 000 replica one's hold has lapsed. Replica two's claims, one every 20 ms, take the
+    // jobs after its floor (about 2 s of them) until the floor expires, then the first job.
+    let started = std::time::Instant::now();
+    let mut after_floor = 0;
+    loop {
+        let held = two.hold_next(&t, 2_000, 60_000).await.unwrap().expect("jobs are left");
+        if held.id == jobs[0].id {
+            break;
+        }
+        after_floor += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let waited = started.elapsed();
+    assert!(waited < std::time::Duration::from_millis(1_500), "the first job came back after {waited:?}");
+    assert!(after_floor < jobs.len() - 2, "the floor expired before the jobs after it ran out");
+}
