@@ -2,8 +2,9 @@
 //!
 //! PostgreSQL stays the source of truth. A job that becomes queued writes an outbox row in the
 //! same transaction; a relay publishes the rows here (one message per round and tenant) and
-//! deletes them only after JetStream acknowledged the publish. Schedulers consume a durable pull consumer with explicit acks and,
-//! for each message, wake their claim loops, which read the job from PostgreSQL (`FOR UPDATE`).
+//! deletes them only after JetStream acknowledged the publish. Schedulers consume a durable
+//! pull consumer with explicit acks and, for each message, wake their claim loops, which read
+//! the job from PostgreSQL (`FOR UPDATE`).
 //! So a lost message only delays a dispatch until the next poll, and a duplicate (a crash
 //! between publish and delete, a redelivery after a missed ack) is one more harmless wake-up:
 //! JetStream's dedupe window is never used (no `Nats-Msg-Id` is sent).

@@ -2,9 +2,9 @@
 //!
 //! The relay drains the store's transactional outbox: each round publishes one wake-up per
 //! tenant to JetStream (the round's job ids) and deletes the rows only after the publish was
-//! acknowledged, so a crash in between publishes them again (a duplicate wake-up, harmless: claims read PostgreSQL and lock
-//! the job row). The subscriber turns each bus message into a wake-up of this process's claim
-//! loops.
+//! acknowledged, so a crash in between publishes them again (a duplicate wake-up, harmless:
+//! claims read PostgreSQL and lock the job row). The subscriber turns each bus message into a
+//! wake-up of this process's claim loops.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

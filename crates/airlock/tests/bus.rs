@@ -115,6 +115,41 @@ fn the_bus_alone_wakes_a_waiting_claim() {
     }
 }
 
+/// Jobs queued together cost the bus one message per relay round and tenant, not one per job.
+#[test]
+fn a_relay_round_publishes_one_wake_up_for_many_jobs() {
+    if !shared_nats() {
+        return;
+    }
+    let schema = Schema::create("rounds");
+    let stream = support::BusStream::new("bus4");
+    let (_a, a) = replica(&schema.url(), NATS, &stream.name, &[]);
+    let agent = key(&a, "agent", &["submitter"]);
+    let submitters: Vec<_> = (0..8)
+        .map(|s| {
+            let (a, agent) = (a.clone(), agent.clone());
+            std::thread::spawn(move || {
+                for n in 0..10 {
+                    let payload = json!({"submitter": s, "n": n});
+                    let body = json!({"topic": "infra.vm.create", "env": "dev", "payload": payload});
+                    assert_eq!(call(&a, "/api/v1/jobs", &agent, Some(body.to_string())).0, 202);
+                }
+            })
+        })
+        .collect();
+    for s in submitters {
+        s.join().unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while schema.count("SELECT COUNT(*) FROM outbox") != 0 {
+        assert!(Instant::now() < deadline, "the relay never drained the outbox");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let messages = stream.messages().expect("the stream's info");
+    eprintln!("80 jobs, {messages} bus messages");
+    assert!((1..80).contains(&messages), "80 jobs queued together took {messages} bus messages");
+}
+
 #[test]
 fn a_crash_between_commit_and_publish_loses_and_doubles_nothing() {
     if !shared_nats() {

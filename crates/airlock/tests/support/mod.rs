@@ -275,28 +275,50 @@ impl BusStream {
     }
 }
 
+impl BusStream {
+    /// How many messages the stream holds (`None` if NATS did not answer).
+    pub fn messages(&self) -> Option<u64> {
+        let reply = jetstream_request(&format!("STREAM.INFO.{}", self.name))?;
+        let info: Value = serde_json::from_str(&reply).ok()?;
+        info["state"]["messages"].as_u64()
+    }
+}
+
 impl Drop for BusStream {
     fn drop(&mut self) {
-        use std::io::{Read as _, Write as _};
-        // Best effort, over the plain NATS protocol: `$JS.API.STREAM.DELETE.<name>`, then wait
-        // (up to 2 s) for the reply.
-        let Ok(mut c) = std::net::TcpStream::connect(NATS) else { return };
-        let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
-        let request = format!(
-            "CONNECT {{\"verbose\":false}}\r\nSUB _INBOX.del 1\r\nPUB $JS.API.STREAM.DELETE.{} _INBOX.del 0\r\n\r\n",
-            self.name
-        );
-        if c.write_all(request.as_bytes()).is_err() {
-            return;
-        }
-        let mut buf = [0_u8; 4096];
-        let deadline = std::time::Instant::now() + Duration::from_secs(2);
-        let mut seen = String::new();
-        while std::time::Instant::now() < deadline && !seen.contains("MSG ") {
-            match c.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => seen.push_str(&String::from_utf8_lossy(buf.get(..n).unwrap_or_default())),
+        let _ = jetstream_request(&format!("STREAM.DELETE.{}", self.name));
+    }
+}
+
+/// Sends `$JS.API.<api>` to the shared NATS over the plain protocol and returns the reply's
+/// payload, waiting up to 2 s for it.
+fn jetstream_request(api: &str) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let mut c = std::net::TcpStream::connect(NATS).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let request = format!(
+        "CONNECT {{\"verbose\":false}}\r\nSUB _INBOX.api 1\r\nPUB $JS.API.{api} _INBOX.api 0\r\n\r\n"
+    );
+    c.write_all(request.as_bytes()).ok()?;
+    let mut buf = [0_u8; 4096];
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut seen = String::new();
+    while std::time::Instant::now() < deadline {
+        // `MSG <subject> <sid> <size>\r\n<payload>\r\n`
+        if let Some(at) = seen.find("MSG ")
+            && let Some(header_end) = seen[at..].find("\r\n")
+        {
+            let header = &seen[at..at + header_end];
+            let size: usize = header.rsplit(' ').next()?.parse().ok()?;
+            let body = at + header_end + 2;
+            if seen.len() >= body + size {
+                return Some(seen[body..body + size].to_owned());
             }
         }
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(buf.get(..n).unwrap_or_default())),
+        }
     }
+    None
 }
