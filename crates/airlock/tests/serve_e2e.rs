@@ -1,7 +1,8 @@
 //! `airlock serve` through the real binary: the acceptance walk of Gate A (allow, deny,
 //! throttle, require_human, self-approval, approval, stale approval, expiry, idempotency,
-//! tenancy, audit verify before and after tampering), graceful shutdown, and a kill -9 under
-//! submit load that must lose no acknowledged job or idempotency key.
+//! tenancy, audit verify before and after tampering), on the embedded store and on PostgreSQL;
+//! graceful shutdown; and a kill -9 under submit load that must lose no acknowledged job or
+//! idempotency key.
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic, reason = "a test fails by panicking")]
 
@@ -13,6 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+
+mod support;
 
 const ADMIN: &str = "e2e-admin-key-0123456789";
 
@@ -133,92 +136,7 @@ fn gate_a_acceptance_walk_through_the_binary() {
     let config = data.join("airlock.yaml");
     std::fs::write(&config, "approvals:\n  ttl_secs: 1\n").unwrap();
     let server = Server::start(&data, &["--config", config.to_str().unwrap()]);
-    let acme = key(&server, "acme", "agent", &["submitter"]);
-    let acme_approver = key(&server, "acme", "alice", &["approver"]);
-    let globex = key(&server, "globex", "agent", &["submitter", "approver"]);
-
-    let allow =
-        post(&server, "/api/v1/jobs", &acme, json!({"topic": "infra.vm.create", "env": "production"}));
-    assert_eq!((allow.status, allow.body["state"].as_str()), (202, Some("queued")));
-
-    let deny = post(
-        &server,
-        "/api/v1/jobs",
-        &acme,
-        json!({"topic": "infra.security_group.update", "env": "production", "payload": {"cidr": "0.0.0.0/0"}}),
-    );
-    assert_eq!((deny.status, deny.body["rule_ids"][0].as_str()), (403, Some("deny-prod-public-ingress")));
-
-    let recreate = json!({"topic": "infra.cluster.recreate", "env": "production"});
-    assert_eq!(post(&server, "/api/v1/jobs", &acme, recreate.clone()).status, 202);
-    let throttled = post(&server, "/api/v1/jobs", &acme, recreate);
-    assert_eq!(throttled.status, 429);
-    assert!(throttled.retry_after.unwrap().parse::<u64>().unwrap() > 0);
-
-    let delete = json!({"topic": "infra.resource.delete", "env": "production", "payload": {"id": "db-1"}});
-    let human = post(&server, "/api/v1/jobs", &acme, delete.clone());
-    assert_eq!((human.status, human.body["state"].as_str()), (202, Some("awaiting_approval")));
-    let approval = human.body["approval"]["id"].as_str().unwrap().to_owned();
-
-    // Self-approval: globex's key is both submitter and approver, in its own tenant.
-    let own = post(&server, "/api/v1/jobs", &globex, delete.clone());
-    let own_approval = own.body["approval"]["id"].as_str().unwrap();
-    let refused = post(&server, &format!("/api/v1/approvals/{own_approval}/approve"), &globex, json!({}));
-    assert_eq!((refused.status, refused.body["error"].as_str()), (403, Some("self_approval")));
-
-    // Cross-tenant: globex cannot see or approve acme's job.
-    let job_id = human.body["job_id"].as_str().unwrap();
-    assert_eq!(get(&server, &format!("/api/v1/jobs/{job_id}"), &globex).status, 404);
-    assert_eq!(
-        post(&server, &format!("/api/v1/approvals/{approval}/approve"), &globex, json!({})).status,
-        404
-    );
-
-    let approved = post(&server, &format!("/api/v1/approvals/{approval}/approve"), &acme_approver, json!({}));
-    assert_eq!(
-        (approved.status, approved.body["job_state"].as_str()),
-        (200, Some("queued")),
-        "{}",
-        approved.body
-    );
-
-    // A publish between request and approval: 409 with the reason and the current decision.
-    let pending = post(&server, "/api/v1/jobs", &acme, delete.clone());
-    let pending_approval = pending.body["approval"]["id"].as_str().unwrap().to_owned();
-    let v2 = include_str!("../../../examples/policies/seed.yaml")
-        .replace("reason: public ingress", "reason: v2 public ingress");
-    let published = call("POST", &format!("{}/api/v1/policy/publish", server.url), ADMIN, Some(v2)).unwrap();
-    assert_eq!(published.status, 201, "{}", published.body);
-    let stale =
-        post(&server, &format!("/api/v1/approvals/{pending_approval}/approve"), &acme_approver, json!({}));
-    assert_eq!((stale.status, stale.body["error"].as_str()), (409, Some("approval_stale")), "{}", stale.body);
-    assert_eq!(stale.body["current_decision"]["decision"], "require_human");
-
-    // Expiry: the TTL is 1 s and the server sweeps every second.
-    let expiring = post(&server, "/api/v1/jobs", &acme, delete);
-    let expiring_id = expiring.body["job_id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let state = get(&server, &format!("/api/v1/jobs/{expiring_id}"), &acme).body["state"].clone();
-        if state == "expired" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the job never expired: {state}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-
-    // Idempotency: replay, then 409 on a different job under the same key.
-    let keyed = json!({"topic": "infra.vm.create", "env": "staging", "idempotency_key": "deploy-7"});
-    let first = post(&server, "/api/v1/jobs", &acme, keyed.clone());
-    let replay = post(&server, "/api/v1/jobs", &acme, keyed);
-    assert!(replay.replayed && replay.body == first.body && replay.status == 202);
-    let reused = post(
-        &server,
-        "/api/v1/jobs",
-        &acme,
-        json!({"topic": "infra.vm.create", "env": "dev", "idempotency_key": "deploy-7"}),
-    );
-    assert_eq!((reused.status, reused.body["error"].as_str()), (409, Some("idempotency_key_reused")));
+    gate_a_walk(&server);
 
     server.stop();
     let (ok, report) = audit_verify(&data);
@@ -231,6 +149,112 @@ fn gate_a_acceptance_walk_through_the_binary() {
     let (ok, report) = audit_verify(&data);
     assert!(!ok, "a deleted record must fail verification: {report}");
     assert!(report.contains("acme: BROKEN"), "{report}");
+}
+
+/// The same walk in distributed mode, on a PostgreSQL schema of its own.
+#[test]
+fn gate_a_acceptance_walk_on_postgres() {
+    let schema = support::Schema::create("walk");
+    let data = temp_dir("walk-postgres");
+    let config = data.join("airlock.yaml");
+    std::fs::write(&config, "approvals:\n  ttl_secs: 1\n").unwrap();
+    let server = Server::start(&data, &["--config", config.to_str().unwrap(), "--store", &schema.url()]);
+    gate_a_walk(&server);
+    let verified = call("POST", &format!("{}/api/v1/audit/verify", server.url), ADMIN, None).unwrap();
+    assert_eq!((verified.status, &verified.body["ok"]), (200, &json!(true)), "{}", verified.body);
+    server.stop();
+    assert!(schema.count("SELECT COUNT(*) FROM audit WHERE tenant = 'acme'") > 10);
+}
+
+/// Gate A's acceptance, through `server`: allow, deny, throttle, require_human, self-approval,
+/// tenancy, approval, a stale approval, expiry (the server's approval TTL must be 1 s) and
+/// idempotency.
+fn gate_a_walk(server: &Server) {
+    let acme = key(server, "acme", "agent", &["submitter"]);
+    let acme_approver = key(server, "acme", "alice", &["approver"]);
+    let globex = key(server, "globex", "agent", &["submitter", "approver"]);
+
+    let allow = post(server, "/api/v1/jobs", &acme, json!({"topic": "infra.vm.create", "env": "production"}));
+    assert_eq!((allow.status, allow.body["state"].as_str()), (202, Some("queued")));
+
+    let deny = post(
+        server,
+        "/api/v1/jobs",
+        &acme,
+        json!({"topic": "infra.security_group.update", "env": "production", "payload": {"cidr": "0.0.0.0/0"}}),
+    );
+    assert_eq!((deny.status, deny.body["rule_ids"][0].as_str()), (403, Some("deny-prod-public-ingress")));
+
+    let recreate = json!({"topic": "infra.cluster.recreate", "env": "production"});
+    assert_eq!(post(server, "/api/v1/jobs", &acme, recreate.clone()).status, 202);
+    let throttled = post(server, "/api/v1/jobs", &acme, recreate);
+    assert_eq!(throttled.status, 429);
+    assert!(throttled.retry_after.unwrap().parse::<u64>().unwrap() > 0);
+
+    let delete = json!({"topic": "infra.resource.delete", "env": "production", "payload": {"id": "db-1"}});
+    let human = post(server, "/api/v1/jobs", &acme, delete.clone());
+    assert_eq!((human.status, human.body["state"].as_str()), (202, Some("awaiting_approval")));
+    let approval = human.body["approval"]["id"].as_str().unwrap().to_owned();
+
+    // Self-approval: globex's key is both submitter and approver, in its own tenant.
+    let own = post(server, "/api/v1/jobs", &globex, delete.clone());
+    let own_approval = own.body["approval"]["id"].as_str().unwrap();
+    let refused = post(server, &format!("/api/v1/approvals/{own_approval}/approve"), &globex, json!({}));
+    assert_eq!((refused.status, refused.body["error"].as_str()), (403, Some("self_approval")));
+
+    // Cross-tenant: globex cannot see or approve acme's job.
+    let job_id = human.body["job_id"].as_str().unwrap();
+    assert_eq!(get(server, &format!("/api/v1/jobs/{job_id}"), &globex).status, 404);
+    assert_eq!(
+        post(server, &format!("/api/v1/approvals/{approval}/approve"), &globex, json!({})).status,
+        404
+    );
+
+    let approved = post(server, &format!("/api/v1/approvals/{approval}/approve"), &acme_approver, json!({}));
+    assert_eq!(
+        (approved.status, approved.body["job_state"].as_str()),
+        (200, Some("queued")),
+        "{}",
+        approved.body
+    );
+
+    // A publish between request and approval: 409 with the reason and the current decision.
+    let pending = post(server, "/api/v1/jobs", &acme, delete.clone());
+    let pending_approval = pending.body["approval"]["id"].as_str().unwrap().to_owned();
+    let v2 = include_str!("../../../examples/policies/seed.yaml")
+        .replace("reason: public ingress", "reason: v2 public ingress");
+    let published = call("POST", &format!("{}/api/v1/policy/publish", server.url), ADMIN, Some(v2)).unwrap();
+    assert_eq!(published.status, 201, "{}", published.body);
+    let stale =
+        post(server, &format!("/api/v1/approvals/{pending_approval}/approve"), &acme_approver, json!({}));
+    assert_eq!((stale.status, stale.body["error"].as_str()), (409, Some("approval_stale")), "{}", stale.body);
+    assert_eq!(stale.body["current_decision"]["decision"], "require_human");
+
+    // Expiry: the TTL is 1 s and the server sweeps every second.
+    let expiring = post(server, "/api/v1/jobs", &acme, delete);
+    let expiring_id = expiring.body["job_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let state = get(server, &format!("/api/v1/jobs/{expiring_id}"), &acme).body["state"].clone();
+        if state == "expired" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job never expired: {state}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Idempotency: replay, then 409 on a different job under the same key.
+    let keyed = json!({"topic": "infra.vm.create", "env": "staging", "idempotency_key": "deploy-7"});
+    let first = post(server, "/api/v1/jobs", &acme, keyed.clone());
+    let replay = post(server, "/api/v1/jobs", &acme, keyed);
+    assert!(replay.replayed && replay.body == first.body && replay.status == 202);
+    let reused = post(
+        server,
+        "/api/v1/jobs",
+        &acme,
+        json!({"topic": "infra.vm.create", "env": "dev", "idempotency_key": "deploy-7"}),
+    );
+    assert_eq!((reused.status, reused.body["error"].as_str()), (409, Some("idempotency_key_reused")));
 }
 
 #[test]
