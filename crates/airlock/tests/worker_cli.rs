@@ -1,7 +1,8 @@
 //! `airlock worker --exec` and the worker SDK against a real `airlock serve` on port 0: exit
 //! codes become outcomes, a retry after `exit 75`, heartbeats that outlive the lease, cancel
 //! and lost leases kill the command, SIGTERM finishes the current job, `kill -9` mid-job is
-//! retried exactly once after the lease lapses, and the effect ledger replays a result.
+//! retried exactly once after the lease lapses (on the embedded store and on PostgreSQL), and
+//! the effect ledger replays a result.
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic, reason = "a test fails by panicking")]
 
@@ -14,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use airlock_worker::{End, Job, Outcome, Worker, WorkerConfig};
 use serde_json::{Value, json};
+
+mod support;
 
 const ADMIN: &str = "worker-cli-admin-key-0123456789";
 /// Short leases so that lapses, heartbeats and cancels show within a second.
@@ -29,17 +32,27 @@ struct Server {
     submitter: String,
     worker: String,
     agent: ureq::Agent,
+    /// The PostgreSQL schema it runs on, if not on its embedded store.
+    schema: Option<support::Schema>,
     // Held so the server's stdout stays open while it runs.
     _stdout: BufReader<ChildStdout>,
 }
 
 impl Server {
     fn start(name: &str, config: Option<&str>) -> Self {
+        Self::start_on(name, config, None)
+    }
+
+    /// A server on `schema` when given, else on its embedded store.
+    fn start_on(name: &str, config: Option<&str>, schema: Option<support::Schema>) -> Self {
         let dir = std::env::temp_dir().join(format!("airlock-worker-cli-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_airlock"));
         command.args(["serve", "--listen", "127.0.0.1:0", "--data"]).arg(dir.join("data"));
+        if let Some(schema) = &schema {
+            command.args(["--store", &schema.url()]);
+        }
         if let Some(config) = config {
             std::fs::write(dir.join("config.yaml"), config).unwrap();
             command.arg("--config").arg(dir.join("config.yaml"));
@@ -72,6 +85,7 @@ impl Server {
             submitter: String::new(),
             worker: String::new(),
             agent,
+            schema,
             _stdout: stdout,
         };
         server.submitter = server.key("agent", &["submitter"]);
@@ -141,9 +155,14 @@ impl Server {
 
     /// The result the worker reported, as stored (the job API does not show it).
     fn result(&self, id: &str) -> Value {
-        let db = rusqlite::Connection::open(self.dir.join("data").join("airlock.db")).unwrap();
-        let text: Option<String> =
-            db.query_row("SELECT result FROM jobs WHERE id = ?1", [id], |row| row.get(0)).unwrap();
+        let text: Option<String> = match &self.schema {
+            Some(schema) => Some(schema.text(&format!("SELECT result FROM jobs WHERE id = '{id}'")))
+                .filter(|t| !t.is_empty()),
+            None => {
+                let db = rusqlite::Connection::open(self.dir.join("data").join("airlock.db")).unwrap();
+                db.query_row("SELECT result FROM jobs WHERE id = ?1", [id], |row| row.get(0)).unwrap()
+            }
+        };
         serde_json::from_str(&text.unwrap_or_else(|| panic!("job {id} has no result"))).unwrap()
     }
 
@@ -334,7 +353,16 @@ esac"#
 
 #[test]
 fn a_worker_killed_mid_job_is_retried_once_after_its_lease_lapses() {
-    let server = Server::start("kill9", Some(SHORT_LEASES));
+    worker_killed_mid_job(&Server::start("kill9", Some(SHORT_LEASES)));
+}
+
+#[test]
+fn a_worker_killed_mid_job_is_retried_once_after_its_lease_lapses_on_postgres() {
+    let schema = support::Schema::create("kill9");
+    worker_killed_mid_job(&Server::start_on("kill9-postgres", Some(SHORT_LEASES), Some(schema)));
+}
+
+fn worker_killed_mid_job(server: &Server) {
     let started = server.dir.join("started");
     // The first run records its PID and hangs (as the same process, so the guard can kill it);
     // the retry echoes the job.

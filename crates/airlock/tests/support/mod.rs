@@ -207,12 +207,17 @@ impl Schema {
 
     /// One number from a query in this schema.
     pub fn count(&self, sql: &str) -> i64 {
+        self.text(sql).parse().unwrap()
+    }
+
+    /// One value from a query in this schema, as text (empty for NULL).
+    pub fn text(&self, sql: &str) -> String {
         let out = psql()
             .args([&self.base, "-qtA", "-c", &format!("SET search_path = {}; {sql}", self.name)])
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 }
 
