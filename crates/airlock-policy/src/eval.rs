@@ -17,6 +17,9 @@ pub enum EvalError {
     /// A `[*]` path reached too many values.
     #[error(transparent)]
     Fanout(#[from] FanoutExceeded),
+    /// The caller's deadline passed ([`crate::Policy::evaluate_within`]): there is no decision.
+    #[error("the evaluation ran out of time")]
+    OutOfTime,
 }
 
 /// What a field resolves to on one job.
@@ -56,11 +59,36 @@ pub(crate) struct Ctx<'a> {
     pub job: &'a Job,
     pub policy: &'a Policy,
     classes: Option<Vec<&'a str>>,
+    /// Asked every [`TIME_CHECK_EVERY`] field tests whether there is time left.
+    time_left: Option<&'a mut dyn FnMut() -> bool>,
+    tests: u32,
+    /// The deadline passed: every later test fails with [`EvalError::OutOfTime`].
+    pub out_of_time: bool,
 }
+
+/// Field tests between two questions to the caller's deadline: a clock read costs about as
+/// much as a simple test, so asking every time would double the cost of evaluation.
+const TIME_CHECK_EVERY: u32 = 16;
 
 impl<'a> Ctx<'a> {
     pub fn new(job: &'a Job, policy: &'a Policy) -> Self {
-        Self { job, policy, classes: None }
+        Self { job, policy, classes: None, time_left: None, tests: 0, out_of_time: false }
+    }
+
+    /// A context that stops evaluating once `time_left` answers `false`.
+    pub fn within(job: &'a Job, policy: &'a Policy, time_left: &'a mut dyn FnMut() -> bool) -> Self {
+        Self { time_left: Some(time_left), ..Self::new(job, policy) }
+    }
+
+    fn check_time(&mut self) -> Result<(), EvalError> {
+        if let Some(time_left) = self.time_left.as_mut() {
+            self.tests = self.tests.wrapping_add(1);
+            if self.out_of_time || (self.tests % TIME_CHECK_EVERY == 1 && !time_left()) {
+                self.out_of_time = true;
+                return Err(EvalError::OutOfTime);
+            }
+        }
+        Ok(())
     }
 
     /// The risk classes of the job's topic, computed once.
@@ -105,6 +133,7 @@ fn holds(cond: &Cond, ctx: &mut Ctx<'_>) -> Result<bool, EvalError> {
 }
 
 fn field_holds(field: &Field, tests: &[Test], ctx: &mut Ctx<'_>) -> Result<bool, EvalError> {
+    ctx.check_time()?;
     let job = ctx.job;
     let subject = match field {
         Field::Topic => Some(Subject::Str(&job.topic)),

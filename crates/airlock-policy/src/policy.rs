@@ -107,12 +107,24 @@ impl Policy {
     /// The decision for `job` (SPEC 3.3): the most restrictive matching enforced rule wins,
     /// ties go to file order, no match gives the default.
     pub fn evaluate(&self, job: &Job) -> Evaluation {
-        let mut ctx = Ctx::new(job, self);
+        self.evaluate_with(&mut Ctx::new(job, self))
+    }
+
+    /// [`Policy::evaluate`] under a deadline: `time_left` is asked every few field tests, and
+    /// once it answers `false` evaluation stops and there is no decision (`None`). The engine
+    /// reads no clock; the caller's closure does.
+    pub fn evaluate_within(&self, job: &Job, time_left: &mut dyn FnMut() -> bool) -> Option<Evaluation> {
+        let mut ctx = Ctx::within(job, self, time_left);
+        let evaluation = self.evaluate_with(&mut ctx);
+        (!ctx.out_of_time).then_some(evaluation)
+    }
+
+    fn evaluate_with(&self, ctx: &mut Ctx<'_>) -> Evaluation {
         let mut matched: Vec<RuleIdx> = Vec::new();
         let mut errors = Vec::new();
-        self.index.candidates(job, |idx| {
+        self.index.candidates(ctx.job, |idx| {
             let Some(rule) = self.rule(idx) else { return };
-            match eval::all(&rule.when, &mut ctx) {
+            match eval::all(&rule.when, ctx) {
                 Ok(true) => matched.push(idx),
                 Ok(false) => {}
                 Err(e) => {

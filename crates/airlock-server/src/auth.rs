@@ -150,7 +150,8 @@ impl FromRequestParts<AppState> for Caller {
         if key.revoked_at.is_some() {
             return Err(unauthorized("this API key was revoked"));
         }
-        let caller = Caller { key_id: key.id, tenant: key.tenant, principal: key.name, roles: key.roles };
+        let principal = key.principal().to_owned();
+        let caller = Caller { key_id: key.id, tenant: key.tenant, principal, roles: key.roles };
         state.keys().put(presented, caller.clone());
         Ok(caller)
     }

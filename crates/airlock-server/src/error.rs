@@ -17,12 +17,21 @@ pub struct ApiError {
     message: String,
     details: Map<String, Value>,
     retry_after_secs: Option<u64>,
+    /// The active snapshot version, when the error is a decision made under a superseded one.
+    superseded_by: Option<u64>,
 }
 
 impl ApiError {
     /// An error with a status, a code and a message.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), details: Map::new(), retry_after_secs: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            details: Map::new(),
+            retry_after_secs: None,
+            superseded_by: None,
+        }
     }
 
     /// Adds a detail field to the body.
@@ -71,6 +80,12 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         self.status
     }
+
+    /// The active snapshot's version when this error is a write refused because its decision
+    /// was made under a superseded snapshot: decide again under that version.
+    pub fn superseded_by(&self) -> Option<u64> {
+        self.superseded_by
+    }
 }
 
 impl From<StoreError> for ApiError {
@@ -93,6 +108,15 @@ impl From<StoreError> for ApiError {
                 .retry_after(1)
             }
             StoreError::Corrupt(m) => Self::internal(format!("corrupt store: {m}")),
+            StoreError::Stale { active } => Self {
+                superseded_by: Some(active),
+                ..Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "policy_changed",
+                    format!("the policy changed (version {active}) while the decision was being made; retry"),
+                )
+                .retry_after(1)
+            },
         }
     }
 }

@@ -26,6 +26,9 @@ use crate::wire::{self, json_object, merge};
 
 const SUBMIT_FIELDS: [&str; 6] = ["topic", "env", "labels", "payload", "idempotency_key", "plan_hash"];
 
+/// Decisions made for one submit when publishes keep superseding them before the commit.
+const DECIDE_ATTEMPTS_MAX: u32 = 3;
+
 /// Seconds a client should wait after a 503 from Gate A.
 const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 5;
 
@@ -34,30 +37,47 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, body: Body) -
     caller.require(Role::Submitter)?;
     let bytes = wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?;
     let job = parse_job(&state, &caller, &bytes)?;
-    let now = now_ms();
     let job_hash = job.hash();
-    let retained_since = now - state.config().idempotency_retention_ms;
+    let retained_since = now_ms() - state.config().idempotency_retention_ms;
 
     if let Some(key) = &job.idempotency_key
         && let Some(existing) = state.store().idempotency(&caller.tenant, key, retained_since).await?
     {
         return idempotent_answer(&state, key, &job_hash, &existing);
     }
+    // A decision is committed only under the snapshot it was made under: when a publish
+    // supersedes it first, the store refuses the write and the job is decided again.
+    let mut attempt = 1;
+    loop {
+        match decide(&state, &caller, &job, &job_hash).await {
+            Err(e) if attempt < DECIDE_ATTEMPTS_MAX && e.superseded_by().is_some() => {
+                state.refresh_policy(e.superseded_by()).await?;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
 
+/// Gate A's safety check and the write of its outcome, stamped with the time of the decision
+/// (the commit follows at once and checks the snapshot is still active).
+async fn decide(state: &AppState, caller: &Caller, job: &Job, job_hash: &str) -> Result<Response, ApiError> {
     let topic_label = state.metrics().topic(&job.topic);
     if state.config().gates_off {
+        let now = now_ms();
+        let active = state.safety().active();
         let gate = GateDecision {
             decision: Decision::Allow,
             rule_ids: Vec::new(),
             reason: "gates off (benchmark)".into(),
-            snapshot_hash: state.safety().active().policy.hash().to_owned(),
-            snapshot_version: state.safety().active().version,
+            snapshot_hash: active.policy.hash().to_owned(),
+            snapshot_version: active.version,
             at: now,
             bypassed: false,
         };
         return accept(
-            &state,
-            &caller,
+            state,
+            caller,
             job,
             job_hash,
             now,
@@ -68,7 +88,9 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, body: Body) -
         )
         .await;
     }
-    let checked = match state.safety().check(&job, state.config().gate_a_timeout).await {
+    let checked = state.safety().check(job, state.config().gate_a_timeout).await;
+    let now = now_ms();
+    let checked = match checked {
         Ok(checked) => checked,
         Err(e) => {
             state
@@ -79,9 +101,9 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, body: Body) -
             match state.config().gate_a_fail.for_topic(&job.topic, &classes) {
                 FailMode::Closed => {
                     let draft = decision_draft(
-                        &caller,
-                        &job,
-                        &job_hash,
+                        caller,
+                        job,
+                        job_hash,
                         now,
                         "gate_a.unavailable",
                         json!({
@@ -90,7 +112,7 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, body: Body) -
                             "error": e.to_string(),
                         }),
                     );
-                    state.store().append_audit(&caller.tenant, draft).await?;
+                    state.store().append_audit(&caller.tenant, draft, None).await?;
                     return Err(ApiError::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "safety_unavailable",
@@ -100,12 +122,12 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, body: Body) -
                 }
                 FailMode::Open => {
                     state.metrics().inc("airlock_gateway_fail_open_total", &[("topic", &topic_label)]);
-                    return accept_bypassed(&state, &caller, job, job_hash, now, &e.to_string()).await;
+                    return accept_bypassed(state, caller, job, job_hash, now, &e.to_string()).await;
                 }
             }
         }
     };
-    record_evaluation(&state, &checked, &topic_label);
+    record_evaluation(state, &checked, &topic_label);
 
     let policy = &checked.active.policy;
     let evaluation = &checked.evaluation;
@@ -135,8 +157,8 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, body: Body) -
         Decision::Deny => {
             let mut data = decision_data;
             merge(&mut data, json!({"outcome": "denied"}));
-            let draft = decision_draft(&caller, &job, &job_hash, now, "gate_a.decision", data);
-            state.store().append_audit(&caller.tenant, draft).await?;
+            let draft = decision_draft(caller, job, job_hash, now, "gate_a.decision", data);
+            state.store().append_audit(&caller.tenant, draft, Some(gate.snapshot_version)).await?;
             Err(ApiError::new(StatusCode::FORBIDDEN, "policy_denied", gate.reason.clone())
                 .with("rule_ids", json!(gate.rule_ids))
                 .with("reason", json!(gate.reason))
@@ -150,7 +172,7 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, body: Body) -
                     .filter_map(|i| policy.rule(*i))
                     .filter_map(|rule| {
                         let limit = rule.limit.clone()?;
-                        Some(Budget { key: format!("a|{}", bucket_key(&rule.id, &limit, &job)), limit })
+                        Some(Budget { key: format!("a|{}", bucket_key(&rule.id, &limit, job)), limit })
                     })
                     .collect()
             } else {
@@ -159,7 +181,7 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, body: Body) -
             let approval = (evaluation.decision == Decision::RequireHuman).then(|| {
                 let deciding: Vec<_> = evaluation.deciding.iter().filter_map(|i| policy.rule(*i)).collect();
                 Request {
-                    job_hash: job_hash.clone(),
+                    job_hash: job_hash.to_owned(),
                     snapshot_hash: policy.hash().to_owned(),
                     rule_ids: deciding.iter().map(|r| r.id.clone()).collect(),
                     rule_hashes: deciding.iter().map(|r| r.hash.clone()).collect(),
@@ -173,7 +195,7 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, body: Body) -
             });
             let mut data = decision_data;
             merge(&mut data, json!({"outcome": "accepted"}));
-            accept(&state, &caller, job, job_hash, now, gate, approval, budgets, data).await
+            accept(state, caller, job, job_hash, now, gate, approval, budgets, data).await
         }
     }
 }
@@ -259,8 +281,8 @@ fn decision_draft(caller: &Caller, job: &Job, job_hash: &str, at: i64, kind: &st
 async fn accept_bypassed(
     state: &AppState,
     caller: &Caller,
-    job: Job,
-    job_hash: String,
+    job: &Job,
+    job_hash: &str,
     now: i64,
     error: &str,
 ) -> Result<Response, ApiError> {
@@ -282,8 +304,8 @@ async fn accept_bypassed(
 async fn accept(
     state: &AppState,
     caller: &Caller,
-    job: Job,
-    job_hash: String,
+    job: &Job,
+    job_hash: &str,
     now: i64,
     gate: GateDecision,
     approval: Option<Request>,
@@ -318,17 +340,18 @@ async fn accept(
     }
     let idempotency_key = job.idempotency_key.clone();
     let topic = job.topic.clone();
+    let decided_under = (!gate.bypassed).then_some(gate.snapshot_version);
     let record = JobRecord {
         id: id.clone(),
         tenant: caller.tenant.clone(),
-        principal: job.principal,
-        topic: job.topic,
-        env: job.env,
-        labels: job.labels,
-        payload: job.payload,
-        plan_hash: job.plan_hash,
-        idempotency_key: job.idempotency_key,
-        job_hash,
+        principal: job.principal.clone(),
+        topic: job.topic.clone(),
+        env: job.env.clone(),
+        labels: job.labels.clone(),
+        payload: job.payload.clone(),
+        plan_hash: job.plan_hash.clone(),
+        idempotency_key: job.idempotency_key.clone(),
+        job_hash: job_hash.to_owned(),
         state: state_after,
         gate_a: gate.clone(),
         approval_id: approval.as_ref().map(|a| a.id.clone()),
@@ -355,6 +378,7 @@ async fn accept(
             actor: caller.principal.clone(),
             data,
         },
+        decided_under,
     };
     let retained_since = now - state.config().idempotency_retention_ms;
     match state.store().submit(submission, retained_since).await? {

@@ -162,8 +162,27 @@ async fn claim_from_pages(state: &AppState, caller: &Caller, pool: &str) -> Resu
     Ok(None)
 }
 
+/// Decisions made for one dispatch when publishes keep superseding them before the commit.
+const DECIDE_ATTEMPTS_MAX: u32 = 3;
+
 /// Runs Gate B on one queued job; the lease to hand out, or `None` when the job was not leased.
+/// The decision is committed only under the snapshot it was made under: when a publish
+/// supersedes it first, the store refuses the write and the job is decided again.
 async fn gate_b(state: &AppState, caller: &Caller, job: JobRecord) -> Result<Option<Value>, ApiError> {
+    let mut attempt = 1;
+    loop {
+        match decide(state, caller, &job).await {
+            Err(e) if attempt < DECIDE_ATTEMPTS_MAX && e.superseded_by().is_some() => {
+                state.refresh_policy(e.superseded_by()).await?;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// One Gate B decision on `job` and its write, stamped with the time the decision was made.
+async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Option<Value>, ApiError> {
     let now = now_ms();
     let policy_job = job.to_policy_job();
     let topic = state.metrics().topic(&job.topic);
@@ -190,7 +209,7 @@ async fn gate_b(state: &AppState, caller: &Caller, job: JobRecord) -> Result<Opt
                     checked.elapsed.as_secs_f64(),
                 );
                 let approval_state = if decision == Decision::RequireHuman {
-                    approval_state(state, &job, &checked.active.policy, now).await?
+                    approval_state(state, job, &checked.active.policy, now_ms()).await?
                 } else {
                     ApprovalState::Missing
                 };
@@ -206,6 +225,9 @@ async fn gate_b(state: &AppState, caller: &Caller, job: JobRecord) -> Result<Opt
     };
     let caps = state.config().caps_for(&job.topic);
     let action = dispatch::gate_b(answer, fail_mode, job.dispatch.scheduling_attempts, &caps, jitter()?);
+    // Stamped when decided: the commit follows at once, and checks the snapshot is still active.
+    let now = now_ms();
+    let active = decided.as_ref().map_or(active, |c| std::sync::Arc::clone(&c.active));
 
     let (gate, decision_name) = match &decided {
         Some(c) => (
@@ -257,10 +279,10 @@ async fn gate_b(state: &AppState, caller: &Caller, job: JobRecord) -> Result<Opt
                 state.metrics().inc("airlock_scheduler_input_fail_open_total", &[("topic", &topic)]);
                 tracing::warn!(job_id = %job.id, topic = %job.topic, "gate b unavailable; dispatched by fail-open mode");
             }
-            // A job is charged once at Gate B (SPEC 3.4): its first lease took the token, so a
-            // retry after a lapsed lease or a failed attempt is not charged again.
+            // Every dispatch that would run the job is charged, retries included (SPEC 6), so a
+            // throttle slows a retry storm too; the charge commits with the lease, once.
             let budgets = match (&decided, budgets) {
-                (Some(c), true) if job.dispatch.execution_attempts == 0 => c
+                (Some(c), true) => c
                     .evaluation
                     .deciding
                     .iter()
@@ -357,6 +379,7 @@ async fn gate_b(state: &AppState, caller: &Caller, job: JobRecord) -> Result<Opt
             actor: caller.principal.clone(),
             data,
         },
+        decided_under: decided.as_ref().map(|c| c.active.version),
     };
     match state.store().dispatch(dispatch).await? {
         DispatchOutcome::Applied(leased) if leasing => {

@@ -28,11 +28,24 @@ fn require_admin_of(caller: &Caller, tenant: &TenantId) -> Result<(), ApiError> 
     }
 }
 
-/// `POST /api/v1/keys` `{"tenant", "roles", "name"}` → 201 `{"id", "key"}`.
+/// Whether `text` may be a key name or a principal: it names the submitter of every job the key
+/// submits, so it follows the same rules as a job's principal.
+fn valid_principal(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 128
+        && text.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        && !text.split('.').any(str::is_empty)
+}
+
+const PRINCIPAL_RULE: &str =
+    "must be 1 to 128 letters, digits, `-`, `_`, `.` or `@`, without empty dot segments";
+
+/// `POST /api/v1/keys` `{"tenant", "roles", "name", "principal"?}` → 201 `{"id", "key"}`. The
+/// principal (default: the name) is the person the key authenticates as.
 pub async fn create(State(state): State<AppState>, caller: Caller, body: Body) -> Result<Response, ApiError> {
     caller.require(Role::Admin)?;
     let map = json_object(&wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?)?;
-    only_fields(&map, &["tenant", "roles", "name"])?;
+    only_fields(&map, &["tenant", "roles", "name", "principal"])?;
     let mut errors = Vec::new();
     let tenant = match map.get("tenant").and_then(Value::as_str).map(str::parse::<TenantId>) {
         Some(Ok(t)) => Some(t),
@@ -48,26 +61,26 @@ pub async fn create(State(state): State<AppState>, caller: Caller, body: Body) -
             None
         }
     };
-    // The name is the principal of every job the key submits, so it follows the same rules.
     let name = match map.get("name").and_then(Value::as_str) {
-        Some(n)
-            if n.len() <= 128
-                && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
-                && !n.split('.').any(str::is_empty) =>
-        {
-            Some(n.to_owned())
-        }
+        Some(n) if valid_principal(n) => Some(n.to_owned()),
         Some(n) => {
-            errors.push((
-                "name".into(),
-                format!(
-                    "`{n}` must be 1 to 128 letters, digits, `-`, `_`, `.` or `@`, without empty dot segments"
-                ),
-            ));
+            errors.push(("name".into(), format!("`{n}` {PRINCIPAL_RULE}")));
             None
         }
         None => {
-            errors.push(("name".into(), "is required: the principal this key authenticates as".into()));
+            errors.push(("name".into(), "is required: a name for the key, unique in its tenant".into()));
+            None
+        }
+    };
+    let principal = match map.get("principal") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(p)) if valid_principal(p) => Some(p.clone()),
+        Some(Value::String(p)) => {
+            errors.push(("principal".into(), format!("`{p}` {PRINCIPAL_RULE}")));
+            None
+        }
+        Some(_) => {
+            errors.push(("principal".into(), "must be a string: the person the key authenticates as".into()));
             None
         }
     };
@@ -88,47 +101,54 @@ pub async fn create(State(state): State<AppState>, caller: Caller, body: Body) -
         return Err(ApiError::invalid(errors));
     };
     require_admin_of(&caller, &tenant)?;
-    let (id, secret) = create_key(state.store(), tenant, name, roles, &caller.principal).await?;
+    let named = NewKey { tenant, name, principal, roles };
+    let (id, secret) = create_key(state.store(), named, &caller.principal).await?;
     Ok((StatusCode::CREATED, Json(json!({"id": id.as_str(), "key": secret}))).into_response())
 }
 
+/// A key to create.
+pub struct NewKey {
+    /// The tenant it acts in.
+    pub tenant: TenantId,
+    /// Its name, unique in the tenant.
+    pub name: String,
+    /// The person it authenticates as, when not the name.
+    pub principal: Option<String>,
+    /// What it may do.
+    pub roles: Roles,
+}
+
 /// Creates a key and returns its id and secret.
-pub async fn create_key(
-    store: &dyn Store,
-    tenant: TenantId,
-    name: String,
-    roles: Roles,
-    actor: &str,
-) -> Result<(KeyId, String), ApiError> {
-    create_key_with_secret(store, tenant, name, roles, actor, generate_key()?).await
+pub async fn create_key(store: &dyn Store, key: NewKey, actor: &str) -> Result<(KeyId, String), ApiError> {
+    create_key_with_secret(store, key, actor, generate_key()?).await
 }
 
 /// Creates a key with a given secret (the bootstrap admin key from `AIRLOCK_ADMIN_KEY`).
 pub async fn create_key_with_secret(
     store: &dyn Store,
-    tenant: TenantId,
-    name: String,
-    roles: Roles,
+    key: NewKey,
     actor: &str,
     secret: String,
 ) -> Result<(KeyId, String), ApiError> {
     let now = now_ms();
     let id = KeyId::generate(now, random_bytes()?);
+    let principal = key.principal.filter(|p| *p != key.name);
     let record = KeyRecord {
         id: id.clone(),
-        tenant,
-        name,
-        roles,
+        tenant: key.tenant,
+        name: key.name,
+        roles: key.roles,
         secret_hash: hash_key(&secret),
         created_at: now,
         revoked_at: None,
+        principal,
     };
     let draft = Draft {
         at: now,
         kind: "key.created".into(),
         subject: id.to_string(),
         actor: actor.to_owned(),
-        data: json!({"name": record.name, "roles": record.roles.to_string()}),
+        data: json!({"name": record.name, "principal": record.principal(), "roles": record.roles.to_string()}),
     };
     match store.create_key(record, draft).await {
         Ok(()) => Ok((id, secret)),

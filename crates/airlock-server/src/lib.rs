@@ -183,21 +183,6 @@ async fn observe(State(state): State<AppState>, request: Request, next: Next) ->
     response
 }
 
-/// Activates the store's active snapshot when it is not the one this process uses.
-async fn refresh_policy(state: &AppState) -> Result<(), StartError> {
-    let Some(stored) = state.store().active_snapshot().await? else { return Ok(()) };
-    if stored.version == state.safety().active().version {
-        return Ok(());
-    }
-    let (policy, _) = airlock_policy::compile(&stored.source).map_err(|_| StartError::Policy {
-        source_name: format!("stored snapshot {}", stored.version),
-        errors: "does not compile".into(),
-    })?;
-    tracing::info!(version = stored.version, hash = %stored.hash, "activated a snapshot published elsewhere");
-    state.safety().activate(ActivePolicy { version: stored.version, policy });
-    Ok(())
-}
-
 /// Why the service could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -254,7 +239,8 @@ pub async fn bootstrap_admin(
         Some(_) => return Err(StartError::Other("AIRLOCK_ADMIN_KEY must be at least 16 characters".into())),
         None => auth::generate_key().map_err(|e| StartError::Other(format!("{e:?}")))?,
     };
-    match keys::create_key_with_secret(store, tenant, "admin".into(), roles, "system", secret).await {
+    let key = keys::NewKey { tenant, name: "admin".into(), principal: None, roles };
+    match keys::create_key_with_secret(store, key, "system", secret).await {
         Ok((_, secret)) => Ok(generated.then_some(secret)),
         // Another replica starting at the same moment created it first.
         Err(e) if e.status() == axum::http::StatusCode::CONFLICT => Ok(None),
@@ -272,7 +258,7 @@ pub fn spawn_listener(state: AppState) {
                 Ok(airlock_store::StoreEvent::Work) => state.work().notify_waiters(),
                 Ok(airlock_store::StoreEvent::Keys) => state.keys().clear(),
                 Ok(airlock_store::StoreEvent::Policy) => {
-                    if let Err(e) = refresh_policy(&state).await {
+                    if let Err(e) = state.refresh_policy(None).await {
                         tracing::warn!(error = %e, "policy refresh failed");
                     }
                 }
@@ -303,7 +289,7 @@ pub fn spawn_sweeps(state: AppState, period: Duration) {
 /// Expires due approval requests, requeues or dead-letters jobs whose lease lapsed, and picks
 /// up a snapshot another process published (the polling that keeps replicas on one policy).
 pub async fn sweep(state: &AppState) {
-    if let Err(e) = refresh_policy(state).await {
+    if let Err(e) = state.refresh_policy(None).await {
         tracing::warn!(error = %e, "policy refresh failed");
     }
     if let Err(e) = state.store().outbox_prune(state::now_ms() - OUTBOX_KEEP_MS).await {

@@ -301,13 +301,20 @@ impl Safety {
         }
     }
 
-    /// Makes `active` the snapshot every later check uses.
-    pub fn activate(&self, active: ActivePolicy) {
-        let active = Arc::new(active);
-        match self.active.write() {
-            Ok(mut guard) => *guard = active,
-            Err(poisoned) => *poisoned.into_inner() = active,
+    /// Makes `active` the snapshot every later check uses, unless a later version is already
+    /// active here: versions only move forward (a rollback is a new version), so two publishes
+    /// answered out of order, or a publish racing the refresh sweep, never leave this process
+    /// deciding under the older one. Whether it was activated.
+    pub fn activate(&self, active: ActivePolicy) -> bool {
+        let mut guard = match self.active.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if active.version <= guard.version {
+            return false;
         }
+        *guard = Arc::new(active);
+        true
     }
 
     /// Sets or clears the injected fault.
@@ -332,12 +339,37 @@ impl Safety {
             let active = self.active();
             let started = Instant::now();
             let evaluation = match &self.remote {
-                None => active.policy.evaluate(job),
+                // Evaluation is synchronous, so the timeout around this future could not stop
+                // it: the engine asks this deadline as it goes and gives up past it.
+                None => active
+                    .policy
+                    .evaluate_within(job, &mut || started.elapsed() < timeout)
+                    .ok_or(SafetyError::Timeout(timeout))?,
                 Some(remote) => remote.evaluate(job, active.version, &active.policy).await?,
             };
             Ok(Checked { active, evaluation, elapsed: started.elapsed() })
         };
         tokio::time::timeout(timeout, evaluate).await.map_err(|_| SafetyError::Timeout(timeout))?
+    }
+}
+
+/// Why the active snapshot could not be refreshed from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] airlock_store::StoreError),
+    /// The stored snapshot does not compile (a newer Airlock published it?).
+    #[error("stored snapshot {0} does not compile")]
+    Policy(u64),
+}
+
+impl From<RefreshError> for ApiError {
+    fn from(e: RefreshError) -> Self {
+        match e {
+            RefreshError::Store(e) => e.into(),
+            RefreshError::Policy(_) => ApiError::internal(e),
+        }
     }
 }
 
@@ -356,6 +388,9 @@ struct Inner {
     in_flight: Mutex<std::collections::HashSet<airlock_core::ids::JobId>>,
     snapshots: crate::remote_safety::Snapshots,
     keys: crate::auth::KeyCache,
+    /// Held while the store's active snapshot is loaded and compiled, so that the claims that
+    /// all found their decision stale at once compile it once.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -374,7 +409,32 @@ impl AppState {
             in_flight: Mutex::new(std::collections::HashSet::new()),
             snapshots: crate::remote_safety::Snapshots::default(),
             keys: crate::auth::KeyCache::default(),
+            refreshing: tokio::sync::Mutex::new(()),
         }))
+    }
+
+    /// Activates the store's active snapshot when this process decides under an older one
+    /// (a publish on another replica, or one that raced this process's own). With `at_least`,
+    /// only if this process is behind that version.
+    pub async fn refresh_policy(&self, at_least: Option<u64>) -> Result<(), RefreshError> {
+        let behind = |state: &Self| at_least.is_none_or(|v| state.safety().active().version < v);
+        if !behind(self) {
+            return Ok(());
+        }
+        let _refreshing = self.0.refreshing.lock().await;
+        if !behind(self) {
+            return Ok(());
+        }
+        let Some(stored) = self.store().active_snapshot().await? else { return Ok(()) };
+        if stored.version <= self.safety().active().version {
+            return Ok(());
+        }
+        let (policy, _) =
+            airlock_policy::compile(&stored.source).map_err(|_| RefreshError::Policy(stored.version))?;
+        if self.safety().activate(ActivePolicy { version: stored.version, policy }) {
+            tracing::info!(version = stored.version, hash = %stored.hash, "activated a snapshot published elsewhere");
+        }
+        Ok(())
     }
 
     /// Keys recently authenticated.

@@ -190,6 +190,7 @@ pub fn key(k: &KeyRecord) -> Value {
         "id": k.id.as_str(),
         "tenant": k.tenant.as_str(),
         "name": k.name,
+        "principal": k.principal(),
         "roles": k.roles.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
         "created_at": k.created_at,
         "revoked_at": k.revoked_at,

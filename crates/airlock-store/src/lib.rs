@@ -40,6 +40,13 @@ pub enum StoreError {
     /// Stored data is not what this version of Airlock expects.
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// The write was decided under a policy snapshot that is no longer the active one: nothing
+    /// was written; decide again under the active snapshot.
+    #[error("the decision was made under a superseded snapshot; version {active} is active")]
+    Stale {
+        /// The active snapshot's version at the commit.
+        active: u64,
+    },
 }
 
 /// An API key as stored: never the secret, only its hash.
@@ -49,7 +56,7 @@ pub struct KeyRecord {
     pub id: KeyId,
     /// The tenant the key acts in.
     pub tenant: TenantId,
-    /// The principal the key authenticates as; unique within its tenant.
+    /// The key's name; unique within its tenant.
     pub name: String,
     /// What it may do.
     pub roles: Roles,
@@ -59,6 +66,16 @@ pub struct KeyRecord {
     pub created_at: Millis,
     /// When it was revoked, if it was.
     pub revoked_at: Option<Millis>,
+    /// The person the key authenticates as, when it is not the name: one person may hold several
+    /// keys, and quorum and self-approval compare principals (SPEC 7).
+    pub principal: Option<String>,
+}
+
+impl KeyRecord {
+    /// The principal the key authenticates as: its `principal`, or else its name.
+    pub fn principal(&self) -> &str {
+        self.principal.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// A published policy version.
@@ -257,6 +274,10 @@ pub struct Submission {
     pub budgets: Vec<Budget>,
     /// The audit record of the decision.
     pub audit: Draft,
+    /// The snapshot version the decision was made under: the commit checks, in its own
+    /// transaction, that it is still the active one ([`StoreError::Stale`] otherwise). `None`
+    /// for a decision made under no snapshot (a fail-open bypass).
+    pub decided_under: Option<u64>,
 }
 
 /// What became of a submission.
@@ -367,6 +388,9 @@ pub struct Dispatch {
     pub at: Millis,
     /// The audit record.
     pub audit: Draft,
+    /// The snapshot version the decision was made under, checked at the commit as for
+    /// [`Submission::decided_under`]; `None` when the safety check was unavailable.
+    pub decided_under: Option<u64>,
 }
 
 /// What became of a dispatch.
@@ -484,8 +508,14 @@ pub trait Store: Send + Sync {
         submission: Submission,
         retained_since: Millis,
     ) -> Result<SubmitOutcome, StoreError>;
-    /// Appends an audit record alone (denied, throttled, unavailable).
-    async fn append_audit(&self, tenant: &TenantId, draft: Draft) -> Result<(), StoreError>;
+    /// Appends an audit record alone (denied, throttled, unavailable). With `decided_under`,
+    /// only if that snapshot version is still the active one ([`StoreError::Stale`] otherwise).
+    async fn append_audit(
+        &self,
+        tenant: &TenantId,
+        draft: Draft,
+        decided_under: Option<u64>,
+    ) -> Result<(), StoreError>;
 
     /// A job of a tenant.
     async fn job(&self, tenant: &TenantId, id: &JobId) -> Result<Option<JobRecord>, StoreError>;

@@ -34,7 +34,7 @@ use crate::{
 };
 
 /// The schema migrations, in order; the `airlock_migrations` table records which are applied.
-const MIGRATIONS: [&str; 8] = [
+const MIGRATIONS: [&str; 9] = [
     include_str!("postgres_schema.sql"),
     include_str!("postgres_schema_v2.sql"),
     include_str!("postgres_schema_v3.sql"),
@@ -43,6 +43,7 @@ const MIGRATIONS: [&str; 8] = [
     include_str!("postgres_schema_v6.sql"),
     include_str!("postgres_schema_v7.sql"),
     include_str!("postgres_schema_v8.sql"),
+    include_str!("postgres_schema_v9.sql"),
 ];
 
 /// How long a relay has the outbox rows it took to itself before another may take them.
@@ -75,6 +76,18 @@ const SEAL_BATCH: usize = 2_000;
 /// this is how far behind an unread chain may be, not how stale a read can be).
 const SEAL_PERIOD: Duration = Duration::from_millis(100);
 
+/// What `airlock_decided_under` (migration v9) raises when a write was decided under a snapshot
+/// that is no longer active; the message is the active version.
+const STALE_SQLSTATE: &str = "Z9001";
+
+/// Refuses, inside the caller's transaction, a write decided under a snapshot that is no longer
+/// active; the lock it takes on the active-snapshot row keeps a publish out until the commit.
+async fn guard(db: &Db<'_, impl GenericClient + Sync>, decided_under: Option<u64>) -> Result<(), Fail> {
+    let Some(version) = decided_under else { return Ok(()) };
+    db.execute("SELECT airlock_decided_under($1)", &[&big_u64(version)]).await?;
+    Ok(())
+}
+
 /// Why a transaction failed: retry it, or give up with a store error.
 enum Fail {
     /// Deadlock or serialization failure: nothing was committed, run it again.
@@ -102,6 +115,10 @@ impl From<tokio_postgres::Error> for Fail {
                 Fail::Retry(message)
             }
             Some(c) if *c == SqlState::UNIQUE_VIOLATION => Fail::Store(StoreError::Conflict(message)),
+            Some(c) if c.code() == STALE_SQLSTATE => {
+                let active = e.as_db_error().and_then(|db| db.message().parse().ok()).unwrap_or(0);
+                Fail::Store(StoreError::Stale { active })
+            }
             _ => Fail::Store(StoreError::Unavailable(message)),
         }
     }
@@ -761,7 +778,7 @@ async fn load_approval(
     Ok(approval.filter(|approval| approval.tenant == *tenant))
 }
 
-const KEY_COLUMNS: &str = "id, tenant, name, roles, secret_hash, created_at, revoked_at";
+const KEY_COLUMNS: &str = "id, tenant, name, roles, secret_hash, created_at, revoked_at, principal";
 
 fn key_from_row(row: &Row) -> Result<KeyRecord, Fail> {
     let roles: Roles = get::<&str>(row, 3)?
@@ -779,6 +796,7 @@ fn key_from_row(row: &Row) -> Result<KeyRecord, Fail> {
         secret_hash: hash.try_into().map_err(|_| corrupt("key hash length"))?,
         created_at: get(row, 5)?,
         revoked_at: get(row, 6)?,
+        principal: get(row, 7)?,
     })
 }
 
@@ -996,6 +1014,8 @@ struct Moved<'a> {
 struct Composed<'a> {
     parts: Vec<String>,
     params: Vec<&'a (dyn ToSql + Sync)>,
+    /// The placeholder of the snapshot version the write was decided under ([`guard`]).
+    guard: Option<String>,
 }
 
 impl<'a> Composed<'a> {
@@ -1003,6 +1023,14 @@ impl<'a> Composed<'a> {
     fn param(&mut self, value: &'a (dyn ToSql + Sync)) -> String {
         self.params.push(value);
         format!("${}", self.params.len())
+    }
+
+    /// Makes the statement fail, writing nothing, unless `decided_under` is still the active
+    /// snapshot at its commit ([`guard`]).
+    fn guard(&mut self, decided_under: &'a Option<i64>) {
+        if decided_under.is_some() {
+            self.guard = Some(self.param(decided_under));
+        }
     }
 
     /// Adds a data-modifying statement.
@@ -1056,11 +1084,19 @@ impl<'a> Composed<'a> {
         ));
     }
 
-    /// The statement, ending with `SELECT pg_notify(channel)` when one is given.
+    /// The statement, ending with the guard and `SELECT pg_notify(channel)` when they are given.
     fn sql(&mut self, notify: Option<&'a &'a str>) -> String {
-        let last = match notify {
-            Some(channel) => format!("SELECT pg_notify({}, '')", self.param(channel)),
-            None => "SELECT 1".to_owned(),
+        let mut selected = Vec::new();
+        if let Some(version) = &self.guard {
+            selected.push(format!("airlock_decided_under({version})"));
+        }
+        if let Some(channel) = notify {
+            selected.push(format!("pg_notify({}, '')", self.param(channel)));
+        }
+        let last = if selected.is_empty() {
+            "SELECT 1".to_owned()
+        } else {
+            format!("SELECT {}", selected.join(", "))
         };
         let ctes: Vec<String> =
             self.parts.iter().enumerate().map(|(n, part)| format!("p{n} AS ({part})")).collect();
@@ -1259,6 +1295,7 @@ async fn submit(tx: &Tx<'_>, s: &Submission, retained_since: Millis) -> Result<S
         }
         draft.kind = "gate_a.decision".into();
         draft.subject = "-".into();
+        guard(tx, s.decided_under).await?;
         append_audit(tx, tenant, draft).await?;
         return Ok(SubmitOutcome::Throttled { retry_after_ms });
     }
@@ -1295,7 +1332,9 @@ async fn insert_job(db: &Db<'_, impl GenericClient + Sync>, s: &Submission) -> R
     let drafts = [s.audit.clone()];
     let data = [s.audit.data.to_string()];
     let approval = s.approval.as_ref().map(ApprovalRow::new);
+    let decided_under = s.decided_under.map(big_u64);
     let mut c = Composed::default();
+    c.guard(&decided_under);
     let (p_id, p_tenant, p_state, p_at) =
         (c.param(&id), c.param(&tenant), c.param(&state), c.param(&j.created_at));
     let (principal, topic, env) = (c.param(&j.principal), c.param(&j.topic), c.param(&j.env));
@@ -1429,7 +1468,10 @@ async fn dispatch(tx: &Tx<'_>, d: &Dispatch) -> Result<DispatchOutcome, Fail> {
     // Waits for the row rather than skipping it: a claim that holds the job must not give it up
     // because another claim's `hold_next` (or a dispatch of a page claim) has it locked for an
     // instant; a job dispatched meanwhile is no longer queued below.
-    let mut job = load_job(tx, &d.tenant, &d.job_id, true).await?.ok_or(StoreError::NotFound)?;
+    // The guard goes out with the load (pipelined): a dispatch decided under a superseded
+    // snapshot fails here, and the transaction writes nothing.
+    let (job, ()) = tokio::try_join!(load_job(tx, &d.tenant, &d.job_id, true), guard(tx, d.decided_under))?;
+    let mut job = job.ok_or(StoreError::NotFound)?;
     if job.state != JobState::Queued {
         return Ok(DispatchOutcome::Gone);
     }
@@ -1451,6 +1493,7 @@ async fn dispatch(tx: &Tx<'_>, d: &Dispatch) -> Result<DispatchOutcome, Fail> {
                 let mut draft = d.audit.clone();
                 draft.kind = "gate_b.throttled".into();
                 if let Value::Object(data) = &mut draft.data {
+                    data.insert("outcome".into(), json!("throttled"));
                     data.insert("retry_after_ms".into(), json!(retry_after_ms));
                 }
                 let (tenant, drafts) = (d.tenant.as_str(), [draft]);
@@ -1619,8 +1662,8 @@ async fn finish(
 async fn create_key(tx: &Tx<'_>, key: &KeyRecord, audit: &Draft) -> Result<(), Fail> {
     let inserted = tx
         .execute(
-            "INSERT INTO api_keys (id, tenant, name, roles, secret_hash, created_at, revoked_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO api_keys (id, tenant, name, roles, secret_hash, created_at, revoked_at, principal)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             &[
                 &key.id.as_str(),
                 &key.tenant.as_str(),
@@ -1629,6 +1672,7 @@ async fn create_key(tx: &Tx<'_>, key: &KeyRecord, audit: &Draft) -> Result<(), F
                 &key.secret_hash.as_slice(),
                 &key.created_at,
                 &key.revoked_at,
+                &key.principal,
             ],
         )
         .await;
@@ -1666,6 +1710,9 @@ async fn publish(
     actor: &str,
 ) -> Result<SnapshotRecord, Fail> {
     tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&PUBLISH_LOCK.0, &PUBLISH_LOCK.1]).await?;
+    // Waits for every write holding the row under the old version ([`guard`]) to commit, and
+    // makes every later one read the new version.
+    tx.execute("SELECT version FROM active_snapshot WHERE id = 1 FOR UPDATE", &[]).await?;
     let version: i64 =
         get(&tx.query_one("SELECT COALESCE(MAX(version), 0) + 1 FROM snapshots", &[]).await?, 0)?;
     tx.execute(
@@ -1939,8 +1986,17 @@ impl Store for PgStore {
         }
     }
 
-    async fn append_audit(&self, tenant: &TenantId, draft: Draft) -> Result<(), StoreError> {
-        write_tx!(self, |tx| append_audit(&tx, tenant.as_str(), draft.clone())).await?;
+    async fn append_audit(
+        &self,
+        tenant: &TenantId,
+        draft: Draft,
+        decided_under: Option<u64>,
+    ) -> Result<(), StoreError> {
+        write_tx!(self, |tx| async {
+            guard(&tx, decided_under).await?;
+            append_audit(&tx, tenant.as_str(), draft.clone()).await
+        })
+        .await?;
         Ok(())
     }
 

@@ -28,11 +28,12 @@ use crate::{
 };
 
 /// The schema migrations, in order; `PRAGMA user_version` counts how many are applied.
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     include_str!("schema.sql"),
     include_str!("schema_v2.sql"),
     include_str!("schema_v3.sql"),
     include_str!("schema_v4.sql"),
+    include_str!("schema_v5.sql"),
 ];
 
 /// Most commands committed in one transaction.
@@ -535,10 +536,11 @@ fn key_from_row(row: &Row<'_>) -> Result<KeyRecord, StoreError> {
         secret_hash: hash.try_into().map_err(|_| corrupt("key hash length"))?,
         created_at: row.get(5)?,
         revoked_at: row.get(6)?,
+        principal: row.get::<_, Option<String>>(7)?,
     })
 }
 
-const KEY_COLUMNS: &str = "id, tenant, name, roles, secret_hash, created_at, revoked_at";
+const KEY_COLUMNS: &str = "id, tenant, name, roles, secret_hash, created_at, revoked_at, principal";
 
 fn load_key(conn: &Connection, id: &str) -> Result<Option<KeyRecord>, StoreError> {
     let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1");
@@ -602,6 +604,19 @@ fn load_idempotency(
     }))
 }
 
+/// Refuses a write decided under a snapshot that is no longer active. Publishes go through the
+/// same writer thread, so nothing can activate another snapshot between this check and the
+/// commit of the write.
+fn check_decided_under(conn: &Connection, decided_under: Option<u64>) -> Result<(), StoreError> {
+    let Some(version) = decided_under else { return Ok(()) };
+    let active: Option<i64> = conn
+        .prepare_cached("SELECT version FROM active_snapshot WHERE id = 1")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    let active = active.map_or(0, i64::unsigned_abs);
+    if active == version { Ok(()) } else { Err(StoreError::Stale { active }) }
+}
+
 fn submit(tx: &mut Tx<'_>, s: Submission, retained_since: Millis) -> Reply {
     let tenant = s.job.tenant.as_str().to_owned();
     if let Some((key, _, _)) = &s.idempotency
@@ -614,6 +629,7 @@ fn submit(tx: &mut Tx<'_>, s: Submission, retained_since: Millis) -> Reply {
         };
         return Ok(Output::Submit(outcome));
     }
+    check_decided_under(tx.conn, s.decided_under)?;
     let at = s.job.created_at;
     if let Err(retry_after_ms) = take_budgets(tx.conn, &s.budgets, at)? {
         let mut draft = s.audit;
@@ -751,6 +767,7 @@ fn dispatch(tx: &mut Tx<'_>, d: Dispatch) -> Reply {
     if job.state != JobState::Queued {
         return Ok(Output::Dispatch(DispatchOutcome::Gone));
     }
+    check_decided_under(tx.conn, d.decided_under)?;
     let id = d.job_id.as_str();
     tx.conn
         .prepare_cached("UPDATE jobs SET gate_b = ?1 WHERE id = ?2")?
@@ -766,6 +783,7 @@ fn dispatch(tx: &mut Tx<'_>, d: Dispatch) -> Reply {
                 let mut draft = d.audit;
                 draft.kind = "gate_b.throttled".into();
                 if let Value::Object(data) = &mut draft.data {
+                    data.insert("outcome".into(), json!("throttled"));
                     data.insert("retry_after_ms".into(), json!(retry_after_ms));
                 }
                 tx.append_audit(d.tenant.as_str(), draft)?;
@@ -920,7 +938,7 @@ impl Store for SqliteStore {
                 let inserted = tx
                     .conn
                     .prepare_cached(&format!(
-                        "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                        "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
                     ))?
                     .execute(params![
                         key.id.as_str(),
@@ -930,6 +948,7 @@ impl Store for SqliteStore {
                         key.secret_hash.as_slice(),
                         key.created_at,
                         key.revoked_at,
+                        key.principal,
                     ]);
                 match inserted.map_err(StoreError::from) {
                     Err(StoreError::Conflict(_)) => {
@@ -1095,10 +1114,16 @@ impl Store for SqliteStore {
         expect_output!(reply, Submit)
     }
 
-    async fn append_audit(&self, tenant: &TenantId, draft: Draft) -> Result<(), StoreError> {
+    async fn append_audit(
+        &self,
+        tenant: &TenantId,
+        draft: Draft,
+        decided_under: Option<u64>,
+    ) -> Result<(), StoreError> {
         let tenant = tenant.to_string();
         let reply = self
             .write(Box::new(move |tx| {
+                check_decided_under(tx.conn, decided_under)?;
                 tx.append_audit(&tenant, draft)?;
                 Ok(Output::Unit(()))
             }))

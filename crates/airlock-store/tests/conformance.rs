@@ -174,6 +174,7 @@ fn submission(job: JobRecord) -> Submission {
         idempotency: None,
         budgets: vec![],
         audit: draft("job.submitted", &subject),
+        decided_under: None,
     }
 }
 
@@ -387,6 +388,7 @@ async fn approval_changes_are_optimistic_and_move_the_job() {
             gate_b: j.gate_a.clone(),
             at: 160,
             audit: draft("gate_b.decision", j.id.as_str()),
+            decided_under: None,
         };
         let waiting = match store.dispatch(dispatch).await.unwrap() {
             DispatchOutcome::Applied(job) => job,
@@ -434,6 +436,7 @@ async fn keys_snapshots_and_durability(open: impl AsyncFn() -> Box<dyn Store>) {
         secret_hash: [7; 32],
         created_at: 1,
         revoked_at: None,
+        principal: Some("carol".into()),
     };
     let j = job(&t, JobState::Queued, 9);
     {
@@ -512,6 +515,7 @@ async fn concurrent_dispatches_and_finishes_succeed_or_fail_alone() {
             gate_b: j.gate_a.clone(),
             at: 200,
             audit: draft("gate_b.decision", j.id.as_str()),
+            decided_under: None,
         };
         // Job 20 is dispatched twice at once (adjacent, so that a group commit would take both):
         // one lease, one `Gone`.
@@ -592,6 +596,7 @@ async fn leases_are_fenced_and_dead_letters_come_back() {
             gate_b: j.gate_a.clone(),
             at: 200,
             audit: draft("gate_b.decision", j.id.as_str()),
+            decided_under: None,
         };
         // A Gate B budget that refuses requeues the job until it refills, uncounted.
         let tight = Limit { rate: 1, per_secs: 60, burst: 1, key: vec![LimitKey::Tenant] };
@@ -760,6 +765,7 @@ async fn postgres_replicas_keep_one_chain_and_lease_once() {
                 gate_b: j.gate_a.clone(),
                 at: 30_000,
                 audit: draft("gate_b.decision", j.id.as_str()),
+                decided_under: None,
             };
             leases.push((j.id.clone(), tokio::spawn(async move { replica.dispatch(dispatch).await })));
         }
@@ -965,6 +971,7 @@ async fn claim_holds_hand_each_job_to_one_claim_until_they_lapse() {
             gate_b: job(&t, JobState::Queued, 100).gate_a,
             at: 1_001,
             audit: draft("gate_b.decision", id.as_str()),
+            decided_under: None,
         };
         let denied = store.dispatch(dispatch(&ids[0], DispatchAction::Deny)).await.unwrap();
         assert!(matches!(denied, DispatchOutcome::Applied(_)), "{name}");
@@ -1015,4 +1022,82 @@ async fn postgres_claims_find_a_job_behind_their_floor_within_a_second() {
     let waited = started.elapsed();
     assert!(waited < std::time::Duration::from_millis(1_500), "the first job came back after {waited:?}");
     assert!(after_floor < jobs.len() - 2, "the floor expired before the jobs after it ran out");
+}
+
+/// SPEC 6, linearizable policy: a write carries the snapshot version it was decided under, and
+/// the commit refuses it, writing nothing, once another version is active; writes decided under
+/// the active one commit, alone or in a group with refused ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_decided_under_a_superseded_snapshot_are_refused() {
+    for (name, store, _schema) in stores().await {
+        let t = tenant("acme");
+        store.publish("sha256:one", "version: v1\n", None, 1, "admin").await.unwrap();
+        store.publish("sha256:two", "version: v1\nrules: []\n", None, 2, "admin").await.unwrap();
+        fn stale<T>(result: Result<T, StoreError>) -> bool {
+            matches!(result, Err(StoreError::Stale { active: 2 }))
+        }
+
+        let refused = job(&t, JobState::Queued, 100);
+        let mut under_one = submission(refused.clone());
+        under_one.decided_under = Some(1);
+        assert!(stale(store.submit(under_one, 0).await), "{name}: a 202 under version 1");
+        assert_eq!(store.job(&t, &refused.id).await.unwrap(), None, "{name}: nothing stored");
+        let denial = draft("gate_a.decision", "-");
+        assert!(stale(store.append_audit(&t, denial.clone(), Some(1)).await), "{name}: a deny under 1");
+        assert_eq!(verify_chain(&*store, &t).await, Ok(0), "{name}: not even an audit record");
+        store.append_audit(&t, denial, Some(2)).await.unwrap();
+
+        let jobs: Vec<JobRecord> = (0..20).map(|i| job(&t, JobState::Queued, 200 + i)).collect();
+        for j in &jobs {
+            let mut s = submission(j.clone());
+            s.decided_under = Some(2);
+            assert_eq!(store.submit(s, 0).await.unwrap(), SubmitOutcome::Accepted, "{name}");
+        }
+        let tight = Limit { rate: 1, per_secs: 60, burst: 10, key: vec![LimitKey::Tenant] };
+        let lease = |i: usize, j: &JobRecord| Dispatch {
+            tenant: t.clone(),
+            job_id: j.id.clone(),
+            action: DispatchAction::Lease {
+                lease: Lease { token: format!("t{i}"), expires_at: 10_000, worker: "w".into() },
+                budgets: vec![Budget { key: "b|shared".into(), limit: tight.clone() }],
+            },
+            gate_b: j.gate_a.clone(),
+            at: 300,
+            audit: draft("gate_b.decision", j.id.as_str()),
+            // Even jobs were decided under the superseded version.
+            decided_under: Some(if i % 2 == 0 { 1 } else { 2 }),
+        };
+        let handles: Vec<_> = jobs
+            .iter()
+            .enumerate()
+            .map(|(i, j)| {
+                let (store, d) = (Arc::clone(&store), lease(i, j));
+                tokio::spawn(async move { (i, store.dispatch(d).await) })
+            })
+            .collect();
+        for h in handles {
+            let (i, outcome) = h.await.unwrap();
+            let stored = store.job(&t, &jobs[i].id).await.unwrap().unwrap();
+            if i % 2 == 0 {
+                assert!(stale(outcome), "{name}: job {i} leased under version 1");
+                assert_eq!(
+                    (stored.state, stored.dispatch.lease),
+                    (JobState::Queued, None),
+                    "{name}: job {i}"
+                );
+            } else {
+                assert!(matches!(outcome, Ok(DispatchOutcome::Applied(_))), "{name}: job {i}: {outcome:?}");
+                assert_eq!(stored.state, JobState::Leased, "{name}: job {i}");
+            }
+        }
+        // One audit record for the deny; per job its submit; per lease a transition and Gate B's
+        // decision. The ten leases took the budget's ten tokens, the refused dispatches none.
+        assert_eq!(verify_chain(&*store, &t).await, Ok(1 + 20 + 2 * 10), "{name}");
+        let mut eleventh = submission(job(&t, JobState::Queued, 400));
+        eleventh.budgets = vec![Budget { key: "b|shared".into(), limit: tight.clone() }];
+        assert!(
+            matches!(store.submit(eleventh, 0).await.unwrap(), SubmitOutcome::Throttled { .. }),
+            "{name}: the budget is spent"
+        );
+    }
 }

@@ -199,9 +199,13 @@ pub enum KeysCommand {
         /// The tenant the key acts in.
         #[arg(long)]
         tenant: String,
-        /// The principal the key authenticates as.
+        /// The key's name, unique in its tenant.
         #[arg(long)]
         name: String,
+        /// The person the key authenticates as (default: the name). Quorum and self-approval
+        /// compare principals, so one person's several keys count once.
+        #[arg(long)]
+        principal: Option<String>,
         /// A role: submitter, approver, operator, admin, worker. Repeat or separate with commas.
         #[arg(long = "role", value_name = "ROLE", required = true, value_delimiter = ',')]
         roles: Vec<String>,
@@ -978,17 +982,16 @@ fn list_dead_letters(connection: &Connection, path: &str) -> Result<(), Exit> {
 /// `airlock keys ...`.
 pub fn keys(command: KeysCommand) -> ExitCode {
     finish(match command {
-        KeysCommand::Create { tenant, name, roles, connection } => {
-            Client::new(&connection).and_then(|client| {
-                let request = json!({"tenant": tenant, "name": name, "roles": roles});
+        KeysCommand::Create { tenant, name, principal, roles, connection } => Client::new(&connection)
+            .and_then(|client| {
+                let request = json!({"tenant": tenant, "name": name, "principal": principal, "roles": roles});
                 let body = client.call(Verb::Post, "/api/v1/keys", Payload::Json(&request))?;
                 client.show(&body, |b| {
                     block(&[("id", text(b, "id")), ("key", text(b, "key"))]);
                     eprintln!("the key is shown only now: store it");
                 });
                 Ok(())
-            })
-        }
+            }),
         KeysCommand::List { connection } => Client::new(&connection).and_then(|client| {
             let body = client.call(Verb::Get, "/api/v1/keys", Payload::Empty)?;
             client.show(&body, |b| {
