@@ -104,6 +104,34 @@ pub struct Request {
     pub status: Status,
 }
 
+impl Request {
+    /// A pending request, bound to `job_hash` and to the rules of `policy` that decided
+    /// `evaluation` (`require_human`), with the largest quorum any of them asks for. The one way
+    /// every path (Gate A, Gate B, a stale approval's replacement) opens a request.
+    pub fn pending(
+        policy: &Policy,
+        evaluation: &airlock_policy::Evaluation,
+        job_hash: String,
+        requested_by: String,
+        now: Millis,
+        ttl_ms: Millis,
+    ) -> Self {
+        let deciding: Vec<_> = evaluation.deciding.iter().filter_map(|i| policy.rule(*i)).collect();
+        Self {
+            job_hash,
+            snapshot_hash: policy.hash().to_owned(),
+            rule_ids: deciding.iter().map(|r| r.id.clone()).collect(),
+            rule_hashes: deciding.iter().map(|r| r.hash.clone()).collect(),
+            requested_by,
+            created_at: now,
+            expires_at: now + ttl_ms,
+            quorum: deciding.iter().map(|r| r.approvals).max().unwrap_or(1),
+            approvers: Vec::new(),
+            status: Status::Pending,
+        }
+    }
+}
+
 /// Why a binding no longer holds.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Stale {

@@ -40,6 +40,8 @@ pub const POLICY_BODY_BYTES_MAX: usize = airlock_policy::limits::POLICY_BYTES_MA
 pub const PAGE_SIZE_MAX: u32 = 500;
 /// Page size when the client names none.
 pub const PAGE_SIZE_DEFAULT: u32 = 50;
+/// Most audit records (gate decisions, transitions) the job view shows for one job.
+pub const JOB_VIEW_AUDIT_MAX: u32 = 1_000;
 
 const _: () = assert!(GATE_B_CLIENT_TIMEOUT_MS < GATE_B_ENGINE_TIMEOUT_MS);
 const _: () = assert!(HEARTBEAT_MS * 3 <= LEASE_MS, "a worker gets three heartbeats per lease");

@@ -118,20 +118,44 @@ pub fn gate_b(
         Safety::Unavailable(reason) => match fail_mode {
             FailMode::Open => Action::Lease { budgets: false, bypassed: true },
             FailMode::Closed => {
-                let used = scheduling_attempts + 1;
-                if used >= caps.scheduling_attempts_max {
-                    Action::DeadLetter(format!(
-                        "scheduling attempts exhausted ({used}): safety check unavailable: {reason}"
-                    ))
-                } else {
-                    Action::Requeue {
-                        delay_ms: backoff_ms(used, caps, jitter),
-                        counted: true,
-                        reason: format!("safety check unavailable: {reason}"),
-                    }
+                let reason = format!("safety check unavailable: {reason}");
+                match scheduling_failed(scheduling_attempts, caps, jitter, &reason) {
+                    Rescheduled::Later { delay_ms } => Action::Requeue { delay_ms, counted: true, reason },
+                    Rescheduled::DeadLetter(why) => Action::DeadLetter(why),
                 }
             }
         },
+    }
+}
+
+/// A failed scheduling attempt's consequence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rescheduled {
+    /// Back to the queue after `delay_ms`; the attempt counts.
+    Later {
+        /// The backoff.
+        delay_ms: u64,
+    },
+    /// The cap is reached: the DLQ, with this reason.
+    DeadLetter(String),
+}
+
+/// The reason of a job that no worker pool takes.
+pub const NO_WORKER: &str = "no_worker";
+
+/// A queued job whose topic no worker pool takes (SPEC 6, reason [`NO_WORKER`]): like any
+/// scheduling failure, it waits with backoff and counts, then is dead-lettered.
+pub fn no_worker(scheduling_attempts: u32, caps: &Caps, jitter: f64) -> Rescheduled {
+    scheduling_failed(scheduling_attempts, caps, jitter, NO_WORKER)
+}
+
+/// One more failed scheduling attempt: back to the queue with backoff, or, at the cap, the DLQ.
+fn scheduling_failed(scheduling_attempts: u32, caps: &Caps, jitter: f64, reason: &str) -> Rescheduled {
+    let used = scheduling_attempts + 1;
+    if used >= caps.scheduling_attempts_max {
+        Rescheduled::DeadLetter(format!("scheduling attempts exhausted ({used}): {reason}"))
+    } else {
+        Rescheduled::Later { delay_ms: backoff_ms(used, caps, jitter) }
     }
 }
 

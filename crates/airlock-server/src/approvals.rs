@@ -67,8 +67,7 @@ pub async fn get(
     let (approval, job) = load(&state, &caller, &parse_id(&id)?).await?;
     let mut body = wire::approval(&approval);
     if let Some(o) = body.as_object_mut() {
-        let history = state.store().history(&caller.tenant, &job.id).await?;
-        o.insert("job".into(), wire::job(&job, &history));
+        o.insert("job".into(), crate::jobs::view(&state, &job).await?);
         o.insert("current_decision".into(), current_decision(&state, &job));
     }
     Ok(Json(body))
@@ -130,6 +129,9 @@ async fn decide(
         let now = now_ms();
         match attempt(state, caller, &record, &job, approving, now).await {
             Err(Attempt::Conflict) => continue,
+            Err(Attempt::Api(e)) if e.superseded_by().is_some() => {
+                state.refresh_policy(e.superseded_by()).await?;
+            }
             Err(Attempt::Api(e)) => return Err(e),
             Ok(body) => return Ok(Json(body)),
         }
@@ -169,6 +171,7 @@ fn change(caller: &Caller, record: &ApprovalRecord, request: Request, now: Milli
         audit: Vec::new(),
         at: now,
         actor: caller.principal.clone(),
+        decided_under: None,
     }
 }
 
@@ -247,6 +250,9 @@ async fn attempt(
             }
             Ok(vote) => {
                 c = change(caller, record, request.clone(), now);
+                // The binding was checked under this snapshot: the commit refuses the approval
+                // if another is active by then.
+                c.decided_under = Some(active.version);
                 let remaining = match vote {
                     Vote::QuorumReached => {
                         c.job_event = Some(Event::Approved);
@@ -330,27 +336,23 @@ async fn refuse_stale(
     state.metrics().inc("airlock_approvals_stale_total", &[]);
     let active = state.safety().active();
     let evaluation = active.policy.evaluate(&job.to_policy_job());
-    let deciding: Vec<_> = evaluation.deciding.iter().filter_map(|i| active.policy.rule(*i)).collect();
     let replacement = ApprovalRecord {
         id: ApprovalId::generate(now, random_bytes()?),
         tenant: caller.tenant.clone(),
         job_id: job.id.clone(),
-        request: Request {
-            job_hash: job.to_policy_job().hash(),
-            snapshot_hash: active.policy.hash().to_owned(),
-            rule_ids: deciding.iter().map(|r| r.id.clone()).collect(),
-            rule_hashes: deciding.iter().map(|r| r.hash.clone()).collect(),
-            requested_by: record.request.requested_by.clone(),
-            created_at: now,
-            expires_at: now + state.config().approval_ttl_ms,
-            quorum: deciding.iter().map(|r| r.approvals).max().unwrap_or(1),
-            approvers: Vec::new(),
-            status: Status::Pending,
-        },
+        request: Request::pending(
+            &active.policy,
+            &evaluation,
+            job.to_policy_job().hash(),
+            record.request.requested_by.clone(),
+            now,
+            state.config().approval_ttl_ms,
+        ),
         decided_at: None,
         decided_by: None,
     };
     let mut c = change(caller, record, Request { status: Status::Stale, ..record.request.clone() }, now);
+    c.decided_under = Some(active.version);
     c.audit.push(draft(
         caller,
         record,
@@ -396,6 +398,7 @@ pub async fn expire_due(state: &AppState, now: Millis) -> Result<usize, StoreErr
             }],
             at: now,
             actor: "system".into(),
+            decided_under: None,
         };
         match state.store().change_approval(change).await {
             Ok(_) => expired += 1,

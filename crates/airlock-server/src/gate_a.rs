@@ -2,7 +2,7 @@
 //! → safety check (with its timeout) → persist and enqueue atomically. A deny, a throttle
 //! refusal or an unavailable safety check in closed mode writes nothing but an audit record.
 
-use airlock_core::approval::{Request, Status};
+use airlock_core::approval::Request;
 use airlock_core::audit::Draft;
 use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
 use airlock_core::ids::{ApprovalId, JobId};
@@ -146,6 +146,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &Job, job_hash: &str) ->
         "rule_ids": gate.rule_ids,
         "reason": gate.reason,
         "snapshot": gate.snapshot_hash,
+        "snapshot_version": gate.snapshot_version,
         "audit_rule_ids": audit_rule_ids,
         "errors": evaluation.errors.iter().map(|(i, e)| json!({
             "rule_id": policy.rule(*i).map(|r| r.id.as_str()),
@@ -179,19 +180,15 @@ async fn decide(state: &AppState, caller: &Caller, job: &Job, job_hash: &str) ->
                 Vec::new()
             };
             let approval = (evaluation.decision == Decision::RequireHuman).then(|| {
-                let deciding: Vec<_> = evaluation.deciding.iter().filter_map(|i| policy.rule(*i)).collect();
-                Request {
-                    job_hash: job_hash.to_owned(),
-                    snapshot_hash: policy.hash().to_owned(),
-                    rule_ids: deciding.iter().map(|r| r.id.clone()).collect(),
-                    rule_hashes: deciding.iter().map(|r| r.hash.clone()).collect(),
-                    requested_by: caller.principal.clone(),
-                    created_at: now,
-                    expires_at: now + state.config().approval_ttl_ms,
-                    quorum: deciding.iter().map(|r| r.approvals).max().unwrap_or(1),
-                    approvers: Vec::new(),
-                    status: Status::Pending,
-                }
+                let ttl_ms = state.config().approval_ttl_ms;
+                Request::pending(
+                    policy,
+                    evaluation,
+                    job_hash.to_owned(),
+                    caller.principal.clone(),
+                    now,
+                    ttl_ms,
+                )
             });
             let mut data = decision_data;
             merge(&mut data, json!({"outcome": "accepted"}));

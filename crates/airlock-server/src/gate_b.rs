@@ -13,7 +13,9 @@ use airlock_core::approval::{self, Request, Status};
 use airlock_core::audit::Draft;
 use airlock_core::breaker::Admission;
 use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
-use airlock_core::dispatch::{self, Action, AfterAttempt, ApprovalState, Safety as SafetyAnswer};
+use airlock_core::dispatch::{
+    self, Action, AfterAttempt, ApprovalState, Rescheduled, Safety as SafetyAnswer,
+};
 use airlock_core::ids::{ApprovalId, JobId};
 use airlock_core::role::Role;
 use airlock_core::state::JobState;
@@ -69,7 +71,15 @@ pub async fn claim(State(state): State<AppState>, caller: Caller, body: Body) ->
     only_fields(&map, &["pool", "wait_ms"])?;
     let mut errors = Vec::new();
     let pool = match map.get("pool") {
-        None => "default".to_owned(),
+        None if state.config().pool_takes("default", "").is_some() => "default".to_owned(),
+        None => {
+            let names: Vec<&str> = state.config().pools.iter().map(|(name, _)| name.as_str()).collect();
+            errors.push((
+                "pool".to_owned(),
+                format!("is required: this server routes topics to the pools {}", names.join(", ")),
+            ));
+            String::new()
+        }
         Some(Value::String(p)) if state.config().pool_takes(p, "").is_some() => p.clone(),
         Some(Value::String(p)) => {
             errors.push(("pool".to_owned(), format!("unknown pool `{p}`")));
@@ -270,6 +280,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
         "rule_ids": gate.rule_ids,
         "reason": gate.reason,
         "snapshot": gate.snapshot_hash,
+        "snapshot_version": gate.snapshot_version,
         "fail_mode": fail_mode_name(fail_mode),
         "scheduling_attempts": job.dispatch.scheduling_attempts,
     });
@@ -322,25 +333,19 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
             );
             let c =
                 decided.as_ref().ok_or_else(|| ApiError::internal("approval needed without a decision"))?;
-            let deciding: Vec<_> =
-                c.evaluation.deciding.iter().filter_map(|i| c.active.policy.rule(*i)).collect();
             DispatchAction::NeedsApproval {
                 replacement: ApprovalRecord {
                     id: ApprovalId::generate(now, random_bytes()?),
                     tenant: job.tenant.clone(),
                     job_id: job.id.clone(),
-                    request: Request {
-                        job_hash: policy_job.hash(),
-                        snapshot_hash: c.active.policy.hash().to_owned(),
-                        rule_ids: deciding.iter().map(|r| r.id.clone()).collect(),
-                        rule_hashes: deciding.iter().map(|r| r.hash.clone()).collect(),
-                        requested_by: job.principal.clone(),
-                        created_at: now,
-                        expires_at: now + state.config().approval_ttl_ms,
-                        quorum: deciding.iter().map(|r| r.approvals).max().unwrap_or(1),
-                        approvers: Vec::new(),
-                        status: Status::Pending,
-                    },
+                    request: Request::pending(
+                        &c.active.policy,
+                        &c.evaluation,
+                        policy_job.hash(),
+                        job.principal.clone(),
+                        now,
+                        state.config().approval_ttl_ms,
+                    ),
                     decided_at: None,
                     decided_by: None,
                 },
@@ -370,7 +375,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
         tenant: job.tenant.clone(),
         job_id: job.id.clone(),
         action,
-        gate_b: gate.clone(),
+        gate_b: Some(gate.clone()),
         at: now,
         audit: Draft {
             at: now,
@@ -624,6 +629,84 @@ async fn end_attempt(
     Ok(job)
 }
 
+/// Jobs whose topic no configured pool takes (SPEC 6, reason `no_worker`): no claim ever looks
+/// at them, so this does. Each due one uses a scheduling attempt with the usual backoff and, at
+/// the cap, goes to the DLQ. Run periodically; looks at most at [`CLAIM_SCAN_MAX`] queued jobs
+/// per tenant.
+pub async fn park_unroutable(state: &AppState) -> Result<usize, airlock_store::StoreError> {
+    let config = state.config();
+    if config.pools.is_empty() {
+        return Ok(0);
+    }
+    let now = now_ms();
+    let mut parked = 0;
+    for tenant in state.store().audit_tenants().await? {
+        let mut offset = 0;
+        while offset < CLAIM_SCAN_MAX {
+            let page = state.store().dispatchable(&tenant, now, offset, CLAIM_BATCH).await?;
+            let full = page.len() == CLAIM_BATCH as usize;
+            let mut moved = 0;
+            for job in &page {
+                if config.pools.iter().any(|(_, globs)| globs.iter().any(|g| g.matches(&job.topic))) {
+                    continue;
+                }
+                let caps = config.caps_for(&job.topic);
+                let jitter =
+                    jitter().map_err(|_| airlock_store::StoreError::Unavailable("no randomness".into()))?;
+                let topic = state.metrics().topic(&job.topic);
+                let (action, outcome) =
+                    match dispatch::no_worker(job.dispatch.scheduling_attempts, &caps, jitter) {
+                        Rescheduled::DeadLetter(reason) => {
+                            state.metrics().inc(
+                                "airlock_dead_lettered_total",
+                                &[("topic", &topic), ("reason", dispatch::NO_WORKER)],
+                            );
+                            (DispatchAction::DeadLetter { reason }, "dead_lettered")
+                        }
+                        Rescheduled::Later { delay_ms } => {
+                            let not_before = now.saturating_add(ms(delay_ms));
+                            (DispatchAction::Requeue { not_before, counted: true }, "requeued")
+                        }
+                    };
+                state.metrics().inc(
+                    "airlock_scheduling_attempts_total",
+                    &[("topic", &topic), ("reason", dispatch::NO_WORKER)],
+                );
+                let audit = Draft {
+                    at: now,
+                    kind: "scheduler.no_worker".into(),
+                    subject: job.id.to_string(),
+                    actor: "system".into(),
+                    data: json!({
+                        "outcome": outcome,
+                        "why": dispatch::NO_WORKER,
+                        "scheduling_attempts": job.dispatch.scheduling_attempts + 1,
+                    }),
+                };
+                let d = Dispatch {
+                    tenant: tenant.clone(),
+                    job_id: job.id.clone(),
+                    action,
+                    gate_b: None,
+                    at: now,
+                    audit,
+                    decided_under: None,
+                };
+                if let DispatchOutcome::Applied(_) = state.store().dispatch(d).await? {
+                    parked += 1;
+                    moved += 1;
+                }
+            }
+            if !full {
+                break;
+            }
+            // Moved jobs left the dispatchable set: the next page starts that much earlier.
+            offset += CLAIM_BATCH - moved;
+        }
+    }
+    Ok(parked)
+}
+
 /// Requeues or dead-letters jobs whose lease lapsed (a worker died or stalled). Run periodically.
 pub async fn expire_leases(state: &AppState) -> Result<usize, airlock_store::StoreError> {
     let lapsed = state.store().lapsed_leases(now_ms(), 100).await?;
@@ -693,8 +776,7 @@ pub async fn dlq_get(
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Operator)?;
     let job = dead_lettered(&state, &caller, &id).await?;
-    let history = state.store().history(&caller.tenant, &job.id).await?;
-    let mut v = wire::job(&job, &history);
+    let mut v = crate::jobs::view(&state, &job).await?;
     if let Some(o) = v.as_object_mut() {
         o.insert("reason".into(), json!(job.dispatch.dead_letter_reason));
     }

@@ -3,10 +3,11 @@
 
 use std::collections::HashMap;
 
+use airlock_core::defaults::JOB_VIEW_AUDIT_MAX;
 use airlock_core::ids::JobId;
 use airlock_core::role::Role;
 use airlock_core::state::{Event, JobState};
-use airlock_store::JobFilter;
+use airlock_store::{JobFilter, JobRecord};
 use axum::Json;
 use axum::extract::{Path, Query as RawQuery, State};
 use serde_json::{Value, json};
@@ -20,6 +21,13 @@ fn parse_id(text: &str) -> Result<JobId, ApiError> {
     text.parse().map_err(|_| ApiError::not_found("job"))
 }
 
+/// A job in full, with its history and every gate decision (from its audit records).
+pub async fn view(state: &AppState, job: &JobRecord) -> Result<Value, ApiError> {
+    let history = state.store().history(&job.tenant, &job.id).await?;
+    let audit = state.store().job_audit(&job.tenant, &job.id, JOB_VIEW_AUDIT_MAX).await?;
+    Ok(wire::job(job, &history, &audit))
+}
+
 /// `GET /api/v1/jobs/{id}`.
 pub async fn get(
     State(state): State<AppState>,
@@ -28,8 +36,7 @@ pub async fn get(
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
     let job = state.store().job(&caller.tenant, &id).await?.ok_or_else(|| ApiError::not_found("job"))?;
-    let history = state.store().history(&caller.tenant, &id).await?;
-    let mut body = wire::job(&job, &history);
+    let mut body = view(&state, &job).await?;
     if let (Some(approval_id), Some(o)) = (&job.approval_id, body.as_object_mut())
         && let Some(approval) = state.store().approval(&caller.tenant, approval_id).await?
     {

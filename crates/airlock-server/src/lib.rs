@@ -298,6 +298,11 @@ pub async fn sweep(state: &AppState) {
     if let Err(e) = approvals::expire_due(state, state::now_ms()).await {
         tracing::warn!(error = %e, "approval expiry sweep failed");
     }
+    match gate_b::park_unroutable(state).await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(jobs = n, "queued jobs whose topic no pool takes used a scheduling attempt"),
+        Err(e) => tracing::warn!(error = %e, "no-worker sweep failed"),
+    }
     match gate_b::expire_leases(state).await {
         Ok(0) => {}
         Ok(n) => {

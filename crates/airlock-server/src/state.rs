@@ -244,7 +244,8 @@ pub struct ActivePolicy {
 pub enum Fault {
     /// Every check fails at once.
     Unavailable,
-    /// Every check takes this long (past the timeout, it times out).
+    /// Every check answers this late, under the snapshot active when it was asked (past the
+    /// timeout, it times out).
     Slow(Duration),
 }
 
@@ -331,12 +332,14 @@ impl Safety {
     /// Evaluates `job` against the active snapshot within `timeout`.
     pub async fn check(&self, job: &Job, timeout: Duration) -> Result<Checked, SafetyError> {
         let evaluate = async {
+            // A slow check is asked under the snapshot active when it starts and answers late,
+            // as a slow safety service does: the window in which a publish can supersede it.
+            let active = self.active();
             match self.fault() {
                 Some(Fault::Unavailable) => return Err(SafetyError::Unavailable("injected fault".into())),
                 Some(Fault::Slow(delay)) => tokio::time::sleep(delay).await,
                 None => {}
             }
-            let active = self.active();
             let started = Instant::now();
             let evaluation = match &self.remote {
                 // Evaluation is synchronous, so the timeout around this future could not stop

@@ -121,7 +121,33 @@ pub fn job_summary(j: &JobRecord) -> Value {
 }
 
 /// A job in full, with its history.
-pub fn job(j: &JobRecord, history: &[Transition]) -> Value {
+/// Audit record kinds that carry a gate's decision on a job.
+const DECISION_KINDS: [(&str, &str); 3] =
+    [("job.submitted", "a"), ("gate_b.decision", "b"), ("gate_b.throttled", "b")];
+
+/// A job in full: its content, state, every gate decision (from its audit records), attempts,
+/// backoff, lease holder (never the token), result, last error and history.
+pub fn job(j: &JobRecord, history: &[Transition], audit: &[Record]) -> Value {
+    let d = &j.dispatch;
+    let gate_decisions: Vec<Value> = audit
+        .iter()
+        .filter_map(|r| {
+            let (_, gate) = DECISION_KINDS.iter().find(|(kind, _)| *kind == r.draft.kind)?;
+            let data = &r.draft.data;
+            Some(json!({
+                "gate": gate,
+                "decision": data.get("decision").cloned().unwrap_or(json!("allow")),
+                "outcome": data.get("outcome"),
+                "rule_ids": data.get("rule_ids"),
+                "reason": data.get("reason"),
+                "snapshot": data.get("snapshot"),
+                "snapshot_version": data.get("snapshot_version"),
+                "bypassed": data.get("gate_a_bypassed").or_else(|| data.get("gate_b_bypassed")),
+                "at": r.draft.at,
+                "audit_seq": r.seq,
+            }))
+        })
+        .collect();
     json!({
         "job_id": j.id.as_str(),
         "tenant": j.tenant.as_str(),
@@ -135,7 +161,15 @@ pub fn job(j: &JobRecord, history: &[Transition]) -> Value {
         "job_hash": j.job_hash,
         "state": j.state.as_str(),
         "gate_a_bypassed": j.gate_a.bypassed,
-        "decisions": {"gate_a": decision(&j.gate_a)},
+        "decisions": {"gate_a": decision(&j.gate_a), "gate_b": d.gate_b.as_ref().map(decision)},
+        "gate_decisions": gate_decisions,
+        "attempts": {"scheduling": d.scheduling_attempts, "execution": d.execution_attempts},
+        "not_before": d.not_before,
+        "lease": d.lease.as_ref().map(|l| json!({"holder": l.worker, "expires_at": l.expires_at})),
+        "result": d.result,
+        "error": d.error,
+        "dead_letter_reason": d.dead_letter_reason,
+        "discarded_at": d.discarded_at,
         "approval_id": j.approval_id.as_ref().map(|a| a.as_str()),
         "created_at": j.created_at,
         "updated_at": j.updated_at,

@@ -472,3 +472,194 @@ async fn bad_worker_calls_change_nothing() {
         api.worker_call(&id, "complete", json!({"lease_token": token, "result": {"ok": true}})).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+const DENY_VMS: &str = "  - id: deny-vms\n    when: { topic: infra.vm.create }\n    decision: deny\n";
+
+/// Defect 2 of issue 10, SPEC 6 (linearizable policy): a claim whose Gate B check was asked
+/// under version 1 and answers after a deny publish (version 2) was acknowledged is decided
+/// again under version 2 at its commit, never leased under version 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_answered_while_gate_b_decides_is_never_leased_under_the_older_snapshot() {
+    let api = Arc::new(Api::start(Config::default()).await);
+    let id = api.submit(vm()).await;
+    api.state.safety().inject(Some(Fault::Slow(Duration::from_millis(500))));
+    let claiming = {
+        let api = Arc::clone(&api);
+        tokio::spawn(async move { api.claim().await })
+    };
+    // The claim is now deciding under version 1; the publish is answered well before it ends.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    api.publish(&format!("{SEED}{DENY_VMS}")).await;
+    api.state.safety().inject(None);
+    assert_eq!(claiming.await.unwrap(), None, "leased under the superseded snapshot");
+    let job = api.job(&id).await;
+    assert_eq!(job["state"], "denied", "{job}");
+    let gate_b = &job["decisions"]["gate_b"];
+    assert_eq!((gate_b["snapshot_version"].as_u64(), gate_b["decision"].as_str()), (Some(2), Some("deny")));
+}
+
+/// The same at Gate A: a submit decided under version 1 whose commit comes after a deny
+/// publish was acknowledged is decided again, and refused under version 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_answered_while_gate_a_decides_is_never_accepted_under_the_older_snapshot() {
+    let api = Arc::new(Api::start(Config::default()).await);
+    api.state.safety().inject(Some(Fault::Slow(Duration::from_millis(500))));
+    let submitting = {
+        let api = Arc::clone(&api);
+        tokio::spawn(async move { api.call(Method::POST, "/api/v1/jobs", &api.submitter, Some(vm())).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    api.publish(&format!("{SEED}{DENY_VMS}")).await;
+    api.state.safety().inject(None);
+    let (status, body) = submitting.await.unwrap();
+    assert_eq!((status, body["rule_ids"][0].as_str()), (StatusCode::FORBIDDEN, Some("deny-vms")), "{body}");
+    let (_, jobs) = api.call(Method::GET, "/api/v1/jobs", &api.submitter, None).await;
+    assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(0), "nothing accepted: {jobs}");
+}
+
+/// Defect 1 of issue 10: activation compares versions, so a publish answered out of order or
+/// racing the refresh sweep never puts an older snapshot back.
+#[tokio::test]
+async fn activation_never_moves_back_to_an_older_version() {
+    let api = Api::start(Config::default()).await;
+    api.publish(&format!("{SEED}{DENY_VMS}")).await;
+    let (older, _) = airlock_policy::compile(SEED).unwrap();
+    let activated =
+        api.state.safety().activate(airlock_server::state::ActivePolicy { version: 1, policy: older });
+    assert!(!activated, "version 1 activated over version 2");
+    assert_eq!(api.state.safety().active().version, 2);
+    let (status, body) = api.call(Method::POST, "/api/v1/jobs", &api.submitter, Some(vm())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "decided under version 2: {body}");
+}
+
+/// Defect 3 of issue 10, SPEC 6: Gate B's throttle charges every dispatch that would run the
+/// job, retries included, so a throttle published against a retry storm slows the retries.
+#[tokio::test]
+async fn gate_b_charges_retried_dispatches_too() {
+    let api = Api::start(Config::default()).await;
+    let id = api.submit(vm()).await;
+    api.publish(&format!(
+        "{SEED}  - id: throttle-vms\n    when: {{ topic: infra.vm.create }}\n    decision: throttle\n    limit: {{ rate: 1, per: 10m }}\n"
+    ))
+    .await;
+    let claim = api.claim().await.unwrap();
+    let token = claim["lease_token"].as_str().unwrap();
+    let (status, failed) = api
+        .worker_call(&id, "fail", json!({"lease_token": token, "error": "flaky", "retryable": true}))
+        .await;
+    assert_eq!((status, failed["state"].as_str()), (StatusCode::OK, Some("queued")));
+    assert!(api.claim().await.is_none(), "the retry is charged: the budget is spent for 10 minutes");
+    assert_eq!(api.job(&id).await["state"], "queued");
+    let (_, audit) = api.call(Method::GET, "/api/v1/audit?limit=500", &api.submitter, None).await;
+    let throttled =
+        audit["records"].as_array().unwrap().iter().find(|r| r["kind"] == "gate_b.throttled").unwrap();
+    assert_eq!(throttled["data"]["outcome"], "throttled", "{throttled}");
+}
+
+/// Defect 5 of issue 10, SPEC 7: quorum and self-approval compare principals, so one person's
+/// two keys count once, and a submitter's second key cannot approve their own job.
+#[tokio::test]
+async fn a_quorum_counts_people_not_keys() {
+    let api = Api::start(Config::default()).await;
+    api.publish(&format!(
+        "{SEED}  - id: two-people-drop-dbs\n    when: {{ topic: infra.db.drop }}\n    decision: require_human\n    approvals: 2\n"
+    ))
+    .await;
+    let api = &api;
+    let key = |name: &'static str, principal: &'static str| {
+        let body = json!({"tenant": "acme", "name": name, "principal": principal, "roles": ["approver"]});
+        async move {
+            let (status, created) = api.call(Method::POST, "/api/v1/keys", ADMIN, Some(body)).await;
+            assert_eq!(status, StatusCode::CREATED, "{created}");
+            created["key"].as_str().unwrap().to_owned()
+        }
+    };
+    let (laptop, phone) = (key("alice-laptop", "alice").await, key("alice-phone", "alice").await);
+    let (own, bob) = (key("agent-2", "agent").await, key("bob", "bob").await);
+    let (status, submitted) = api
+        .call(
+            Method::POST,
+            "/api/v1/jobs",
+            &api.submitter,
+            Some(json!({"topic": "infra.db.drop", "env": "dev"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{submitted}");
+    let approve = |key: String| {
+        let uri = format!("/api/v1/approvals/{}/approve", submitted["approval"]["id"].as_str().unwrap());
+        async move { api.call(Method::POST, &uri, &key, Some(json!({}))).await }
+    };
+    let (status, body) = approve(own).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::FORBIDDEN, Some("self_approval")), "{body}");
+    let (status, body) = approve(laptop).await;
+    assert_eq!((status, body["approval"]["status"].as_str()), (StatusCode::OK, Some("pending")), "{body}");
+    let (status, body) = approve(phone).await;
+    assert_eq!((status, body["error"].as_str()), (StatusCode::CONFLICT, Some("approval_refused")), "{body}");
+    let (status, body) = approve(bob).await;
+    assert_eq!((status, body["approval"]["status"].as_str()), (StatusCode::OK, Some("approved")), "{body}");
+    assert_eq!(body["approval"]["approvers"], json!(["alice", "bob"]), "{body}");
+}
+
+/// Defect 6 of issue 10: Gate A's evaluation timeout interrupts evaluation itself. Hundreds of
+/// regexes that scan a large payload take far longer than the timeout; the submit is answered
+/// 503 (fail closed) at about the timeout, not when evaluation would have ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gate_a_answers_unavailable_at_its_timeout_however_heavy_the_policy() {
+    let timeout = Duration::from_millis(150);
+    let api = Api::start(Config { gate_a_timeout: timeout, ..Config::default() }).await;
+    let mut policy = SEED.to_owned();
+    for i in 0..400 {
+        policy.push_str(&format!(
+            "  - id: heavy-{i}\n    when: {{ payload: {{ text: {{ regex: \"[0-9][a-z]{{8}}[0-9]{i}\" }} }} }}\n    decision: deny\n"
+        ));
+    }
+    api.publish(&policy).await;
+    let job = json!({"topic": "infra.vm.create", "env": "dev", "payload": {"text": "a".repeat(900_000)}});
+    let started = std::time::Instant::now();
+    let (status, body) = api.call(Method::POST, "/api/v1/jobs", &api.submitter, Some(job)).await;
+    let elapsed = started.elapsed();
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("safety_unavailable")),
+        "{body}"
+    );
+    assert!(elapsed < timeout * 4, "answered after {elapsed:?}, the timeout is {timeout:?}");
+}
+
+/// Defect 4 of issue 10, SPEC 6: a topic no pool takes is a scheduling failure like any other
+/// (reason `no_worker`): counted, with backoff, then the DLQ; and a claim that names no pool
+/// when pools are configured is told which exist.
+#[tokio::test]
+async fn a_topic_no_pool_takes_uses_its_scheduling_attempts_then_the_dlq() {
+    let config = Config {
+        pools: vec![("vms".into(), vec![airlock_policy::glob::Glob::new("infra.vm.*").unwrap()])],
+        caps: Caps { scheduling_attempts_max: 5, backoff_base_ms: 1, backoff_cap_ms: 1, ..Caps::default() },
+        ..Config::default()
+    };
+    let api = Api::start(config).await;
+    let (status, body) = api.call(Method::POST, "/api/v1/workers/claim", &api.worker, Some(json!({}))).await;
+    assert_eq!(
+        (status, body["fields"][0]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("pool")),
+        "{body}"
+    );
+    assert!(body["message"].as_str().unwrap().contains("vms"), "{body}");
+    let routed = api.submit(vm()).await;
+    let id = api.submit(json!({"topic": "infra.db.backup", "env": "dev"})).await;
+    let mut sweeps = 0;
+    while api.job(&id).await["state"] != "dead_lettered" {
+        sweeps += 1;
+        assert!(sweeps < 200, "never dead-lettered: {}", api.job(&id).await);
+        airlock_server::sweep(&api.state).await;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let job = api.job(&id).await;
+    assert_eq!(job["attempts"]["scheduling"], 5, "{job}");
+    assert!(job["dead_letter_reason"].as_str().unwrap().ends_with("no_worker"), "{job}");
+    assert_eq!(api.job(&routed).await["state"], "queued", "a job a pool takes waits for its worker");
+    let metrics = api.metrics().await;
+    assert!(
+        metrics.contains("airlock_dead_lettered_total{topic=\"infra.db.backup\",reason=\"no_worker\"} 1"),
+        "{metrics}"
+    );
+}

@@ -339,6 +339,9 @@ pub struct ApprovalChange {
     pub at: Millis,
     /// Who.
     pub actor: String,
+    /// The snapshot version the approval's binding was checked under, checked at the commit as
+    /// for [`Submission::decided_under`]; `None` for changes that do not depend on it.
+    pub decided_under: Option<u64>,
 }
 
 /// What Gate B does with a queued job, applied atomically with its audit record.
@@ -382,8 +385,9 @@ pub struct Dispatch {
     pub job_id: JobId,
     /// What to do.
     pub action: DispatchAction,
-    /// The decision, recorded on the job.
-    pub gate_b: GateDecision,
+    /// The decision, recorded on the job; `None` for a move no decision was made for (a job
+    /// whose topic no pool takes), which keeps the job's last one.
+    pub gate_b: Option<GateDecision>,
     /// When.
     pub at: Millis,
     /// The audit record.
@@ -679,6 +683,9 @@ pub trait Store: Send + Sync {
 
     /// A tenant's audit records after `after_seq`, and the chain head.
     async fn audit(&self, tenant: &TenantId, after_seq: u64, limit: u32) -> Result<AuditPage, StoreError>;
+    /// The audit records about one job (its submit, every gate decision, every transition), in
+    /// chain order, at most `limit`.
+    async fn job_audit(&self, tenant: &TenantId, id: &JobId, limit: u32) -> Result<Vec<Record>, StoreError>;
     /// Tenants with an audit chain.
     async fn audit_tenants(&self) -> Result<Vec<TenantId>, StoreError>;
 }

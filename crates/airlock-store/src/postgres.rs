@@ -844,6 +844,22 @@ async fn load_idempotency(
     }))
 }
 
+fn record_from_row(tenant: &str, row: &Row) -> Result<Record, Fail> {
+    Ok(Record {
+        tenant: tenant.to_owned(),
+        seq: get_u64(row, 0)?,
+        draft: Draft {
+            at: get(row, 1)?,
+            kind: get(row, 2)?,
+            subject: get(row, 3)?,
+            actor: get(row, 4)?,
+            data: serde_json::from_str(get(row, 5)?).map_err(corrupt)?,
+        },
+        prev_hash: get(row, 6)?,
+        hash: get(row, 7)?,
+    })
+}
+
 /// Queues an audit record of a tenant, in the transaction of the change it describes; [`seal`]
 /// chains it after commit.
 async fn append_audit(tx: &Tx<'_>, tenant: &str, draft: Draft) -> Result<(), Fail> {
@@ -1372,6 +1388,7 @@ async fn change_approval(tx: &Tx<'_>, c: &ApprovalChange) -> Result<ApprovalReco
     }
     // The job is locked too: the change may move it.
     load_job(tx, &c.tenant, &current.job_id, true).await?;
+    guard(tx, c.decided_under).await?;
     let decided = c.request.status != Status::Pending;
     tx.execute(
         "UPDATE approvals SET status = $1, approvers = $2, decided_at = $3, decided_by = $4 WHERE id = $5",
@@ -1476,8 +1493,9 @@ async fn dispatch(tx: &Tx<'_>, d: &Dispatch) -> Result<DispatchOutcome, Fail> {
         return Ok(DispatchOutcome::Gone);
     }
     let id = d.job_id.as_str();
-    let gate_b = gate_json(&d.gate_b);
-    job.dispatch.gate_b = Some(d.gate_b.clone());
+    // A move without a decision (a job no pool takes) keeps the last one.
+    job.dispatch.gate_b = d.gate_b.clone().or(job.dispatch.gate_b);
+    let gate_b = job.dispatch.gate_b.as_ref().map(gate_json);
     let moved = |reason: &'static str, changes| Moved {
         at: d.at,
         actor: &d.audit.actor,
@@ -2363,24 +2381,8 @@ impl Store for PgStore {
             )
             .await
             .map_err(Fail::from)?;
-        let records = rows
-            .iter()
-            .map(|row| {
-                Ok(Record {
-                    tenant: tenant_.to_owned(),
-                    seq: get_u64(row, 0)?,
-                    draft: Draft {
-                        at: get(row, 1)?,
-                        kind: get(row, 2)?,
-                        subject: get(row, 3)?,
-                        actor: get(row, 4)?,
-                        data: serde_json::from_str(get(row, 5)?).map_err(corrupt)?,
-                    },
-                    prev_hash: get(row, 6)?,
-                    hash: get(row, 7)?,
-                })
-            })
-            .collect::<Result<Vec<_>, Fail>>()?;
+        let records =
+            rows.iter().map(|row| record_from_row(tenant_, row)).collect::<Result<Vec<_>, Fail>>()?;
         let head = tx
             .query_opt("SELECT seq, hash FROM audit_heads WHERE tenant = $1 AND seq > 0", &[&tenant_])
             .await
@@ -2389,6 +2391,21 @@ impl Store for PgStore {
             .transpose()?;
         tx.commit().await.map_err(Fail::from)?;
         Ok(AuditPage { records, head })
+    }
+
+    async fn job_audit(&self, tenant: &TenantId, id: &JobId, limit: u32) -> Result<Vec<Record>, StoreError> {
+        let mut pooled = self.checkout().await?;
+        // Whatever was committed before this read is in the chain before it is read.
+        seal_all(pooled.client()?).await?;
+        let db = pooled.db()?;
+        let rows = db
+            .query(
+                "SELECT seq, at, kind, subject, actor, data, prev_hash, hash FROM audit
+                 WHERE tenant = $1 AND subject = $2 ORDER BY seq LIMIT $3",
+                &[&tenant.as_str(), &id.as_str(), &big(limit)],
+            )
+            .await?;
+        Ok(rows.iter().map(|row| record_from_row(tenant.as_str(), row)).collect::<Result<Vec<_>, Fail>>()?)
     }
 
     async fn audit_tenants(&self) -> Result<Vec<TenantId>, StoreError> {

@@ -542,6 +542,24 @@ fn key_from_row(row: &Row<'_>) -> Result<KeyRecord, StoreError> {
 
 const KEY_COLUMNS: &str = "id, tenant, name, roles, secret_hash, created_at, revoked_at, principal";
 
+const AUDIT_COLUMNS: &str = "seq, at, kind, subject, actor, data, prev_hash, hash";
+
+fn record_from_row(tenant: &str, row: &Row<'_>) -> Result<Record, StoreError> {
+    Ok(Record {
+        tenant: tenant.to_owned(),
+        seq: row.get::<_, i64>(0)?.unsigned_abs(),
+        draft: Draft {
+            at: row.get(1)?,
+            kind: row.get(2)?,
+            subject: row.get(3)?,
+            actor: row.get(4)?,
+            data: serde_json::from_str(&row.get::<_, String>(5)?).map_err(corrupt)?,
+        },
+        prev_hash: row.get(6)?,
+        hash: row.get(7)?,
+    })
+}
+
 fn load_key(conn: &Connection, id: &str) -> Result<Option<KeyRecord>, StoreError> {
     let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1");
     let mut stmt = conn.prepare_cached(&sql)?;
@@ -694,6 +712,7 @@ fn change_approval(tx: &mut Tx<'_>, c: ApprovalChange) -> Reply {
     {
         return Err(StoreError::Conflict("the approval request changed; read it again".into()));
     }
+    check_decided_under(tx.conn, c.decided_under)?;
     let decided = c.request.status != Status::Pending;
     tx.conn
         .prepare_cached(
@@ -769,9 +788,11 @@ fn dispatch(tx: &mut Tx<'_>, d: Dispatch) -> Reply {
     }
     check_decided_under(tx.conn, d.decided_under)?;
     let id = d.job_id.as_str();
-    tx.conn
-        .prepare_cached("UPDATE jobs SET gate_b = ?1 WHERE id = ?2")?
-        .execute(params![gate_json(&d.gate_b), id])?;
+    if let Some(gate_b) = &d.gate_b {
+        tx.conn
+            .prepare_cached("UPDATE jobs SET gate_b = ?1 WHERE id = ?2")?
+            .execute(params![gate_json(gate_b), id])?;
+    }
     let actor = d.audit.actor.clone();
     let (event, reason) = match d.action {
         DispatchAction::Lease { lease, budgets } => {
@@ -1548,30 +1569,32 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let records = collect(
                 conn,
-                "SELECT seq, at, kind, subject, actor, data, prev_hash, hash FROM audit
-                 WHERE tenant = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                &format!(
+                    "SELECT {AUDIT_COLUMNS} FROM audit WHERE tenant = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+                ),
                 params![tenant, after, limit],
-                |row| {
-                    Ok(Record {
-                        tenant: tenant.clone(),
-                        seq: row.get::<_, i64>(0)?.unsigned_abs(),
-                        draft: Draft {
-                            at: row.get(1)?,
-                            kind: row.get(2)?,
-                            subject: row.get(3)?,
-                            actor: row.get(4)?,
-                            data: serde_json::from_str(&row.get::<_, String>(5)?).map_err(corrupt)?,
-                        },
-                        prev_hash: row.get(6)?,
-                        hash: row.get(7)?,
-                    })
-                },
+                |row| record_from_row(&tenant, row),
             )?;
             let head = conn
                 .prepare_cached("SELECT seq, hash FROM audit_heads WHERE tenant = ?1")?
                 .query_row([&tenant], |r| Ok((r.get::<_, i64>(0)?.unsigned_abs(), r.get::<_, String>(1)?)))
                 .optional()?;
             Ok(AuditPage { records, head })
+        })
+        .await
+    }
+
+    async fn job_audit(&self, tenant: &TenantId, id: &JobId, limit: u32) -> Result<Vec<Record>, StoreError> {
+        let (tenant, id) = (tenant.to_string(), id.to_string());
+        self.read(move |conn| {
+            collect(
+                conn,
+                &format!(
+                    "SELECT {AUDIT_COLUMNS} FROM audit WHERE tenant = ?1 AND subject = ?2 ORDER BY seq LIMIT ?3"
+                ),
+                params![tenant, id, limit],
+                |row| record_from_row(&tenant, row),
+            )
         })
         .await
     }

@@ -357,6 +357,7 @@ async fn approval_changes_are_optimistic_and_move_the_job() {
             audit: vec![draft("approval.approved", id.as_str())],
             at: 150,
             actor: "alice".into(),
+            decided_under: None,
         };
         let record = store.change_approval(change.clone()).await.unwrap();
         assert_eq!(
@@ -385,7 +386,7 @@ async fn approval_changes_are_optimistic_and_move_the_job() {
             tenant: t.clone(),
             job_id: j.id.clone(),
             action: DispatchAction::NeedsApproval { replacement: fresh.clone() },
-            gate_b: j.gate_a.clone(),
+            gate_b: Some(j.gate_a.clone()),
             at: 160,
             audit: draft("gate_b.decision", j.id.as_str()),
             decided_under: None,
@@ -512,7 +513,7 @@ async fn concurrent_dispatches_and_finishes_succeed_or_fail_alone() {
                 lease: Lease { token, expires_at: 10_000, worker: "w".into() },
                 budgets: vec![],
             },
-            gate_b: j.gate_a.clone(),
+            gate_b: Some(j.gate_a.clone()),
             at: 200,
             audit: draft("gate_b.decision", j.id.as_str()),
             decided_under: None,
@@ -593,7 +594,7 @@ async fn leases_are_fenced_and_dead_letters_come_back() {
                 lease: Lease { token: token.into(), expires_at: 1_000, worker: "w".into() },
                 budgets,
             },
-            gate_b: j.gate_a.clone(),
+            gate_b: Some(j.gate_a.clone()),
             at: 200,
             audit: draft("gate_b.decision", j.id.as_str()),
             decided_under: None,
@@ -762,7 +763,7 @@ async fn postgres_replicas_keep_one_chain_and_lease_once() {
                     },
                     budgets: vec![],
                 },
-                gate_b: j.gate_a.clone(),
+                gate_b: Some(j.gate_a.clone()),
                 at: 30_000,
                 audit: draft("gate_b.decision", j.id.as_str()),
                 decided_under: None,
@@ -968,7 +969,7 @@ async fn claim_holds_hand_each_job_to_one_claim_until_they_lapse() {
             tenant: t.clone(),
             job_id: id.clone(),
             action,
-            gate_b: job(&t, JobState::Queued, 100).gate_a,
+            gate_b: Some(job(&t, JobState::Queued, 100).gate_a),
             at: 1_001,
             audit: draft("gate_b.decision", id.as_str()),
             decided_under: None,
@@ -1061,11 +1062,11 @@ async fn writes_decided_under_a_superseded_snapshot_are_refused() {
                 lease: Lease { token: format!("t{i}"), expires_at: 10_000, worker: "w".into() },
                 budgets: vec![Budget { key: "b|shared".into(), limit: tight.clone() }],
             },
-            gate_b: j.gate_a.clone(),
+            gate_b: Some(j.gate_a.clone()),
             at: 300,
             audit: draft("gate_b.decision", j.id.as_str()),
             // Even jobs were decided under the superseded version.
-            decided_under: Some(if i % 2 == 0 { 1 } else { 2 }),
+            decided_under: Some(if i.is_multiple_of(2) { 1 } else { 2 }),
         };
         let handles: Vec<_> = jobs
             .iter()
@@ -1078,7 +1079,7 @@ async fn writes_decided_under_a_superseded_snapshot_are_refused() {
         for h in handles {
             let (i, outcome) = h.await.unwrap();
             let stored = store.job(&t, &jobs[i].id).await.unwrap().unwrap();
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 assert!(stale(outcome), "{name}: job {i} leased under version 1");
                 assert_eq!(
                     (stored.state, stored.dispatch.lease),
