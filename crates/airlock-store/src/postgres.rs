@@ -1486,9 +1486,11 @@ async fn dispatch(tx: &Tx<'_>, d: &Dispatch) -> Result<DispatchOutcome, Fail> {
     // because another claim's `hold_next` (or a dispatch of a page claim) has it locked for an
     // instant; a job dispatched meanwhile is no longer queued below.
     // The guard goes out with the load (pipelined): a dispatch decided under a superseded
-    // snapshot fails here, and the transaction writes nothing.
-    let (job, ()) = tokio::try_join!(load_job(tx, &d.tenant, &d.job_id, true), guard(tx, d.decided_under))?;
-    let mut job = job.ok_or(StoreError::NotFound)?;
+    // snapshot fails here, and the transaction writes nothing. Its error comes first: the load
+    // may run after it and then fail only because the transaction was aborted.
+    let (job, guarded) = tokio::join!(load_job(tx, &d.tenant, &d.job_id, true), guard(tx, d.decided_under));
+    guarded?;
+    let mut job = job?.ok_or(StoreError::NotFound)?;
     if job.state != JobState::Queued {
         return Ok(DispatchOutcome::Gone);
     }

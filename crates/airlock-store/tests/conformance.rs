@@ -1080,7 +1080,10 @@ async fn writes_decided_under_a_superseded_snapshot_are_refused() {
             let (i, outcome) = h.await.unwrap();
             let stored = store.job(&t, &jobs[i].id).await.unwrap().unwrap();
             if i.is_multiple_of(2) {
-                assert!(stale(outcome), "{name}: job {i} leased under version 1");
+                assert!(
+                    matches!(outcome, Err(StoreError::Stale { active: 2 })),
+                    "{name}: job {i}: {outcome:?}"
+                );
                 assert_eq!(
                     (stored.state, stored.dispatch.lease),
                     (JobState::Queued, None),
