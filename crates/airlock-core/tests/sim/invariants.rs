@@ -118,7 +118,7 @@ impl World<'_> {
         match decision {
             Decision::Allow => Ok(()),
             Decision::Deny => fail("leased on a `deny`".into()),
-            Decision::Throttle if grant.charged_now || job.charged_b => Ok(()),
+            Decision::Throttle if grant.charged_now => Ok(()),
             Decision::Throttle => fail("leased on a `throttle` that Gate B's budget never admitted".into()),
             Decision::RequireHuman => {
                 let Some(request) = &grant.approval else {

@@ -202,8 +202,6 @@ pub(super) struct SimJob {
     pub(super) checking: Option<u64>,
     /// Approval requests, newest last.
     pub(super) requests: Vec<Request>,
-    /// Gate B's budget was charged once; a re-dispatch is never charged again (SPEC 3.4).
-    pub(super) charged_b: bool,
     /// Marked `gate_b_bypassed`.
     pub(super) bypassed: bool,
     /// Accepted successful completions.
@@ -710,7 +708,6 @@ impl<'p> World<'p> {
             lease: None,
             checking: None,
             requests: Vec::new(),
-            charged_b: false,
             bypassed: false,
             successes: 0,
             high_risk,
@@ -943,8 +940,9 @@ impl<'p> World<'p> {
         trace!(self, "gate B j{j} ({fail_mode:?}, {attempts} attempts): {action:?}");
         match action {
             Action::Lease { budgets, bypassed } => {
+                // Every dispatch that would run the job is charged, retries included (SPEC 6).
                 let mut charged_now = false;
-                if budgets && !self.jobs[j].charged_b {
+                if budgets {
                     let Some((evaluation, policy)) = evaluated else {
                         return Err(self.violation(Some(j), "a throttle lease without an evaluation"));
                     };
@@ -956,7 +954,6 @@ impl<'p> World<'p> {
                         self.jobs[j].not_before = self.now + ms as Millis;
                         return Ok(());
                     }
-                    self.jobs[j].charged_b = true;
                     charged_now = true;
                 }
                 let approval = match &decision {
