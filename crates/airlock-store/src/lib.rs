@@ -4,6 +4,7 @@
 //! ([`PgStore`]). Implementations keep each operation atomic: a submit's job, approval request,
 //! idempotency key, budget and audit record are committed together or not at all.
 
+mod codec;
 mod postgres;
 mod sqlite;
 

@@ -16,15 +16,15 @@ use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
 use airlock_core::role::{Role, Roles};
 use airlock_core::state::{Event, JobState};
 use airlock_core::throttle::{self, Bucket, Take};
-use airlock_policy::Decision;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
+use crate::codec::{corrupt, gate_from_json, gate_json, strings};
 use crate::{
     ApprovalChange, ApprovalRecord, AuditPage, Budget, Dispatch, DispatchAction, DispatchOutcome,
-    DispatchState, Finish, GateDecision, Heartbeat, IdempotencyRecord, JobFilter, JobRecord, KeyRecord,
-    Lease, SnapshotRecord, Store, StoreError, Submission, SubmitOutcome, Transition,
+    DispatchState, Finish, Heartbeat, IdempotencyRecord, JobFilter, JobRecord, KeyRecord, Lease,
+    SnapshotRecord, Store, StoreError, Submission, SubmitOutcome, Transition,
 };
 
 /// The schema migrations, in order; `PRAGMA user_version` counts how many are applied.
@@ -101,10 +101,6 @@ impl From<rusqlite::Error> for StoreError {
             other => StoreError::Unavailable(other.to_string()),
         }
     }
-}
-
-pub(crate) fn corrupt(what: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(what.to_string())
 }
 
 impl SqliteStore {
@@ -378,39 +374,6 @@ impl Tx<'_> {
     }
 }
 
-pub(crate) fn gate_json(g: &GateDecision) -> String {
-    json!({
-        "decision": g.decision.as_str(),
-        "rule_ids": g.rule_ids,
-        "reason": g.reason,
-        "snapshot_hash": g.snapshot_hash,
-        "snapshot_version": g.snapshot_version,
-        "at": g.at,
-        "bypassed": g.bypassed,
-    })
-    .to_string()
-}
-
-pub(crate) fn gate_from_json(text: &str) -> Result<GateDecision, StoreError> {
-    let v: Value = serde_json::from_str(text).map_err(corrupt)?;
-    let s = |k: &str| {
-        v.get(k).and_then(Value::as_str).map(str::to_owned).ok_or_else(|| corrupt(format!("gate `{k}`")))
-    };
-    Ok(GateDecision {
-        decision: Decision::parse(&s("decision")?).ok_or_else(|| corrupt("gate decision"))?,
-        rule_ids: v
-            .get("rule_ids")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
-            .unwrap_or_default(),
-        reason: s("reason")?,
-        snapshot_hash: s("snapshot_hash")?,
-        snapshot_version: v.get("snapshot_version").and_then(Value::as_u64).unwrap_or(0),
-        at: v.get("at").and_then(Value::as_i64).unwrap_or(0),
-        bypassed: v.get("bypassed").and_then(Value::as_bool).unwrap_or(false),
-    })
-}
-
 /// The columns a submit writes.
 const JOB_INSERT_COLUMNS: &str = "id, tenant, principal, topic, env, labels, payload, plan_hash, idempotency_key, \
                                   job_hash, state, gate_a, approval_id, created_at, updated_at";
@@ -473,10 +436,6 @@ fn load_job(conn: &Connection, tenant: &TenantId, id: &JobId) -> Result<Option<J
         Some(row) => Ok(Some(job_from_row(row)?)),
         None => Ok(None),
     }
-}
-
-pub(crate) fn strings(text: &str) -> Result<Vec<String>, StoreError> {
-    serde_json::from_str(text).map_err(corrupt)
 }
 
 const APPROVAL_COLUMNS: &str = "id, tenant, job_id, status, job_hash, snapshot_hash, rule_ids, rule_hashes, \
