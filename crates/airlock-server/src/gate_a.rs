@@ -63,31 +63,6 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, body: Body) -
 /// (the commit follows at once and checks the snapshot is still active).
 async fn decide(state: &AppState, caller: &Caller, job: &Job, job_hash: &str) -> Result<Response, ApiError> {
     let topic_label = state.metrics().topic(&job.topic);
-    if state.config().gates_off {
-        let now = now_ms();
-        let active = state.safety().active();
-        let gate = GateDecision {
-            decision: Decision::Allow,
-            rule_ids: Vec::new(),
-            reason: "gates off (benchmark)".into(),
-            snapshot_hash: active.policy.hash().to_owned(),
-            snapshot_version: active.version,
-            at: now,
-            bypassed: false,
-        };
-        return accept(
-            state,
-            caller,
-            job,
-            job_hash,
-            now,
-            gate,
-            None,
-            Vec::new(),
-            json!({"outcome": "accepted"}),
-        )
-        .await;
-    }
     let checked = state.safety().check(job, state.config().gate_a_timeout).await;
     let now = now_ms();
     let checked = match checked {

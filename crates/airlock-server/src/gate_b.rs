@@ -203,34 +203,30 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
         FailMode::Open => dispatch::FailMode::Open,
     };
 
-    let (answer, decided) = if state.config().gates_off {
-        (SafetyAnswer::Decided(Decision::Allow, ApprovalState::Missing), None)
-    } else {
-        match safety_check(state, &policy_job, now).await {
-            Ok(checked) => {
-                let decision = checked.evaluation.decision;
-                state.metrics().inc(
-                    "airlock_gate_decisions_total",
-                    &[("gate", "b"), ("decision", decision.as_str()), ("topic", &topic)],
-                );
-                state.metrics().observe(
-                    "airlock_policy_eval_seconds",
-                    &[("gate", "b")],
-                    checked.elapsed.as_secs_f64(),
-                );
-                let approval_state = if decision == Decision::RequireHuman {
-                    approval_state(state, job, &checked.active.policy, now_ms()).await?
-                } else {
-                    ApprovalState::Missing
-                };
-                (SafetyAnswer::Decided(decision, approval_state), Some(checked))
-            }
-            Err(reason) => {
-                state
-                    .metrics()
-                    .inc("airlock_safety_check_failures_total", &[("gate", "b"), ("reason", reason.0)]);
-                (SafetyAnswer::Unavailable(reason.1), None)
-            }
+    let (answer, decided) = match safety_check(state, &policy_job, now).await {
+        Ok(checked) => {
+            let decision = checked.evaluation.decision;
+            state.metrics().inc(
+                "airlock_gate_decisions_total",
+                &[("gate", "b"), ("decision", decision.as_str()), ("topic", &topic)],
+            );
+            state.metrics().observe(
+                "airlock_policy_eval_seconds",
+                &[("gate", "b")],
+                checked.elapsed.as_secs_f64(),
+            );
+            let approval_state = if decision == Decision::RequireHuman {
+                approval_state(state, job, &checked.active.policy, now_ms()).await?
+            } else {
+                ApprovalState::Missing
+            };
+            (SafetyAnswer::Decided(decision, approval_state), Some(checked))
+        }
+        Err(reason) => {
+            state
+                .metrics()
+                .inc("airlock_safety_check_failures_total", &[("gate", "b"), ("reason", reason.0)]);
+            (SafetyAnswer::Unavailable(reason.1), None)
         }
     };
     let caps = state.config().caps_for(&job.topic);
@@ -262,11 +258,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
             GateDecision {
                 decision: Decision::Allow,
                 rule_ids: Vec::new(),
-                reason: if state.config().gates_off {
-                    "gates off (benchmark)".into()
-                } else {
-                    "safety check unavailable".into()
-                },
+                reason: "safety check unavailable".into(),
                 snapshot_hash: active.policy.hash().to_owned(),
                 snapshot_version: active.version,
                 at: now,

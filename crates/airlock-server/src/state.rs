@@ -141,9 +141,6 @@ pub struct Config {
     pub safety_token: Option<String>,
     /// Where the safety check runs when it is not in this process (`--safety-url`).
     pub remote_safety: Option<crate::remote_safety::RemoteSafety>,
-    /// Benchmark-only: skip both gates' policy evaluation (every job is allowed). Never set
-    /// by configuration; only `airlock bench` uses it, to measure what the gates cost.
-    pub gates_off: bool,
 }
 
 impl Default for Config {
@@ -168,7 +165,6 @@ impl Default for Config {
             pools: Vec::new(),
             safety_token: None,
             remote_safety: None,
-            gates_off: false,
         }
     }
 }

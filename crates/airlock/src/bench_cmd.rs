@@ -75,9 +75,11 @@ pub struct E2eArgs {
     /// (with `--store`: spread over the schedulers).
     #[arg(long, default_value_t = 8)]
     workers: usize,
-    /// Also run with both gates switched off (a benchmark-only setting) and report the cost.
-    #[arg(long)]
-    compare_gates_off: bool,
+    /// Also run the same load with the server under the policy in FILE, alternating with the
+    /// bench policy (an allow default and one rule no bench job matches), and report the
+    /// throughput lost under FILE: what its rules cost over the gates' fixed work.
+    #[arg(long, value_name = "FILE")]
+    compare_policy: Option<PathBuf>,
     /// Runs of each setting, alternating; medians are reported (with `--store`, of Airlock's
     /// completed jobs/s and of the raw JetStream loop's msg/s, each run followed by its loop).
     #[arg(long, default_value_t = 1)]
@@ -87,7 +89,7 @@ pub struct E2eArgs {
     /// and a JetStream stream of their own, `AIRLOCK_E2E_<pid>_<run>`, then run the raw
     /// JetStream loop on `--bus`. Without `options=-csearch_path%3D<schema>` in the URL, each
     /// run gets a fresh schema (created and dropped with `psql`).
-    #[arg(long, value_name = "URL", conflicts_with = "compare_gates_off")]
+    #[arg(long, value_name = "URL", conflicts_with = "compare_policy")]
     store: Option<String>,
     /// With `--store`: the NATS JetStream server the replicas use as job bus and the raw loop runs on.
     #[arg(long, value_name = "NATS_URL", default_value = "nats://127.0.0.1:4222", requires = "store")]
@@ -570,12 +572,18 @@ impl Interrupt {
 
 fn e2e(runtime: &tokio::runtime::Runtime, args: &E2eArgs) -> Result<(), String> {
     let mut interrupt = Interrupt::listen(runtime)?;
+    let compared = match &args.compare_policy {
+        Some(path) => Some(
+            std::fs::read_to_string(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?,
+        ),
+        None => None,
+    };
     let mut on = Vec::new();
     let mut off = Vec::new();
     let mut raw = Vec::new();
     for run in 0..args.repeat.max(1) {
         match &args.store {
-            None => on.push(e2e_run(runtime, args, false, &mut interrupt)?),
+            None => on.push(e2e_run(runtime, args, ALLOW_ALL, &mut interrupt)?),
             Some(url) => {
                 on.push(distributed_run(runtime, args, url, run, &mut interrupt)?);
                 // After the replicas stopped, so that the loop has the machine to itself too.
@@ -583,8 +591,8 @@ fn e2e(runtime: &tokio::runtime::Runtime, args: &E2eArgs) -> Result<(), String> 
                 raw.push(per_sec(runtime.block_on(interrupt.guard(loop_))?, args.seconds));
             }
         }
-        if args.compare_gates_off {
-            off.push(e2e_run(runtime, args, true, &mut interrupt)?);
+        if let Some(policy) = &compared {
+            off.push(e2e_run(runtime, args, policy, &mut interrupt)?);
         }
     }
     e2e_report(args, on, off, raw)
@@ -608,7 +616,7 @@ fn e2e_report(
     let off = median(&mut off);
     raw.sort_by(f64::total_cmp);
     let raw = raw.get(raw.len() / 2).copied();
-    let cost = off.as_ref().map(|off| 1.0 - on.completed_per_sec() / off.completed_per_sec());
+    let cost = off.as_ref().map(|off| 1.0 - off.completed_per_sec() / on.completed_per_sec());
     let ratio = raw.map(|raw| on.completed_per_sec() / raw);
     let stream = format!("AIRLOCK_E2E_{}_<run>", std::process::id());
     match args.format {
@@ -620,8 +628,10 @@ fn e2e_report(
                     "store": url, "bus": args.bus, "stream": stream,
                     "gateways": GATEWAYS, "schedulers": SCHEDULERS,
                 })),
-                "gates_on": on.json(), "gates_off": off.as_ref().map(E2eResult::json),
-                "gates_on_runs": on_all, "gates_off_runs": off_all, "throughput_lost_to_gates": cost,
+                "bench_policy": on.json(), "compared_policy": off.as_ref().map(E2eResult::json),
+                "compared_policy_file": args.compare_policy.as_ref().map(|p| p.display().to_string()),
+                "bench_policy_runs": on_all, "compared_policy_runs": off_all,
+                "throughput_lost_under_compared_policy": cost,
                 "raw_jetstream": raw.map(|raw| json!({
                     "msg_per_sec": raw, "runs": raw_all, "seconds": args.seconds,
                     "payload_bytes": bus_payload_bytes(), "window": RAW_WINDOW,
@@ -643,8 +653,8 @@ fn e2e_report(
                 "load: {} submitters, {} workers, {}s per run, submits offered {rate}",
                 args.submitters, args.workers, args.seconds
             );
-            for (name, r, runs) in std::iter::once(("gates on ", &on, &on_all))
-                .chain(off.as_ref().map(|o| ("gates off", o, &off_all)))
+            for (name, r, runs) in std::iter::once(("bench policy   ", &on, &on_all))
+                .chain(off.as_ref().map(|o| ("compared policy", o, &off_all)))
             {
                 println!(
                     "{name}  median {:.0} jobs/s completed (runs {runs:?}; {} submitted); submit→claim p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms",
@@ -656,7 +666,7 @@ fn e2e_report(
                 );
             }
             if let Some(cost) = cost {
-                println!("throughput lost to the two gates (medians): {:.1}%", cost * 100.0);
+                println!("throughput lost under the compared policy (medians): {:.1}%", cost * 100.0);
             }
             if let (Some(raw), Some(ratio)) = (raw, ratio) {
                 println!(
@@ -679,12 +689,11 @@ fn e2e_report(
 fn e2e_run(
     runtime: &tokio::runtime::Runtime,
     args: &E2eArgs,
-    gates_off: bool,
+    policy: &str,
     interrupt: &mut Interrupt,
 ) -> Result<E2eResult, String> {
-    let config = airlock_server::state::Config { gates_off, ..airlock_server::state::Config::default() };
-    let name = if gates_off { "bench-e2e-off" } else { "bench-e2e-on" };
-    let server = crate::inproc::start(runtime, name, ALLOW_ALL, config)?;
+    let config = airlock_server::state::Config::default();
+    let server = crate::inproc::start(runtime, "bench-e2e", policy, config)?;
     let addr = [server.addr.to_string()];
     let result = runtime.block_on(interrupt.guard(e2e_load(args, &addr, &addr, crate::inproc::ADMIN)));
     let _ = std::fs::remove_dir_all(&server.dir);
