@@ -535,7 +535,7 @@ async fn jetstream(args: &JetstreamArgs) -> Result<(), String> {
 /// The raw JetStream loop on `url` (publish with ack, up to `window` in flight → pull → ack, on a
 /// fresh stream deleted afterwards) for `seconds`: the messages consumed and acked.
 async fn raw_loop(url: &str, payload: usize, window: usize, seconds: u64) -> Result<u64, String> {
-    airlock_bus::bench_loop(url, payload, window.max(1), Duration::from_secs(seconds))
+    crate::raw_jetstream::run(url, payload, window, Duration::from_secs(seconds))
         .await
         .map_err(|e| format!("the raw JetStream loop on {url}: {e}"))
 }

@@ -7,6 +7,7 @@ mod config;
 mod demo_cmd;
 mod inproc;
 mod policy_cmd;
+mod raw_jetstream;
 mod serve_cmd;
 mod worker_cmd;
 
