@@ -34,7 +34,7 @@ use crate::{
 };
 
 /// The schema migrations, in order; the `airlock_migrations` table records which are applied.
-const MIGRATIONS: [&str; 9] = [
+const MIGRATIONS: [&str; 10] = [
     include_str!("postgres_schema.sql"),
     include_str!("postgres_schema_v2.sql"),
     include_str!("postgres_schema_v3.sql"),
@@ -44,6 +44,7 @@ const MIGRATIONS: [&str; 9] = [
     include_str!("postgres_schema_v7.sql"),
     include_str!("postgres_schema_v8.sql"),
     include_str!("postgres_schema_v9.sql"),
+    include_str!("postgres_schema_v10.sql"),
 ];
 
 /// How long a relay has the outbox rows it took to itself before another may take them.
@@ -63,6 +64,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const MIGRATION_LOCK: (i32, i32) = (0x4169_726c, 1);
 
 /// Advisory lock held while publishing, so that versions are numbered without gaps or clashes.
+/// Every guarded write holds it shared until its commit ([`guard`]; the key is spelled out in
+/// `airlock_decided_under`, migration v10).
 const PUBLISH_LOCK: (i32, i32) = (0x4169_726c, 2);
 
 /// Advisory lock held while sealing pending audit records, so that one sealer at a time (of any
@@ -81,7 +84,7 @@ const SEAL_PERIOD: Duration = Duration::from_millis(100);
 const STALE_SQLSTATE: &str = "Z9001";
 
 /// Refuses, inside the caller's transaction, a write decided under a snapshot that is no longer
-/// active; the lock it takes on the active-snapshot row keeps a publish out until the commit.
+/// active; the publish lock it holds shared keeps a publish out until the commit.
 async fn guard(db: &Db<'_, impl GenericClient + Sync>, decided_under: Option<u64>) -> Result<(), Fail> {
     let Some(version) = decided_under else { return Ok(()) };
     db.execute("SELECT airlock_decided_under($1)", &[&big_u64(version)]).await?;
@@ -1729,10 +1732,9 @@ async fn publish(
     at: Millis,
     actor: &str,
 ) -> Result<SnapshotRecord, Fail> {
+    // Waits for every write holding the lock shared under the old version ([`guard`]) to
+    // commit; every later one reads the new version.
     tx.execute("SELECT pg_advisory_xact_lock($1, $2)", &[&PUBLISH_LOCK.0, &PUBLISH_LOCK.1]).await?;
-    // Waits for every write holding the row under the old version ([`guard`]) to commit, and
-    // makes every later one read the new version.
-    tx.execute("SELECT version FROM active_snapshot WHERE id = 1 FOR UPDATE", &[]).await?;
     let version: i64 =
         get(&tx.query_one("SELECT COALESCE(MAX(version), 0) + 1 FROM snapshots", &[]).await?, 0)?;
     tx.execute(
