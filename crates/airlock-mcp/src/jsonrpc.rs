@@ -96,10 +96,13 @@ fn response(id: Value, map: &mut Map<String, Value>) -> Result<Message, Malforme
         (None, Some(error)) if error.get("code").is_some_and(Value::is_i64) => {
             Ok(Message::Response { id, outcome: Err(error) })
         }
-        (None, Some(_)) => {
-            Err(invalid(Value::Null, "`error` must be an object with an integer `code`".into()))
-        }
-        _ => Err(invalid(Value::Null, "a response has exactly one of `result` and `error`".into())),
+        (None, Some(_)) => Err(invalid(id, "`error` must be an object with an integer `code`".into())),
+        _ => Err(invalid(
+            id,
+            "a message with an `id` needs a `method` (a request) or exactly one of `result` and `error` \
+             (a response)"
+                .into(),
+        )),
     }
 }
 
@@ -193,6 +196,7 @@ mod tests {
         check(r#"{"jsonrpc":"2.0","id":1,"method":3}"#, Err((INVALID_REQUEST, "`method` must be")));
         check(r#"{"jsonrpc":"2.0","id":1,"method":"x","params":3}"#, Err((INVALID_REQUEST, "`params`")));
         check(r#"{"jsonrpc":"2.0","id":1}"#, Err((INVALID_REQUEST, "exactly one of")));
+        assert_eq!(parse(r#"{"jsonrpc":"2.0","id":1}"#).unwrap_err().id, json!(1), "answered under its id");
         check(r#"{"jsonrpc":"2.0","id":1,"error":{"code":"x"}}"#, Err((INVALID_REQUEST, "integer `code`")));
         check(r#"{"jsonrpc":"2.0"}"#, Err((INVALID_REQUEST, "needs a `method` or an `id`")));
     }

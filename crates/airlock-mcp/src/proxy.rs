@@ -30,6 +30,8 @@ const POLL: Duration = Duration::from_millis(250);
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// Longest long-poll of one claim while a queued job is not yet due (throttled, backing off).
 const CLAIM_WAIT_MAX: Duration = Duration::from_secs(5);
+/// How long calls in flight get to cancel their jobs when the proxy stops.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// How long the upstream gets to exit once its stdin is closed.
 const UPSTREAM_EXIT_GRACE: Duration = Duration::from_secs(2);
 
@@ -75,8 +77,10 @@ struct Proxy {
     generations: Mutex<HashMap<String, u32>>,
 }
 
-/// Runs the proxy until the agent closes stdin; an error when the upstream cannot start.
-pub fn run(options: Options) -> Result<(), String> {
+/// Runs the proxy until the agent closes stdin or `stop` receives (a signal): calls still
+/// waiting in Airlock are cancelled there, and the upstream is stopped. An error when the
+/// upstream cannot start.
+pub fn run(options: Options, stop: mpsc::Receiver<()>) -> Result<(), String> {
     let Some((program, args)) = options.command.split_first() else {
         return Err("no upstream command: put it after `--`".into());
     };
@@ -88,6 +92,7 @@ pub fn run(options: Options) -> Result<(), String> {
         .spawn()
         .map_err(|e| format!("cannot start the upstream `{program}`: {e}"))?;
     let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        stop_child(&mut child);
         return Err("the upstream's stdio could not be opened".into());
     };
     let proxy = Arc::new(Proxy {
@@ -105,19 +110,40 @@ pub fn run(options: Options) -> Result<(), String> {
         let proxy = Arc::clone(&proxy);
         std::thread::spawn(move || proxy.read_upstream(BufReader::new(stdout)))
     };
-    let mut threads = Vec::new();
-    proxy.read_client(std::io::stdin().lock(), &mut threads);
-    // The agent is gone: calls still waiting for Airlock are cancelled there, then the upstream
-    // is told to stop by the end of its input, as MCP's stdio shutdown says.
+    let threads = Arc::new(Mutex::new(Vec::new()));
+    let (ended, end) = mpsc::channel();
+    {
+        let (proxy, threads, ended) = (Arc::clone(&proxy), Arc::clone(&threads), ended.clone());
+        std::thread::spawn(move || {
+            proxy.read_client(std::io::stdin().lock(), &threads);
+            let _ = ended.send(());
+        });
+    }
+    std::thread::spawn(move || {
+        if stop.recv().is_ok() {
+            let _ = ended.send(());
+        }
+    });
+    let _ = end.recv();
+    // The agent is gone (or we are told to stop): calls still waiting for Airlock are cancelled
+    // there, then the upstream is told to stop by the end of its input, as MCP's stdio
+    // shutdown says, and killed if it does not.
     for flag in lock(&proxy.calls).values() {
         flag.store(true, Ordering::SeqCst);
     }
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    let threads: Vec<JoinHandle<()>> = lock(&threads).drain(..).collect();
     for thread in threads {
-        let _ = thread.join();
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     lock(&proxy.upstream).take();
-    stop(&mut child);
-    let _ = reader.join();
+    stop_child(&mut child);
+    if proxy.alive.load(Ordering::SeqCst) {
+        tracing::info!("the upstream MCP server was stopped");
+    }
+    drop(reader);
     Ok(())
 }
 
@@ -127,7 +153,7 @@ fn session_id() -> Result<String, String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn stop(child: &mut Child) {
+fn stop_child(child: &mut Child) {
     let deadline = Instant::now() + UPSTREAM_EXIT_GRACE;
     while Instant::now() < deadline {
         if let Ok(Some(_)) = child.try_wait() {
@@ -174,7 +200,7 @@ impl Proxy {
         written.is_ok()
     }
 
-    fn read_client(self: &Arc<Self>, input: impl std::io::BufRead, threads: &mut Vec<JoinHandle<()>>) {
+    fn read_client(self: &Arc<Self>, input: impl std::io::BufRead, threads: &Mutex<Vec<JoinHandle<()>>>) {
         for line in input.lines() {
             let line = match line {
                 Ok(line) => line,
@@ -190,12 +216,12 @@ impl Proxy {
             if line.trim().is_empty() {
                 continue;
             }
-            threads.retain(|t| !t.is_finished());
+            lock(threads).retain(|t| !t.is_finished());
             match jsonrpc::parse(&line) {
                 Err(bad) => self.to_client(&bad.answer()),
                 Ok(Message::Request { id, method, params }) => {
                     if let Some(thread) = self.client_request(line, id, &method, params) {
-                        threads.push(thread);
+                        lock(threads).push(thread);
                     }
                 }
                 Ok(Message::Notification { method, params }) => {

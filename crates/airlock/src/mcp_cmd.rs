@@ -46,8 +46,8 @@ pub struct ProxyArgs {
     /// variable: a flag shows in the process list.
     #[arg(long)]
     api_key: Option<String>,
-    /// The upstream MCP server's command line.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// The upstream MCP server's command line (after `--`, or after the last option).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, num_args = 1.., value_name = "CMD")]
     command: Vec<String>,
 }
 
@@ -82,13 +82,40 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
         .or_else(|| from_env("AIRLOCK_API_KEY"))
         .ok_or("no API key: set `AIRLOCK_API_KEY` to a key with the submitter and worker roles")?;
     let airlock = airlock_mcp::Airlock::new(&url, &worker_url, &api_key)?;
-    airlock_mcp::run(airlock_mcp::Options {
-        server: args.name.trim().to_owned(),
-        env: args.env.trim().to_ascii_lowercase(),
-        pool: args.pool,
-        approval_wait: Duration::from_secs(args.approval_wait),
-        console_url: args.console_url.or_else(|| from_env("AIRLOCK_CONSOLE_URL")),
-        airlock,
-        command: args.command,
-    })
+    airlock_mcp::run(
+        airlock_mcp::Options {
+            server: args.name.trim().to_owned(),
+            env: args.env.trim().to_ascii_lowercase(),
+            pool: args.pool,
+            approval_wait: Duration::from_secs(args.approval_wait),
+            console_url: args.console_url.or_else(|| from_env("AIRLOCK_CONSOLE_URL")),
+            airlock,
+            command: args.command,
+        },
+        signals()?,
+    )
+}
+
+/// A receiver that gets one message on SIGTERM, SIGINT or SIGHUP: clients stop an MCP server
+/// with a signal when closing its stdin does not end it at once.
+fn signals() -> Result<std::sync::mpsc::Receiver<()>, String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| format!("cannot watch for signals: {e}"))?;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    let mut watched = Vec::new();
+    for kind in [SignalKind::terminate(), SignalKind::interrupt(), SignalKind::hangup()] {
+        let _guard = runtime.enter();
+        watched.push(signal(kind).map_err(|e| format!("cannot watch for signals: {e}"))?);
+    }
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            let waits = watched.iter_mut().map(|s| Box::pin(s.recv()));
+            futures_util::future::select_all(waits).await;
+        });
+        let _ = sender.send(());
+    });
+    Ok(receiver)
 }
