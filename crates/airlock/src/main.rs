@@ -6,6 +6,7 @@ mod client_cmd;
 mod config;
 mod demo_cmd;
 mod inproc;
+mod mcp_bench;
 mod mcp_cmd;
 mod policy_cmd;
 mod raw_jetstream;

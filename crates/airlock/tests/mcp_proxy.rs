@@ -17,7 +17,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Process, get, key, post, temp_dir};
+use support::{BusStream, NATS, Process, Schema, get, key, post, replica_with, temp_dir};
 
 const ADMIN: &str = "mcp-test-admin-key-0001";
 const BIN: &str = env!("CARGO_BIN_EXE_airlock");
@@ -620,4 +620,78 @@ fn the_inspector_cli_lists_tools_through_the_proxy() {
     let names: Vec<&str> =
         listed["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
     assert!(names.contains(&"echo") && names.contains(&"get-sum"), "{names:?}");
+}
+
+/// Distributed: 2 gateways and 2 schedulers on PostgreSQL and NATS; the proxy submits to one
+/// gateway and claims on one scheduler, a human approves on the other gateway.
+#[test]
+fn distributed_two_gateways_two_schedulers() {
+    let schema = Schema::create("mcp");
+    let stream = BusStream::new("mcp");
+    let config = temp_dir("mcp-distributed").join("config.yaml");
+    std::fs::write(&config, "").unwrap();
+    let bus = format!("nats://{NATS}");
+    let start = |role: &str| {
+        replica_with(
+            &schema.url(),
+            &config,
+            ADMIN,
+            &["--role", role, "--bus", &bus, "--bus-stream", &stream.name],
+        )
+    };
+    // Declared after `stream`, so stopped before it is deleted.
+    let replicas = [start("gateway"), start("gateway"), start("scheduler"), start("scheduler")];
+    let (gateway, other_gateway, scheduler) = (&replicas[0].addr, &replicas[1].addr, &replicas[3].addr);
+    let policy = "version: v1\ndefaults: { decision: allow }\nrules:\n\
+                  - id: no-sums\n  when: { topic: mcp.everything.get-sum }\n  decision: deny\n  reason: no sums\n\
+                  - id: human-echo\n  when: { topic: mcp.everything.echo, message: needs a human }\n  \
+                  decision: require_human\n";
+    let (status, body) = post(gateway, "/api/v1/policy/publish", ADMIN, policy);
+    assert_eq!(status, 201, "{body}");
+    let agent = key(gateway, ADMIN, "acme", "agent", &["submitter", "worker"]);
+    let approver = key(gateway, ADMIN, "acme", "alice", &["approver"]);
+    let env = vec![
+        ("AIRLOCK_URL".to_owned(), format!("http://{gateway}")),
+        ("AIRLOCK_WORKER_URL".to_owned(), format!("http://{scheduler}")),
+        ("AIRLOCK_API_KEY".to_owned(), agent.clone()),
+    ];
+    let proxy = proxy_command(&["--name", "everything"], &[&npm_bin("mcp-server-everything")]);
+    let mut client = Client::start(&proxy, &env);
+    assert_eq!(text(&client.call_now("echo", "echo", json!({"message": "hi"}))), "Echo: hi");
+    let denied = client.call_now("sum", "get-sum", json!({"a": 1, "b": 2}));
+    assert!(is_error(&denied) && text(&denied).contains("no-sums"), "{denied}");
+
+    client.call("human", "echo", json!({"message": "needs a human"}));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let approval = loop {
+        let (_, body) = get(other_gateway, "/api/v1/approvals", &approver);
+        if let Some(first) = body["approvals"].as_array().unwrap().first() {
+            break first["id"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "no approval request");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (status, body) =
+        post(other_gateway, &format!("/api/v1/approvals/{approval}/approve"), &approver, "{}");
+    assert_eq!(status, 200, "{body}");
+    let approved = client.answer("human", Duration::from_secs(60));
+    assert_eq!(text(&approved), "Echo: needs a human", "{approved}");
+    let (_, jobs) = get(other_gateway, "/api/v1/jobs?topic=mcp.everything.echo", &agent);
+    let jobs = jobs["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 2);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for job in jobs {
+        let id = job["job_id"].as_str().unwrap();
+        loop {
+            let (_, view) = get(other_gateway, &format!("/api/v1/jobs/{id}"), &agent);
+            if view["state"] == "succeeded" {
+                assert_eq!(view["attempts"]["execution"], 1);
+                break;
+            }
+            assert!(Instant::now() < deadline, "job {id} did not succeed: {view}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    client.close();
+    drop(replicas);
 }
