@@ -90,6 +90,11 @@ impl Airlock {
         )
     }
 
+    /// `POST /api/v1/policy/explain`: no side effect.
+    pub fn explain(&self, body: &Value) -> Result<Answer, Unreachable> {
+        self.call(&self.api, "/api/v1/policy/explain", Some(body), CALL_TIMEOUT)
+    }
+
     /// `POST /api/v1/workers/claim` for one job: Gate B now.
     pub fn claim(&self, pool: &str, id: &str, wait: Duration) -> Result<Answer, Unreachable> {
         let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);

@@ -87,6 +87,30 @@ pub fn submission(server: &str, env: &str, call: &Call, key: &str) -> Value {
     })
 }
 
+/// The body of `POST /api/v1/policy/explain` asking about any call of `tool`: its job with an
+/// empty payload (the principal is the key's).
+pub fn explain_body(server: &str, env: &str, tool: &str) -> Value {
+    json!({"job": {
+        "topic": topic(server, tool),
+        "env": env,
+        "labels": {"mcp_server": server, "mcp_tool": tool},
+        "payload": {},
+    }})
+}
+
+/// Whether an explanation proves the tool denied whatever its arguments: an enforced `deny`
+/// rule matched without looking at the payload (deny wins over every other decision).
+pub fn denied_whatever_the_arguments(explanation: &Value) -> bool {
+    explanation.get("rules").and_then(Value::as_array).is_some_and(|rules| {
+        rules.iter().any(|rule| {
+            rule.get("decision") == Some(&json!("deny"))
+                && rule.get("mode") == Some(&json!("enforce"))
+                && rule.get("verdict") == Some(&json!("matched"))
+                && rule.get("reads_payload") == Some(&Value::Bool(false))
+        })
+    })
+}
+
 /// A tool result that tells the agent why its call did not run (or did not succeed).
 pub fn tool_error(text: &str) -> Value {
     json!({"content": [{"type": "text", "text": text}], "isError": true})
@@ -350,6 +374,28 @@ mod tests {
         denied["decisions"] = json!({"gate_b": {"rule_ids": ["freeze"], "reason": "change freeze"}});
         let Step::Ended(r) = step(&denied, false) else { panic!() };
         assert!(r["content"][0]["text"].as_str().unwrap().contains("Gate B; rules: freeze): change freeze"));
+    }
+
+    #[test]
+    fn only_a_matched_enforced_payload_free_deny_hides_a_tool() {
+        let rule = |decision: &str, mode: &str, verdict: &str, reads: bool| json!({"rules": [{"id": "r", "decision": decision, "mode": mode, "verdict": verdict, "reads_payload": reads}]});
+        assert!(denied_whatever_the_arguments(&rule("deny", "enforce", "matched", false)));
+        assert!(
+            !denied_whatever_the_arguments(&rule("deny", "enforce", "matched", true)),
+            "arguments may change it"
+        );
+        assert!(!denied_whatever_the_arguments(&rule("deny", "audit", "matched", false)));
+        assert!(!denied_whatever_the_arguments(&rule("deny", "enforce", "not_matched", false)));
+        assert!(!denied_whatever_the_arguments(&rule("require_human", "enforce", "matched", false)));
+        assert!(
+            !denied_whatever_the_arguments(
+                &json!({"rules": [{"decision": "deny", "mode": "enforce", "verdict": "matched"}]})
+            ),
+            "an older server: listed"
+        );
+        let body = explain_body("fs", "production", "write_file");
+        assert_eq!(body["job"]["topic"], "mcp.fs.write_file");
+        assert_eq!(body["job"]["payload"], json!({}));
     }
 
     #[test]

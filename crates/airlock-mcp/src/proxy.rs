@@ -47,6 +47,8 @@ pub struct Options {
     pub approval_wait: Duration,
     /// Where approvers approve, for the "pending" answer.
     pub console_url: Option<String>,
+    /// Leave out of `tools/list` the tools the policy denies whatever the arguments.
+    pub hide_denied: bool,
     /// The Airlock deployment.
     pub airlock: Airlock,
     /// The upstream's command line.
@@ -59,6 +61,8 @@ enum Pending {
     Plain,
     /// `initialize`: the answer's protocol version is checked.
     Initialize,
+    /// `tools/list` with `--hide-denied`: the answer is filtered.
+    ToolsList,
     /// A governed tool call, forwarded: its answer goes to the call's thread.
     Call(mpsc::Sender<(String, Result<Value, Value>)>),
 }
@@ -289,6 +293,11 @@ impl Proxy {
                 self.forward(&id, &line);
                 None
             }
+            "tools/list" if self.options.hide_denied => {
+                lock(&self.pending).insert(key, Pending::ToolsList);
+                self.forward(&id, &line);
+                None
+            }
             _ => {
                 lock(&self.pending).insert(key, Pending::Plain);
                 self.forward(&id, &line);
@@ -304,7 +313,7 @@ impl Proxy {
         }
     }
 
-    fn read_upstream(&self, output: impl std::io::BufRead) {
+    fn read_upstream(self: &Arc<Self>, output: impl std::io::BufRead) {
         for line in output.lines() {
             let Ok(line) = line else {
                 tracing::warn!("the upstream wrote a line that is not UTF-8; answered with a parse error");
@@ -331,6 +340,17 @@ impl Proxy {
                             let _ = sender.send((line, outcome));
                         }
                         Some(Pending::Initialize) => self.to_client(&initialized(line, &id, &outcome)),
+                        Some(Pending::ToolsList) => {
+                            // Asking Airlock about each tool takes round trips: not on this thread.
+                            let proxy = Arc::clone(self);
+                            std::thread::spawn(move || {
+                                let answer = match outcome {
+                                    Ok(result) => jsonrpc::result(&id, &proxy.without_denied(result)),
+                                    Err(_) => line,
+                                };
+                                proxy.to_client(&answer);
+                            });
+                        }
                         Some(Pending::Plain) | None => self.to_client(&line),
                     }
                 }
@@ -350,6 +370,28 @@ impl Proxy {
             }
         }
         tracing::warn!("the upstream MCP server has exited");
+    }
+
+    /// A `tools/list` result without the tools the policy denies whatever the arguments; a
+    /// tool Airlock cannot be asked about stays listed (calling it is still governed).
+    fn without_denied(&self, mut result: Value) -> Value {
+        let Some(tools) = result.get_mut("tools").and_then(Value::as_array_mut) else { return result };
+        tools.retain(|tool| {
+            let Some(name) = tool.get("name").and_then(Value::as_str) else { return true };
+            let body = call::explain_body(&self.options.server, &self.options.env, name);
+            match self.options.airlock.explain(&body) {
+                Ok(Answer { status: 200, body, .. }) => !call::denied_whatever_the_arguments(&body),
+                Ok(Answer { status, .. }) => {
+                    tracing::warn!(tool = name, status, "cannot ask Airlock whether the tool is denied; listed");
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(tool = name, error = %e, "cannot ask Airlock whether the tool is denied; listed");
+                    true
+                }
+            }
+        });
+        result
     }
 
     /// Takes one tool call through Airlock, and through the upstream when the gates allow it.

@@ -32,6 +32,11 @@ pub struct ProxyArgs {
     /// agent hears "pending approval"; the same call made again later continues the same job.
     #[arg(long, value_name = "SECS", default_value_t = MCP_APPROVAL_WAIT_MS / 1000)]
     approval_wait: u64,
+    /// Leave out of `tools/list` the tools the policy denies for this key's principal whatever
+    /// the arguments (provable from the rules: a matched deny rule that does not look at the
+    /// payload); other tools stay listed, and every call is governed either way.
+    #[arg(long)]
+    hide_denied: bool,
     /// Where approvers approve, named in the "pending approval" answer [env: AIRLOCK_CONSOLE_URL].
     #[arg(long)]
     console_url: Option<String>,
@@ -89,6 +94,7 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
             pool: args.pool,
             approval_wait: Duration::from_secs(args.approval_wait),
             console_url: args.console_url.or_else(|| from_env("AIRLOCK_CONSOLE_URL")),
+            hide_denied: args.hide_denied,
             airlock,
             command: args.command,
         },

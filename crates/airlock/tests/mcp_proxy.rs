@@ -695,3 +695,26 @@ fn distributed_two_gateways_two_schedulers() {
     client.close();
     drop(replicas);
 }
+
+/// `--hide-denied` leaves out a tool denied whatever its arguments, and lists one whose denial
+/// depends on them.
+#[test]
+fn hide_denied_lists_only_what_the_arguments_could_allow() {
+    let policy = "version: v1\ndefaults: { decision: allow }\nrules:\n\
+                  - id: no-sums\n  when: { topic: mcp.everything.get-sum }\n  decision: deny\n\
+                  - id: no-rude-echo\n  when: { topic: mcp.everything.echo, message: rude }\n  decision: deny\n";
+    let airlock = Airlock::start("hide", policy, NO_CONFIG, &[]);
+    let proxy =
+        proxy_command(&["--name", "everything", "--hide-denied"], &[&npm_bin("mcp-server-everything")]);
+    let mut client = Client::start(&proxy, &proxy_env(&airlock));
+    client.send(json!({"op": "list", "tag": "tools"}));
+    let tools = client.answer("tools", Duration::from_secs(30));
+    let tools = tools["tools"].as_array().unwrap();
+    assert!(!tools.contains(&json!("get-sum")), "denied whatever the arguments: {tools:?}");
+    assert!(tools.contains(&json!("echo")) && tools.contains(&json!("get-env")), "{tools:?}");
+    let rude = client.call_now("rude", "echo", json!({"message": "rude"}));
+    assert!(is_error(&rude) && text(&rude).contains("no-rude-echo"), "{rude}");
+    let hidden = client.call_now("sum", "get-sum", json!({"a": 1, "b": 1}));
+    assert!(is_error(&hidden) && text(&hidden).contains("no-sums"), "hidden, and still governed: {hidden}");
+    client.close();
+}
