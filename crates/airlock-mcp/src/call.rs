@@ -27,6 +27,13 @@ impl Call {
             Some(Value::String(name)) if !name.trim().is_empty() => name.clone(),
             _ => return Err("`name` must be the tool's name".into()),
         };
+        if params.get("task").is_some() {
+            return Err(
+                "task-augmented tool calls are not supported through the Airlock proxy: call the tool \
+                        without `task`"
+                    .into(),
+            );
+        }
         let arguments = match params.get("arguments") {
             None | Some(Value::Null) => Value::Object(Map::new()),
             Some(Value::Object(a)) => Value::Object(a.clone()),
@@ -287,6 +294,11 @@ mod tests {
         assert_eq!(call.progress_token, Some(json!(5)));
         assert_eq!(Call::parse(Some(&json!({"name": "x"}))).unwrap().arguments, json!({}));
         assert!(Call::parse(None).unwrap_err().contains("`name`"));
+        assert!(
+            Call::parse(Some(&json!({"name": "x", "task": {"ttl": 1}})))
+                .unwrap_err()
+                .contains("task-augmented")
+        );
         assert!(Call::parse(Some(&json!({"name": " "}))).unwrap_err().contains("`name`"));
         assert!(
             Call::parse(Some(&json!({"name": "x", "arguments": [1]}))).unwrap_err().contains("`arguments`")

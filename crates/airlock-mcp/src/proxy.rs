@@ -666,11 +666,22 @@ fn negotiate(line: String, params: Option<Value>) -> String {
 }
 
 /// The `initialize` answer for the agent: the upstream's, unless it chose a protocol version
-/// the proxy does not speak.
+/// the proxy does not speak. Task-augmented tool calls (2025-11-25) are taken out of the
+/// capabilities: their result arrives after the call returns, where no job could record it.
 fn initialized(line: String, id: &Value, outcome: &Result<Value, Value>) -> String {
     match outcome {
         Ok(result) => match result.get("protocolVersion").and_then(Value::as_str) {
-            Some(v) if PROTOCOL_VERSIONS.contains(&v) => line,
+            Some(v) if PROTOCOL_VERSIONS.contains(&v) => {
+                let tasks = result.pointer("/capabilities/tasks/requests");
+                if tasks.and_then(|r| r.get("tools")).is_none() {
+                    return line;
+                }
+                let mut result = result.clone();
+                if let Some(Value::Object(requests)) = result.pointer_mut("/capabilities/tasks/requests") {
+                    requests.remove("tools");
+                }
+                jsonrpc::result(id, &result)
+            }
             other => jsonrpc::error(
                 id,
                 INTERNAL_ERROR,
@@ -701,6 +712,16 @@ mod tests {
         let sent: Value = serde_json::from_str(&negotiate(future.into(), Some(params))).unwrap();
         assert_eq!(sent["params"]["protocolVersion"], "2025-11-25");
         assert_eq!(sent["params"]["capabilities"], json!({"x": 1}), "the rest is the agent's");
+    }
+
+    #[test]
+    fn task_augmented_tool_calls_are_not_offered() {
+        let result = json!({"protocolVersion": "2025-11-25",
+            "capabilities": {"tools": {}, "tasks": {"list": {}, "requests": {"tools": {"call": {}}}}}});
+        let line = jsonrpc::result(&json!(0), &result);
+        let answer: Value = serde_json::from_str(&initialized(line, &json!(0), &Ok(result))).unwrap();
+        assert_eq!(answer["result"]["capabilities"]["tasks"], json!({"list": {}, "requests": {}}));
+        assert_eq!(answer["result"]["capabilities"]["tools"], json!({}));
     }
 
     #[test]
