@@ -718,3 +718,46 @@ fn hide_denied_lists_only_what_the_arguments_could_allow() {
     assert!(is_error(&hidden) && text(&hidden).contains("no-sums"), "hidden, and still governed: {hidden}");
     client.close();
 }
+
+/// The README's MCP client configuration, run as written: the proxy in front of the filesystem
+/// server (with this build of `airlock`, the npm package installed for the tests, a temporary
+/// sandbox and a test server in place of the placeholders).
+#[test]
+fn the_readme_configuration_puts_the_proxy_in_front_of_the_server() {
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    let section = &readme[readme.find("## Agents through MCP").unwrap()..];
+    let block = &section[section.find("```json").unwrap() + "```json".len()..];
+    let config: Value = serde_json::from_str(&block[..block.find("```").unwrap()]).unwrap();
+    let server = &config["mcpServers"]["filesystem"];
+    assert_eq!(server["command"], "airlock");
+    let sandbox = temp_dir("mcp-readme-sandbox");
+    let sandbox_text = sandbox.canonicalize().unwrap().to_str().unwrap().to_owned();
+    let mut command = vec![BIN.to_owned()];
+    let args: Vec<&str> = server["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let npx = args.iter().position(|a| *a == "npx").unwrap();
+    assert_eq!(args[npx..], ["npx", "-y", "@modelcontextprotocol/server-filesystem", "/srv/agent-sandbox"]);
+    command.extend(args[..npx].iter().map(|a| (*a).to_owned()));
+    command.extend([npm_bin("mcp-server-filesystem"), sandbox_text.clone()]);
+
+    let airlock =
+        Airlock::start("readme", "version: v1\ndefaults: { decision: allow }\nrules: []\n", NO_CONFIG, &[]);
+    let env: Vec<(String, String)> = server["env"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            let value = match k.as_str() {
+                "AIRLOCK_URL" => airlock.url(),
+                "AIRLOCK_API_KEY" => airlock.agent.clone(),
+                other => panic!("the README sets `{other}`, which this test does not know: {v}"),
+            };
+            (k.clone(), value)
+        })
+        .collect();
+    let mut client = Client::start(&command, &env);
+    let listed = client.call_now("dirs", "list_allowed_directories", json!({}));
+    assert!(!is_error(&listed) && text(&listed).contains(&sandbox_text), "{listed}");
+    let jobs = airlock.jobs("mcp.fs.list_allowed_directories");
+    assert_eq!((jobs.len(), jobs[0]["env"].as_str()), (1, Some("production")), "{jobs:?}");
+    client.close();
+}
