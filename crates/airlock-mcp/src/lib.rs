@@ -10,8 +10,9 @@
 
 mod airlock;
 pub mod call;
+mod http_upstream;
 pub mod jsonrpc;
 mod proxy;
 
 pub use airlock::Airlock;
-pub use proxy::{Options, PROTOCOL_VERSIONS, run};
+pub use proxy::{Options, PROTOCOL_VERSIONS, Upstream, run};

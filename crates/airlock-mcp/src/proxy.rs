@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 use crate::airlock::{Airlock, Answer};
 use crate::call::{self, Admission, Call, Step, UNAVAILABLE};
+use crate::http_upstream::HttpUpstream;
 use crate::jsonrpc::{self, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, Message};
 
 /// MCP protocol versions the proxy speaks, oldest first.
@@ -51,8 +52,23 @@ pub struct Options {
     pub hide_denied: bool,
     /// The Airlock deployment.
     pub airlock: Airlock,
-    /// The upstream's command line.
-    pub command: Vec<String>,
+    /// Where the upstream is.
+    pub upstream: Upstream,
+}
+
+/// The upstream MCP server.
+pub enum Upstream {
+    /// A command the proxy runs, speaking MCP on its stdio.
+    Command(Vec<String>),
+    /// A server reached over MCP's streamable HTTP transport at this URL.
+    Url(String),
+}
+
+/// How messages reach the upstream.
+enum Link {
+    /// The child's stdin; `None` once it is gone.
+    Stdio(Mutex<Option<ChildStdin>>),
+    Http(HttpUpstream),
 }
 
 /// An agent's request the proxy waits on an answer for.
@@ -72,7 +88,7 @@ struct Proxy {
     /// This MCP session: part of every idempotency key.
     session: String,
     client: Mutex<std::io::Stdout>,
-    upstream: Mutex<Option<ChildStdin>>,
+    link: Link,
     alive: AtomicBool,
     pending: Mutex<HashMap<String, Pending>>,
     /// Governed calls in flight, by id: set to cancel.
@@ -85,35 +101,41 @@ struct Proxy {
 /// waiting in Airlock are cancelled there, and the upstream is stopped. An error when the
 /// upstream cannot start.
 pub fn run(options: Options, stop: mpsc::Receiver<()>) -> Result<(), String> {
-    let Some((program, args)) = options.command.split_first() else {
-        return Err("no upstream command: put it after `--`".into());
-    };
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("cannot start the upstream `{program}`: {e}"))?;
-    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-        stop_child(&mut child);
-        return Err("the upstream's stdio could not be opened".into());
+    let (link, mut child, stdout) = match &options.upstream {
+        Upstream::Command(command) => {
+            let Some((program, args)) = command.split_first() else {
+                return Err("no upstream command: put it after `--`".into());
+            };
+            let mut child = Command::new(program)
+                .args(args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .map_err(|e| format!("cannot start the upstream `{program}`: {e}"))?;
+            let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+                stop_child(&mut child);
+                return Err("the upstream's stdio could not be opened".into());
+            };
+            (Link::Stdio(Mutex::new(Some(stdin))), Some(child), Some(stdout))
+        }
+        Upstream::Url(url) => (Link::Http(HttpUpstream::new(url)?), None, None),
     };
     let proxy = Arc::new(Proxy {
         options,
         session: session_id()?,
         client: Mutex::new(std::io::stdout()),
-        upstream: Mutex::new(Some(stdin)),
+        link,
         alive: AtomicBool::new(true),
         pending: Mutex::new(HashMap::new()),
         calls: Mutex::new(HashMap::new()),
         generations: Mutex::new(HashMap::new()),
     });
     tracing::info!(server = %proxy.options.server, session = %proxy.session, "mcp proxy started");
-    let reader = {
+    if let Some(stdout) = stdout {
         let proxy = Arc::clone(&proxy);
-        std::thread::spawn(move || proxy.read_upstream(BufReader::new(stdout)))
-    };
+        std::thread::spawn(move || proxy.read_upstream(BufReader::new(stdout)));
+    }
     let threads = Arc::new(Mutex::new(Vec::new()));
     let (ended, end) = mpsc::channel();
     {
@@ -142,12 +164,13 @@ pub fn run(options: Options, stop: mpsc::Receiver<()>) -> Result<(), String> {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    lock(&proxy.upstream).take();
-    stop_child(&mut child);
-    if proxy.alive.load(Ordering::SeqCst) {
-        tracing::info!("the upstream MCP server was stopped");
+    match &proxy.link {
+        Link::Stdio(stdin) => drop(lock(stdin).take()),
+        Link::Http(http) => http.close(),
     }
-    drop(reader);
+    if let Some(child) = &mut child {
+        stop_child(child);
+    }
     Ok(())
 }
 
@@ -193,15 +216,45 @@ impl Proxy {
         }
     }
 
-    /// Sends a line to the upstream; false when it is gone.
-    fn to_upstream(&self, line: &str) -> bool {
-        let mut upstream = lock(&self.upstream);
-        let Some(stdin) = upstream.as_mut() else { return false };
-        let written = stdin
-            .write_all(line.as_bytes())
-            .and_then(|()| stdin.write_all(b"\n"))
-            .and_then(|()| stdin.flush());
-        written.is_ok()
+    /// Sends a line to the upstream; false when it is gone. Over HTTP the answer comes back on
+    /// a thread of its own, as the stdio reader would deliver it.
+    fn to_upstream(self: &Arc<Self>, line: &str) -> bool {
+        match &self.link {
+            Link::Stdio(stdin) => {
+                let mut stdin = lock(stdin);
+                let Some(stdin) = stdin.as_mut() else { return false };
+                let written = stdin
+                    .write_all(line.as_bytes())
+                    .and_then(|()| stdin.write_all(b"\n"))
+                    .and_then(|()| stdin.flush());
+                written.is_ok()
+            }
+            Link::Http(_) => {
+                let (proxy, line) = (Arc::clone(self), line.to_owned());
+                std::thread::spawn(move || {
+                    let Link::Http(http) = &proxy.link else { return };
+                    if let Err(e) = http.post(&line, &mut |message| proxy.from_upstream(&message)) {
+                        tracing::warn!(error = %e, "the upstream failed");
+                        proxy.upstream_failed(&line, &e);
+                    }
+                });
+                true
+            }
+        }
+    }
+
+    /// A message the upstream could not take: its request is answered with an error (a tool
+    /// call's thread sees its channel close, and fails the job).
+    fn upstream_failed(&self, line: &str, error: &str) {
+        let Ok(Message::Request { id, .. }) = jsonrpc::parse(line) else { return };
+        let pending = lock(&self.pending).remove(&jsonrpc::id_key(&id));
+        if let Some(Pending::Plain | Pending::Initialize | Pending::ToolsList) = pending {
+            self.to_client(&jsonrpc::error(
+                &id,
+                INTERNAL_ERROR,
+                &format!("the upstream MCP server failed: {error}"),
+            ));
+        }
     }
 
     fn read_client(self: &Arc<Self>, input: impl std::io::BufRead, threads: &Mutex<Vec<JoinHandle<()>>>) {
@@ -306,7 +359,7 @@ impl Proxy {
         }
     }
 
-    fn forward(&self, id: &Value, line: &str) {
+    fn forward(self: &Arc<Self>, id: &Value, line: &str) {
         if !self.to_upstream(line) {
             lock(&self.pending).remove(&jsonrpc::id_key(id));
             self.to_client(&jsonrpc::error(id, INTERNAL_ERROR, "the upstream MCP server has exited"));
@@ -324,43 +377,14 @@ impl Proxy {
                 ));
                 continue;
             };
-            if line.trim().is_empty() {
-                continue;
-            }
-            match jsonrpc::parse(&line) {
-                Err(bad) => {
-                    tracing::warn!(error = %bad.message, "the upstream wrote a malformed message");
-                    self.to_upstream(&bad.answer());
-                }
-                Ok(Message::Response { id, outcome }) => {
-                    let pending = lock(&self.pending).remove(&jsonrpc::id_key(&id));
-                    match pending {
-                        Some(Pending::Call(sender)) => {
-                            // A cancelled call's thread is gone: its late answer is dropped.
-                            let _ = sender.send((line, outcome));
-                        }
-                        Some(Pending::Initialize) => self.to_client(&initialized(line, &id, &outcome)),
-                        Some(Pending::ToolsList) => {
-                            // Asking Airlock about each tool takes round trips: not on this thread.
-                            let proxy = Arc::clone(self);
-                            std::thread::spawn(move || {
-                                let answer = match outcome {
-                                    Ok(result) => jsonrpc::result(&id, &proxy.without_denied(result)),
-                                    Err(_) => line,
-                                };
-                                proxy.to_client(&answer);
-                            });
-                        }
-                        Some(Pending::Plain) | None => self.to_client(&line),
-                    }
-                }
-                Ok(_) => self.to_client(&line),
-            }
+            self.from_upstream(&line);
         }
         // The upstream's output ended: it exited. Requests waiting on it get an error; calls
         // forwarded to it see their sender dropped.
         self.alive.store(false, Ordering::SeqCst);
-        lock(&self.upstream).take();
+        if let Link::Stdio(stdin) = &self.link {
+            lock(stdin).take();
+        }
         let pending: Vec<(String, Pending)> = lock(&self.pending).drain().collect();
         for (key, pending) in pending {
             if !matches!(pending, Pending::Call(_))
@@ -370,6 +394,56 @@ impl Proxy {
             }
         }
         tracing::warn!("the upstream MCP server has exited");
+    }
+
+    /// One message from the upstream: an answer goes where its request came from, anything
+    /// else to the agent as it is.
+    fn from_upstream(self: &Arc<Self>, line: &str) {
+        if line.trim().is_empty() {
+            return;
+        }
+        match jsonrpc::parse(line) {
+            Err(bad) => {
+                tracing::warn!(error = %bad.message, "the upstream wrote a malformed message");
+                self.to_upstream(&bad.answer());
+            }
+            Ok(Message::Response { id, outcome }) => {
+                let pending = lock(&self.pending).remove(&jsonrpc::id_key(&id));
+                match pending {
+                    Some(Pending::Call(sender)) => {
+                        // A cancelled call's thread is gone: its late answer is dropped.
+                        let _ = sender.send((line.to_owned(), outcome));
+                    }
+                    Some(Pending::Initialize) => {
+                        if let (Link::Http(http), Ok(result)) = (&self.link, &outcome) {
+                            if let Some(version) = result.get("protocolVersion").and_then(Value::as_str) {
+                                http.set_version(version);
+                            }
+                            let proxy = Arc::clone(self);
+                            std::thread::spawn(move || {
+                                if let Link::Http(http) = &proxy.link {
+                                    http.listen(&mut |message| proxy.from_upstream(&message));
+                                }
+                            });
+                        }
+                        self.to_client(&initialized(line.to_owned(), &id, &outcome));
+                    }
+                    Some(Pending::ToolsList) => {
+                        // Asking Airlock about each tool takes round trips: not on this thread.
+                        let (proxy, line) = (Arc::clone(self), line.to_owned());
+                        std::thread::spawn(move || {
+                            let answer = match outcome {
+                                Ok(result) => jsonrpc::result(&id, &proxy.without_denied(result)),
+                                Err(_) => line,
+                            };
+                            proxy.to_client(&answer);
+                        });
+                    }
+                    Some(Pending::Plain) | None => self.to_client(line),
+                }
+            }
+            Ok(_) => self.to_client(line),
+        }
     }
 
     /// A `tools/list` result without the tools the policy denies whatever the arguments; a
@@ -395,7 +469,7 @@ impl Proxy {
     }
 
     /// Takes one tool call through Airlock, and through the upstream when the gates allow it.
-    fn govern(&self, line: &str, id: &Value, call: &Call, cancelled: &AtomicBool) -> Reply {
+    fn govern(self: &Arc<Self>, line: &str, id: &Value, call: &Call, cancelled: &AtomicBool) -> Reply {
         let server = &self.options.server;
         let digest = call::call_digest(&self.session, server, &call.tool, &call.arguments);
         loop {
@@ -429,7 +503,7 @@ impl Proxy {
     /// Follows a job until the call can be answered; `None` when a new job must be submitted.
     #[expect(clippy::too_many_arguments, reason = "the call, its job and its cancellation, all needed")]
     fn follow(
-        &self,
+        self: &Arc<Self>,
         line: &str,
         id: &Value,
         call: &Call,
@@ -534,7 +608,14 @@ impl Proxy {
 
     /// Runs a leased job on the upstream: forwards the call, keeps the lease, answers the agent
     /// with the upstream's answer as it came, then records it with the job.
-    fn execute(&self, line: &str, id: &Value, job_id: &str, claim: &Value, cancelled: &AtomicBool) -> Reply {
+    fn execute(
+        self: &Arc<Self>,
+        line: &str,
+        id: &Value,
+        job_id: &str,
+        claim: &Value,
+        cancelled: &AtomicBool,
+    ) -> Reply {
         let token = claim.get("lease_token").and_then(Value::as_str).unwrap_or_default().to_owned();
         let heartbeat =
             Duration::from_millis(claim.get("heartbeat_ms").and_then(Value::as_u64).unwrap_or(10_000));
@@ -579,12 +660,12 @@ impl Proxy {
                     let failed = self.options.airlock.fail(
                         job_id,
                         &token,
-                        "the upstream MCP server exited during the call",
+                        "the upstream MCP server exited or failed during the call",
                     );
                     self.report(failed, job_id);
                     return Reply::Error(
                         INTERNAL_ERROR,
-                        "the upstream MCP server exited during the call".into(),
+                        "the upstream MCP server exited or failed during the call".into(),
                     );
                 }
                 Err(RecvTimeoutError::Timeout) => {}

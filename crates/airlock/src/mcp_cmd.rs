@@ -51,8 +51,17 @@ pub struct ProxyArgs {
     /// variable: a flag shows in the process list.
     #[arg(long)]
     api_key: Option<String>,
+    /// An upstream reached over MCP's streamable HTTP transport, in place of a command.
+    #[arg(long, value_name = "URL", conflicts_with = "command")]
+    upstream_url: Option<String>,
     /// The upstream MCP server's command line (after `--`, or after the last option).
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, num_args = 1.., value_name = "CMD")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        required_unless_present = "upstream_url",
+        num_args = 1..,
+        value_name = "CMD"
+    )]
     command: Vec<String>,
 }
 
@@ -96,7 +105,10 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
             console_url: args.console_url.or_else(|| from_env("AIRLOCK_CONSOLE_URL")),
             hide_denied: args.hide_denied,
             airlock,
-            command: args.command,
+            upstream: match args.upstream_url {
+                Some(url) => airlock_mcp::Upstream::Url(url),
+                None => airlock_mcp::Upstream::Command(args.command),
+            },
         },
         signals()?,
     )

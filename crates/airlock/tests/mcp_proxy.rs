@@ -761,3 +761,46 @@ fn the_readme_configuration_puts_the_proxy_in_front_of_the_server() {
     assert_eq!((jobs.len(), jobs[0]["env"].as_str()), (1, Some("production")), "{jobs:?}");
     client.close();
 }
+
+/// An upstream over streamable HTTP (`--upstream-url`): calls governed the same way, and the
+/// upstream's progress notifications (in the call's event stream) reach the agent.
+#[test]
+fn an_upstream_over_streamable_http() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let upstream = Command::new(npm_bin("mcp-server-everything"))
+        .arg("streamableHttp")
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _upstream = Process(upstream);
+    assert!(
+        support::wait_reachable(&format!("127.0.0.1:{port}"), Duration::from_secs(30)),
+        "the HTTP server never listened"
+    );
+    let policy = "version: v1\ndefaults: { decision: allow }\nrules:\n\
+                  - id: no-sums\n  when: { topic: mcp.everything.get-sum }\n  decision: deny\n";
+    let airlock = Airlock::start("http", policy, NO_CONFIG, &[]);
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let proxy = proxy_command(&["--name", "everything", "--upstream-url", &url], &[]);
+    let proxy: Vec<String> = proxy.into_iter().filter(|a| a != "--").collect();
+    let mut client = Client::start(&proxy, &proxy_env(&airlock));
+    assert_eq!(text(&client.call_now("echo", "echo", json!({"message": "over http"}))), "Echo: over http");
+    let denied = client.call_now("sum", "get-sum", json!({"a": 1, "b": 2}));
+    assert!(is_error(&denied) && text(&denied).contains("no-sums"), "{denied}");
+    let long = client.call_now("long", "trigger-long-running-operation", json!({"duration": 1, "steps": 3}));
+    assert!(text(&long).contains("Long running operation completed"), "{long}");
+    assert_eq!(
+        long["progress"].as_array().unwrap().len(),
+        3,
+        "the upstream's progress passed through: {long}"
+    );
+    client.send(json!({"op": "list", "tag": "tools"}));
+    assert!(
+        client.answer("tools", Duration::from_secs(30))["tools"].as_array().unwrap().contains(&json!("echo"))
+    );
+    let job = &airlock.jobs("mcp.everything.trigger-long-running-operation")[0];
+    airlock.wait_state(job["job_id"].as_str().unwrap(), "succeeded");
+    client.close();
+}
