@@ -7,6 +7,8 @@ reads JSON commands on stdin, each run concurrently, and prints one JSON line pe
   {"op": "call", "tag": T, "name": TOOL, "arguments": {...}, "progress": bool}
       -> {"tag": T, "result": CallToolResult, "progress": [messages]} or {"tag": T, "error": {...}}
   {"op": "list", "tag": T} -> {"tag": T, "tools": [names]}
+  {"op": "resources", "tag": T} -> {"tag": T, "resources": [uris], "first": text of the first}
+  {"op": "prompts", "tag": T} -> {"tag": T, "prompts": [names]}
 End of stdin: waits for the calls in flight, then exits.
 """
 
@@ -48,6 +50,18 @@ async def list_tools(session, command):
     emit({"tag": command["tag"], "tools": [tool.name for tool in result.tools]})
 
 
+async def resources(session, command):
+    listed = await session.list_resources()
+    first = await session.read_resource(listed.resources[0].uri)
+    emit({"tag": command["tag"], "resources": [str(r.uri) for r in listed.resources],
+          "first": getattr(first.contents[0], "text", None)})
+
+
+async def prompts(session, command):
+    listed = await session.list_prompts()
+    emit({"tag": command["tag"], "prompts": [p.name for p in listed.prompts]})
+
+
 async def main():
     params = StdioServerParameters(command=sys.argv[1], args=sys.argv[2:], env=dict(os.environ))
     async with stdio_client(params) as (read, write):
@@ -66,6 +80,10 @@ async def main():
                         tasks.start_soon(call, session, command)
                     elif command["op"] == "list":
                         tasks.start_soon(list_tools, session, command)
+                    elif command["op"] == "resources":
+                        tasks.start_soon(resources, session, command)
+                    elif command["op"] == "prompts":
+                        tasks.start_soon(prompts, session, command)
                     else:
                         emit({"tag": command.get("tag"), "error": {"message": "unknown op"}})
 

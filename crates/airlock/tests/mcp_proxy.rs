@@ -393,6 +393,13 @@ fn concurrent_calls_throttles_and_an_unavailable_gate_through_server_everything(
     client.send(json!({"op": "list", "tag": "tools"}));
     let tools = client.answer("tools", Duration::from_secs(30));
     assert!(tools["tools"].as_array().unwrap().contains(&json!("get-sum")), "listed: {tools}");
+    client.send(json!({"op": "resources", "tag": "resources"}));
+    let resources = client.answer("resources", Duration::from_secs(30));
+    assert!(!resources["resources"].as_array().unwrap().is_empty(), "resources pass through: {resources}");
+    assert!(resources["first"].is_string(), "and can be read: {resources}");
+    client.send(json!({"op": "prompts", "tag": "prompts"}));
+    let prompts = client.answer("prompts", Duration::from_secs(30));
+    assert!(!prompts["prompts"].as_array().unwrap().is_empty(), "prompts pass through: {prompts}");
 
     let first = client.call_now("image-1", "get-tiny-image", json!({}));
     assert!(!is_error(&first), "{first}");
