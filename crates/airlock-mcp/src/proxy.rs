@@ -531,6 +531,13 @@ impl Proxy {
             }
             match step {
                 Step::Claim => {
+                    // Claimed before and still queued (throttled or backing off at Gate B).
+                    if !claim_wait.is_zero() && Instant::now() >= deadline {
+                        return Some(Reply::Result(call::tool_error(&format!(
+                            "job {job_id} is queued but not dispatched yet (throttled or backing off at Gate B); \
+                             call the tool again with the same arguments to continue"
+                        ))));
+                    }
                     let wait = claim_wait.min(deadline.saturating_duration_since(Instant::now()));
                     match self.options.airlock.claim(&self.options.pool, job_id, wait) {
                         Ok(Answer { status: 200, body, .. }) => {
@@ -546,12 +553,6 @@ impl Proxy {
                         Err(e) => {
                             return Some(Reply::Result(call::tool_error(&format!("{UNAVAILABLE}: {e}"))));
                         }
-                    }
-                    if Instant::now() >= deadline {
-                        return Some(Reply::Result(call::tool_error(&format!(
-                            "job {job_id} is queued but not dispatched yet (throttled or backing off at Gate B); \
-                             call the tool again with the same arguments to continue"
-                        ))));
                     }
                     claim_wait = CLAIM_WAIT_MAX;
                     progress.tick(self, &format!("job {job_id} is waiting for Gate B"));
