@@ -79,8 +79,9 @@ enum Pending {
     Initialize,
     /// `tools/list` with `--hide-denied`: the answer is filtered.
     ToolsList,
-    /// A governed tool call, forwarded: its answer goes to the call's thread.
-    Call(mpsc::Sender<(String, Result<Value, Value>)>),
+    /// A governed tool call, forwarded: its answer goes to the agent at once (unless the call
+    /// was cancelled, the flag), then to the call's thread, which records it.
+    Call(mpsc::Sender<Result<Value, Value>>, Arc<AtomicBool>),
 }
 
 struct Proxy {
@@ -387,7 +388,7 @@ impl Proxy {
         }
         let pending: Vec<(String, Pending)> = lock(&self.pending).drain().collect();
         for (key, pending) in pending {
-            if !matches!(pending, Pending::Call(_))
+            if !matches!(pending, Pending::Call(..))
                 && let Ok(id) = serde_json::from_str::<Value>(&key)
             {
                 self.to_client(&jsonrpc::error(&id, INTERNAL_ERROR, "the upstream MCP server has exited"));
@@ -410,9 +411,13 @@ impl Proxy {
             Ok(Message::Response { id, outcome }) => {
                 let pending = lock(&self.pending).remove(&jsonrpc::id_key(&id));
                 match pending {
-                    Some(Pending::Call(sender)) => {
-                        // A cancelled call's thread is gone: its late answer is dropped.
-                        let _ = sender.send((line.to_owned(), outcome));
+                    Some(Pending::Call(sender, cancelled)) => {
+                        // Answered from this thread, the fastest way back; a cancelled call's
+                        // late answer is dropped.
+                        if !cancelled.load(Ordering::SeqCst) {
+                            self.to_client(line);
+                        }
+                        let _ = sender.send(outcome);
                     }
                     Some(Pending::Initialize) => {
                         if let (Link::Http(http), Ok(result)) = (&self.link, &outcome) {
@@ -469,7 +474,7 @@ impl Proxy {
     }
 
     /// Takes one tool call through Airlock, and through the upstream when the gates allow it.
-    fn govern(self: &Arc<Self>, line: &str, id: &Value, call: &Call, cancelled: &AtomicBool) -> Reply {
+    fn govern(self: &Arc<Self>, line: &str, id: &Value, call: &Call, cancelled: &Arc<AtomicBool>) -> Reply {
         let server = &self.options.server;
         let digest = call::call_digest(&self.session, server, &call.tool, &call.arguments);
         loop {
@@ -510,7 +515,7 @@ impl Proxy {
         job_id: &str,
         state: &str,
         mut repeat: bool,
-        cancelled: &AtomicBool,
+        cancelled: &Arc<AtomicBool>,
     ) -> Option<Reply> {
         let deadline = Instant::now() + self.options.approval_wait;
         let mut progress = Progress::new(call.progress_token.clone());
@@ -607,22 +612,22 @@ impl Proxy {
         }
     }
 
-    /// Runs a leased job on the upstream: forwards the call, keeps the lease, answers the agent
-    /// with the upstream's answer as it came, then records it with the job.
+    /// Runs a leased job on the upstream: forwards the call and keeps the lease; the reader
+    /// hands the agent the upstream's answer as it came, and this records it with the job.
     fn execute(
         self: &Arc<Self>,
         line: &str,
         id: &Value,
         job_id: &str,
         claim: &Value,
-        cancelled: &AtomicBool,
+        cancelled: &Arc<AtomicBool>,
     ) -> Reply {
         let token = claim.get("lease_token").and_then(Value::as_str).unwrap_or_default().to_owned();
         let heartbeat =
             Duration::from_millis(claim.get("heartbeat_ms").and_then(Value::as_u64).unwrap_or(10_000));
         let key = jsonrpc::id_key(id);
         let (sender, receiver) = mpsc::channel();
-        lock(&self.pending).insert(key.clone(), Pending::Call(sender));
+        lock(&self.pending).insert(key.clone(), Pending::Call(sender, Arc::clone(cancelled)));
         if !self.alive.load(Ordering::SeqCst) || !self.to_upstream(line) {
             lock(&self.pending).remove(&key);
             self.report(
@@ -634,8 +639,7 @@ impl Proxy {
         let mut next_beat = Instant::now() + heartbeat;
         loop {
             match receiver.recv_timeout(POLL.min(heartbeat)) {
-                Ok((answer, outcome)) => {
-                    self.to_client(&answer);
+                Ok(outcome) => {
                     let recorded = match outcome {
                         Ok(result) if result.get("isError") == Some(&Value::Bool(true)) => {
                             self.options.airlock.fail(job_id, &token, &call::error_text(&result))
@@ -682,7 +686,8 @@ impl Proxy {
                 if let Ok(Answer { status: 200, body, .. }) = &beat
                     && body.get("cancel") == Some(&Value::Bool(true))
                 {
-                    lock(&self.pending).remove(&key);
+                    // The upstream's late answer, if any, is dropped (the entry stays, flagged).
+                    cancelled.store(true, Ordering::SeqCst);
                     let params = json!({"requestId": id, "reason": "cancelled in Airlock"});
                     self.to_upstream(&jsonrpc::notification("notifications/cancelled", &params));
                     return Reply::Result(call::tool_error(&format!(

@@ -53,7 +53,8 @@ struct Airlock {
 
 impl Airlock {
     fn start(tag: &str, policy: &str, config: &str, extra: &[&str]) -> Self {
-        let dir = temp_dir(&format!("mcp-{tag}"));
+        // Its own directory: the tests make others (sandboxes, marks) with `temp_dir` too.
+        let dir = temp_dir(&format!("mcp-airlock-{tag}"));
         std::fs::write(dir.join("policy.yaml"), policy).unwrap();
         std::fs::write(dir.join("config.yaml"), config).unwrap();
         let data = dir.join("data");
@@ -85,7 +86,8 @@ impl Airlock {
     fn pending_approvals(&self) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let (_, body) = get(&self.addr, "/api/v1/approvals", &self.approver);
+            let (status, body) = get(&self.addr, "/api/v1/approvals", &self.approver);
+            assert_eq!(status, 200, "{body}");
             let found = body["approvals"].as_array().unwrap().clone();
             if !found.is_empty() || Instant::now() > deadline {
                 return found;
@@ -592,8 +594,9 @@ fn a_killed_proxy_never_runs_a_call_twice_and_a_cancelled_request_cancels_its_jo
 
     let mut raw = Raw::start(&["--name", "test"], &upstream, &env);
     raw.call(2, "mark", json!({"note": "cancel me"}));
-    let approvals = airlock.pending_approvals();
-    assert_eq!(approvals.len(), 1);
+    if airlock.pending_approvals().len() != 1 {
+        panic!("no approval request; the proxy answered {}", raw.answer(&json!(2)));
+    }
     raw.send(r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":2,"reason":"no longer needed"}}"#);
     let cancelled = airlock.jobs("mcp.test.mark")[0]["job_id"].as_str().unwrap().to_owned();
     airlock.wait_state(&cancelled, "cancelled");
