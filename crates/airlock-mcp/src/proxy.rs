@@ -481,8 +481,16 @@ impl Proxy {
             let generation = lock(&self.generations).get(&digest).copied().unwrap_or(0);
             let key = call::idempotency_key(&digest, generation);
             let body = call::submission(server, &self.options.env, call, &key);
+            let submitted = Instant::now();
             let answer = match self.options.airlock.submit(&body) {
-                Ok(answer) => answer,
+                Ok(answer) => {
+                    tracing::debug!(
+                        submit_us = submitted.elapsed().as_micros(),
+                        status = answer.status,
+                        "gate a answered"
+                    );
+                    answer
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "gate a unreachable; the call is refused");
                     return Reply::Result(call::tool_error(&format!("{UNAVAILABLE}: {e}")));
@@ -544,8 +552,14 @@ impl Proxy {
                         ))));
                     }
                     let wait = claim_wait.min(deadline.saturating_duration_since(Instant::now()));
+                    let claimed = Instant::now();
                     match self.options.airlock.claim(&self.options.pool, job_id, wait) {
                         Ok(Answer { status: 200, body, .. }) => {
+                            tracing::debug!(
+                                job_id,
+                                claim_us = claimed.elapsed().as_micros(),
+                                "gate b leased"
+                            );
                             return Some(self.execute(line, id, job_id, &body, cancelled));
                         }
                         Ok(Answer { status: 204, .. }) => {}
