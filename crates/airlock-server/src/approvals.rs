@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use airlock_core::Millis;
 use airlock_core::approval::{self, Request, Stale, Status, Vote, VoteError};
-use airlock_core::audit::Draft;
+use airlock_core::audit::{Draft, Kind};
 use airlock_core::ids::ApprovalId;
 use airlock_core::role::Role;
 use airlock_core::state::{Event, JobState};
@@ -175,18 +175,12 @@ fn change(caller: &Caller, record: &ApprovalRecord, request: Request, now: Milli
     }
 }
 
-fn draft(caller: &Caller, record: &ApprovalRecord, now: Millis, kind: &str, data: Value) -> Draft {
+fn draft(caller: &Caller, record: &ApprovalRecord, now: Millis, kind: Kind, data: Value) -> Draft {
     let mut full = json!({"job_id": record.job_id.as_str()});
     if let (Value::Object(full), Value::Object(data)) = (&mut full, data) {
         full.extend(data);
     }
-    Draft {
-        at: now,
-        kind: kind.into(),
-        subject: record.id.to_string(),
-        actor: caller.principal.clone(),
-        data: full,
-    }
+    Draft { at: now, kind, subject: record.id.to_string(), actor: caller.principal.clone(), data: full }
 }
 
 async fn attempt(
@@ -262,7 +256,7 @@ async fn attempt(
                             caller,
                             record,
                             now,
-                            "approval.approved",
+                            Kind::ApprovalApproved,
                             json!({"approvers": request.approvers}),
                         ));
                         0
@@ -272,7 +266,7 @@ async fn attempt(
                             caller,
                             record,
                             now,
-                            "approval.vote",
+                            Kind::ApprovalVote,
                             json!({"remaining": remaining}),
                         ));
                         remaining
@@ -290,7 +284,7 @@ async fn attempt(
         }
         c = change(caller, record, request.clone(), now);
         c.job_event = Some(Event::Rejected);
-        c.audit.push(draft(caller, record, now, "approval.rejected", json!({})));
+        c.audit.push(draft(caller, record, now, Kind::ApprovalRejected, json!({})));
         json!({})
     };
     let queued = c.job_event == Some(Event::Approved);
@@ -322,7 +316,7 @@ async fn refuse_stale(
             change(caller, record, Request { status: Status::Expired, ..record.request.clone() }, now);
         c.job_event = Some(Event::ApprovalExpired);
         c.actor = "system".into();
-        let mut expired = draft(caller, record, now, "approval.expired", json!({}));
+        let mut expired = draft(caller, record, now, Kind::ApprovalExpired, json!({}));
         expired.actor = "system".into();
         c.audit.push(expired);
         state.store().change_approval(c).await?;
@@ -357,7 +351,7 @@ async fn refuse_stale(
         caller,
         record,
         now,
-        "approval.stale",
+        Kind::ApprovalStale,
         json!({
             "reason": stale.to_string(),
             "replaced_by": replacement.id.as_str(),
@@ -391,7 +385,7 @@ pub async fn expire_due(state: &AppState, now: Millis) -> Result<usize, StoreErr
             replacement: None,
             audit: vec![Draft {
                 at: now,
-                kind: "approval.expired".into(),
+                kind: Kind::ApprovalExpired,
                 subject: record.id.to_string(),
                 actor: "system".into(),
                 data: json!({"job_id": record.job_id.as_str()}),

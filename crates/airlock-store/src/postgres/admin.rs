@@ -1,7 +1,7 @@
 //! Operator writes: keys, policy publishes, dead-letter retries and discards, the shared breaker.
 
 use airlock_core::Millis;
-use airlock_core::audit::Draft;
+use airlock_core::audit::{Draft, Kind};
 use airlock_core::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
 use airlock_core::ids::{JobId, TenantId};
 use airlock_core::state::{Event, JobState};
@@ -91,7 +91,7 @@ pub(super) async fn publish(
         TenantId::PLATFORM,
         Draft {
             at,
-            kind: "policy.published".into(),
+            kind: Kind::PolicyPublished,
             subject: format!("snapshot:{version}"),
             actor: actor.to_owned(),
             data: json!({"version": version, "hash": hash, "note": note}),
@@ -166,7 +166,7 @@ pub(super) async fn discard_dead_letter(
         tenant.as_str(),
         Draft {
             at,
-            kind: "dlq.discarded".into(),
+            kind: Kind::DlqDiscarded,
             subject: id.to_string(),
             actor: actor.to_owned(),
             data: json!({"reason": job.dispatch.dead_letter_reason}),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use airlock_core::Millis;
 use airlock_core::approval::Status;
-use airlock_core::audit::Draft;
+use airlock_core::audit::{Draft, Kind};
 use airlock_core::ids::{ApprovalId, JobId, TenantId};
 use airlock_core::state::{Event, JobState};
 use airlock_core::throttle::{self, Bucket, Take};
@@ -126,14 +126,20 @@ impl<'a> Composed<'a> {
         ));
     }
 
-    /// Queues audit records, in order (one multi-row INSERT keeps their ids in that order).
-    pub(super) fn audit(&mut self, tenant: &'a &'a str, drafts: &'a [Draft], data: &'a [String]) {
+    /// Queues audit records, in order (one multi-row INSERT keeps their ids in that order);
+    /// `encoded` is [`encode`]`(drafts)`.
+    pub(super) fn audit(
+        &mut self,
+        tenant: &'a &'a str,
+        drafts: &'a [Draft],
+        encoded: &'a [(&'static str, String)],
+    ) {
         let rows: Vec<String> = drafts
             .iter()
-            .zip(data)
-            .map(|(d, data)| {
+            .zip(encoded)
+            .map(|(d, (kind, data))| {
                 let t = self.param(tenant);
-                let (at, kind, subject) = (self.param(&d.at), self.param(&d.kind), self.param(&d.subject));
+                let (at, kind, subject) = (self.param(&d.at), self.param(kind), self.param(&d.subject));
                 let (actor, data) = (self.param(&d.actor), self.param(data));
                 format!("({t}, {at}, {kind}, {subject}, {actor}, {data})")
             })
@@ -190,6 +196,11 @@ impl<'a> Composed<'a> {
     }
 }
 
+/// Each draft's kind name and data text, as [`Composed::audit`] binds them.
+pub(super) fn encode(drafts: &[Draft]) -> Vec<(&'static str, String)> {
+    drafts.iter().map(|d| (d.kind.as_str(), d.data.to_string())).collect()
+}
+
 /// Moves `job` (locked by the caller, and already holding the `changes` in memory) by `event`:
 /// one statement updates its row with the new state and the changes, adds its history step and
 /// its audit records and, when it becomes queued, the wake-ups.
@@ -203,13 +214,13 @@ pub(super) async fn apply_transition(
     let (tenant, id, from, to_name) = (job.tenant.as_str(), job.id.as_str(), job.state.as_str(), to.as_str());
     let mut drafts = vec![Draft {
         at: m.at,
-        kind: "job.transition".into(),
+        kind: Kind::JobTransition,
         subject: id.to_owned(),
         actor: m.actor.to_owned(),
         data: json!({"from": from, "to": to_name, "reason": m.reason}),
     }];
     drafts.extend(m.decision.cloned());
-    let data: Vec<String> = drafts.iter().map(|d| d.data.to_string()).collect();
+    let data = encode(&drafts);
     let queued = to == JobState::Queued;
     let mut c = Composed::default();
     let (p_to, p_at, p_id) = (c.param(&to_name), c.param(&m.at), c.param(&id));
@@ -361,7 +372,7 @@ pub(super) async fn submit(
             data.insert("outcome".into(), json!("throttled"));
             data.insert("retry_after_ms".into(), json!(retry_after_ms));
         }
-        draft.kind = "gate_a.decision".into();
+        draft.kind = Kind::GateADecision;
         draft.subject = "-".into();
         guard(tx, s.decided_under).await?;
         append_audit(tx, tenant, draft).await?;
@@ -398,7 +409,7 @@ pub(super) async fn insert_job(db: &Db<'_, impl GenericClient + Sync>, s: &Submi
     let (payload, gate_a) = (j.payload.to_string(), gate_json(&j.gate_a));
     let approval_id = j.approval_id.as_ref().map(ApprovalId::as_str);
     let drafts = [s.audit.clone()];
-    let data = [s.audit.data.to_string()];
+    let data = encode(&drafts);
     let approval = s.approval.as_ref().map(ApprovalRow::new);
     let decided_under = s.decided_under.map(big_u64);
     let mut c = Composed::default();
@@ -563,13 +574,13 @@ pub(super) async fn dispatch(tx: &Tx<'_>, d: &Dispatch) -> Result<DispatchOutcom
             if let Err(retry_after_ms) = take_budgets(tx, budgets, d.at).await? {
                 let not_before = d.at.saturating_add(i64::try_from(retry_after_ms).unwrap_or(i64::MAX));
                 let mut draft = d.audit.clone();
-                draft.kind = "gate_b.throttled".into();
+                draft.kind = Kind::GateBThrottled;
                 if let Value::Object(data) = &mut draft.data {
                     data.insert("outcome".into(), json!("throttled"));
                     data.insert("retry_after_ms".into(), json!(retry_after_ms));
                 }
                 let (tenant, drafts) = (d.tenant.as_str(), [draft]);
-                let data = [drafts[0].data.to_string()];
+                let data = encode(&drafts);
                 let mut c = Composed::default();
                 let (p_gate, p_not_before, p_at, p_id) =
                     (c.param(&gate_b), c.param(&not_before), c.param(&d.at), c.param(&id));

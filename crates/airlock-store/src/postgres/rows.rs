@@ -9,7 +9,7 @@ use tokio_postgres::types::FromSql;
 use tokio_postgres::{GenericClient, Row};
 
 use super::pool::{Db, Fail};
-use crate::codec::{corrupt, gate_from_json, strings};
+use crate::codec::{audit_kind, corrupt, gate_from_json, strings};
 use crate::{ApprovalRecord, DispatchState, IdempotencyRecord, JobRecord, KeyRecord, Lease, SnapshotRecord};
 
 pub(super) fn get<'a, T: FromSql<'a>>(row: &'a Row, i: usize) -> Result<T, Fail> {
@@ -219,7 +219,7 @@ pub(super) fn record_from_row(tenant: &str, row: &Row) -> Result<Record, Fail> {
         seq: get_u64(row, 0)?,
         draft: Draft {
             at: get(row, 1)?,
-            kind: get(row, 2)?,
+            kind: audit_kind(get(row, 2)?)?,
             subject: get(row, 3)?,
             actor: get(row, 4)?,
             data: serde_json::from_str(get(row, 5)?).map_err(corrupt)?,

@@ -11,7 +11,7 @@ use super::notifications::LISTEN_RETRY;
 use super::pool::{Fail, Tx};
 use super::rows::{get, get_u64};
 use crate::StoreError;
-use crate::codec::corrupt;
+use crate::codec::{audit_kind, corrupt};
 
 /// Advisory lock held while sealing pending audit records, so that one sealer at a time (of any
 /// replica) moves the chain heads.
@@ -29,7 +29,7 @@ pub(super) const SEAL_PERIOD: Duration = Duration::from_millis(100);
 pub(super) async fn append_audit(tx: &Tx<'_>, tenant: &str, draft: Draft) -> Result<(), Fail> {
     tx.execute(
         "INSERT INTO audit_pending (tenant, at, kind, subject, actor, data) VALUES ($1, $2, $3, $4, $5, $6)",
-        &[&tenant, &draft.at, &draft.kind, &draft.subject, &draft.actor, &draft.data.to_string()],
+        &[&tenant, &draft.at, &draft.kind.as_str(), &draft.subject, &draft.actor, &draft.data.to_string()],
     )
     .await?;
     Ok(())
@@ -72,7 +72,7 @@ pub(super) async fn seal(client: &mut Client) -> Result<usize, Fail> {
         let data: String = get(row, 6)?;
         let draft = Draft {
             at: get(row, 2)?,
-            kind: get(row, 3)?,
+            kind: audit_kind(get(row, 3)?)?,
             subject: get(row, 4)?,
             actor: get(row, 5)?,
             data: serde_json::from_str(&data).map_err(corrupt)?,
@@ -83,7 +83,7 @@ pub(super) async fn seal(client: &mut Client) -> Result<usize, Fail> {
         ids.push(get::<i64>(row, 0)?);
         seqs.push(i64::try_from(record.seq).map_err(corrupt)?);
         ats.push(record.draft.at);
-        kinds.push(record.draft.kind);
+        kinds.push(record.draft.kind.as_str());
         subjects.push(record.draft.subject);
         actors.push(record.draft.actor);
         datas.push(data);

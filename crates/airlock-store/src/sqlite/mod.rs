@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, mpsc};
 
 use airlock_core::Millis;
 use airlock_core::approval::Status;
-use airlock_core::audit::{Draft, Record};
+use airlock_core::audit::{Draft, Kind, Record};
 use airlock_core::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
 use airlock_core::state::{Event, JobState};
@@ -235,7 +235,7 @@ impl Store for SqliteStore {
                     TenantId::PLATFORM,
                     Draft {
                         at,
-                        kind: "policy.published".into(),
+                        kind: Kind::PolicyPublished,
                         subject: format!("snapshot:{version}"),
                         actor: actor.clone(),
                         data: json!({"version": version, "hash": hash, "note": note}),
@@ -666,7 +666,7 @@ impl Store for SqliteStore {
                     tenant.as_str(),
                     Draft {
                         at,
-                        kind: "dlq.discarded".into(),
+                        kind: Kind::DlqDiscarded,
                         subject: id.to_string(),
                         actor: actor.clone(),
                         data: json!({"reason": job.dispatch.dead_letter_reason}),

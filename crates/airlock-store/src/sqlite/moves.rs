@@ -4,6 +4,7 @@
 
 use airlock_core::Millis;
 use airlock_core::approval::Status;
+use airlock_core::audit::Kind;
 use airlock_core::breaker::BreakerState;
 use airlock_core::ids::{ApprovalId, JobId, TenantId};
 use airlock_core::state::{Event, JobState};
@@ -52,7 +53,7 @@ pub(super) fn submit(tx: &mut Tx<'_>, s: Submission, retained_since: Millis) -> 
             data.insert("outcome".into(), json!("throttled"));
             data.insert("retry_after_ms".into(), json!(retry_after_ms));
         }
-        draft.kind = "gate_a.decision".into();
+        draft.kind = Kind::GateADecision;
         draft.subject = "-".into();
         tx.append_audit(&tenant, draft)?;
         return Ok(Output::Submit(SubmitOutcome::Throttled { retry_after_ms }));
@@ -203,7 +204,7 @@ pub(super) fn dispatch(tx: &mut Tx<'_>, d: Dispatch) -> Reply {
                     .prepare_cached("UPDATE jobs SET not_before = ?1, updated_at = ?2 WHERE id = ?3")?
                     .execute(params![not_before, d.at, id])?;
                 let mut draft = d.audit;
-                draft.kind = "gate_b.throttled".into();
+                draft.kind = Kind::GateBThrottled;
                 if let Value::Object(data) = &mut draft.data {
                     data.insert("outcome".into(), json!("throttled"));
                     data.insert("retry_after_ms".into(), json!(retry_after_ms));

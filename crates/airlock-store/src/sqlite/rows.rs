@@ -9,7 +9,7 @@ use airlock_core::ids::{ApprovalId, JobId, TenantId};
 use airlock_core::role::{Role, Roles};
 use rusqlite::{Connection, Row, params};
 
-use crate::codec::{corrupt, gate_from_json, strings};
+use crate::codec::{audit_kind, corrupt, gate_from_json, strings};
 use crate::{
     ApprovalRecord, DispatchState, IdempotencyRecord, JobRecord, KeyRecord, Lease, SnapshotRecord, StoreError,
 };
@@ -166,7 +166,7 @@ pub(super) fn record_from_row(tenant: &str, row: &Row<'_>) -> Result<Record, Sto
         seq: row.get::<_, i64>(0)?.unsigned_abs(),
         draft: Draft {
             at: row.get(1)?,
-            kind: row.get(2)?,
+            kind: audit_kind(&row.get::<_, String>(2)?)?,
             subject: row.get(3)?,
             actor: row.get(4)?,
             data: serde_json::from_str(&row.get::<_, String>(5)?).map_err(corrupt)?,

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::mpsc;
 
 use airlock_core::Millis;
-use airlock_core::audit::{self, Draft, Record};
+use airlock_core::audit::{self, Draft, Kind, Record};
 use airlock_core::breaker::{Admission, BreakerState};
 use airlock_core::ids::{JobId, TenantId};
 use airlock_core::state::Event;
@@ -149,7 +149,7 @@ impl Tx<'_> {
                 tenant,
                 seq,
                 record.draft.at,
-                record.draft.kind,
+                record.draft.kind.as_str(),
                 record.draft.subject,
                 record.draft.actor,
                 record.draft.data.to_string(),
@@ -190,7 +190,7 @@ impl Tx<'_> {
             tenant.as_str(),
             Draft {
                 at,
-                kind: "job.transition".into(),
+                kind: Kind::JobTransition,
                 subject: id.to_string(),
                 actor: actor.to_owned(),
                 data: json!({"from": job.state.as_str(), "to": to.as_str(), "reason": reason}),
