@@ -28,9 +28,10 @@ use tokio_postgres::{Client, Config, GenericClient, IsolationLevel, NoTls, Row, 
 
 use crate::codec::{corrupt, gate_from_json, gate_json, strings};
 use crate::{
-    ApprovalChange, ApprovalRecord, AuditPage, Budget, Dispatch, DispatchAction, DispatchOutcome,
-    DispatchState, Finish, Heartbeat, IdempotencyRecord, JobFilter, JobRecord, KeyRecord, Lease,
-    SnapshotRecord, Store, StoreError, StoreEvent, Submission, SubmitOutcome, Transition,
+    ApprovalChange, ApprovalRecord, ApprovalSummary, AuditPage, Budget, Dispatch, DispatchAction,
+    DispatchOutcome, DispatchState, Finish, Heartbeat, IdempotencyRecord, JobFilter, JobRecord, KeyRecord,
+    Lease, SnapshotRecord, Store, StoreError, StoreEvent, Submission, SubmitOutcome, TenantOverview,
+    Transition,
 };
 
 /// The schema migrations, in order; the `airlock_migrations` table records which are applied.
@@ -2104,6 +2105,49 @@ impl Store for PgStore {
         Ok(rows.into_iter().collect())
     }
 
+    async fn overview(&self, tenant: &TenantId, since: Millis) -> Result<TenantOverview, StoreError> {
+        let t = tenant.as_str();
+        let jobs = self
+            .read("SELECT state, COUNT(*) FROM jobs WHERE tenant = $1 GROUP BY state", &[&t], |row| {
+                Ok((parsed::<JobState>(row, 0)?, get_u64(row, 1)?))
+            })
+            .await?;
+        let pending = self
+            .read(
+                "SELECT COUNT(*), MIN(created_at) FROM approvals WHERE tenant = $1 AND status = 'pending'",
+                &[&t],
+                |r| Ok((get_u64(r, 0)?, get::<Option<i64>>(r, 1)?)),
+            )
+            .await?;
+        let (pending_approvals, oldest_pending_at) = pending.into_iter().next().unwrap_or((0, None));
+        let dlq = self
+            .read(
+                "SELECT COUNT(*) FROM jobs WHERE tenant = $1 AND state = 'dead_lettered' AND discarded_at IS NULL",
+                &[&t],
+                |r| get_u64(r, 0),
+            )
+            .await?;
+        let mut fail_open = [0u64; 2];
+        for (count, mark) in fail_open.iter_mut().zip(crate::FAIL_OPEN_MARKS) {
+            let n = self
+                .read(
+                    "SELECT COUNT(*) FROM audit WHERE tenant = $1 AND at >= $2 AND data LIKE $3",
+                    &[&t, &since, &mark],
+                    |r| get_u64(r, 0),
+                )
+                .await?;
+            *count = n.into_iter().sum();
+        }
+        Ok(TenantOverview {
+            jobs: jobs.into_iter().collect(),
+            pending_approvals,
+            oldest_pending_at,
+            dlq_depth: dlq.into_iter().sum(),
+            fail_open_gate_a: fail_open[0],
+            fail_open_gate_b: fail_open[1],
+        })
+    }
+
     async fn approval(
         &self,
         tenant: &TenantId,
@@ -2127,6 +2171,28 @@ impl Store for PgStore {
         let params: [&(dyn ToSql + Sync); 4] =
             [&tenant.as_str(), &status.map(Status::as_str), &after.map(ApprovalId::as_str), &big(limit)];
         self.read(&sql, &params, approval_from_row).await
+    }
+
+    async fn approval_summary(&self, tenant: &TenantId) -> Result<ApprovalSummary, StoreError> {
+        let t = tenant.as_str();
+        let rows = self
+            .read(
+                "SELECT COUNT(*), MIN(created_at), MAX(id), COALESCE(SUM(LENGTH(approvers)), 0)::BIGINT,
+                        (SELECT MAX(decided_at) FROM approvals WHERE tenant = $1)
+                 FROM approvals WHERE tenant = $1 AND status = 'pending'",
+                &[&t],
+                |r| {
+                    Ok(ApprovalSummary {
+                        pending: get_u64(r, 0)?,
+                        oldest_created_at: get::<Option<i64>>(r, 1)?,
+                        newest_id: parsed_opt::<ApprovalId>(r, 2)?,
+                        votes: get_u64(r, 3)?,
+                        last_decided_at: get::<Option<i64>>(r, 4)?,
+                    })
+                },
+            )
+            .await?;
+        Ok(rows.into_iter().next().unwrap_or_default())
     }
 
     async fn pending_approvals(&self) -> Result<u64, StoreError> {

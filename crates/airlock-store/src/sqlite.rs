@@ -22,9 +22,9 @@ use tokio::sync::oneshot;
 
 use crate::codec::{corrupt, gate_from_json, gate_json, strings};
 use crate::{
-    ApprovalChange, ApprovalRecord, AuditPage, Budget, Dispatch, DispatchAction, DispatchOutcome,
-    DispatchState, Finish, Heartbeat, IdempotencyRecord, JobFilter, JobRecord, KeyRecord, Lease,
-    SnapshotRecord, Store, StoreError, Submission, SubmitOutcome, Transition,
+    ApprovalChange, ApprovalRecord, ApprovalSummary, AuditPage, Budget, Dispatch, DispatchAction,
+    DispatchOutcome, DispatchState, Finish, Heartbeat, IdempotencyRecord, JobFilter, JobRecord, KeyRecord,
+    Lease, SnapshotRecord, Store, StoreError, Submission, SubmitOutcome, TenantOverview, Transition,
 };
 
 /// The schema migrations, in order; `PRAGMA user_version` counts how many are applied.
@@ -1220,6 +1220,47 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn overview(&self, tenant: &TenantId, since: Millis) -> Result<TenantOverview, StoreError> {
+        let tenant = tenant.to_string();
+        self.read(move |conn| {
+            let jobs = collect(
+                conn,
+                "SELECT state, COUNT(*) FROM jobs WHERE tenant = ?1 GROUP BY state",
+                params![tenant],
+                |row| {
+                    let state: JobState = row.get::<_, String>(0)?.parse().map_err(corrupt)?;
+                    Ok((state, row.get::<_, i64>(1)?.unsigned_abs()))
+                },
+            )?;
+            let (pending, oldest): (i64, Option<i64>) = conn
+                .prepare_cached(
+                    "SELECT COUNT(*), MIN(created_at) FROM approvals WHERE tenant = ?1 AND status = 'pending'",
+                )?
+                .query_row(params![tenant], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let dlq: i64 = conn
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM jobs WHERE tenant = ?1 AND state = 'dead_lettered' AND discarded_at IS NULL",
+                )?
+                .query_row(params![tenant], |r| r.get(0))?;
+            let mut fail_open = [0u64; 2];
+            for (count, mark) in fail_open.iter_mut().zip(crate::FAIL_OPEN_MARKS) {
+                let n: i64 = conn
+                    .prepare_cached("SELECT COUNT(*) FROM audit WHERE tenant = ?1 AND at >= ?2 AND data LIKE ?3")?
+                    .query_row(params![tenant, since, mark], |r| r.get(0))?;
+                *count = n.unsigned_abs();
+            }
+            Ok(TenantOverview {
+                jobs: jobs.into_iter().collect(),
+                pending_approvals: pending.unsigned_abs(),
+                oldest_pending_at: oldest,
+                dlq_depth: dlq.unsigned_abs(),
+                fail_open_gate_a: fail_open[0],
+                fail_open_gate_b: fail_open[1],
+            })
+        })
+        .await
+    }
+
     async fn approval(
         &self,
         tenant: &TenantId,
@@ -1243,6 +1284,29 @@ impl Store for SqliteStore {
                  AND (?3 IS NULL OR id > ?3) ORDER BY id LIMIT ?4"
             );
             collect(conn, &sql, params![tenant, status.map(Status::as_str), after, limit], approval_from_row)
+        })
+        .await
+    }
+
+    async fn approval_summary(&self, tenant: &TenantId) -> Result<ApprovalSummary, StoreError> {
+        let tenant = tenant.to_string();
+        self.read(move |conn| {
+            let (pending, oldest, newest, votes): (i64, Option<i64>, Option<String>, Option<i64>) = conn
+                .prepare_cached(
+                    "SELECT COUNT(*), MIN(created_at), MAX(id), SUM(LENGTH(approvers)) FROM approvals
+                     WHERE tenant = ?1 AND status = 'pending'",
+                )?
+                .query_row(params![tenant], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            let last_decided_at: Option<i64> = conn
+                .prepare_cached("SELECT MAX(decided_at) FROM approvals WHERE tenant = ?1")?
+                .query_row(params![tenant], |r| r.get(0))?;
+            Ok(ApprovalSummary {
+                pending: pending.unsigned_abs(),
+                oldest_created_at: oldest,
+                newest_id: newest.map(|id| id.parse()).transpose().map_err(corrupt)?,
+                votes: votes.unwrap_or(0).unsigned_abs(),
+                last_decided_at,
+            })
         })
         .await
     }
