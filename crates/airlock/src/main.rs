@@ -2,6 +2,7 @@
 
 mod audit_cmd;
 mod bench_cmd;
+mod console_bench;
 mod client_cmd;
 mod config;
 mod demo_cmd;
