@@ -497,7 +497,7 @@ pub struct ApprovalSummary {
     pub oldest_created_at: Option<Millis>,
     /// The newest pending request.
     pub newest_id: Option<ApprovalId>,
-    /// Votes cast on pending requests (the size of their stored approver lists).
+    /// Votes cast on pending requests.
     pub votes: u64,
     /// When a request of the tenant last left `pending`.
     pub last_decided_at: Option<Millis>,

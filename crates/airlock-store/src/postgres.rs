@@ -2177,7 +2177,7 @@ impl Store for PgStore {
         let t = tenant.as_str();
         let rows = self
             .read(
-                "SELECT COUNT(*), MIN(created_at), MAX(id), COALESCE(SUM(LENGTH(approvers)), 0)::BIGINT,
+                "SELECT COUNT(*), MIN(created_at), MAX(id), COALESCE(SUM(json_array_length(approvers::json)), 0)::BIGINT,
                         (SELECT MAX(decided_at) FROM approvals WHERE tenant = $1)
                  FROM approvals WHERE tenant = $1 AND status = 'pending'",
                 &[&t],

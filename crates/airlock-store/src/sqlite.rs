@@ -1293,7 +1293,7 @@ impl Store for SqliteStore {
         self.read(move |conn| {
             let (pending, oldest, newest, votes): (i64, Option<i64>, Option<String>, Option<i64>) = conn
                 .prepare_cached(
-                    "SELECT COUNT(*), MIN(created_at), MAX(id), SUM(LENGTH(approvers)) FROM approvals
+                    "SELECT COUNT(*), MIN(created_at), MAX(id), SUM(json_array_length(approvers)) FROM approvals
                      WHERE tenant = ?1 AND status = 'pending'",
                 )?
                 .query_row(params![tenant], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;

@@ -46,12 +46,17 @@ pub async fn run(args: ConsoleBenchArgs) -> Result<(), String> {
         return Err(format!("`--pending {}` is more than `--jobs {}`", args.pending, args.jobs));
     }
     let dir = args.data.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("airlock-bench-console-{}-{}", std::process::id(), airlock_server::state::now_ms()))
+        std::env::temp_dir().join(format!(
+            "airlock-bench-console-{}-{}",
+            std::process::id(),
+            airlock_server::state::now_ms()
+        ))
     });
     let store: Arc<dyn airlock_store::Store> =
         Arc::new(airlock_store::SqliteStore::open(&dir).map_err(|e| e.to_string())?);
     let seed = include_str!("../../../examples/policies/seed.yaml");
-    let active = airlock_server::load_policy(&*store, ("the seed policy", seed)).await.map_err(|e| e.to_string())?;
+    let active =
+        airlock_server::load_policy(&*store, ("the seed policy", seed)).await.map_err(|e| e.to_string())?;
     airlock_server::bootstrap_admin(&*store, Some(ADMIN.into())).await.map_err(|e| e.to_string())?;
     let state = airlock_server::app_state(store, active, airlock_server::state::Config::default());
     let (_closing, closed) = tokio::sync::watch::channel(false);
@@ -117,7 +122,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted.get(at).copied().unwrap_or_default()
 }
 
-async fn api(app: &Router, method: Method, uri: &str, key: &str, body: Option<Value>) -> Result<(StatusCode, Value), String> {
+async fn api(
+    app: &Router,
+    method: Method,
+    uri: &str,
+    key: &str,
+    body: Option<Value>,
+) -> Result<(StatusCode, Value), String> {
     let request = Request::builder()
         .method(method)
         .uri(uri)
@@ -212,13 +223,21 @@ fn set_cookie(response: &axum::response::Response, name: &str) -> Result<String,
 }
 
 /// Serves the app on loopback, opens the event stream, and times `rounds` submits' updates.
-async fn live(app: &Router, agent: &str, agent_approver: &str, cookie: &str, rounds: usize) -> Result<(), String> {
+async fn live(
+    app: &Router,
+    agent: &str,
+    agent_approver: &str,
+    cookie: &str,
+    rounds: usize,
+) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let served = app.clone();
     let server = tokio::spawn(async move { axum::serve(listener, served).await });
     let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let request = format!("GET /events HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\nAccept: text/event-stream\r\n\r\n");
+    let request = format!(
+        "GET /events HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\nAccept: text/event-stream\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
     let mut lines = BufReader::new(stream).lines();
     next_change(&mut lines).await?;

@@ -2,9 +2,9 @@
 
 mod audit_cmd;
 mod bench_cmd;
-mod console_bench;
 mod client_cmd;
 mod config;
+mod console_bench;
 mod demo_cmd;
 mod inproc;
 mod policy_cmd;
