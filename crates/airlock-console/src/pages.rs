@@ -359,19 +359,19 @@ fn inbox_row(row: &InboxRow, now: i64) -> Markup {
     let current = a.get("binding_current").and_then(Value::as_bool).unwrap_or(true);
     html! {
         tr data-job-id=(str_of(job, "job_id")) data-approval-id=(id) {
-            td { a href={ "/approvals/" (id) } { (str_of(job, "topic")) } }
-            td { (str_of(job, "env")) }
-            td { (str_of(a, "requested_by")) }
-            td { (i64_of(a, "created_at").map_or("—".into(), |t| duration(now - t))) }
-            td { (i64_of(a, "expires_at").map_or("—".into(), |t| duration(t - now))) }
-            td { (approvers) "/" (text(a, "quorum")) }
-            td {
+            td data-label="Topic" { a href={ "/approvals/" (id) } { (str_of(job, "topic")) } }
+            td data-label="Env" { (str_of(job, "env")) }
+            td data-label="Requester" { (str_of(a, "requested_by")) }
+            td data-label="Age" { (i64_of(a, "created_at").map_or("—".into(), |t| duration(now - t))) }
+            td data-label="TTL left" { (i64_of(a, "expires_at").map_or("—".into(), |t| duration(t - now))) }
+            td data-label="Quorum" { (approvers) "/" (text(a, "quorum")) }
+            td data-label="Rules" {
                 ul.rules {
                     @for r in &rules { li { code { (r) } } }
                 }
                 @if let Some(reason) = &reason { span.reason { (reason) } }
             }
-            td {
+            td data-label="Binding" {
                 @if current { span.ok { "current" } } @else { span.stale { "stale" } }
             }
         }
@@ -573,11 +573,12 @@ pub fn jobs(filters: &[(String, String)], jobs: &[Value], next_href: Option<&str
                 tbody {
                     @for j in jobs {
                         tr data-job-id=(str_of(j, "job_id")) {
-                            td { a href={ "/jobs/" (str_of(j, "job_id")) } { code { (str_of(j, "job_id")) } } }
-                            td { (str_of(j, "topic")) } td { (str_of(j, "env")) }
-                            td { span class={ "state " (str_of(j, "state")) } { (str_of(j, "state")) } }
-                            td { (str_of(j, "principal")) }
-                            td { (i64_of(j, "created_at").map_or("—".into(), |t| duration(now - t))) }
+                            td data-label="Job" { a href={ "/jobs/" (str_of(j, "job_id")) } { code { (str_of(j, "job_id")) } } }
+                            td data-label="Topic" { (str_of(j, "topic")) }
+                            td data-label="Env" { (str_of(j, "env")) }
+                            td data-label="State" { span class={ "state " (str_of(j, "state")) } { (str_of(j, "state")) } }
+                            td data-label="Submitter" { (str_of(j, "principal")) }
+                            td data-label="Age" { (i64_of(j, "created_at").map_or("—".into(), |t| duration(now - t))) }
                         }
                     }
                 }
@@ -694,10 +695,10 @@ pub fn dlq(entries: &[Value], session: &Session, next_href: Option<&str>) -> Mar
                             @let id = str_of(e, "job_id");
                             tr data-job-id=(id) {
                                 td { input type="checkbox" name="ids" value=(id) aria-label={ "select " (id) }; }
-                                td { a href={ "/jobs/" (id) } { code { (id) } } }
-                                td { (str_of(e, "topic")) }
-                                td { (text(e, "reason")) }
-                                td { (text(e, "scheduling_attempts")) " / " (text(e, "execution_attempts")) }
+                                td data-label="Job" { a href={ "/jobs/" (id) } { code { (id) } } }
+                                td data-label="Topic" { (str_of(e, "topic")) }
+                                td data-label="Reason" { (text(e, "reason")) }
+                                td data-label="Attempts" { (text(e, "scheduling_attempts")) " / " (text(e, "execution_attempts")) }
                                 td.row-actions {
                                     button type="submit" name="single" value={ "retry " (id) } { "Retry" }
                                     button.danger type="submit" name="single" value={ "discard " (id) } { "Discard" }
