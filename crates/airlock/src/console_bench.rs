@@ -72,7 +72,11 @@ pub async fn run(args: ConsoleBenchArgs) -> Result<(), String> {
             if status != StatusCode::CREATED {
                 return Err(format!("creating key `{name}`: {status} {reply}"));
             }
-            reply["key"].as_str().map(str::to_owned).ok_or_else(|| "no key in the answer".to_owned())
+            reply
+                .get("key")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .ok_or_else(|| "no key in the answer".to_owned())
         }
     };
     let agent = key("agent", &["submitter"]).await?;
@@ -242,7 +246,7 @@ async fn live(
     let mut lines = BufReader::new(stream).lines();
     next_change(&mut lines).await?;
     let (_, summary) = api(app, Method::GET, "/api/v1/approvals/summary", agent_approver, None).await?;
-    let pending_before = summary["pending"].as_u64().ok_or("no pending count")? as usize;
+    let pending_before = summary.get("pending").and_then(Value::as_u64).ok_or("no pending count")? as usize;
     let (mut event, mut shown) = (Vec::new(), Vec::new());
     for i in 0..rounds {
         let job = json!({"topic": "infra.resource.delete", "env": "production", "payload": {"live": i}});
