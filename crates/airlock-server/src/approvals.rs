@@ -105,7 +105,6 @@ pub async fn summary(State(state): State<AppState>, caller: Caller) -> Result<Js
         "oldest_created_at": s.oldest_created_at,
         "newest_id": s.newest_id.as_ref().map(ApprovalId::as_str),
         "votes": s.votes,
-        "last_decided_at": s.last_decided_at,
         "policy_version": state.safety().active().version,
     })))
 }

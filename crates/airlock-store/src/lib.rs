@@ -487,8 +487,9 @@ pub struct TenantOverview {
     pub fail_open_gate_b: u64,
 }
 
-/// A tenant's pending approval requests in a few numbers: any change to the inbox (a new
-/// request, a resolution, a vote) changes at least one of them.
+/// A tenant's pending approval requests in a few numbers: any change to the inbox changes at
+/// least one of them. A new request is the newest; a resolution lowers the count unless a new
+/// request arrived too, which changes the newest; a vote changes the votes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApprovalSummary {
     /// Pending requests.
@@ -499,8 +500,6 @@ pub struct ApprovalSummary {
     pub newest_id: Option<ApprovalId>,
     /// Votes cast on pending requests.
     pub votes: u64,
-    /// When a request of the tenant last left `pending`.
-    pub last_decided_at: Option<Millis>,
 }
 
 /// What marks a fail-open decision in an audit record's data (as stored: compact JSON).

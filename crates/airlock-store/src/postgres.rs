@@ -2127,17 +2127,19 @@ impl Store for PgStore {
                 |r| get_u64(r, 0),
             )
             .await?;
-        let mut fail_open = [0u64; 2];
-        for (count, mark) in fail_open.iter_mut().zip(crate::FAIL_OPEN_MARKS) {
-            let n = self
-                .read(
-                    "SELECT COUNT(*) FROM audit WHERE tenant = $1 AND at >= $2 AND data LIKE $3",
-                    &[&t, &since, &mark],
-                    |r| get_u64(r, 0),
-                )
-                .await?;
-            *count = n.into_iter().sum();
-        }
+        let [gate_a, gate_b] = crate::FAIL_OPEN_MARKS;
+        let counts = self
+            .read(
+                // Records not yet sealed into the chain count too (one statement: one snapshot,
+                // so a record the sealer moves meanwhile is seen once).
+                "SELECT COUNT(*) FILTER (WHERE data LIKE $3), COUNT(*) FILTER (WHERE data LIKE $4)
+                 FROM (SELECT data FROM audit WHERE tenant = $1 AND at >= $2
+                       UNION ALL SELECT data FROM audit_pending WHERE tenant = $1 AND at >= $2) recent",
+                &[&t, &since, &gate_a, &gate_b],
+                |r| Ok([get_u64(r, 0)?, get_u64(r, 1)?]),
+            )
+            .await?;
+        let fail_open = counts.into_iter().next().unwrap_or([0, 0]);
         Ok(TenantOverview {
             jobs: jobs.into_iter().collect(),
             pending_approvals,
@@ -2177,8 +2179,7 @@ impl Store for PgStore {
         let t = tenant.as_str();
         let rows = self
             .read(
-                "SELECT COUNT(*), MIN(created_at), MAX(id), COALESCE(SUM(json_array_length(approvers::json)), 0)::BIGINT,
-                        (SELECT MAX(decided_at) FROM approvals WHERE tenant = $1)
+                "SELECT COUNT(*), MIN(created_at), MAX(id), COALESCE(SUM(json_array_length(approvers::json)), 0)::BIGINT
                  FROM approvals WHERE tenant = $1 AND status = 'pending'",
                 &[&t],
                 |r| {
@@ -2187,7 +2188,6 @@ impl Store for PgStore {
                         oldest_created_at: get::<Option<i64>>(r, 1)?,
                         newest_id: parsed_opt::<ApprovalId>(r, 2)?,
                         votes: get_u64(r, 3)?,
-                        last_decided_at: get::<Option<i64>>(r, 4)?,
                     })
                 },
             )

@@ -1242,13 +1242,13 @@ impl Store for SqliteStore {
                     "SELECT COUNT(*) FROM jobs WHERE tenant = ?1 AND state = 'dead_lettered' AND discarded_at IS NULL",
                 )?
                 .query_row(params![tenant], |r| r.get(0))?;
-            let mut fail_open = [0u64; 2];
-            for (count, mark) in fail_open.iter_mut().zip(crate::FAIL_OPEN_MARKS) {
-                let n: i64 = conn
-                    .prepare_cached("SELECT COUNT(*) FROM audit WHERE tenant = ?1 AND at >= ?2 AND data LIKE ?3")?
-                    .query_row(params![tenant, since, mark], |r| r.get(0))?;
-                *count = n.unsigned_abs();
-            }
+            let [gate_a, gate_b] = crate::FAIL_OPEN_MARKS;
+            let fail_open: (Option<i64>, Option<i64>) = conn
+                .prepare_cached(
+                    "SELECT SUM(data LIKE ?3), SUM(data LIKE ?4) FROM audit WHERE tenant = ?1 AND at >= ?2",
+                )?
+                .query_row(params![tenant, since, gate_a, gate_b], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let fail_open = [fail_open.0, fail_open.1].map(|n| n.unwrap_or(0).unsigned_abs());
             Ok(TenantOverview {
                 jobs: jobs.into_iter().collect(),
                 pending_approvals: pending.unsigned_abs(),
@@ -1297,15 +1297,11 @@ impl Store for SqliteStore {
                      WHERE tenant = ?1 AND status = 'pending'",
                 )?
                 .query_row(params![tenant], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-            let last_decided_at: Option<i64> = conn
-                .prepare_cached("SELECT MAX(decided_at) FROM approvals WHERE tenant = ?1")?
-                .query_row(params![tenant], |r| r.get(0))?;
             Ok(ApprovalSummary {
                 pending: pending.unsigned_abs(),
                 oldest_created_at: oldest,
                 newest_id: newest.map(|id| id.parse()).transpose().map_err(corrupt)?,
                 votes: votes.unwrap_or(0).unsigned_abs(),
-                last_decided_at,
             })
         })
         .await
@@ -1613,7 +1609,10 @@ impl Store for SqliteStore {
             collect(
                 conn,
                 &format!(
-                    "SELECT {AUDIT_COLUMNS} FROM audit WHERE tenant = ?1 AND subject = ?2 ORDER BY seq LIMIT ?3"
+                    // Without the hint SQLite walks the tenant's whole chain in `seq` order (the
+                    // primary key avoids a sort): ~90 ms per job at 100,000 jobs.
+                    "SELECT {AUDIT_COLUMNS} FROM audit INDEXED BY audit_by_subject
+                     WHERE tenant = ?1 AND subject = ?2 ORDER BY seq LIMIT ?3"
                 ),
                 params![tenant, id, limit],
                 |row| record_from_row(&tenant, row),

@@ -91,6 +91,7 @@ pub async fn run(args: ConsoleBenchArgs) -> Result<(), String> {
     let pages = [
         ("inbox, first page (25 requests)", "/inbox".to_owned()),
         ("inbox, filtered by topic and env", "/inbox?topic=infra.resource.delete&env=production".to_owned()),
+        ("inbox, filtered by deciding rule", "/inbox?rule=require-approval-prod-delete".to_owned()),
         ("jobs list, first page (50)", "/jobs".to_owned()),
         ("jobs list, state=queued", "/jobs?state=queued".to_owned()),
         ("overview", "/overview".to_owned()),
