@@ -43,6 +43,13 @@ pub const PAGE_SIZE_DEFAULT: u32 = 50;
 /// Most audit records (gate decisions, transitions) the job view shows for one job.
 pub const JOB_VIEW_AUDIT_MAX: u32 = 1_000;
 
+/// A console session ends after this long without a request.
+pub const CONSOLE_SESSION_IDLE_MS: u64 = 30 * 60 * 1000;
+/// A console session ends this long after sign-in, however active.
+pub const CONSOLE_SESSION_ABSOLUTE_MS: u64 = 12 * 3600 * 1000;
+/// How often an open console page asks whether its data changed (live updates).
+pub const CONSOLE_LIVE_POLL_MS: u64 = 250;
+const _: () = assert!(CONSOLE_SESSION_IDLE_MS <= CONSOLE_SESSION_ABSOLUTE_MS);
 const _: () = assert!(GATE_B_CLIENT_TIMEOUT_MS < GATE_B_ENGINE_TIMEOUT_MS);
 const _: () = assert!(HEARTBEAT_MS * 3 <= LEASE_MS, "a worker gets three heartbeats per lease");
 const _: () = assert!(BACKOFF_BASE_MS <= BACKOFF_CAP_MS);

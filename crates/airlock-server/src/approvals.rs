@@ -8,11 +8,13 @@ use std::collections::HashMap;
 use airlock_core::Millis;
 use airlock_core::approval::{self, Request, Stale, Status, Vote, VoteError};
 use airlock_core::audit::{Draft, Kind};
+use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
 use airlock_core::ids::ApprovalId;
 use airlock_core::role::Role;
 use airlock_core::state::{Event, JobState};
 use airlock_store::{ApprovalChange, ApprovalRecord, JobRecord, StoreError};
 use axum::Json;
+use axum::body::Body;
 use axum::extract::{Path, Query as RawQuery, State};
 use axum::http::StatusCode;
 use serde_json::{Value, json};
@@ -21,6 +23,9 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::state::{AppState, now_ms, random_bytes};
 use crate::wire::{self, Query};
+
+/// Longest comment a rejection may carry.
+const REJECT_COMMENT_CHARS_MAX: usize = 4_000;
 
 /// Times an approval is re-read and retried when another approver changed it first.
 const CONFLICT_RETRIES: usize = 3;
@@ -66,11 +71,42 @@ pub async fn get(
     require_reader(&caller)?;
     let (approval, job) = load(&state, &caller, &parse_id(&id)?).await?;
     let mut body = wire::approval(&approval);
+    let active = state.safety().active();
+    let policy_job = job.to_policy_job();
+    // Whether approving now would pass the binding check, so a client shows "stale" before
+    // anyone clicks; the approve call checks it again at the commit.
+    let binding = approval::check_binding(
+        &approval.request,
+        &policy_job,
+        &active.policy,
+        state.config().approval_binding,
+        now_ms(),
+    );
     if let Some(o) = body.as_object_mut() {
         o.insert("job".into(), crate::jobs::view(&state, &job).await?);
         o.insert("current_decision".into(), current_decision(&state, &job));
+        o.insert("binding_current".into(), json!(binding.is_ok()));
+        o.insert("stale_reason".into(), json!(binding.err().map(|s| s.to_string())));
+        o.insert(
+            "explanation".into(),
+            wire::explanation(&active.policy, &policy_job, &active.policy.explain(&policy_job)),
+        );
     }
     Ok(Json(body))
+}
+
+/// `GET /api/v1/approvals/summary`: the tenant's pending requests in a few numbers, cheap
+/// enough to poll: a client that remembers them knows when its inbox changed.
+pub async fn summary(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    require_reader(&caller)?;
+    let s = state.store().approval_summary(&caller.tenant).await?;
+    Ok(Json(json!({
+        "pending": s.pending,
+        "oldest_created_at": s.oldest_created_at,
+        "newest_id": s.newest_id.as_ref().map(ApprovalId::as_str),
+        "votes": s.votes,
+        "policy_version": state.safety().active().version,
+    })))
 }
 
 async fn load(
@@ -105,29 +141,55 @@ pub async fn approve(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    decide(&state, &caller, &parse_id(&id)?, true).await
+    decide(&state, &caller, &parse_id(&id)?, Decide::Approve).await
 }
 
-/// `POST /api/v1/approvals/{id}/reject`.
+/// `POST /api/v1/approvals/{id}/reject`, with an optional body `{"comment": "..."}` kept in
+/// the audit record.
 pub async fn reject(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    decide(&state, &caller, &parse_id(&id)?, false).await
+    let bytes = wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?;
+    let comment = if bytes.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let map = wire::json_object(&bytes)?;
+        wire::only_fields(&map, &["comment"])?;
+        match map.get("comment") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(c)) if c.chars().count() <= REJECT_COMMENT_CHARS_MAX => Some(c.clone()),
+            Some(Value::String(_)) => {
+                return Err(ApiError::invalid(vec![(
+                    "comment".into(),
+                    format!("is longer than {REJECT_COMMENT_CHARS_MAX} characters"),
+                )]));
+            }
+            Some(_) => return Err(ApiError::invalid(vec![("comment".into(), "must be a string".into())])),
+        }
+    };
+    decide(&state, &caller, &parse_id(&id)?, Decide::Reject { comment }).await
+}
+
+/// What an approver decides.
+enum Decide {
+    Approve,
+    Reject { comment: Option<String> },
 }
 
 async fn decide(
     state: &AppState,
     caller: &Caller,
     id: &ApprovalId,
-    approving: bool,
+    decision: Decide,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Approver)?;
     for _ in 0..CONFLICT_RETRIES {
         let (record, job) = load(state, caller, id).await?;
         let now = now_ms();
-        match attempt(state, caller, &record, &job, approving, now).await {
+        match attempt(state, caller, &record, &job, &decision, now).await {
             Err(Attempt::Conflict) => continue,
             Err(Attempt::Api(e)) if e.superseded_by().is_some() => {
                 state.refresh_policy(e.superseded_by()).await?;
@@ -188,9 +250,10 @@ async fn attempt(
     caller: &Caller,
     record: &ApprovalRecord,
     job: &JobRecord,
-    approving: bool,
+    decision: &Decide,
     now: Millis,
 ) -> Result<Value, Attempt> {
+    let approving = matches!(decision, Decide::Approve);
     if record.request.status != Status::Pending {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -284,7 +347,11 @@ async fn attempt(
         }
         c = change(caller, record, request.clone(), now);
         c.job_event = Some(Event::Rejected);
-        c.audit.push(draft(caller, record, now, Kind::ApprovalRejected, json!({})));
+        let comment = match decision {
+            Decide::Reject { comment } => comment.as_deref(),
+            Decide::Approve => None,
+        };
+        c.audit.push(draft(caller, record, now, Kind::ApprovalRejected, json!({"comment": comment})));
         json!({})
     };
     let queued = c.job_event == Some(Event::Approved);

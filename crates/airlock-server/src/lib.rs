@@ -12,6 +12,7 @@ mod jobs;
 pub mod keys;
 pub mod metrics;
 mod ops;
+mod overview;
 mod policy_api;
 pub mod relay;
 pub mod remote_safety;
@@ -35,7 +36,7 @@ pub use ops::OPENAPI;
 use state::{ActivePolicy, AppState, Config};
 
 /// Every route: method and path. The OpenAPI document must describe each (tested).
-pub const ROUTES: [(&str, &str); 34] = [
+pub const ROUTES: [(&str, &str); 37] = [
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -70,6 +71,9 @@ pub const ROUTES: [(&str, &str); 34] = [
     ("post", "/api/v1/dlq/{id}/discard"),
     ("post", "/api/v1/safety/evaluate"),
     ("get", "/api/v1/reports/idempotency"),
+    ("get", "/api/v1/overview"),
+    ("get", "/api/v1/approvals/summary"),
+    ("get", "/api/v1/policy/snapshots/{version}"),
 ];
 
 /// What one process serves.
@@ -123,11 +127,14 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/jobs/{id}", get(jobs::get))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/api/v1/reports/idempotency", get(jobs::idempotency_report))
+        .route("/api/v1/overview", get(overview::overview))
         .route("/api/v1/approvals", get(approvals::list))
+        .route("/api/v1/approvals/summary", get(approvals::summary))
         .route("/api/v1/approvals/{id}", get(approvals::get))
         .route("/api/v1/approvals/{id}/approve", post(approvals::approve))
         .route("/api/v1/approvals/{id}/reject", post(approvals::reject))
         .route("/api/v1/policy/snapshots", get(policy_api::snapshots))
+        .route("/api/v1/policy/snapshots/{version}", get(policy_api::snapshot))
         .route("/api/v1/policy/publish", post(policy_api::publish))
         .route("/api/v1/policy/rollback", post(policy_api::rollback))
         .route("/api/v1/policy/simulate", post(policy_api::simulate))

@@ -32,6 +32,17 @@ pub async fn snapshots(State(state): State<AppState>, _caller: Caller) -> Result
     ))
 }
 
+/// `GET /api/v1/policy/snapshots/{version}`: one snapshot; its source for operators and admins.
+pub async fn snapshot(
+    State(state): State<AppState>,
+    caller: Caller,
+    axum::extract::Path(version): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let version: u64 = version.parse().map_err(|_| ApiError::not_found("snapshot"))?;
+    let record = state.store().snapshot(version).await?.ok_or_else(|| ApiError::not_found("snapshot"))?;
+    Ok(Json(wire::snapshot(&record, caller.roles.allows(Role::Operator))))
+}
+
 fn compile(source: &str) -> Result<(Policy, Vec<airlock_policy::Diagnostic>), ApiError> {
     airlock_policy::compile(source).map_err(|errors| {
         ApiError::new(

@@ -115,6 +115,8 @@ pub fn job_summary(j: &JobRecord) -> Value {
         "state": j.state.as_str(),
         "principal": j.principal,
         "decision": j.gate_a.decision.as_str(),
+        "rule_ids": j.gate_a.rule_ids,
+        "approval_id": j.approval_id.as_ref().map(|a| a.as_str()),
         "created_at": j.created_at,
         "updated_at": j.updated_at,
     })

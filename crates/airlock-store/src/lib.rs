@@ -469,6 +469,42 @@ pub struct AuditPage {
     pub head: Option<(u64, String)>,
 }
 
+/// One tenant's figures at a glance (the console's overview and inbox header).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantOverview {
+    /// Jobs per state.
+    pub jobs: BTreeMap<JobState, u64>,
+    /// Pending approval requests, counted exactly.
+    pub pending_approvals: u64,
+    /// When the oldest pending request was made.
+    pub oldest_pending_at: Option<Millis>,
+    /// Dead-lettered jobs not discarded.
+    pub dlq_depth: u64,
+    /// Submissions Gate A accepted with the safety check unavailable (fail open), since the
+    /// time asked for.
+    pub fail_open_gate_a: u64,
+    /// Dispatches Gate B let through with the safety check unavailable, since the time asked for.
+    pub fail_open_gate_b: u64,
+}
+
+/// A tenant's pending approval requests in a few numbers: any change to the inbox changes at
+/// least one of them. A new request is the newest; a resolution lowers the count unless a new
+/// request arrived too, which changes the newest; a vote changes the votes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApprovalSummary {
+    /// Pending requests.
+    pub pending: u64,
+    /// When the oldest pending request was made.
+    pub oldest_created_at: Option<Millis>,
+    /// The newest pending request.
+    pub newest_id: Option<ApprovalId>,
+    /// Votes cast on pending requests.
+    pub votes: u64,
+}
+
+/// What marks a fail-open decision in an audit record's data (as stored: compact JSON).
+pub const FAIL_OPEN_MARKS: [&str; 2] = ["%\"gate_a_bypassed\":true%", "%\"gate_b_bypassed\":true%"];
+
 /// Every durable operation Airlock needs. One of the two I/O seams (the other is the bus).
 #[async_trait::async_trait]
 pub trait Store: Send + Sync {
@@ -543,6 +579,8 @@ pub trait Store: Send + Sync {
     async fn idempotency_report(&self, tenant: &TenantId) -> Result<Vec<(String, u64, u64)>, StoreError>;
     /// Counts of jobs per state, across tenants.
     async fn job_counts(&self) -> Result<BTreeMap<JobState, u64>, StoreError>;
+    /// One tenant's figures; fail-open counts are those recorded at or after `since`.
+    async fn overview(&self, tenant: &TenantId, since: Millis) -> Result<TenantOverview, StoreError>;
 
     /// An approval request of a tenant.
     async fn approval(
@@ -558,6 +596,8 @@ pub trait Store: Send + Sync {
         after: Option<&ApprovalId>,
         limit: u32,
     ) -> Result<Vec<ApprovalRecord>, StoreError>;
+    /// A tenant's pending requests in a few numbers.
+    async fn approval_summary(&self, tenant: &TenantId) -> Result<ApprovalSummary, StoreError>;
     /// Pending requests across tenants.
     async fn pending_approvals(&self) -> Result<u64, StoreError>;
     /// Pending requests past their expiry, across tenants.

@@ -1105,3 +1105,91 @@ async fn writes_decided_under_a_superseded_snapshot_are_refused() {
         );
     }
 }
+
+fn pending_request(j: &mut JobRecord, at: i64, quorum: u32) -> ApprovalRecord {
+    let id = ApprovalId::generate(at, random());
+    j.approval_id = Some(id.clone());
+    ApprovalRecord {
+        id,
+        tenant: j.tenant.clone(),
+        job_id: j.id.clone(),
+        request: Request {
+            job_hash: j.job_hash.clone(),
+            snapshot_hash: "sha256:s".into(),
+            rule_ids: vec!["r".into()],
+            rule_hashes: vec!["sha256:r".into()],
+            requested_by: "agent".into(),
+            created_at: at,
+            expires_at: at + 1_000_000,
+            quorum,
+            approvers: vec![],
+            status: Status::Pending,
+        },
+        decided_at: None,
+        decided_by: None,
+    }
+}
+
+#[tokio::test]
+async fn overview_and_approval_summary_count_one_tenant_exactly() {
+    for (name, store, _schema) in stores().await {
+        let (t, other) = (tenant("acme"), tenant("other"));
+        let mut requests = Vec::new();
+        for (who, at, quorum) in [(&t, 100, 2), (&t, 300, 1), (&other, 50, 1)] {
+            let mut j = job(who, JobState::AwaitingApproval, at);
+            let approval = pending_request(&mut j, at, quorum);
+            let mut s = submission(j);
+            s.approval = Some(approval.clone());
+            store.submit(s, 0).await.unwrap();
+            requests.push(approval);
+        }
+        let mut bypassed = submission(job(&t, JobState::Queued, 400));
+        bypassed.audit.at = 5_000;
+        bypassed.audit.data = json!({"outcome": "accepted", "fail_mode": "open", "gate_a_bypassed": true});
+        store.submit(bypassed, 0).await.unwrap();
+        let mut old = submission(job(&t, JobState::Queued, 10));
+        old.audit.data = json!({"outcome": "accepted", "gate_a_bypassed": true});
+        store.submit(old, 0).await.unwrap();
+
+        let summary = store.approval_summary(&t).await.unwrap();
+        assert_eq!((summary.pending, summary.oldest_created_at), (2, Some(100)), "{name}");
+        assert_eq!(summary.newest_id.as_ref(), Some(&requests[1].id), "{name}");
+        assert_eq!(summary.votes, 0, "{name}");
+
+        // A vote keeps the request pending but changes the summary; a decision removes it.
+        let vote = |record: &ApprovalRecord, status: Status, event: Option<Event>, at: i64| ApprovalChange {
+            tenant: t.clone(),
+            id: record.id.clone(),
+            expected_status: Status::Pending,
+            expected_approvers: 0,
+            request: Request { approvers: vec!["alice".into()], status, ..record.request.clone() },
+            job_event: event,
+            replacement: None,
+            audit: vec![draft(Kind::ApprovalVote, record.id.as_str())],
+            at,
+            actor: "alice".into(),
+            decided_under: None,
+        };
+        store.change_approval(vote(&requests[0], Status::Pending, None, 150)).await.unwrap();
+        let voted = store.approval_summary(&t).await.unwrap();
+        assert_eq!((voted.votes, voted.pending), (1, 2), "{name}");
+        store
+            .change_approval(vote(&requests[1], Status::Approved, Some(Event::Approved), 350))
+            .await
+            .unwrap();
+        let decided = store.approval_summary(&t).await.unwrap();
+        assert_eq!((decided.pending, decided.votes), (1, 1), "{name}");
+
+        let o = store.overview(&t, 1_000).await.unwrap();
+        assert_eq!(o.jobs.get(&JobState::AwaitingApproval), Some(&1), "{name}: {o:?}");
+        assert_eq!(o.jobs.get(&JobState::Queued), Some(&3), "{name}: {o:?}");
+        assert_eq!((o.pending_approvals, o.oldest_pending_at), (1, Some(100)), "{name}");
+        assert_eq!(
+            (o.dlq_depth, o.fail_open_gate_a, o.fail_open_gate_b),
+            (0, 1, 0),
+            "{name}: only the last hour"
+        );
+        let theirs = store.overview(&other, 0).await.unwrap();
+        assert_eq!((theirs.pending_approvals, theirs.jobs.values().sum::<u64>()), (1, 1), "{name}");
+    }
+}

@@ -40,6 +40,8 @@ pub enum BenchCommand {
     E2e(E2eArgs),
     /// The raw NATS JetStream loop (publish with ack → pull → ack), the ceiling for the bus.
     Jetstream(JetstreamArgs),
+    /// The console with a full store: inbox and jobs list server time, live-update latency.
+    Console(crate::console_bench::ConsoleBenchArgs),
 }
 
 #[derive(Args)]
@@ -142,6 +144,7 @@ pub fn run(command: BenchCommand) -> ExitCode {
         BenchCommand::Submit(args) => runtime.block_on(submit(args)),
         BenchCommand::E2e(args) => e2e(&runtime, &args),
         BenchCommand::Jetstream(args) => runtime.block_on(jetstream(&args)),
+        BenchCommand::Console(args) => runtime.block_on(crate::console_bench::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@ mod audit_cmd;
 mod bench_cmd;
 mod client_cmd;
 mod config;
+mod console_bench;
 mod demo_cmd;
 mod inproc;
 mod policy_cmd;

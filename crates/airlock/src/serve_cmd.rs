@@ -98,6 +98,9 @@ pub struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// End a console session after this many seconds without a request (default 30 min).
+    #[arg(long, default_value_t = airlock_core::defaults::CONSOLE_SESSION_IDLE_MS / 1000)]
+    console_idle_secs: u64,
 }
 
 pub fn run(args: ServeArgs) -> ExitCode {
@@ -219,8 +222,21 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     };
     println!("airlock listening on http://{local} ({place}, policy version {version} {hash})");
     tracing::info!(%local, data = %args.data.display(), version, %hash, "serving");
-    axum::serve(listener, airlock_server::router_for(state, role))
-        .with_graceful_shutdown(shutdown_signal())
+    let mut app = airlock_server::router_for(state, role);
+    // Open console event streams end when shutdown begins, so that draining does not wait on them.
+    let (closing, closed) = tokio::sync::watch::channel(false);
+    if role != airlock_server::ProcessRole::Scheduler {
+        let mut settings = airlock_console::Settings::new(closed);
+        settings.session_idle = Duration::from_secs(args.console_idle_secs.max(1));
+        settings.session_absolute = settings.session_absolute.max(settings.session_idle);
+        app = airlock_console::with_console(app, settings);
+        println!("console at http://{local}/");
+    }
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            let _ = closing.send(true);
+        })
         .await
         .map_err(|e| format!("server error: {e}"))?;
     tracing::info!("stopped: in-flight requests drained");

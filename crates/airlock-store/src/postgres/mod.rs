@@ -32,9 +32,9 @@ use tokio_postgres::{Config, IsolationLevel, Row};
 
 use crate::codec::corrupt;
 use crate::{
-    ApprovalChange, ApprovalRecord, AuditPage, Dispatch, DispatchOutcome, Finish, Heartbeat,
+    ApprovalChange, ApprovalRecord, ApprovalSummary, AuditPage, Dispatch, DispatchOutcome, Finish, Heartbeat,
     IdempotencyRecord, JobFilter, JobRecord, KeyRecord, SnapshotRecord, Store, StoreError, StoreEvent,
-    Submission, SubmitOutcome, Transition,
+    Submission, SubmitOutcome, TenantOverview, Transition,
 };
 use admin::{
     breaker_admit, breaker_report, create_key, discard_dead_letter, publish, retry_dead_letter, revoke_key,
@@ -319,6 +319,51 @@ impl Store for PgStore {
         Ok(rows.into_iter().collect())
     }
 
+    async fn overview(&self, tenant: &TenantId, since: Millis) -> Result<TenantOverview, StoreError> {
+        let t = tenant.as_str();
+        let jobs = self
+            .read("SELECT state, COUNT(*) FROM jobs WHERE tenant = $1 GROUP BY state", &[&t], |row| {
+                Ok((parsed::<JobState>(row, 0)?, get_u64(row, 1)?))
+            })
+            .await?;
+        let pending = self
+            .read(
+                "SELECT COUNT(*), MIN(created_at) FROM approvals WHERE tenant = $1 AND status = 'pending'",
+                &[&t],
+                |r| Ok((get_u64(r, 0)?, get::<Option<i64>>(r, 1)?)),
+            )
+            .await?;
+        let (pending_approvals, oldest_pending_at) = pending.into_iter().next().unwrap_or((0, None));
+        let dlq = self
+            .read(
+                "SELECT COUNT(*) FROM jobs WHERE tenant = $1 AND state = 'dead_lettered' AND discarded_at IS NULL",
+                &[&t],
+                |r| get_u64(r, 0),
+            )
+            .await?;
+        let [gate_a, gate_b] = crate::FAIL_OPEN_MARKS;
+        let counts = self
+            .read(
+                // Records not yet sealed into the chain count too (one statement: one snapshot,
+                // so a record the sealer moves meanwhile is seen once).
+                "SELECT COUNT(*) FILTER (WHERE data LIKE $3), COUNT(*) FILTER (WHERE data LIKE $4)
+                 FROM (SELECT data FROM audit WHERE tenant = $1 AND at >= $2
+                       UNION ALL SELECT data FROM audit_pending WHERE tenant = $1 AND at >= $2) recent",
+                &[&t, &since, &gate_a, &gate_b],
+                |r| Ok([get_u64(r, 0)?, get_u64(r, 1)?]),
+            )
+            .await?;
+        let fail_open = counts.into_iter().next().unwrap_or([0, 0]);
+        Ok(TenantOverview {
+            jobs: jobs.into_iter().collect(),
+            pending_approvals,
+            oldest_pending_at,
+            dlq_depth: dlq.into_iter().sum(),
+            fail_open_gate_a: fail_open[0],
+            fail_open_gate_b: fail_open[1],
+        })
+    }
+
     async fn approval(
         &self,
         tenant: &TenantId,
@@ -342,6 +387,26 @@ impl Store for PgStore {
         let params: [&(dyn ToSql + Sync); 4] =
             [&tenant.as_str(), &status.map(Status::as_str), &after.map(ApprovalId::as_str), &big(limit)];
         self.read(&sql, &params, approval_from_row).await
+    }
+
+    async fn approval_summary(&self, tenant: &TenantId) -> Result<ApprovalSummary, StoreError> {
+        let t = tenant.as_str();
+        let rows = self
+            .read(
+                "SELECT COUNT(*), MIN(created_at), MAX(id), COALESCE(SUM(json_array_length(approvers::json)), 0)::BIGINT
+                 FROM approvals WHERE tenant = $1 AND status = 'pending'",
+                &[&t],
+                |r| {
+                    Ok(ApprovalSummary {
+                        pending: get_u64(r, 0)?,
+                        oldest_created_at: get::<Option<i64>>(r, 1)?,
+                        newest_id: parsed_opt::<ApprovalId>(r, 2)?,
+                        votes: get_u64(r, 3)?,
+                    })
+                },
+            )
+            .await?;
+        Ok(rows.into_iter().next().unwrap_or_default())
     }
 
     async fn pending_approvals(&self) -> Result<u64, StoreError> {

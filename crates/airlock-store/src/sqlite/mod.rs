@@ -26,9 +26,9 @@ use tokio::sync::oneshot;
 
 use crate::codec::corrupt;
 use crate::{
-    ApprovalChange, ApprovalRecord, AuditPage, Dispatch, DispatchOutcome, Finish, Heartbeat,
+    ApprovalChange, ApprovalRecord, ApprovalSummary, AuditPage, Dispatch, DispatchOutcome, Finish, Heartbeat,
     IdempotencyRecord, JobFilter, JobRecord, KeyRecord, SnapshotRecord, Store, StoreError, Submission,
-    SubmitOutcome, Transition,
+    SubmitOutcome, TenantOverview, Transition,
 };
 use migrations::migrate;
 use moves::{
@@ -429,6 +429,47 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn overview(&self, tenant: &TenantId, since: Millis) -> Result<TenantOverview, StoreError> {
+        let tenant = tenant.to_string();
+        self.read(move |conn| {
+            let jobs = collect(
+                conn,
+                "SELECT state, COUNT(*) FROM jobs WHERE tenant = ?1 GROUP BY state",
+                params![tenant],
+                |row| {
+                    let state: JobState = row.get::<_, String>(0)?.parse().map_err(corrupt)?;
+                    Ok((state, row.get::<_, i64>(1)?.unsigned_abs()))
+                },
+            )?;
+            let (pending, oldest): (i64, Option<i64>) = conn
+                .prepare_cached(
+                    "SELECT COUNT(*), MIN(created_at) FROM approvals WHERE tenant = ?1 AND status = 'pending'",
+                )?
+                .query_row(params![tenant], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let dlq: i64 = conn
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM jobs WHERE tenant = ?1 AND state = 'dead_lettered' AND discarded_at IS NULL",
+                )?
+                .query_row(params![tenant], |r| r.get(0))?;
+            let [gate_a, gate_b] = crate::FAIL_OPEN_MARKS;
+            let fail_open: (Option<i64>, Option<i64>) = conn
+                .prepare_cached(
+                    "SELECT SUM(data LIKE ?3), SUM(data LIKE ?4) FROM audit WHERE tenant = ?1 AND at >= ?2",
+                )?
+                .query_row(params![tenant, since, gate_a, gate_b], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let fail_open = [fail_open.0, fail_open.1].map(|n| n.unwrap_or(0).unsigned_abs());
+            Ok(TenantOverview {
+                jobs: jobs.into_iter().collect(),
+                pending_approvals: pending.unsigned_abs(),
+                oldest_pending_at: oldest,
+                dlq_depth: dlq.unsigned_abs(),
+                fail_open_gate_a: fail_open[0],
+                fail_open_gate_b: fail_open[1],
+            })
+        })
+        .await
+    }
+
     async fn approval(
         &self,
         tenant: &TenantId,
@@ -452,6 +493,25 @@ impl Store for SqliteStore {
                  AND (?3 IS NULL OR id > ?3) ORDER BY id LIMIT ?4"
             );
             collect(conn, &sql, params![tenant, status.map(Status::as_str), after, limit], approval_from_row)
+        })
+        .await
+    }
+
+    async fn approval_summary(&self, tenant: &TenantId) -> Result<ApprovalSummary, StoreError> {
+        let tenant = tenant.to_string();
+        self.read(move |conn| {
+            let (pending, oldest, newest, votes): (i64, Option<i64>, Option<String>, Option<i64>) = conn
+                .prepare_cached(
+                    "SELECT COUNT(*), MIN(created_at), MAX(id), SUM(json_array_length(approvers)) FROM approvals
+                     WHERE tenant = ?1 AND status = 'pending'",
+                )?
+                .query_row(params![tenant], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            Ok(ApprovalSummary {
+                pending: pending.unsigned_abs(),
+                oldest_created_at: oldest,
+                newest_id: newest.map(|id| id.parse()).transpose().map_err(corrupt)?,
+                votes: votes.unwrap_or(0).unsigned_abs(),
+            })
         })
         .await
     }
@@ -758,7 +818,10 @@ impl Store for SqliteStore {
             collect(
                 conn,
                 &format!(
-                    "SELECT {AUDIT_COLUMNS} FROM audit WHERE tenant = ?1 AND subject = ?2 ORDER BY seq LIMIT ?3"
+                    // Without the hint SQLite walks the tenant's whole chain in `seq` order (the
+                    // primary key avoids a sort): ~90 ms per job at 100,000 jobs.
+                    "SELECT {AUDIT_COLUMNS} FROM audit INDEXED BY audit_by_subject
+                     WHERE tenant = ?1 AND subject = ?2 ORDER BY seq LIMIT ?3"
                 ),
                 params![tenant, id, limit],
                 |row| record_from_row(&tenant, row),
