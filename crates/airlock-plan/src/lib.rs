@@ -6,6 +6,7 @@
 //! CLI and the tests share it.
 
 pub mod address;
+pub mod cases;
 mod evaluate;
 mod plan;
 pub mod redact;

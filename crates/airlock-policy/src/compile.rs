@@ -283,7 +283,8 @@ impl Compiler {
             let topic = self.string(value, &format!("the topic of `{}`", key.text)).filter(|t| {
                 let ok = !t.is_empty()
                     && t.split('.').all(|s| {
-                        !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+                        !s.is_empty()
+                            && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
                     });
                 if !ok {
                     self.error_help(

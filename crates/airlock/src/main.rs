@@ -6,6 +6,7 @@ mod client_cmd;
 mod config;
 mod demo_cmd;
 mod inproc;
+mod plan_cmd;
 mod policy_cmd;
 mod raw_jetstream;
 mod serve_cmd;
@@ -55,6 +56,9 @@ enum Command {
     Bench(bench_cmd::BenchCommand),
     /// Run a command per job for a worker pool (job JSON on stdin, result on stdout).
     Worker(worker_cmd::WorkerArgs),
+    /// Terraform/OpenTofu plans: check offline (CI), test cases, submit as one plan job.
+    #[command(subcommand)]
+    Plan(plan_cmd::PlanCommand),
 }
 
 /// How results are printed.
@@ -89,5 +93,6 @@ fn main() -> ExitCode {
         Command::Audit(command) => audit_cmd::run(command),
         Command::Bench(command) => bench_cmd::run(command),
         Command::Worker(args) => worker_cmd::run(args),
+        Command::Plan(command) => plan_cmd::run(command),
     }
 }
