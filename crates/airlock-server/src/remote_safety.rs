@@ -175,7 +175,10 @@ pub async fn evaluate(
     let engine = Arc::clone(&policy);
     let evaluation = tokio::time::timeout(
         Duration::from_millis(GATE_B_ENGINE_TIMEOUT_MS),
-        tokio::task::spawn_blocking(move || engine.evaluate(&job)),
+        // A plan job is decided per change here too, so that both deployments agree.
+        tokio::task::spawn_blocking(move || {
+            crate::state::evaluate_within(&engine, &job, &mut || true).map(|(evaluation, _)| evaluation)
+        }),
     )
     .await
     .map_err(|_| {
@@ -185,7 +188,8 @@ pub async fn evaluate(
             "the evaluation exceeded the engine defence timeout",
         )
     })?
-    .map_err(ApiError::internal)?;
+    .map_err(ApiError::internal)?
+    .ok_or_else(|| ApiError::internal("an evaluation without a deadline stopped"))?;
     state.metrics().observe(
         "airlock_policy_eval_seconds",
         &[("gate", "service")],
