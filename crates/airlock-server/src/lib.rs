@@ -12,6 +12,7 @@ mod jobs;
 pub mod keys;
 pub mod metrics;
 mod ops;
+mod plans;
 mod policy_api;
 pub mod relay;
 pub mod remote_safety;
@@ -35,7 +36,7 @@ pub use ops::OPENAPI;
 use state::{ActivePolicy, AppState, Config};
 
 /// Every route: method and path. The OpenAPI document must describe each (tested).
-pub const ROUTES: [(&str, &str); 34] = [
+pub const ROUTES: [(&str, &str); 35] = [
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -70,6 +71,7 @@ pub const ROUTES: [(&str, &str); 34] = [
     ("post", "/api/v1/dlq/{id}/discard"),
     ("post", "/api/v1/safety/evaluate"),
     ("get", "/api/v1/reports/idempotency"),
+    ("post", "/api/v1/plans"),
 ];
 
 /// What one process serves.
@@ -121,6 +123,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/openapi.json", get(ops::openapi))
         .route("/api/v1/jobs", post(gate_a::submit).get(jobs::list))
         .route("/api/v1/jobs/{id}", get(jobs::get))
+        .route("/api/v1/plans", post(plans::submit))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/api/v1/reports/idempotency", get(jobs::idempotency_report))
         .route("/api/v1/approvals", get(approvals::list))

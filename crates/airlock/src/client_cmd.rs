@@ -653,9 +653,7 @@ pub fn submit_plan(connection: &Connection, params: &[(&str, Option<String>)], p
             Payload::Text { text: plan_json, content_type: "application/json" },
         )?;
         if client.format == Format::Human {
-            let decision = field(&reply.body, "decision");
-            let changes = field(if decision.is_object() { decision } else { &reply.body }, "changes");
-            let rows: Vec<Vec<String>> = changes
+            let rows: Vec<Vec<String>> = field(&reply.body, "changes")
                 .as_array()
                 .map(|all| {
                     all.iter()
