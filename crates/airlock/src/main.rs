@@ -10,6 +10,7 @@ mod plan_cmd;
 mod policy_cmd;
 mod raw_jetstream;
 mod serve_cmd;
+mod terraform_apply;
 mod worker_cmd;
 
 use std::process::ExitCode;
