@@ -183,13 +183,24 @@ struct Server {
 
 impl Server {
     fn start(name: &str) -> Self {
+        Self::start_with(name, None)
+    }
+
+    /// With a config file of this text when given.
+    fn start_with(name: &str, config: Option<&str>) -> Self {
         let dir = support::temp_dir(name);
         let log = std::fs::File::create(dir.join("serve.log")).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_airlock"));
+        command
             .args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(dir.join("data"))
             .arg("--policy")
-            .arg(policy_path())
+            .arg(policy_path());
+        if let Some(config) = config {
+            std::fs::write(dir.join("config.yaml"), config).unwrap();
+            command.arg("--config").arg(dir.join("config.yaml"));
+        }
+        let mut child = command
             .env("AIRLOCK_ADMIN_KEY", ADMIN)
             .env("RUST_LOG", "debug")
             .stdout(Stdio::piped())
@@ -283,6 +294,11 @@ fn worker(server: &Server, key: &str, dir: &Path, bin: &Path) -> support::Proces
         .spawn()
         .unwrap();
     support::Process(child)
+}
+
+fn signal(process: &support::Process, name: &str) {
+    let sent = Command::new("kill").arg(format!("-{name}")).arg(process.0.id().to_string()).status().unwrap();
+    assert!(sent.success(), "kill -{name}");
 }
 
 fn applies(dir: &Path) -> Vec<String> {
@@ -514,4 +530,87 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     files
+}
+
+#[test]
+fn a_plan_applied_whose_report_was_lost_is_not_applied_again_on_retry() {
+    // One-second leases: a worker stopped for longer loses its lease and the job is retried.
+    let server = Server::start_with("tf-once", Some("leases: { lease_ms: 1000, heartbeat_ms: 300 }\n"));
+    let (agent, runner) = (server.key("agent", &["submitter"]), server.key("runner", &["worker"]));
+    let work = server.dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("tfplan"), b"an allowed plan").unwrap();
+    // A stand-in whose apply takes a while, so the worker can be stopped while it runs.
+    let bin = server.dir.join("slow-terraform");
+    std::fs::write(
+        &bin,
+        "#!/bin/sh\nfor plan; do :; done\necho \"$(sha256sum \"$plan\" | cut -d' ' -f1) $*\" >> applied.log\nsleep 1\necho 'Apply complete!'\n",
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&bin).status().unwrap();
+    let plan = corpus("terraform-compliance-cli__test_multiple_failures__plan.out.json");
+    let plan_file = work.join("tfplan");
+    let (code, submitted) =
+        server.submit(&agent, &plan, &["--env", "staging", "--plan-file", plan_file.to_str().unwrap()]);
+    assert_eq!((code, &submitted["state"]), (0, &json!("queued")), "{submitted}");
+    let id = submitted["job_id"].as_str().unwrap();
+
+    let worker = worker(&server, &runner, &work, &bin);
+    let started = Instant::now();
+    while applies(&work).is_empty() {
+        assert!(started.elapsed() < PATIENCE, "the plan was never applied");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The apply runs on; the worker is frozen until its lease has lapsed and the job is queued
+    // again, so its report of the finished apply is refused.
+    signal(&worker, "STOP");
+    server.wait_for(id, &agent, "queued");
+    signal(&worker, "CONT");
+    let done = server.wait_for(id, &agent, "succeeded");
+    assert_eq!(done["attempts"]["execution"], 2, "the job was retried: {done:#}");
+    assert_eq!(
+        applies(&work).len(),
+        1,
+        "the retry took the result from the effect ledger, not a second apply"
+    );
+    assert_eq!(done["result"]["applied"], true, "{done:#}");
+    let ledger = std::fs::read_to_string(work.join(".airlock-apply-ledger.jsonl")).unwrap();
+    assert!(ledger.contains("plan:sha256:"), "recorded under the plan's idempotency key: {ledger}");
+    std::fs::remove_dir_all(&server.dir).unwrap();
+}
+
+#[test]
+fn the_api_refuses_what_is_not_a_plan_and_stores_nothing() {
+    let server = Server::start("tf-api-bad");
+    let agent = server.key("agent", &["submitter"]);
+    let plan = std::fs::read_to_string(corpus("checkov__plan_with_iam_policies__tfplan.json")).unwrap();
+    let bad = [
+        ("/api/v1/plans?env=production", "terraform {\n}\n".to_owned(), 400, "invalid_plan"),
+        ("/api/v1/plans?env=production", plan[..plan.len() / 3].to_owned(), 400, "invalid_plan"),
+        ("/api/v1/plans", plan.clone(), 400, "invalid_request"),
+        ("/api/v1/plans?env=production&plan_hash=md5:abc", plan.clone(), 400, "invalid_request"),
+        ("/api/v1/plans?env=production&plan_file=../tfplan", plan.clone(), 400, "invalid_request"),
+        ("/api/v1/plans?env=production&color=red", plan.clone(), 400, "invalid_request"),
+    ];
+    for (path, body, status, code) in bad {
+        let (got, reply) = support::post(&server.addr, path, &agent, body);
+        assert_eq!((got, reply["error"].as_str().unwrap()), (status, code), "{path}: {reply}");
+    }
+    let (_, jobs) = support::get(&server.addr, "/api/v1/jobs", &agent);
+    assert_eq!(jobs["jobs"], json!([]), "nothing was stored");
+    // Over the 1 MiB of a job body, under the 32 MiB of a plan; unknown keys are ignored.
+    let mut padded: Value = serde_json::from_str(&plan).unwrap();
+    padded["padding"] = json!("x".repeat(2 * 1024 * 1024));
+    let (status, reply) = support::post(&server.addr, "/api/v1/plans?env=production", &agent, padded);
+    assert_eq!((status, reply["error"].as_str()), (403, Some("policy_denied")), "{reply}");
+    assert_eq!(reply["change_counts"], json!({"allow": 2, "deny": 3, "require_human": 2}), "{reply}");
+    let (status, reply) = support::post(
+        &server.addr,
+        "/api/v1/jobs",
+        &agent,
+        json!({"topic": "tf.plan.apply", "env": "production"}),
+    );
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply["message"].as_str().unwrap().contains("/api/v1/plans"), "{reply}");
+    std::fs::remove_dir_all(&server.dir).unwrap();
 }
