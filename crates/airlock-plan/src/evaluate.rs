@@ -134,6 +134,31 @@ pub fn evaluate(policy: &Policy, job: &Job) -> PlanEvaluation {
     })
 }
 
+/// Any job's decision: a plan job's over its changes (with each change's), any other job's
+/// by the policy alone. What every gate, approval check and dry run asks.
+pub fn evaluate_any(policy: &Policy, job: &Job) -> (Evaluation, Option<PlanEvaluation>) {
+    if is_plan_job(job) {
+        let plan = evaluate(policy, job);
+        (plan.evaluation.clone(), Some(plan))
+    } else {
+        (policy.evaluate(job), None)
+    }
+}
+
+/// [`evaluate_any`] under a deadline: `None` once `time_left` answers `false`.
+pub fn evaluate_any_within(
+    policy: &Policy,
+    job: &Job,
+    time_left: &mut dyn FnMut() -> bool,
+) -> Option<(Evaluation, Option<PlanEvaluation>)> {
+    if is_plan_job(job) {
+        let plan = evaluate_within(policy, job, time_left)?;
+        Some((plan.evaluation.clone(), Some(plan)))
+    } else {
+        policy.evaluate_within(job, time_left).map(|e| (e, None))
+    }
+}
+
 /// [`evaluate`] under one deadline for the whole plan: `None` once `time_left` answers `false`.
 pub fn evaluate_within(
     policy: &Policy,

@@ -309,21 +309,6 @@ impl Checked {
     }
 }
 
-/// One evaluation of `job` under `policy` within `time_left`: a plan job is decided per
-/// change, any other job by the policy alone. `None` when the time ran out.
-pub fn evaluate_within(
-    policy: &Policy,
-    job: &Job,
-    time_left: &mut dyn FnMut() -> bool,
-) -> Option<(Evaluation, Option<airlock_plan::PlanEvaluation>)> {
-    if airlock_plan::is_plan_job(job) {
-        let plan = airlock_plan::evaluate_within(policy, job, time_left)?;
-        Some((plan.evaluation.clone(), Some(plan)))
-    } else {
-        policy.evaluate_within(job, time_left).map(|e| (e, None))
-    }
-}
-
 impl Safety {
     /// A safety check starting with `active`, in this process or, with `remote`, in the
     /// safety service.
@@ -381,8 +366,10 @@ impl Safety {
             let (evaluation, plan) = match &self.remote {
                 // Evaluation is synchronous, so the timeout around this future could not stop
                 // it: the engine asks this deadline as it goes and gives up past it.
-                None => evaluate_within(&active.policy, job, &mut || started.elapsed() < timeout)
-                    .ok_or(SafetyError::Timeout(timeout))?,
+                None => airlock_plan::evaluate_any_within(&active.policy, job, &mut || {
+                    started.elapsed() < timeout
+                })
+                .ok_or(SafetyError::Timeout(timeout))?,
                 Some(remote) => (remote.evaluate(job, active.version, &active.policy).await?, None),
             };
             Ok(Checked { active, evaluation, plan, elapsed: started.elapsed() })
