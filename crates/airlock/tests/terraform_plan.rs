@@ -297,7 +297,7 @@ fn worker(server: &Server, key: &str, dir: &Path, bin: &Path) -> support::Proces
 }
 
 fn signal(process: &support::Process, name: &str) {
-    let sent = Command::new("kill").arg(format!("-{name}")).arg(process.0.id().to_string()).status().unwrap();
+    let sent = Command::new("sh").arg("-c").arg(format!("kill -{name} {}", process.0.id())).status().unwrap();
     assert!(sent.success(), "kill -{name}");
 }
 
