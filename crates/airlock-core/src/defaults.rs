@@ -36,6 +36,9 @@ pub const IDEMPOTENCY_RETENTION_MS: Millis = 30 * 24 * 3600 * 1000;
 pub const REQUEST_BODY_BYTES_MAX: usize = 1024 * 1024;
 /// Largest policy accepted by `POST /api/v1/policy/publish`, in bytes.
 pub const POLICY_BODY_BYTES_MAX: usize = airlock_policy::limits::POLICY_BYTES_MAX;
+/// Largest Terraform plan JSON accepted by `POST /api/v1/plans`, in bytes (plans of
+/// thousands of resources run to megabytes).
+pub const PLAN_BODY_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// Largest page of a list endpoint.
 pub const PAGE_SIZE_MAX: u32 = 500;
 /// Page size when the client names none.

@@ -13,12 +13,15 @@ use crate::limits::{
     APPROVALS_MAX, CONDITION_DEPTH_MAX, POLICY_BYTES_MAX, REGEX_SIZE_MAX, RULES_MAX,
     THROTTLE_DEFAULT_PER_SECS, THROTTLE_DEFAULT_RATE, THROTTLE_PER_MAX_SECS,
 };
-use crate::model::{Cond, Decision, Field, Limit, LimitKey, Literal, Mode, RiskClass, Rule, Test};
+use crate::model::{
+    Cond, Decision, Field, Limit, LimitKey, Literal, Mode, RiskClass, Rule, TerraformTopic, Test,
+};
 use crate::path::Path;
 use crate::policy::Policy;
 use crate::yaml::{self, Key, Kind, Node};
 
-const TOP_KEYS: [&str; 4] = ["version", "defaults", "risk", "rules"];
+const TOP_KEYS: [&str; 5] = ["version", "defaults", "risk", "rules", "terraform"];
+const TERRAFORM_KEYS: [&str; 1] = ["topics"];
 const DEFAULTS_KEYS: [&str; 2] = ["decision", "reason"];
 const RULE_KEYS: [&str; 7] = ["id", "when", "decision", "reason", "mode", "limit", "approvals"];
 const LIMIT_KEYS: [&str; 4] = ["rate", "per", "burst", "key"];
@@ -83,13 +86,15 @@ struct Parts {
     default_reason: Option<String>,
     risk: Vec<RiskClass>,
     rules: Vec<Rule>,
+    terraform: Vec<TerraformTopic>,
     /// Each rule's canonical bytes, in rule order.
     canonical_rules: Vec<Vec<u8>>,
 }
 
 impl Parts {
-    /// Hashes the canonical form `{"defaults", "risk", "rules", "version"}` (keys in RFC 8785
-    /// order) by streaming each rule's canonical bytes into the digest, so that a large policy
+    /// Hashes the canonical form `{"defaults", "risk", "rules", "terraform"?, "version"}` (keys
+    /// in RFC 8785 order; `terraform` only when the policy maps resource types, so that older
+    /// policies keep their hash) by streaming each rule's canonical bytes into the digest, so that a large policy
     /// is never held as one JSON tree.
     fn into_policy(self) -> Policy {
         use sha2::{Digest, Sha256};
@@ -111,9 +116,16 @@ impl Parts {
             }
             digest.update(bytes);
         }
-        digest.update(b"],\"version\":\"v1\"}");
+        digest.update(b"]");
+        if !self.terraform.is_empty() {
+            let topics: Vec<Value> =
+                self.terraform.iter().map(|t| json!([t.pattern.as_str(), t.topic])).collect();
+            digest.update(b",\"terraform\":");
+            digest.update(jcs::to_vec(&json!({"topics": topics})));
+        }
+        digest.update(b",\"version\":\"v1\"}");
         let hash = tagged(&digest.finalize());
-        Policy::new(self.default, self.default_reason, self.risk, self.rules, hash)
+        Policy::new(self.default, self.default_reason, self.risk, self.rules, self.terraform, hash)
     }
 }
 
@@ -198,11 +210,13 @@ impl Compiler {
             None => Vec::new(),
             Some(node) => self.rules(node),
         };
+        let terraform = get(entries, "terraform").map(|n| self.terraform(n)).unwrap_or_default();
         Some(Parts {
             default,
             default_reason,
             risk,
             rules,
+            terraform,
             canonical_rules: std::mem::take(&mut self.canonical_rules),
         })
     }
@@ -245,6 +259,47 @@ impl Compiler {
             classes.push(RiskClass { name: key.text.clone(), topics });
         }
         classes
+    }
+
+    /// `terraform: {topics: {PATTERN: TOPIC}}`: which topic a Terraform resource change is
+    /// evaluated under. A pattern without a dot is a glob over the resource type and its topic
+    /// gets the action appended (`aws_security_group: infra.security_group` gives
+    /// `infra.security_group.update`); a pattern with a dot is matched against `TYPE.ACTION`
+    /// and names the whole topic. The first matching pattern in file order wins.
+    fn terraform(&mut self, node: &Node) -> Vec<TerraformTopic> {
+        let Some(entries) = self.map(node, "`terraform`") else {
+            return Vec::new();
+        };
+        self.unknown_keys(entries, &TERRAFORM_KEYS, "`terraform`");
+        let Some(topics) = get(entries, "topics") else {
+            return Vec::new();
+        };
+        let Some(topics) = self.map(topics, "`terraform.topics`") else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (key, value) in topics {
+            let pattern = self.glob(key.span, &key.text);
+            let topic = self.string(value, &format!("the topic of `{}`", key.text)).filter(|t| {
+                let ok = !t.is_empty()
+                    && t.split('.').all(|s| {
+                        !s.is_empty()
+                            && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+                    });
+                if !ok {
+                    self.error_help(
+                        value.span,
+                        format!("`{t}` is not a topic"),
+                        "write dotted segments of letters, digits, `_` and `-`, e.g. `infra.security_group`",
+                    );
+                }
+                ok
+            });
+            if let (Some(pattern), Some(topic)) = (pattern, topic) {
+                out.push(TerraformTopic { whole: key.text.contains('.'), pattern, topic });
+            }
+        }
+        out
     }
 
     fn string_list(&mut self, node: &Node, what: &str) -> Vec<(Span, String)> {

@@ -21,5 +21,5 @@ pub use compile::compile;
 pub use diag::{Diagnostic, Severity, Span};
 pub use eval::EvalError;
 pub use job::{FieldError, Job};
-pub use model::{Decision, Limit, LimitKey, Mode, Rule};
+pub use model::{Decision, Limit, LimitKey, Mode, Rule, TerraformTopic};
 pub use policy::{Evaluation, Explanation, Policy, RuleIdx, Verdict};

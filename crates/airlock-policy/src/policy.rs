@@ -6,7 +6,7 @@ use rustc_hash::FxHashMap;
 use crate::eval::{self, Ctx, EvalError};
 use crate::glob::Glob;
 use crate::job::Job;
-use crate::model::{Cond, Decision, Field, Mode, RiskClass, Rule, Test};
+use crate::model::{Cond, Decision, Field, Mode, RiskClass, Rule, TerraformTopic, Test};
 
 /// A compiled policy: immutable, hashed, indexed.
 #[derive(Debug)]
@@ -15,6 +15,7 @@ pub struct Policy {
     default_reason: Option<String>,
     risk: Vec<RiskClass>,
     rules: Vec<Rule>,
+    terraform: Vec<TerraformTopic>,
     index: Index,
     hash: String,
 }
@@ -63,10 +64,28 @@ impl Policy {
         default_reason: Option<String>,
         risk: Vec<RiskClass>,
         rules: Vec<Rule>,
+        terraform: Vec<TerraformTopic>,
         hash: String,
     ) -> Self {
         let index = Index::build(&rules);
-        Self { default, default_reason, risk, rules, index, hash }
+        Self { default, default_reason, risk, rules, terraform, index, hash }
+    }
+
+    /// The topic a Terraform change of `resource_type` with `action` (`create`, `update`,
+    /// `delete`, `replace`, ...) is evaluated under: the first `terraform.topics` entry that
+    /// matches, else `tf.<type>.<action>`.
+    pub fn terraform_topic(&self, resource_type: &str, action: &str) -> String {
+        let whole = format!("{resource_type}.{action}");
+        for entry in &self.terraform {
+            if entry.whole {
+                if entry.pattern.matches(&whole) {
+                    return entry.topic.clone();
+                }
+            } else if entry.pattern.matches(resource_type) {
+                return format!("{}.{action}", entry.topic);
+            }
+        }
+        format!("tf.{whole}")
     }
 
     /// The snapshot hash: `sha256:` + hex of the canonical form.

@@ -126,11 +126,11 @@ async fn load(
 
 fn current_decision(state: &AppState, job: &JobRecord) -> Value {
     let active = state.safety().active();
-    let evaluation = active.policy.evaluate(&job.to_policy_job());
+    let (evaluation, plan) = airlock_plan::evaluate_any(&active.policy, &job.to_policy_job());
     json!({
         "decision": evaluation.decision.as_str(),
         "rule_ids": active.policy.ids(&evaluation.deciding),
-        "reason": active.policy.reason(&evaluation),
+        "reason": plan.map_or_else(|| active.policy.reason(&evaluation), |p| p.reason(&active.policy)),
         "snapshot": active.policy.hash(),
     })
 }
@@ -396,7 +396,7 @@ async fn refuse_stale(
     }
     state.metrics().inc("airlock_approvals_stale_total", &[]);
     let active = state.safety().active();
-    let evaluation = active.policy.evaluate(&job.to_policy_job());
+    let (evaluation, _) = airlock_plan::evaluate_any(&active.policy, &job.to_policy_job());
     let replacement = ApprovalRecord {
         id: ApprovalId::generate(now, random_bytes()?),
         tenant: caller.tenant.clone(),

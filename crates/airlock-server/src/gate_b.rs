@@ -246,7 +246,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
                     .into_iter()
                     .map(str::to_owned)
                     .collect(),
-                reason: c.active.policy.reason(&c.evaluation),
+                reason: c.reason(),
                 snapshot_hash: c.active.policy.hash().to_owned(),
                 snapshot_version: c.active.version,
                 at: now,
@@ -276,6 +276,9 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
         "fail_mode": fail_mode_name(fail_mode),
         "scheduling_attempts": job.dispatch.scheduling_attempts,
     });
+    if let Some(c) = &decided {
+        merge(&mut data, c.plan_fields());
+    }
     let action = match action {
         Action::Lease { budgets, bypassed } => {
             if bypassed {
@@ -394,6 +397,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
                 "labels": leased.labels,
                 "payload": leased.payload,
                 "job_hash": leased.job_hash,
+                "plan_hash": leased.plan_hash,
                 "gate_b": wire::decision(&gate),
             })))
         }

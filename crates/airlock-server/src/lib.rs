@@ -13,6 +13,7 @@ pub mod keys;
 pub mod metrics;
 mod ops;
 mod overview;
+mod plans;
 mod policy_api;
 pub mod relay;
 pub mod remote_safety;
@@ -36,7 +37,7 @@ pub use ops::OPENAPI;
 use state::{ActivePolicy, AppState, Config};
 
 /// Every route: method and path. The OpenAPI document must describe each (tested).
-pub const ROUTES: [(&str, &str); 37] = [
+pub const ROUTES: [(&str, &str); 38] = [
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -74,6 +75,7 @@ pub const ROUTES: [(&str, &str); 37] = [
     ("get", "/api/v1/overview"),
     ("get", "/api/v1/approvals/summary"),
     ("get", "/api/v1/policy/snapshots/{version}"),
+    ("post", "/api/v1/plans"),
 ];
 
 /// What one process serves.
@@ -125,6 +127,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/openapi.json", get(ops::openapi))
         .route("/api/v1/jobs", post(gate_a::submit).get(jobs::list))
         .route("/api/v1/jobs/{id}", get(jobs::get))
+        .route("/api/v1/plans", post(plans::submit))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/api/v1/reports/idempotency", get(jobs::idempotency_report))
         .route("/api/v1/overview", get(overview::overview))

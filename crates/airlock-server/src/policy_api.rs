@@ -157,7 +157,7 @@ pub async fn simulate(
     let map = question(&caller, body).await?;
     let policy = candidate(&state, &map)?;
     let job = job_of(&caller, &map)?;
-    Ok(Json(wire::evaluation(&policy.policy, &job, &policy.policy.evaluate(&job))))
+    Ok(Json(wire::evaluation(&policy.policy, &job, &airlock_plan::evaluate_any(&policy.policy, &job).0)))
 }
 
 /// `POST /api/v1/policy/explain`: like simulate, with every rule's verdict.
@@ -219,8 +219,8 @@ pub async fn diff(
         let page = state.store().jobs(&caller.tenant, &filter).await?;
         for record in &page {
             let job = record.to_policy_job();
-            let before = active.policy.evaluate(&job);
-            let after = candidate.evaluate(&job);
+            let before = airlock_plan::evaluate_any(&active.policy, &job).0;
+            let after = airlock_plan::evaluate_any(&candidate, &job).0;
             let (before_ids, after_ids) =
                 (active.policy.ids(&before.deciding), candidate.ids(&after.deciding));
             if before.decision != after.decision || before_ids != after_ids {

@@ -279,8 +279,34 @@ pub struct Checked {
     pub active: Arc<ActivePolicy>,
     /// The decision.
     pub evaluation: Evaluation,
+    /// For a plan job decided in this process: every change's decision (`evaluation` is their
+    /// most restrictive).
+    pub plan: Option<airlock_plan::PlanEvaluation>,
     /// How long the evaluation took.
     pub elapsed: Duration,
+}
+
+impl Checked {
+    /// Why, for humans: the deciding rule's reason, or for a plan job the summary over its
+    /// changes.
+    pub fn reason(&self) -> String {
+        match &self.plan {
+            Some(plan) => plan.reason(&self.active.policy),
+            None => self.active.policy.reason(&self.evaluation),
+        }
+    }
+
+    /// The audit and answer fields of a plan job's decision: each change's decision and the
+    /// count per decision. Nothing for other jobs.
+    pub fn plan_fields(&self) -> serde_json::Value {
+        match &self.plan {
+            Some(plan) => serde_json::json!({
+                "changes": plan.changes_json(&self.active.policy),
+                "change_counts": plan.counts(),
+            }),
+            None => serde_json::json!({}),
+        }
+    }
 }
 
 impl Safety {
@@ -337,16 +363,16 @@ impl Safety {
                 None => {}
             }
             let started = Instant::now();
-            let evaluation = match &self.remote {
+            let (evaluation, plan) = match &self.remote {
                 // Evaluation is synchronous, so the timeout around this future could not stop
                 // it: the engine asks this deadline as it goes and gives up past it.
-                None => active
-                    .policy
-                    .evaluate_within(job, &mut || started.elapsed() < timeout)
-                    .ok_or(SafetyError::Timeout(timeout))?,
-                Some(remote) => remote.evaluate(job, active.version, &active.policy).await?,
+                None => airlock_plan::evaluate_any_within(&active.policy, job, &mut || {
+                    started.elapsed() < timeout
+                })
+                .ok_or(SafetyError::Timeout(timeout))?,
+                Some(remote) => (remote.evaluate(job, active.version, &active.policy).await?, None),
             };
-            Ok(Checked { active, evaluation, elapsed: started.elapsed() })
+            Ok(Checked { active, evaluation, plan, elapsed: started.elapsed() })
         };
         tokio::time::timeout(timeout, evaluate).await.map_err(|_| SafetyError::Timeout(timeout))?
     }

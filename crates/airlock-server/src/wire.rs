@@ -136,7 +136,7 @@ pub fn job(j: &JobRecord, history: &[Transition], audit: &[Record]) -> Value {
         .filter_map(|r| {
             let (_, gate) = DECISION_KINDS.iter().find(|(kind, _)| *kind == r.draft.kind)?;
             let data = &r.draft.data;
-            Some(json!({
+            let mut decision = json!({
                 "gate": gate,
                 "decision": data.get("decision").cloned().unwrap_or(json!("allow")),
                 "outcome": data.get("outcome"),
@@ -147,9 +147,18 @@ pub fn job(j: &JobRecord, history: &[Transition], audit: &[Record]) -> Value {
                 "bypassed": data.get("gate_a_bypassed").or_else(|| data.get("gate_b_bypassed")),
                 "at": r.draft.at,
                 "audit_seq": r.seq,
-            }))
+            });
+            // A plan job's decision carries each change's (see `airlock_plan`).
+            if let (Some(changes), Some(o)) = (data.get("changes"), decision.as_object_mut()) {
+                o.insert("changes".into(), changes.clone());
+                o.insert("change_counts".into(), data.get("change_counts").cloned().unwrap_or(Value::Null));
+            }
+            Some(decision)
         })
         .collect();
+    // The changes as the latest gate decided them; null for jobs that are not plans.
+    let plan_changes =
+        gate_decisions.iter().rev().find_map(|g| g.get("changes")).cloned().unwrap_or(Value::Null);
     json!({
         "job_id": j.id.as_str(),
         "tenant": j.tenant.as_str(),
@@ -159,6 +168,7 @@ pub fn job(j: &JobRecord, history: &[Transition], audit: &[Record]) -> Value {
         "labels": j.labels,
         "payload": j.payload,
         "plan_hash": j.plan_hash,
+        "plan_changes": plan_changes,
         "idempotency_key": j.idempotency_key,
         "job_hash": j.job_hash,
         "state": j.state.as_str(),

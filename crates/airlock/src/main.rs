@@ -7,9 +7,11 @@ mod config;
 mod console_bench;
 mod demo_cmd;
 mod inproc;
+mod plan_cmd;
 mod policy_cmd;
 mod raw_jetstream;
 mod serve_cmd;
+mod terraform_apply;
 mod worker_cmd;
 
 use std::process::ExitCode;
@@ -56,6 +58,9 @@ enum Command {
     Bench(bench_cmd::BenchCommand),
     /// Run a command per job for a worker pool (job JSON on stdin, result on stdout).
     Worker(worker_cmd::WorkerArgs),
+    /// Terraform/OpenTofu plans: check offline (CI), test cases, submit as one plan job.
+    #[command(subcommand)]
+    Plan(plan_cmd::PlanCommand),
 }
 
 /// How results are printed.
@@ -90,5 +95,6 @@ fn main() -> ExitCode {
         Command::Audit(command) => audit_cmd::run(command),
         Command::Bench(command) => bench_cmd::run(command),
         Command::Worker(args) => worker_cmd::run(args),
+        Command::Plan(command) => plan_cmd::run(command),
     }
 }
