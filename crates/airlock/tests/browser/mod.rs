@@ -26,8 +26,8 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 pub const TAB: &str = "\u{E004}";
 pub const ENTER: &str = "\u{E007}";
 
-/// Where `.ci/run` installs axe-core (`AIRLOCK_AXE_JS` overrides).
-const AXE_DEFAULT: &str = "/root/.cache/airlock/npm-console/node_modules/axe-core/axe.min.js";
+/// Where `.ci/run` installs axe-core, under `$HOME` (`AIRLOCK_AXE_JS` overrides).
+const AXE_UNDER_HOME: &str = ".cache/airlock/npm-console/node_modules/axe-core/axe.min.js";
 
 /// The two viewport sizes every page is checked and photographed at.
 pub const VIEWPORTS: [(u32, u32, &str); 2] = [(1280, 800, "desktop"), (390, 844, "mobile")];
@@ -279,7 +279,9 @@ impl Browser {
 
     /// Injects axe-core and fails on any serious or critical violation of the page.
     pub fn axe(&self, page: &str) {
-        let source = std::fs::read_to_string(tool("axe-core", "AIRLOCK_AXE_JS", AXE_DEFAULT)).unwrap();
+        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+        let default = format!("{home}/{AXE_UNDER_HOME}");
+        let source = std::fs::read_to_string(tool("axe-core", "AIRLOCK_AXE_JS", &default)).unwrap();
         let defined = self.exec("return typeof window.axe", json!([]));
         if defined != json!("object") {
             self.exec(&format!("{source}\n;window.axe = axe; return true;"), json!([]));
