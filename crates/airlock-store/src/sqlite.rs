@@ -545,6 +545,28 @@ fn snapshot_from_row(row: &Row<'_>) -> Result<SnapshotRecord, StoreError> {
     })
 }
 
+/// The first audit sequence number of `tenant` stamped at or after `since`, by binary search
+/// over the chain (records are appended in time order, within [`crate::AUDIT_ORDER_SLACK_MS`]):
+/// counting a recent window then reads that window, not the whole history.
+fn first_seq_since(conn: &Connection, tenant: &str, since: Millis) -> rusqlite::Result<i64> {
+    let max: Option<i64> = conn
+        .prepare_cached("SELECT MAX(seq) FROM audit WHERE tenant = ?1")?
+        .query_row(params![tenant], |r| r.get(0))?;
+    let mut next = conn
+        .prepare_cached("SELECT seq, at FROM audit WHERE tenant = ?1 AND seq >= ?2 ORDER BY seq LIMIT 1")?;
+    let (mut lo, mut hi) = (0, max.unwrap_or(0) + 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let found: Option<(i64, i64)> =
+            next.query_row(params![tenant, mid], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        match found {
+            Some((seq, at)) if at < since => lo = seq + 1,
+            _ => hi = mid,
+        }
+    }
+    Ok(lo)
+}
+
 fn collect<T>(
     conn: &Connection,
     sql: &str,
@@ -1243,11 +1265,13 @@ impl Store for SqliteStore {
                 )?
                 .query_row(params![tenant], |r| r.get(0))?;
             let [gate_a, gate_b] = crate::FAIL_OPEN_MARKS;
+            let from = first_seq_since(conn, &tenant, since - crate::AUDIT_ORDER_SLACK_MS)?;
             let fail_open: (Option<i64>, Option<i64>) = conn
                 .prepare_cached(
-                    "SELECT SUM(data LIKE ?3), SUM(data LIKE ?4) FROM audit WHERE tenant = ?1 AND at >= ?2",
+                    "SELECT SUM(data LIKE ?4), SUM(data LIKE ?5) FROM audit
+                     WHERE tenant = ?1 AND seq >= ?2 AND at >= ?3",
                 )?
-                .query_row(params![tenant, since, gate_a, gate_b], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                .query_row(params![tenant, from, since, gate_a, gate_b], |r| Ok((r.get(0)?, r.get(1)?)))?;
             let fail_open = [fail_open.0, fail_open.1].map(|n| n.unwrap_or(0).unsigned_abs());
             Ok(TenantOverview {
                 jobs: jobs.into_iter().collect(),
