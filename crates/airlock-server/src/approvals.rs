@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use airlock_core::Millis;
 use airlock_core::approval::{self, Request, Stale, Status, Vote, VoteError};
-use airlock_core::audit::Draft;
+use airlock_core::audit::{Draft, Kind};
 use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
 use airlock_core::ids::ApprovalId;
 use airlock_core::role::Role;
@@ -237,18 +237,12 @@ fn change(caller: &Caller, record: &ApprovalRecord, request: Request, now: Milli
     }
 }
 
-fn draft(caller: &Caller, record: &ApprovalRecord, now: Millis, kind: &str, data: Value) -> Draft {
+fn draft(caller: &Caller, record: &ApprovalRecord, now: Millis, kind: Kind, data: Value) -> Draft {
     let mut full = json!({"job_id": record.job_id.as_str()});
     if let (Value::Object(full), Value::Object(data)) = (&mut full, data) {
         full.extend(data);
     }
-    Draft {
-        at: now,
-        kind: kind.into(),
-        subject: record.id.to_string(),
-        actor: caller.principal.clone(),
-        data: full,
-    }
+    Draft { at: now, kind, subject: record.id.to_string(), actor: caller.principal.clone(), data: full }
 }
 
 async fn attempt(
@@ -325,7 +319,7 @@ async fn attempt(
                             caller,
                             record,
                             now,
-                            "approval.approved",
+                            Kind::ApprovalApproved,
                             json!({"approvers": request.approvers}),
                         ));
                         0
@@ -335,7 +329,7 @@ async fn attempt(
                             caller,
                             record,
                             now,
-                            "approval.vote",
+                            Kind::ApprovalVote,
                             json!({"remaining": remaining}),
                         ));
                         remaining
@@ -357,7 +351,7 @@ async fn attempt(
             Decide::Reject { comment } => comment.as_deref(),
             Decide::Approve => None,
         };
-        c.audit.push(draft(caller, record, now, "approval.rejected", json!({"comment": comment})));
+        c.audit.push(draft(caller, record, now, Kind::ApprovalRejected, json!({"comment": comment})));
         json!({})
     };
     let queued = c.job_event == Some(Event::Approved);
@@ -389,7 +383,7 @@ async fn refuse_stale(
             change(caller, record, Request { status: Status::Expired, ..record.request.clone() }, now);
         c.job_event = Some(Event::ApprovalExpired);
         c.actor = "system".into();
-        let mut expired = draft(caller, record, now, "approval.expired", json!({}));
+        let mut expired = draft(caller, record, now, Kind::ApprovalExpired, json!({}));
         expired.actor = "system".into();
         c.audit.push(expired);
         state.store().change_approval(c).await?;
@@ -424,7 +418,7 @@ async fn refuse_stale(
         caller,
         record,
         now,
-        "approval.stale",
+        Kind::ApprovalStale,
         json!({
             "reason": stale.to_string(),
             "replaced_by": replacement.id.as_str(),
@@ -458,7 +452,7 @@ pub async fn expire_due(state: &AppState, now: Millis) -> Result<usize, StoreErr
             replacement: None,
             audit: vec![Draft {
                 at: now,
-                kind: "approval.expired".into(),
+                kind: Kind::ApprovalExpired,
                 subject: record.id.to_string(),
                 actor: "system".into(),
                 data: json!({"job_id": record.job_id.as_str()}),

@@ -3,7 +3,7 @@
 //! refusal or an unavailable safety check in closed mode writes nothing but an audit record.
 
 use airlock_core::approval::Request;
-use airlock_core::audit::Draft;
+use airlock_core::audit::{Draft, Kind};
 use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
 use airlock_core::ids::{ApprovalId, JobId};
 use airlock_core::role::Role;
@@ -80,7 +80,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &Job, job_hash: &str) ->
                         job,
                         job_hash,
                         now,
-                        "gate_a.unavailable",
+                        Kind::GateAUnavailable,
                         json!({
                             "outcome": "refused",
                             "fail_mode": "closed",
@@ -133,7 +133,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &Job, job_hash: &str) ->
         Decision::Deny => {
             let mut data = decision_data;
             merge(&mut data, json!({"outcome": "denied"}));
-            let draft = decision_draft(caller, job, job_hash, now, "gate_a.decision", data);
+            let draft = decision_draft(caller, job, job_hash, now, Kind::GateADecision, data);
             state.store().append_audit(&caller.tenant, draft, Some(gate.snapshot_version)).await?;
             Err(ApiError::new(StatusCode::FORBIDDEN, "policy_denied", gate.reason.clone())
                 .with("rule_ids", json!(gate.rule_ids))
@@ -244,10 +244,10 @@ fn record_evaluation(state: &AppState, checked: &Checked, topic: &str) {
     }
 }
 
-fn decision_draft(caller: &Caller, job: &Job, job_hash: &str, at: i64, kind: &str, data: Value) -> Draft {
+fn decision_draft(caller: &Caller, job: &Job, job_hash: &str, at: i64, kind: Kind, data: Value) -> Draft {
     let mut full = json!({"topic": job.topic, "env": job.env, "job_hash": job_hash});
     merge(&mut full, data);
-    Draft { at, kind: kind.into(), subject: "-".into(), actor: caller.principal.clone(), data: full }
+    Draft { at, kind, subject: "-".into(), actor: caller.principal.clone(), data: full }
 }
 
 async fn accept_bypassed(
@@ -345,7 +345,7 @@ async fn accept(
         budgets,
         audit: Draft {
             at: now,
-            kind: "job.submitted".into(),
+            kind: Kind::JobSubmitted,
             subject: id.to_string(),
             actor: caller.principal.clone(),
             data,

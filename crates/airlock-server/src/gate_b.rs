@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use airlock_core::Millis;
 use airlock_core::approval::{self, Request, Status};
-use airlock_core::audit::Draft;
+use airlock_core::audit::{Draft, Kind};
 use airlock_core::breaker::Admission;
 use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
 use airlock_core::dispatch::{
@@ -371,7 +371,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
         at: now,
         audit: Draft {
             at: now,
-            kind: "gate_b.decision".into(),
+            kind: Kind::GateBDecision,
             subject: job.id.to_string(),
             actor: caller.principal.clone(),
             data,
@@ -666,7 +666,7 @@ pub async fn park_unroutable(state: &AppState) -> Result<usize, airlock_store::S
                 );
                 let audit = Draft {
                     at: now,
-                    kind: "scheduler.no_worker".into(),
+                    kind: Kind::SchedulerNoWorker,
                     subject: job.id.to_string(),
                     actor: "system".into(),
                     data: json!({

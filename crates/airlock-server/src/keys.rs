@@ -2,7 +2,7 @@
 //! creation, and only its hash is stored. A platform admin manages every tenant's keys; a
 //! tenant admin only its own tenant's.
 
-use airlock_core::audit::Draft;
+use airlock_core::audit::{Draft, Kind};
 use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
 use airlock_core::ids::{KeyId, TenantId};
 use airlock_core::role::{Role, Roles};
@@ -145,7 +145,7 @@ pub async fn create_key_with_secret(
     };
     let draft = Draft {
         at: now,
-        kind: "key.created".into(),
+        kind: Kind::KeyCreated,
         subject: id.to_string(),
         actor: actor.to_owned(),
         data: json!({"name": record.name, "principal": record.principal(), "roles": record.roles.to_string()}),
@@ -189,7 +189,7 @@ pub async fn revoke(
     let now = now_ms();
     let draft = Draft {
         at: now,
-        kind: "key.revoked".into(),
+        kind: Kind::KeyRevoked,
         subject: id.to_string(),
         actor: caller.principal.clone(),
         data: json!({"name": key.name}),

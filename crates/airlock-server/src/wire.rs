@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use airlock_core::audit::Record;
+use airlock_core::audit::{Kind, Record};
 use airlock_store::{ApprovalRecord, GateDecision, JobRecord, KeyRecord, SnapshotRecord, Transition};
 use axum::body::{Body, Bytes};
 use axum::http::StatusCode;
@@ -124,8 +124,8 @@ pub fn job_summary(j: &JobRecord) -> Value {
 
 /// A job in full, with its history.
 /// Audit record kinds that carry a gate's decision on a job.
-const DECISION_KINDS: [(&str, &str); 3] =
-    [("job.submitted", "a"), ("gate_b.decision", "b"), ("gate_b.throttled", "b")];
+const DECISION_KINDS: [(Kind, &str); 3] =
+    [(Kind::JobSubmitted, "a"), (Kind::GateBDecision, "b"), (Kind::GateBThrottled, "b")];
 
 /// A job in full: its content, state, every gate decision (from its audit records), attempts,
 /// backoff, lease holder (never the token), result, last error and history.
@@ -239,7 +239,7 @@ pub fn audit_record(r: &Record) -> Value {
         "tenant": r.tenant,
         "seq": r.seq,
         "at": r.draft.at,
-        "kind": r.draft.kind,
+        "kind": r.draft.kind.as_str(),
         "subject": r.draft.subject,
         "actor": r.draft.actor,
         "data": r.draft.data,

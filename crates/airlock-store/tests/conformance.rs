@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 
 use airlock_core::approval::{Request, Status};
-use airlock_core::audit::{self, Draft};
+use airlock_core::audit::{self, Draft, Kind};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
 use airlock_core::role::{Role, Roles};
 use airlock_core::state::{Event, JobState};
@@ -127,10 +127,10 @@ fn tenant(name: &str) -> TenantId {
     name.parse().unwrap()
 }
 
-fn draft(kind: &str, subject: &str) -> Draft {
+fn draft(kind: Kind, subject: &str) -> Draft {
     Draft {
         at: 1,
-        kind: kind.into(),
+        kind,
         subject: subject.into(),
         actor: "tester".into(),
         data: json!({"outcome": "accepted"}),
@@ -173,7 +173,7 @@ fn submission(job: JobRecord) -> Submission {
         approval: None,
         idempotency: None,
         budgets: vec![],
-        audit: draft("job.submitted", &subject),
+        audit: draft(Kind::JobSubmitted, &subject),
         decided_under: None,
     }
 }
@@ -354,7 +354,7 @@ async fn approval_changes_are_optimistic_and_move_the_job() {
             request: approved,
             job_event: Some(Event::Approved),
             replacement: None,
-            audit: vec![draft("approval.approved", id.as_str())],
+            audit: vec![draft(Kind::ApprovalApproved, id.as_str())],
             at: 150,
             actor: "alice".into(),
             decided_under: None,
@@ -388,7 +388,7 @@ async fn approval_changes_are_optimistic_and_move_the_job() {
             action: DispatchAction::NeedsApproval { replacement: fresh.clone() },
             gate_b: Some(j.gate_a.clone()),
             at: 160,
-            audit: draft("gate_b.decision", j.id.as_str()),
+            audit: draft(Kind::GateBDecision, j.id.as_str()),
             decided_under: None,
         };
         let waiting = match store.dispatch(dispatch).await.unwrap() {
@@ -442,10 +442,10 @@ async fn keys_snapshots_and_durability(open: impl AsyncFn() -> Box<dyn Store>) {
     let j = job(&t, JobState::Queued, 9);
     {
         let store = open().await;
-        store.create_key(key.clone(), draft("key.created", key.id.as_str())).await.unwrap();
+        store.create_key(key.clone(), draft(Kind::KeyCreated, key.id.as_str())).await.unwrap();
         let duplicate = KeyRecord { id: KeyId::generate(2, random()), ..key.clone() };
         assert!(matches!(
-            store.create_key(duplicate, draft("key.created", "x")).await,
+            store.create_key(duplicate, draft(Kind::KeyCreated, "x")).await,
             Err(StoreError::Conflict(m)) if m.contains("ci-bot")
         ));
         let v1 = store.publish("sha256:one", "version: v1\n", None, 2, "admin").await.unwrap();
@@ -462,10 +462,10 @@ async fn keys_snapshots_and_durability(open: impl AsyncFn() -> Box<dyn Store>) {
     let all = store.snapshots().await.unwrap();
     assert_eq!(all.iter().map(|s| (s.version, s.active)).collect::<Vec<_>>(), [(2, true), (1, false)]);
     assert_eq!(store.job(&t, &j.id).await.unwrap().unwrap(), j);
-    let revoked = store.revoke_key(&key.id, 10, draft("key.revoked", key.id.as_str())).await.unwrap();
+    let revoked = store.revoke_key(&key.id, 10, draft(Kind::KeyRevoked, key.id.as_str())).await.unwrap();
     assert_eq!(revoked.revoked_at, Some(10));
     assert!(matches!(
-        store.revoke_key(&key.id, 11, draft("key.revoked", "x")).await,
+        store.revoke_key(&key.id, 11, draft(Kind::KeyRevoked, "x")).await,
         Err(StoreError::NotFound)
     ));
     assert_eq!(verify_chain(&*store, &t).await, Ok(3), "key created, job submitted, key revoked");
@@ -515,7 +515,7 @@ async fn concurrent_dispatches_and_finishes_succeed_or_fail_alone() {
             },
             gate_b: Some(j.gate_a.clone()),
             at: 200,
-            audit: draft("gate_b.decision", j.id.as_str()),
+            audit: draft(Kind::GateBDecision, j.id.as_str()),
             decided_under: None,
         };
         // Job 20 is dispatched twice at once (adjacent, so that a group commit would take both):
@@ -596,7 +596,7 @@ async fn leases_are_fenced_and_dead_letters_come_back() {
             },
             gate_b: Some(j.gate_a.clone()),
             at: 200,
-            audit: draft("gate_b.decision", j.id.as_str()),
+            audit: draft(Kind::GateBDecision, j.id.as_str()),
             decided_under: None,
         };
         // A Gate B budget that refuses requeues the job until it refills, uncounted.
@@ -765,7 +765,7 @@ async fn postgres_replicas_keep_one_chain_and_lease_once() {
                 },
                 gate_b: Some(j.gate_a.clone()),
                 at: 30_000,
-                audit: draft("gate_b.decision", j.id.as_str()),
+                audit: draft(Kind::GateBDecision, j.id.as_str()),
                 decided_under: None,
             };
             leases.push((j.id.clone(), tokio::spawn(async move { replica.dispatch(dispatch).await })));
@@ -971,7 +971,7 @@ async fn claim_holds_hand_each_job_to_one_claim_until_they_lapse() {
             action,
             gate_b: Some(job(&t, JobState::Queued, 100).gate_a),
             at: 1_001,
-            audit: draft("gate_b.decision", id.as_str()),
+            audit: draft(Kind::GateBDecision, id.as_str()),
             decided_under: None,
         };
         let denied = store.dispatch(dispatch(&ids[0], DispatchAction::Deny)).await.unwrap();
@@ -1043,7 +1043,7 @@ async fn writes_decided_under_a_superseded_snapshot_are_refused() {
         under_one.decided_under = Some(1);
         assert!(stale(store.submit(under_one, 0).await), "{name}: a 202 under version 1");
         assert_eq!(store.job(&t, &refused.id).await.unwrap(), None, "{name}: nothing stored");
-        let denial = draft("gate_a.decision", "-");
+        let denial = draft(Kind::GateADecision, "-");
         assert!(stale(store.append_audit(&t, denial.clone(), Some(1)).await), "{name}: a deny under 1");
         assert_eq!(verify_chain(&*store, &t).await, Ok(0), "{name}: not even an audit record");
         store.append_audit(&t, denial, Some(2)).await.unwrap();
@@ -1064,7 +1064,7 @@ async fn writes_decided_under_a_superseded_snapshot_are_refused() {
             },
             gate_b: Some(j.gate_a.clone()),
             at: 300,
-            audit: draft("gate_b.decision", j.id.as_str()),
+            audit: draft(Kind::GateBDecision, j.id.as_str()),
             // Even jobs were decided under the superseded version.
             decided_under: Some(if i.is_multiple_of(2) { 1 } else { 2 }),
         };
@@ -1165,7 +1165,7 @@ async fn overview_and_approval_summary_count_one_tenant_exactly() {
             request: Request { approvers: vec!["alice".into()], status, ..record.request.clone() },
             job_event: event,
             replacement: None,
-            audit: vec![draft("approval.vote", record.id.as_str())],
+            audit: vec![draft(Kind::ApprovalVote, record.id.as_str())],
             at,
             actor: "alice".into(),
             decided_under: None,
@@ -1191,7 +1191,7 @@ async fn overview_and_approval_summary_count_one_tenant_exactly() {
         );
         // A window far into the chain: found by searching the sequence, counted exactly.
         for at in [200_000, 300_000] {
-            let mut d = draft("gate_b.decision", "job");
+            let mut d = draft(Kind::GateBDecision, "job");
             d.at = at;
             d.data = json!({"outcome": "bypassed", "gate_b_bypassed": true});
             store.append_audit(&t, d, None).await.unwrap();
