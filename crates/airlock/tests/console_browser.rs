@@ -2,7 +2,8 @@
 //! sign-in and out, the inbox updating live, approve → queued → a worker runs the job, refusals
 //! (self-approval, stale binding after a publish), reject with a comment, quorum 2, the DLQ,
 //! policy pages, CSRF, session expiry, revocation, and agent-sent markup that must stay text.
-//! Every page is checked with axe-core and photographed at 1280×800 and 390×844.
+//! Every page is checked with axe-core and photographed at 1280×800 and 390×844
+//! (`AIRLOCK_SCREENSHOTS_DIR=docs/console` refreshes the committed set).
 
 #![allow(clippy::unwrap_used, clippy::panic, clippy::indexing_slicing, reason = "a test fails by panicking")]
 

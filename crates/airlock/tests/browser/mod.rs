@@ -295,8 +295,8 @@ impl Browser {
         assert_eq!(violations, json!([]), "axe-core found serious or critical violations on {page}");
     }
 
-    /// Checks the page with axe at both viewport sizes and saves a screenshot of each into
-    /// `docs/console/NAME-WIDTHxHEIGHT.png`; ends at 1280×800.
+    /// Checks the page with axe at both viewport sizes and saves a screenshot of each as
+    /// `NAME-WIDTHxHEIGHT.png` ([`screenshot_path`]); ends at 1280×800.
     pub fn check_page(&self, name: &str) {
         for (width, height, _) in VIEWPORTS {
             self.resize(width, height);
@@ -331,11 +331,15 @@ impl Browser {
     }
 }
 
-/// Where the screenshots of a page go: the committed set under `docs/console/`.
+/// Where the screenshots of a page go: `AIRLOCK_SCREENSHOTS_DIR` (relative to the workspace;
+/// `docs/console` refreshes the committed set), or else this build's scratch directory, so that
+/// a test run leaves the tree clean.
 pub fn screenshot_path(name: &str, width: u32, height: u32) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../docs/console")
-        .join(format!("{name}-{width}x{height}.png"))
+    let dir = match std::env::var("AIRLOCK_SCREENSHOTS_DIR") {
+        Ok(dir) => Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(dir),
+        Err(_) => Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots"),
+    };
+    dir.join(format!("{name}-{width}x{height}.png"))
 }
 
 fn base64_decode(text: &str) -> Vec<u8> {
