@@ -502,6 +502,11 @@ pub struct ApprovalSummary {
     pub votes: u64,
 }
 
+/// How far out of time order audit records of one tenant may be appended (each is stamped when
+/// its decision is made, just before its commit): a search for "records since T" by sequence
+/// number starts at the first record stamped at or after T minus this.
+pub const AUDIT_ORDER_SLACK_MS: Millis = 60_000;
+
 /// What marks a fail-open decision in an audit record's data (as stored: compact JSON).
 pub const FAIL_OPEN_MARKS: [&str; 2] = ["%\"gate_a_bypassed\":true%", "%\"gate_b_bypassed\":true%"];
 

@@ -1189,6 +1189,17 @@ async fn overview_and_approval_summary_count_one_tenant_exactly() {
             (0, 1, 0),
             "{name}: only the last hour"
         );
+        // A window far into the chain: found by searching the sequence, counted exactly.
+        for at in [200_000, 300_000] {
+            let mut d = draft(Kind::GateBDecision, "job");
+            d.at = at;
+            d.data = json!({"outcome": "bypassed", "gate_b_bypassed": true});
+            store.append_audit(&t, d, None).await.unwrap();
+        }
+        let recent = store.overview(&t, 250_000).await.unwrap();
+        assert_eq!((recent.fail_open_gate_a, recent.fail_open_gate_b), (0, 1), "{name}");
+        let wider = store.overview(&t, 150_000).await.unwrap();
+        assert_eq!((wider.fail_open_gate_a, wider.fail_open_gate_b), (0, 2), "{name}");
         let theirs = store.overview(&other, 0).await.unwrap();
         assert_eq!((theirs.pending_approvals, theirs.jobs.values().sum::<u64>()), (1, 1), "{name}");
     }

@@ -143,6 +143,9 @@ pub enum ApprovalsCommand {
     Reject {
         /// The approval id.
         id: String,
+        /// Why, kept in the audit record.
+        #[arg(long)]
+        comment: Option<String>,
         #[command(flatten)]
         connection: Connection,
     },
@@ -882,8 +885,10 @@ pub fn approvals(command: ApprovalsCommand) -> ExitCode {
             list_approvals(&connection, &path)
         }
         ApprovalsCommand::Get { id, connection } => get_approval(&connection, &id),
-        ApprovalsCommand::Approve { id, connection } => decide(&connection, &id, "approve"),
-        ApprovalsCommand::Reject { id, connection } => decide(&connection, &id, "reject"),
+        ApprovalsCommand::Approve { id, connection } => decide(&connection, &id, "approve", None),
+        ApprovalsCommand::Reject { id, comment, connection } => {
+            decide(&connection, &id, "reject", comment.map(|c| serde_json::json!({"comment": c})))
+        }
     })
 }
 
@@ -939,10 +944,11 @@ fn get_approval(connection: &Connection, id: &str) -> Result<(), Exit> {
     Ok(())
 }
 
-fn decide(connection: &Connection, id: &str, action: &str) -> Result<(), Exit> {
+fn decide(connection: &Connection, id: &str, action: &str, body: Option<Value>) -> Result<(), Exit> {
     let client = Client::new(connection)?;
     let path = format!("/api/v1/approvals/{}/{action}", encode(id));
-    let body = client.call(Verb::Post, &path, Payload::Empty)?;
+    let payload = body.as_ref().map_or(Payload::Empty, Payload::Json);
+    let body = client.call(Verb::Post, &path, payload)?;
     client.show(&body, |b| {
         let approval = field(b, "approval");
         let job = format!("job {} is {}", text(approval, "job_id"), text(b, "job_state"));

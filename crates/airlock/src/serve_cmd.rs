@@ -230,7 +230,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         settings.session_idle = Duration::from_secs(args.console_idle_secs.max(1));
         settings.session_absolute = settings.session_absolute.max(settings.session_idle);
         app = airlock_console::with_console(app, settings);
-        println!("console at http://{local}/");
+        tracing::info!(%local, "console at /");
     }
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {

@@ -2,7 +2,8 @@
 //! sign-in and out, the inbox updating live, approve → queued → a worker runs the job, refusals
 //! (self-approval, stale binding after a publish), reject with a comment, quorum 2, the DLQ,
 //! policy pages, CSRF, session expiry, revocation, and agent-sent markup that must stay text.
-//! Every page is checked with axe-core and photographed at 1280×800 and 390×844.
+//! Every page is checked with axe-core and photographed at 1280×800 and 390×844
+//! (`AIRLOCK_SCREENSHOTS_DIR=docs/console` refreshes the committed set).
 
 #![allow(clippy::unwrap_used, clippy::panic, clippy::indexing_slicing, reason = "a test fails by panicking")]
 
@@ -314,6 +315,14 @@ fn dlq_retry_and_discard_and_policy_pages() {
         assert_eq!(site.job_state(&id), "dead_lettered");
         ids.push(id);
     }
+    // Roles decide what is shown: an approver without the operator role gets no DLQ link, and
+    // the DLQ itself is refused by the API.
+    b.sign_in(&site.base, &site.alice);
+    assert!(b.try_find("nav a[href=\"/dlq\"]").is_none(), "no DLQ link for an approver");
+    b.goto(&site.url("/dlq"));
+    assert!(b.text(&b.find("p.banner.error")).contains("operator"), "the API's refusal is shown");
+    assert!(b.try_find("#bulk-retry").is_none());
+    b.clear_cookies();
     b.sign_in(&site.base, &site.olga);
     assert!(b.url().ends_with("/overview"), "an operator's home is the overview: {}", b.url());
     b.goto(&site.url("/dlq"));

@@ -120,6 +120,33 @@ impl PgStore {
         written.await.map_err(|_| stopped())?
     }
 
+    /// The first sealed audit sequence number of `tenant` stamped at or after `since`, by binary
+    /// search over the chain (records are sealed in time order, within
+    /// [`crate::AUDIT_ORDER_SLACK_MS`]): counting a recent window then reads only that window.
+    async fn first_seq_since(&self, tenant: &str, since: Millis) -> Result<i64, StoreError> {
+        let max = self
+            .read("SELECT COALESCE(MAX(seq), 0) FROM audit WHERE tenant = $1", &[&tenant], |r| {
+                get::<i64>(r, 0)
+            })
+            .await?;
+        let (mut lo, mut hi) = (0, max.first().copied().unwrap_or(0) + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let found = self
+                .read(
+                    "SELECT seq, at FROM audit WHERE tenant = $1 AND seq >= $2 ORDER BY seq LIMIT 1",
+                    &[&tenant, &mid],
+                    |r| Ok((get::<i64>(r, 0)?, get::<i64>(r, 1)?)),
+                )
+                .await?;
+            match found.first() {
+                Some(&(seq, at)) if at < since => lo = seq + 1,
+                _ => hi = mid,
+            }
+        }
+        Ok(lo)
+    }
+
     async fn read<T>(
         &self,
         sql: &str,
@@ -342,14 +369,15 @@ impl Store for PgStore {
             )
             .await?;
         let [gate_a, gate_b] = crate::FAIL_OPEN_MARKS;
+        let from = self.first_seq_since(t, since - crate::AUDIT_ORDER_SLACK_MS).await?;
         let counts = self
             .read(
                 // Records not yet sealed into the chain count too (one statement: one snapshot,
                 // so a record the sealer moves meanwhile is seen once).
                 "SELECT COUNT(*) FILTER (WHERE data LIKE $3), COUNT(*) FILTER (WHERE data LIKE $4)
-                 FROM (SELECT data FROM audit WHERE tenant = $1 AND at >= $2
+                 FROM (SELECT data FROM audit WHERE tenant = $1 AND seq >= $5 AND at >= $2
                        UNION ALL SELECT data FROM audit_pending WHERE tenant = $1 AND at >= $2) recent",
-                &[&t, &since, &gate_a, &gate_b],
+                &[&t, &since, &gate_a, &gate_b, &from],
                 |r| Ok([get_u64(r, 0)?, get_u64(r, 1)?]),
             )
             .await?;

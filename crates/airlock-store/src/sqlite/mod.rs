@@ -452,11 +452,13 @@ impl Store for SqliteStore {
                 )?
                 .query_row(params![tenant], |r| r.get(0))?;
             let [gate_a, gate_b] = crate::FAIL_OPEN_MARKS;
+            let from = rows::first_seq_since(conn, &tenant, since - crate::AUDIT_ORDER_SLACK_MS)?;
             let fail_open: (Option<i64>, Option<i64>) = conn
                 .prepare_cached(
-                    "SELECT SUM(data LIKE ?3), SUM(data LIKE ?4) FROM audit WHERE tenant = ?1 AND at >= ?2",
+                    "SELECT SUM(data LIKE ?4), SUM(data LIKE ?5) FROM audit
+                     WHERE tenant = ?1 AND seq >= ?2 AND at >= ?3",
                 )?
-                .query_row(params![tenant, since, gate_a, gate_b], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                .query_row(params![tenant, from, since, gate_a, gate_b], |r| Ok((r.get(0)?, r.get(1)?)))?;
             let fail_open = [fail_open.0, fail_open.1].map(|n| n.unwrap_or(0).unsigned_abs());
             Ok(TenantOverview {
                 jobs: jobs.into_iter().collect(),

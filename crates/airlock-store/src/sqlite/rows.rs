@@ -7,7 +7,7 @@ use airlock_core::approval::Request;
 use airlock_core::audit::{Draft, Record};
 use airlock_core::ids::{ApprovalId, JobId, TenantId};
 use airlock_core::role::{Role, Roles};
-use rusqlite::{Connection, Row, params};
+use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
 use crate::codec::{audit_kind, corrupt, gate_from_json, strings};
 use crate::{
@@ -200,6 +200,28 @@ pub(super) fn snapshot_from_row(row: &Row<'_>) -> Result<SnapshotRecord, StoreEr
         note: row.get(5)?,
         active: row.get(6)?,
     })
+}
+
+/// The first audit sequence number of `tenant` stamped at or after `since`, by binary search
+/// over the chain (records are appended in time order, within [`crate::AUDIT_ORDER_SLACK_MS`]):
+/// counting a recent window then reads that window, not the whole history.
+pub(super) fn first_seq_since(conn: &Connection, tenant: &str, since: Millis) -> rusqlite::Result<i64> {
+    let max: Option<i64> = conn
+        .prepare_cached("SELECT MAX(seq) FROM audit WHERE tenant = ?1")?
+        .query_row(params![tenant], |r| r.get(0))?;
+    let mut next = conn
+        .prepare_cached("SELECT seq, at FROM audit WHERE tenant = ?1 AND seq >= ?2 ORDER BY seq LIMIT 1")?;
+    let (mut lo, mut hi) = (0, max.unwrap_or(0) + 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        let found: Option<(i64, i64)> =
+            next.query_row(params![tenant, mid], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        match found {
+            Some((seq, at)) if at < since => lo = seq + 1,
+            _ => hi = mid,
+        }
+    }
+    Ok(lo)
 }
 
 pub(super) fn collect<T>(

@@ -26,8 +26,8 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 pub const TAB: &str = "\u{E004}";
 pub const ENTER: &str = "\u{E007}";
 
-/// Where `.ci/run` installs axe-core (`AIRLOCK_AXE_JS` overrides).
-const AXE_DEFAULT: &str = "/root/.cache/airlock/npm-console/node_modules/axe-core/axe.min.js";
+/// Where `.ci/run` installs axe-core, under `$HOME` (`AIRLOCK_AXE_JS` overrides).
+const AXE_UNDER_HOME: &str = ".cache/airlock/npm-console/node_modules/axe-core/axe.min.js";
 
 /// The two viewport sizes every page is checked and photographed at.
 pub const VIEWPORTS: [(u32, u32, &str); 2] = [(1280, 800, "desktop"), (390, 844, "mobile")];
@@ -279,7 +279,9 @@ impl Browser {
 
     /// Injects axe-core and fails on any serious or critical violation of the page.
     pub fn axe(&self, page: &str) {
-        let source = std::fs::read_to_string(tool("axe-core", "AIRLOCK_AXE_JS", AXE_DEFAULT)).unwrap();
+        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+        let default = format!("{home}/{AXE_UNDER_HOME}");
+        let source = std::fs::read_to_string(tool("axe-core", "AIRLOCK_AXE_JS", &default)).unwrap();
         let defined = self.exec("return typeof window.axe", json!([]));
         if defined != json!("object") {
             self.exec(&format!("{source}\n;window.axe = axe; return true;"), json!([]));
@@ -293,8 +295,8 @@ impl Browser {
         assert_eq!(violations, json!([]), "axe-core found serious or critical violations on {page}");
     }
 
-    /// Checks the page with axe at both viewport sizes and saves a screenshot of each into
-    /// `docs/console/NAME-WIDTHxHEIGHT.png`; ends at 1280×800.
+    /// Checks the page with axe at both viewport sizes and saves a screenshot of each as
+    /// `NAME-WIDTHxHEIGHT.png` ([`screenshot_path`]); ends at 1280×800.
     pub fn check_page(&self, name: &str) {
         for (width, height, _) in VIEWPORTS {
             self.resize(width, height);
@@ -329,11 +331,15 @@ impl Browser {
     }
 }
 
-/// Where the screenshots of a page go: the committed set under `docs/console/`.
+/// Where the screenshots of a page go: `AIRLOCK_SCREENSHOTS_DIR` (relative to the workspace;
+/// `docs/console` refreshes the committed set), or else this build's scratch directory, so that
+/// a test run leaves the tree clean.
 pub fn screenshot_path(name: &str, width: u32, height: u32) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../docs/console")
-        .join(format!("{name}-{width}x{height}.png"))
+    let dir = match std::env::var("AIRLOCK_SCREENSHOTS_DIR") {
+        Ok(dir) => Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(dir),
+        Err(_) => Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-screenshots"),
+    };
+    dir.join(format!("{name}-{width}x{height}.png"))
 }
 
 fn base64_decode(text: &str) -> Vec<u8> {
