@@ -41,7 +41,12 @@ pub fn plan_job(plan: Plan, tenant: &str, principal: &str, submission: Submissio
     if let Some(file) = submission.plan_file {
         labels.insert(LABEL_PLAN_FILE.to_owned(), file);
     }
+    // Moved, not copied: `json!` would serialize the changes into a second tree.
     let changes: Vec<Value> = plan.changes.into_iter().map(|c| c.payload).collect();
+    let mut payload = Map::new();
+    payload.insert("format_version".into(), Value::String(plan.format_version));
+    payload.insert("terraform_version".into(), plan.terraform_version.map_or(Value::Null, Value::String));
+    payload.insert("changes".into(), Value::Array(changes));
     let idempotency_key =
         submission.idempotency_key.unwrap_or_else(|| format!("plan:{}", submission.plan_hash));
     Job {
@@ -50,11 +55,7 @@ pub fn plan_job(plan: Plan, tenant: &str, principal: &str, submission: Submissio
         topic: PLAN_TOPIC.to_owned(),
         env: submission.env,
         labels,
-        payload: json!({
-            "format_version": plan.format_version,
-            "terraform_version": plan.terraform_version,
-            "changes": changes,
-        }),
+        payload: Value::Object(payload),
         plan_hash: Some(submission.plan_hash),
         idempotency_key: Some(idempotency_key),
     }

@@ -150,6 +150,7 @@ fn check(args: &CheckArgs) -> Result<ExitCode, Reported> {
     let (policy, _) = load_policy(&args.policy, format)?;
     let (plan, bytes) = read_plan(&args.plan)?;
     let plan_hash = hash_of(&bytes, args.plan_file.as_deref())?;
+    drop(bytes);
     let submission = Submission {
         env: args.env.trim().to_lowercase(),
         workspace: args.workspace.clone(),
