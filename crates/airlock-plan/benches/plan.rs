@@ -28,7 +28,7 @@ fn change(i: usize) -> Value {
         "aws_instance",
         "aws_security_group_rule",
     ];
-    let actions: [&[&str]; 5] = [&["create"], &["update"], &["delete"], &["delete", "create"], &["no-op"]];
+    let actions: [&[&str]; 4] = [&["create"], &["update"], &["delete"], &["delete", "create"]];
     let ty = types[i % types.len()];
     let action = actions[(i / types.len()) % actions.len()];
     let module =

@@ -41,7 +41,12 @@ pub fn plan_job(plan: Plan, tenant: &str, principal: &str, submission: Submissio
     if let Some(file) = submission.plan_file {
         labels.insert(LABEL_PLAN_FILE.to_owned(), file);
     }
+    // Moved, not copied: `json!` would serialize the changes into a second tree.
     let changes: Vec<Value> = plan.changes.into_iter().map(|c| c.payload).collect();
+    let mut payload = Map::new();
+    payload.insert("format_version".into(), Value::String(plan.format_version));
+    payload.insert("terraform_version".into(), plan.terraform_version.map_or(Value::Null, Value::String));
+    payload.insert("changes".into(), Value::Array(changes));
     let idempotency_key =
         submission.idempotency_key.unwrap_or_else(|| format!("plan:{}", submission.plan_hash));
     Job {
@@ -50,11 +55,7 @@ pub fn plan_job(plan: Plan, tenant: &str, principal: &str, submission: Submissio
         topic: PLAN_TOPIC.to_owned(),
         env: submission.env,
         labels,
-        payload: json!({
-            "format_version": plan.format_version,
-            "terraform_version": plan.terraform_version,
-            "changes": changes,
-        }),
+        payload: Value::Object(payload),
         plan_hash: Some(submission.plan_hash),
         idempotency_key: Some(idempotency_key),
     }
@@ -90,43 +91,63 @@ pub struct PlanEvaluation {
     pub malformed: Option<String>,
 }
 
-/// The change jobs of a plan job, under `policy`'s topic map.
-fn change_jobs<'a>(policy: &Policy, job: &'a Job) -> Result<Vec<(&'a str, Action, Job)>, String> {
-    let changes =
-        job.payload.get("changes").and_then(Value::as_array).ok_or("`payload.changes` is not a list")?;
-    let mut out = Vec::with_capacity(changes.len());
-    for (i, change) in changes.iter().enumerate() {
-        let text = |key: &str| change.get(key).and_then(Value::as_str);
-        let field_error = |key: &str| format!("`payload.changes[{i}].{key}` is missing or not a string");
-        let address = text("address").ok_or_else(|| field_error("address"))?;
-        let resource_type = text("type").ok_or_else(|| field_error("type"))?;
-        let action = text("action").and_then(Action::parse).ok_or_else(|| field_error("action"))?;
-        let mut labels = BTreeMap::new();
-        labels.insert("tf_address".to_owned(), address.to_owned());
-        if let Some(module) = text("module_address") {
-            labels.insert("tf_module".to_owned(), module.to_owned());
-        }
-        labels.insert("tf_provider".to_owned(), text("provider_name").unwrap_or_default().to_owned());
-        if let Some(workspace) = job.labels.get(LABEL_WORKSPACE) {
-            labels.insert(LABEL_WORKSPACE.to_owned(), workspace.clone());
-        }
-        let change_job = Job {
-            tenant: job.tenant.clone(),
-            principal: job.principal.clone(),
-            topic: policy.terraform_topic(resource_type, action.as_str()),
-            env: job.env.clone(),
-            labels,
-            payload: change.clone(),
-            plan_hash: job.plan_hash.clone(),
-            idempotency_key: None,
-        };
-        out.push((address, action, change_job));
+/// The job of the `i`th change of a plan job (whose payload it takes), under `policy`'s topic
+/// map; on a malformed change, why, and the payload back.
+fn change_job(
+    policy: &Policy,
+    job: &Job,
+    i: usize,
+    change: Value,
+) -> Result<(String, Action, Job), (String, Value)> {
+    let text = |key: &str| change.get(key).and_then(Value::as_str);
+    let field_error = |key: &str| format!("`payload.changes[{i}].{key}` is missing or not a string");
+    let missing = if text("address").is_none() {
+        Some("address")
+    } else if text("type").is_none() {
+        Some("type")
+    } else if text("action").and_then(Action::parse).is_none() {
+        Some("action")
+    } else {
+        None
+    };
+    if let Some(key) = missing {
+        let why = field_error(key);
+        return Err((why, change));
     }
-    Ok(out)
+    let (address, resource_type) = (text("address").unwrap_or_default(), text("type").unwrap_or_default());
+    let action = text("action").and_then(Action::parse).unwrap_or(Action::Create);
+    let mut labels = BTreeMap::new();
+    labels.insert("tf_address".to_owned(), address.to_owned());
+    if let Some(module) = text("module_address") {
+        labels.insert("tf_module".to_owned(), module.to_owned());
+    }
+    labels.insert("tf_provider".to_owned(), text("provider_name").unwrap_or_default().to_owned());
+    if let Some(workspace) = job.labels.get(LABEL_WORKSPACE) {
+        labels.insert(LABEL_WORKSPACE.to_owned(), workspace.clone());
+    }
+    let address = address.to_owned();
+    let topic = policy.terraform_topic(resource_type, action.as_str());
+    let change_job = Job {
+        tenant: job.tenant.clone(),
+        principal: job.principal.clone(),
+        topic,
+        env: job.env.clone(),
+        labels,
+        payload: change,
+        plan_hash: job.plan_hash.clone(),
+        idempotency_key: None,
+    };
+    Ok((address, action, change_job))
 }
 
 /// Evaluates every change of a plan job.
 pub fn evaluate(policy: &Policy, job: &Job) -> PlanEvaluation {
+    evaluate_mut(policy, &mut job.clone())
+}
+
+/// [`evaluate`] on a plan job the caller owns: each change's payload is lent to its change job
+/// and put back, so that a large plan is never copied (the job is unchanged afterwards).
+pub fn evaluate_mut(policy: &Policy, job: &mut Job) -> PlanEvaluation {
     decide(policy, job, &mut |change| Some(policy.evaluate(change))).unwrap_or_else(|| PlanEvaluation {
         evaluation: deny(),
         changes: Vec::new(),
@@ -165,7 +186,7 @@ pub fn evaluate_within(
     job: &Job,
     time_left: &mut dyn FnMut() -> bool,
 ) -> Option<PlanEvaluation> {
-    decide(policy, job, &mut |change| policy.evaluate_within(change, &mut *time_left))
+    decide(policy, &mut job.clone(), &mut |change| policy.evaluate_within(change, &mut *time_left))
 }
 
 fn deny() -> Evaluation {
@@ -174,26 +195,41 @@ fn deny() -> Evaluation {
 
 fn decide(
     policy: &Policy,
-    job: &Job,
+    job: &mut Job,
     evaluate: &mut dyn FnMut(&Job) -> Option<Evaluation>,
 ) -> Option<PlanEvaluation> {
-    let jobs = match change_jobs(policy, job) {
-        Ok(jobs) => jobs,
-        Err(why) => {
-            return Some(PlanEvaluation { evaluation: deny(), changes: Vec::new(), malformed: Some(why) });
-        }
+    let malformed =
+        |why: String| Some(PlanEvaluation { evaluation: deny(), changes: Vec::new(), malformed: Some(why) });
+    let mut payload = std::mem::take(&mut job.payload);
+    let Some(changes) = payload.get_mut("changes").and_then(Value::as_array_mut) else {
+        job.payload = payload;
+        return malformed("`payload.changes` is not a list".into());
     };
-    let mut changes = Vec::with_capacity(jobs.len());
-    for (address, action, change_job) in jobs {
-        let evaluation = evaluate(&change_job)?;
-        changes.push(ChangeDecision {
-            address: address.to_owned(),
-            action,
-            topic: change_job.topic,
-            evaluation,
-        });
+    let mut decided = Vec::with_capacity(changes.len());
+    let mut outcome = None;
+    for (i, slot) in changes.iter_mut().enumerate() {
+        match change_job(policy, job, i, std::mem::take(slot)) {
+            Err((why, change)) => {
+                *slot = change;
+                outcome = Some(malformed(why));
+                break;
+            }
+            Ok((address, action, change_job)) => {
+                let evaluation = evaluate(&change_job);
+                *slot = change_job.payload;
+                let Some(evaluation) = evaluation else {
+                    outcome = Some(None);
+                    break;
+                };
+                decided.push(ChangeDecision { address, action, topic: change_job.topic, evaluation });
+            }
+        }
     }
-    Some(PlanEvaluation { evaluation: aggregate(&changes), changes, malformed: None })
+    job.payload = payload;
+    match outcome {
+        Some(stopped) => stopped,
+        None => Some(PlanEvaluation { evaluation: aggregate(&decided), changes: decided, malformed: None }),
+    }
 }
 
 /// The most restrictive decision; deciding rules of every change that has it.

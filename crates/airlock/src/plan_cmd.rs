@@ -150,19 +150,20 @@ fn check(args: &CheckArgs) -> Result<ExitCode, Reported> {
     let (policy, _) = load_policy(&args.policy, format)?;
     let (plan, bytes) = read_plan(&args.plan)?;
     let plan_hash = hash_of(&bytes, args.plan_file.as_deref())?;
+    drop(bytes);
     let submission = Submission {
         env: args.env.trim().to_lowercase(),
         workspace: args.workspace.clone(),
         plan_hash: plan_hash.clone(),
         ..Submission::default()
     };
-    let job = airlock_plan::plan_job(
+    let mut job = airlock_plan::plan_job(
         plan,
         airlock_policy::job::SIMULATION_TENANT,
         airlock_policy::job::SIMULATION_PRINCIPAL,
         submission,
     );
-    let result = airlock_plan::evaluate(&policy, &job);
+    let result = airlock_plan::evaluate_mut(&policy, &mut job);
     match args.format {
         CheckFormat::Table => print_table(&policy, &result, &plan_hash),
         CheckFormat::Json => print_json(&json!({
