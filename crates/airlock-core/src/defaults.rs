@@ -45,6 +45,15 @@ pub const PAGE_SIZE_MAX: u32 = 500;
 pub const PAGE_SIZE_DEFAULT: u32 = 50;
 /// Most audit records (gate decisions, transitions) the job view shows for one job.
 pub const JOB_VIEW_AUDIT_MAX: u32 = 1_000;
+/// Topics of MCP tool calls (`airlock mcp proxy`): `mcp.<server>.<tool>`.
+pub const MCP_TOPICS: &str = "mcp.**";
+/// Execution attempts of an MCP tool call: a call is never run again unless the agent asks again.
+pub const MCP_EXECUTION_ATTEMPTS_MAX: u32 = 1;
+/// How long the MCP proxy holds a tool call that needs a human before it answers "pending".
+pub const MCP_APPROVAL_WAIT_MS: u64 = 120_000;
+/// Largest tool result the MCP proxy records with its job (the agent gets it whole); the
+/// server's limit on a worker's result.
+pub const MCP_RESULT_BYTES_MAX: usize = 256 * 1024;
 
 /// A console session ends after this long without a request.
 pub const CONSOLE_SESSION_IDLE_MS: u64 = 30 * 60 * 1000;

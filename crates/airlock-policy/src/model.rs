@@ -133,6 +133,24 @@ pub struct Rule {
     pub hash: String,
 }
 
+impl Rule {
+    /// Whether any condition looks at the payload. A rule that does not decides alike for
+    /// every payload of a job with the same topic, env, tenant, principal and labels.
+    pub fn reads_payload(&self) -> bool {
+        self.when.iter().any(Cond::reads_payload)
+    }
+}
+
+impl Cond {
+    fn reads_payload(&self) -> bool {
+        match self {
+            Self::Field { field, .. } => matches!(field, Field::Payload(_)),
+            Self::All(conds) | Self::Any(conds) => conds.iter().any(Self::reads_payload),
+            Self::Not(cond) => cond.reads_payload(),
+        }
+    }
+}
+
 /// A condition inside `when`.
 #[derive(Clone, Debug)]
 pub enum Cond {
@@ -248,4 +266,22 @@ pub struct TerraformTopic {
     pub topic: String,
     /// The pattern names an action too, and `topic` is the whole topic.
     pub whole: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "a test fails by panicking")]
+
+    #[test]
+    fn a_rule_reads_the_payload_when_any_condition_does() {
+        let (policy, _) = crate::compile::compile(
+            "version: v1\nrules:\n\
+             - { id: topic-only, when: { topic: mcp.fs.delete, env: production, labels: { team: a } }, decision: deny }\n\
+             - { id: shorthand, when: { topic: t, path: /a }, decision: deny }\n\
+             - { id: nested, when: { any: [ { env: dev }, { not: { payload: { \"a[*].b\": 1 } } } ] }, decision: deny }\n",
+        )
+        .unwrap();
+        let reads: Vec<bool> = policy.rules().iter().map(super::Rule::reads_payload).collect();
+        assert_eq!(reads, [false, true, true]);
+    }
 }

@@ -62,13 +62,15 @@ fn lease_token() -> Result<String, ApiError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// `POST /api/v1/workers/claim` `{"pool", "wait_ms"}`: long-polls for a job of the pool,
-/// runs Gate B on each candidate, and returns the first one leased (204 when none came).
+/// `POST /api/v1/workers/claim` `{"pool", "wait_ms", "job_id"?}`: long-polls for a job of the
+/// pool, runs Gate B on each candidate, and returns the first one leased (204 when none came).
+/// With `job_id`, the only candidate is that job (a client that submitted it and runs it
+/// itself, like the MCP proxy): it is leased, or 204 as soon as it is no longer queued.
 pub async fn claim(State(state): State<AppState>, caller: Caller, body: Body) -> Result<Response, ApiError> {
     caller.require(Role::Worker)?;
     let bytes = wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?;
     let map = if bytes.is_empty() { serde_json::Map::new() } else { json_object(&bytes)? };
-    only_fields(&map, &["pool", "wait_ms"])?;
+    only_fields(&map, &["pool", "wait_ms", "job_id"])?;
     let mut errors = Vec::new();
     let pool = match map.get("pool") {
         None if state.config().pool_takes("default", "").is_some() => "default".to_owned(),
@@ -97,13 +99,27 @@ pub async fn claim(State(state): State<AppState>, caller: Caller, body: Body) ->
             0
         }),
     };
+    let job_id = match map.get("job_id") {
+        None => None,
+        Some(Value::String(id)) => Some(id.parse::<JobId>().map_err(|_| ApiError::not_found("job"))?),
+        Some(_) => {
+            errors.push(("job_id".into(), "must be a job id".into()));
+            None
+        }
+    };
     if !errors.is_empty() {
         return Err(ApiError::invalid(errors));
     }
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
     loop {
         let woken = state.work().notified();
-        let leased = if state.config().pool_takes_all(&pool) {
+        let leased = if let Some(id) = &job_id {
+            match claim_one(&state, &caller, &pool, id).await? {
+                OneClaim::Leased(leased) => Some(leased),
+                OneClaim::NotQueued => return Ok(StatusCode::NO_CONTENT.into_response()),
+                OneClaim::NotYet => None,
+            }
+        } else if state.config().pool_takes_all(&pool) {
             claim_held(&state, &caller).await?
         } else {
             claim_from_pages(&state, &caller, &pool).await?
@@ -137,6 +153,35 @@ async fn claim_held(state: &AppState, caller: &Caller) -> Result<Option<Value>, 
         }
     }
     Ok(None)
+}
+
+/// What a claim of one named job found.
+enum OneClaim {
+    Leased(Value),
+    /// Not queued (awaiting approval, leased, ended): waiting will not lease it.
+    NotQueued,
+    /// Queued but not leased now (not yet due, throttled, requeued, another claim on it).
+    NotYet,
+}
+
+/// A claim of one job by id: Gate B on it when it is queued and due.
+async fn claim_one(state: &AppState, caller: &Caller, pool: &str, id: &JobId) -> Result<OneClaim, ApiError> {
+    let job = state.store().job(&caller.tenant, id).await?.ok_or_else(|| ApiError::not_found("job"))?;
+    if state.config().pool_takes(pool, &job.topic) != Some(true) {
+        return Err(ApiError::invalid(vec![(
+            "job_id".into(),
+            format!("the pool `{pool}` does not take the job's topic `{}`", job.topic),
+        )]));
+    }
+    if job.state != JobState::Queued {
+        return Ok(OneClaim::NotQueued);
+    }
+    if job.dispatch.not_before > now_ms() || !state.begin_dispatch(id) {
+        return Ok(OneClaim::NotYet);
+    }
+    let leased = gate_b(state, caller, job).await;
+    state.end_dispatch(id);
+    Ok(leased?.map_or(OneClaim::NotYet, OneClaim::Leased))
 }
 
 /// A claim for a pool of some topics (globs, matched here): pages through the queue past other

@@ -129,7 +129,8 @@ pub struct Config {
     pub shared_breaker: bool,
     /// Attempt caps and backoff.
     pub caps: Caps,
-    /// Per-topic execution attempt caps; the first matching pattern wins.
+    /// Per-topic execution attempt caps; the first matching pattern wins. Configured patterns
+    /// come before the built-in `mcp.**` → 1.
     pub execution_attempts_topics: Vec<(Glob, u32)>,
     /// Lease length.
     pub lease_ms: u64,
@@ -159,7 +160,11 @@ impl Default for Config {
             breaker: BreakerConfig::default(),
             shared_breaker: false,
             caps: Caps::default(),
-            execution_attempts_topics: Vec::new(),
+            // A tool call through the MCP proxy runs once: the agent asks again to run it again.
+            execution_attempts_topics: Glob::new(defaults::MCP_TOPICS)
+                .into_iter()
+                .map(|glob| (glob, defaults::MCP_EXECUTION_ATTEMPTS_MAX))
+                .collect(),
             lease_ms: defaults::LEASE_MS,
             heartbeat_ms: defaults::HEARTBEAT_MS,
             pools: Vec::new(),

@@ -321,6 +321,7 @@ pub fn explanation(
                 "mode": rule.mode.as_str(),
                 "verdict": verdict,
                 "detail": detail,
+                "reads_payload": rule.reads_payload(),
             })
         })
         .collect();

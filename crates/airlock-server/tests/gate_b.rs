@@ -663,3 +663,53 @@ async fn a_topic_no_pool_takes_uses_its_scheduling_attempts_then_the_dlq() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_claim_naming_a_job_runs_gate_b_on_that_job_only() {
+    let config = Config {
+        pools: vec![
+            ("infra".into(), vec![airlock_policy::glob::Glob::new("infra.**").unwrap()]),
+            ("mcp".into(), vec![airlock_policy::glob::Glob::new("mcp.**").unwrap()]),
+        ],
+        ..Config::default()
+    };
+    let api = Api::start(config).await;
+    let older = api.submit(vm()).await;
+    let mut newer_job = vm();
+    newer_job["idempotency_key"] = json!("vm-2");
+    let newer = api.submit(newer_job).await;
+    let claim = |pool: &str, id: &str| json!({"pool": pool, "job_id": id, "wait_ms": 1000});
+    let (status, leased) =
+        api.call(Method::POST, "/api/v1/workers/claim", &api.worker, Some(claim("infra", &newer))).await;
+    assert_eq!((status, leased["job_id"].as_str()), (StatusCode::OK, Some(newer.as_str())), "{leased}");
+    assert_eq!(api.job(&older).await["state"], "queued", "the older job is not touched");
+
+    let started = std::time::Instant::now();
+    let (status, _) =
+        api.call(Method::POST, "/api/v1/workers/claim", &api.worker, Some(claim("infra", &newer))).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "leased already");
+    let human = json!({"topic": "infra.resource.delete", "env": "production", "payload": {"id": "r1"}});
+    let waiting = api.submit(human).await;
+    let (status, _) =
+        api.call(Method::POST, "/api/v1/workers/claim", &api.worker, Some(claim("infra", &waiting))).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "awaiting approval");
+    assert!(started.elapsed() < Duration::from_millis(900), "a job that is not queued is answered at once");
+
+    let (status, body) =
+        api.call(Method::POST, "/api/v1/workers/claim", &api.worker, Some(claim("mcp", &older))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["fields"][0]["message"].as_str().unwrap().contains("does not take"), "{body}");
+    let (status, _) = api
+        .call(
+            Method::POST,
+            "/api/v1/workers/claim",
+            &api.worker,
+            Some(claim("infra", "job_01J0000000000000000000000")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = api
+        .call(Method::POST, "/api/v1/workers/claim", &api.worker, Some(json!({"pool": "infra", "job_id": 5})))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}

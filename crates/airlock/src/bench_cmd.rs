@@ -42,6 +42,8 @@ pub enum BenchCommand {
     Jetstream(JetstreamArgs),
     /// The console with a full store: inbox and jobs list server time, live-update latency.
     Console(crate::console_bench::ConsoleBenchArgs),
+    /// What `airlock mcp proxy` adds to an allowed tool call, against calling the server directly.
+    Mcp(crate::mcp_bench::McpArgs),
 }
 
 #[derive(Args)]
@@ -127,7 +129,7 @@ pub struct SubmitArgs {
     format: Format,
 }
 
-const BENCH_ADMIN_KEY: &str = "bench-admin-key-not-secret-0001";
+pub(crate) const BENCH_ADMIN_KEY: &str = "bench-admin-key-not-secret-0001";
 const ALLOW_ALL: &str = "version: v1\ndefaults: { decision: allow }\nrules:\n  - id: deny-public-ingress\n    \
                          when: { topic: infra.security_group.update, env: production, cidr: \"0.0.0.0/0\" }\n    \
                          decision: deny\n";
@@ -145,6 +147,7 @@ pub fn run(command: BenchCommand) -> ExitCode {
         BenchCommand::E2e(args) => e2e(&runtime, &args),
         BenchCommand::Jetstream(args) => runtime.block_on(jetstream(&args)),
         BenchCommand::Console(args) => runtime.block_on(crate::console_bench::run(args)),
+        BenchCommand::Mcp(args) => return crate::mcp_bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -156,9 +159,9 @@ pub fn run(command: BenchCommand) -> ExitCode {
 }
 
 /// A server this command started; killed when dropped.
-struct OwnServer {
+pub(crate) struct OwnServer {
     child: Child,
-    addr: String,
+    pub(crate) addr: String,
 }
 
 impl Drop for OwnServer {
@@ -168,7 +171,7 @@ impl Drop for OwnServer {
     }
 }
 
-fn start_server(data: Option<PathBuf>) -> Result<OwnServer, String> {
+pub(crate) fn start_server(data: Option<PathBuf>) -> Result<OwnServer, String> {
     let data =
         data.unwrap_or_else(|| std::env::temp_dir().join(format!("airlock-bench-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&data);

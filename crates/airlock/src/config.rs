@@ -127,12 +127,15 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                             }
                         }
                         "attempts_topics" => {
+                            // Before the built-in patterns: the first match wins.
+                            let mut at = 0;
                             for (pattern, n) in entries(v, &mut errors) {
                                 let glob = Glob::new(&pattern.text).map_err(|e| {
                                     errors.push(Diagnostic::error(pattern.span, format!("invalid glob: {e}")))
                                 });
                                 if let (Ok(glob), Some(n)) = (glob, positive(n, &mut errors)) {
-                                    config.execution_attempts_topics.push((glob, small(n)));
+                                    config.execution_attempts_topics.insert(at, (glob, small(n)));
+                                    at += 1;
                                 }
                             }
                         }
@@ -318,6 +321,11 @@ mod tests {
         assert_eq!(config.caps.scheduling_attempts_max, 5);
         assert_eq!(config.caps_for("infra.cluster.recreate").execution_attempts_max, 1);
         assert_eq!(config.caps_for("infra.vm.create").execution_attempts_max, 2);
+        assert_eq!(config.caps_for("mcp.fs.write_file").execution_attempts_max, 1, "built in");
+        let mcp = parse("execution: { attempts_topics: { \"mcp.fs.*\": 2, \"mcp.**\": 3 } }\n").unwrap();
+        assert_eq!(mcp.caps_for("mcp.fs.read_file").execution_attempts_max, 2, "configured first");
+        assert_eq!(mcp.caps_for("mcp.git.log").execution_attempts_max, 3, "configured first");
+        assert_eq!(Config::default().caps_for("mcp.git.log").execution_attempts_max, 1);
         assert_eq!((config.lease_ms, config.heartbeat_ms), (1500, 500));
         assert_eq!(config.pool_takes("infra", "infra.vm.create"), Some(true));
         assert_eq!(config.pool_takes("default", "infra.vm.create"), None);

@@ -7,6 +7,8 @@ mod config;
 mod console_bench;
 mod demo_cmd;
 mod inproc;
+mod mcp_bench;
+mod mcp_cmd;
 mod plan_cmd;
 mod policy_cmd;
 mod raw_jetstream;
@@ -61,6 +63,9 @@ enum Command {
     /// Terraform/OpenTofu plans: check offline (CI), test cases, submit as one plan job.
     #[command(subcommand)]
     Plan(plan_cmd::PlanCommand),
+    /// Govern MCP tool calls: a proxy in front of any MCP server.
+    #[command(subcommand)]
+    Mcp(mcp_cmd::McpCommand),
 }
 
 /// How results are printed.
@@ -96,5 +101,6 @@ fn main() -> ExitCode {
         Command::Bench(command) => bench_cmd::run(command),
         Command::Worker(args) => worker_cmd::run(args),
         Command::Plan(command) => plan_cmd::run(command),
+        Command::Mcp(command) => mcp_cmd::run(command),
     }
 }
