@@ -141,6 +141,8 @@ pub struct Config {
     pub safety_token: Option<String>,
     /// Where the safety check runs when it is not in this process (`--safety-url`).
     pub remote_safety: Option<crate::remote_safety::RemoteSafety>,
+    /// The listener's timeouts and limits.
+    pub http: crate::listener::HttpLimits,
 }
 
 impl Default for Config {
@@ -165,6 +167,7 @@ impl Default for Config {
             pools: Vec::new(),
             safety_token: None,
             remote_safety: None,
+            http: crate::listener::HttpLimits::default(),
         }
     }
 }
@@ -390,6 +393,8 @@ struct Inner {
     /// Held while the store's active snapshot is loaded and compiled, so that the claims that
     /// all found their decision stale at once compile it once.
     refreshing: tokio::sync::Mutex<()>,
+    /// One permit per request being served (`http.in_flight_max`).
+    in_flight_slots: tokio::sync::Semaphore,
 }
 
 impl AppState {
@@ -397,6 +402,7 @@ impl AppState {
     pub fn new(store: Arc<dyn Store>, active: ActivePolicy, config: Config) -> Self {
         let breaker = Mutex::new(Breaker::new(config.breaker));
         let remote = config.remote_safety.clone();
+        let in_flight_slots = tokio::sync::Semaphore::new(config.http.in_flight_max);
         Self(Arc::new(Inner {
             store,
             safety: Safety::new(active, remote),
@@ -409,6 +415,7 @@ impl AppState {
             snapshots: crate::remote_safety::Snapshots::default(),
             keys: crate::auth::KeyCache::default(),
             refreshing: tokio::sync::Mutex::new(()),
+            in_flight_slots,
         }))
     }
 
@@ -434,6 +441,11 @@ impl AppState {
             tracing::info!(version = stored.version, hash = %stored.hash, "activated a snapshot published elsewhere");
         }
         Ok(())
+    }
+
+    /// The slots of requests being served: a request that finds none is shed.
+    pub fn in_flight_slots(&self) -> &tokio::sync::Semaphore {
+        &self.0.in_flight_slots
     }
 
     /// Keys recently authenticated.

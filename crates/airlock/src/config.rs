@@ -23,6 +23,13 @@
 //! execution: { attempts_max: 3, attempts_topics: { "infra.cluster.*": 1 } }
 //! leases: { lease_ms: 30000, heartbeat_ms: 10000 }
 //! pools: { default: ["**"], infra: ["infra.**"] }
+//! http:
+//!   header_read_timeout_ms: 10000
+//!   idle_timeout_ms: 5000
+//!   request_timeout_ms: 30000      # long-poll claims: plus their wait_ms
+//!   in_flight_max: 512             # the excess gets 503 + Retry-After
+//!   connections_max: 4096          # lowered to stay below the file limit
+//!   drain_timeout_ms: 30000
 //! ```
 
 use std::time::Duration;
@@ -174,6 +181,21 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                     config.pools.push((name.text.clone(), globs));
                 }
             }
+            "http" => {
+                for (key, v) in entries(value, &mut errors) {
+                    let Some(n) = positive(v, &mut errors) else { continue };
+                    let http = &mut config.http;
+                    match key.text.as_str() {
+                        "header_read_timeout_ms" => http.header_read_timeout = Duration::from_millis(n),
+                        "idle_timeout_ms" => http.idle_timeout = Duration::from_millis(n),
+                        "request_timeout_ms" => http.request_timeout = Duration::from_millis(n),
+                        "in_flight_max" => http.in_flight_max = usize::try_from(n).unwrap_or(usize::MAX),
+                        "connections_max" => http.connections_max = usize::try_from(n).unwrap_or(usize::MAX),
+                        "drain_timeout_ms" => http.drain_timeout = Duration::from_millis(n),
+                        _ => unknown(key, &HTTP_KEYS, &mut errors),
+                    }
+                }
+            }
             _ => unknown(
                 section,
                 &[
@@ -186,6 +208,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                     "execution",
                     "leases",
                     "pools",
+                    "http",
                 ],
                 &mut errors,
             ),
@@ -193,6 +216,16 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
     }
     if errors.is_empty() { Ok(config) } else { Err(errors) }
 }
+
+/// The keys of the `http` section.
+const HTTP_KEYS: [&str; 6] = [
+    "header_read_timeout_ms",
+    "idle_timeout_ms",
+    "request_timeout_ms",
+    "in_flight_max",
+    "connections_max",
+    "drain_timeout_ms",
+];
 
 /// A `gate_a` or `gate_b` section: the gate's fail modes and its check timeout.
 fn gate(section: &Node, fail: &mut FailModes, timeout: &mut Duration, errors: &mut Vec<Diagnostic>) {
@@ -321,6 +354,28 @@ mod tests {
         assert_eq!((config.lease_ms, config.heartbeat_ms), (1500, 500));
         assert_eq!(config.pool_takes("infra", "infra.vm.create"), Some(true));
         assert_eq!(config.pool_takes("default", "infra.vm.create"), None);
+    }
+
+    #[test]
+    fn reads_listener_limits() {
+        let config = parse(
+            "http: { header_read_timeout_ms: 100, idle_timeout_ms: 50, request_timeout_ms: 200, \
+             in_flight_max: 3, connections_max: 9, drain_timeout_ms: 400 }\n",
+        )
+        .unwrap();
+        let http = &config.http;
+        assert_eq!(
+            (http.header_read_timeout, http.idle_timeout),
+            (Duration::from_millis(100), Duration::from_millis(50))
+        );
+        assert_eq!(
+            (http.request_timeout, http.drain_timeout),
+            (Duration::from_millis(200), Duration::from_millis(400))
+        );
+        assert_eq!((http.in_flight_max, http.connections_max), (3, 9));
+        assert_eq!(parse("").unwrap().http.in_flight_max, airlock_core::defaults::HTTP_IN_FLIGHT_MAX);
+        let errors = parse("http: { idle_ms: 5 }\n").unwrap_err();
+        assert!(errors[0].render("c").contains("unknown key `idle_ms`"), "{}", errors[0].render("c"));
     }
 
     #[test]

@@ -219,11 +219,14 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     };
     println!("airlock listening on http://{local} ({place}, policy version {version} {hash})");
     tracing::info!(%local, data = %args.data.display(), version, %hash, "serving");
-    axum::serve(listener, airlock_server::router_for(state, role))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| format!("server error: {e}"))?;
-    tracing::info!("stopped: in-flight requests drained");
+    let limits = state.config().http.clone();
+    airlock_server::listener::serve(
+        listener,
+        airlock_server::router_for(state, role),
+        limits,
+        shutdown_signal(),
+    )
+    .await;
     Ok(())
 }
 
@@ -234,6 +237,7 @@ async fn serve_safety(
     config: Config,
 ) -> Result<(), String> {
     let version = active.version;
+    let limits = config.http.clone();
     let state = airlock_server::app_state(store, active, config);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -243,10 +247,14 @@ async fn serve_safety(
         "airlock safety service listening on http://{local} (data {}, policy version {version})",
         args.data.display()
     );
-    axum::serve(listener, airlock_server::safety_router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| format!("server error: {e}"))
+    airlock_server::listener::serve(
+        listener,
+        airlock_server::safety_router(state),
+        limits,
+        shutdown_signal(),
+    )
+    .await;
+    Ok(())
 }
 
 async fn shutdown_signal() {

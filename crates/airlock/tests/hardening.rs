@@ -1,0 +1,292 @@
+//! Issue 11, "safe to expose", through the real binary: what an attacker on the network tried
+//! and what now holds. Each test failed on the code before the hardening.
+
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic, reason = "a test fails by panicking")]
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+mod support;
+
+const ADMIN: &str = "hardening-admin-key-0123456789";
+
+/// An `airlock serve` on loopback with its own data directory and config, killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(name: &str, config: &str, extra: &[&str]) -> Self {
+        Self::start_with(name, config, extra, None)
+    }
+
+    /// With `file_limit`, the server runs under `ulimit -n` of that many descriptors.
+    fn start_with(name: &str, config: &str, extra: &[&str], file_limit: Option<u32>) -> Self {
+        let data = support::temp_dir(&format!("harden-{name}"));
+        let config_file = data.join("config.yaml");
+        std::fs::write(&config_file, config).unwrap();
+        let bin = env!("CARGO_BIN_EXE_airlock");
+        let mut command = match file_limit {
+            None => Command::new(bin),
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), bin]);
+                c
+            }
+        };
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data.join("store"))
+            .arg("--config")
+            .arg(&config_file)
+            .args(extra)
+            .env("AIRLOCK_ADMIN_KEY", ADMIN)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = command.spawn().unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in `{line}`"))
+            .to_owned();
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        Self { child, addr }
+    }
+
+    fn post(&self, path: &str, key: &str, body: Value) -> (u16, Value) {
+        support::post(&self.addr, path, key, body)
+    }
+
+    fn key(&self, tenant: &str, name: &str, roles: &[&str]) -> String {
+        support::key(&self.addr, ADMIN, tenant, name, roles)
+    }
+
+    /// SIGTERM, and how long the process took to exit (and whether it exited 0).
+    fn terminate(&mut self) -> (Duration, bool) {
+        let started = Instant::now();
+        Command::new("kill").arg(self.child.id().to_string()).status().unwrap();
+        let status = self.child.wait().unwrap();
+        (started.elapsed(), status.success())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A raw connection to the server.
+fn connect(addr: &str) -> TcpStream {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    stream
+}
+
+/// Reads until the server closes the connection; how long that took, and what it sent.
+fn until_closed(stream: &mut TcpStream) -> (Duration, String) {
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the server kept the connection open ({e}) after {:?}", started.elapsed()),
+        }
+    }
+    (started.elapsed(), String::from_utf8_lossy(&seen).into_owned())
+}
+
+/// One raw HTTP/1.1 exchange on a fresh connection: the whole response text.
+fn raw(addr: &str, request: &str) -> String {
+    let mut stream = connect(addr);
+    stream.write_all(request.as_bytes()).unwrap();
+    until_closed(&mut stream).1
+}
+
+#[test]
+fn a_half_sent_request_is_cut_at_the_header_timeout() {
+    let server =
+        Server::start("header", "http: { header_read_timeout_ms: 1000, idle_timeout_ms: 5000 }\n", &[]);
+    let mut stream = connect(&server.addr);
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n").unwrap();
+    let started = Instant::now();
+    // Trickle a header line every 200 ms: never idle, never done.
+    let cut = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        if stream.write_all(b"x-slow: 1\r\n").is_err() {
+            break started.elapsed();
+        }
+        stream.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        let mut buf = [0u8; 1024];
+        match stream.read(&mut buf) {
+            Ok(_) => break started.elapsed(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => break started.elapsed(),
+        }
+        assert!(started.elapsed() < Duration::from_secs(6), "the half-sent request was never cut");
+    };
+    assert!(
+        cut >= Duration::from_millis(800),
+        "cut too early, after {cut:?}: the idle timeout does not apply"
+    );
+    assert!(cut < Duration::from_millis(2500), "cut after {cut:?}");
+}
+
+#[test]
+fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
+    let server = Server::start("idle", "http: { idle_timeout_ms: 500 }\n", &[]);
+    let mut silent = connect(&server.addr);
+    let (after, _) = until_closed(&mut silent);
+    assert!(after < Duration::from_secs(2), "a silent connection stayed open {after:?}");
+
+    // Keep-alive: served, then closed once idle.
+    let mut kept = connect(&server.addr);
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let (after, text) = until_closed(&mut kept);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(after < Duration::from_secs(2), "an idle keep-alive connection stayed open {after:?}");
+
+    // A long-poll claim is silent for longer than the idle timeout, and is not cut.
+    let worker = server.key("acme", "w", &["worker"]);
+    let started = Instant::now();
+    let (status, _) = server.post("/api/v1/workers/claim", &worker, json!({"wait_ms": 1500}));
+    assert_eq!(status, 204);
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+}
+
+#[test]
+fn connections_over_the_cap_get_503_at_once() {
+    let server = Server::start("cap", "http: { connections_max: 4, idle_timeout_ms: 5000 }\n", &[]);
+    let held: Vec<TcpStream> = (0..4).map(|_| connect(&server.addr)).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let text = raw(&server.addr, "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n");
+    assert!(started.elapsed() < Duration::from_secs(1), "the refusal took {:?}", started.elapsed());
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("retry-after: 1"), "{text}");
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !raw(&server.addr, "GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .starts_with("HTTP/1.1 200")
+    {
+        assert!(Instant::now() < deadline, "closed connections did not free their slots");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn idle_sockets_beyond_the_file_limit_do_not_starve_requests() {
+    // The attack of the issue: 300 idle sockets against a file limit of 256.
+    let server = Server::start_with("fd", "http: { idle_timeout_ms: 1000 }\n", &[], Some(256));
+    let idle: Vec<TcpStream> = (0..300).filter_map(|_| TcpStream::connect(&server.addr).ok()).collect();
+    assert!(idle.len() >= 250, "only {} sockets connected", idle.len());
+    let started = Instant::now();
+    loop {
+        let answer = support::try_call(&server.addr, "/healthz", "", None, Duration::from_secs(2));
+        if matches!(answer, Some((200, _))) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "no request was served for {:?} with 300 idle sockets open (last answer {answer:?})",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(idle);
+}
+
+#[test]
+fn requests_over_the_in_flight_limit_are_shed() {
+    let server = Server::start("inflight", "http: { in_flight_max: 2 }\n", &[]);
+    let worker = server.key("acme", "w", &["worker"]);
+    let submitter = server.key("acme", "s", &["submitter"]);
+    let polls: Vec<_> = (0..2)
+        .map(|_| {
+            let (addr, worker) = (server.addr.clone(), worker.clone());
+            std::thread::spawn(move || {
+                support::post(&addr, "/api/v1/workers/claim", &worker, json!({"wait_ms": 2500}))
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let text = raw(
+        &server.addr,
+        &format!(
+            "GET /api/v1/jobs HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {submitter}\r\nconnection: close\r\n\r\n"
+        ),
+    );
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("retry-after: 1"), "{text}");
+    assert!(text.contains("\"overloaded\""), "{text}");
+    let health = raw(&server.addr, "GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    assert!(health.starts_with("HTTP/1.1 200"), "liveness is never shed: {health}");
+    for poll in polls {
+        assert_eq!(poll.join().unwrap().0, 204);
+    }
+    assert_eq!(support::get(&server.addr, "/api/v1/jobs", &submitter).0, 200);
+}
+
+#[test]
+fn a_request_past_its_timeout_gets_503() {
+    let server =
+        Server::start("timeout", "http: { request_timeout_ms: 300 }\n", &["--enable-fault-injection"]);
+    let (status, _) = server.post("/api/v1/admin/faults", ADMIN, json!({"safety": "slow", "delay_ms": 4000}));
+    assert_eq!(status, 200);
+    let submitter = server.key("acme", "s", &["submitter"]);
+    let started = Instant::now();
+    let (status, body) = server.post(
+        "/api/v1/jobs",
+        &submitter,
+        json!({"topic": "infra.vm.read", "env": "dev", "payload": {}}),
+    );
+    assert_eq!((status, body["error"].as_str()), (503, Some("request_timeout")), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+}
+
+#[test]
+fn shutdown_drains_for_a_bounded_time() {
+    let mut server = Server::start("drain", "http: { drain_timeout_ms: 1000 }\n", &[]);
+    let worker = server.key("acme", "w", &["worker"]);
+    let _idle = connect(&server.addr);
+    let (addr, key) = (server.addr.clone(), worker.clone());
+    let poll = std::thread::spawn(move || {
+        support::try_call(
+            &addr,
+            "/api/v1/workers/claim",
+            &key,
+            Some("{\"wait_ms\": 20000}"),
+            Duration::from_secs(25),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let (took, clean) = server.terminate();
+    assert!(clean, "a drained stop exits 0");
+    assert!(took < Duration::from_secs(3), "SIGTERM waited {took:?} for a 20 s long-poll");
+    let _ = poll.join();
+}
+
+#[test]
+fn unknown_methods_are_counted_as_other() {
+    let server = Server::start("method", "", &[]);
+    let text = raw(&server.addr, "BREW /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+    assert!(text.starts_with("HTTP/1.1 405"), "{text}");
+    let (_, metrics) = support::get(&server.addr, "/metrics", "");
+    let metrics = metrics.as_str().unwrap();
+    assert!(!metrics.contains("BREW"), "{metrics}");
+    assert!(metrics.contains("method=\"other\""), "{metrics}");
+}
