@@ -70,7 +70,7 @@ pub const CANDIDATE_BODY_BYTES_MAX: usize = 1024 * 1024;
 /// Time a candidate policy's compilation and evaluation may take, off the async threads.
 pub const CANDIDATE_BUDGET_MS: u64 = 2_000;
 /// Total size of the compiled regexes of one policy, in bytes.
-pub const POLICY_REGEX_BYTES_MAX: usize = 4 * 1024 * 1024;
+pub const POLICY_REGEX_BYTES_MAX: usize = airlock_policy::limits::REGEX_TOTAL_BYTES_MAX;
 /// Failed authentications from one source address per minute before it gets 429.
 pub const AUTH_FAILURES_PER_MINUTE: u32 = 20;
 

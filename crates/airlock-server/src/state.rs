@@ -143,6 +143,30 @@ pub struct Config {
     pub remote_safety: Option<crate::remote_safety::RemoteSafety>,
     /// The listener's timeouts and limits.
     pub http: crate::listener::HttpLimits,
+    /// What a dry-run with a candidate policy may cost.
+    pub dry_run: DryRunLimits,
+}
+
+/// The budget of a dry-run (simulate, explain, diff) with a candidate policy (config section
+/// `dry_run:`); defaults from the one defaults table.
+#[derive(Clone, Debug)]
+pub struct DryRunLimits {
+    /// Largest body carrying a candidate, in bytes.
+    pub candidate_bytes_max: usize,
+    /// Time to compile the candidate and evaluate the job, together.
+    pub budget: Duration,
+    /// Total compiled size of the candidate's regexes, in bytes.
+    pub regex_bytes_max: usize,
+}
+
+impl Default for DryRunLimits {
+    fn default() -> Self {
+        Self {
+            candidate_bytes_max: defaults::CANDIDATE_BODY_BYTES_MAX,
+            budget: Duration::from_millis(defaults::CANDIDATE_BUDGET_MS),
+            regex_bytes_max: defaults::POLICY_REGEX_BYTES_MAX,
+        }
+    }
 }
 
 impl Default for Config {
@@ -168,6 +192,7 @@ impl Default for Config {
             safety_token: None,
             remote_safety: None,
             http: crate::listener::HttpLimits::default(),
+            dry_run: DryRunLimits::default(),
         }
     }
 }

@@ -30,6 +30,10 @@
 //!   in_flight_max: 512             # the excess gets 503 + Retry-After
 //!   connections_max: 4096          # lowered to stay below the file limit
 //!   drain_timeout_ms: 30000
+//! dry_run:                         # simulate/explain/diff with a candidate policy (operators)
+//!   candidate_bytes_max: 1048576
+//!   budget_ms: 2000                # compile + evaluate, off the async threads; over → 422
+//!   regex_bytes_max: 4194304       # all the candidate's regexes, compiled
 //! ```
 
 use std::time::Duration;
@@ -196,6 +200,26 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                     }
                 }
             }
+            "dry_run" => {
+                for (key, v) in entries(value, &mut errors) {
+                    let Some(n) = positive(v, &mut errors) else { continue };
+                    let dry_run = &mut config.dry_run;
+                    match key.text.as_str() {
+                        "candidate_bytes_max" => {
+                            dry_run.candidate_bytes_max = usize::try_from(n).unwrap_or(usize::MAX);
+                        }
+                        "budget_ms" => dry_run.budget = Duration::from_millis(n),
+                        "regex_bytes_max" => {
+                            dry_run.regex_bytes_max = usize::try_from(n).unwrap_or(usize::MAX)
+                        }
+                        _ => unknown(
+                            key,
+                            &["candidate_bytes_max", "budget_ms", "regex_bytes_max"],
+                            &mut errors,
+                        ),
+                    }
+                }
+            }
             _ => unknown(
                 section,
                 &[
@@ -209,6 +233,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                     "leases",
                     "pools",
                     "http",
+                    "dry_run",
                 ],
                 &mut errors,
             ),
@@ -374,6 +399,12 @@ mod tests {
         );
         assert_eq!((http.in_flight_max, http.connections_max), (3, 9));
         assert_eq!(parse("").unwrap().http.in_flight_max, airlock_core::defaults::HTTP_IN_FLIGHT_MAX);
+        let dry =
+            parse("dry_run: { candidate_bytes_max: 10, budget_ms: 20, regex_bytes_max: 30 }\n").unwrap();
+        assert_eq!(
+            (dry.dry_run.candidate_bytes_max, dry.dry_run.budget, dry.dry_run.regex_bytes_max),
+            (10, Duration::from_millis(20), 30)
+        );
         let errors = parse("http: { idle_ms: 5 }\n").unwrap_err();
         assert!(errors[0].render("c").contains("unknown key `idle_ms`"), "{}", errors[0].render("c"));
     }

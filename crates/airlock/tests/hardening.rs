@@ -290,3 +290,82 @@ fn unknown_methods_are_counted_as_other() {
     assert!(!metrics.contains("BREW"), "{metrics}");
     assert!(metrics.contains("method=\"other\""), "{metrics}");
 }
+
+/// A simulate body for a job of the seed's public-ingress shape.
+fn ingress_job() -> Value {
+    json!({"topic": "infra.security_group.update", "env": "production", "payload": {"cidr": "0.0.0.0/0"}})
+}
+
+#[test]
+fn a_candidate_policy_needs_the_operator_role() {
+    let server = Server::start("candidate-role", "", &[]);
+    let submitter = server.key("acme", "s", &["submitter"]);
+    let operator = server.key("acme", "o", &["operator"]);
+    let candidate = "version: v1\nrules: []\n";
+    for path in ["/api/v1/policy/simulate", "/api/v1/policy/explain"] {
+        let (status, body) =
+            server.post(path, &submitter, json!({"job": ingress_job(), "policy": candidate}));
+        assert_eq!((status, body["error"].as_str()), (403, Some("forbidden")), "{path}: {body}");
+        assert!(body["message"].as_str().unwrap().contains("operator"), "{body}");
+        let (status, body) = server.post(path, &submitter, json!({"job": ingress_job()}));
+        assert_eq!(status, 200, "{path} against the active snapshot: {body}");
+        let (status, body) = server.post(path, &operator, json!({"job": ingress_job(), "policy": candidate}));
+        assert_eq!((status, body["decision"].as_str()), (200, Some("allow")), "{path}: {body}");
+    }
+}
+
+#[test]
+fn a_candidate_body_over_1_mib_gets_413() {
+    let server = Server::start("candidate-size", "", &[]);
+    let operator = server.key("acme", "o", &["operator"]);
+    let padding = format!("version: v1\n# {}\nrules: []\n", "x".repeat(1024 * 1024));
+    let (status, body) =
+        server.post("/api/v1/policy/simulate", &operator, json!({"job": ingress_job(), "policy": padding}));
+    assert_eq!((status, body["limit_bytes"].as_u64()), (413, Some(1024 * 1024)), "{body}");
+}
+
+/// A candidate policy with `n` rules, each testing `payload.name` against its own regex.
+fn regex_policy(n: usize, pattern: &str) -> String {
+    let mut text = String::from("version: v1\nrules:\n");
+    for i in 0..n {
+        text.push_str(&format!(
+            "  - id: r{i}\n    when: {{ topic: infra.x.y, name: {{ regex: '{pattern}{i}' }} }}\n    decision: deny\n"
+        ));
+    }
+    text
+}
+
+#[test]
+fn heavy_candidate_regexes_are_refused_within_the_policy_budget() {
+    let server = Server::start("candidate-regex", "", &[]);
+    let operator = server.key("acme", "o", &["operator"]);
+    // Each regex is under the per-regex limit; together they are far over the policy's budget.
+    let heavy = regex_policy(200, "\\w{10}\\d{10}");
+    let started = Instant::now();
+    let (status, body) =
+        server.post("/api/v1/policy/simulate", &operator, json!({"job": ingress_job(), "policy": heavy}));
+    let took = started.elapsed();
+    assert_eq!((status, body["error"].as_str()), (422, Some("over_budget")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("regexes need more than"), "{body}");
+    assert!(took < Duration::from_millis(2500), "refusing took {took:?}");
+    // A modest one is answered.
+    let (status, body) = server.post(
+        "/api/v1/policy/simulate",
+        &operator,
+        json!({"job": ingress_job(), "policy": regex_policy(20, "^db-[a-z]+-")}),
+    );
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn a_candidate_over_the_time_budget_gets_422() {
+    let server = Server::start("candidate-time", "dry_run: { budget_ms: 1 }\n", &[]);
+    let operator = server.key("acme", "o", &["operator"]);
+    let (status, body) = server.post(
+        "/api/v1/policy/explain",
+        &operator,
+        json!({"job": ingress_job(), "policy": regex_policy(3000, "^x")}),
+    );
+    assert_eq!((status, body["error"].as_str()), (422, Some("over_budget")), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("time budget"), "{body}");
+}
