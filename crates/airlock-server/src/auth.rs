@@ -4,12 +4,13 @@
 //! name) and the roles.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use airlock_core::ids::{KeyId, TenantId};
 use airlock_core::role::{Role, Roles};
-use axum::extract::FromRequestParts;
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use sha2::{Digest, Sha256};
@@ -123,6 +124,94 @@ fn unauthorized(message: &str) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
 }
 
+/// Length of the window in which failed authentications from one source are counted.
+const AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Sources tracked at once; past it, sources whose window ended are forgotten first.
+const AUTH_FAILURE_SOURCES_MAX: usize = 65_536;
+
+/// How many characters of a presented key a log line shows: the `ak_` prefix and a few hex
+/// digits, enough to tell keys apart in an investigation and far too few to use.
+const LOGGED_KEY_CHARS: usize = 7;
+
+/// Failed authentications per source address in the current window: a source past
+/// `auth_failures_per_minute` gets 429 for every key it presents until the window ends, so
+/// that guessing keys from one address stops after a burst (IPv6 sources count per /64).
+#[derive(Default)]
+pub struct AuthFailures(Mutex<HashMap<IpAddr, (Instant, u32)>>);
+
+/// The address a source is counted under.
+fn source_of(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut octets = v6.octets();
+                octets.iter_mut().skip(8).for_each(|o| *o = 0);
+                IpAddr::from(octets)
+            }
+        },
+        v4 => v4,
+    }
+}
+
+impl AuthFailures {
+    /// When the source is over the limit: how long until its window ends.
+    fn blocked(&self, source: IpAddr, limit: u32, now: Instant) -> Option<Duration> {
+        let failures = self.0.lock().ok()?;
+        let (start, count) = failures.get(&source)?;
+        let ends = *start + AUTH_FAILURE_WINDOW;
+        (*count >= limit && ends > now).then(|| ends - now)
+    }
+
+    /// Counts one failure.
+    fn record(&self, source: IpAddr, now: Instant) {
+        let Ok(mut failures) = self.0.lock() else { return };
+        if failures.len() >= AUTH_FAILURE_SOURCES_MAX && !failures.contains_key(&source) {
+            failures.retain(|_, (start, _)| *start + AUTH_FAILURE_WINDOW > now);
+            if failures.len() >= AUTH_FAILURE_SOURCES_MAX {
+                failures.clear();
+            }
+        }
+        let entry = failures.entry(source).or_insert((now, 0));
+        if entry.0 + AUTH_FAILURE_WINDOW <= now {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+    }
+}
+
+/// Why a presented key was refused.
+enum Refusal {
+    /// The header is not `Bearer <key>`, or no key has that secret, or it was revoked.
+    Failed(ApiError, Option<KeyId>),
+    /// Not the key's fault (the store failed).
+    Other(ApiError),
+}
+
+async fn authenticate(token: &str, state: &AppState) -> Result<Caller, Refusal> {
+    let presented = hash_key(token);
+    if let Some(caller) = state.keys().get(&presented) {
+        return Ok(caller);
+    }
+    let key = state
+        .store()
+        .key_by_secret(&presented)
+        .await
+        .map_err(|e| Refusal::Other(e.into()))?
+        .ok_or_else(|| Refusal::Failed(unauthorized("unknown API key"), None))?;
+    if !constant_time_eq(&key.secret_hash, &presented) {
+        return Err(Refusal::Failed(unauthorized("unknown API key"), None));
+    }
+    if key.revoked_at.is_some() {
+        return Err(Refusal::Failed(unauthorized("this API key was revoked"), Some(key.id)));
+    }
+    let principal = key.principal().to_owned();
+    let caller = Caller { key_id: key.id, tenant: key.tenant, principal, roles: key.roles };
+    state.keys().put(presented, caller.clone());
+    Ok(caller)
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
@@ -131,35 +220,71 @@ impl FromRequestParts<AppState> for Caller {
             .headers
             .get(header::AUTHORIZATION)
             .ok_or_else(|| unauthorized("missing `Authorization: Bearer <key>` header"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| unauthorized("the `Authorization` header must be `Bearer <key>`"))?;
-        let presented = hash_key(token);
-        if let Some(caller) = state.keys().get(&presented) {
-            return Ok(caller);
+        let source = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| source_of(c.0.ip()));
+        let limit = state.config().auth_failures_per_minute;
+        let now = Instant::now();
+        if let Some(wait) = source.and_then(|s| state.auth_failures().blocked(s, limit, now)) {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_auth_failures",
+                format!("more than {limit} failed authentications from this address in a minute; wait"),
+            )
+            .retry_after(wait.as_secs() + 1));
         }
-        let key =
-            state.store().key_by_secret(&presented).await?.ok_or_else(|| unauthorized("unknown API key"))?;
-        if !constant_time_eq(&key.secret_hash, &presented) {
-            return Err(unauthorized("unknown API key"));
+        let token = header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).map(str::trim);
+        let outcome = match token.filter(|t| !t.is_empty()) {
+            None => {
+                Err(Refusal::Failed(unauthorized("the `Authorization` header must be `Bearer <key>`"), None))
+            }
+            Some(token) => authenticate(token, state).await,
+        };
+        match outcome {
+            Ok(caller) => Ok(caller),
+            Err(Refusal::Other(e)) => Err(e),
+            Err(Refusal::Failed(e, key_id)) => {
+                let shown: String = token.unwrap_or_default().chars().take(LOGGED_KEY_CHARS).collect();
+                tracing::warn!(
+                    source = %source.map_or_else(|| "unknown".to_owned(), |s| s.to_string()),
+                    key_prefix = %shown,
+                    key_id = %key_id.map_or_else(String::new, |id| id.to_string()),
+                    "authentication failed"
+                );
+                if let Some(source) = source {
+                    state.auth_failures().record(source, now);
+                }
+                Err(e)
+            }
         }
-        if key.revoked_at.is_some() {
-            return Err(unauthorized("this API key was revoked"));
-        }
-        let principal = key.principal().to_owned();
-        let caller = Caller { key_id: key.id, tenant: key.tenant, principal, roles: key.roles };
-        state.keys().put(presented, caller.clone());
-        Ok(caller)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_block_a_source_for_the_rest_of_its_window() {
+        let failures = AuthFailures::default();
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(failures.blocked(a, 3, t0), None);
+            failures.record(a, t0);
+        }
+        assert_eq!(failures.blocked(a, 3, t0 + Duration::from_secs(10)), Some(Duration::from_secs(50)));
+        assert_eq!(failures.blocked(b, 3, t0), None, "per source");
+        assert_eq!(failures.blocked(a, 3, t0 + AUTH_FAILURE_WINDOW), None, "the window ends");
+        failures.record(a, t0 + AUTH_FAILURE_WINDOW);
+        assert_eq!(failures.blocked(a, 3, t0 + AUTH_FAILURE_WINDOW), None, "a new window starts at 1");
+    }
+
+    #[test]
+    fn sources_are_addresses_and_ipv6_prefixes() {
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(source_of(mapped), "10.0.0.1".parse::<IpAddr>().unwrap());
+        let v6: IpAddr = "2001:db8:1:2:3:4:5:6".parse().unwrap();
+        assert_eq!(source_of(v6), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+    }
 
     #[test]
     fn keys_are_random_and_hashes_compare() {

@@ -145,6 +145,8 @@ pub struct Config {
     pub http: crate::listener::HttpLimits,
     /// What a dry-run with a candidate policy may cost.
     pub dry_run: DryRunLimits,
+    /// Failed authentications from one source address in a minute before it gets 429.
+    pub auth_failures_per_minute: u32,
 }
 
 /// The budget of a dry-run (simulate, explain, diff) with a candidate policy (config section
@@ -193,6 +195,7 @@ impl Default for Config {
             remote_safety: None,
             http: crate::listener::HttpLimits::default(),
             dry_run: DryRunLimits::default(),
+            auth_failures_per_minute: defaults::AUTH_FAILURES_PER_MINUTE,
         }
     }
 }
@@ -420,6 +423,7 @@ struct Inner {
     refreshing: tokio::sync::Mutex<()>,
     /// One permit per request being served (`http.in_flight_max`).
     in_flight_slots: tokio::sync::Semaphore,
+    auth_failures: crate::auth::AuthFailures,
 }
 
 impl AppState {
@@ -441,6 +445,7 @@ impl AppState {
             keys: crate::auth::KeyCache::default(),
             refreshing: tokio::sync::Mutex::new(()),
             in_flight_slots,
+            auth_failures: crate::auth::AuthFailures::default(),
         }))
     }
 
@@ -471,6 +476,11 @@ impl AppState {
     /// The slots of requests being served: a request that finds none is shed.
     pub fn in_flight_slots(&self) -> &tokio::sync::Semaphore {
         &self.0.in_flight_slots
+    }
+
+    /// Failed authentications by source address.
+    pub fn auth_failures(&self) -> &crate::auth::AuthFailures {
+        &self.0.auth_failures
     }
 
     /// Keys recently authenticated.

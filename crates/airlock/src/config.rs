@@ -34,6 +34,8 @@
 //!   candidate_bytes_max: 1048576
 //!   budget_ms: 2000                # compile + evaluate, off the async threads; over → 422
 //!   regex_bytes_max: 4194304       # all the candidate's regexes, compiled
+//! auth:
+//!   failures_per_minute: 20        # per source address; then 429 until the minute ends
 //! ```
 
 use std::time::Duration;
@@ -220,6 +222,15 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                     }
                 }
             }
+            "auth" => {
+                for (key, v) in entries(value, &mut errors) {
+                    let Some(n) = positive(v, &mut errors) else { continue };
+                    match key.text.as_str() {
+                        "failures_per_minute" => config.auth_failures_per_minute = small(n),
+                        _ => unknown(key, &["failures_per_minute"], &mut errors),
+                    }
+                }
+            }
             _ => unknown(
                 section,
                 &[
@@ -234,6 +245,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                     "pools",
                     "http",
                     "dry_run",
+                    "auth",
                 ],
                 &mut errors,
             ),

@@ -5,6 +5,7 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ const ADMIN: &str = "hardening-admin-key-0123456789";
 struct Server {
     child: Child,
     addr: String,
+    data: PathBuf,
 }
 
 impl Server {
@@ -46,9 +48,9 @@ impl Server {
             .arg(&config_file)
             .args(extra)
             .env("AIRLOCK_ADMIN_KEY", ADMIN)
-            .env("RUST_LOG", "error")
+            .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(std::fs::File::create(data.join("server.log")).unwrap());
         let mut child = command.spawn().unwrap();
         let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
@@ -60,7 +62,7 @@ impl Server {
             .unwrap_or_else(|| panic!("no address in `{line}`"))
             .to_owned();
         std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-        Self { child, addr }
+        Self { child, addr, data }
     }
 
     fn post(&self, path: &str, key: &str, body: Value) -> (u16, Value) {
@@ -69,6 +71,11 @@ impl Server {
 
     fn key(&self, tenant: &str, name: &str, roles: &[&str]) -> String {
         support::key(&self.addr, ADMIN, tenant, name, roles)
+    }
+
+    /// What the server logged so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.data.join("server.log")).unwrap()
     }
 
     /// SIGTERM, and how long the process took to exit (and whether it exited 0).
@@ -368,4 +375,52 @@ fn a_candidate_over_the_time_budget_gets_422() {
     );
     assert_eq!((status, body["error"].as_str()), (422, Some("over_budget")), "{body}");
     assert!(body["message"].as_str().unwrap().contains("time budget"), "{body}");
+}
+
+/// A raw request's status line and lower-cased headers.
+fn head(text: &str) -> (String, String) {
+    let (status, rest) = text.split_once("\r\n").unwrap_or((text, ""));
+    (status.to_owned(), rest.split("\r\n\r\n").next().unwrap_or_default().to_ascii_lowercase())
+}
+
+#[test]
+fn unauthenticated_answers_carry_www_authenticate() {
+    let server = Server::start("www-auth", "", &[]);
+    for auth in ["", "authorization: Basic Zm9vOmJhcg==\r\n", "authorization: Bearer ak_nope\r\n"] {
+        let text = raw(
+            &server.addr,
+            &format!("GET /api/v1/jobs HTTP/1.1\r\nhost: x\r\n{auth}connection: close\r\n\r\n"),
+        );
+        let (status, headers) = head(&text);
+        assert!(status.starts_with("HTTP/1.1 401"), "{text}");
+        assert!(headers.contains("www-authenticate: bearer"), "{text}");
+    }
+}
+
+#[test]
+fn failed_authentications_are_logged_and_rate_limited_per_source() {
+    let server = Server::start("auth-limit", "auth: { failures_per_minute: 5 }\n", &[]);
+    let good = server.key("acme", "s", &["submitter"]);
+    let guess = |n: usize| format!("ak_{n:064x}");
+    for n in 0..5 {
+        let (status, body) = support::get(&server.addr, "/api/v1/jobs", &guess(n));
+        assert_eq!(status, 401, "{body}");
+    }
+    let text = raw(
+        &server.addr,
+        &format!(
+            "GET /api/v1/jobs HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\nconnection: close\r\n\r\n",
+            guess(5)
+        ),
+    );
+    let (status, headers) = head(&text);
+    assert!(status.starts_with("HTTP/1.1 429"), "{text}");
+    assert!(headers.contains("retry-after: "), "{text}");
+    // While the address is blocked, no key from it is checked: no oracle for a guess.
+    let (status, body) = support::get(&server.addr, "/api/v1/jobs", &good);
+    assert_eq!((status, body["error"].as_str()), (429, Some("too_many_auth_failures")), "{body}");
+    let log = server.log();
+    assert_eq!(log.matches("authentication failed").count(), 5, "{log}");
+    assert!(log.contains("key_prefix=ak_0000"), "{log}");
+    assert!(!log.contains(&guess(1)), "a presented key is never logged whole: {log}");
 }
