@@ -686,6 +686,20 @@ impl Compiler<'_> {
                 self.error_help(item.span, format!("unknown risk class `{text}`"), help);
                 continue;
             }
+            if matches!(field, Field::Topic | Field::Env | Field::Tenant)
+                && text != text.trim().to_ascii_lowercase()
+            {
+                self.diagnostics.push(
+                    Diagnostic::warning(
+                        item.span,
+                        format!(
+                            "`{text}` can never match: `{field}` values are trimmed and lower-cased before \
+                             any rule sees them"
+                        ),
+                    )
+                    .with_help(format!("write `{}`", text.trim().to_ascii_lowercase())),
+                );
+            }
             match self.glob(item.span, &text) {
                 Some(g) => globs.push(g),
                 None => ok = false,
@@ -714,7 +728,10 @@ impl Compiler<'_> {
             Kind::Bool(b) => Some(Literal::Bool(*b)),
             Kind::Int(i) => Some(Literal::Int(*i)),
             Kind::Float(f) if f.is_finite() => Some(Literal::Float(*f)),
-            Kind::Str(s) => Some(Literal::Str(s.clone())),
+            Kind::Str(s) => {
+                self.lookalike_warning(node.span, field, s);
+                Some(Literal::Str(s.clone()))
+            }
             other => {
                 let found =
                     if matches!(other, Kind::Float(_)) { "a non-finite number" } else { other.describe() };
@@ -725,6 +742,32 @@ impl Compiler<'_> {
                 );
                 None
             }
+        }
+    }
+
+    /// Warns on an equality test whose literal is a network or a number written as a string:
+    /// a deny rule written that way lets through every variant that is another string for the
+    /// same thing (` 0.0.0.0/0`, `0.0.0.0/00`, `::/0`; `100` for `"100"`).
+    fn lookalike_warning(&mut self, span: Span, field: &Field, text: &str) {
+        if Net::parse_lenient(text.trim()).is_ok() {
+            self.diagnostics.push(
+                Diagnostic::warning(
+                    span,
+                    format!(
+                        "`{field}` is compared as text with `{text}`, which is a network: variants such as \
+                         ` {text}`, a zero-padded prefix or the IPv6 form are other strings and slip past"
+                    ),
+                )
+                .with_help("use `{ cidr_overlaps: ... }` or `{ cidr_within: ... }`, which compare networks"),
+            );
+        } else if matches!(field, Field::Payload(_)) && text.trim().parse::<f64>().is_ok() {
+            self.diagnostics.push(
+                Diagnostic::warning(
+                    span,
+                    format!("`{field}` is compared with the string `\"{text}\"`, which is a number: the JSON number is another value and slips past"),
+                )
+                .with_help("compare numbers with an unquoted literal or `gte`/`lte`"),
+            );
         }
     }
 

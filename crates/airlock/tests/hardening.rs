@@ -424,3 +424,92 @@ fn failed_authentications_are_logged_and_rate_limited_per_source() {
     assert!(log.contains("key_prefix=ak_0000"), "{log}");
     assert!(!log.contains(&guess(1)), "a presented key is never logged whole: {log}");
 }
+
+/// The repository's example policies.
+fn example(name: &str) -> String {
+    format!("{}/../../examples/policies/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn submit(server: &Server, key: &str, topic: &str, env: &str, cidr: Value) -> (u16, Value) {
+    server.post("/api/v1/jobs", key, json!({"topic": topic, "env": env, "payload": {"cidr": cidr}}))
+}
+
+#[test]
+fn case_padding_and_lists_cannot_slip_past_the_seed_deny() {
+    let server = Server::start("seed-variants", "", &[]);
+    let agent = server.key("acme", "agent", &["submitter"]);
+    let sg = "infra.security_group.update";
+    for (topic, env, cidr) in [
+        (sg, "Production", json!("0.0.0.0/0")),
+        (sg, " production ", json!("0.0.0.0/0")),
+        ("INFRA.security_group.update", "production", json!("0.0.0.0/0")),
+        (sg, "production", json!(["0.0.0.0/0"])),
+    ] {
+        let (status, body) = submit(&server, &agent, topic, env, cidr.clone());
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (403, Some("policy_denied")),
+            "{topic} {env:?} {cidr}: {body}"
+        );
+    }
+    // Accepted jobs are stored normalised.
+    let (status, body) = submit(&server, &agent, "Infra.VM.Create", " Staging", json!("10.0.0.0/8"));
+    assert_eq!(status, 202, "{body}");
+    let (_, job) =
+        support::get(&server.addr, &format!("/api/v1/jobs/{}", body["job_id"].as_str().unwrap()), &agent);
+    assert_eq!(
+        (job["topic"].as_str(), job["env"].as_str()),
+        (Some("infra.vm.create"), Some("staging")),
+        "{job}"
+    );
+    let (status, body) = submit(&server, &agent, "infra.vm.create", "stag ing", json!("10.0.0.0/8"));
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["fields"][0]["field"], "env", "{body}");
+}
+
+#[test]
+fn the_hardened_seed_denies_every_variant_of_the_issue() {
+    let policy = example("seed-hardened.yaml");
+    let server = Server::start("hardened", "", &["--policy", &policy]);
+    let agent = server.key("acme", "agent", &["submitter"]);
+    let sg = "infra.security_group.update";
+    for cidr in [
+        json!(" 0.0.0.0/0"),
+        json!("0.0.0.0/00"),
+        json!(["0.0.0.0/0"]),
+        json!("::/0"),
+        json!("010.0.0.0/8"),
+        json!("10.0.0.0/8\n"),
+        json!("::ffff:8.8.8.8"),
+        json!(["10.0.0.0/8", "0.0.0.0/0"]),
+    ] {
+        let (status, body) = submit(&server, &agent, sg, "production", cidr.clone());
+        assert_eq!((status, body["error"].as_str()), (403, Some("policy_denied")), "{cidr}: {body}");
+    }
+    for cidr in [json!("10.1.0.0/16"), json!("::ffff:10.0.0.1")] {
+        let (status, body) = submit(&server, &agent, sg, "production", cidr.clone());
+        assert_eq!(status, 202, "{cidr}: {body}");
+    }
+}
+
+#[test]
+fn policy_check_warns_on_the_seed_text_comparison() {
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["policy", "check", &example("seed.yaml")])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "warnings do not fail the check: {text}");
+    assert!(text.contains("`0.0.0.0/0`, which is a network"), "{text}");
+    assert!(text.contains("cidr_overlaps"), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["policy", "check", &example("seed-hardened.yaml")])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
