@@ -130,6 +130,25 @@ pub async fn create_key_with_secret(
     actor: &str,
     secret: String,
 ) -> Result<(KeyId, String), ApiError> {
+    mint(store, key, actor, secret, "key.created").await
+}
+
+/// `airlock admin recover`: a new platform admin key, minted offline by someone with access to
+/// the data directory, and audited as a recovery in the platform tenant's chain.
+pub async fn recover_admin(store: &dyn Store, at: airlock_core::Millis) -> Result<(KeyId, String), ApiError> {
+    let tenant: TenantId = TenantId::PLATFORM.parse().map_err(ApiError::internal)?;
+    let roles = [Role::Admin].into_iter().collect();
+    let key = NewKey { tenant, name: format!("recovered-admin-{at}"), principal: None, roles };
+    mint(store, key, "airlock admin recover", generate_key()?, "key.recovered").await
+}
+
+async fn mint(
+    store: &dyn Store,
+    key: NewKey,
+    actor: &str,
+    secret: String,
+    kind: &str,
+) -> Result<(KeyId, String), ApiError> {
     let now = now_ms();
     let id = KeyId::generate(now, random_bytes()?);
     let principal = key.principal.filter(|p| *p != key.name);
@@ -145,7 +164,7 @@ pub async fn create_key_with_secret(
     };
     let draft = Draft {
         at: now,
-        kind: "key.created".into(),
+        kind: kind.into(),
         subject: id.to_string(),
         actor: actor.to_owned(),
         data: json!({"name": record.name, "principal": record.principal(), "roles": record.roles.to_string()}),
@@ -194,7 +213,12 @@ pub async fn revoke(
         actor: caller.principal.clone(),
         data: json!({"name": key.name}),
     };
-    let revoked = state.store().revoke_key(&id, now, draft).await?;
+    let revoked = match state.store().revoke_key(&id, now, draft).await {
+        Err(StoreError::Conflict(m)) if m == airlock_store::LAST_PLATFORM_ADMIN => {
+            return Err(ApiError::new(StatusCode::CONFLICT, "last_platform_admin", m));
+        }
+        other => other?,
+    };
     state.keys().clear();
     Ok(Json(wire::key(&revoked)))
 }

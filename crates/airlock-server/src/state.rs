@@ -147,6 +147,8 @@ pub struct Config {
     pub dry_run: DryRunLimits,
     /// Failed authentications from one source address in a minute before it gets 429.
     pub auth_failures_per_minute: u32,
+    /// Whether `/metrics` needs a valid key (`metrics.require_key`).
+    pub metrics_require_key: bool,
 }
 
 /// The budget of a dry-run (simulate, explain, diff) with a candidate policy (config section
@@ -196,6 +198,7 @@ impl Default for Config {
             http: crate::listener::HttpLimits::default(),
             dry_run: DryRunLimits::default(),
             auth_failures_per_minute: defaults::AUTH_FAILURES_PER_MINUTE,
+            metrics_require_key: false,
         }
     }
 }

@@ -74,6 +74,14 @@ pub struct KeyRecord {
 
 impl KeyRecord {
     /// The principal the key authenticates as: its `principal`, or else its name.
+    /// Whether the key is a live admin of the platform tenant: the keys of which at least one
+    /// must remain, so that nobody can lock every administrator out.
+    pub fn is_live_platform_admin(&self) -> bool {
+        self.revoked_at.is_none()
+            && self.tenant.as_str() == TenantId::PLATFORM
+            && self.roles.allows(airlock_core::role::Role::Admin)
+    }
+
     pub fn principal(&self) -> &str {
         self.principal.as_deref().unwrap_or(&self.name)
     }
@@ -469,6 +477,9 @@ pub struct AuditPage {
     pub head: Option<(u64, String)>,
 }
 
+/// The conflict message of revoking the last live platform admin key.
+pub const LAST_PLATFORM_ADMIN: &str = "the last platform admin key cannot be revoked; create another first";
+
 /// Every durable operation Airlock needs. One of the two I/O seams (the other is the bus).
 #[async_trait::async_trait]
 pub trait Store: Send + Sync {
@@ -480,7 +491,10 @@ pub trait Store: Send + Sync {
     async fn key_by_secret(&self, secret_hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError>;
     /// Keys, of one tenant or all.
     async fn keys(&self, tenant: Option<&TenantId>) -> Result<Vec<KeyRecord>, StoreError>;
-    /// Revokes a key; `NotFound` when it does not exist or is already revoked.
+    /// Revokes a key; `NotFound` when it does not exist or is already revoked, and
+    /// [`StoreError::Conflict`] with [`LAST_PLATFORM_ADMIN`] when it is the last live platform
+    /// admin key (checked in the revoking transaction, so two concurrent revocations of the last
+    /// two cannot both pass).
     async fn revoke_key(&self, id: &KeyId, at: Millis, audit: Draft) -> Result<KeyRecord, StoreError>;
 
     /// Publishes a policy as the next version and makes it active.

@@ -1712,6 +1712,16 @@ async fn create_key(tx: &Tx<'_>, key: &KeyRecord, audit: &Draft) -> Result<(), F
 }
 
 async fn revoke_key(tx: &Tx<'_>, id: &str, at: Millis, audit: &Draft) -> Result<KeyRecord, Fail> {
+    // Row locks on every live platform key: a concurrent revocation waits here, then sees this
+    // one's result, so two revocations of the last two admins cannot both pass.
+    let sql =
+        format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant = $1 AND revoked_at IS NULL FOR UPDATE");
+    let platform: Vec<KeyRecord> =
+        tx.query(&sql, &[&TenantId::PLATFORM]).await?.iter().map(key_from_row).collect::<Result<_, _>>()?;
+    let admins: Vec<&KeyRecord> = platform.iter().filter(|k| k.is_live_platform_admin()).collect();
+    if admins.iter().any(|k| k.id.as_str() == id) && admins.len() == 1 {
+        return Err(StoreError::Conflict(crate::LAST_PLATFORM_ADMIN.into()).into());
+    }
     let changed = tx
         .execute("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL", &[&at, &id])
         .await?;

@@ -1105,3 +1105,54 @@ async fn writes_decided_under_a_superseded_snapshot_are_refused() {
         );
     }
 }
+
+/// Issue 11: the last live platform admin key cannot be revoked, even by two revocations of the
+/// last two racing each other; tenant admins and other platform keys are not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_last_platform_admin_key_cannot_be_revoked() {
+    for (name, store, _schema) in stores().await {
+        let platform = tenant(TenantId::PLATFORM);
+        let key = |tenant: &TenantId, name: &str, roles: &[Role]| KeyRecord {
+            id: KeyId::generate(1, random()),
+            tenant: tenant.clone(),
+            name: name.into(),
+            roles: roles.iter().copied().collect::<Roles>(),
+            secret_hash: random_hash(),
+            created_at: 1,
+            revoked_at: None,
+            principal: None,
+        };
+        let admins = [key(&platform, "admin-a", &[Role::Admin]), key(&platform, "admin-b", &[Role::Admin])];
+        let others =
+            [key(&platform, "ops", &[Role::Operator]), key(&tenant("acme"), "tenant-admin", &[Role::Admin])];
+        for k in admins.iter().chain(&others) {
+            store.create_key(k.clone(), draft("key.created", k.id.as_str())).await.unwrap();
+        }
+        let revoke = |k: &KeyRecord| {
+            let (store, id) = (Arc::clone(&store), k.id.clone());
+            tokio::spawn(async move { store.revoke_key(&id, 5, draft("key.revoked", id.as_str())).await })
+        };
+        let (a, b) = (revoke(&admins[0]), revoke(&admins[1]));
+        let results = [a.await.unwrap(), b.await.unwrap()];
+        let refused = results
+            .iter()
+            .filter(|r| matches!(r, Err(StoreError::Conflict(m)) if m == airlock_store::LAST_PLATFORM_ADMIN))
+            .count();
+        assert_eq!((refused, results.iter().filter(|r| r.is_ok()).count()), (1, 1), "{name}: {results:?}");
+        let live: Vec<KeyRecord> = store
+            .keys(Some(&platform))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(KeyRecord::is_live_platform_admin)
+            .collect();
+        assert_eq!(live.len(), 1, "{name}");
+        for k in &others {
+            store.revoke_key(&k.id, 6, draft("key.revoked", k.id.as_str())).await.unwrap();
+        }
+    }
+}
+
+fn random_hash() -> [u8; 32] {
+    [NEXT.fetch_add(1, Ordering::Relaxed); 32]
+}

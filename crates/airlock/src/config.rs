@@ -36,6 +36,8 @@
 //!   regex_bytes_max: 4194304       # all the candidate's regexes, compiled
 //! auth:
 //!   failures_per_minute: 20        # per source address; then 429 until the minute ends
+//! metrics:
+//!   require_key: false             # true: /metrics needs `Authorization: Bearer <key>`
 //! ```
 
 use std::time::Duration;
@@ -231,6 +233,18 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                     }
                 }
             }
+            "metrics" => {
+                for (key, v) in entries(value, &mut errors) {
+                    match (key.text.as_str(), &v.kind) {
+                        ("require_key", Kind::Bool(b)) => config.metrics_require_key = *b,
+                        ("require_key", other) => errors.push(Diagnostic::error(
+                            v.span,
+                            format!("expected `true` or `false`, found {}", other.describe()),
+                        )),
+                        _ => unknown(key, &["require_key"], &mut errors),
+                    }
+                }
+            }
             _ => unknown(
                 section,
                 &[
@@ -246,6 +260,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                     "http",
                     "dry_run",
                     "auth",
+                    "metrics",
                 ],
                 &mut errors,
             ),

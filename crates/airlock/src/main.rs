@@ -1,5 +1,6 @@
 //! The `airlock` binary: the single entry point for every role and every tool.
 
+mod admin_cmd;
 mod audit_cmd;
 mod bench_cmd;
 mod client_cmd;
@@ -55,6 +56,9 @@ enum Command {
     Bench(bench_cmd::BenchCommand),
     /// Run a command per job for a worker pool (job JSON on stdin, result on stdout).
     Worker(worker_cmd::WorkerArgs),
+    /// Offline administration of a data directory (recover a platform admin key).
+    #[command(subcommand)]
+    Admin(admin_cmd::AdminCommand),
 }
 
 /// How results are printed.
@@ -89,5 +93,6 @@ fn main() -> ExitCode {
         Command::Audit(command) => audit_cmd::run(command),
         Command::Bench(command) => bench_cmd::run(command),
         Command::Worker(args) => worker_cmd::run(args),
+        Command::Admin(command) => admin_cmd::run(command),
     }
 }

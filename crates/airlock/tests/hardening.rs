@@ -29,7 +29,11 @@ impl Server {
 
     /// With `file_limit`, the server runs under `ulimit -n` of that many descriptors.
     fn start_with(name: &str, config: &str, extra: &[&str], file_limit: Option<u32>) -> Self {
-        let data = support::temp_dir(&format!("harden-{name}"));
+        Self::start_in(support::temp_dir(&format!("harden-{name}")), config, extra, file_limit)
+    }
+
+    /// A server on `data` (its store is `data/store`), which may hold an earlier server's state.
+    fn start_in(data: PathBuf, config: &str, extra: &[&str], file_limit: Option<u32>) -> Self {
         let config_file = data.join("config.yaml");
         std::fs::write(&config_file, config).unwrap();
         let bin = env!("CARGO_BIN_EXE_airlock");
@@ -50,7 +54,9 @@ impl Server {
             .env("AIRLOCK_ADMIN_KEY", ADMIN)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(data.join("server.log")).unwrap());
+            .stderr(
+                std::fs::OpenOptions::new().create(true).append(true).open(data.join("server.log")).unwrap(),
+            );
         let mut child = command.spawn().unwrap();
         let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
@@ -512,4 +518,125 @@ fn policy_check_warns_on_the_seed_text_comparison() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A raw request with `method`, `path` and `key`: the status code and the body.
+fn request(addr: &str, method: &str, path: &str, key: &str) -> (u16, Value) {
+    let text = raw(
+        addr,
+        &format!(
+            "{method} {path} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        ),
+    );
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+fn platform_admin_ids(server: &Server, admin: &str) -> Vec<String> {
+    let (_, keys) = support::get(&server.addr, "/api/v1/keys", admin);
+    keys["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["tenant"] == "platform" && k["revoked_at"].is_null())
+        .map(|k| k["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn the_last_platform_admin_key_cannot_be_revoked() {
+    let server = Server::start("last-admin", "", &[]);
+    let only = platform_admin_ids(&server, ADMIN);
+    assert_eq!(only.len(), 1);
+    let (status, body) = request(&server.addr, "DELETE", &format!("/api/v1/keys/{}", only[0]), ADMIN);
+    assert_eq!((status, body["error"].as_str()), (409, Some("last_platform_admin")), "{body}");
+    let second = server.key("platform", "second-admin", &["admin"]);
+    let (status, body) = request(&server.addr, "DELETE", &format!("/api/v1/keys/{}", only[0]), &second);
+    assert_eq!(status, 200, "with another admin the first may go: {body}");
+    let left = platform_admin_ids(&server, &second);
+    let (status, body) = request(&server.addr, "DELETE", &format!("/api/v1/keys/{}", left[0]), &second);
+    assert_eq!((status, body["error"].as_str()), (409, Some("last_platform_admin")), "{body}");
+}
+
+#[test]
+fn admin_recover_mints_an_audited_key_offline() {
+    let mut server = Server::start("recover", "", &[]);
+    let data = server.data.clone();
+    server.terminate();
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["admin", "recover", "--data"])
+        .arg(data.join("store"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let key = stdout.rsplit(' ').next().unwrap().trim().to_owned();
+    assert!(key.starts_with("ak_"), "{stdout}");
+    let server = Server::start_in(data, "", &[], None);
+    let (status, body) = support::get(&server.addr, "/api/v1/keys", &key);
+    assert_eq!(status, 200, "the recovered key is a platform admin: {body}");
+    let (_, audit) = support::get(&server.addr, "/api/v1/audit?tenant=platform&limit=500", &key);
+    let recovered: Vec<&Value> =
+        audit["records"].as_array().unwrap().iter().filter(|r| r["kind"] == "key.recovered").collect();
+    assert_eq!(recovered.len(), 1, "{audit}");
+    assert_eq!(recovered[0]["actor"], "airlock admin recover");
+    let missing = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["admin", "recover", "--data", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no Airlock store in `/nonexistent`"));
+}
+
+#[test]
+fn fault_injection_is_audited() {
+    let server = Server::start("fault-audit", "", &["--enable-fault-injection"]);
+    let (status, _) = server.post("/api/v1/admin/faults", ADMIN, json!({"safety": "unavailable"}));
+    assert_eq!(status, 200);
+    let (_, audit) = support::get(&server.addr, "/api/v1/audit?tenant=platform&limit=500", ADMIN);
+    let records = audit["records"].as_array().unwrap();
+    let fault =
+        records.iter().find(|r| r["kind"] == "safety.fault_injected").unwrap_or_else(|| panic!("{audit}"));
+    assert_eq!(fault["data"]["safety"], "unavailable", "{fault}");
+}
+
+#[test]
+fn the_data_directory_and_its_files_are_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let server = Server::start("perms", "", &[]);
+    let agent = server.key("acme", "agent", &["submitter"]);
+    assert_eq!(submit(&server, &agent, "infra.vm.create", "dev", json!("10.0.0.0/8")).0, 202);
+    let store = server.data.join("store");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&store), 0o700, "{}", store.display());
+    let files: Vec<_> = std::fs::read_dir(&store).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(files.len() >= 2, "{files:?}");
+    for file in files {
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+}
+
+#[test]
+fn metrics_can_require_a_key_and_alerted_counters_start_at_zero() {
+    let server = Server::start("metrics-key", "metrics: { require_key: true }\n", &[]);
+    let (status, _) = request(&server.addr, "GET", "/metrics", "");
+    assert_eq!(status, 401);
+    let agent = server.key("acme", "agent", &["submitter"]);
+    let (status, text) = support::get(&server.addr, "/metrics", &agent);
+    assert_eq!(status, 200);
+    let text = text.as_str().unwrap();
+    assert!(
+        text.contains("airlock_safety_check_failures_total{gate=\"b\",reason=\"unavailable\"} 0\n"),
+        "{text}"
+    );
+    assert!(text.contains("airlock_approvals_stale_total 0\n"), "{text}");
+    assert_eq!(submit(&server, &agent, "infra.vm.create", "dev", json!("10.0.0.0/8")).0, 202);
+    let (_, text) = support::get(&server.addr, "/metrics", &agent);
+    let text = text.as_str().unwrap();
+    assert!(
+        text.contains("airlock_scheduler_input_fail_open_total{topic=\"infra.vm.create\"} 0\n"),
+        "{text}"
+    );
+    assert!(!text.contains("acme"), "tenant names never appear in metric labels: {text}");
 }
