@@ -640,3 +640,114 @@ fn metrics_can_require_a_key_and_alerted_counters_start_at_zero() {
     );
     assert!(!text.contains("acme"), "tenant names never appear in metric labels: {text}");
 }
+
+/// The Prometheus server binary (Debian's package, installed by `.ci/run`).
+const PROMETHEUS_BIN: &str = "/usr/bin/prometheus";
+
+/// A Prometheus process this test started; killed when dropped.
+struct Prometheus {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    /// Scrapes `target` every second and evaluates `rules` every second.
+    fn start(dir: &std::path::Path, target: &str, rules: &str) -> Self {
+        assert!(
+            std::path::Path::new(PROMETHEUS_BIN).exists(),
+            "{PROMETHEUS_BIN} is required for this test (Debian's `prometheus`; `.ci/run` installs it)"
+        );
+        std::fs::write(dir.join("rules.yml"), rules).unwrap();
+        std::fs::write(
+            dir.join("prometheus.yml"),
+            format!(
+                "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nrule_files: [\"{}\"]\n\
+                 scrape_configs:\n  - job_name: airlock\n    static_configs: [{{ targets: [\"{target}\"] }}]\n",
+                dir.join("rules.yml").display()
+            ),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let addr = format!("127.0.0.1:{port}");
+        let child = Command::new(PROMETHEUS_BIN)
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let prometheus = Self { child, addr };
+        assert!(
+            support::wait_reachable(&prometheus.addr, Duration::from_secs(20)),
+            "Prometheus did not start"
+        );
+        prometheus
+    }
+
+    fn api(&self, path: &str) -> Value {
+        let (status, body) = support::get(&self.addr, path, "");
+        assert_eq!(status, 200, "{path}: {body}");
+        body
+    }
+
+    /// Waits until `query` has a sample, and returns its value.
+    fn wait_for(&self, query: &str, within: Duration) -> f64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let body = self.api(&format!(
+                "/api/v1/query?query={}",
+                query.replace('"', "%22").replace('{', "%7B").replace('}', "%7D")
+            ));
+            if let Some(value) = body["data"]["result"][0]["value"][1].as_str() {
+                return value.parse().unwrap();
+            }
+            assert!(Instant::now() < deadline, "no sample of `{query}` within {within:?}: {body}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+#[test]
+fn a_real_prometheus_fires_the_seed_alert_on_the_first_fail_open_dispatch() {
+    let config = "gate_b: { fail_mode_topics: { \"infra.vm.*\": open } }\n";
+    let server = Server::start("prometheus", config, &["--enable-fault-injection"]);
+    let rules = "groups:\n  - name: airlock\n    rules:\n      - alert: AirlockFailOpenDispatch\n        \
+                 expr: 'sum(rate(airlock_scheduler_input_fail_open_total{topic=~\"infra.*\"}[5m])) > 0'\n";
+    let prometheus = Prometheus::start(&server.data, &server.addr, rules);
+    let agent = server.key("acme", "agent", &["submitter"]);
+    let worker = server.key("acme", "worker", &["worker"]);
+    assert_eq!(submit(&server, &agent, "infra.vm.create", "dev", json!("10.0.0.0/8")).0, 202);
+    // Prometheus has seen the series at 0 before the dispatch.
+    let series = "airlock_scheduler_input_fail_open_total{topic=\"infra.vm.create\"}";
+    assert_eq!(prometheus.wait_for(series, Duration::from_secs(20)), 0.0);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(server.post("/api/v1/admin/faults", ADMIN, json!({"safety": "unavailable"})).0, 200);
+    let (status, leased) = server.post("/api/v1/workers/claim", &worker, json!({"wait_ms": 2000}));
+    assert_eq!(status, 200, "the job is dispatched fail-open: {leased}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let alerts = prometheus.api("/api/v1/alerts");
+        let firing = alerts["data"]["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["labels"]["alertname"] == "AirlockFailOpenDispatch" && a["state"] == "firing");
+        if firing {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the alert did not fire on the first fail-open dispatch: {alerts}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(prometheus.wait_for(series, Duration::from_secs(5)), 1.0);
+}
