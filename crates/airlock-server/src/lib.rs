@@ -17,6 +17,7 @@ mod policy_api;
 pub mod relay;
 pub mod remote_safety;
 pub mod state;
+pub mod tls;
 pub mod wire;
 
 use std::sync::Arc;

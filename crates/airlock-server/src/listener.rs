@@ -26,6 +26,8 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tower::ServiceExt as _;
 
+use crate::tls::TlsConfig;
+
 /// The listener's limits (config section `http:`); defaults from the one defaults table.
 #[derive(Clone, Debug)]
 pub struct HttpLimits {
@@ -79,13 +81,14 @@ pub fn connection_cap(configured: usize) -> usize {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` completes,
+/// Serves `router` on `listener` (over TLS when `tls` is given) until `shutdown` completes,
 /// then stops accepting, asks every connection to close after its current request, and waits
 /// at most `limits.drain_timeout` for them.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: HttpLimits,
+    tls: Option<TlsConfig>,
     shutdown: impl Future<Output = ()>,
 ) {
     let cap = connection_cap(limits.connections_max);
@@ -107,13 +110,26 @@ pub async fn serve(
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             // Over the cap: answer without a task and close, so the refusal costs nothing more.
-            let _ = stream.try_write(REFUSAL);
+            if tls.is_none() {
+                let _ = stream.try_write(REFUSAL);
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
         let (router, limits, stopped) = (router.clone(), limits.clone(), stopped.clone());
+        let acceptor = tls.as_ref().map(TlsConfig::acceptor);
         tokio::spawn(async move {
-            connection(stream, peer, router, &limits, stopped).await;
+            match acceptor {
+                None => connection(stream, peer, router, &limits, stopped).await,
+                // The handshake counts against the header-read budget.
+                Some(acceptor) => {
+                    match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => connection(stream, peer, router, &limits, stopped).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
             drop(permit);
         });
     }

@@ -98,6 +98,40 @@ pub struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// Serve HTTPS with this certificate chain (PEM); needs `--tls-key`. SIGHUP reloads both.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS for every client.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+/// The listener's TLS from the flags, reloaded on SIGHUP; `None` without `--tls-cert`.
+fn tls_of(args: &ServeArgs) -> Result<Option<airlock_server::tls::TlsConfig>, String> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else { return Ok(None) };
+    let files = airlock_server::tls::TlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: args.tls_client_ca.clone(),
+    };
+    let tls = airlock_server::tls::TlsConfig::load(files)?;
+    let reloading = tls.clone();
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match reloading.reload() {
+                Ok(()) => tracing::info!("TLS certificate and key reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS reload failed; the previous certificate stays in use")
+                }
+            }
+        }
+    });
+    Ok(Some(tls))
 }
 
 pub fn run(args: ServeArgs) -> ExitCode {
@@ -204,6 +238,8 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             airlock_server::relay::spawn_subscriber(state.clone(), &bus, group);
         }
     }
+    let tls = tls_of(&args)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let role = match args.role {
         Role::Gateway => airlock_server::ProcessRole::Gateway,
         Role::Scheduler => airlock_server::ProcessRole::Scheduler,
@@ -217,13 +253,14 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         Some(_) => "store postgres".to_owned(),
         None => format!("data {}", args.data.display()),
     };
-    println!("airlock listening on http://{local} ({place}, policy version {version} {hash})");
+    println!("airlock listening on {scheme}://{local} ({place}, policy version {version} {hash})");
     tracing::info!(%local, data = %args.data.display(), version, %hash, "serving");
     let limits = state.config().http.clone();
     airlock_server::listener::serve(
         listener,
         airlock_server::router_for(state, role),
         limits,
+        tls,
         shutdown_signal(),
     )
     .await;
@@ -238,19 +275,22 @@ async fn serve_safety(
 ) -> Result<(), String> {
     let version = active.version;
     let limits = config.http.clone();
+    let tls = tls_of(&args)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let state = airlock_server::app_state(store, active, config);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     println!(
-        "airlock safety service listening on http://{local} (data {}, policy version {version})",
+        "airlock safety service listening on {scheme}://{local} (data {}, policy version {version})",
         args.data.display()
     );
     airlock_server::listener::serve(
         listener,
         airlock_server::safety_router(state),
         limits,
+        tls,
         shutdown_signal(),
     )
     .await;
