@@ -74,6 +74,9 @@ pub const POLICY_REGEX_BYTES_MAX: usize = airlock_policy::limits::REGEX_TOTAL_BY
 /// Failed authentications from one source address per minute before it gets 429.
 pub const AUTH_FAILURES_PER_MINUTE: u32 = 20;
 
+/// How often signed audit checkpoints are exported (`--audit-export`), when a head moved.
+pub const AUDIT_CHECKPOINT_MS: u64 = 60_000;
+
 const _: () = assert!(HTTP_IDLE_TIMEOUT_MS <= HTTP_HEADER_READ_TIMEOUT_MS);
 const _: () = assert!(HTTP_IN_FLIGHT_MAX <= HTTP_CONNECTIONS_MAX);
 const _: () = assert!(CANDIDATE_BODY_BYTES_MAX <= POLICY_BODY_BYTES_MAX);

@@ -5,6 +5,7 @@
 mod approvals;
 mod audit_api;
 pub mod auth;
+pub mod checkpoint;
 pub mod error;
 mod gate_a;
 mod gate_b;

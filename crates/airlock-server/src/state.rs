@@ -149,6 +149,8 @@ pub struct Config {
     pub auth_failures_per_minute: u32,
     /// Whether `/metrics` needs a valid key (`metrics.require_key`).
     pub metrics_require_key: bool,
+    /// How often signed audit checkpoints are exported (`audit.checkpoint_ms`).
+    pub audit_checkpoint: Duration,
 }
 
 /// The budget of a dry-run (simulate, explain, diff) with a candidate policy (config section
@@ -199,6 +201,7 @@ impl Default for Config {
             dry_run: DryRunLimits::default(),
             auth_failures_per_minute: defaults::AUTH_FAILURES_PER_MINUTE,
             metrics_require_key: false,
+            audit_checkpoint: Duration::from_millis(defaults::AUDIT_CHECKPOINT_MS),
         }
     }
 }

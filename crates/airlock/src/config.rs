@@ -38,6 +38,8 @@
 //!   failures_per_minute: 20        # per source address; then 429 until the minute ends
 //! metrics:
 //!   require_key: false             # true: /metrics needs `Authorization: Bearer <key>`
+//! audit:
+//!   checkpoint_ms: 60000           # signed checkpoints to `--audit-export`, when a head moved
 //! ```
 
 use std::time::Duration;
@@ -233,6 +235,15 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                     }
                 }
             }
+            "audit" => {
+                for (key, v) in entries(value, &mut errors) {
+                    let Some(n) = positive(v, &mut errors) else { continue };
+                    match key.text.as_str() {
+                        "checkpoint_ms" => config.audit_checkpoint = Duration::from_millis(n),
+                        _ => unknown(key, &["checkpoint_ms"], &mut errors),
+                    }
+                }
+            }
             "metrics" => {
                 for (key, v) in entries(value, &mut errors) {
                     match (key.text.as_str(), &v.kind) {
@@ -261,6 +272,7 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                     "dry_run",
                     "auth",
                     "metrics",
+                    "audit",
                 ],
                 &mut errors,
             ),

@@ -107,6 +107,23 @@ pub struct ServeArgs {
     /// Require client certificates signed by this CA (PEM): mutual TLS for every client.
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Sign audit chain heads with this Ed25519 key (PKCS#8), kept outside the store;
+    /// generated (mode 0600) when the file does not exist. Its public key is printed.
+    #[arg(long)]
+    audit_key: Option<PathBuf>,
+    /// Export signed checkpoints of every audit chain head into this directory (outside the
+    /// store), for `airlock audit verify --checkpoints`. Needs `--audit-key`.
+    #[arg(long, requires = "audit_key")]
+    audit_export: Option<PathBuf>,
+}
+
+/// The audit signer from `--audit-key`, and whether its key was generated now.
+type Signer = (Arc<airlock_server::checkpoint::AuditSigner>, bool);
+
+fn audit_signer(args: &ServeArgs) -> Result<Option<Signer>, String> {
+    let Some(path) = &args.audit_key else { return Ok(None) };
+    let (signer, created) = airlock_server::checkpoint::AuditSigner::load_or_create(path)?;
+    Ok(Some((Arc::new(signer), created)))
 }
 
 /// The listener's TLS from the flags, reloaded on SIGHUP; `None` without `--tls-cert`.
@@ -240,6 +257,16 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     }
     let tls = tls_of(&args)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
+    let signer = audit_signer(&args)?;
+    if let (Some((signer, _)), Some(dir)) = (&signer, &args.audit_export) {
+        let period = state.config().audit_checkpoint;
+        airlock_server::checkpoint::spawn_exporter(
+            Arc::clone(&store),
+            Arc::clone(signer),
+            dir.clone(),
+            period,
+        );
+    }
     let role = match args.role {
         Role::Gateway => airlock_server::ProcessRole::Gateway,
         Role::Scheduler => airlock_server::ProcessRole::Scheduler,
@@ -256,6 +283,15 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     println!("airlock listening on {scheme}://{local} ({place}, policy version {version} {hash})");
     tracing::info!(%local, data = %args.data.display(), version, %hash, "serving");
     let limits = state.config().http.clone();
+    if let Some((signer, created)) = &signer {
+        let how = if *created { "generated" } else { "loaded" };
+        let path = args.audit_key.as_deref().unwrap_or(std::path::Path::new(""));
+        println!(
+            "audit key {how} at {}; public key (for `audit verify --public-key`): {}",
+            path.display(),
+            signer.public_key_hex()
+        );
+    }
     airlock_server::listener::serve(
         listener,
         airlock_server::router_for(state, role),
@@ -264,6 +300,11 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         shutdown_signal(),
     )
     .await;
+    if let (Some((signer, _)), Some(dir)) = (&signer, &args.audit_export) {
+        // The last word: every record of this process is under a signed head.
+        let heads = airlock_server::checkpoint::heads(&*store).await.map_err(|e| e.to_string())?;
+        airlock_server::checkpoint::export(signer, dir, airlock_server::state::now_ms(), &heads)?;
+    }
     Ok(())
 }
 

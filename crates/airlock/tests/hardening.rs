@@ -67,7 +67,8 @@ impl Server {
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or_else(|| panic!("no address in `{line}`"))
             .to_owned();
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        let mut stdout = std::fs::File::create(data.join("stdout.log")).unwrap();
+        std::thread::spawn(move || std::io::copy(&mut out, &mut stdout));
         Self { child, addr, data }
     }
 
@@ -750,4 +751,151 @@ fn a_real_prometheus_fires_the_seed_alert_on_the_first_fail_open_dispatch() {
         std::thread::sleep(Duration::from_millis(250));
     }
     assert_eq!(prometheus.wait_for(series, Duration::from_secs(5)), 1.0);
+}
+
+/// `airlock audit verify --data DIR [ARGS]`: whether it passed, and what it printed.
+fn audit_verify(data: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["audit", "verify", "--data"])
+        .arg(data)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+/// A copy of a stopped server's store, changed by `tamper` as a database writer could.
+fn tampered(store: &std::path::Path, name: &str, tamper: impl FnOnce(&rusqlite::Connection)) -> PathBuf {
+    let copy = store.with_file_name(name);
+    let _ = std::fs::remove_dir_all(&copy);
+    std::fs::create_dir_all(&copy).unwrap();
+    for entry in std::fs::read_dir(store).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, copy.join(path.file_name().unwrap())).unwrap();
+    }
+    tamper(&rusqlite::Connection::open(copy.join("airlock.db")).unwrap());
+    copy
+}
+
+/// Rewrites record `seq` of `tenant` with `edit` and recomputes every hash after it, and the
+/// head: what the chains alone cannot catch.
+fn rewrite_and_recompute(
+    conn: &rusqlite::Connection,
+    tenant: &str,
+    seq: i64,
+    edit: impl Fn(&mut airlock_core::audit::Draft),
+) {
+    let mut rows: Vec<(i64, airlock_core::audit::Draft, String)> = conn
+        .prepare(
+            "SELECT seq, at, kind, subject, actor, data, prev_hash FROM audit WHERE tenant = ?1 ORDER BY seq",
+        )
+        .unwrap()
+        .query_map([tenant], |r| {
+            let data: String = r.get(5)?;
+            let draft = airlock_core::audit::Draft {
+                at: r.get(1)?,
+                kind: r.get(2)?,
+                subject: r.get(3)?,
+                actor: r.get(4)?,
+                data: serde_json::from_str(&data).unwrap(),
+            };
+            Ok((r.get(0)?, draft, r.get(6)?))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut prev = rows[0].2.clone();
+    for (s, draft, _) in &mut rows {
+        if *s == seq {
+            edit(draft);
+        }
+        let hash = airlock_core::audit::hash(tenant, s.unsigned_abs(), draft, &prev);
+        conn.execute(
+            "UPDATE audit SET kind = ?1, data = ?2, prev_hash = ?3, hash = ?4 WHERE tenant = ?5 AND seq = ?6",
+            rusqlite::params![draft.kind, draft.data.to_string(), prev, hash, tenant, *s],
+        )
+        .unwrap();
+        prev = hash;
+    }
+    conn.execute("UPDATE audit_heads SET hash = ?1 WHERE tenant = ?2", rusqlite::params![prev, tenant])
+        .unwrap();
+}
+
+#[test]
+fn signed_checkpoints_catch_what_a_database_writer_can_do_to_the_chains() {
+    let data = support::temp_dir("harden-audit-sign");
+    let (key_file, export) = (data.join("audit.key"), data.join("checkpoints"));
+    let args = ["--audit-key", key_file.to_str().unwrap(), "--audit-export", export.to_str().unwrap()];
+    let mut server = Server::start_in(data.clone(), "audit: { checkpoint_ms: 200 }\n", &args, None);
+    let agent = server.key("acme", "agent", &["submitter"]);
+    assert_eq!(submit(&server, &agent, "infra.vm.create", "dev", json!("10.0.0.0/8")).0, 202);
+    let denied = submit(&server, &agent, "infra.security_group.update", "production", json!("0.0.0.0/0"));
+    assert_eq!(denied.0, 403);
+    assert_eq!(submit(&server, &agent, "infra.vm.create", "dev", json!("10.1.0.0/16")).0, 202);
+    std::thread::sleep(Duration::from_millis(600));
+    let (_, clean) = server.terminate();
+    assert!(clean);
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key_file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the generated audit key is private");
+    let printed = std::fs::read_to_string(data.join("stdout.log")).unwrap();
+    let public_key = printed
+        .lines()
+        .find_map(|l| l.split("public key (for `audit verify --public-key`): ").nth(1))
+        .unwrap_or_else(|| panic!("no public key printed: {printed}"))
+        .trim()
+        .to_owned();
+    let checkpoints = ["--public-key", public_key.as_str(), "--checkpoints", export.to_str().unwrap()];
+    let store = data.join("store");
+    let (ok, report) = audit_verify(&store, &checkpoints);
+    assert!(ok, "{report}");
+    assert!(report.contains("every signed head is in the store"), "{report}");
+
+    // Truncation: the tail record and the head moved back, consistently.
+    let truncated = tampered(&store, "truncated", |c| {
+        c.execute_batch(
+            "DELETE FROM audit WHERE tenant = 'acme' AND seq = (SELECT MAX(seq) FROM audit WHERE tenant = 'acme');
+             UPDATE audit_heads SET seq = seq - 1, hash = (SELECT hash FROM audit a WHERE a.tenant = 'acme' AND a.seq = audit_heads.seq - 1) WHERE tenant = 'acme';",
+        )
+        .unwrap();
+    });
+    assert!(audit_verify(&truncated, &[]).0, "the chains alone do not see a truncation");
+    let (ok, report) = audit_verify(&truncated, &checkpoints);
+    assert!(!ok && report.contains("tenant `acme`: truncated"), "{report}");
+
+    // A whole tenant deleted.
+    let deleted = tampered(&store, "deleted", |c| {
+        c.execute_batch(
+            "DELETE FROM audit WHERE tenant = 'acme'; DELETE FROM audit_heads WHERE tenant = 'acme';",
+        )
+        .unwrap();
+    });
+    assert!(audit_verify(&deleted, &[]).0, "the chains alone do not see a deleted tenant");
+    let (ok, report) = audit_verify(&deleted, &checkpoints);
+    assert!(!ok && report.contains("tenant `acme`: its chain is gone"), "{report}");
+
+    // A denial rewritten as an allow, every later hash recomputed.
+    let rewritten = tampered(&store, "rewritten", |c| {
+        let seq: i64 = c
+            .query_row(
+                "SELECT seq FROM audit WHERE tenant = 'acme' AND data LIKE '%\"deny\"%' ORDER BY seq LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        rewrite_and_recompute(c, "acme", seq, |d| {
+            d.data = serde_json::from_str(&d.data.to_string().replace("\"deny\"", "\"allow\"")).unwrap();
+        });
+    });
+    assert!(audit_verify(&rewritten, &[]).0, "the chains alone do not see a recomputed chain");
+    let (ok, report) = audit_verify(&rewritten, &checkpoints);
+    assert!(!ok && report.contains("tenant `acme`: rewritten"), "{report}");
+
+    // Another key's checkpoints do not count.
+    let other = "00".repeat(32);
+    let (ok, report) =
+        audit_verify(&store, &["--public-key", &other, "--checkpoints", export.to_str().unwrap()]);
+    assert!(!ok && report.contains("does not verify"), "{report}");
 }
