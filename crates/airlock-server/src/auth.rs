@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use airlock_core::ids::{KeyId, TenantId};
 use airlock_core::role::{Role, Roles};
+use airlock_store::KeyRecord;
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
@@ -98,9 +99,70 @@ impl KeyCache {
     }
 }
 
-/// SHA-256 of a presented key.
+/// SHA-256 of a presented key: how keys were stored before the pepper, and still are without
+/// one.
 pub fn hash_key(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
+}
+
+/// How keys are hashed for storage and lookup: HMAC-SHA256 with a server secret (the pepper)
+/// kept outside the store, so that a copy of the database does not let anyone test guesses of
+/// a human-chosen key offline; plain SHA-256 without one. A key stored before the pepper was
+/// introduced is accepted once by its plain hash and re-hashed with the pepper.
+#[derive(Clone, Debug, Default)]
+pub struct KeyHasher {
+    pepper: Option<ring::hmac::Key>,
+}
+
+/// Bytes of a generated pepper.
+const PEPPER_BYTES: usize = 32;
+
+impl KeyHasher {
+    /// Hashing with `secret` as the pepper.
+    pub fn peppered(secret: &[u8]) -> Self {
+        Self { pepper: Some(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret)) }
+    }
+
+    /// Reads the pepper at `path`, or generates one there (mode 0600) when the file does not
+    /// exist.
+    pub fn load_or_create(path: &std::path::Path) -> Result<Self, String> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        if !path.exists() {
+            let mut secret = [0u8; PEPPER_BYTES];
+            getrandom::fill(&mut secret).map_err(|e| format!("cannot generate a key pepper: {e}"))?;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .and_then(|mut f| f.write_all(&secret))
+                .map_err(|e| format!("cannot create the key pepper `{}`: {e}", path.display()))?;
+        }
+        let secret = std::fs::read(path)
+            .map_err(|e| format!("cannot read the key pepper `{}`: {e}", path.display()))?;
+        if secret.len() < 16 {
+            return Err(format!("the key pepper `{}` is shorter than 16 bytes", path.display()));
+        }
+        Ok(Self::peppered(&secret))
+    }
+
+    /// Whether a pepper is in use.
+    pub fn is_peppered(&self) -> bool {
+        self.pepper.is_some()
+    }
+
+    /// The stored form of a key.
+    pub fn hash(&self, key: &str) -> [u8; 32] {
+        match &self.pepper {
+            None => hash_key(key),
+            Some(pepper) => {
+                let mut out = [0u8; 32];
+                out.copy_from_slice(ring::hmac::sign(pepper, key.as_bytes()).as_ref());
+                out
+            }
+        }
+    }
 }
 
 /// A new random key.
@@ -190,16 +252,25 @@ enum Refusal {
 }
 
 async fn authenticate(token: &str, state: &AppState) -> Result<Caller, Refusal> {
-    let presented = hash_key(token);
+    let hasher = &state.config().key_hasher;
+    let presented = hasher.hash(token);
     if let Some(caller) = state.keys().get(&presented) {
         return Ok(caller);
     }
-    let key = state
-        .store()
-        .key_by_secret(&presented)
-        .await
-        .map_err(|e| Refusal::Other(e.into()))?
-        .ok_or_else(|| Refusal::Failed(unauthorized("unknown API key"), None))?;
+    let store = state.store();
+    let mut key = store.key_by_secret(&presented).await.map_err(|e| Refusal::Other(e.into()))?;
+    if key.is_none() && hasher.is_peppered() {
+        // A key stored before the pepper: accepted by its plain hash once, then re-hashed.
+        let legacy = hash_key(token);
+        if let Some(old) = store.key_by_secret(&legacy).await.map_err(|e| Refusal::Other(e.into()))?
+            && constant_time_eq(&old.secret_hash, &legacy)
+        {
+            store.rehash_key(&old.id, &legacy, &presented).await.map_err(|e| Refusal::Other(e.into()))?;
+            tracing::info!(key_id = %old.id, "key re-hashed with the pepper");
+            key = Some(KeyRecord { secret_hash: presented, ..old });
+        }
+    }
+    let key = key.ok_or_else(|| Refusal::Failed(unauthorized("unknown API key"), None))?;
     if !constant_time_eq(&key.secret_hash, &presented) {
         return Err(Refusal::Failed(unauthorized("unknown API key"), None));
     }
@@ -284,6 +355,16 @@ mod tests {
         assert_eq!(source_of(mapped), "10.0.0.1".parse::<IpAddr>().unwrap());
         let v6: IpAddr = "2001:db8:1:2:3:4:5:6".parse().unwrap();
         assert_eq!(source_of(v6), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn a_pepper_changes_every_hash() {
+        let plain = KeyHasher::default();
+        let (a, b) = (KeyHasher::peppered(b"0123456789abcdef"), KeyHasher::peppered(b"fedcba9876543210"));
+        assert_eq!(plain.hash("ak_x"), hash_key("ak_x"));
+        assert_ne!(a.hash("ak_x"), hash_key("ak_x"));
+        assert_ne!(a.hash("ak_x"), b.hash("ak_x"));
+        assert_eq!(a.hash("ak_x"), KeyHasher::peppered(b"0123456789abcdef").hash("ak_x"));
     }
 
     #[test]

@@ -280,9 +280,19 @@ pub async fn load_policy(store: &dyn Store, initial: (&str, &str)) -> Result<Act
 
 /// Creates the platform admin key when the store has no key at all. Returns the secret when
 /// it was generated (to be printed once), `None` when it came from `admin_key` or keys exist.
+/// Stores its plain hash: for a server whose configuration has no key pepper.
 pub async fn bootstrap_admin(
     store: &dyn Store,
     admin_key: Option<String>,
+) -> Result<Option<String>, StartError> {
+    bootstrap_admin_with(store, admin_key, &auth::KeyHasher::default()).await
+}
+
+/// [`bootstrap_admin`], hashing the key with `hasher` (the server's key pepper).
+pub async fn bootstrap_admin_with(
+    store: &dyn Store,
+    admin_key: Option<String>,
+    hasher: &auth::KeyHasher,
 ) -> Result<Option<String>, StartError> {
     if !store.keys(None).await?.is_empty() {
         return Ok(None);
@@ -296,7 +306,7 @@ pub async fn bootstrap_admin(
         None => auth::generate_key().map_err(|e| StartError::Other(format!("{e:?}")))?,
     };
     let key = keys::NewKey { tenant, name: "admin".into(), principal: None, roles };
-    match keys::create_key_with_secret(store, key, "system", secret).await {
+    match keys::create_key_with_secret(store, hasher, key, "system", secret).await {
         Ok((_, secret)) => Ok(generated.then_some(secret)),
         // Another replica starting at the same moment created it first.
         Err(e) if e.status() == axum::http::StatusCode::CONFLICT => Ok(None),

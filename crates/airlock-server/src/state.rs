@@ -151,6 +151,8 @@ pub struct Config {
     pub metrics_require_key: bool,
     /// How often signed audit checkpoints are exported (`audit.checkpoint_ms`).
     pub audit_checkpoint: Duration,
+    /// How API keys are hashed (with the server's key pepper, or plain).
+    pub key_hasher: crate::auth::KeyHasher,
 }
 
 /// The budget of a dry-run (simulate, explain, diff) with a candidate policy (config section
@@ -202,6 +204,7 @@ impl Default for Config {
             auth_failures_per_minute: defaults::AUTH_FAILURES_PER_MINUTE,
             metrics_require_key: false,
             audit_checkpoint: Duration::from_millis(defaults::AUDIT_CHECKPOINT_MS),
+            key_hasher: crate::auth::KeyHasher::default(),
         }
     }
 }

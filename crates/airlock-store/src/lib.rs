@@ -491,6 +491,9 @@ pub trait Store: Send + Sync {
     async fn key_by_secret(&self, secret_hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError>;
     /// Keys, of one tenant or all.
     async fn keys(&self, tenant: Option<&TenantId>) -> Result<Vec<KeyRecord>, StoreError>;
+    /// Replaces a key's stored hash `from` with `to` (a key re-hashed with the server's
+    /// pepper); `NotFound` when the key no longer has `from`.
+    async fn rehash_key(&self, id: &KeyId, from: &[u8; 32], to: &[u8; 32]) -> Result<(), StoreError>;
     /// Revokes a key; `NotFound` when it does not exist or is already revoked, and
     /// [`StoreError::Conflict`] with [`LAST_PLATFORM_ADMIN`] when it is the last live platform
     /// admin key (checked in the revoking transaction, so two concurrent revocations of the last

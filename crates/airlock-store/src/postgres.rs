@@ -1711,6 +1711,20 @@ async fn create_key(tx: &Tx<'_>, key: &KeyRecord, audit: &Draft) -> Result<(), F
     Ok(())
 }
 
+async fn rehash_key(tx: &Tx<'_>, id: &str, from: &[u8], to: &[u8]) -> Result<(), Fail> {
+    let changed = tx
+        .execute(
+            "UPDATE api_keys SET secret_hash = $1 WHERE id = $2 AND secret_hash = $3",
+            &[&to, &id, &from],
+        )
+        .await?;
+    if changed == 0 {
+        return Err(StoreError::NotFound.into());
+    }
+    notify(tx, KEYS_CHANNEL).await?;
+    Ok(())
+}
+
 async fn revoke_key(tx: &Tx<'_>, id: &str, at: Millis, audit: &Draft) -> Result<KeyRecord, Fail> {
     // Row locks on every live platform key: a concurrent revocation waits here, then sees this
     // one's result, so two revocations of the last two admins cannot both pass.
@@ -1947,6 +1961,11 @@ impl Store for PgStore {
         let sql =
             format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE ($1::TEXT IS NULL OR tenant = $1) ORDER BY id");
         self.read(&sql, &[&tenant.map(TenantId::as_str)], key_from_row).await
+    }
+
+    async fn rehash_key(&self, id: &KeyId, from: &[u8; 32], to: &[u8; 32]) -> Result<(), StoreError> {
+        let (from, to) = (from.as_slice(), to.as_slice());
+        Ok(write_tx!(self, |tx| rehash_key(&tx, id.as_str(), from, to)).await?)
     }
 
     async fn revoke_key(&self, id: &KeyId, at: Millis, audit: Draft) -> Result<KeyRecord, StoreError> {

@@ -1003,6 +1003,25 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn rehash_key(&self, id: &KeyId, from: &[u8; 32], to: &[u8; 32]) -> Result<(), StoreError> {
+        let (id, from, to) = (id.to_string(), from.to_vec(), to.to_vec());
+        let reply = self
+            .write(Box::new(move |tx| {
+                let changed = tx
+                    .conn
+                    .prepare_cached(
+                        "UPDATE api_keys SET secret_hash = ?1 WHERE id = ?2 AND secret_hash = ?3",
+                    )?
+                    .execute(params![to, id, from])?;
+                if changed == 0 {
+                    return Err(StoreError::NotFound);
+                }
+                Ok(Output::Unit(()))
+            }))
+            .await;
+        expect_output!(reply, Unit)
+    }
+
     async fn revoke_key(&self, id: &KeyId, at: Millis, audit: Draft) -> Result<KeyRecord, StoreError> {
         let id = id.to_string();
         let reply = self

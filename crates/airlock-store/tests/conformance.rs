@@ -1156,3 +1156,32 @@ async fn the_last_platform_admin_key_cannot_be_revoked() {
 fn random_hash() -> [u8; 32] {
     [NEXT.fetch_add(1, Ordering::Relaxed); 32]
 }
+
+/// Issue 11: a key stored with its plain hash is re-hashed with the server's pepper, once.
+#[tokio::test]
+async fn a_key_is_rehashed_only_from_its_current_hash() {
+    for (name, store, _schema) in stores().await {
+        let key = KeyRecord {
+            id: KeyId::generate(1, random()),
+            tenant: tenant("acme"),
+            name: "rehash".into(),
+            roles: [Role::Submitter].into_iter().collect::<Roles>(),
+            secret_hash: random_hash(),
+            created_at: 1,
+            revoked_at: None,
+            principal: None,
+        };
+        store.create_key(key.clone(), draft("key.created", key.id.as_str())).await.unwrap();
+        let new = random_hash();
+        store.rehash_key(&key.id, &key.secret_hash, &new).await.unwrap();
+        assert_eq!(store.key_by_secret(&new).await.unwrap().map(|k| k.id), Some(key.id.clone()), "{name}");
+        assert_eq!(store.key_by_secret(&key.secret_hash).await.unwrap(), None, "{name}");
+        assert!(
+            matches!(
+                store.rehash_key(&key.id, &key.secret_hash, &random_hash()).await,
+                Err(StoreError::NotFound)
+            ),
+            "{name}: a second re-hash from the old hash finds nothing"
+        );
+    }
+}

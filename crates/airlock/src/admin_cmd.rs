@@ -16,11 +16,26 @@ pub enum AdminCommand {
         /// The embedded store's data directory.
         #[arg(long)]
         data: PathBuf,
+        /// The server's key pepper, if it is not `DATA/key-pepper`.
+        #[arg(long)]
+        key_pepper: Option<PathBuf>,
     },
 }
 
 pub fn run(command: AdminCommand) -> ExitCode {
-    let AdminCommand::Recover { data } = command;
+    let AdminCommand::Recover { data, key_pepper } = command;
+    let pepper = key_pepper.unwrap_or_else(|| data.join(crate::serve_cmd::KEY_PEPPER_FILE));
+    let hasher = if pepper.exists() {
+        match airlock_server::auth::KeyHasher::load_or_create(&pepper) {
+            Ok(hasher) => hasher,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        airlock_server::auth::KeyHasher::default()
+    };
     if !data.join(airlock_store::DATABASE_FILE).exists() {
         eprintln!("error: no Airlock store in `{}`", data.display());
         return ExitCode::FAILURE;
@@ -34,7 +49,7 @@ pub fn run(command: AdminCommand) -> ExitCode {
     };
     let minted = runtime.block_on(async {
         let store = SqliteStore::open(&data).map_err(|e| e.to_string())?;
-        airlock_server::keys::recover_admin(&store, airlock_server::state::now_ms())
+        airlock_server::keys::recover_admin(&store, &hasher, airlock_server::state::now_ms())
             .await
             .map_err(|e| format!("cannot mint the key: {e:?}"))
     });

@@ -40,6 +40,8 @@ pub enum BenchCommand {
     E2e(E2eArgs),
     /// The raw NATS JetStream loop (publish with ack → pull → ack), the ceiling for the bus.
     Jetstream(JetstreamArgs),
+    /// What TLS costs the listener: the same requests over HTTP and HTTPS in one run.
+    Https(crate::bench_https::HttpsArgs),
 }
 
 #[derive(Args)]
@@ -142,6 +144,7 @@ pub fn run(command: BenchCommand) -> ExitCode {
         BenchCommand::Submit(args) => runtime.block_on(submit(args)),
         BenchCommand::E2e(args) => e2e(&runtime, &args),
         BenchCommand::Jetstream(args) => runtime.block_on(jetstream(&args)),
+        BenchCommand::Https(args) => runtime.block_on(crate::bench_https::https(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

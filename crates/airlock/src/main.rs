@@ -3,6 +3,7 @@
 mod admin_cmd;
 mod audit_cmd;
 mod bench_cmd;
+mod bench_https;
 mod client_cmd;
 mod config;
 mod demo_cmd;

@@ -15,6 +15,9 @@ use clap::Args;
 /// The policy a fresh install starts with when `--policy` is not given.
 const SEED_POLICY: &str = include_str!("../../../examples/policies/seed.yaml");
 
+/// The key pepper's file in an embedded data directory (next to the database, not in it).
+pub const KEY_PEPPER_FILE: &str = "key-pepper";
+
 /// How often approvals are checked for expiry and leases for lapses.
 const SWEEP_PERIOD: Duration = Duration::from_secs(1);
 
@@ -115,6 +118,12 @@ pub struct ServeArgs {
     /// store), for `airlock audit verify --checkpoints`. Needs `--audit-key`.
     #[arg(long, requires = "audit_key")]
     audit_export: Option<PathBuf>,
+    /// The secret API key hashes are peppered with (HMAC-SHA256), kept outside the store;
+    /// generated (mode 0600) when the file does not exist. Default: `DATA/key-pepper` in the
+    /// embedded mode; with `--store`, give every replica the same file (without one, keys are
+    /// stored as plain SHA-256).
+    #[arg(long)]
+    key_pepper: Option<PathBuf>,
 }
 
 /// The audit signer from `--audit-key`, and whether its key was generated now.
@@ -218,6 +227,17 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             Arc::new(if args.bus.is_some() { store.bus_wakes() } else { store })
         }
     };
+    let pepper = match (&args.key_pepper, Mode::of(&args)?) {
+        (Some(path), _) => Some(path.clone()),
+        (None, Mode::Embedded { data }) => Some(data.join(KEY_PEPPER_FILE)),
+        (None, Mode::Distributed { .. }) => {
+            tracing::warn!("no --key-pepper: API keys are stored as plain SHA-256");
+            None
+        }
+    };
+    if let Some(path) = pepper {
+        config.key_hasher = airlock_server::auth::KeyHasher::load_or_create(&path)?;
+    }
     let initial = match &args.policy {
         Some(path) => (
             path.display().to_string(),
@@ -234,8 +254,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         return serve_safety(args, store, active, config).await;
     }
     let admin_key = std::env::var("AIRLOCK_ADMIN_KEY").ok().filter(|k| !k.is_empty());
-    if let Some(secret) =
-        airlock_server::bootstrap_admin(&*store, admin_key).await.map_err(|e| e.to_string())?
+    if let Some(secret) = airlock_server::bootstrap_admin_with(&*store, admin_key, &config.key_hasher)
+        .await
+        .map_err(|e| e.to_string())?
     {
         println!("admin key (shown once; store it now): {secret}");
     }

@@ -899,3 +899,35 @@ fn signed_checkpoints_catch_what_a_database_writer_can_do_to_the_chains() {
         audit_verify(&store, &["--public-key", &other, "--checkpoints", export.to_str().unwrap()]);
     assert!(!ok && report.contains("does not verify"), "{report}");
 }
+
+/// The stored hash of the key named `name`.
+fn stored_hash(store: &std::path::Path, name: &str) -> Vec<u8> {
+    let conn = rusqlite::Connection::open(store.join("airlock.db")).unwrap();
+    conn.query_row("SELECT secret_hash FROM api_keys WHERE name = ?1", [name], |r| r.get(0)).unwrap()
+}
+
+#[test]
+fn key_hashes_are_peppered_and_old_hashes_are_upgraded() {
+    use sha2::Digest as _;
+    let mut server = Server::start("pepper", "", &[]);
+    let data = server.data.clone();
+    let store = data.join("store");
+    let agent = server.key("acme", "agent", &["submitter"]);
+    server.terminate();
+    let plain = sha2::Sha256::digest(agent.as_bytes()).to_vec();
+    let peppered = stored_hash(&store, "agent");
+    assert_ne!(peppered, plain, "a stored hash is not the plain SHA-256 of the key");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(store.join("key-pepper")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A key stored before the pepper (plain SHA-256) still works, once, and is re-hashed.
+    let conn = rusqlite::Connection::open(store.join("airlock.db")).unwrap();
+    conn.execute("UPDATE api_keys SET secret_hash = ?1 WHERE name = 'agent'", [&plain]).unwrap();
+    drop(conn);
+    let server = Server::start_in(data, "", &[], None);
+    assert_eq!(support::get(&server.addr, "/api/v1/jobs", &agent).0, 200);
+    assert_eq!(stored_hash(&store, "agent"), peppered, "re-hashed with the pepper");
+    assert_eq!(support::get(&server.addr, "/api/v1/jobs", &agent).0, 200);
+}
