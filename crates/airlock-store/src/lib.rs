@@ -5,6 +5,7 @@
 //! idempotency key, budget and audit record are committed together or not at all.
 
 mod codec;
+mod pg_tls;
 mod postgres;
 mod sqlite;
 

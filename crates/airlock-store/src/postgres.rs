@@ -24,7 +24,9 @@ use serde_json::{Value, json};
 use tokio::sync::{Semaphore, SemaphorePermit, mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, ToSql};
-use tokio_postgres::{Client, Config, GenericClient, IsolationLevel, NoTls, Row, Statement};
+use tokio_postgres::{Client, Config, GenericClient, IsolationLevel, Row, Statement};
+
+use crate::pg_tls::PgTls;
 
 use crate::codec::{corrupt, gate_from_json, gate_json, strings};
 use crate::{
@@ -164,6 +166,8 @@ pub struct PgStore {
 /// The connections, shared by the store and its group committer.
 struct Pool {
     config: Config,
+    /// TLS as the URL's `sslmode` asks.
+    tls: PgTls,
     idle: Mutex<Vec<Conn>>,
     permits: Semaphore,
     /// Whether queued jobs are announced with `NOTIFY` (not when the job bus does it).
@@ -341,13 +345,13 @@ impl PgStore {
     /// Connects to the database at `url` (a `postgres://` URL or key-value string) and applies
     /// the migrations it lacks, under an advisory lock so replicas may start together.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let mut config: Config =
-            url.parse().map_err(|e| StoreError::Unavailable(format!("invalid postgres url: {e}")))?;
+        let (mut config, tls) = crate::pg_tls::configure(url).map_err(StoreError::Unavailable)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         let pool = Arc::new(Pool {
             config,
+            tls,
             idle: Mutex::new(Vec::new()),
             permits: Semaphore::new(POOL_MAX),
             notify_work: AtomicBool::new(true),
@@ -356,8 +360,8 @@ impl PgStore {
         let (events, _) = tokio::sync::broadcast::channel(64);
         let (group, grouped) = mpsc::unbounded_channel();
         let background = vec![
-            tokio::spawn(seal_loop(pool.config.clone())).abort_handle(),
-            tokio::spawn(listen(pool.config.clone(), events.clone())).abort_handle(),
+            tokio::spawn(seal_loop(pool.config.clone(), pool.tls.clone())).abort_handle(),
+            tokio::spawn(listen(pool.config.clone(), pool.tls.clone(), events.clone())).abort_handle(),
             tokio::spawn(group_commit(Arc::clone(&pool), grouped)).abort_handle(),
         ];
         Ok(Self { pool, events, group, floors: Mutex::new(HashMap::new()), background })
@@ -413,7 +417,7 @@ impl Pool {
         let conn = match reused {
             Some(conn) => conn,
             None => {
-                let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
+                let (client, connection) = self.config.connect(self.tls.clone()).await.map_err(|e| {
                     StoreError::Unavailable(format!("cannot connect to postgres: {}", describe(&e)))
                 })?;
                 tokio::spawn(async move {
@@ -976,9 +980,9 @@ async fn tidy(client: &Client) -> Result<(), Fail> {
 /// A replica's sealer: on its own connection, seals every [`SEAL_PERIOD`], so that each pass
 /// chains many records in one transaction, and [tidies](tidy) every [`TIDY_PERIOD`];
 /// reconnects when the connection is lost.
-async fn seal_loop(config: Config) {
+async fn seal_loop(config: Config, tls: PgTls) {
     loop {
-        if let Ok((mut client, connection)) = config.connect(NoTls).await {
+        if let Ok((mut client, connection)) = config.connect(tls.clone()).await {
             let driver = tokio::spawn(connection);
             let mut tidied = tokio::time::Instant::now();
             while seal_all(&mut client).await.is_ok() {
@@ -1864,10 +1868,10 @@ async fn discard_dead_letter(
 
 /// Forwards `NOTIFY` on the Airlock channels to `events` for the life of the process,
 /// reconnecting whenever the connection is lost.
-async fn listen(config: Config, events: tokio::sync::broadcast::Sender<StoreEvent>) {
+async fn listen(config: Config, tls: PgTls, events: tokio::sync::broadcast::Sender<StoreEvent>) {
     use tokio_postgres::AsyncMessage;
     loop {
-        if let Ok((client, mut connection)) = config.connect(NoTls).await {
+        if let Ok((client, mut connection)) = config.connect(tls.clone()).await {
             let forward = events.clone();
             let driver = tokio::spawn(async move {
                 while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {

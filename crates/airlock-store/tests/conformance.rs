@@ -1185,3 +1185,41 @@ async fn a_key_is_rehashed_only_from_its_current_hash() {
         );
     }
 }
+
+/// Issue 11: `sslmode` in a PostgreSQL URL is honoured (`require`, `verify-ca`, `verify-full`
+/// with `sslrootcert`), against the test server's own certificate (Debian's snakeoil, issued
+/// for `localhost`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_use_tls_as_sslmode_asks() {
+    let Some(schema) = PgSchema::create().await else { return };
+    let (client, connection) = tokio_postgres::connect(&schema.base, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let encrypted = async |url: &str| -> Result<bool, String> {
+        let store = PgStore::connect(url).await.map_err(|e| e.to_string())?;
+        store.keys(None).await.map_err(|e| e.to_string())?;
+        let row = client
+            .query_one(
+                "SELECT coalesce(bool_and(s.ssl), false) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.application_name = $1",
+                &[&schema.name],
+            )
+            .await
+            .unwrap();
+        drop(store);
+        Ok(row.get(0))
+    };
+    let root = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    let url = schema.url();
+    assert_eq!(encrypted(&url).await, Ok(false), "no sslmode: in the clear, as before");
+    assert_eq!(encrypted(&format!("{url}&sslmode=require")).await, Ok(true));
+    let by_name = url.replace("127.0.0.1", "localhost");
+    assert_eq!(encrypted(&format!("{by_name}&sslmode=verify-full&sslrootcert={root}")).await, Ok(true));
+    assert_eq!(encrypted(&format!("{url}&sslmode=verify-ca&sslrootcert={root}")).await, Ok(true));
+    let wrong_name = encrypted(&format!("{url}&sslmode=verify-full&sslrootcert={root}")).await;
+    assert!(wrong_name.as_ref().is_err_and(|e| e.contains("cannot connect")), "{wrong_name:?}");
+    let stranger = "/etc/ssl/certs/ca-certificates.crt";
+    let untrusted = encrypted(&format!("{by_name}&sslmode=verify-full&sslrootcert={stranger}")).await;
+    assert!(untrusted.is_err(), "a server certificate no given root signed was accepted");
+    let missing = encrypted(&format!("{url}&sslmode=verify-full")).await;
+    assert!(missing.as_ref().is_err_and(|e| e.contains("need `sslrootcert=FILE`")), "{missing:?}");
+}
