@@ -41,6 +41,10 @@ pub enum Kind {
     KeyCreated,
     /// An API key was revoked.
     KeyRevoked,
+    /// A platform admin key was minted offline (`airlock admin recover`).
+    KeyRecovered,
+    /// A fault was injected into the safety check (testing fail modes).
+    SafetyFaultInjected,
     /// A policy snapshot was published (or rolled back to).
     PolicyPublished,
     /// A dead-letter entry was discarded.
@@ -49,7 +53,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in declaration order.
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 18] = [
         Kind::GateADecision,
         Kind::GateAUnavailable,
         Kind::JobSubmitted,
@@ -64,6 +68,8 @@ impl Kind {
         Kind::ApprovalExpired,
         Kind::KeyCreated,
         Kind::KeyRevoked,
+        Kind::KeyRecovered,
+        Kind::SafetyFaultInjected,
         Kind::PolicyPublished,
         Kind::DlqDiscarded,
     ];
@@ -85,6 +91,8 @@ impl Kind {
             Kind::ApprovalExpired => "approval.expired",
             Kind::KeyCreated => "key.created",
             Kind::KeyRevoked => "key.revoked",
+            Kind::KeyRecovered => "key.recovered",
+            Kind::SafetyFaultInjected => "safety.fault_injected",
             Kind::PolicyPublished => "policy.published",
             Kind::DlqDiscarded => "dlq.discarded",
         }

@@ -67,3 +67,35 @@ const _: () = assert!(HEARTBEAT_MS * 3 <= LEASE_MS, "a worker gets three heartbe
 const _: () = assert!(BACKOFF_BASE_MS <= BACKOFF_CAP_MS);
 const _: () = assert!(IDEMPOTENCY_RETENTION_MS > APPROVAL_TTL_MS);
 const _: () = assert!(PAGE_SIZE_DEFAULT <= PAGE_SIZE_MAX);
+
+// Exposure limits (issue 11): what a listener open to untrusted clients enforces.
+
+/// Longest a client may take to send a request's headers before its connection is closed.
+pub const HTTP_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Longest a connection may stay silent with no request in progress before it is closed.
+pub const HTTP_IDLE_TIMEOUT_MS: u64 = 5_000;
+/// Longest one request may take; a long-poll claim gets its `wait_ms` on top.
+pub const HTTP_REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// Requests served at once; the excess is shed with 503 and `Retry-After`.
+pub const HTTP_IN_FLIGHT_MAX: usize = 512;
+/// Open connections; lowered at start to stay [`HTTP_FD_RESERVE`] below the file limit.
+pub const HTTP_CONNECTIONS_MAX: usize = 4_096;
+/// File descriptors kept free below the process's file limit (store, logs, refusals).
+pub const HTTP_FD_RESERVE: usize = 64;
+/// How long a shutdown waits for in-flight requests before it drops them.
+pub const HTTP_DRAIN_TIMEOUT_MS: u64 = 30_000;
+/// Largest dry-run body (`/policy/simulate`, `/explain`) carrying a candidate policy.
+pub const CANDIDATE_BODY_BYTES_MAX: usize = 1024 * 1024;
+/// Time a candidate policy's compilation and evaluation may take, off the async threads.
+pub const CANDIDATE_BUDGET_MS: u64 = 2_000;
+/// Total size of the compiled regexes of one policy, in bytes.
+pub const POLICY_REGEX_BYTES_MAX: usize = airlock_policy::limits::REGEX_TOTAL_BYTES_MAX;
+/// Failed authentications from one source address per minute before it gets 429.
+pub const AUTH_FAILURES_PER_MINUTE: u32 = 20;
+
+/// How often signed audit checkpoints are exported (`--audit-export`), when a head moved.
+pub const AUDIT_CHECKPOINT_MS: u64 = 60_000;
+
+const _: () = assert!(HTTP_IDLE_TIMEOUT_MS <= HTTP_HEADER_READ_TIMEOUT_MS);
+const _: () = assert!(HTTP_IN_FLIGHT_MAX <= HTTP_CONNECTIONS_MAX);
+const _: () = assert!(CANDIDATE_BODY_BYTES_MAX <= POLICY_BODY_BYTES_MAX);

@@ -17,7 +17,7 @@ pub mod path;
 mod policy;
 pub mod yaml;
 
-pub use compile::compile;
+pub use compile::{Budget, Refused, compile, compile_within};
 pub use diag::{Diagnostic, Severity, Span};
 pub use eval::EvalError;
 pub use job::{FieldError, Job};

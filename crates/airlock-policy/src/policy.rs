@@ -184,12 +184,23 @@ impl Policy {
 
     /// Every rule's verdict, without the index, and the decision those verdicts give.
     pub fn explain(&self, job: &Job) -> Explanation {
-        let mut ctx = Ctx::new(job, self);
+        self.explain_with(&mut Ctx::new(job, self))
+    }
+
+    /// [`Policy::explain`] under a deadline, as [`Policy::evaluate_within`]: `None` when
+    /// `time_left` answered `false` before every rule was explained.
+    pub fn explain_within(&self, job: &Job, time_left: &mut dyn FnMut() -> bool) -> Option<Explanation> {
+        let mut ctx = Ctx::within(job, self, time_left);
+        let explanation = self.explain_with(&mut ctx);
+        (!ctx.out_of_time).then_some(explanation)
+    }
+
+    fn explain_with(&self, ctx: &mut Ctx<'_>) -> Explanation {
         let mut matched = Vec::new();
         let mut errors = Vec::new();
         let mut verdicts = Vec::with_capacity(self.rules.len());
         for (idx, rule) in (0..).zip(&self.rules) {
-            let verdict = match eval::why_not(&rule.when, &mut ctx) {
+            let verdict = match eval::why_not(&rule.when, ctx) {
                 Ok(None) => {
                     matched.push(idx);
                     Verdict::Matched

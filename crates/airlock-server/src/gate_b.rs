@@ -38,7 +38,7 @@ use crate::state::{AppState, FailMode, now_ms, random_bytes};
 use crate::wire::{self, Query, json_object, merge, only_fields};
 
 /// Longest a claim waits for work.
-const CLAIM_WAIT_MAX_MS: u64 = 30_000;
+pub(crate) const CLAIM_WAIT_MAX_MS: u64 = 30_000;
 /// How often a waiting claim looks again when nothing woke it.
 const CLAIM_POLL: Duration = Duration::from_millis(200);
 /// Candidates read per page.

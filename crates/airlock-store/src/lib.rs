@@ -5,6 +5,7 @@
 //! idempotency key, budget and audit record are committed together or not at all.
 
 mod codec;
+mod pg_tls;
 mod postgres;
 mod sqlite;
 
@@ -74,6 +75,14 @@ pub struct KeyRecord {
 
 impl KeyRecord {
     /// The principal the key authenticates as: its `principal`, or else its name.
+    /// Whether the key is a live admin of the platform tenant: the keys of which at least one
+    /// must remain, so that nobody can lock every administrator out.
+    pub fn is_live_platform_admin(&self) -> bool {
+        self.revoked_at.is_none()
+            && self.tenant.as_str() == TenantId::PLATFORM
+            && self.roles.allows(airlock_core::role::Role::Admin)
+    }
+
     pub fn principal(&self) -> &str {
         self.principal.as_deref().unwrap_or(&self.name)
     }
@@ -509,6 +518,8 @@ pub const AUDIT_ORDER_SLACK_MS: Millis = 60_000;
 
 /// What marks a fail-open decision in an audit record's data (as stored: compact JSON).
 pub const FAIL_OPEN_MARKS: [&str; 2] = ["%\"gate_a_bypassed\":true%", "%\"gate_b_bypassed\":true%"];
+/// The conflict message of revoking the last live platform admin key.
+pub const LAST_PLATFORM_ADMIN: &str = "the last platform admin key cannot be revoked; create another first";
 
 /// Every durable operation Airlock needs. One of the two I/O seams (the other is the bus).
 #[async_trait::async_trait]
@@ -521,7 +532,13 @@ pub trait Store: Send + Sync {
     async fn key_by_secret(&self, secret_hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError>;
     /// Keys, of one tenant or all.
     async fn keys(&self, tenant: Option<&TenantId>) -> Result<Vec<KeyRecord>, StoreError>;
-    /// Revokes a key; `NotFound` when it does not exist or is already revoked.
+    /// Replaces a key's stored hash `from` with `to` (a key re-hashed with the server's
+    /// pepper); `NotFound` when the key no longer has `from`.
+    async fn rehash_key(&self, id: &KeyId, from: &[u8; 32], to: &[u8; 32]) -> Result<(), StoreError>;
+    /// Revokes a key; `NotFound` when it does not exist or is already revoked, and
+    /// [`StoreError::Conflict`] with [`LAST_PLATFORM_ADMIN`] when it is the last live platform
+    /// admin key (checked in the revoking transaction, so two concurrent revocations of the last
+    /// two cannot both pass).
     async fn revoke_key(&self, id: &KeyId, at: Millis, audit: Draft) -> Result<KeyRecord, StoreError>;
 
     /// Publishes a policy as the next version and makes it active.

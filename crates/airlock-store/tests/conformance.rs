@@ -1204,3 +1204,121 @@ async fn overview_and_approval_summary_count_one_tenant_exactly() {
         assert_eq!((theirs.pending_approvals, theirs.jobs.values().sum::<u64>()), (1, 1), "{name}");
     }
 }
+
+/// Issue 11: the last live platform admin key cannot be revoked, even by two revocations of the
+/// last two racing each other; tenant admins and other platform keys are not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_last_platform_admin_key_cannot_be_revoked() {
+    for (name, store, _schema) in stores().await {
+        let platform = tenant(TenantId::PLATFORM);
+        let key = |tenant: &TenantId, name: &str, roles: &[Role]| KeyRecord {
+            id: KeyId::generate(1, random()),
+            tenant: tenant.clone(),
+            name: name.into(),
+            roles: roles.iter().copied().collect::<Roles>(),
+            secret_hash: random_hash(),
+            created_at: 1,
+            revoked_at: None,
+            principal: None,
+        };
+        let admins = [key(&platform, "admin-a", &[Role::Admin]), key(&platform, "admin-b", &[Role::Admin])];
+        let others =
+            [key(&platform, "ops", &[Role::Operator]), key(&tenant("acme"), "tenant-admin", &[Role::Admin])];
+        for k in admins.iter().chain(&others) {
+            store.create_key(k.clone(), draft(Kind::KeyCreated, k.id.as_str())).await.unwrap();
+        }
+        let revoke = |k: &KeyRecord| {
+            let (store, id) = (Arc::clone(&store), k.id.clone());
+            tokio::spawn(async move { store.revoke_key(&id, 5, draft(Kind::KeyRevoked, id.as_str())).await })
+        };
+        let (a, b) = (revoke(&admins[0]), revoke(&admins[1]));
+        let results = [a.await.unwrap(), b.await.unwrap()];
+        let refused = results
+            .iter()
+            .filter(|r| matches!(r, Err(StoreError::Conflict(m)) if m == airlock_store::LAST_PLATFORM_ADMIN))
+            .count();
+        assert_eq!((refused, results.iter().filter(|r| r.is_ok()).count()), (1, 1), "{name}: {results:?}");
+        let live: Vec<KeyRecord> = store
+            .keys(Some(&platform))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(KeyRecord::is_live_platform_admin)
+            .collect();
+        assert_eq!(live.len(), 1, "{name}");
+        for k in &others {
+            store.revoke_key(&k.id, 6, draft(Kind::KeyRevoked, k.id.as_str())).await.unwrap();
+        }
+    }
+}
+
+fn random_hash() -> [u8; 32] {
+    [NEXT.fetch_add(1, Ordering::Relaxed); 32]
+}
+
+/// Issue 11: a key stored with its plain hash is re-hashed with the server's pepper, once.
+#[tokio::test]
+async fn a_key_is_rehashed_only_from_its_current_hash() {
+    for (name, store, _schema) in stores().await {
+        let key = KeyRecord {
+            id: KeyId::generate(1, random()),
+            tenant: tenant("acme"),
+            name: "rehash".into(),
+            roles: [Role::Submitter].into_iter().collect::<Roles>(),
+            secret_hash: random_hash(),
+            created_at: 1,
+            revoked_at: None,
+            principal: None,
+        };
+        store.create_key(key.clone(), draft(Kind::KeyCreated, key.id.as_str())).await.unwrap();
+        let new = random_hash();
+        store.rehash_key(&key.id, &key.secret_hash, &new).await.unwrap();
+        assert_eq!(store.key_by_secret(&new).await.unwrap().map(|k| k.id), Some(key.id.clone()), "{name}");
+        assert_eq!(store.key_by_secret(&key.secret_hash).await.unwrap(), None, "{name}");
+        assert!(
+            matches!(
+                store.rehash_key(&key.id, &key.secret_hash, &random_hash()).await,
+                Err(StoreError::NotFound)
+            ),
+            "{name}: a second re-hash from the old hash finds nothing"
+        );
+    }
+}
+
+/// Issue 11: `sslmode` in a PostgreSQL URL is honoured (`require`, `verify-ca`, `verify-full`
+/// with `sslrootcert`), against the test server's own certificate (Debian's snakeoil, issued
+/// for `localhost`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_use_tls_as_sslmode_asks() {
+    let Some(schema) = PgSchema::create().await else { return };
+    let (client, connection) = tokio_postgres::connect(&schema.base, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let encrypted = async |url: &str| -> Result<bool, String> {
+        let store = PgStore::connect(url).await.map_err(|e| e.to_string())?;
+        store.keys(None).await.map_err(|e| e.to_string())?;
+        let row = client
+            .query_one(
+                "SELECT coalesce(bool_and(s.ssl), false) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.application_name = $1",
+                &[&schema.name],
+            )
+            .await
+            .unwrap();
+        drop(store);
+        Ok(row.get(0))
+    };
+    let root = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    let url = schema.url();
+    assert_eq!(encrypted(&url).await, Ok(false), "no sslmode: in the clear, as before");
+    assert_eq!(encrypted(&format!("{url}&sslmode=require")).await, Ok(true));
+    let by_name = url.replace("127.0.0.1", "localhost");
+    assert_eq!(encrypted(&format!("{by_name}&sslmode=verify-full&sslrootcert={root}")).await, Ok(true));
+    assert_eq!(encrypted(&format!("{url}&sslmode=verify-ca&sslrootcert={root}")).await, Ok(true));
+    let wrong_name = encrypted(&format!("{url}&sslmode=verify-full&sslrootcert={root}")).await;
+    assert!(wrong_name.as_ref().is_err_and(|e| e.contains("cannot connect")), "{wrong_name:?}");
+    let stranger = "/etc/ssl/certs/ca-certificates.crt";
+    let untrusted = encrypted(&format!("{by_name}&sslmode=verify-full&sslrootcert={stranger}")).await;
+    assert!(untrusted.is_err(), "a server certificate no given root signed was accepted");
+    let missing = encrypted(&format!("{url}&sslmode=verify-full")).await;
+    assert!(missing.as_ref().is_err_and(|e| e.contains("need `sslrootcert=FILE`")), "{missing:?}");
+}

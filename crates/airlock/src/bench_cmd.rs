@@ -44,6 +44,8 @@ pub enum BenchCommand {
     Console(crate::console_bench::ConsoleBenchArgs),
     /// What `airlock mcp proxy` adds to an allowed tool call, against calling the server directly.
     Mcp(crate::mcp_bench::McpArgs),
+    /// What TLS costs the listener: the same requests over HTTP and HTTPS in one run.
+    Https(crate::bench_https::HttpsArgs),
 }
 
 #[derive(Args)]
@@ -148,6 +150,7 @@ pub fn run(command: BenchCommand) -> ExitCode {
         BenchCommand::Jetstream(args) => runtime.block_on(jetstream(&args)),
         BenchCommand::Console(args) => runtime.block_on(crate::console_bench::run(args)),
         BenchCommand::Mcp(args) => return crate::mcp_bench::run(&args),
+        BenchCommand::Https(args) => runtime.block_on(crate::bench_https::https(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,9 @@
 //! The `airlock` binary: the single entry point for every role and every tool.
 
+mod admin_cmd;
 mod audit_cmd;
 mod bench_cmd;
+mod bench_https;
 mod client_cmd;
 mod config;
 mod console_bench;
@@ -66,6 +68,9 @@ enum Command {
     /// Govern MCP tool calls: a proxy in front of any MCP server.
     #[command(subcommand)]
     Mcp(mcp_cmd::McpCommand),
+    /// Offline administration of a data directory (recover a platform admin key).
+    #[command(subcommand)]
+    Admin(admin_cmd::AdminCommand),
 }
 
 /// How results are printed.
@@ -102,5 +107,6 @@ fn main() -> ExitCode {
         Command::Worker(args) => worker_cmd::run(args),
         Command::Plan(command) => plan_cmd::run(command),
         Command::Mcp(command) => mcp_cmd::run(command),
+        Command::Admin(command) => admin_cmd::run(command),
     }
 }

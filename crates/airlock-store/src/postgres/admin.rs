@@ -10,7 +10,7 @@ use serde_json::json;
 use super::moves::{Change, Moved, apply_transition};
 use super::notifications::{KEYS_CHANNEL, POLICY_CHANNEL, notify};
 use super::pool::{Fail, Tx};
-use super::rows::{get, load_job, load_key};
+use super::rows::{KEY_COLUMNS, get, key_from_row, load_job, load_key};
 use super::sealing::append_audit;
 use crate::codec::corrupt;
 use crate::{DispatchState, JobRecord, KeyRecord, SnapshotRecord, StoreError};
@@ -49,7 +49,31 @@ pub(super) async fn create_key(tx: &Tx<'_>, key: &KeyRecord, audit: &Draft) -> R
     Ok(())
 }
 
+pub(super) async fn rehash_key(tx: &Tx<'_>, id: &str, from: &[u8], to: &[u8]) -> Result<(), Fail> {
+    let changed = tx
+        .execute(
+            "UPDATE api_keys SET secret_hash = $1 WHERE id = $2 AND secret_hash = $3",
+            &[&to, &id, &from],
+        )
+        .await?;
+    if changed == 0 {
+        return Err(StoreError::NotFound.into());
+    }
+    notify(tx, KEYS_CHANNEL).await?;
+    Ok(())
+}
+
 pub(super) async fn revoke_key(tx: &Tx<'_>, id: &str, at: Millis, audit: &Draft) -> Result<KeyRecord, Fail> {
+    // Row locks on every live platform key: a concurrent revocation waits here, then sees this
+    // one's result, so two revocations of the last two admins cannot both pass.
+    let sql =
+        format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant = $1 AND revoked_at IS NULL FOR UPDATE");
+    let platform: Vec<KeyRecord> =
+        tx.query(&sql, &[&TenantId::PLATFORM]).await?.iter().map(key_from_row).collect::<Result<_, _>>()?;
+    let admins: Vec<&KeyRecord> = platform.iter().filter(|k| k.is_live_platform_admin()).collect();
+    if admins.iter().any(|k| k.id.as_str() == id) && admins.len() == 1 {
+        return Err(StoreError::Conflict(crate::LAST_PLATFORM_ADMIN.into()).into());
+    }
     let changed = tx
         .execute("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL", &[&at, &id])
         .await?;

@@ -28,7 +28,7 @@ use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
 use airlock_core::state::{Event, JobState};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Config, IsolationLevel, Row};
+use tokio_postgres::{IsolationLevel, Row};
 
 use crate::codec::corrupt;
 use crate::{
@@ -37,7 +37,8 @@ use crate::{
     Submission, SubmitOutcome, TenantOverview, Transition,
 };
 use admin::{
-    breaker_admit, breaker_report, create_key, discard_dead_letter, publish, retry_dead_letter, revoke_key,
+    breaker_admit, breaker_report, create_key, discard_dead_letter, publish, rehash_key, retry_dead_letter,
+    revoke_key,
 };
 use group::{FinishWrite, Grouped, Write, Written, group_commit, mismatch};
 use moves::{Floor, change_approval, guard, heartbeat, submit, transition};
@@ -77,13 +78,13 @@ impl PgStore {
     /// Connects to the database at `url` (a `postgres://` URL or key-value string) and applies
     /// the migrations it lacks, under an advisory lock so replicas may start together.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let mut config: Config =
-            url.parse().map_err(|e| StoreError::Unavailable(format!("invalid postgres url: {e}")))?;
+        let (mut config, tls) = crate::pg_tls::configure(url).map_err(StoreError::Unavailable)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         let pool = Arc::new(Pool {
             config,
+            tls,
             idle: Mutex::new(Vec::new()),
             permits: Semaphore::new(POOL_MAX),
             notify_work: AtomicBool::new(true),
@@ -92,8 +93,8 @@ impl PgStore {
         let (events, _) = tokio::sync::broadcast::channel(64);
         let (group, grouped) = mpsc::unbounded_channel();
         let background = vec![
-            tokio::spawn(seal_loop(pool.config.clone())).abort_handle(),
-            tokio::spawn(listen(pool.config.clone(), events.clone())).abort_handle(),
+            tokio::spawn(seal_loop(pool.config.clone(), pool.tls.clone())).abort_handle(),
+            tokio::spawn(listen(pool.config.clone(), pool.tls.clone(), events.clone())).abort_handle(),
             tokio::spawn(group_commit(Arc::clone(&pool), grouped)).abort_handle(),
         ];
         Ok(Self { pool, events, group, floors: Mutex::new(HashMap::new()), background })
@@ -179,6 +180,11 @@ impl Store for PgStore {
         let sql =
             format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE ($1::TEXT IS NULL OR tenant = $1) ORDER BY id");
         self.read(&sql, &[&tenant.map(TenantId::as_str)], key_from_row).await
+    }
+
+    async fn rehash_key(&self, id: &KeyId, from: &[u8; 32], to: &[u8; 32]) -> Result<(), StoreError> {
+        let (from, to) = (from.as_slice(), to.as_slice());
+        Ok(write_tx!(self, |tx| rehash_key(&tx, id.as_str(), from, to)).await?)
     }
 
     async fn revoke_key(&self, id: &KeyId, at: Millis, audit: Draft) -> Result<KeyRecord, StoreError> {

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use tokio_postgres::{Config, NoTls};
+use tokio_postgres::Config;
+
+use crate::pg_tls::PgTls;
 
 use super::pool::{Fail, Tx};
 use crate::StoreEvent;
@@ -19,10 +21,10 @@ pub(super) const LISTEN_RETRY: Duration = Duration::from_secs(1);
 
 /// Forwards `NOTIFY` on the Airlock channels to `events` for the life of the process,
 /// reconnecting whenever the connection is lost.
-pub(super) async fn listen(config: Config, events: tokio::sync::broadcast::Sender<StoreEvent>) {
+pub(super) async fn listen(config: Config, tls: PgTls, events: tokio::sync::broadcast::Sender<StoreEvent>) {
     use tokio_postgres::AsyncMessage;
     loop {
-        if let Ok((client, mut connection)) = config.connect(NoTls).await {
+        if let Ok((client, mut connection)) = config.connect(tls.clone()).await {
             let forward = events.clone();
             let driver = tokio::spawn(async move {
                 while let Some(Ok(message)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {

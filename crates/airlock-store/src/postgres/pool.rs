@@ -9,7 +9,9 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Config, GenericClient, NoTls, Row, Statement};
+use tokio_postgres::{Client, Config, GenericClient, Row, Statement};
+
+use crate::pg_tls::PgTls;
 
 use crate::StoreError;
 
@@ -87,6 +89,8 @@ impl From<Fail> for StoreError {
 /// The connections, shared by the store and its group committer.
 pub(super) struct Pool {
     pub(super) config: Config,
+    /// TLS as the URL's `sslmode` asks.
+    pub(super) tls: PgTls,
     pub(super) idle: Mutex<Vec<Conn>>,
     pub(super) permits: Semaphore,
     /// Whether queued jobs are announced with `NOTIFY` (not when the job bus does it).
@@ -230,7 +234,7 @@ impl Pool {
         let conn = match reused {
             Some(conn) => conn,
             None => {
-                let (client, connection) = self.config.connect(NoTls).await.map_err(|e| {
+                let (client, connection) = self.config.connect(self.tls.clone()).await.map_err(|e| {
                     StoreError::Unavailable(format!("cannot connect to postgres: {}", describe(&e)))
                 })?;
                 tokio::spawn(async move {

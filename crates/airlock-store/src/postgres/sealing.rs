@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use airlock_core::audit::{self, Draft};
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::{Client, Config};
+
+use crate::pg_tls::PgTls;
 
 use super::notifications::LISTEN_RETRY;
 use super::pool::{Fail, Tx};
@@ -137,9 +139,9 @@ pub(super) async fn tidy(client: &Client) -> Result<(), Fail> {
 /// A replica's sealer: on its own connection, seals every [`SEAL_PERIOD`], so that each pass
 /// chains many records in one transaction, and [tidies](tidy) every [`TIDY_PERIOD`];
 /// reconnects when the connection is lost.
-pub(super) async fn seal_loop(config: Config) {
+pub(super) async fn seal_loop(config: Config, tls: PgTls) {
     loop {
-        if let Ok((mut client, connection)) = config.connect(NoTls).await {
+        if let Ok((mut client, connection)) = config.connect(tls.clone()).await {
             let driver = tokio::spawn(connection);
             let mut tidied = tokio::time::Instant::now();
             while seal_all(&mut client).await.is_ok() {

@@ -63,11 +63,38 @@ const HOLD_PAGES: u32 = 4;
 /// Holds kept before the lapsed ones are dropped.
 const HOLDS_PRUNE_AT: usize = 1_024;
 
+/// Makes the data directory private to this user (0700) and its files too (0600), creating
+/// the directory and the database file so: the store holds key hashes, payloads and the audit
+/// trail. SQLite gives its WAL and shared-memory files the database file's mode.
+fn restrict(data_dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+    let fail = |what: &Path, e: std::io::Error| {
+        StoreError::Unavailable(format!("cannot secure `{}`: {e}", what.display()))
+    };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(data_dir).map_err(|e| fail(data_dir, e))?;
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| fail(data_dir, e))?;
+    let database = data_dir.join(DATABASE_FILE);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&database)
+        .map_err(|e| fail(&database, e))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let file = data_dir.join(format!("{DATABASE_FILE}{suffix}"));
+        if file.exists() {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| fail(&file, e))?;
+        }
+    }
+    Ok(())
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the store in `data_dir`, applying migrations.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| StoreError::Unavailable(format!("cannot create `{}`: {e}", data_dir.display())))?;
+        restrict(data_dir)?;
         let path = data_dir.join(DATABASE_FILE);
         let mut conn = Connection::open(&path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -185,10 +212,39 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn rehash_key(&self, id: &KeyId, from: &[u8; 32], to: &[u8; 32]) -> Result<(), StoreError> {
+        let (id, from, to) = (id.to_string(), from.to_vec(), to.to_vec());
+        let reply = self
+            .write(Box::new(move |tx| {
+                let changed = tx
+                    .conn
+                    .prepare_cached(
+                        "UPDATE api_keys SET secret_hash = ?1 WHERE id = ?2 AND secret_hash = ?3",
+                    )?
+                    .execute(params![to, id, from])?;
+                if changed == 0 {
+                    return Err(StoreError::NotFound);
+                }
+                Ok(Output::Unit(()))
+            }))
+            .await;
+        expect_output!(reply, Unit)
+    }
+
     async fn revoke_key(&self, id: &KeyId, at: Millis, audit: Draft) -> Result<KeyRecord, StoreError> {
         let id = id.to_string();
         let reply = self
             .write(Box::new(move |tx| {
+                // One writer: no other revocation runs between this check and the update.
+                if load_key(tx.conn, &id)?.is_some_and(|k| k.is_live_platform_admin()) {
+                    let sql = format!(
+                        "SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant = ?1 AND revoked_at IS NULL AND id <> ?2"
+                    );
+                    let others = collect(tx.conn, &sql, params![TenantId::PLATFORM, id], key_from_row)?;
+                    if !others.iter().any(KeyRecord::is_live_platform_admin) {
+                        return Err(StoreError::Conflict(crate::LAST_PLATFORM_ADMIN.into()));
+                    }
+                }
                 let changed = tx
                     .conn
                     .prepare_cached(
