@@ -68,6 +68,9 @@ say "store: $BASE_URL, schema $SCHEMA"
 start_replica() {
     local name=$1 role=$2
     local log="$WORK/$name.log"
+    # Created here, not only by the background job's redirection, which may run after the
+    # first read below.
+    : >"$log"
     AIRLOCK_ADMIN_KEY="$ADMIN_KEY" RUST_LOG=warn \
         "$BIN" serve --store "$STORE" --listen 127.0.0.1:0 --role "$role" >"$log" 2>&1 &
     local pid=$!

@@ -195,7 +195,7 @@ pub fn check_binding(
         }
         Binding::Snapshot => Ok(()),
         Binding::Rule => {
-            let evaluation = active.evaluate(job);
+            let (evaluation, _) = airlock_plan::evaluate_any(active, job);
             let have = u32::try_from(request.approvers.len()).unwrap_or(u32::MAX);
             for rule in evaluation.deciding.iter().filter_map(|i| active.rule(*i)) {
                 let covered = request
@@ -363,6 +363,34 @@ mod tests {
         assert_eq!(
             check_binding(&r, &delete, &quorum, Binding::Rule, 10),
             Err(Stale::QuorumRaised { rule_id: "del".into(), needed: 2, have: 1 })
+        );
+    }
+
+    #[test]
+    fn rule_binding_of_a_plan_job_follows_the_rules_deciding_its_changes() {
+        let text = "version: v1\nrules:\n  - id: db-destroy\n    when: { topic: tf.aws_db_instance.delete }\n    decision: require_human\n";
+        let v1 = policy(text);
+        let plan = airlock_plan::Plan::parse(
+            br#"{"format_version": "1.2", "resource_changes": [{"address": "aws_db_instance.main", "type": "aws_db_instance", "name": "main", "change": {"actions": ["delete"], "before": {}, "after": null}}]}"#,
+        )
+        .unwrap();
+        let submission = airlock_plan::Submission {
+            env: "production".into(),
+            plan_hash: "sha256:00".into(),
+            ..Default::default()
+        };
+        let plan_job = airlock_plan::plan_job(plan, "acme", "agent", submission);
+        let evaluation = airlock_plan::evaluate(&v1, &plan_job).evaluation;
+        let mut r = Request::pending(&v1, &evaluation, plan_job.hash(), "agent".into(), 0, 1_000);
+        assert_eq!(r.rule_ids, ["db-destroy"]);
+        r.status = Status::Approved;
+        r.approvers = vec!["alice".into()];
+        assert_eq!(check_binding(&r, &plan_job, &v1, Binding::Rule, 10), Ok(()));
+        let edited = policy(&text.replace("require_human\n", "require_human\n    reason: edited\n"));
+        assert_eq!(
+            check_binding(&r, &plan_job, &edited, Binding::Rule, 10),
+            Err(Stale::RuleChanged { rule_id: "db-destroy".into() }),
+            "the rule deciding the plan's change changed"
         );
     }
 

@@ -9,13 +9,122 @@ use crate::Millis;
 /// The `prev_hash` of a tenant's first record.
 pub const GENESIS: &str = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
 
+/// What an audit record says happened. Stored, hashed and shown as its dotted name
+/// ([`Kind::as_str`]), which never changes once released: the hash chain covers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Gate A decided a submit (allow, throttle, require_human; a deny is audited too).
+    GateADecision,
+    /// Gate A could not reach the safety check and applied the fail mode.
+    GateAUnavailable,
+    /// A job was accepted and stored.
+    JobSubmitted,
+    /// A job changed state outside a gate decision (expiry, cancel, retry, dead letter).
+    JobTransition,
+    /// Gate B decided a dispatch.
+    GateBDecision,
+    /// Gate B's throttle held a dispatch back.
+    GateBThrottled,
+    /// No worker took a job's topic; the attempt was counted.
+    SchedulerNoWorker,
+    /// An approval request reached its quorum.
+    ApprovalApproved,
+    /// One approver's vote, short of the quorum.
+    ApprovalVote,
+    /// An approval request was rejected.
+    ApprovalRejected,
+    /// A vote was refused: the binding no longer holds.
+    ApprovalStale,
+    /// An approval request outlived its TTL.
+    ApprovalExpired,
+    /// An API key was created.
+    KeyCreated,
+    /// An API key was revoked.
+    KeyRevoked,
+    /// A platform admin key was minted offline (`airlock admin recover`).
+    KeyRecovered,
+    /// A fault was injected into the safety check (testing fail modes).
+    SafetyFaultInjected,
+    /// A policy snapshot was published (or rolled back to).
+    PolicyPublished,
+    /// A dead-letter entry was discarded.
+    DlqDiscarded,
+}
+
+impl Kind {
+    /// Every kind, in declaration order.
+    pub const ALL: [Kind; 18] = [
+        Kind::GateADecision,
+        Kind::GateAUnavailable,
+        Kind::JobSubmitted,
+        Kind::JobTransition,
+        Kind::GateBDecision,
+        Kind::GateBThrottled,
+        Kind::SchedulerNoWorker,
+        Kind::ApprovalApproved,
+        Kind::ApprovalVote,
+        Kind::ApprovalRejected,
+        Kind::ApprovalStale,
+        Kind::ApprovalExpired,
+        Kind::KeyCreated,
+        Kind::KeyRevoked,
+        Kind::KeyRecovered,
+        Kind::SafetyFaultInjected,
+        Kind::PolicyPublished,
+        Kind::DlqDiscarded,
+    ];
+
+    /// The dotted name, e.g. `gate_a.decision`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::GateADecision => "gate_a.decision",
+            Kind::GateAUnavailable => "gate_a.unavailable",
+            Kind::JobSubmitted => "job.submitted",
+            Kind::JobTransition => "job.transition",
+            Kind::GateBDecision => "gate_b.decision",
+            Kind::GateBThrottled => "gate_b.throttled",
+            Kind::SchedulerNoWorker => "scheduler.no_worker",
+            Kind::ApprovalApproved => "approval.approved",
+            Kind::ApprovalVote => "approval.vote",
+            Kind::ApprovalRejected => "approval.rejected",
+            Kind::ApprovalStale => "approval.stale",
+            Kind::ApprovalExpired => "approval.expired",
+            Kind::KeyCreated => "key.created",
+            Kind::KeyRevoked => "key.revoked",
+            Kind::KeyRecovered => "key.recovered",
+            Kind::SafetyFaultInjected => "safety.fault_injected",
+            Kind::PolicyPublished => "policy.published",
+            Kind::DlqDiscarded => "dlq.discarded",
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stored kind this version of Airlock does not know.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown audit record kind `{0}`")]
+pub struct UnknownKind(pub String);
+
+impl std::str::FromStr for Kind {
+    type Err = UnknownKind;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == text).ok_or_else(|| UnknownKind(text.to_owned()))
+    }
+}
+
 /// An audit record before it is linked into a chain.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Draft {
     /// When it happened.
     pub at: Millis,
-    /// What happened, e.g. `gate_a.decision`, `job.transition`, `approval.approved`.
-    pub kind: String,
+    /// What happened.
+    pub kind: Kind,
     /// What it happened to: a job, approval, snapshot or key id.
     pub subject: String,
     /// Who did it: a principal, or `system`.
@@ -45,7 +154,7 @@ pub fn hash(tenant: &str, seq: u64, draft: &Draft, prev_hash: &str) -> String {
         "tenant": tenant,
         "seq": seq,
         "at": draft.at,
-        "kind": draft.kind,
+        "kind": draft.kind.as_str(),
         "subject": draft.subject,
         "actor": draft.actor,
         "data": draft.data,
@@ -123,7 +232,7 @@ mod tests {
             let head = out.last().map(|r| (r.seq, r.hash.as_str()));
             let draft = Draft {
                 at: i as i64,
-                kind: "job.transition".into(),
+                kind: Kind::JobTransition,
                 subject: format!("job_{i}"),
                 actor: "system".into(),
                 data: json!({"to": "queued"}),
@@ -166,5 +275,15 @@ mod tests {
         assert!(verify("acme", truncated, h).is_err());
 
         assert!(verify("other-tenant", &records, h).is_err(), "the tenant is part of every hash");
+    }
+
+    #[test]
+    fn kinds_round_trip_by_name_and_unknown_names_are_refused() {
+        let names: std::collections::HashSet<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), Kind::ALL.len(), "two kinds share a name");
+        for kind in Kind::ALL {
+            assert_eq!(kind.as_str().parse::<Kind>(), Ok(kind));
+        }
+        assert_eq!("gate_c.decision".parse::<Kind>(), Err(UnknownKind("gate_c.decision".into())));
     }
 }

@@ -1,6 +1,7 @@
-//! IPv4 and IPv6 networks for the `cidr_within` and `cidr_overlaps` operators. An address of
-//! one family never matches a network of the other: `::ffff:10.0.0.1` is not inside
-//! `10.0.0.0/8`, and `::/0` is not `0.0.0.0/0`.
+//! IPv4 and IPv6 networks for the `cidr_within` and `cidr_overlaps` operators. An IPv4-mapped
+//! IPv6 address (`::ffff:10.0.0.1`, or a mapped network of prefix 96 or more) is the IPv4
+//! address it carries, so it cannot hide from an IPv4 rule; otherwise the families never mix:
+//! `::/0` is not `0.0.0.0/0`. Parsing is strict: no spaces, no leading zeros, no trailing text.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -53,6 +54,14 @@ impl Net {
         };
         if prefix > width {
             return Err(CidrError::Prefix(text.to_owned()));
+        }
+        if let IpAddr::V6(a) = addr
+            && let Some(v4) = a.to_ipv4_mapped()
+            && prefix >= 96
+        {
+            let prefix = prefix - 96;
+            let bits = u128::from(u32::from(v4));
+            return Ok(Self { v6: false, bits: bits & mask(false, prefix), prefix });
         }
         Ok(Self { v6, bits: bits & mask(v6, prefix), prefix })
     }
@@ -119,9 +128,20 @@ mod tests {
     }
 
     #[test]
-    fn families_never_mix() {
+    fn families_never_mix_but_mapped_addresses_are_ipv4() {
         assert!(!net("::/0").overlaps(&net("0.0.0.0/0")));
-        assert!(!net("::ffff:10.0.0.1").within(&net("10.0.0.0/8")));
+        assert!(net("::ffff:10.0.0.1").within(&net("10.0.0.0/8")));
+        assert!(net("::ffff:10.0.0.0/104").within(&net("10.0.0.0/8")));
+        assert_eq!(net("::ffff:10.0.0.0/104"), net("10.0.0.0/8"));
+        assert!(!net("::ffff:0:0/80").within(&net("0.0.0.0/0")), "a mapped range under /96 stays IPv6");
+    }
+
+    #[test]
+    fn variants_that_are_not_networks_are_refused() {
+        for text in ["010.0.0.0/8", "10.0.0.0/8\n", " 0.0.0.0/0", "0.0.0.0/0 ", "10.0.0.0/8/8"] {
+            assert!(Net::parse_lenient(text).is_err(), "{text:?}");
+        }
+        assert_eq!(net("0.0.0.0/00"), net("0.0.0.0/0"), "a zero-padded prefix is the same network");
     }
 
     #[test]

@@ -10,15 +10,19 @@ use crate::glob::Glob;
 use crate::jcs;
 use crate::job::{sha256_tagged, tagged};
 use crate::limits::{
-    APPROVALS_MAX, CONDITION_DEPTH_MAX, POLICY_BYTES_MAX, REGEX_SIZE_MAX, RULES_MAX,
-    THROTTLE_DEFAULT_PER_SECS, THROTTLE_DEFAULT_RATE, THROTTLE_PER_MAX_SECS,
+    APPROVALS_MAX, CONDITION_DEPTH_MAX, POLICY_BYTES_MAX, REGEX_DFA_CACHE_BYTES, REGEX_OVERHEAD_BYTES,
+    REGEX_SIZE_MAX, REGEX_TOTAL_BYTES_MAX, RULES_MAX, THROTTLE_DEFAULT_PER_SECS, THROTTLE_DEFAULT_RATE,
+    THROTTLE_PER_MAX_SECS,
 };
-use crate::model::{Cond, Decision, Field, Limit, LimitKey, Literal, Mode, RiskClass, Rule, Test};
+use crate::model::{
+    Cond, Decision, Field, Limit, LimitKey, Literal, Mode, RiskClass, Rule, TerraformTopic, Test,
+};
 use crate::path::Path;
 use crate::policy::Policy;
 use crate::yaml::{self, Key, Kind, Node};
 
-const TOP_KEYS: [&str; 4] = ["version", "defaults", "risk", "rules"];
+const TOP_KEYS: [&str; 5] = ["version", "defaults", "risk", "rules", "terraform"];
+const TERRAFORM_KEYS: [&str; 1] = ["topics"];
 const DEFAULTS_KEYS: [&str; 2] = ["decision", "reason"];
 const RULE_KEYS: [&str; 7] = ["id", "when", "decision", "reason", "mode", "limit", "approvals"];
 const LIMIT_KEYS: [&str; 4] = ["rate", "per", "burst", "key"];
@@ -49,31 +53,70 @@ const OPERATORS: [&str; 12] = [
 ];
 const DECISIONS: [&str; 4] = ["allow", "deny", "throttle", "require_human"];
 
-/// Compiles policy text. On success the policy comes with its warnings; on failure every
-/// error of the file is returned, sorted by position.
+/// Compiles policy text. On success the policy comes with its warnings (the compiler's and the
+/// static analysis'); on failure every error of the file is returned, sorted by position.
 pub fn compile(text: &str) -> Result<(Policy, Vec<Diagnostic>), Vec<Diagnostic>> {
-    if text.len() > POLICY_BYTES_MAX {
-        return Err(vec![Diagnostic::error(
-            Span { line: 1, col: 1 },
-            format!("policy is {} bytes; the limit is {POLICY_BYTES_MAX}", text.len()),
-        )]);
-    }
-    let root = yaml::parse(text)?;
-    let mut compiler = Compiler::default();
-    let parts = compiler.document(&root);
-    let mut diagnostics = compiler.diagnostics;
-    diagnostics.sort_by_key(|d| (d.span, d.severity));
-    match parts {
-        Some(parts) if diagnostics.iter().all(|d| d.severity != crate::diag::Severity::Error) => {
-            let policy = parts.into_policy();
-            let mut warnings = diagnostics;
+    let budget = Budget { regex_bytes_max: REGEX_TOTAL_BYTES_MAX, time_left: &mut || true };
+    match compile_within(text, budget) {
+        Ok((policy, mut warnings)) => {
             warnings.extend(crate::analysis::analyze(&policy));
             warnings.sort_by_key(|d| d.span);
             Ok((policy, warnings))
         }
+        Err(Refused::Invalid(errors)) => Err(errors),
+        Err(Refused::OverBudget(reason)) => Err(vec![Diagnostic::error(Span { line: 1, col: 1 }, reason)]),
+    }
+}
+
+/// What one compilation may spend: a policy from an untrusted party (a dry-run's candidate)
+/// is compiled under a budget, so that it cannot take the server's CPU or memory.
+pub struct Budget<'a> {
+    /// Total compiled size of the policy's regexes, in bytes (each also stays under
+    /// [`REGEX_SIZE_MAX`]).
+    pub regex_bytes_max: usize,
+    /// Asked before each rule; once it answers `false` the compilation stops. The compiler
+    /// reads no clock; the caller's closure does.
+    pub time_left: &'a mut dyn FnMut() -> bool,
+}
+
+/// Why a budgeted compilation gave no policy.
+#[derive(Debug)]
+pub enum Refused {
+    /// The policy has errors: all of them, sorted by position.
+    Invalid(Vec<Diagnostic>),
+    /// The policy needs more than its budget; the reason says which part ran out.
+    OverBudget(String),
+}
+
+/// [`compile`] under a [`Budget`], without the static analysis (whose warnings a dry-run does
+/// not show). The compiler's own warnings come with the policy.
+pub fn compile_within(text: &str, budget: Budget<'_>) -> Result<(Policy, Vec<Diagnostic>), Refused> {
+    if text.len() > POLICY_BYTES_MAX {
+        return Err(Refused::Invalid(vec![Diagnostic::error(
+            Span { line: 1, col: 1 },
+            format!("policy is {} bytes; the limit is {POLICY_BYTES_MAX}", text.len()),
+        )]));
+    }
+    let root = yaml::parse(text).map_err(Refused::Invalid)?;
+    let mut compiler = Compiler {
+        regex_bytes_max: budget.regex_bytes_max,
+        regex_bytes_left: budget.regex_bytes_max,
+        time_left: Some(budget.time_left),
+        ..Compiler::default()
+    };
+    let parts = compiler.document(&root);
+    if let Some(reason) = compiler.over_budget {
+        return Err(Refused::OverBudget(reason));
+    }
+    let mut diagnostics = compiler.diagnostics;
+    diagnostics.sort_by_key(|d| (d.span, d.severity));
+    match parts {
+        Some(parts) if diagnostics.iter().all(|d| d.severity != crate::diag::Severity::Error) => {
+            Ok((parts.into_policy(), diagnostics))
+        }
         _ => {
             diagnostics.retain(|d| d.severity == crate::diag::Severity::Error);
-            Err(diagnostics)
+            Err(Refused::Invalid(diagnostics))
         }
     }
 }
@@ -83,13 +126,15 @@ struct Parts {
     default_reason: Option<String>,
     risk: Vec<RiskClass>,
     rules: Vec<Rule>,
+    terraform: Vec<TerraformTopic>,
     /// Each rule's canonical bytes, in rule order.
     canonical_rules: Vec<Vec<u8>>,
 }
 
 impl Parts {
-    /// Hashes the canonical form `{"defaults", "risk", "rules", "version"}` (keys in RFC 8785
-    /// order) by streaming each rule's canonical bytes into the digest, so that a large policy
+    /// Hashes the canonical form `{"defaults", "risk", "rules", "terraform"?, "version"}` (keys
+    /// in RFC 8785 order; `terraform` only when the policy maps resource types, so that older
+    /// policies keep their hash) by streaming each rule's canonical bytes into the digest, so that a large policy
     /// is never held as one JSON tree.
     fn into_policy(self) -> Policy {
         use sha2::{Digest, Sha256};
@@ -111,22 +156,36 @@ impl Parts {
             }
             digest.update(bytes);
         }
-        digest.update(b"],\"version\":\"v1\"}");
+        digest.update(b"]");
+        if !self.terraform.is_empty() {
+            let topics: Vec<Value> =
+                self.terraform.iter().map(|t| json!([t.pattern.as_str(), t.topic])).collect();
+            digest.update(b",\"terraform\":");
+            digest.update(jcs::to_vec(&json!({"topics": topics})));
+        }
+        digest.update(b",\"version\":\"v1\"}");
         let hash = tagged(&digest.finalize());
-        Policy::new(self.default, self.default_reason, self.risk, self.rules, hash)
+        Policy::new(self.default, self.default_reason, self.risk, self.rules, self.terraform, hash)
     }
 }
 
 #[derive(Default)]
-struct Compiler {
+struct Compiler<'a> {
     diagnostics: Vec<Diagnostic>,
     canonical_rules: Vec<Vec<u8>>,
     risk_names: Vec<String>,
+    /// What the policy's regexes may take in all, and still, in bytes.
+    regex_bytes_max: usize,
+    regex_bytes_left: usize,
+    /// The caller's deadline ([`Budget::time_left`]).
+    time_left: Option<&'a mut dyn FnMut() -> bool>,
+    /// Why the compilation stopped over its budget.
+    over_budget: Option<String>,
 }
 
 type Entries<'a> = &'a [(Key, Node)];
 
-impl Compiler {
+impl Compiler<'_> {
     fn error(&mut self, span: Span, message: impl Into<String>) {
         self.diagnostics.push(Diagnostic::error(span, message));
     }
@@ -198,11 +257,13 @@ impl Compiler {
             None => Vec::new(),
             Some(node) => self.rules(node),
         };
+        let terraform = get(entries, "terraform").map(|n| self.terraform(n)).unwrap_or_default();
         Some(Parts {
             default,
             default_reason,
             risk,
             rules,
+            terraform,
             canonical_rules: std::mem::take(&mut self.canonical_rules),
         })
     }
@@ -247,6 +308,47 @@ impl Compiler {
         classes
     }
 
+    /// `terraform: {topics: {PATTERN: TOPIC}}`: which topic a Terraform resource change is
+    /// evaluated under. A pattern without a dot is a glob over the resource type and its topic
+    /// gets the action appended (`aws_security_group: infra.security_group` gives
+    /// `infra.security_group.update`); a pattern with a dot is matched against `TYPE.ACTION`
+    /// and names the whole topic. The first matching pattern in file order wins.
+    fn terraform(&mut self, node: &Node) -> Vec<TerraformTopic> {
+        let Some(entries) = self.map(node, "`terraform`") else {
+            return Vec::new();
+        };
+        self.unknown_keys(entries, &TERRAFORM_KEYS, "`terraform`");
+        let Some(topics) = get(entries, "topics") else {
+            return Vec::new();
+        };
+        let Some(topics) = self.map(topics, "`terraform.topics`") else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (key, value) in topics {
+            let pattern = self.glob(key.span, &key.text);
+            let topic = self.string(value, &format!("the topic of `{}`", key.text)).filter(|t| {
+                let ok = !t.is_empty()
+                    && t.split('.').all(|s| {
+                        !s.is_empty()
+                            && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+                    });
+                if !ok {
+                    self.error_help(
+                        value.span,
+                        format!("`{t}` is not a topic"),
+                        "write dotted segments of letters, digits, `_` and `-`, e.g. `infra.security_group`",
+                    );
+                }
+                ok
+            });
+            if let (Some(pattern), Some(topic)) = (pattern, topic) {
+                out.push(TerraformTopic { whole: key.text.contains('.'), pattern, topic });
+            }
+        }
+        out
+    }
+
     fn string_list(&mut self, node: &Node, what: &str) -> Vec<(Span, String)> {
         match &node.kind {
             Kind::Str(s) => vec![(node.span, s.clone())],
@@ -281,7 +383,16 @@ impl Compiler {
         }
         let mut seen: rustc_hash::FxHashMap<String, Span> = rustc_hash::FxHashMap::default();
         let mut rules = Vec::with_capacity(items.len());
-        for item in items {
+        for (at, item) in (1..).zip(items) {
+            if self.time_left.as_mut().is_some_and(|time_left| !time_left()) {
+                self.over_budget = Some(format!(
+                    "compiling the policy took longer than its time budget (stopped before rule {at} of {})",
+                    items.len()
+                ));
+            }
+            if self.over_budget.is_some() {
+                break;
+            }
             if let Some(rule) = self.rule(item) {
                 if let Some(first) = seen.get(&rule.id) {
                     self.error_help(
@@ -630,6 +741,20 @@ impl Compiler {
                 self.error_help(item.span, format!("unknown risk class `{text}`"), help);
                 continue;
             }
+            if matches!(field, Field::Topic | Field::Env | Field::Tenant)
+                && text != text.trim().to_ascii_lowercase()
+            {
+                self.diagnostics.push(
+                    Diagnostic::warning(
+                        item.span,
+                        format!(
+                            "`{text}` can never match: `{field}` values are trimmed and lower-cased before \
+                             any rule sees them"
+                        ),
+                    )
+                    .with_help(format!("write `{}`", text.trim().to_ascii_lowercase())),
+                );
+            }
             match self.glob(item.span, &text) {
                 Some(g) => globs.push(g),
                 None => ok = false,
@@ -658,7 +783,10 @@ impl Compiler {
             Kind::Bool(b) => Some(Literal::Bool(*b)),
             Kind::Int(i) => Some(Literal::Int(*i)),
             Kind::Float(f) if f.is_finite() => Some(Literal::Float(*f)),
-            Kind::Str(s) => Some(Literal::Str(s.clone())),
+            Kind::Str(s) => {
+                self.lookalike_warning(node.span, field, s);
+                Some(Literal::Str(s.clone()))
+            }
             other => {
                 let found =
                     if matches!(other, Kind::Float(_)) { "a non-finite number" } else { other.describe() };
@@ -669,6 +797,32 @@ impl Compiler {
                 );
                 None
             }
+        }
+    }
+
+    /// Warns on an equality test whose literal is a network or a number written as a string:
+    /// a deny rule written that way lets through every variant that is another string for the
+    /// same thing (` 0.0.0.0/0`, `0.0.0.0/00`, `::/0`; `100` for `"100"`).
+    fn lookalike_warning(&mut self, span: Span, field: &Field, text: &str) {
+        if Net::parse_lenient(text.trim()).is_ok() {
+            self.diagnostics.push(
+                Diagnostic::warning(
+                    span,
+                    format!(
+                        "`{field}` is compared as text with `{text}`, which is a network: variants such as \
+                         ` {text}`, a zero-padded prefix or the IPv6 form are other strings and slip past"
+                    ),
+                )
+                .with_help("use `{ cidr_overlaps: ... }` or `{ cidr_within: ... }`, which compare networks"),
+            );
+        } else if matches!(field, Field::Payload(_)) && text.trim().parse::<f64>().is_ok() {
+            self.diagnostics.push(
+                Diagnostic::warning(
+                    span,
+                    format!("`{field}` is compared with the string `\"{text}\"`, which is a number: the JSON number is another value and slips past"),
+                )
+                .with_help("compare numbers with an unquoted literal or `gte`/`lte`"),
+            );
         }
     }
 
@@ -704,6 +858,39 @@ impl Compiler {
         ok.then_some(tests)
     }
 
+    /// Charges a regex to the policy's regex budget: its compiled automaton (measured by
+    /// building it, as the `regex` crate would) and a fixed overhead. `None` once the budget is
+    /// spent (a pattern that does not compile is left to the `regex` crate to report).
+    fn charge_regex(&mut self, pattern: &str) -> Option<()> {
+        use regex_automata::nfa::thompson;
+        if self.over_budget.is_some() {
+            return None;
+        }
+        let limit = REGEX_SIZE_MAX.min(self.regex_bytes_left);
+        let built = thompson::Compiler::new()
+            .configure(thompson::Config::new().nfa_size_limit(Some(limit)))
+            .build(pattern);
+        let cost = match built {
+            Ok(nfa) => nfa.memory_usage().saturating_mul(2).saturating_add(REGEX_OVERHEAD_BYTES),
+            Err(e) if e.size_limit().is_some() && limit < REGEX_SIZE_MAX => usize::MAX,
+            Err(_) => return Some(()),
+        };
+        match self.regex_bytes_left.checked_sub(cost) {
+            Some(left) => {
+                self.regex_bytes_left = left;
+                Some(())
+            }
+            None => {
+                self.over_budget = Some(format!(
+                    "the policy's regexes need more than their budget of {} bytes compiled (at `{}`)",
+                    self.regex_bytes_max,
+                    pattern.chars().take(60).collect::<String>()
+                ));
+                None
+            }
+        }
+    }
+
     fn operator(&mut self, field: &Field, key: &Key, value: &Node) -> Option<Test> {
         let list = |node: &Node| match &node.kind {
             Kind::Seq(items) => items.clone(),
@@ -717,8 +904,10 @@ impl Compiler {
             "glob" => self.names(field, &list(value)),
             "regex" => {
                 let pattern = self.string(value, "`regex`")?;
+                self.charge_regex(&pattern)?;
                 RegexBuilder::new(&pattern)
                     .size_limit(REGEX_SIZE_MAX)
+                    .dfa_size_limit(REGEX_DFA_CACHE_BYTES)
                     .build()
                     .map(Test::Regex)
                     .map_err(|e| {

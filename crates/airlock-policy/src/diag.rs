@@ -86,7 +86,7 @@ impl fmt::Display for Diagnostic {
 }
 
 /// Describes a list of choices as "`a`, `b` or `c`".
-pub(crate) fn one_of(choices: &[&str]) -> String {
+pub fn one_of(choices: &[&str]) -> String {
     let quoted: Vec<String> = choices.iter().map(|c| format!("`{c}`")).collect();
     match quoted.split_last() {
         None => String::new(),

@@ -20,6 +20,15 @@ pub enum EvalError {
     /// The caller's deadline passed ([`crate::Policy::evaluate_within`]): there is no decision.
     #[error("the evaluation ran out of time")]
     OutOfTime,
+    /// A CIDR operator met a present value that is not an IP address or CIDR.
+    #[error("a value is not an IP address or CIDR, so `cidr_within`/`cidr_overlaps` cannot judge it")]
+    NotANetwork,
+    /// A numeric operator met a present value that is not a JSON number.
+    #[error("a value is not a number, so `gt`/`gte`/`lt`/`lte` cannot judge it")]
+    NotANumber,
+    /// A test against a list held for some elements and not for others.
+    #[error("a test against a list held for some of its elements and not for others")]
+    MixedList,
 }
 
 /// What a field resolves to on one job.
@@ -147,7 +156,7 @@ fn field_holds(field: &Field, tests: &[Test], ctx: &mut Ctx<'_>) -> Result<bool,
                 return Ok(wants_absent(tests).unwrap_or(false));
             }
             let passes = wants_absent(tests).is_none()
-                && classes.iter().any(|c| tests.iter().all(|t| test_holds(t, Subject::Str(c))));
+                && classes.iter().any(|c| value_holds(tests, Subject::Str(c)).is_ok_and(|held| held));
             return Ok(passes);
         }
         Field::Label(name) => job.labels.get(name).map(|v| Subject::Str(v)),
@@ -156,15 +165,62 @@ fn field_holds(field: &Field, tests: &[Test], ctx: &mut Ctx<'_>) -> Result<bool,
                 let found = path.any(&job.payload, &mut |_| true)?;
                 return Ok(!found && absent);
             }
-            return Ok(
-                path.any(&job.payload, &mut |v| tests.iter().all(|t| test_holds(t, Subject::Json(v))))?
-            );
+            // `[*]` means "any element": a definite match wins over an error elsewhere.
+            let mut error = None;
+            let found = path.any(&job.payload, &mut |v| match value_holds(tests, Subject::Json(v)) {
+                Ok(holds) => holds,
+                Err(e) => {
+                    error = Some(e);
+                    false
+                }
+            })?;
+            return match error {
+                Some(e) if !found => Err(e),
+                _ => Ok(found),
+            };
         }
     };
-    Ok(match subject {
-        None => wants_absent(tests).unwrap_or(false),
-        Some(s) => wants_absent(tests).is_none() && tests.iter().all(|t| test_holds(t, s)),
-    })
+    match subject {
+        None => Ok(wants_absent(tests).unwrap_or(false)),
+        Some(s) if wants_absent(tests).is_none() => value_holds(tests, s),
+        Some(_) => Ok(false),
+    }
+}
+
+/// Whether every test holds on one value, three-valued like [`all`].
+fn value_holds(tests: &[Test], subject: Subject<'_>) -> Result<bool, EvalError> {
+    let mut error = None;
+    for test in tests {
+        match test_on(test, subject) {
+            Ok(false) => return Ok(false),
+            Ok(true) => {}
+            Err(e) => error = Some(e),
+        }
+    }
+    error.map_or(Ok(true), Err)
+}
+
+/// A test on a value; a scalar test against a list applies to its elements: it holds when it
+/// holds for every element and fails when it fails for every one (an empty list fails), and a
+/// list on which the elements disagree is an error, so that a restrictive rule fails closed
+/// whichever way (`x: a` or `not: { x: a }`) it was written.
+fn test_on(test: &Test, subject: Subject<'_>) -> Result<bool, EvalError> {
+    let Subject::Json(Value::Array(items)) = subject else { return test_holds(test, subject) };
+    if matches!(test, Test::Contains(_) | Test::Exists(_)) {
+        return test_holds(test, subject);
+    }
+    let (mut held, mut failed) = (false, false);
+    for item in items {
+        if test_holds(test, Subject::Json(item))? {
+            held = true;
+        } else {
+            failed = true;
+        }
+    }
+    match (held, failed) {
+        (true, true) => Err(EvalError::MixedList),
+        (held, _) => Ok(held),
+    }
 }
 
 /// `Some(true)` when the tests are exactly `exists: false` (match when absent); `Some(false)`
@@ -177,16 +233,20 @@ fn wants_absent(tests: &[Test]) -> Option<bool> {
         .then(|| tests.iter().all(|t| matches!(t, Test::Exists(false))))
 }
 
-fn test_holds(test: &Test, subject: Subject<'_>) -> bool {
-    match test {
+/// One test on one value. CIDR and numeric operators cannot judge a present value they cannot
+/// read: that is an error (so a restrictive rule fails closed), not a quiet non-match that a
+/// padded, zero-prefixed or quoted value could use to slip past a deny.
+fn test_holds(test: &Test, subject: Subject<'_>) -> Result<bool, EvalError> {
+    let number = || subject.as_f64().ok_or(EvalError::NotANumber);
+    Ok(match test {
         Test::Equals(literals) => literals.iter().any(|l| equals(l, subject)),
         Test::Globs(globs) => subject.as_str().is_some_and(|s| globs.iter().any(|g| g.matches(s))),
         Test::Regex(regex) => subject.as_str().is_some_and(|s| regex.is_match(s)),
         Test::NotIn(literals) => !literals.iter().any(|l| equals(l, subject)),
-        Test::Gt(n) => subject.as_f64().is_some_and(|v| v > *n),
-        Test::Gte(n) => subject.as_f64().is_some_and(|v| v >= *n),
-        Test::Lt(n) => subject.as_f64().is_some_and(|v| v < *n),
-        Test::Lte(n) => subject.as_f64().is_some_and(|v| v <= *n),
+        Test::Gt(n) => number()? > *n,
+        Test::Gte(n) => number()? >= *n,
+        Test::Lt(n) => number()? < *n,
+        Test::Lte(n) => number()? <= *n,
         Test::Exists(present) => *present,
         Test::Contains(literal) => match (subject, literal) {
             (Subject::Json(Value::Array(items)), _) => {
@@ -195,15 +255,19 @@ fn test_holds(test: &Test, subject: Subject<'_>) -> bool {
             (_, Literal::Str(needle)) => subject.as_str().is_some_and(|s| s.contains(needle.as_str())),
             _ => false,
         },
-        Test::CidrWithin(nets) => network(subject).is_some_and(|n| nets.iter().any(|outer| n.within(outer))),
-        Test::CidrOverlaps(nets) => {
-            network(subject).is_some_and(|n| nets.iter().any(|other| n.overlaps(other)))
+        Test::CidrWithin(nets) => {
+            let n = network(subject)?;
+            nets.iter().any(|outer| n.within(outer))
         }
-    }
+        Test::CidrOverlaps(nets) => {
+            let n = network(subject)?;
+            nets.iter().any(|other| n.overlaps(other))
+        }
+    })
 }
 
-fn network(subject: Subject<'_>) -> Option<Net> {
-    subject.as_str().and_then(|s| Net::parse_lenient(s).ok())
+fn network(subject: Subject<'_>) -> Result<Net, EvalError> {
+    subject.as_str().and_then(|s| Net::parse_lenient(s).ok()).ok_or(EvalError::NotANetwork)
 }
 
 /// Equality without coercion between types; numbers compare by value (`1` equals `1.0`).

@@ -165,18 +165,26 @@ fn name(
     match map.get(field) {
         None if required => fail("is required".into()),
         None => None,
-        Some(Value::String(s)) if s.is_empty() => fail("must not be empty".into()),
         Some(Value::String(s)) if s.len() > NAME_BYTES_MAX => {
             fail(format!("is longer than {NAME_BYTES_MAX} bytes"))
         }
-        Some(Value::String(s)) => {
+        Some(Value::String(given)) => {
+            // Topic, env and tenant are normalised (trimmed, lower-case) before anything sees
+            // them, so that `Production` or ` infra.x` cannot reach a rule as another value.
+            let s = &match field {
+                "topic" | "env" | "tenant" => given.trim().to_ascii_lowercase(),
+                _ => given.clone(),
+            };
+            if s.is_empty() {
+                return fail("must not be empty".into());
+            }
             let extra: &[char] = if field == "principal" { &['@', ':', '/', '+'] } else { &[] };
             let bad = s
                 .chars()
                 .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') || extra.contains(c)));
             match bad {
-                Some(c) => fail(format!("`{s}` contains `{c}`; use letters, digits, `.`, `_` and `-`")),
-                None if s.split('.').any(str::is_empty) => fail(format!("`{s}` has an empty segment")),
+                Some(c) => fail(format!("`{given}` contains `{c}`; use letters, digits, `.`, `_` and `-`")),
+                None if s.split('.').any(str::is_empty) => fail(format!("`{given}` has an empty segment")),
                 None => Some(s.clone()),
             }
         }

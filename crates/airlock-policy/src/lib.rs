@@ -17,9 +17,9 @@ pub mod path;
 mod policy;
 pub mod yaml;
 
-pub use compile::compile;
+pub use compile::{Budget, Refused, compile, compile_within};
 pub use diag::{Diagnostic, Severity, Span};
 pub use eval::EvalError;
 pub use job::{FieldError, Job};
-pub use model::{Decision, Limit, LimitKey, Mode, Rule};
+pub use model::{Decision, Limit, LimitKey, Mode, Rule, TerraformTopic};
 pub use policy::{Evaluation, Explanation, Policy, RuleIdx, Verdict};

@@ -16,6 +16,17 @@ pub const RULES_MAX: usize = 100_000;
 /// Largest compiled size of one `regex` operator, in bytes (the `regex` crate's size limit).
 pub const REGEX_SIZE_MAX: usize = 256 * 1024;
 
+/// Total compiled size of one policy's regexes, in bytes: a budget per policy, not only per
+/// regex, so that many regexes under the per-regex limit cannot add up to gigabytes.
+pub const REGEX_TOTAL_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// What each regex is charged beyond its automata (matching caches, prefilters), in bytes.
+pub const REGEX_OVERHEAD_BYTES: usize = 1024;
+
+/// Largest lazy-DFA cache of one regex, in bytes (the `regex` crate's default is 2 MiB, which
+/// a policy with thousands of regexes would multiply).
+pub const REGEX_DFA_CACHE_BYTES: usize = 256 * 1024;
+
 /// Most payload values one path may visit while expanding `[*]` during one evaluation.
 /// Past it the rule errors, and an erroring rule fails closed (see `eval`).
 pub const PATH_FANOUT_MAX: usize = 10_000;
@@ -52,5 +63,6 @@ pub const LABEL_BYTES_MAX: usize = 256;
 /// Longest topic, env, tenant or principal, in bytes.
 pub const NAME_BYTES_MAX: usize = 256;
 
+const _: () = assert!(REGEX_SIZE_MAX <= REGEX_TOTAL_BYTES_MAX);
 const _: () = assert!(CONDITION_DEPTH_MAX < YAML_DEPTH_MAX, "a `when` lives inside YAML nesting");
 const _: () = assert!(THROTTLE_DEFAULT_PER_SECS <= THROTTLE_PER_MAX_SECS);

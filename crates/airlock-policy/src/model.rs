@@ -257,6 +257,17 @@ pub struct RiskClass {
     pub topics: Vec<Glob>,
 }
 
+/// One entry of `terraform.topics`: the topic a Terraform resource change is evaluated under.
+#[derive(Clone, Debug)]
+pub struct TerraformTopic {
+    /// Matched against the resource type, or against `TYPE.ACTION` when `whole`.
+    pub pattern: Glob,
+    /// The topic, or its prefix (the action is appended) unless `whole`.
+    pub topic: String,
+    /// The pattern names an action too, and `topic` is the whole topic.
+    pub whole: bool,
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "a test fails by panicking")]

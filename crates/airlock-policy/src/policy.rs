@@ -6,7 +6,7 @@ use rustc_hash::FxHashMap;
 use crate::eval::{self, Ctx, EvalError};
 use crate::glob::Glob;
 use crate::job::Job;
-use crate::model::{Cond, Decision, Field, Mode, RiskClass, Rule, Test};
+use crate::model::{Cond, Decision, Field, Mode, RiskClass, Rule, TerraformTopic, Test};
 
 /// A compiled policy: immutable, hashed, indexed.
 #[derive(Debug)]
@@ -15,6 +15,7 @@ pub struct Policy {
     default_reason: Option<String>,
     risk: Vec<RiskClass>,
     rules: Vec<Rule>,
+    terraform: Vec<TerraformTopic>,
     index: Index,
     hash: String,
 }
@@ -63,10 +64,28 @@ impl Policy {
         default_reason: Option<String>,
         risk: Vec<RiskClass>,
         rules: Vec<Rule>,
+        terraform: Vec<TerraformTopic>,
         hash: String,
     ) -> Self {
         let index = Index::build(&rules);
-        Self { default, default_reason, risk, rules, index, hash }
+        Self { default, default_reason, risk, rules, terraform, index, hash }
+    }
+
+    /// The topic a Terraform change of `resource_type` with `action` (`create`, `update`,
+    /// `delete`, `replace`, ...) is evaluated under: the first `terraform.topics` entry that
+    /// matches, else `tf.<type>.<action>`.
+    pub fn terraform_topic(&self, resource_type: &str, action: &str) -> String {
+        let whole = format!("{resource_type}.{action}");
+        for entry in &self.terraform {
+            if entry.whole {
+                if entry.pattern.matches(&whole) {
+                    return entry.topic.clone();
+                }
+            } else if entry.pattern.matches(resource_type) {
+                return format!("{}.{action}", entry.topic);
+            }
+        }
+        format!("tf.{whole}")
     }
 
     /// The snapshot hash: `sha256:` + hex of the canonical form.
@@ -165,12 +184,23 @@ impl Policy {
 
     /// Every rule's verdict, without the index, and the decision those verdicts give.
     pub fn explain(&self, job: &Job) -> Explanation {
-        let mut ctx = Ctx::new(job, self);
+        self.explain_with(&mut Ctx::new(job, self))
+    }
+
+    /// [`Policy::explain`] under a deadline, as [`Policy::evaluate_within`]: `None` when
+    /// `time_left` answered `false` before every rule was explained.
+    pub fn explain_within(&self, job: &Job, time_left: &mut dyn FnMut() -> bool) -> Option<Explanation> {
+        let mut ctx = Ctx::within(job, self, time_left);
+        let explanation = self.explain_with(&mut ctx);
+        (!ctx.out_of_time).then_some(explanation)
+    }
+
+    fn explain_with(&self, ctx: &mut Ctx<'_>) -> Explanation {
         let mut matched = Vec::new();
         let mut errors = Vec::new();
         let mut verdicts = Vec::with_capacity(self.rules.len());
         for (idx, rule) in (0..).zip(&self.rules) {
-            let verdict = match eval::why_not(&rule.when, &mut ctx) {
+            let verdict = match eval::why_not(&rule.when, ctx) {
                 Ok(None) => {
                     matched.push(idx);
                     Verdict::Matched

@@ -53,7 +53,11 @@ fn seed_policy_decides_as_its_names_say() {
     )
     .unwrap();
     let (policy, warnings) = compile(&text).unwrap();
-    assert!(warnings.is_empty(), "{warnings:?}");
+    // The seed loads unchanged; `policy check` warns that its text comparison of a network can
+    // be slipped past (the hardened form is `seed-hardened.yaml`).
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].message.contains("`0.0.0.0/0`, which is a network"), "{warnings:?}");
+    assert_eq!((warnings[0].span.line, warnings[0].span.col), (14, 13));
     let check = |job: serde_json::Value, decision: Decision, rule: Option<&str>| {
         let evaluation = policy.evaluate(&Job::from_json(&job).unwrap());
         assert_eq!(evaluation.decision, decision, "{job}");
@@ -76,6 +80,14 @@ fn seed_policy_decides_as_its_names_say() {
         Some("throttle-bulk-recreate"),
     );
     check(json!({"topic": sg, "env": "staging", "payload": {"cidr": "0.0.0.0/0"}}), Decision::Allow, None);
+    // Case and padding of topic and env are normalised away; a list is tested by its elements.
+    for variant in [
+        json!({"topic": "INFRA.security_group.update", "env": "production", "payload": {"cidr": "0.0.0.0/0"}}),
+        json!({"topic": sg, "env": " Production", "payload": {"cidr": "0.0.0.0/0"}}),
+        json!({"topic": sg, "env": "production", "payload": {"cidr": ["0.0.0.0/0"]}}),
+    ] {
+        check(variant, Decision::Deny, Some("deny-prod-public-ingress"));
+    }
     let throttle = &policy.rules()[2];
     let limit = throttle.limit.as_ref().unwrap();
     assert_eq!((limit.rate, limit.per_secs), (1, 600));
@@ -155,4 +167,17 @@ fn rule_hashes_follow_rule_content_only() {
     assert_eq!(a.rules()[0].hash, b.rules()[0].hash);
     assert_ne!(a.rules()[1].hash, b.rules()[1].hash);
     assert_ne!(a.hash(), b.hash());
+}
+
+#[test]
+fn check_warns_on_values_a_variant_slips_past() {
+    let text = "version: v1\nrules:\n  - id: a\n    when: { env: Production, replicas: \"3\", src: \"::/0\" }\n    decision: deny\n";
+    let (_, warnings) = compile(text).unwrap();
+    let messages: Vec<&str> = warnings.iter().map(|w| w.message.as_str()).collect();
+    assert_eq!(messages.len(), 3, "{messages:?}");
+    assert!(messages[0].contains("`Production` can never match"), "{messages:?}");
+    assert!(messages[1].contains("which is a number"), "{messages:?}");
+    assert!(messages[2].contains("`::/0`, which is a network"), "{messages:?}");
+    let (_, none) = compile("version: v1\nrules:\n  - id: a\n    when: { src: { cidr_overlaps: \"::/0\" }, replicas: 3 }\n    decision: deny\n").unwrap();
+    assert!(none.is_empty(), "{none:?}");
 }

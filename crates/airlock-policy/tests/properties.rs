@@ -778,11 +778,14 @@ fn outcome(policy: &Policy, evaluation: &Evaluation) -> (Decision, Vec<String>, 
     (evaluation.decision, ids(&evaluation.deciding), ids(&evaluation.audit))
 }
 
+/// Whether rule `idx` alone matches `job`; a rule that errors (a value its CIDR or numeric test
+/// cannot read) counts as matched when it is more restrictive than `allow`: it fails closed.
 fn matches_alone(ast: &PolicyAst, idx: usize, job: &Job) -> bool {
     let policy = compiled(&ast.alone(idx).text());
     match policy.explain(job).verdicts.as_slice() {
         [Verdict::Matched] => true,
         [Verdict::NotMatched(_)] => false,
+        [Verdict::Error(_)] => ast.rules[idx].decision > Decision::Allow,
         other => panic!("rule `{}` alone gave {other:?}", ast.rules[idx].id),
     }
 }

@@ -7,12 +7,14 @@ use std::collections::HashMap;
 
 use airlock_core::Millis;
 use airlock_core::approval::{self, Request, Stale, Status, Vote, VoteError};
-use airlock_core::audit::Draft;
+use airlock_core::audit::{Draft, Kind};
+use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
 use airlock_core::ids::ApprovalId;
 use airlock_core::role::Role;
 use airlock_core::state::{Event, JobState};
 use airlock_store::{ApprovalChange, ApprovalRecord, JobRecord, StoreError};
 use axum::Json;
+use axum::body::Body;
 use axum::extract::{Path, Query as RawQuery, State};
 use axum::http::StatusCode;
 use serde_json::{Value, json};
@@ -21,6 +23,9 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::state::{AppState, now_ms, random_bytes};
 use crate::wire::{self, Query};
+
+/// Longest comment a rejection may carry.
+const REJECT_COMMENT_CHARS_MAX: usize = 4_000;
 
 /// Times an approval is re-read and retried when another approver changed it first.
 const CONFLICT_RETRIES: usize = 3;
@@ -66,11 +71,42 @@ pub async fn get(
     require_reader(&caller)?;
     let (approval, job) = load(&state, &caller, &parse_id(&id)?).await?;
     let mut body = wire::approval(&approval);
+    let active = state.safety().active();
+    let policy_job = job.to_policy_job();
+    // Whether approving now would pass the binding check, so a client shows "stale" before
+    // anyone clicks; the approve call checks it again at the commit.
+    let binding = approval::check_binding(
+        &approval.request,
+        &policy_job,
+        &active.policy,
+        state.config().approval_binding,
+        now_ms(),
+    );
     if let Some(o) = body.as_object_mut() {
         o.insert("job".into(), crate::jobs::view(&state, &job).await?);
         o.insert("current_decision".into(), current_decision(&state, &job));
+        o.insert("binding_current".into(), json!(binding.is_ok()));
+        o.insert("stale_reason".into(), json!(binding.err().map(|s| s.to_string())));
+        o.insert(
+            "explanation".into(),
+            wire::explanation(&active.policy, &policy_job, &active.policy.explain(&policy_job)),
+        );
     }
     Ok(Json(body))
+}
+
+/// `GET /api/v1/approvals/summary`: the tenant's pending requests in a few numbers, cheap
+/// enough to poll: a client that remembers them knows when its inbox changed.
+pub async fn summary(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    require_reader(&caller)?;
+    let s = state.store().approval_summary(&caller.tenant).await?;
+    Ok(Json(json!({
+        "pending": s.pending,
+        "oldest_created_at": s.oldest_created_at,
+        "newest_id": s.newest_id.as_ref().map(ApprovalId::as_str),
+        "votes": s.votes,
+        "policy_version": state.safety().active().version,
+    })))
 }
 
 async fn load(
@@ -90,11 +126,11 @@ async fn load(
 
 fn current_decision(state: &AppState, job: &JobRecord) -> Value {
     let active = state.safety().active();
-    let evaluation = active.policy.evaluate(&job.to_policy_job());
+    let (evaluation, plan) = airlock_plan::evaluate_any(&active.policy, &job.to_policy_job());
     json!({
         "decision": evaluation.decision.as_str(),
         "rule_ids": active.policy.ids(&evaluation.deciding),
-        "reason": active.policy.reason(&evaluation),
+        "reason": plan.map_or_else(|| active.policy.reason(&evaluation), |p| p.reason(&active.policy)),
         "snapshot": active.policy.hash(),
     })
 }
@@ -105,29 +141,55 @@ pub async fn approve(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    decide(&state, &caller, &parse_id(&id)?, true).await
+    decide(&state, &caller, &parse_id(&id)?, Decide::Approve).await
 }
 
-/// `POST /api/v1/approvals/{id}/reject`.
+/// `POST /api/v1/approvals/{id}/reject`, with an optional body `{"comment": "..."}` kept in
+/// the audit record.
 pub async fn reject(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
+    body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    decide(&state, &caller, &parse_id(&id)?, false).await
+    let bytes = wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?;
+    let comment = if bytes.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let map = wire::json_object(&bytes)?;
+        wire::only_fields(&map, &["comment"])?;
+        match map.get("comment") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(c)) if c.chars().count() <= REJECT_COMMENT_CHARS_MAX => Some(c.clone()),
+            Some(Value::String(_)) => {
+                return Err(ApiError::invalid(vec![(
+                    "comment".into(),
+                    format!("is longer than {REJECT_COMMENT_CHARS_MAX} characters"),
+                )]));
+            }
+            Some(_) => return Err(ApiError::invalid(vec![("comment".into(), "must be a string".into())])),
+        }
+    };
+    decide(&state, &caller, &parse_id(&id)?, Decide::Reject { comment }).await
+}
+
+/// What an approver decides.
+enum Decide {
+    Approve,
+    Reject { comment: Option<String> },
 }
 
 async fn decide(
     state: &AppState,
     caller: &Caller,
     id: &ApprovalId,
-    approving: bool,
+    decision: Decide,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Approver)?;
     for _ in 0..CONFLICT_RETRIES {
         let (record, job) = load(state, caller, id).await?;
         let now = now_ms();
-        match attempt(state, caller, &record, &job, approving, now).await {
+        match attempt(state, caller, &record, &job, &decision, now).await {
             Err(Attempt::Conflict) => continue,
             Err(Attempt::Api(e)) if e.superseded_by().is_some() => {
                 state.refresh_policy(e.superseded_by()).await?;
@@ -175,18 +237,12 @@ fn change(caller: &Caller, record: &ApprovalRecord, request: Request, now: Milli
     }
 }
 
-fn draft(caller: &Caller, record: &ApprovalRecord, now: Millis, kind: &str, data: Value) -> Draft {
+fn draft(caller: &Caller, record: &ApprovalRecord, now: Millis, kind: Kind, data: Value) -> Draft {
     let mut full = json!({"job_id": record.job_id.as_str()});
     if let (Value::Object(full), Value::Object(data)) = (&mut full, data) {
         full.extend(data);
     }
-    Draft {
-        at: now,
-        kind: kind.into(),
-        subject: record.id.to_string(),
-        actor: caller.principal.clone(),
-        data: full,
-    }
+    Draft { at: now, kind, subject: record.id.to_string(), actor: caller.principal.clone(), data: full }
 }
 
 async fn attempt(
@@ -194,9 +250,10 @@ async fn attempt(
     caller: &Caller,
     record: &ApprovalRecord,
     job: &JobRecord,
-    approving: bool,
+    decision: &Decide,
     now: Millis,
 ) -> Result<Value, Attempt> {
+    let approving = matches!(decision, Decide::Approve);
     if record.request.status != Status::Pending {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -262,7 +319,7 @@ async fn attempt(
                             caller,
                             record,
                             now,
-                            "approval.approved",
+                            Kind::ApprovalApproved,
                             json!({"approvers": request.approvers}),
                         ));
                         0
@@ -272,7 +329,7 @@ async fn attempt(
                             caller,
                             record,
                             now,
-                            "approval.vote",
+                            Kind::ApprovalVote,
                             json!({"remaining": remaining}),
                         ));
                         remaining
@@ -290,7 +347,11 @@ async fn attempt(
         }
         c = change(caller, record, request.clone(), now);
         c.job_event = Some(Event::Rejected);
-        c.audit.push(draft(caller, record, now, "approval.rejected", json!({})));
+        let comment = match decision {
+            Decide::Reject { comment } => comment.as_deref(),
+            Decide::Approve => None,
+        };
+        c.audit.push(draft(caller, record, now, Kind::ApprovalRejected, json!({"comment": comment})));
         json!({})
     };
     let queued = c.job_event == Some(Event::Approved);
@@ -322,7 +383,7 @@ async fn refuse_stale(
             change(caller, record, Request { status: Status::Expired, ..record.request.clone() }, now);
         c.job_event = Some(Event::ApprovalExpired);
         c.actor = "system".into();
-        let mut expired = draft(caller, record, now, "approval.expired", json!({}));
+        let mut expired = draft(caller, record, now, Kind::ApprovalExpired, json!({}));
         expired.actor = "system".into();
         c.audit.push(expired);
         state.store().change_approval(c).await?;
@@ -335,7 +396,7 @@ async fn refuse_stale(
     }
     state.metrics().inc("airlock_approvals_stale_total", &[]);
     let active = state.safety().active();
-    let evaluation = active.policy.evaluate(&job.to_policy_job());
+    let (evaluation, _) = airlock_plan::evaluate_any(&active.policy, &job.to_policy_job());
     let replacement = ApprovalRecord {
         id: ApprovalId::generate(now, random_bytes()?),
         tenant: caller.tenant.clone(),
@@ -357,7 +418,7 @@ async fn refuse_stale(
         caller,
         record,
         now,
-        "approval.stale",
+        Kind::ApprovalStale,
         json!({
             "reason": stale.to_string(),
             "replaced_by": replacement.id.as_str(),
@@ -391,7 +452,7 @@ pub async fn expire_due(state: &AppState, now: Millis) -> Result<usize, StoreErr
             replacement: None,
             audit: vec![Draft {
                 at: now,
-                kind: "approval.expired".into(),
+                kind: Kind::ApprovalExpired,
                 subject: record.id.to_string(),
                 actor: "system".into(),
                 data: json!({"job_id": record.job_id.as_str()}),

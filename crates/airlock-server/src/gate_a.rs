@@ -1,9 +1,10 @@
-//! Gate A (SPEC 5): `POST /api/v1/jobs`. In this order: authenticate → validate → idempotency
+//! Gate A (SPEC 5): `POST /api/v1/jobs` (and `POST /api/v1/plans`, which reads a plan into a
+//! plan job and submits it here, through [`submit_job`]). In this order: authenticate → validate → idempotency
 //! → safety check (with its timeout) → persist and enqueue atomically. A deny, a throttle
 //! refusal or an unavailable safety check in closed mode writes nothing but an audit record.
 
 use airlock_core::approval::Request;
-use airlock_core::audit::Draft;
+use airlock_core::audit::{Draft, Kind};
 use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
 use airlock_core::ids::{ApprovalId, JobId};
 use airlock_core::role::Role;
@@ -37,19 +38,25 @@ pub async fn submit(State(state): State<AppState>, caller: Caller, body: Body) -
     caller.require(Role::Submitter)?;
     let bytes = wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?;
     let job = parse_job(&state, &caller, &bytes)?;
+    submit_job(&state, &caller, job).await
+}
+
+/// Gate A for a validated job of the caller's tenant: idempotency → safety check → persist
+/// and enqueue. Every way into the queue that a submitter takes goes through here.
+pub(crate) async fn submit_job(state: &AppState, caller: &Caller, job: Job) -> Result<Response, ApiError> {
     let job_hash = job.hash();
     let retained_since = now_ms() - state.config().idempotency_retention_ms;
 
     if let Some(key) = &job.idempotency_key
         && let Some(existing) = state.store().idempotency(&caller.tenant, key, retained_since).await?
     {
-        return idempotent_answer(&state, key, &job_hash, &existing);
+        return idempotent_answer(state, key, &job_hash, &existing);
     }
     // A decision is committed only under the snapshot it was made under: when a publish
     // supersedes it first, the store refuses the write and the job is decided again.
     let mut attempt = 1;
     loop {
-        match decide(&state, &caller, &job, &job_hash).await {
+        match decide(state, caller, &job, &job_hash).await {
             Err(e) if attempt < DECIDE_ATTEMPTS_MAX && e.superseded_by().is_some() => {
                 state.refresh_policy(e.superseded_by()).await?;
                 attempt += 1;
@@ -80,7 +87,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &Job, job_hash: &str) ->
                         job,
                         job_hash,
                         now,
-                        "gate_a.unavailable",
+                        Kind::GateAUnavailable,
                         json!({
                             "outcome": "refused",
                             "fail_mode": "closed",
@@ -109,14 +116,15 @@ async fn decide(state: &AppState, caller: &Caller, job: &Job, job_hash: &str) ->
     let gate = GateDecision {
         decision: evaluation.decision,
         rule_ids: policy.ids(&evaluation.deciding).into_iter().map(str::to_owned).collect(),
-        reason: policy.reason(evaluation),
+        reason: checked.reason(),
         snapshot_hash: policy.hash().to_owned(),
         snapshot_version: checked.active.version,
         at: now,
         bypassed: false,
     };
     let audit_rule_ids: Vec<&str> = policy.ids(&evaluation.audit);
-    let decision_data = json!({
+    let plan_fields = checked.plan_fields();
+    let mut decision_data = json!({
         "decision": gate.decision.as_str(),
         "rule_ids": gate.rule_ids,
         "reason": gate.reason,
@@ -128,17 +136,24 @@ async fn decide(state: &AppState, caller: &Caller, job: &Job, job_hash: &str) ->
             "error": e.to_string(),
         })).collect::<Vec<_>>(),
     });
+    merge(&mut decision_data, plan_fields.clone());
 
     match evaluation.decision {
         Decision::Deny => {
             let mut data = decision_data;
             merge(&mut data, json!({"outcome": "denied"}));
-            let draft = decision_draft(caller, job, job_hash, now, "gate_a.decision", data);
+            let draft = decision_draft(caller, job, job_hash, now, Kind::GateADecision, data);
             state.store().append_audit(&caller.tenant, draft, Some(gate.snapshot_version)).await?;
-            Err(ApiError::new(StatusCode::FORBIDDEN, "policy_denied", gate.reason.clone())
+            let mut denied = ApiError::new(StatusCode::FORBIDDEN, "policy_denied", gate.reason.clone())
                 .with("rule_ids", json!(gate.rule_ids))
                 .with("reason", json!(gate.reason))
-                .with("snapshot", json!(gate.snapshot_hash)))
+                .with("snapshot", json!(gate.snapshot_hash));
+            if let Value::Object(fields) = plan_fields {
+                for (key, value) in fields {
+                    denied = denied.with(&key, value);
+                }
+            }
+            Err(denied)
         }
         Decision::Allow | Decision::Throttle | Decision::RequireHuman => {
             let budgets = if evaluation.decision == Decision::Throttle {
@@ -167,7 +182,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &Job, job_hash: &str) ->
             });
             let mut data = decision_data;
             merge(&mut data, json!({"outcome": "accepted"}));
-            accept(state, caller, job, job_hash, now, gate, approval, budgets, data).await
+            accept(state, caller, job, job_hash, now, gate, approval, budgets, data, plan_fields).await
         }
     }
 }
@@ -194,6 +209,14 @@ fn parse_job(state: &AppState, caller: &Caller, bytes: &[u8]) -> Result<Job, Api
             None
         }
     };
+    if let Some(job) = &job
+        && airlock_plan::is_plan_job(job)
+    {
+        errors.push((
+            "topic".into(),
+            format!("`{}` is reserved for plan jobs; send the plan JSON to POST /api/v1/plans", job.topic),
+        ));
+    }
     if let Some(job) = &job
         && job.idempotency_key.is_none()
         && state.config().require_idempotency_key.iter().any(|g| g.matches(&job.topic))
@@ -244,10 +267,10 @@ fn record_evaluation(state: &AppState, checked: &Checked, topic: &str) {
     }
 }
 
-fn decision_draft(caller: &Caller, job: &Job, job_hash: &str, at: i64, kind: &str, data: Value) -> Draft {
+fn decision_draft(caller: &Caller, job: &Job, job_hash: &str, at: i64, kind: Kind, data: Value) -> Draft {
     let mut full = json!({"topic": job.topic, "env": job.env, "job_hash": job_hash});
     merge(&mut full, data);
-    Draft { at, kind: kind.into(), subject: "-".into(), actor: caller.principal.clone(), data: full }
+    Draft { at, kind, subject: "-".into(), actor: caller.principal.clone(), data: full }
 }
 
 async fn accept_bypassed(
@@ -269,7 +292,7 @@ async fn accept_bypassed(
         bypassed: true,
     };
     let data = json!({"outcome": "accepted", "fail_mode": "open", "gate_a_bypassed": true, "error": error});
-    accept(state, caller, job, job_hash, now, gate, None, Vec::new(), data).await
+    accept(state, caller, job, job_hash, now, gate, None, Vec::new(), data, json!({})).await
 }
 
 #[expect(clippy::too_many_arguments, reason = "one call per accepting path; a struct would only rename them")]
@@ -283,6 +306,7 @@ async fn accept(
     approval: Option<Request>,
     budgets: Vec<Budget>,
     audit_data: Value,
+    answer_fields: Value,
 ) -> Result<Response, ApiError> {
     let id = JobId::generate(now, random_bytes()?);
     let approval = match approval {
@@ -304,6 +328,7 @@ async fn accept(
         "decision": {"decision": gate.decision.as_str(), "rule_ids": gate.rule_ids, "reason": gate.reason, "snapshot": gate.snapshot_hash},
         "gate_a_bypassed": gate.bypassed,
     });
+    merge(&mut body, answer_fields);
     if let (Some(a), Some(o)) = (&approval, body.as_object_mut()) {
         o.insert(
             "approval".into(),
@@ -345,7 +370,7 @@ async fn accept(
         budgets,
         audit: Draft {
             at: now,
-            kind: "job.submitted".into(),
+            kind: Kind::JobSubmitted,
             subject: id.to_string(),
             actor: caller.principal.clone(),
             data,

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use airlock_core::Millis;
 use airlock_core::approval::{self, Request, Status};
-use airlock_core::audit::Draft;
+use airlock_core::audit::{Draft, Kind};
 use airlock_core::breaker::Admission;
 use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
 use airlock_core::dispatch::{
@@ -38,7 +38,7 @@ use crate::state::{AppState, FailMode, now_ms, random_bytes};
 use crate::wire::{self, Query, json_object, merge, only_fields};
 
 /// Longest a claim waits for work.
-const CLAIM_WAIT_MAX_MS: u64 = 30_000;
+pub(crate) const CLAIM_WAIT_MAX_MS: u64 = 30_000;
 /// How often a waiting claim looks again when nothing woke it.
 const CLAIM_POLL: Duration = Duration::from_millis(200);
 /// Candidates read per page.
@@ -291,7 +291,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
                     .into_iter()
                     .map(str::to_owned)
                     .collect(),
-                reason: c.active.policy.reason(&c.evaluation),
+                reason: c.reason(),
                 snapshot_hash: c.active.policy.hash().to_owned(),
                 snapshot_version: c.active.version,
                 at: now,
@@ -321,6 +321,9 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
         "fail_mode": fail_mode_name(fail_mode),
         "scheduling_attempts": job.dispatch.scheduling_attempts,
     });
+    if let Some(c) = &decided {
+        merge(&mut data, c.plan_fields());
+    }
     let action = match action {
         Action::Lease { budgets, bypassed } => {
             if bypassed {
@@ -416,7 +419,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
         at: now,
         audit: Draft {
             at: now,
-            kind: "gate_b.decision".into(),
+            kind: Kind::GateBDecision,
             subject: job.id.to_string(),
             actor: caller.principal.clone(),
             data,
@@ -439,6 +442,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
                 "labels": leased.labels,
                 "payload": leased.payload,
                 "job_hash": leased.job_hash,
+                "plan_hash": leased.plan_hash,
                 "gate_b": wire::decision(&gate),
             })))
         }
@@ -711,7 +715,7 @@ pub async fn park_unroutable(state: &AppState) -> Result<usize, airlock_store::S
                 );
                 let audit = Draft {
                     at: now,
-                    kind: "scheduler.no_worker".into(),
+                    kind: Kind::SchedulerNoWorker,
                     subject: job.id.to_string(),
                     actor: "system".into(),
                     data: json!({

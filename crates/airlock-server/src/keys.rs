@@ -2,7 +2,7 @@
 //! creation, and only its hash is stored. A platform admin manages every tenant's keys; a
 //! tenant admin only its own tenant's.
 
-use airlock_core::audit::Draft;
+use airlock_core::audit::{Draft, Kind};
 use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
 use airlock_core::ids::{KeyId, TenantId};
 use airlock_core::role::{Role, Roles};
@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::auth::{Caller, generate_key, hash_key};
+use crate::auth::{Caller, KeyHasher, generate_key};
 use crate::error::ApiError;
 use crate::state::{AppState, now_ms, random_bytes};
 use crate::wire::{self, json_object, only_fields};
@@ -102,7 +102,8 @@ pub async fn create(State(state): State<AppState>, caller: Caller, body: Body) -
     };
     require_admin_of(&caller, &tenant)?;
     let named = NewKey { tenant, name, principal, roles };
-    let (id, secret) = create_key(state.store(), named, &caller.principal).await?;
+    let (id, secret) =
+        create_key(state.store(), &state.config().key_hasher, named, &caller.principal).await?;
     Ok((StatusCode::CREATED, Json(json!({"id": id.as_str(), "key": secret}))).into_response())
 }
 
@@ -119,16 +120,46 @@ pub struct NewKey {
 }
 
 /// Creates a key and returns its id and secret.
-pub async fn create_key(store: &dyn Store, key: NewKey, actor: &str) -> Result<(KeyId, String), ApiError> {
-    create_key_with_secret(store, key, actor, generate_key()?).await
+pub async fn create_key(
+    store: &dyn Store,
+    hasher: &KeyHasher,
+    key: NewKey,
+    actor: &str,
+) -> Result<(KeyId, String), ApiError> {
+    create_key_with_secret(store, hasher, key, actor, generate_key()?).await
 }
 
 /// Creates a key with a given secret (the bootstrap admin key from `AIRLOCK_ADMIN_KEY`).
 pub async fn create_key_with_secret(
     store: &dyn Store,
+    hasher: &KeyHasher,
     key: NewKey,
     actor: &str,
     secret: String,
+) -> Result<(KeyId, String), ApiError> {
+    mint(store, hasher, key, actor, secret, Kind::KeyCreated).await
+}
+
+/// `airlock admin recover`: a new platform admin key, minted offline by someone with access to
+/// the data directory, and audited as a recovery in the platform tenant's chain.
+pub async fn recover_admin(
+    store: &dyn Store,
+    hasher: &KeyHasher,
+    at: airlock_core::Millis,
+) -> Result<(KeyId, String), ApiError> {
+    let tenant: TenantId = TenantId::PLATFORM.parse().map_err(ApiError::internal)?;
+    let roles = [Role::Admin].into_iter().collect();
+    let key = NewKey { tenant, name: format!("recovered-admin-{at}"), principal: None, roles };
+    mint(store, hasher, key, "airlock admin recover", generate_key()?, Kind::KeyRecovered).await
+}
+
+async fn mint(
+    store: &dyn Store,
+    hasher: &KeyHasher,
+    key: NewKey,
+    actor: &str,
+    secret: String,
+    kind: Kind,
 ) -> Result<(KeyId, String), ApiError> {
     let now = now_ms();
     let id = KeyId::generate(now, random_bytes()?);
@@ -138,14 +169,14 @@ pub async fn create_key_with_secret(
         tenant: key.tenant,
         name: key.name,
         roles: key.roles,
-        secret_hash: hash_key(&secret),
+        secret_hash: hasher.hash(&secret),
         created_at: now,
         revoked_at: None,
         principal,
     };
     let draft = Draft {
         at: now,
-        kind: "key.created".into(),
+        kind,
         subject: id.to_string(),
         actor: actor.to_owned(),
         data: json!({"name": record.name, "principal": record.principal(), "roles": record.roles.to_string()}),
@@ -189,12 +220,17 @@ pub async fn revoke(
     let now = now_ms();
     let draft = Draft {
         at: now,
-        kind: "key.revoked".into(),
+        kind: Kind::KeyRevoked,
         subject: id.to_string(),
         actor: caller.principal.clone(),
         data: json!({"name": key.name}),
     };
-    let revoked = state.store().revoke_key(&id, now, draft).await?;
+    let revoked = match state.store().revoke_key(&id, now, draft).await {
+        Err(StoreError::Conflict(m)) if m == airlock_store::LAST_PLATFORM_ADMIN => {
+            return Err(ApiError::new(StatusCode::CONFLICT, "last_platform_admin", m));
+        }
+        other => other?,
+    };
     state.keys().clear();
     Ok(Json(wire::key(&revoked)))
 }

@@ -5,17 +5,22 @@
 mod approvals;
 mod audit_api;
 pub mod auth;
+pub mod checkpoint;
 pub mod error;
 mod gate_a;
 mod gate_b;
 mod jobs;
 pub mod keys;
+pub mod listener;
 pub mod metrics;
 mod ops;
+mod overview;
+mod plans;
 mod policy_api;
 pub mod relay;
 pub mod remote_safety;
 pub mod state;
+pub mod tls;
 pub mod wire;
 
 use std::sync::Arc;
@@ -35,7 +40,7 @@ pub use ops::OPENAPI;
 use state::{ActivePolicy, AppState, Config};
 
 /// Every route: method and path. The OpenAPI document must describe each (tested).
-pub const ROUTES: [(&str, &str); 34] = [
+pub const ROUTES: [(&str, &str); 38] = [
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -70,6 +75,10 @@ pub const ROUTES: [(&str, &str); 34] = [
     ("post", "/api/v1/dlq/{id}/discard"),
     ("post", "/api/v1/safety/evaluate"),
     ("get", "/api/v1/reports/idempotency"),
+    ("get", "/api/v1/overview"),
+    ("get", "/api/v1/approvals/summary"),
+    ("get", "/api/v1/policy/snapshots/{version}"),
+    ("post", "/api/v1/plans"),
 ];
 
 /// What one process serves.
@@ -121,13 +130,17 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/openapi.json", get(ops::openapi))
         .route("/api/v1/jobs", post(gate_a::submit).get(jobs::list))
         .route("/api/v1/jobs/{id}", get(jobs::get))
+        .route("/api/v1/plans", post(plans::submit))
         .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/api/v1/reports/idempotency", get(jobs::idempotency_report))
+        .route("/api/v1/overview", get(overview::overview))
         .route("/api/v1/approvals", get(approvals::list))
+        .route("/api/v1/approvals/summary", get(approvals::summary))
         .route("/api/v1/approvals/{id}", get(approvals::get))
         .route("/api/v1/approvals/{id}/approve", post(approvals::approve))
         .route("/api/v1/approvals/{id}/reject", post(approvals::reject))
         .route("/api/v1/policy/snapshots", get(policy_api::snapshots))
+        .route("/api/v1/policy/snapshots/{version}", get(policy_api::snapshot))
         .route("/api/v1/policy/publish", post(policy_api::publish))
         .route("/api/v1/policy/rollback", post(policy_api::rollback))
         .route("/api/v1/policy/simulate", post(policy_api::simulate))
@@ -154,6 +167,7 @@ pub fn router(state: AppState) -> Router {
                 "this route does not take that method; see /api/v1/openapi.json",
             )
         })
+        .layer(middleware::from_fn_with_state(state.clone(), limit))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
@@ -166,19 +180,71 @@ pub fn safety_router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/api/v1/safety/evaluate", post(remote_safety::evaluate))
         .fallback(|| async { error::ApiError::not_found("route") })
+        .layer(middleware::from_fn_with_state(state.clone(), limit))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
 
+/// Sheds a request when `http.in_flight_max` are being served (503 with `Retry-After`), and
+/// ends one that outlives `http.request_timeout` (a long-poll claim gets its longest wait on
+/// top). Liveness probes are never shed.
+async fn limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    if path == "/healthz" {
+        return next.run(request).await;
+    }
+    let limits = &state.config().http;
+    let Ok(_slot) = state.in_flight_slots().try_acquire() else {
+        return error::ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!("the server is serving its limit of {} requests; retry", limits.in_flight_max),
+        )
+        .retry_after(1)
+        .into_response();
+    };
+    let mut budget = limits.request_timeout;
+    if path == "/api/v1/workers/claim" {
+        budget += Duration::from_millis(gate_b::CLAIM_WAIT_MAX_MS);
+    }
+    match tokio::time::timeout(budget, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => error::ApiError::new(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "request_timeout",
+            format!("the request took longer than {} ms and was abandoned; retry", budget.as_millis()),
+        )
+        .retry_after(1)
+        .into_response(),
+    }
+}
+
+/// The `method` label: the standard methods, and `other` for any other string a client sends,
+/// so that clients cannot grow the registry.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
 async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
     let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
     let response = next.run(request).await;
     let status = response.status().as_u16().to_string();
     let metrics = state.metrics();
-    metrics
-        .inc("airlock_http_requests_total", &[("method", &method), ("route", &route), ("status", &status)]);
+    metrics.inc("airlock_http_requests_total", &[("method", method), ("route", &route), ("status", &status)]);
     metrics.observe("airlock_http_request_seconds", &[("route", &route)], started.elapsed().as_secs_f64());
     response
 }
@@ -224,9 +290,19 @@ pub async fn load_policy(store: &dyn Store, initial: (&str, &str)) -> Result<Act
 
 /// Creates the platform admin key when the store has no key at all. Returns the secret when
 /// it was generated (to be printed once), `None` when it came from `admin_key` or keys exist.
+/// Stores its plain hash: for a server whose configuration has no key pepper.
 pub async fn bootstrap_admin(
     store: &dyn Store,
     admin_key: Option<String>,
+) -> Result<Option<String>, StartError> {
+    bootstrap_admin_with(store, admin_key, &auth::KeyHasher::default()).await
+}
+
+/// [`bootstrap_admin`], hashing the key with `hasher` (the server's key pepper).
+pub async fn bootstrap_admin_with(
+    store: &dyn Store,
+    admin_key: Option<String>,
+    hasher: &auth::KeyHasher,
 ) -> Result<Option<String>, StartError> {
     if !store.keys(None).await?.is_empty() {
         return Ok(None);
@@ -240,7 +316,7 @@ pub async fn bootstrap_admin(
         None => auth::generate_key().map_err(|e| StartError::Other(format!("{e:?}")))?,
     };
     let key = keys::NewKey { tenant, name: "admin".into(), principal: None, roles };
-    match keys::create_key_with_secret(store, key, "system", secret).await {
+    match keys::create_key_with_secret(store, hasher, key, "system", secret).await {
         Ok((_, secret)) => Ok(generated.then_some(secret)),
         // Another replica starting at the same moment created it first.
         Err(e) if e.status() == axum::http::StatusCode::CONFLICT => Ok(None),

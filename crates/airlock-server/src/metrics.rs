@@ -77,9 +77,34 @@ struct Registry {
 }
 
 /// The registry.
-#[derive(Default)]
 pub struct Metrics {
     registry: Mutex<Registry>,
+}
+
+/// Counters an alert may watch for each topic: created at 0 when the topic is first seen, so
+/// that the first increment is a change `rate()` sees (a series born at 1 has no rate).
+const PER_TOPIC_AT_ZERO: [&str; 2] =
+    ["airlock_gateway_fail_open_total", "airlock_scheduler_input_fail_open_total"];
+
+impl Default for Metrics {
+    /// A registry whose unlabelled counters, and the labelled ones with known label values,
+    /// exist at 0 from the start.
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        for name in ["airlock_approvals_stale_total", "airlock_idempotent_replays_total"] {
+            registry.counters.insert((name, Vec::new()), 0.0);
+        }
+        for gate in ["a", "b"] {
+            for reason in ["unavailable", "timeout"] {
+                let labels = vec![("gate", gate.to_owned()), ("reason", reason.to_owned())];
+                registry.counters.insert(("airlock_safety_check_failures_total", labels), 0.0);
+            }
+        }
+        for name in PER_TOPIC_AT_ZERO {
+            registry.counters.insert((name, vec![("topic", "other".to_owned())]), 0.0);
+        }
+        Self { registry: Mutex::new(registry) }
+    }
 }
 
 fn labels(pairs: &[(&'static str, &str)]) -> Labels {
@@ -116,6 +141,9 @@ impl Metrics {
         }
         if r.topics.len() < TOPIC_LABELS_MAX {
             r.topics.insert(topic.to_owned());
+            for name in PER_TOPIC_AT_ZERO {
+                r.counters.entry((name, vec![("topic", topic.to_owned())])).or_insert(0.0);
+            }
             return topic.to_owned();
         }
         "other".into()
@@ -181,6 +209,25 @@ mod tests {
         assert!(text.contains("airlock_policy_eval_seconds_bucket{le=\"0.00005\"} 1\n"), "{text}");
         assert!(text.contains("airlock_policy_eval_seconds_count 1\n"), "{text}");
         assert!(text.contains("# TYPE airlock_scheduler_input_fail_open_total counter"));
+    }
+
+    #[test]
+    fn alerted_counters_exist_at_zero() {
+        let m = Metrics::default();
+        let text = m.render(&[]);
+        assert!(
+            text.contains("airlock_safety_check_failures_total{gate=\"b\",reason=\"timeout\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("airlock_approvals_stale_total 0\n"), "{text}");
+        assert!(!text.contains("topic=\"infra.vm.create\""), "{text}");
+        m.topic("infra.vm.create");
+        let text = m.render(&[]);
+        assert!(
+            text.contains("airlock_scheduler_input_fail_open_total{topic=\"infra.vm.create\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("airlock_gateway_fail_open_total{topic=\"infra.vm.create\"} 0\n"), "{text}");
     }
 
     #[test]

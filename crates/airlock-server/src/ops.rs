@@ -40,8 +40,14 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     }
 }
 
-/// `GET /metrics`.
-pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+/// `GET /metrics`; with `metrics.require_key`, only for a request with a valid key.
+pub async fn metrics(
+    State(state): State<AppState>,
+    caller: Result<Caller, ApiError>,
+) -> Result<Response, ApiError> {
+    if state.config().metrics_require_key {
+        caller?;
+    }
     let mut gauges = Vec::new();
     let counts = state.store().job_counts().await?;
     for job_state in airlock_core::state::JobState::ALL {
@@ -96,6 +102,14 @@ pub async fn faults(
             )]));
         }
     };
+    let draft = airlock_core::audit::Draft {
+        at: crate::state::now_ms(),
+        kind: airlock_core::audit::Kind::SafetyFaultInjected,
+        subject: "safety".into(),
+        actor: caller.principal.clone(),
+        data: json!({"safety": map.get("safety"), "delay_ms": map.get("delay_ms")}),
+    };
+    state.store().append_audit(&caller.tenant, draft, None).await?;
     state.safety().inject(fault);
     tracing::warn!(?fault, actor = %caller.principal, "safety fault injected");
     Ok(Json(json!({"safety": map.get("safety")})))

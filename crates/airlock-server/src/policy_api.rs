@@ -4,7 +4,9 @@
 
 use airlock_core::defaults::{POLICY_BODY_BYTES_MAX, REQUEST_BODY_BYTES_MAX};
 use airlock_core::role::Role;
-use airlock_policy::{Job, Policy};
+use std::time::Instant;
+
+use airlock_policy::{Job, Policy, Refused};
 use airlock_store::JobFilter;
 use axum::Json;
 use axum::body::Body;
@@ -15,7 +17,7 @@ use serde_json::{Map, Value, json};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::state::{ActivePolicy, AppState, now_ms};
+use crate::state::{ActivePolicy, AppState, DryRunLimits, now_ms};
 use crate::wire::{self, json_object, only_fields};
 
 /// Most stored jobs one diff evaluates.
@@ -32,15 +34,28 @@ pub async fn snapshots(State(state): State<AppState>, _caller: Caller) -> Result
     ))
 }
 
+/// `GET /api/v1/policy/snapshots/{version}`: one snapshot; its source for operators and admins.
+pub async fn snapshot(
+    State(state): State<AppState>,
+    caller: Caller,
+    axum::extract::Path(version): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let version: u64 = version.parse().map_err(|_| ApiError::not_found("snapshot"))?;
+    let record = state.store().snapshot(version).await?.ok_or_else(|| ApiError::not_found("snapshot"))?;
+    Ok(Json(wire::snapshot(&record, caller.roles.allows(Role::Operator))))
+}
+
+fn invalid_policy(errors: &[airlock_policy::Diagnostic]) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_policy",
+        format!("the policy has {} error(s)", errors.len()),
+    )
+    .with("diagnostics", wire::diagnostics(errors))
+}
+
 fn compile(source: &str) -> Result<(Policy, Vec<airlock_policy::Diagnostic>), ApiError> {
-    airlock_policy::compile(source).map_err(|errors| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_policy",
-            format!("the policy has {} error(s)", errors.len()),
-        )
-        .with("diagnostics", wire::diagnostics(&errors))
-    })
+    airlock_policy::compile(source).map_err(|errors| invalid_policy(&errors))
 }
 
 async fn activate(
@@ -94,19 +109,6 @@ pub async fn rollback(
     activate(&state, &caller, old.source, Some(format!("rollback to version {version}"))).await
 }
 
-/// The policy to ask: the candidate in the body, or the active snapshot.
-fn candidate(state: &AppState, map: &Map<String, Value>) -> Result<std::sync::Arc<ActivePolicy>, ApiError> {
-    match map.get("policy") {
-        None | Some(Value::Null) => Ok(state.safety().active()),
-        Some(Value::String(source)) => {
-            Ok(std::sync::Arc::new(ActivePolicy { version: 0, policy: compile(source)?.0 }))
-        }
-        Some(_) => {
-            Err(ApiError::invalid(vec![("policy".into(), "must be the policy YAML as a string".into())]))
-        }
-    }
-}
-
 /// The job of a simulate/explain body: the caller's tenant; the principal may be set for a
 /// what-if, and defaults to the caller.
 fn job_of(caller: &Caller, map: &Map<String, Value>) -> Result<Job, ApiError> {
@@ -127,13 +129,99 @@ fn job_of(caller: &Caller, map: &Map<String, Value>) -> Result<Job, ApiError> {
     })
 }
 
-async fn question(caller: &Caller, body: Body) -> Result<Map<String, Value>, ApiError> {
-    if !(caller.roles.allows(Role::Operator) || caller.roles.allows(Role::Submitter)) {
+/// 422: a candidate policy, or a dry-run, that needs more than its budget.
+fn over_budget(reason: String) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "over_budget", reason)
+}
+
+/// Compiles a candidate policy under the dry-run budget (`time_left` is the caller's deadline).
+fn compile_candidate(
+    source: &str,
+    limits: &DryRunLimits,
+    time_left: &mut dyn FnMut() -> bool,
+) -> Result<Policy, ApiError> {
+    let budget = airlock_policy::Budget { regex_bytes_max: limits.regex_bytes_max, time_left };
+    match airlock_policy::compile_within(source, budget) {
+        Ok((policy, _)) => Ok(policy),
+        Err(Refused::Invalid(errors)) => Err(invalid_policy(&errors)),
+        Err(Refused::OverBudget(reason)) => Err(over_budget(reason)),
+    }
+}
+
+/// Which dry-run question.
+#[derive(Clone, Copy)]
+enum Ask {
+    Simulate,
+    Explain,
+}
+
+/// Reads and checks a simulate/explain body `{"job": {...}, "policy": "..."?}`. A candidate
+/// policy is the operator's tool: a submitter asks the active snapshot only.
+async fn question(state: &AppState, caller: &Caller, body: Body) -> Result<Map<String, Value>, ApiError> {
+    let operator = caller.roles.allows(Role::Operator);
+    if !(operator || caller.roles.allows(Role::Submitter)) {
         caller.require(Role::Operator)?;
     }
-    let map = json_object(&wire::read_body(body, POLICY_BODY_BYTES_MAX).await?)?;
+    let limit = if operator { state.config().dry_run.candidate_bytes_max } else { REQUEST_BODY_BYTES_MAX };
+    let map = json_object(&wire::read_body(body, limit).await?)?;
     only_fields(&map, &["job", "policy"])?;
+    if !matches!(map.get("policy"), None | Some(Value::Null)) && !operator {
+        return Err(ApiError::forbidden(format!(
+            "a candidate `policy` needs the `operator` role (this key, `{}`, has `{}`); without one, \
+             the active snapshot answers",
+            caller.principal, caller.roles
+        )));
+    }
     Ok(map)
+}
+
+/// Answers a dry-run off the async threads, within the dry-run budget: compiling the
+/// candidate (if any) and evaluating the job share `dry_run.budget_ms`.
+async fn answer(
+    state: &AppState,
+    caller: &Caller,
+    map: &Map<String, Value>,
+    ask: Ask,
+) -> Result<Value, ApiError> {
+    let job = job_of(caller, map)?;
+    let candidate = match map.get("policy") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(source)) => Some(source.clone()),
+        Some(_) => {
+            return Err(ApiError::invalid(vec![(
+                "policy".into(),
+                "must be the policy YAML as a string".into(),
+            )]));
+        }
+    };
+    let active = state.safety().active();
+    let limits = state.config().dry_run.clone();
+    let work = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let mut time_left = || started.elapsed() < limits.budget;
+        let compiled;
+        let policy = match &candidate {
+            None => &active.policy,
+            Some(source) => {
+                compiled = compile_candidate(source, &limits, &mut time_left)?;
+                &compiled
+            }
+        };
+        let answer = match ask {
+            Ask::Simulate => airlock_plan::evaluate_any_within(policy, &job, &mut time_left)
+                .map(|(e, _)| wire::evaluation(policy, &job, &e)),
+            Ask::Explain => {
+                policy.explain_within(&job, &mut time_left).map(|e| wire::explanation(policy, &job, &e))
+            }
+        };
+        answer.ok_or_else(|| {
+            over_budget(format!(
+                "the dry-run took longer than its budget of {} ms and was stopped",
+                limits.budget.as_millis()
+            ))
+        })
+    });
+    work.await.map_err(ApiError::internal)?
 }
 
 /// `POST /api/v1/policy/simulate` `{"job": {...}, "policy": "..."?}`: no budget consumed,
@@ -143,10 +231,8 @@ pub async fn simulate(
     caller: Caller,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let map = question(&caller, body).await?;
-    let policy = candidate(&state, &map)?;
-    let job = job_of(&caller, &map)?;
-    Ok(Json(wire::evaluation(&policy.policy, &job, &policy.policy.evaluate(&job))))
+    let map = question(&state, &caller, body).await?;
+    Ok(Json(answer(&state, &caller, &map, Ask::Simulate).await?))
 }
 
 /// `POST /api/v1/policy/explain`: like simulate, with every rule's verdict.
@@ -155,10 +241,8 @@ pub async fn explain(
     caller: Caller,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let map = question(&caller, body).await?;
-    let policy = candidate(&state, &map)?;
-    let job = job_of(&caller, &map)?;
-    Ok(Json(wire::explanation(&policy.policy, &job, &policy.policy.explain(&job))))
+    let map = question(&state, &caller, body).await?;
+    Ok(Json(answer(&state, &caller, &map, Ask::Explain).await?))
 }
 
 /// `POST /api/v1/policy/diff` `{"policy": "...", "since": ms?, "until": ms?, "limit": n?}`:
@@ -170,7 +254,7 @@ pub async fn diff(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Operator)?;
-    let map = json_object(&wire::read_body(body, POLICY_BODY_BYTES_MAX).await?)?;
+    let map = json_object(&wire::read_body(body, state.config().dry_run.candidate_bytes_max).await?)?;
     only_fields(&map, &["policy", "since", "until", "limit"])?;
     let Some(Value::String(source)) = map.get("policy") else {
         return Err(ApiError::invalid(vec![(
@@ -178,7 +262,14 @@ pub async fn diff(
             "is required: the candidate policy YAML as a string".into(),
         )]));
     };
-    let (candidate, _) = compile(source)?;
+    let limits = state.config().dry_run.clone();
+    let source = source.clone();
+    let candidate = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        compile_candidate(&source, &limits, &mut || started.elapsed() < limits.budget)
+    })
+    .await
+    .map_err(ApiError::internal)??;
     let number = |field: &str, what: &str| -> Result<Option<i64>, ApiError> {
         match map.get(field) {
             None | Some(Value::Null) => Ok(None),
@@ -208,8 +299,8 @@ pub async fn diff(
         let page = state.store().jobs(&caller.tenant, &filter).await?;
         for record in &page {
             let job = record.to_policy_job();
-            let before = active.policy.evaluate(&job);
-            let after = candidate.evaluate(&job);
+            let before = airlock_plan::evaluate_any(&active.policy, &job).0;
+            let after = airlock_plan::evaluate_any(&candidate, &job).0;
             let (before_ids, after_ids) =
                 (active.policy.ids(&before.deciding), candidate.ids(&after.deciding));
             if before.decision != after.decision || before_ids != after_ids {

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use airlock_core::defaults::{GATE_B_ENGINE_TIMEOUT_MS, REQUEST_BODY_BYTES_MAX};
+use airlock_core::defaults::{GATE_B_ENGINE_TIMEOUT_MS, PLAN_BODY_BYTES_MAX, REQUEST_BODY_BYTES_MAX};
 use airlock_policy::{Decision, EvalError, Evaluation, Job, Policy, RuleIdx};
 use axum::Json;
 use axum::body::Body;
@@ -161,7 +161,8 @@ pub async fn evaluate(
     if !authorized(&headers, &token) {
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a safety token is required"));
     }
-    let map = json_object(&wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?)?;
+    // A plan job carries its changes: as large as the plans `POST /api/v1/plans` takes.
+    let map = json_object(&wire::read_body(body, PLAN_BODY_BYTES_MAX).await?)?;
     only_fields(&map, &["snapshot_version", "job"])?;
     let version = map
         .get("snapshot_version")
@@ -175,7 +176,8 @@ pub async fn evaluate(
     let engine = Arc::clone(&policy);
     let evaluation = tokio::time::timeout(
         Duration::from_millis(GATE_B_ENGINE_TIMEOUT_MS),
-        tokio::task::spawn_blocking(move || engine.evaluate(&job)),
+        // A plan job is decided per change here too, so that both deployments agree.
+        tokio::task::spawn_blocking(move || airlock_plan::evaluate_any(&engine, &job).0),
     )
     .await
     .map_err(|_| {

@@ -142,6 +142,40 @@ pub struct Config {
     pub safety_token: Option<String>,
     /// Where the safety check runs when it is not in this process (`--safety-url`).
     pub remote_safety: Option<crate::remote_safety::RemoteSafety>,
+    /// The listener's timeouts and limits.
+    pub http: crate::listener::HttpLimits,
+    /// What a dry-run with a candidate policy may cost.
+    pub dry_run: DryRunLimits,
+    /// Failed authentications from one source address in a minute before it gets 429.
+    pub auth_failures_per_minute: u32,
+    /// Whether `/metrics` needs a valid key (`metrics.require_key`).
+    pub metrics_require_key: bool,
+    /// How often signed audit checkpoints are exported (`audit.checkpoint_ms`).
+    pub audit_checkpoint: Duration,
+    /// How API keys are hashed (with the server's key pepper, or plain).
+    pub key_hasher: crate::auth::KeyHasher,
+}
+
+/// The budget of a dry-run (simulate, explain, diff) with a candidate policy (config section
+/// `dry_run:`); defaults from the one defaults table.
+#[derive(Clone, Debug)]
+pub struct DryRunLimits {
+    /// Largest body carrying a candidate, in bytes.
+    pub candidate_bytes_max: usize,
+    /// Time to compile the candidate and evaluate the job, together.
+    pub budget: Duration,
+    /// Total compiled size of the candidate's regexes, in bytes.
+    pub regex_bytes_max: usize,
+}
+
+impl Default for DryRunLimits {
+    fn default() -> Self {
+        Self {
+            candidate_bytes_max: defaults::CANDIDATE_BODY_BYTES_MAX,
+            budget: Duration::from_millis(defaults::CANDIDATE_BUDGET_MS),
+            regex_bytes_max: defaults::POLICY_REGEX_BYTES_MAX,
+        }
+    }
 }
 
 impl Default for Config {
@@ -170,6 +204,12 @@ impl Default for Config {
             pools: Vec::new(),
             safety_token: None,
             remote_safety: None,
+            http: crate::listener::HttpLimits::default(),
+            dry_run: DryRunLimits::default(),
+            auth_failures_per_minute: defaults::AUTH_FAILURES_PER_MINUTE,
+            metrics_require_key: false,
+            audit_checkpoint: Duration::from_millis(defaults::AUDIT_CHECKPOINT_MS),
+            key_hasher: crate::auth::KeyHasher::default(),
         }
     }
 }
@@ -284,8 +324,34 @@ pub struct Checked {
     pub active: Arc<ActivePolicy>,
     /// The decision.
     pub evaluation: Evaluation,
+    /// For a plan job decided in this process: every change's decision (`evaluation` is their
+    /// most restrictive).
+    pub plan: Option<airlock_plan::PlanEvaluation>,
     /// How long the evaluation took.
     pub elapsed: Duration,
+}
+
+impl Checked {
+    /// Why, for humans: the deciding rule's reason, or for a plan job the summary over its
+    /// changes.
+    pub fn reason(&self) -> String {
+        match &self.plan {
+            Some(plan) => plan.reason(&self.active.policy),
+            None => self.active.policy.reason(&self.evaluation),
+        }
+    }
+
+    /// The audit and answer fields of a plan job's decision: each change's decision and the
+    /// count per decision. Nothing for other jobs.
+    pub fn plan_fields(&self) -> serde_json::Value {
+        match &self.plan {
+            Some(plan) => serde_json::json!({
+                "changes": plan.changes_json(&self.active.policy),
+                "change_counts": plan.counts(),
+            }),
+            None => serde_json::json!({}),
+        }
+    }
 }
 
 impl Safety {
@@ -342,16 +408,16 @@ impl Safety {
                 None => {}
             }
             let started = Instant::now();
-            let evaluation = match &self.remote {
+            let (evaluation, plan) = match &self.remote {
                 // Evaluation is synchronous, so the timeout around this future could not stop
                 // it: the engine asks this deadline as it goes and gives up past it.
-                None => active
-                    .policy
-                    .evaluate_within(job, &mut || started.elapsed() < timeout)
-                    .ok_or(SafetyError::Timeout(timeout))?,
-                Some(remote) => remote.evaluate(job, active.version, &active.policy).await?,
+                None => airlock_plan::evaluate_any_within(&active.policy, job, &mut || {
+                    started.elapsed() < timeout
+                })
+                .ok_or(SafetyError::Timeout(timeout))?,
+                Some(remote) => (remote.evaluate(job, active.version, &active.policy).await?, None),
             };
-            Ok(Checked { active, evaluation, elapsed: started.elapsed() })
+            Ok(Checked { active, evaluation, plan, elapsed: started.elapsed() })
         };
         tokio::time::timeout(timeout, evaluate).await.map_err(|_| SafetyError::Timeout(timeout))?
     }
@@ -395,6 +461,9 @@ struct Inner {
     /// Held while the store's active snapshot is loaded and compiled, so that the claims that
     /// all found their decision stale at once compile it once.
     refreshing: tokio::sync::Mutex<()>,
+    /// One permit per request being served (`http.in_flight_max`).
+    in_flight_slots: tokio::sync::Semaphore,
+    auth_failures: crate::auth::AuthFailures,
 }
 
 impl AppState {
@@ -402,6 +471,7 @@ impl AppState {
     pub fn new(store: Arc<dyn Store>, active: ActivePolicy, config: Config) -> Self {
         let breaker = Mutex::new(Breaker::new(config.breaker));
         let remote = config.remote_safety.clone();
+        let in_flight_slots = tokio::sync::Semaphore::new(config.http.in_flight_max);
         Self(Arc::new(Inner {
             store,
             safety: Safety::new(active, remote),
@@ -414,6 +484,8 @@ impl AppState {
             snapshots: crate::remote_safety::Snapshots::default(),
             keys: crate::auth::KeyCache::default(),
             refreshing: tokio::sync::Mutex::new(()),
+            in_flight_slots,
+            auth_failures: crate::auth::AuthFailures::default(),
         }))
     }
 
@@ -439,6 +511,16 @@ impl AppState {
             tracing::info!(version = stored.version, hash = %stored.hash, "activated a snapshot published elsewhere");
         }
         Ok(())
+    }
+
+    /// The slots of requests being served: a request that finds none is shed.
+    pub fn in_flight_slots(&self) -> &tokio::sync::Semaphore {
+        &self.0.in_flight_slots
+    }
+
+    /// Failed authentications by source address.
+    pub fn auth_failures(&self) -> &crate::auth::AuthFailures {
+        &self.0.auth_failures
     }
 
     /// Keys recently authenticated.

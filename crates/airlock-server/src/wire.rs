@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use airlock_core::audit::Record;
+use airlock_core::audit::{Kind, Record};
 use airlock_store::{ApprovalRecord, GateDecision, JobRecord, KeyRecord, SnapshotRecord, Transition};
 use axum::body::{Body, Bytes};
 use axum::http::StatusCode;
@@ -115,6 +115,8 @@ pub fn job_summary(j: &JobRecord) -> Value {
         "state": j.state.as_str(),
         "principal": j.principal,
         "decision": j.gate_a.decision.as_str(),
+        "rule_ids": j.gate_a.rule_ids,
+        "approval_id": j.approval_id.as_ref().map(|a| a.as_str()),
         "created_at": j.created_at,
         "updated_at": j.updated_at,
     })
@@ -122,8 +124,8 @@ pub fn job_summary(j: &JobRecord) -> Value {
 
 /// A job in full, with its history.
 /// Audit record kinds that carry a gate's decision on a job.
-const DECISION_KINDS: [(&str, &str); 3] =
-    [("job.submitted", "a"), ("gate_b.decision", "b"), ("gate_b.throttled", "b")];
+const DECISION_KINDS: [(Kind, &str); 3] =
+    [(Kind::JobSubmitted, "a"), (Kind::GateBDecision, "b"), (Kind::GateBThrottled, "b")];
 
 /// A job in full: its content, state, every gate decision (from its audit records), attempts,
 /// backoff, lease holder (never the token), result, last error and history.
@@ -134,7 +136,7 @@ pub fn job(j: &JobRecord, history: &[Transition], audit: &[Record]) -> Value {
         .filter_map(|r| {
             let (_, gate) = DECISION_KINDS.iter().find(|(kind, _)| *kind == r.draft.kind)?;
             let data = &r.draft.data;
-            Some(json!({
+            let mut decision = json!({
                 "gate": gate,
                 "decision": data.get("decision").cloned().unwrap_or(json!("allow")),
                 "outcome": data.get("outcome"),
@@ -145,9 +147,18 @@ pub fn job(j: &JobRecord, history: &[Transition], audit: &[Record]) -> Value {
                 "bypassed": data.get("gate_a_bypassed").or_else(|| data.get("gate_b_bypassed")),
                 "at": r.draft.at,
                 "audit_seq": r.seq,
-            }))
+            });
+            // A plan job's decision carries each change's (see `airlock_plan`).
+            if let (Some(changes), Some(o)) = (data.get("changes"), decision.as_object_mut()) {
+                o.insert("changes".into(), changes.clone());
+                o.insert("change_counts".into(), data.get("change_counts").cloned().unwrap_or(Value::Null));
+            }
+            Some(decision)
         })
         .collect();
+    // The changes as the latest gate decided them; null for jobs that are not plans.
+    let plan_changes =
+        gate_decisions.iter().rev().find_map(|g| g.get("changes")).cloned().unwrap_or(Value::Null);
     json!({
         "job_id": j.id.as_str(),
         "tenant": j.tenant.as_str(),
@@ -157,6 +168,7 @@ pub fn job(j: &JobRecord, history: &[Transition], audit: &[Record]) -> Value {
         "labels": j.labels,
         "payload": j.payload,
         "plan_hash": j.plan_hash,
+        "plan_changes": plan_changes,
         "idempotency_key": j.idempotency_key,
         "job_hash": j.job_hash,
         "state": j.state.as_str(),
@@ -237,7 +249,7 @@ pub fn audit_record(r: &Record) -> Value {
         "tenant": r.tenant,
         "seq": r.seq,
         "at": r.draft.at,
-        "kind": r.draft.kind,
+        "kind": r.draft.kind.as_str(),
         "subject": r.draft.subject,
         "actor": r.draft.actor,
         "data": r.draft.data,

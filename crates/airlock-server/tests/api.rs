@@ -621,3 +621,86 @@ async fn metrics_and_health() {
         assert!(text.contains(name), "missing `{name}` in\n{text}");
     }
 }
+
+#[tokio::test]
+async fn what_the_console_reads_overview_summary_binding_and_snapshots() {
+    let api = Api::start(Config::default()).await;
+    let agent = api.key("acme", "agent", &["submitter"]).await;
+    let alice = api.key("acme", "alice", &["approver"]).await;
+    let olga = api.key("acme", "olga", &["operator"]).await;
+    let submitted = api.submit(&agent, delete_prod()).await;
+    assert_eq!(submitted.status, StatusCode::ACCEPTED, "{}", submitted.body);
+    let approval_id = submitted.body["approval"]["id"].as_str().unwrap().to_owned();
+
+    let o = api.get("/api/v1/overview", &alice).await;
+    assert_eq!(o.status, StatusCode::OK, "{}", o.body);
+    assert_eq!((o.body["principal"].clone(), o.body["roles"].clone()), (json!("alice"), json!(["approver"])));
+    assert_eq!(o.body["approvals"]["pending"], json!(1));
+    assert_eq!(o.body["jobs"]["awaiting_approval"], json!(1));
+    assert_eq!(o.body["jobs"]["succeeded"], json!(0), "every state is present");
+    assert_eq!((o.body["dlq_depth"].clone(), o.body["breaker"].clone()), (json!(0), json!("closed")));
+    assert_eq!(o.body["fail_open_last_hour"], json!({"gate_a": 0, "gate_b": 0}));
+
+    let s = api.get("/api/v1/approvals/summary", &alice).await;
+    assert_eq!((s.body["pending"].clone(), s.body["newest_id"].clone()), (json!(1), json!(approval_id)));
+    assert_eq!(api.get("/api/v1/approvals/summary", &agent).await.status, StatusCode::FORBIDDEN);
+
+    let list = api.get("/api/v1/jobs?state=awaiting_approval", &alice).await;
+    assert_eq!(list.body["jobs"][0]["approval_id"], json!(approval_id));
+    assert_eq!(list.body["jobs"][0]["rule_ids"], json!(["require-approval-prod-delete"]));
+
+    let before = api.get(&format!("/api/v1/approvals/{approval_id}"), &alice).await;
+    assert_eq!(
+        (before.body["binding_current"].clone(), before.body["stale_reason"].clone()),
+        (json!(true), Value::Null)
+    );
+    assert_eq!(before.body["explanation"]["decision"], json!("require_human"));
+    assert!(before.body["explanation"]["rules"].as_array().unwrap().len() >= 3);
+    let candidate =
+        format!("{SEED}  - id: deny-nothing\n    when: {{ topic: none.such }}\n    decision: deny\n");
+    assert_eq!(
+        api.call(Method::POST, "/api/v1/policy/publish", Some(ADMIN), candidate).await.status,
+        StatusCode::CREATED
+    );
+    let after = api.get(&format!("/api/v1/approvals/{approval_id}"), &alice).await;
+    assert_eq!(
+        after.body["binding_current"],
+        json!(false),
+        "a publish makes the binding stale before anyone approves"
+    );
+    assert!(
+        after.body["stale_reason"].as_str().unwrap().contains("snapshot"),
+        "{}",
+        after.body["stale_reason"]
+    );
+
+    let v1 = api.get("/api/v1/policy/snapshots/1", &olga).await;
+    assert_eq!((v1.body["version"].clone(), v1.body["source"].clone()), (json!(1), json!(SEED)));
+    let hidden = api.get("/api/v1/policy/snapshots/1", &alice).await;
+    assert!(hidden.body.get("source").is_none(), "the source is for operators: {}", hidden.body);
+    assert_eq!(api.get("/api/v1/policy/snapshots/9", &olga).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(api.get("/api/v1/policy/snapshots/x", &olga).await.status, StatusCode::NOT_FOUND);
+
+    let bad =
+        api.post(&format!("/api/v1/approvals/{approval_id}/reject"), &alice, json!({"comment": 5})).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{}", bad.body);
+    let unknown =
+        api.post(&format!("/api/v1/approvals/{approval_id}/reject"), &alice, json!({"why": "x"})).await;
+    assert_eq!(unknown.status, StatusCode::BAD_REQUEST, "{}", unknown.body);
+    let long = api
+        .post(
+            &format!("/api/v1/approvals/{approval_id}/reject"),
+            &alice,
+            json!({"comment": "x".repeat(4_001)}),
+        )
+        .await;
+    assert_eq!(long.status, StatusCode::BAD_REQUEST, "{}", long.body);
+    let rejected = api
+        .post(&format!("/api/v1/approvals/{approval_id}/reject"), &alice, json!({"comment": "not now"}))
+        .await;
+    assert_eq!(rejected.status, StatusCode::OK, "{}", rejected.body);
+    let audit = api.get("/api/v1/audit?limit=100", &olga).await;
+    let kept =
+        audit.body["records"].as_array().unwrap().iter().any(|r| r["data"]["comment"] == json!("not now"));
+    assert!(kept, "the comment is in the audit record");
+}

@@ -2,6 +2,7 @@
 //! strings) and how they report stored data they cannot read: one encoding, shared by the
 //! embedded and the PostgreSQL store, so that neither borrows from the other.
 
+use airlock_core::audit::Kind;
 use airlock_policy::Decision;
 use serde_json::{Value, json};
 
@@ -49,4 +50,9 @@ pub(crate) fn gate_from_json(text: &str) -> Result<GateDecision, StoreError> {
 /// A JSON list of strings, as stored.
 pub(crate) fn strings(text: &str) -> Result<Vec<String>, StoreError> {
     serde_json::from_str(text).map_err(corrupt)
+}
+
+/// An audit record's stored kind; one this version does not know is corrupt data.
+pub(crate) fn audit_kind(text: &str) -> Result<Kind, StoreError> {
+    text.parse().map_err(corrupt)
 }

@@ -5,6 +5,7 @@
 //! idempotency key, budget and audit record are committed together or not at all.
 
 mod codec;
+mod pg_tls;
 mod postgres;
 mod sqlite;
 
@@ -74,6 +75,14 @@ pub struct KeyRecord {
 
 impl KeyRecord {
     /// The principal the key authenticates as: its `principal`, or else its name.
+    /// Whether the key is a live admin of the platform tenant: the keys of which at least one
+    /// must remain, so that nobody can lock every administrator out.
+    pub fn is_live_platform_admin(&self) -> bool {
+        self.revoked_at.is_none()
+            && self.tenant.as_str() == TenantId::PLATFORM
+            && self.roles.allows(airlock_core::role::Role::Admin)
+    }
+
     pub fn principal(&self) -> &str {
         self.principal.as_deref().unwrap_or(&self.name)
     }
@@ -469,6 +478,49 @@ pub struct AuditPage {
     pub head: Option<(u64, String)>,
 }
 
+/// One tenant's figures at a glance (the console's overview and inbox header).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantOverview {
+    /// Jobs per state.
+    pub jobs: BTreeMap<JobState, u64>,
+    /// Pending approval requests, counted exactly.
+    pub pending_approvals: u64,
+    /// When the oldest pending request was made.
+    pub oldest_pending_at: Option<Millis>,
+    /// Dead-lettered jobs not discarded.
+    pub dlq_depth: u64,
+    /// Submissions Gate A accepted with the safety check unavailable (fail open), since the
+    /// time asked for.
+    pub fail_open_gate_a: u64,
+    /// Dispatches Gate B let through with the safety check unavailable, since the time asked for.
+    pub fail_open_gate_b: u64,
+}
+
+/// A tenant's pending approval requests in a few numbers: any change to the inbox changes at
+/// least one of them. A new request is the newest; a resolution lowers the count unless a new
+/// request arrived too, which changes the newest; a vote changes the votes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApprovalSummary {
+    /// Pending requests.
+    pub pending: u64,
+    /// When the oldest pending request was made.
+    pub oldest_created_at: Option<Millis>,
+    /// The newest pending request.
+    pub newest_id: Option<ApprovalId>,
+    /// Votes cast on pending requests.
+    pub votes: u64,
+}
+
+/// How far out of time order audit records of one tenant may be appended (each is stamped when
+/// its decision is made, just before its commit): a search for "records since T" by sequence
+/// number starts at the first record stamped at or after T minus this.
+pub const AUDIT_ORDER_SLACK_MS: Millis = 60_000;
+
+/// What marks a fail-open decision in an audit record's data (as stored: compact JSON).
+pub const FAIL_OPEN_MARKS: [&str; 2] = ["%\"gate_a_bypassed\":true%", "%\"gate_b_bypassed\":true%"];
+/// The conflict message of revoking the last live platform admin key.
+pub const LAST_PLATFORM_ADMIN: &str = "the last platform admin key cannot be revoked; create another first";
+
 /// Every durable operation Airlock needs. One of the two I/O seams (the other is the bus).
 #[async_trait::async_trait]
 pub trait Store: Send + Sync {
@@ -480,7 +532,13 @@ pub trait Store: Send + Sync {
     async fn key_by_secret(&self, secret_hash: &[u8; 32]) -> Result<Option<KeyRecord>, StoreError>;
     /// Keys, of one tenant or all.
     async fn keys(&self, tenant: Option<&TenantId>) -> Result<Vec<KeyRecord>, StoreError>;
-    /// Revokes a key; `NotFound` when it does not exist or is already revoked.
+    /// Replaces a key's stored hash `from` with `to` (a key re-hashed with the server's
+    /// pepper); `NotFound` when the key no longer has `from`.
+    async fn rehash_key(&self, id: &KeyId, from: &[u8; 32], to: &[u8; 32]) -> Result<(), StoreError>;
+    /// Revokes a key; `NotFound` when it does not exist or is already revoked, and
+    /// [`StoreError::Conflict`] with [`LAST_PLATFORM_ADMIN`] when it is the last live platform
+    /// admin key (checked in the revoking transaction, so two concurrent revocations of the last
+    /// two cannot both pass).
     async fn revoke_key(&self, id: &KeyId, at: Millis, audit: Draft) -> Result<KeyRecord, StoreError>;
 
     /// Publishes a policy as the next version and makes it active.
@@ -543,6 +601,8 @@ pub trait Store: Send + Sync {
     async fn idempotency_report(&self, tenant: &TenantId) -> Result<Vec<(String, u64, u64)>, StoreError>;
     /// Counts of jobs per state, across tenants.
     async fn job_counts(&self) -> Result<BTreeMap<JobState, u64>, StoreError>;
+    /// One tenant's figures; fail-open counts are those recorded at or after `since`.
+    async fn overview(&self, tenant: &TenantId, since: Millis) -> Result<TenantOverview, StoreError>;
 
     /// An approval request of a tenant.
     async fn approval(
@@ -558,6 +618,8 @@ pub trait Store: Send + Sync {
         after: Option<&ApprovalId>,
         limit: u32,
     ) -> Result<Vec<ApprovalRecord>, StoreError>;
+    /// A tenant's pending requests in a few numbers.
+    async fn approval_summary(&self, tenant: &TenantId) -> Result<ApprovalSummary, StoreError>;
     /// Pending requests across tenants.
     async fn pending_approvals(&self) -> Result<u64, StoreError>;
     /// Pending requests past their expiry, across tenants.

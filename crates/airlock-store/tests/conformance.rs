@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 
 use airlock_core::approval::{Request, Status};
-use airlock_core::audit::{self, Draft};
+use airlock_core::audit::{self, Draft, Kind};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
 use airlock_core::role::{Role, Roles};
 use airlock_core::state::{Event, JobState};
@@ -127,10 +127,10 @@ fn tenant(name: &str) -> TenantId {
     name.parse().unwrap()
 }
 
-fn draft(kind: &str, subject: &str) -> Draft {
+fn draft(kind: Kind, subject: &str) -> Draft {
     Draft {
         at: 1,
-        kind: kind.into(),
+        kind,
         subject: subject.into(),
         actor: "tester".into(),
         data: json!({"outcome": "accepted"}),
@@ -173,7 +173,7 @@ fn submission(job: JobRecord) -> Submission {
         approval: None,
         idempotency: None,
         budgets: vec![],
-        audit: draft("job.submitted", &subject),
+        audit: draft(Kind::JobSubmitted, &subject),
         decided_under: None,
     }
 }
@@ -354,7 +354,7 @@ async fn approval_changes_are_optimistic_and_move_the_job() {
             request: approved,
             job_event: Some(Event::Approved),
             replacement: None,
-            audit: vec![draft("approval.approved", id.as_str())],
+            audit: vec![draft(Kind::ApprovalApproved, id.as_str())],
             at: 150,
             actor: "alice".into(),
             decided_under: None,
@@ -388,7 +388,7 @@ async fn approval_changes_are_optimistic_and_move_the_job() {
             action: DispatchAction::NeedsApproval { replacement: fresh.clone() },
             gate_b: Some(j.gate_a.clone()),
             at: 160,
-            audit: draft("gate_b.decision", j.id.as_str()),
+            audit: draft(Kind::GateBDecision, j.id.as_str()),
             decided_under: None,
         };
         let waiting = match store.dispatch(dispatch).await.unwrap() {
@@ -442,10 +442,10 @@ async fn keys_snapshots_and_durability(open: impl AsyncFn() -> Box<dyn Store>) {
     let j = job(&t, JobState::Queued, 9);
     {
         let store = open().await;
-        store.create_key(key.clone(), draft("key.created", key.id.as_str())).await.unwrap();
+        store.create_key(key.clone(), draft(Kind::KeyCreated, key.id.as_str())).await.unwrap();
         let duplicate = KeyRecord { id: KeyId::generate(2, random()), ..key.clone() };
         assert!(matches!(
-            store.create_key(duplicate, draft("key.created", "x")).await,
+            store.create_key(duplicate, draft(Kind::KeyCreated, "x")).await,
             Err(StoreError::Conflict(m)) if m.contains("ci-bot")
         ));
         let v1 = store.publish("sha256:one", "version: v1\n", None, 2, "admin").await.unwrap();
@@ -462,10 +462,10 @@ async fn keys_snapshots_and_durability(open: impl AsyncFn() -> Box<dyn Store>) {
     let all = store.snapshots().await.unwrap();
     assert_eq!(all.iter().map(|s| (s.version, s.active)).collect::<Vec<_>>(), [(2, true), (1, false)]);
     assert_eq!(store.job(&t, &j.id).await.unwrap().unwrap(), j);
-    let revoked = store.revoke_key(&key.id, 10, draft("key.revoked", key.id.as_str())).await.unwrap();
+    let revoked = store.revoke_key(&key.id, 10, draft(Kind::KeyRevoked, key.id.as_str())).await.unwrap();
     assert_eq!(revoked.revoked_at, Some(10));
     assert!(matches!(
-        store.revoke_key(&key.id, 11, draft("key.revoked", "x")).await,
+        store.revoke_key(&key.id, 11, draft(Kind::KeyRevoked, "x")).await,
         Err(StoreError::NotFound)
     ));
     assert_eq!(verify_chain(&*store, &t).await, Ok(3), "key created, job submitted, key revoked");
@@ -515,7 +515,7 @@ async fn concurrent_dispatches_and_finishes_succeed_or_fail_alone() {
             },
             gate_b: Some(j.gate_a.clone()),
             at: 200,
-            audit: draft("gate_b.decision", j.id.as_str()),
+            audit: draft(Kind::GateBDecision, j.id.as_str()),
             decided_under: None,
         };
         // Job 20 is dispatched twice at once (adjacent, so that a group commit would take both):
@@ -596,7 +596,7 @@ async fn leases_are_fenced_and_dead_letters_come_back() {
             },
             gate_b: Some(j.gate_a.clone()),
             at: 200,
-            audit: draft("gate_b.decision", j.id.as_str()),
+            audit: draft(Kind::GateBDecision, j.id.as_str()),
             decided_under: None,
         };
         // A Gate B budget that refuses requeues the job until it refills, uncounted.
@@ -765,7 +765,7 @@ async fn postgres_replicas_keep_one_chain_and_lease_once() {
                 },
                 gate_b: Some(j.gate_a.clone()),
                 at: 30_000,
-                audit: draft("gate_b.decision", j.id.as_str()),
+                audit: draft(Kind::GateBDecision, j.id.as_str()),
                 decided_under: None,
             };
             leases.push((j.id.clone(), tokio::spawn(async move { replica.dispatch(dispatch).await })));
@@ -971,7 +971,7 @@ async fn claim_holds_hand_each_job_to_one_claim_until_they_lapse() {
             action,
             gate_b: Some(job(&t, JobState::Queued, 100).gate_a),
             at: 1_001,
-            audit: draft("gate_b.decision", id.as_str()),
+            audit: draft(Kind::GateBDecision, id.as_str()),
             decided_under: None,
         };
         let denied = store.dispatch(dispatch(&ids[0], DispatchAction::Deny)).await.unwrap();
@@ -1043,7 +1043,7 @@ async fn writes_decided_under_a_superseded_snapshot_are_refused() {
         under_one.decided_under = Some(1);
         assert!(stale(store.submit(under_one, 0).await), "{name}: a 202 under version 1");
         assert_eq!(store.job(&t, &refused.id).await.unwrap(), None, "{name}: nothing stored");
-        let denial = draft("gate_a.decision", "-");
+        let denial = draft(Kind::GateADecision, "-");
         assert!(stale(store.append_audit(&t, denial.clone(), Some(1)).await), "{name}: a deny under 1");
         assert_eq!(verify_chain(&*store, &t).await, Ok(0), "{name}: not even an audit record");
         store.append_audit(&t, denial, Some(2)).await.unwrap();
@@ -1064,7 +1064,7 @@ async fn writes_decided_under_a_superseded_snapshot_are_refused() {
             },
             gate_b: Some(j.gate_a.clone()),
             at: 300,
-            audit: draft("gate_b.decision", j.id.as_str()),
+            audit: draft(Kind::GateBDecision, j.id.as_str()),
             // Even jobs were decided under the superseded version.
             decided_under: Some(if i.is_multiple_of(2) { 1 } else { 2 }),
         };
@@ -1104,4 +1104,221 @@ async fn writes_decided_under_a_superseded_snapshot_are_refused() {
             "{name}: the budget is spent"
         );
     }
+}
+
+fn pending_request(j: &mut JobRecord, at: i64, quorum: u32) -> ApprovalRecord {
+    let id = ApprovalId::generate(at, random());
+    j.approval_id = Some(id.clone());
+    ApprovalRecord {
+        id,
+        tenant: j.tenant.clone(),
+        job_id: j.id.clone(),
+        request: Request {
+            job_hash: j.job_hash.clone(),
+            snapshot_hash: "sha256:s".into(),
+            rule_ids: vec!["r".into()],
+            rule_hashes: vec!["sha256:r".into()],
+            requested_by: "agent".into(),
+            created_at: at,
+            expires_at: at + 1_000_000,
+            quorum,
+            approvers: vec![],
+            status: Status::Pending,
+        },
+        decided_at: None,
+        decided_by: None,
+    }
+}
+
+#[tokio::test]
+async fn overview_and_approval_summary_count_one_tenant_exactly() {
+    for (name, store, _schema) in stores().await {
+        let (t, other) = (tenant("acme"), tenant("other"));
+        let mut requests = Vec::new();
+        for (who, at, quorum) in [(&t, 100, 2), (&t, 300, 1), (&other, 50, 1)] {
+            let mut j = job(who, JobState::AwaitingApproval, at);
+            let approval = pending_request(&mut j, at, quorum);
+            let mut s = submission(j);
+            s.approval = Some(approval.clone());
+            store.submit(s, 0).await.unwrap();
+            requests.push(approval);
+        }
+        let mut bypassed = submission(job(&t, JobState::Queued, 400));
+        bypassed.audit.at = 5_000;
+        bypassed.audit.data = json!({"outcome": "accepted", "fail_mode": "open", "gate_a_bypassed": true});
+        store.submit(bypassed, 0).await.unwrap();
+        let mut old = submission(job(&t, JobState::Queued, 10));
+        old.audit.data = json!({"outcome": "accepted", "gate_a_bypassed": true});
+        store.submit(old, 0).await.unwrap();
+
+        let summary = store.approval_summary(&t).await.unwrap();
+        assert_eq!((summary.pending, summary.oldest_created_at), (2, Some(100)), "{name}");
+        assert_eq!(summary.newest_id.as_ref(), Some(&requests[1].id), "{name}");
+        assert_eq!(summary.votes, 0, "{name}");
+
+        // A vote keeps the request pending but changes the summary; a decision removes it.
+        let vote = |record: &ApprovalRecord, status: Status, event: Option<Event>, at: i64| ApprovalChange {
+            tenant: t.clone(),
+            id: record.id.clone(),
+            expected_status: Status::Pending,
+            expected_approvers: 0,
+            request: Request { approvers: vec!["alice".into()], status, ..record.request.clone() },
+            job_event: event,
+            replacement: None,
+            audit: vec![draft(Kind::ApprovalVote, record.id.as_str())],
+            at,
+            actor: "alice".into(),
+            decided_under: None,
+        };
+        store.change_approval(vote(&requests[0], Status::Pending, None, 150)).await.unwrap();
+        let voted = store.approval_summary(&t).await.unwrap();
+        assert_eq!((voted.votes, voted.pending), (1, 2), "{name}");
+        store
+            .change_approval(vote(&requests[1], Status::Approved, Some(Event::Approved), 350))
+            .await
+            .unwrap();
+        let decided = store.approval_summary(&t).await.unwrap();
+        assert_eq!((decided.pending, decided.votes), (1, 1), "{name}");
+
+        let o = store.overview(&t, 1_000).await.unwrap();
+        assert_eq!(o.jobs.get(&JobState::AwaitingApproval), Some(&1), "{name}: {o:?}");
+        assert_eq!(o.jobs.get(&JobState::Queued), Some(&3), "{name}: {o:?}");
+        assert_eq!((o.pending_approvals, o.oldest_pending_at), (1, Some(100)), "{name}");
+        assert_eq!(
+            (o.dlq_depth, o.fail_open_gate_a, o.fail_open_gate_b),
+            (0, 1, 0),
+            "{name}: only the last hour"
+        );
+        // A window far into the chain: found by searching the sequence, counted exactly.
+        for at in [200_000, 300_000] {
+            let mut d = draft(Kind::GateBDecision, "job");
+            d.at = at;
+            d.data = json!({"outcome": "bypassed", "gate_b_bypassed": true});
+            store.append_audit(&t, d, None).await.unwrap();
+        }
+        let recent = store.overview(&t, 250_000).await.unwrap();
+        assert_eq!((recent.fail_open_gate_a, recent.fail_open_gate_b), (0, 1), "{name}");
+        let wider = store.overview(&t, 150_000).await.unwrap();
+        assert_eq!((wider.fail_open_gate_a, wider.fail_open_gate_b), (0, 2), "{name}");
+        let theirs = store.overview(&other, 0).await.unwrap();
+        assert_eq!((theirs.pending_approvals, theirs.jobs.values().sum::<u64>()), (1, 1), "{name}");
+    }
+}
+
+/// Issue 11: the last live platform admin key cannot be revoked, even by two revocations of the
+/// last two racing each other; tenant admins and other platform keys are not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_last_platform_admin_key_cannot_be_revoked() {
+    for (name, store, _schema) in stores().await {
+        let platform = tenant(TenantId::PLATFORM);
+        let key = |tenant: &TenantId, name: &str, roles: &[Role]| KeyRecord {
+            id: KeyId::generate(1, random()),
+            tenant: tenant.clone(),
+            name: name.into(),
+            roles: roles.iter().copied().collect::<Roles>(),
+            secret_hash: random_hash(),
+            created_at: 1,
+            revoked_at: None,
+            principal: None,
+        };
+        let admins = [key(&platform, "admin-a", &[Role::Admin]), key(&platform, "admin-b", &[Role::Admin])];
+        let others =
+            [key(&platform, "ops", &[Role::Operator]), key(&tenant("acme"), "tenant-admin", &[Role::Admin])];
+        for k in admins.iter().chain(&others) {
+            store.create_key(k.clone(), draft(Kind::KeyCreated, k.id.as_str())).await.unwrap();
+        }
+        let revoke = |k: &KeyRecord| {
+            let (store, id) = (Arc::clone(&store), k.id.clone());
+            tokio::spawn(async move { store.revoke_key(&id, 5, draft(Kind::KeyRevoked, id.as_str())).await })
+        };
+        let (a, b) = (revoke(&admins[0]), revoke(&admins[1]));
+        let results = [a.await.unwrap(), b.await.unwrap()];
+        let refused = results
+            .iter()
+            .filter(|r| matches!(r, Err(StoreError::Conflict(m)) if m == airlock_store::LAST_PLATFORM_ADMIN))
+            .count();
+        assert_eq!((refused, results.iter().filter(|r| r.is_ok()).count()), (1, 1), "{name}: {results:?}");
+        let live: Vec<KeyRecord> = store
+            .keys(Some(&platform))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(KeyRecord::is_live_platform_admin)
+            .collect();
+        assert_eq!(live.len(), 1, "{name}");
+        for k in &others {
+            store.revoke_key(&k.id, 6, draft(Kind::KeyRevoked, k.id.as_str())).await.unwrap();
+        }
+    }
+}
+
+fn random_hash() -> [u8; 32] {
+    [NEXT.fetch_add(1, Ordering::Relaxed); 32]
+}
+
+/// Issue 11: a key stored with its plain hash is re-hashed with the server's pepper, once.
+#[tokio::test]
+async fn a_key_is_rehashed_only_from_its_current_hash() {
+    for (name, store, _schema) in stores().await {
+        let key = KeyRecord {
+            id: KeyId::generate(1, random()),
+            tenant: tenant("acme"),
+            name: "rehash".into(),
+            roles: [Role::Submitter].into_iter().collect::<Roles>(),
+            secret_hash: random_hash(),
+            created_at: 1,
+            revoked_at: None,
+            principal: None,
+        };
+        store.create_key(key.clone(), draft(Kind::KeyCreated, key.id.as_str())).await.unwrap();
+        let new = random_hash();
+        store.rehash_key(&key.id, &key.secret_hash, &new).await.unwrap();
+        assert_eq!(store.key_by_secret(&new).await.unwrap().map(|k| k.id), Some(key.id.clone()), "{name}");
+        assert_eq!(store.key_by_secret(&key.secret_hash).await.unwrap(), None, "{name}");
+        assert!(
+            matches!(
+                store.rehash_key(&key.id, &key.secret_hash, &random_hash()).await,
+                Err(StoreError::NotFound)
+            ),
+            "{name}: a second re-hash from the old hash finds nothing"
+        );
+    }
+}
+
+/// Issue 11: `sslmode` in a PostgreSQL URL is honoured (`require`, `verify-ca`, `verify-full`
+/// with `sslrootcert`), against the test server's own certificate (Debian's snakeoil, issued
+/// for `localhost`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_connections_use_tls_as_sslmode_asks() {
+    let Some(schema) = PgSchema::create().await else { return };
+    let (client, connection) = tokio_postgres::connect(&schema.base, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let encrypted = async |url: &str| -> Result<bool, String> {
+        let store = PgStore::connect(url).await.map_err(|e| e.to_string())?;
+        store.keys(None).await.map_err(|e| e.to_string())?;
+        let row = client
+            .query_one(
+                "SELECT coalesce(bool_and(s.ssl), false) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.application_name = $1",
+                &[&schema.name],
+            )
+            .await
+            .unwrap();
+        drop(store);
+        Ok(row.get(0))
+    };
+    let root = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    let url = schema.url();
+    assert_eq!(encrypted(&url).await, Ok(false), "no sslmode: in the clear, as before");
+    assert_eq!(encrypted(&format!("{url}&sslmode=require")).await, Ok(true));
+    let by_name = url.replace("127.0.0.1", "localhost");
+    assert_eq!(encrypted(&format!("{by_name}&sslmode=verify-full&sslrootcert={root}")).await, Ok(true));
+    assert_eq!(encrypted(&format!("{url}&sslmode=verify-ca&sslrootcert={root}")).await, Ok(true));
+    let wrong_name = encrypted(&format!("{url}&sslmode=verify-full&sslrootcert={root}")).await;
+    assert!(wrong_name.as_ref().is_err_and(|e| e.contains("cannot connect")), "{wrong_name:?}");
+    let stranger = "/etc/ssl/certs/ca-certificates.crt";
+    let untrusted = encrypted(&format!("{by_name}&sslmode=verify-full&sslrootcert={stranger}")).await;
+    assert!(untrusted.is_err(), "a server certificate no given root signed was accepted");
+    let missing = encrypted(&format!("{url}&sslmode=verify-full")).await;
+    assert!(missing.as_ref().is_err_and(|e| e.contains("need `sslrootcert=FILE`")), "{missing:?}");
 }

@@ -40,8 +40,12 @@ pub enum BenchCommand {
     E2e(E2eArgs),
     /// The raw NATS JetStream loop (publish with ack → pull → ack), the ceiling for the bus.
     Jetstream(JetstreamArgs),
+    /// The console with a full store: inbox and jobs list server time, live-update latency.
+    Console(crate::console_bench::ConsoleBenchArgs),
     /// What `airlock mcp proxy` adds to an allowed tool call, against calling the server directly.
     Mcp(crate::mcp_bench::McpArgs),
+    /// What TLS costs the listener: the same requests over HTTP and HTTPS in one run.
+    Https(crate::bench_https::HttpsArgs),
 }
 
 #[derive(Args)]
@@ -144,7 +148,9 @@ pub fn run(command: BenchCommand) -> ExitCode {
         BenchCommand::Submit(args) => runtime.block_on(submit(args)),
         BenchCommand::E2e(args) => e2e(&runtime, &args),
         BenchCommand::Jetstream(args) => runtime.block_on(jetstream(&args)),
+        BenchCommand::Console(args) => runtime.block_on(crate::console_bench::run(args)),
         BenchCommand::Mcp(args) => return crate::mcp_bench::run(&args),
+        BenchCommand::Https(args) => runtime.block_on(crate::bench_https::https(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

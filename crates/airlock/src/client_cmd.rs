@@ -143,6 +143,9 @@ pub enum ApprovalsCommand {
     Reject {
         /// The approval id.
         id: String,
+        /// Why, kept in the audit record.
+        #[arg(long)]
+        comment: Option<String>,
         #[command(flatten)]
         connection: Connection,
     },
@@ -639,6 +642,48 @@ fn submit_job(args: &SubmitArgs) -> Result<(), Exit> {
     let client = Client::new(&args.connection)?;
     let body = submit_body(args)?;
     let reply = client.send(Verb::Post, "/api/v1/jobs", Payload::Json(&body))?;
+    show_submitted(&client, &reply)
+}
+
+/// `airlock plan submit`: the plan JSON to `POST /api/v1/plans` with the parameters in the
+/// query; exit codes as `airlock submit`, and the changes that are not allowed are listed.
+pub fn submit_plan(connection: &Connection, params: &[(&str, Option<String>)], plan_json: &str) -> ExitCode {
+    let submitted = Client::new(connection).and_then(|client| {
+        let path = format!("/api/v1/plans{}", query(params));
+        let reply = client.send(
+            Verb::Post,
+            &path,
+            Payload::Text { text: plan_json, content_type: "application/json" },
+        )?;
+        if client.format == Format::Human {
+            let rows: Vec<Vec<String>> = field(&reply.body, "changes")
+                .as_array()
+                .map(|all| {
+                    all.iter()
+                        .filter(|c| field(c, "decision") != "allow")
+                        .map(|c| {
+                            vec![
+                                text(c, "decision"),
+                                text(c, "action"),
+                                text(c, "address"),
+                                text(c, "reason"),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !rows.is_empty() {
+                table(&["DECISION", "ACTION", "ADDRESS", "REASON"], &rows, "");
+                println!();
+            }
+        }
+        show_submitted(&client, &reply)
+    });
+    finish(submitted)
+}
+
+/// Prints Gate A's answer to a submission; exit 2 when denied.
+fn show_submitted(client: &Client, reply: &Reply) -> Result<(), Exit> {
     if reply.status == 403 && reply.code() == "policy_denied" {
         match client.format {
             Format::Json => print_json(&reply.body),
@@ -651,7 +696,7 @@ fn submit_job(args: &SubmitArgs) -> Result<(), Exit> {
         return Err(Exit(2));
     }
     if !reply.is_success() {
-        return Err(client.refused(&reply));
+        return Err(client.refused(reply));
     }
     client.show(&reply.body, |b| {
         let decision = field(b, "decision");
@@ -840,8 +885,10 @@ pub fn approvals(command: ApprovalsCommand) -> ExitCode {
             list_approvals(&connection, &path)
         }
         ApprovalsCommand::Get { id, connection } => get_approval(&connection, &id),
-        ApprovalsCommand::Approve { id, connection } => decide(&connection, &id, "approve"),
-        ApprovalsCommand::Reject { id, connection } => decide(&connection, &id, "reject"),
+        ApprovalsCommand::Approve { id, connection } => decide(&connection, &id, "approve", None),
+        ApprovalsCommand::Reject { id, comment, connection } => {
+            decide(&connection, &id, "reject", comment.map(|c| serde_json::json!({"comment": c})))
+        }
     })
 }
 
@@ -897,10 +944,11 @@ fn get_approval(connection: &Connection, id: &str) -> Result<(), Exit> {
     Ok(())
 }
 
-fn decide(connection: &Connection, id: &str, action: &str) -> Result<(), Exit> {
+fn decide(connection: &Connection, id: &str, action: &str, body: Option<Value>) -> Result<(), Exit> {
     let client = Client::new(connection)?;
     let path = format!("/api/v1/approvals/{}/{action}", encode(id));
-    let body = client.call(Verb::Post, &path, Payload::Empty)?;
+    let payload = body.as_ref().map_or(Payload::Empty, Payload::Json);
+    let body = client.call(Verb::Post, &path, payload)?;
     client.show(&body, |b| {
         let approval = field(b, "approval");
         let job = format!("job {} is {}", text(approval, "job_id"), text(b, "job_state"));

@@ -23,6 +23,23 @@
 //! execution: { attempts_max: 3, attempts_topics: { "infra.cluster.*": 1 } }
 //! leases: { lease_ms: 30000, heartbeat_ms: 10000 }
 //! pools: { default: ["**"], infra: ["infra.**"] }
+//! http:
+//!   header_read_timeout_ms: 10000
+//!   idle_timeout_ms: 5000
+//!   request_timeout_ms: 30000      # long-poll claims: plus their wait_ms
+//!   in_flight_max: 512             # the excess gets 503 + Retry-After
+//!   connections_max: 4096          # lowered to stay below the file limit
+//!   drain_timeout_ms: 30000
+//! dry_run:                         # simulate/explain/diff with a candidate policy (operators)
+//!   candidate_bytes_max: 1048576
+//!   budget_ms: 2000                # compile + evaluate, off the async threads; over → 422
+//!   regex_bytes_max: 4194304       # all the candidate's regexes, compiled
+//! auth:
+//!   failures_per_minute: 20        # per source address; then 429 until the minute ends
+//! metrics:
+//!   require_key: false             # true: /metrics needs `Authorization: Bearer <key>`
+//! audit:
+//!   checkpoint_ms: 60000           # signed checkpoints to `--audit-export`, when a head moved
 //! ```
 
 use std::time::Duration;
@@ -177,6 +194,71 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                     config.pools.push((name.text.clone(), globs));
                 }
             }
+            "http" => {
+                for (key, v) in entries(value, &mut errors) {
+                    let Some(n) = positive(v, &mut errors) else { continue };
+                    let http = &mut config.http;
+                    match key.text.as_str() {
+                        "header_read_timeout_ms" => http.header_read_timeout = Duration::from_millis(n),
+                        "idle_timeout_ms" => http.idle_timeout = Duration::from_millis(n),
+                        "request_timeout_ms" => http.request_timeout = Duration::from_millis(n),
+                        "in_flight_max" => http.in_flight_max = usize::try_from(n).unwrap_or(usize::MAX),
+                        "connections_max" => http.connections_max = usize::try_from(n).unwrap_or(usize::MAX),
+                        "drain_timeout_ms" => http.drain_timeout = Duration::from_millis(n),
+                        _ => unknown(key, &HTTP_KEYS, &mut errors),
+                    }
+                }
+            }
+            "dry_run" => {
+                for (key, v) in entries(value, &mut errors) {
+                    let Some(n) = positive(v, &mut errors) else { continue };
+                    let dry_run = &mut config.dry_run;
+                    match key.text.as_str() {
+                        "candidate_bytes_max" => {
+                            dry_run.candidate_bytes_max = usize::try_from(n).unwrap_or(usize::MAX);
+                        }
+                        "budget_ms" => dry_run.budget = Duration::from_millis(n),
+                        "regex_bytes_max" => {
+                            dry_run.regex_bytes_max = usize::try_from(n).unwrap_or(usize::MAX)
+                        }
+                        _ => unknown(
+                            key,
+                            &["candidate_bytes_max", "budget_ms", "regex_bytes_max"],
+                            &mut errors,
+                        ),
+                    }
+                }
+            }
+            "auth" => {
+                for (key, v) in entries(value, &mut errors) {
+                    let Some(n) = positive(v, &mut errors) else { continue };
+                    match key.text.as_str() {
+                        "failures_per_minute" => config.auth_failures_per_minute = small(n),
+                        _ => unknown(key, &["failures_per_minute"], &mut errors),
+                    }
+                }
+            }
+            "audit" => {
+                for (key, v) in entries(value, &mut errors) {
+                    let Some(n) = positive(v, &mut errors) else { continue };
+                    match key.text.as_str() {
+                        "checkpoint_ms" => config.audit_checkpoint = Duration::from_millis(n),
+                        _ => unknown(key, &["checkpoint_ms"], &mut errors),
+                    }
+                }
+            }
+            "metrics" => {
+                for (key, v) in entries(value, &mut errors) {
+                    match (key.text.as_str(), &v.kind) {
+                        ("require_key", Kind::Bool(b)) => config.metrics_require_key = *b,
+                        ("require_key", other) => errors.push(Diagnostic::error(
+                            v.span,
+                            format!("expected `true` or `false`, found {}", other.describe()),
+                        )),
+                        _ => unknown(key, &["require_key"], &mut errors),
+                    }
+                }
+            }
             _ => unknown(
                 section,
                 &[
@@ -189,6 +271,11 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                     "execution",
                     "leases",
                     "pools",
+                    "http",
+                    "dry_run",
+                    "auth",
+                    "metrics",
+                    "audit",
                 ],
                 &mut errors,
             ),
@@ -196,6 +283,16 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
     }
     if errors.is_empty() { Ok(config) } else { Err(errors) }
 }
+
+/// The keys of the `http` section.
+const HTTP_KEYS: [&str; 6] = [
+    "header_read_timeout_ms",
+    "idle_timeout_ms",
+    "request_timeout_ms",
+    "in_flight_max",
+    "connections_max",
+    "drain_timeout_ms",
+];
 
 /// A `gate_a` or `gate_b` section: the gate's fail modes and its check timeout.
 fn gate(section: &Node, fail: &mut FailModes, timeout: &mut Duration, errors: &mut Vec<Diagnostic>) {
@@ -329,6 +426,34 @@ mod tests {
         assert_eq!((config.lease_ms, config.heartbeat_ms), (1500, 500));
         assert_eq!(config.pool_takes("infra", "infra.vm.create"), Some(true));
         assert_eq!(config.pool_takes("default", "infra.vm.create"), None);
+    }
+
+    #[test]
+    fn reads_listener_limits() {
+        let config = parse(
+            "http: { header_read_timeout_ms: 100, idle_timeout_ms: 50, request_timeout_ms: 200, \
+             in_flight_max: 3, connections_max: 9, drain_timeout_ms: 400 }\n",
+        )
+        .unwrap();
+        let http = &config.http;
+        assert_eq!(
+            (http.header_read_timeout, http.idle_timeout),
+            (Duration::from_millis(100), Duration::from_millis(50))
+        );
+        assert_eq!(
+            (http.request_timeout, http.drain_timeout),
+            (Duration::from_millis(200), Duration::from_millis(400))
+        );
+        assert_eq!((http.in_flight_max, http.connections_max), (3, 9));
+        assert_eq!(parse("").unwrap().http.in_flight_max, airlock_core::defaults::HTTP_IN_FLIGHT_MAX);
+        let dry =
+            parse("dry_run: { candidate_bytes_max: 10, budget_ms: 20, regex_bytes_max: 30 }\n").unwrap();
+        assert_eq!(
+            (dry.dry_run.candidate_bytes_max, dry.dry_run.budget, dry.dry_run.regex_bytes_max),
+            (10, Duration::from_millis(20), 30)
+        );
+        let errors = parse("http: { idle_ms: 5 }\n").unwrap_err();
+        assert!(errors[0].render("c").contains("unknown key `idle_ms`"), "{}", errors[0].render("c"));
     }
 
     #[test]

@@ -1,16 +1,21 @@
 //! The `airlock` binary: the single entry point for every role and every tool.
 
+mod admin_cmd;
 mod audit_cmd;
 mod bench_cmd;
+mod bench_https;
 mod client_cmd;
 mod config;
+mod console_bench;
 mod demo_cmd;
 mod inproc;
 mod mcp_bench;
 mod mcp_cmd;
+mod plan_cmd;
 mod policy_cmd;
 mod raw_jetstream;
 mod serve_cmd;
+mod terraform_apply;
 mod worker_cmd;
 
 use std::process::ExitCode;
@@ -57,9 +62,15 @@ enum Command {
     Bench(bench_cmd::BenchCommand),
     /// Run a command per job for a worker pool (job JSON on stdin, result on stdout).
     Worker(worker_cmd::WorkerArgs),
+    /// Terraform/OpenTofu plans: check offline (CI), test cases, submit as one plan job.
+    #[command(subcommand)]
+    Plan(plan_cmd::PlanCommand),
     /// Govern MCP tool calls: a proxy in front of any MCP server.
     #[command(subcommand)]
     Mcp(mcp_cmd::McpCommand),
+    /// Offline administration of a data directory (recover a platform admin key).
+    #[command(subcommand)]
+    Admin(admin_cmd::AdminCommand),
 }
 
 /// How results are printed.
@@ -94,6 +105,8 @@ fn main() -> ExitCode {
         Command::Audit(command) => audit_cmd::run(command),
         Command::Bench(command) => bench_cmd::run(command),
         Command::Worker(args) => worker_cmd::run(args),
+        Command::Plan(command) => plan_cmd::run(command),
         Command::Mcp(command) => mcp_cmd::run(command),
+        Command::Admin(command) => admin_cmd::run(command),
     }
 }

@@ -71,7 +71,7 @@ pub struct JobInput {
 }
 
 /// A failure already reported to the user; the command exits 1.
-struct Reported;
+pub(crate) struct Reported;
 
 pub fn run(command: PolicyCommand) -> ExitCode {
     let result = match command {
@@ -125,7 +125,7 @@ fn diagnostics_json(file: &Path, diagnostics: &[Diagnostic]) -> Value {
 }
 
 /// Compiles a policy file, reporting errors (and, in human format, warnings) to stderr.
-fn load_policy(file: &Path, format: Format) -> Result<(Policy, Vec<Diagnostic>), Reported> {
+pub(crate) fn load_policy(file: &Path, format: Format) -> Result<(Policy, Vec<Diagnostic>), Reported> {
     let text = read_text(file, "policy")?;
     match airlock_policy::compile(&text) {
         Ok(compiled) => Ok(compiled),
@@ -142,7 +142,7 @@ fn load_policy(file: &Path, format: Format) -> Result<(Policy, Vec<Diagnostic>),
     }
 }
 
-fn print_json(value: &Value) {
+pub(crate) fn print_json(value: &Value) {
     println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
 }
 

@@ -15,6 +15,9 @@ use clap::Args;
 /// The policy a fresh install starts with when `--policy` is not given.
 const SEED_POLICY: &str = include_str!("../../../examples/policies/seed.yaml");
 
+/// The key pepper's file in an embedded data directory (next to the database, not in it).
+pub const KEY_PEPPER_FILE: &str = "key-pepper";
+
 /// How often approvals are checked for expiry and leases for lapses.
 const SWEEP_PERIOD: Duration = Duration::from_secs(1);
 
@@ -98,6 +101,66 @@ pub struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// End a console session after this many seconds without a request (default 30 min).
+    #[arg(long, default_value_t = airlock_core::defaults::CONSOLE_SESSION_IDLE_MS / 1000)]
+    console_idle_secs: u64,
+    /// Serve HTTPS with this certificate chain (PEM); needs `--tls-key`. SIGHUP reloads both.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS for every client.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Sign audit chain heads with this Ed25519 key (PKCS#8), kept outside the store;
+    /// generated (mode 0600) when the file does not exist. Its public key is printed.
+    #[arg(long)]
+    audit_key: Option<PathBuf>,
+    /// Export signed checkpoints of every audit chain head into this directory (outside the
+    /// store), for `airlock audit verify --checkpoints`. Needs `--audit-key`.
+    #[arg(long, requires = "audit_key")]
+    audit_export: Option<PathBuf>,
+    /// The secret API key hashes are peppered with (HMAC-SHA256), kept outside the store;
+    /// generated (mode 0600) when the file does not exist. Default: `DATA/key-pepper` in the
+    /// embedded mode; with `--store`, give every replica the same file (without one, keys are
+    /// stored as plain SHA-256).
+    #[arg(long)]
+    key_pepper: Option<PathBuf>,
+}
+
+/// The audit signer from `--audit-key`, and whether its key was generated now.
+type Signer = (Arc<airlock_server::checkpoint::AuditSigner>, bool);
+
+fn audit_signer(args: &ServeArgs) -> Result<Option<Signer>, String> {
+    let Some(path) = &args.audit_key else { return Ok(None) };
+    let (signer, created) = airlock_server::checkpoint::AuditSigner::load_or_create(path)?;
+    Ok(Some((Arc::new(signer), created)))
+}
+
+/// The listener's TLS from the flags, reloaded on SIGHUP; `None` without `--tls-cert`.
+fn tls_of(args: &ServeArgs) -> Result<Option<airlock_server::tls::TlsConfig>, String> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else { return Ok(None) };
+    let files = airlock_server::tls::TlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: args.tls_client_ca.clone(),
+    };
+    let tls = airlock_server::tls::TlsConfig::load(files)?;
+    let reloading = tls.clone();
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match reloading.reload() {
+                Ok(()) => tracing::info!("TLS certificate and key reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS reload failed; the previous certificate stays in use")
+                }
+            }
+        }
+    });
+    Ok(Some(tls))
 }
 
 pub fn run(args: ServeArgs) -> ExitCode {
@@ -167,6 +230,17 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             Arc::new(if args.bus.is_some() { store.bus_wakes() } else { store })
         }
     };
+    let pepper = match (&args.key_pepper, Mode::of(&args)?) {
+        (Some(path), _) => Some(path.clone()),
+        (None, Mode::Embedded { data }) => Some(data.join(KEY_PEPPER_FILE)),
+        (None, Mode::Distributed { .. }) => {
+            tracing::warn!("no --key-pepper: API keys are stored as plain SHA-256");
+            None
+        }
+    };
+    if let Some(path) = pepper {
+        config.key_hasher = airlock_server::auth::KeyHasher::load_or_create(&path)?;
+    }
     let initial = match &args.policy {
         Some(path) => (
             path.display().to_string(),
@@ -183,8 +257,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         return serve_safety(args, store, active, config).await;
     }
     let admin_key = std::env::var("AIRLOCK_ADMIN_KEY").ok().filter(|k| !k.is_empty());
-    if let Some(secret) =
-        airlock_server::bootstrap_admin(&*store, admin_key).await.map_err(|e| e.to_string())?
+    if let Some(secret) = airlock_server::bootstrap_admin_with(&*store, admin_key, &config.key_hasher)
+        .await
+        .map_err(|e| e.to_string())?
     {
         println!("admin key (shown once; store it now): {secret}");
     }
@@ -204,6 +279,18 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
             airlock_server::relay::spawn_subscriber(state.clone(), &bus, group);
         }
     }
+    let tls = tls_of(&args)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let signer = audit_signer(&args)?;
+    if let (Some((signer, _)), Some(dir)) = (&signer, &args.audit_export) {
+        let period = state.config().audit_checkpoint;
+        airlock_server::checkpoint::spawn_exporter(
+            Arc::clone(&store),
+            Arc::clone(signer),
+            dir.clone(),
+            period,
+        );
+    }
     let role = match args.role {
         Role::Gateway => airlock_server::ProcessRole::Gateway,
         Role::Scheduler => airlock_server::ProcessRole::Scheduler,
@@ -217,13 +304,39 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         Some(_) => "store postgres".to_owned(),
         None => format!("data {}", args.data.display()),
     };
-    println!("airlock listening on http://{local} ({place}, policy version {version} {hash})");
+    println!("airlock listening on {scheme}://{local} ({place}, policy version {version} {hash})");
     tracing::info!(%local, data = %args.data.display(), version, %hash, "serving");
-    axum::serve(listener, airlock_server::router_for(state, role))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| format!("server error: {e}"))?;
-    tracing::info!("stopped: in-flight requests drained");
+    let limits = state.config().http.clone();
+    if let Some((signer, created)) = &signer {
+        let how = if *created { "generated" } else { "loaded" };
+        let path = args.audit_key.as_deref().unwrap_or(std::path::Path::new(""));
+        println!(
+            "audit key {how} at {}; public key (for `audit verify --public-key`): {}",
+            path.display(),
+            signer.public_key_hex()
+        );
+    }
+    let mut app = airlock_server::router_for(state, role);
+    // Open console event streams end when shutdown begins, so that draining does not wait on them.
+    let (closing, closed) = tokio::sync::watch::channel(false);
+    if role != airlock_server::ProcessRole::Scheduler {
+        let mut settings = airlock_console::Settings::new(closed);
+        settings.session_idle = Duration::from_secs(args.console_idle_secs.max(1));
+        settings.session_absolute = settings.session_absolute.max(settings.session_idle);
+        settings.secure_cookies = tls.is_some();
+        app = airlock_console::with_console(app, settings);
+        tracing::info!(%local, "console at /");
+    }
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = closing.send(true);
+    };
+    airlock_server::listener::serve(listener, app, limits, tls, shutdown).await;
+    if let (Some((signer, _)), Some(dir)) = (&signer, &args.audit_export) {
+        // The last word: every record of this process is under a signed head.
+        let heads = airlock_server::checkpoint::heads(&*store).await.map_err(|e| e.to_string())?;
+        airlock_server::checkpoint::export(signer, dir, airlock_server::state::now_ms(), &heads)?;
+    }
     Ok(())
 }
 
@@ -234,19 +347,27 @@ async fn serve_safety(
     config: Config,
 ) -> Result<(), String> {
     let version = active.version;
+    let limits = config.http.clone();
+    let tls = tls_of(&args)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let state = airlock_server::app_state(store, active, config);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     println!(
-        "airlock safety service listening on http://{local} (data {}, policy version {version})",
+        "airlock safety service listening on {scheme}://{local} (data {}, policy version {version})",
         args.data.display()
     );
-    axum::serve(listener, airlock_server::safety_router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| format!("server error: {e}"))
+    airlock_server::listener::serve(
+        listener,
+        airlock_server::safety_router(state),
+        limits,
+        tls,
+        shutdown_signal(),
+    )
+    .await;
+    Ok(())
 }
 
 async fn shutdown_signal() {

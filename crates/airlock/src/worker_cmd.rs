@@ -1,7 +1,8 @@
 //! `airlock worker --exec CMD`: governs existing scripts without code (SPEC 9). Built on the
 //! worker SDK, it runs CMD through `sh -c` once per job with the job's JSON on stdin, and turns
 //! the exit status into the outcome: 0 succeeds with stdout as the result, 75 (`EX_TEMPFAIL`)
-//! asks for a retry, anything else fails with the tail of stderr as the error.
+//! asks for a retry, anything else fails with the tail of stderr as the error. With
+//! `--terraform DIR` it applies plan jobs instead (see `terraform_apply`).
 
 use std::io::{Read, Write as _};
 use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
@@ -48,8 +49,20 @@ pub struct WorkerArgs {
     /// Exit 0: success, with stdout as the result (JSON if it parses, else a string; empty is
     /// null). Exit 75: retryable failure. Anything else: failure, with the end of stderr as the
     /// error. A cancelled job or a lost lease kills the command and its process group.
-    #[arg(long, value_name = "CMD")]
-    exec: String,
+    #[arg(long, value_name = "CMD", required_unless_present = "terraform", conflicts_with = "terraform")]
+    exec: Option<String>,
+    /// Apply plan jobs (`airlock plan submit --plan-file`) in this Terraform working directory,
+    /// instead of running a command.
+    ///
+    /// The plan file (the job's `tf_plan_file` label, default `tfplan`) is applied only when its
+    /// sha256 is the job's `plan_hash`; otherwise the job fails with the reason. The result holds
+    /// the end of `apply`'s output. Without `--ledger`, the effect ledger is
+    /// DIR/.airlock-apply-ledger.jsonl, so a retried job never applies twice.
+    #[arg(long, value_name = "DIR")]
+    terraform: Option<PathBuf>,
+    /// The Terraform binary for `--terraform`: `terraform`, `tofu`, or a path.
+    #[arg(long, value_name = "BIN", default_value = "terraform", requires = "terraform")]
+    terraform_bin: String,
     /// The server's base URL [env: AIRLOCK_URL] [default: http://127.0.0.1:8080].
     #[arg(long, value_name = "URL")]
     url: Option<String>,
@@ -118,16 +131,34 @@ fn work(args: WorkerArgs) -> Result<(), String> {
         name: args.name.unwrap_or_else(|| format!("airlock-worker-{}", std::process::id())),
     })
     .map_err(|e| e.to_string())?;
-    let ledger = args.ledger.as_deref().map(EffectLedger::open).transpose().map_err(|e| e.to_string())?;
+    let (run, ledger_path, doing) = match (args.exec, args.terraform) {
+        (Some(command), None) => {
+            let doing = format!("running `{}`", one_line(&command, LINE_ERROR_CHARS));
+            (Run::Shell(command), args.ledger, doing)
+        }
+        (None, Some(dir)) => {
+            if !dir.is_dir() {
+                return Err(format!("--terraform `{}` is not a directory", dir.display()));
+            }
+            let ledger = args.ledger.unwrap_or_else(|| crate::terraform_apply::default_ledger(&dir));
+            let doing = format!("applying plans in `{}` with `{}`", dir.display(), args.terraform_bin);
+            (
+                Run::Terraform(crate::terraform_apply::Apply { dir, bin: args.terraform_bin }),
+                Some(ledger),
+                doing,
+            )
+        }
+        _ => return Err("pass exactly one of `--exec` and `--terraform`".into()),
+    };
+    let ledger = ledger_path.as_deref().map(EffectLedger::open).transpose().map_err(|e| e.to_string())?;
     let stop = Arc::new(Stop::default());
     watch_signals(Arc::clone(&stop), args.wait_ms)?;
     eprintln!(
-        "airlock worker: claiming for pool `{}` from {url}; running `{}` per job (Ctrl-C or SIGTERM stops \
+        "airlock worker: claiming for pool `{}` from {url}; {doing} per job (Ctrl-C or SIGTERM stops \
          after the current job)",
         args.pool,
-        one_line(&args.exec, LINE_ERROR_CHARS)
     );
-    let exec = Exec { command: args.exec, ledger, stop: Arc::clone(&stop), replayed: false };
+    let exec = Exec { run, ledger, stop: Arc::clone(&stop), replayed: false };
     worker.run(exec, &stop.shutdown).map_err(|e| e.to_string())?;
     eprintln!("airlock worker: stopped");
     Ok(())
@@ -182,9 +213,17 @@ fn watch_signals(stop: Arc<Stop>, wait_ms: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// The handler: one `sh -c CMD` per job.
+/// What the worker does per job.
+enum Run {
+    /// `sh -c CMD`.
+    Shell(String),
+    /// Apply the job's plan.
+    Terraform(crate::terraform_apply::Apply),
+}
+
+/// The handler: one `sh -c CMD` (or one apply) per job.
 struct Exec {
-    command: String,
+    run: Run,
     ledger: Option<EffectLedger>,
     stop: Arc<Stop>,
     /// The current job's result came from the ledger.
@@ -228,27 +267,52 @@ impl Handler for Exec {
 
 impl Exec {
     fn exec(&self, job: &Job) -> Outcome {
-        let spawned = Command::new("sh")
-            .arg("-c")
-            .arg(&self.command)
-            .stdin(Stdio::piped())
+        match &self.run {
+            Run::Shell(script) => {
+                let mut command = Command::new("sh");
+                command
+                    .arg("-c")
+                    .arg(script)
+                    .env("AIRLOCK_JOB_ID", &job.id)
+                    .env("AIRLOCK_ATTEMPT", job.attempt.to_string())
+                    .env("AIRLOCK_TOPIC", &job.topic)
+                    .env("AIRLOCK_EFFECT_KEY", job.effect_key());
+                let input = format!("{}\n", job.to_json());
+                match self.run_child(command, job, Some(input), Capture::Head(RESULT_BYTES_MAX + 1)) {
+                    Ok((status, stdout, stderr)) => outcome(status, &stdout, &stderr),
+                    Err(outcome) => outcome,
+                }
+            }
+            Run::Terraform(apply) => apply.run(job, |command| {
+                self.run_child(command, job, None, Capture::Tail(crate::terraform_apply::OUTPUT_TAIL_BYTES))
+            }),
+        }
+    }
+
+    /// Runs `command` in its own process group until it exits, the job is cancelled or the
+    /// worker is forced to stop; its stdout as `capture` says, and the tail of its stderr.
+    fn run_child(
+        &self,
+        mut command: Command,
+        job: &Job,
+        input: Option<String>,
+        capture: Capture,
+    ) -> Result<(ExitStatus, Vec<u8>, Vec<u8>), Outcome> {
+        let program = command.get_program().to_string_lossy().into_owned();
+        let spawned = command
+            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             // Its own process group: a Ctrl-C at the terminal reaches only the worker, which then
             // lets the command finish; and a kill reaches everything the command started.
             .process_group(0)
             .env_remove("AIRLOCK_API_KEY")
-            .env("AIRLOCK_JOB_ID", &job.id)
-            .env("AIRLOCK_ATTEMPT", job.attempt.to_string())
-            .env("AIRLOCK_TOPIC", &job.topic)
-            .env("AIRLOCK_EFFECT_KEY", job.effect_key())
             .spawn();
         let mut child = match spawned {
             Ok(child) => child,
-            Err(e) => return Outcome::Retryable(format!("cannot start `sh`: {e}")),
+            Err(e) => return Err(Outcome::Retryable(format!("cannot start `{program}`: {e}"))),
         };
-        let input = format!("{}\n", job.to_json());
-        if let Some(mut stdin) = child.stdin.take() {
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
             // A command that does not read its stdin must not block the worker.
             std::thread::spawn(move || {
                 let _ = stdin.write_all(input.as_bytes());
@@ -257,7 +321,12 @@ impl Exec {
         let (sender, output) = mpsc::channel();
         if let Some(stdout) = child.stdout.take() {
             let sender = sender.clone();
-            std::thread::spawn(move || sender.send(Output::Stdout(read_head(stdout, RESULT_BYTES_MAX + 1))));
+            std::thread::spawn(move || {
+                sender.send(Output::Stdout(match capture {
+                    Capture::Head(max) => read_head(stdout, max),
+                    Capture::Tail(max) => read_tail(stdout, max),
+                }))
+            });
         }
         if let Some(stderr) = child.stderr.take() {
             std::thread::spawn(move || sender.send(Output::Stderr(read_tail(stderr, STDERR_TAIL_BYTES))));
@@ -268,23 +337,32 @@ impl Exec {
                 Ok(None) => {}
                 Err(e) => {
                     kill_group(&mut child);
-                    return Outcome::Retryable(format!("cannot wait for the command: {e}"));
+                    return Err(Outcome::Retryable(format!("cannot wait for the command: {e}")));
                 }
             }
             if job.cancelled() {
                 kill_group(&mut child);
                 let why = if job.lease_lost() { "the lease was lost" } else { "the job was cancelled" };
-                return Outcome::Failed(format!("{why}; the command was killed"));
+                return Err(Outcome::Failed(format!("{why}; the command was killed")));
             }
             if self.stop.force.load(Ordering::SeqCst) {
                 kill_group(&mut child);
-                return Outcome::Retryable("the worker was stopped; the command was killed".into());
+                return Err(Outcome::Retryable("the worker was stopped; the command was killed".into()));
             }
             std::thread::sleep(CHILD_POLL);
         };
         let (stdout, stderr) = collect(&output, &mut child);
-        outcome(status, &stdout, &stderr)
+        Ok((status, stdout, stderr))
     }
+}
+
+/// Which part of stdout is kept.
+#[derive(Clone, Copy)]
+enum Capture {
+    /// The first bytes (a result: past the limit it is refused, not cut).
+    Head(usize),
+    /// The last bytes (a log whose end says how it went).
+    Tail(usize),
 }
 
 enum Output {

@@ -283,7 +283,12 @@ fn submit_approve_publish_and_revoke_through_the_client() {
     // Reject another.
     let second = server.json(&alice, &["submit", "--topic", "infra.resource.delete", "--env", "production"]);
     let second_approval = second["approval"]["id"].as_str().unwrap();
-    check(&server.run(&bob, &["approvals", "reject", second_approval]), 0, &["is rejected"], &[]);
+    check(
+        &server.run(&bob, &["approvals", "reject", second_approval, "--comment", "wrong window"]),
+        0,
+        &["is rejected"],
+        &[],
+    );
     assert_eq!(
         server.json(&alice, &["jobs", "get", second["job_id"].as_str().unwrap()])["state"],
         "rejected"

@@ -1,0 +1,345 @@
+//! The writes that follow a decision: a submit, a dispatch, a finish, an approval change, each
+//! checking on the writer thread, which also runs every publish, that it was decided under the
+//! active snapshot ([`check_decided_under`]); and the shared breaker's state.
+
+use airlock_core::Millis;
+use airlock_core::approval::Status;
+use airlock_core::audit::Kind;
+use airlock_core::breaker::BreakerState;
+use airlock_core::ids::{ApprovalId, JobId, TenantId};
+use airlock_core::state::{Event, JobState};
+use airlock_core::throttle::{self, Bucket, Take};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::{Value, json};
+
+use super::rows::{JOB_INSERT_COLUMNS, load_approval, load_idempotency, load_job};
+use super::writer::{Output, Reply, Tx};
+use crate::codec::{corrupt, gate_json};
+use crate::{
+    ApprovalChange, ApprovalRecord, Budget, Dispatch, DispatchAction, DispatchOutcome, Finish, JobRecord,
+    StoreError, Submission, SubmitOutcome,
+};
+
+/// Refuses a write decided under a snapshot that is no longer active. Publishes go through the
+/// same writer thread, so nothing can activate another snapshot between this check and the
+/// commit of the write.
+pub(super) fn check_decided_under(conn: &Connection, decided_under: Option<u64>) -> Result<(), StoreError> {
+    let Some(version) = decided_under else { return Ok(()) };
+    let active: Option<i64> = conn
+        .prepare_cached("SELECT version FROM active_snapshot WHERE id = 1")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    let active = active.map_or(0, i64::unsigned_abs);
+    if active == version { Ok(()) } else { Err(StoreError::Stale { active }) }
+}
+
+pub(super) fn submit(tx: &mut Tx<'_>, s: Submission, retained_since: Millis) -> Reply {
+    let tenant = s.job.tenant.as_str().to_owned();
+    if let Some((key, _, _)) = &s.idempotency
+        && let Some(existing) = load_idempotency(tx.conn, &tenant, key, retained_since)?
+    {
+        let outcome = if existing.job_hash == s.job.job_hash {
+            SubmitOutcome::Replay(existing)
+        } else {
+            SubmitOutcome::KeyReused(existing)
+        };
+        return Ok(Output::Submit(outcome));
+    }
+    check_decided_under(tx.conn, s.decided_under)?;
+    let at = s.job.created_at;
+    if let Err(retry_after_ms) = take_budgets(tx.conn, &s.budgets, at)? {
+        let mut draft = s.audit;
+        if let Value::Object(data) = &mut draft.data {
+            data.insert("outcome".into(), json!("throttled"));
+            data.insert("retry_after_ms".into(), json!(retry_after_ms));
+        }
+        draft.kind = Kind::GateADecision;
+        draft.subject = "-".into();
+        tx.append_audit(&tenant, draft)?;
+        return Ok(Output::Submit(SubmitOutcome::Throttled { retry_after_ms }));
+    }
+    let j = &s.job;
+    let labels = serde_json::to_string(&j.labels).map_err(corrupt)?;
+    tx.conn
+        .prepare_cached(&format!(
+            "INSERT INTO jobs ({JOB_INSERT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+        ))?
+        .execute(params![
+            j.id.as_str(),
+            tenant,
+            j.principal,
+            j.topic,
+            j.env,
+            labels,
+            j.payload.to_string(),
+            j.plan_hash,
+            j.idempotency_key,
+            j.job_hash,
+            j.state.as_str(),
+            gate_json(&j.gate_a),
+            j.approval_id.as_ref().map(ApprovalId::as_str),
+            j.created_at,
+            j.updated_at,
+        ])?;
+    tx.conn
+        .prepare_cached(
+            "INSERT INTO job_transitions (job_id, seq, from_state, to_state, at, actor, reason)
+             VALUES (?1, 1, NULL, ?2, ?3, ?4, 'submitted')",
+        )?
+        .execute(params![j.id.as_str(), j.state.as_str(), at, j.principal])?;
+    if let Some(approval) = &s.approval {
+        tx.insert_approval(approval)?;
+    }
+    if let Some((key, status, body)) = &s.idempotency {
+        tx.conn
+            .prepare_cached(
+                "INSERT INTO idempotency (tenant, key, job_hash, job_id, status, body, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (tenant, key) DO UPDATE SET job_hash = excluded.job_hash, job_id = excluded.job_id,
+                 status = excluded.status, body = excluded.body, created_at = excluded.created_at",
+            )?
+            .execute(params![tenant, key, j.job_hash, j.id.as_str(), status, body, at])?;
+    }
+    tx.append_audit(&tenant, s.audit)?;
+    Ok(Output::Submit(SubmitOutcome::Accepted))
+}
+
+pub(super) fn change_approval(tx: &mut Tx<'_>, c: ApprovalChange) -> Reply {
+    let current = load_approval(tx.conn, &c.tenant, &c.id)?.ok_or(StoreError::NotFound)?;
+    if current.request.status != c.expected_status || current.request.approvers.len() != c.expected_approvers
+    {
+        return Err(StoreError::Conflict("the approval request changed; read it again".into()));
+    }
+    check_decided_under(tx.conn, c.decided_under)?;
+    let decided = c.request.status != Status::Pending;
+    tx.conn
+        .prepare_cached(
+            "UPDATE approvals SET status = ?1, approvers = ?2, decided_at = ?3, decided_by = ?4 WHERE id = ?5",
+        )?
+        .execute(params![
+            c.request.status.as_str(),
+            json!(c.request.approvers).to_string(),
+            decided.then_some(c.at),
+            decided.then_some(c.actor.as_str()),
+            c.id.as_str(),
+        ])?;
+    for draft in c.audit {
+        tx.append_audit(c.tenant.as_str(), draft)?;
+    }
+    if let Some(event) = c.job_event {
+        tx.transition(
+            &c.tenant,
+            &current.job_id,
+            event,
+            c.at,
+            &c.actor,
+            &format!("approval {}", c.request.status),
+        )?;
+    }
+    if let Some(replacement) = &c.replacement {
+        tx.insert_approval(replacement)?;
+        tx.conn
+            .prepare_cached("UPDATE jobs SET approval_id = ?1, updated_at = ?2 WHERE id = ?3")?
+            .execute(params![replacement.id.as_str(), c.at, current.job_id.as_str()])?;
+    }
+    Ok(Output::Approval(ApprovalRecord {
+        request: c.request,
+        decided_at: decided.then_some(c.at),
+        decided_by: decided.then_some(c.actor),
+        ..current
+    }))
+}
+
+/// Takes every budget or none; `Err(retry_after_ms)` when one refuses.
+pub(super) fn take_budgets(
+    conn: &Connection,
+    budgets: &[Budget],
+    at: Millis,
+) -> Result<Result<(), u64>, StoreError> {
+    let mut taken = Vec::with_capacity(budgets.len());
+    let mut retry_after_ms = 0;
+    for budget in budgets {
+        let bucket = conn
+            .prepare_cached("SELECT tokens, updated_at FROM throttle_buckets WHERE key = ?1")?
+            .query_row([&budget.key], |r| Ok(Bucket { tokens: r.get(0)?, updated_at: r.get(1)? }))
+            .optional()?;
+        match throttle::take(bucket, &budget.limit, at) {
+            Take::Admitted(b) => taken.push((&budget.key, b)),
+            Take::Refused { retry_after_ms: ms } => retry_after_ms = retry_after_ms.max(ms),
+        }
+    }
+    if retry_after_ms > 0 {
+        return Ok(Err(retry_after_ms));
+    }
+    for (key, bucket) in taken {
+        conn.prepare_cached(
+            "INSERT INTO throttle_buckets (key, tokens, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key) DO UPDATE SET tokens = excluded.tokens, updated_at = excluded.updated_at",
+        )?
+        .execute(params![key, bucket.tokens, bucket.updated_at])?;
+    }
+    Ok(Ok(()))
+}
+
+pub(super) const CLEAR_LEASE: &str = "lease_token = NULL, lease_expires_at = NULL, leased_by = NULL";
+
+pub(super) fn dispatch(tx: &mut Tx<'_>, d: Dispatch) -> Reply {
+    let Some(job) = load_job(tx.conn, &d.tenant, &d.job_id)? else { return Err(StoreError::NotFound) };
+    if job.state != JobState::Queued {
+        return Ok(Output::Dispatch(DispatchOutcome::Gone));
+    }
+    check_decided_under(tx.conn, d.decided_under)?;
+    let id = d.job_id.as_str();
+    if let Some(gate_b) = &d.gate_b {
+        tx.conn
+            .prepare_cached("UPDATE jobs SET gate_b = ?1 WHERE id = ?2")?
+            .execute(params![gate_json(gate_b), id])?;
+    }
+    let actor = d.audit.actor.clone();
+    let (event, reason) = match d.action {
+        DispatchAction::Lease { lease, budgets } => {
+            if let Err(retry_after_ms) = take_budgets(tx.conn, &budgets, d.at)? {
+                let not_before = d.at.saturating_add(i64::try_from(retry_after_ms).unwrap_or(i64::MAX));
+                tx.conn
+                    .prepare_cached("UPDATE jobs SET not_before = ?1, updated_at = ?2 WHERE id = ?3")?
+                    .execute(params![not_before, d.at, id])?;
+                let mut draft = d.audit;
+                draft.kind = Kind::GateBThrottled;
+                if let Value::Object(data) = &mut draft.data {
+                    data.insert("outcome".into(), json!("throttled"));
+                    data.insert("retry_after_ms".into(), json!(retry_after_ms));
+                }
+                tx.append_audit(d.tenant.as_str(), draft)?;
+                return Ok(Output::Dispatch(DispatchOutcome::Throttled { retry_after_ms }));
+            }
+            tx.conn
+                .prepare_cached(
+                    "UPDATE jobs SET lease_token = ?1, lease_expires_at = ?2, leased_by = ?3,
+                     execution_attempts = execution_attempts + 1 WHERE id = ?4",
+                )?
+                .execute(params![lease.token, lease.expires_at, lease.worker, id])?;
+            (Event::Lease, format!("leased to {}", lease.worker))
+        }
+        DispatchAction::Deny => (Event::GateBDeny, "denied at gate b".to_owned()),
+        DispatchAction::NeedsApproval { replacement } => {
+            if let Some(old) = &job.approval_id {
+                tx.conn
+                    .prepare_cached(
+                        "UPDATE approvals SET status = 'stale', decided_at = ?1, decided_by = 'system'
+                         WHERE id = ?2 AND status IN ('pending', 'approved')",
+                    )?
+                    .execute(params![d.at, old.as_str()])?;
+            }
+            tx.insert_approval(&replacement)?;
+            tx.conn
+                .prepare_cached("UPDATE jobs SET approval_id = ?1 WHERE id = ?2")?
+                .execute(params![replacement.id.as_str(), id])?;
+            (Event::NeedsApproval, "gate b needs a fresh approval".to_owned())
+        }
+        DispatchAction::Requeue { not_before, counted } => {
+            tx.conn
+                .prepare_cached(
+                    "UPDATE jobs SET not_before = ?1, scheduling_attempts = scheduling_attempts + ?2 WHERE id = ?3",
+                )?
+                .execute(params![not_before, i64::from(counted), id])?;
+            (Event::Requeue, "requeued with backoff".to_owned())
+        }
+        DispatchAction::DeadLetter { reason } => {
+            tx.conn
+                .prepare_cached(
+                    "UPDATE jobs SET dead_letter_reason = ?1, scheduling_attempts = scheduling_attempts + 1 WHERE id = ?2",
+                )?
+                .execute(params![reason, id])?;
+            (Event::DeadLetter, reason)
+        }
+    };
+    tx.append_audit(d.tenant.as_str(), d.audit)?;
+    let job = tx.transition(&d.tenant, &d.job_id, event, d.at, &actor, &reason)?;
+    Ok(Output::Dispatch(DispatchOutcome::Applied(Box::new(job))))
+}
+
+pub(super) fn leased_under(
+    conn: &Connection,
+    tenant: &TenantId,
+    id: &JobId,
+    token: &str,
+    live_at: Option<Millis>,
+) -> Result<JobRecord, StoreError> {
+    let job = load_job(conn, tenant, id)?.ok_or(StoreError::NotFound)?;
+    match &job.dispatch.lease {
+        Some(lease) if lease.token == token && live_at.is_some_and(|now| now > lease.expires_at) => {
+            Err(StoreError::Conflict("the lease lapsed; the job will be retried".into()))
+        }
+        Some(lease) if lease.token == token => Ok(job),
+        _ => Err(StoreError::Conflict("the lease token is not the job's live lease".into())),
+    }
+}
+
+#[expect(clippy::too_many_arguments, reason = "mirrors Store::finish")]
+pub(super) fn finish(
+    tx: &mut Tx<'_>,
+    tenant: &TenantId,
+    id: &JobId,
+    token: &str,
+    live_at: Option<Millis>,
+    finish: Finish,
+    at: Millis,
+    actor: &str,
+) -> Reply {
+    let job = leased_under(tx.conn, tenant, id, token, live_at)?;
+    if job.state != JobState::Leased {
+        return Err(StoreError::Conflict(format!("the job is `{}`, no longer leased", job.state)));
+    }
+    let (event, reason) = match finish {
+        Finish::Succeeded { result } => {
+            tx.conn
+                .prepare_cached("UPDATE jobs SET result = ?1 WHERE id = ?2")?
+                .execute(params![result.to_string(), id.as_str()])?;
+            (Event::Succeed, "succeeded".to_owned())
+        }
+        Finish::Retry { error } => {
+            tx.conn
+                .prepare_cached(&format!(
+                    "UPDATE jobs SET error = ?1, not_before = ?2, {CLEAR_LEASE} WHERE id = ?3"
+                ))?
+                .execute(params![error, at, id.as_str()])?;
+            (Event::Requeue, format!("attempt failed, retrying: {error}"))
+        }
+        Finish::Failed { error } => {
+            tx.conn
+                .prepare_cached("UPDATE jobs SET error = ?1 WHERE id = ?2")?
+                .execute(params![error, id.as_str()])?;
+            (Event::Fail, format!("failed: {error}"))
+        }
+        Finish::DeadLetter { reason } => {
+            tx.conn
+                .prepare_cached(&format!(
+                    "UPDATE jobs SET dead_letter_reason = ?1, error = ?1, {CLEAR_LEASE} WHERE id = ?2"
+                ))?
+                .execute(params![reason, id.as_str()])?;
+            (Event::DeadLetter, reason)
+        }
+    };
+    Ok(Output::Job(Box::new(tx.transition(tenant, id, event, at, actor, &reason)?)))
+}
+
+pub(super) fn load_breaker(conn: &Connection) -> Result<BreakerState, StoreError> {
+    let row = conn
+        .prepare_cached("SELECT kind, value FROM breaker WHERE id = 1")?
+        .query_row([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        .optional()?;
+    match row {
+        None => Ok(BreakerState::Closed { failures: 0 }),
+        Some((kind, value)) => BreakerState::decode(&kind, value).ok_or_else(|| corrupt("breaker state")),
+    }
+}
+
+pub(super) fn save_breaker(conn: &Connection, state: BreakerState) -> Result<(), StoreError> {
+    let (kind, value) = state.encode();
+    conn.prepare_cached(
+        "INSERT INTO breaker (id, kind, value) VALUES (1, ?1, ?2)
+         ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, value = excluded.value",
+    )?
+    .execute(params![kind, value])?;
+    Ok(())
+}

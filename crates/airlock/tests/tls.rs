@@ -1,0 +1,215 @@
+//! `airlock serve --tls-cert/--tls-key [--tls-client-ca]` through the real binary, with
+//! certificates the test generates (rcgen): HTTPS is served and plain HTTP is not, SIGHUP
+//! swaps in a renewed certificate, and with a client CA only clients holding a certificate it
+//! signed get an answer.
+
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic, reason = "a test fails by panicking")]
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+mod support;
+
+/// A CA that signs the server's and the clients' certificates.
+struct Ca(CertifiedIssuer<'static, KeyPair>);
+
+impl Ca {
+    fn new() -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        Self(CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap())
+    }
+
+    /// A leaf certificate and its key, as PEM.
+    fn leaf(&self, names: &[&str], purpose: ExtendedKeyUsagePurpose) -> (String, String) {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
+        params.extended_key_usages = vec![purpose];
+        let key = KeyPair::generate().unwrap();
+        (params.signed_by(&key, &self.0).unwrap().pem(), key.serialize_pem())
+    }
+
+    fn write(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, self.0.pem()).unwrap();
+        path
+    }
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(data: &Path, tls: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data.join("store"))
+        .args(tls)
+        .env("AIRLOCK_ADMIN_KEY", "tls-admin-key-0123456789")
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.next().unwrap().unwrap();
+    let addr = line.strip_prefix("airlock listening on https://").unwrap_or_else(|| panic!("{line}"));
+    let addr = addr.split_whitespace().next().unwrap().to_owned();
+    std::thread::spawn(move || lines.for_each(drop));
+    Server { child, addr }
+}
+
+fn pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject as _;
+    CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<_, _>>().unwrap()
+}
+
+/// `GET /healthz` over TLS trusting `ca` (optionally with a client certificate): the response
+/// text and the server's certificate, or the error.
+fn https_get(addr: &str, ca: &Ca, client: Option<&(String, String)>) -> Result<(String, Vec<u8>), String> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.0.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(pem_certs(cert), PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap())
+            .unwrap(),
+    };
+    let connection =
+        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap()).unwrap();
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut tls = rustls::StreamOwned::new(connection, tcp);
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    match tls.read_to_string(&mut text) {
+        Ok(_) => {}
+        Err(e) if !text.is_empty() && e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let presented =
+        tls.conn.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).unwrap_or_default();
+    Ok((text, presented))
+}
+
+#[test]
+fn https_is_served_and_sighup_swaps_the_certificate() {
+    let data = support::temp_dir("tls-reload");
+    let ca = Ca::new();
+    let (cert, key) = ca.leaf(&["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+    let (cert_file, key_file) = (data.join("cert.pem"), data.join("key.pem"));
+    std::fs::write(&cert_file, &cert).unwrap();
+    std::fs::write(&key_file, &key).unwrap();
+    let server =
+        serve(&data, &["--tls-cert", cert_file.to_str().unwrap(), "--tls-key", key_file.to_str().unwrap()]);
+
+    let (text, presented) = https_get(&server.addr, &ca, None).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(presented, pem_certs(&cert)[0].to_vec());
+
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let mut plain = TcpStream::connect(&server.addr).unwrap();
+    plain.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    plain.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut seen = Vec::new();
+    let _ = plain.read_to_end(&mut seen);
+    assert!(!String::from_utf8_lossy(&seen).contains("HTTP/1.1 200"), "plain HTTP was answered");
+
+    // Renew: new key and certificate in the same files, then SIGHUP.
+    let (renewed, renewed_key) = ca.leaf(&["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+    std::fs::write(&cert_file, &renewed).unwrap();
+    std::fs::write(&key_file, &renewed_key).unwrap();
+    Command::new("kill").args(["-HUP", &server.child.id().to_string()]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (text, presented) = https_get(&server.addr, &ca, None).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        if presented == pem_certs(&renewed)[0].to_vec() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "SIGHUP did not swap in the renewed certificate");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A broken renewal keeps the certificate in use.
+    std::fs::write(&cert_file, "not a certificate").unwrap();
+    Command::new("kill").args(["-HUP", &server.child.id().to_string()]).status().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (text, presented) = https_get(&server.addr, &ca, None).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(presented, pem_certs(&renewed)[0].to_vec());
+}
+
+#[test]
+fn with_a_client_ca_only_clients_it_signed_are_answered() {
+    let data = support::temp_dir("tls-mutual");
+    let ca = Ca::new();
+    let (cert, key) = ca.leaf(&["localhost"], ExtendedKeyUsagePurpose::ServerAuth);
+    std::fs::write(data.join("cert.pem"), &cert).unwrap();
+    std::fs::write(data.join("key.pem"), &key).unwrap();
+    let ca_file = ca.write(&data);
+    let path = |name: &str| data.join(name).to_str().unwrap().to_owned();
+    let server = serve(
+        &data,
+        &[
+            "--tls-cert",
+            &path("cert.pem"),
+            "--tls-key",
+            &path("key.pem"),
+            "--tls-client-ca",
+            ca_file.to_str().unwrap(),
+        ],
+    );
+    let worker = ca.leaf(&["worker-1"], ExtendedKeyUsagePurpose::ClientAuth);
+    let (text, _) = https_get(&server.addr, &ca, Some(&worker)).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(https_get(&server.addr, &ca, None).is_err(), "a client without a certificate was answered");
+    let stranger = Ca::new().leaf(&["intruder"], ExtendedKeyUsagePurpose::ClientAuth);
+    assert!(
+        https_get(&server.addr, &ca, Some(&stranger)).is_err(),
+        "a certificate of another CA was accepted"
+    );
+}
+
+#[test]
+fn bad_tls_files_stop_the_start_with_a_clear_error() {
+    let data = support::temp_dir("tls-bad");
+    std::fs::write(data.join("cert.pem"), "garbage").unwrap();
+    std::fs::write(data.join("key.pem"), "garbage").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data.join("store"))
+        .args([
+            "--tls-cert",
+            data.join("cert.pem").to_str().unwrap(),
+            "--tls-key",
+            data.join("key.pem").to_str().unwrap(),
+        ])
+        .env("AIRLOCK_ADMIN_KEY", "tls-admin-key-0123456789")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cert.pem"), "{stderr}");
+}
