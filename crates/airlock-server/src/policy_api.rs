@@ -25,10 +25,12 @@ const DIFF_JOBS_MAX: u32 = 100_000;
 /// Jobs read from the store per page during a diff.
 const DIFF_PAGE: u32 = 500;
 
-/// `GET /api/v1/policy/snapshots`: the active snapshot (with its source) and the history.
-pub async fn snapshots(State(state): State<AppState>, _caller: Caller) -> Result<Json<Value>, ApiError> {
+/// `GET /api/v1/policy/snapshots`: the active snapshot and the history. The policy source is
+/// for operators and admins; everyone else sees versions and hashes.
+pub async fn snapshots(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     let all = state.store().snapshots().await?;
-    let active = all.iter().find(|s| s.active).map(|s| wire::snapshot(s, true));
+    let with_source = caller.roles.allows(Role::Operator);
+    let active = all.iter().find(|s| s.active).map(|s| wire::snapshot(s, with_source));
     Ok(Json(
         json!({"active": active, "snapshots": all.iter().map(|s| wire::snapshot(s, false)).collect::<Vec<_>>()}),
     ))

@@ -931,3 +931,22 @@ fn key_hashes_are_peppered_and_old_hashes_are_upgraded() {
     assert_eq!(stored_hash(&store, "agent"), peppered, "re-hashed with the pepper");
     assert_eq!(support::get(&server.addr, "/api/v1/jobs", &agent).0, 200);
 }
+
+#[test]
+fn the_policy_source_is_for_operators_and_fail_open_counts_as_bypassed() {
+    let config = "gate_b: { fail_mode_topics: { \"infra.vm.*\": open } }\n";
+    let server = Server::start("visibility", config, &["--enable-fault-injection"]);
+    let submitter = server.key("acme", "agent", &["submitter"]);
+    let operator = server.key("acme", "ops", &["operator"]);
+    let worker = server.key("acme", "worker", &["worker"]);
+    let (_, seen) = support::get(&server.addr, "/api/v1/policy/snapshots", &submitter);
+    assert!(seen["active"]["source"].is_null() && seen["active"]["hash"].is_string(), "{seen}");
+    let (_, seen) = support::get(&server.addr, "/api/v1/policy/snapshots", &operator);
+    assert!(seen["active"]["source"].as_str().unwrap().contains("deny-prod-public-ingress"), "{seen}");
+
+    assert_eq!(submit(&server, &submitter, "infra.vm.create", "dev", json!("10.0.0.0/8")).0, 202);
+    assert_eq!(server.post("/api/v1/admin/faults", ADMIN, json!({"safety": "unavailable"})).0, 200);
+    assert_eq!(server.post("/api/v1/workers/claim", &worker, json!({"wait_ms": 2000})).0, 200);
+    let bypassed = "airlock_gate_decisions_total{gate=\"b\",decision=\"bypassed\",topic=\"infra.vm.create\"}";
+    assert_eq!(support::metric(&server.addr, bypassed), 1.0);
+}
