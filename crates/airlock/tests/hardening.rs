@@ -950,3 +950,24 @@ fn the_policy_source_is_for_operators_and_fail_open_counts_as_bypassed() {
     let bypassed = "airlock_gate_decisions_total{gate=\"b\",decision=\"bypassed\",topic=\"infra.vm.create\"}";
     assert_eq!(support::metric(&server.addr, bypassed), 1.0);
 }
+
+#[test]
+fn simulate_takes_the_seed_article_body_and_names_every_missing_field() {
+    let server = Server::start("article-body", "", &[]);
+    let agent = server.key("acme", "agent", &["submitter"]);
+    let (status, body) = server.post(
+        "/api/v1/policy/simulate",
+        &agent,
+        json!({"topic": "infra.resource.delete", "tenant": "prod"}),
+    );
+    assert_eq!(status, 400, "{body}");
+    let fields: Vec<&str> =
+        body["fields"].as_array().unwrap().iter().map(|f| f["field"].as_str().unwrap()).collect();
+    assert_eq!(fields, ["tenant", "env"], "{body}");
+    let (status, body) = server.post(
+        "/api/v1/policy/simulate",
+        &agent,
+        json!({"topic": "infra.resource.delete", "env": "production", "tenant": "acme"}),
+    );
+    assert_eq!((status, body["decision"].as_str()), (200, Some("require_human")), "{body}");
+}
