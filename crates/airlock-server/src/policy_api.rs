@@ -89,9 +89,13 @@ pub async fn rollback(
     caller.require_platform_admin()?;
     let map = json_object(&wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?)?;
     only_fields(&map, &["version"])?;
-    let version = map.get("version").and_then(Value::as_u64).ok_or_else(|| {
-        ApiError::invalid(vec![("version".into(), "is required: the snapshot version to restore".into())])
-    })?;
+    let version = match map.get("version") {
+        None | Some(Value::Null) => Err("is required: the snapshot version to restore".to_owned()),
+        Some(v) => v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
+            format!("`{v}` is not a snapshot version: write a whole number from 1, without a decimal point")
+        }),
+    }
+    .map_err(|message| ApiError::invalid(vec![("version".into(), message)]))?;
     let old = state
         .store()
         .snapshot(version)

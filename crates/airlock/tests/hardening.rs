@@ -971,3 +971,17 @@ fn simulate_takes_the_seed_article_body_and_names_every_missing_field() {
     );
     assert_eq!((status, body["decision"].as_str()), (200, Some("require_human")), "{body}");
 }
+
+#[test]
+fn rollback_says_what_is_wrong_with_a_version() {
+    let server = Server::start("rollback", "", &[]);
+    for (version, expected) in [
+        (json!(1.0), "`1.0` is not a snapshot version"),
+        (json!("1"), "`\"1\"` is not"),
+        (Value::Null, "is required"),
+    ] {
+        let (status, body) = server.post("/api/v1/policy/rollback", ADMIN, json!({"version": version}));
+        assert_eq!(status, 400, "{body}");
+        assert!(body["fields"][0]["message"].as_str().unwrap().contains(expected), "{version}: {body}");
+    }
+}
