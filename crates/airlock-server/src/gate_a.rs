@@ -104,6 +104,10 @@ async fn decide(state: &AppState, caller: &Caller, job: &Job, job_hash: &str) ->
                 }
                 FailMode::Open => {
                     state.metrics().inc("airlock_gateway_fail_open_total", &[("topic", &topic_label)]);
+                    state.metrics().inc(
+                        "airlock_gate_decisions_total",
+                        &[("gate", "a"), ("decision", "bypassed"), ("topic", &topic_label)],
+                    );
                     return accept_bypassed(state, caller, job, job_hash, now, &e.to_string()).await;
                 }
             }

@@ -328,6 +328,10 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
         Action::Lease { budgets, bypassed } => {
             if bypassed {
                 state.metrics().inc("airlock_scheduler_input_fail_open_total", &[("topic", &topic)]);
+                state.metrics().inc(
+                    "airlock_gate_decisions_total",
+                    &[("gate", "b"), ("decision", "bypassed"), ("topic", &topic)],
+                );
                 tracing::warn!(job_id = %job.id, topic = %job.topic, "gate b unavailable; dispatched by fail-open mode");
             }
             // Every dispatch that would run the job is charged, retries included (SPEC 6), so a

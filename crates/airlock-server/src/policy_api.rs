@@ -25,10 +25,12 @@ const DIFF_JOBS_MAX: u32 = 100_000;
 /// Jobs read from the store per page during a diff.
 const DIFF_PAGE: u32 = 500;
 
-/// `GET /api/v1/policy/snapshots`: the active snapshot (with its source) and the history.
-pub async fn snapshots(State(state): State<AppState>, _caller: Caller) -> Result<Json<Value>, ApiError> {
+/// `GET /api/v1/policy/snapshots`: the active snapshot and the history. The policy source is
+/// for operators and admins; everyone else sees versions and hashes.
+pub async fn snapshots(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     let all = state.store().snapshots().await?;
-    let active = all.iter().find(|s| s.active).map(|s| wire::snapshot(s, true));
+    let with_source = caller.roles.allows(Role::Operator);
+    let active = all.iter().find(|s| s.active).map(|s| wire::snapshot(s, with_source));
     Ok(Json(
         json!({"active": active, "snapshots": all.iter().map(|s| wire::snapshot(s, false)).collect::<Vec<_>>()}),
     ))
@@ -98,9 +100,13 @@ pub async fn rollback(
     caller.require_platform_admin()?;
     let map = json_object(&wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?)?;
     only_fields(&map, &["version"])?;
-    let version = map.get("version").and_then(Value::as_u64).ok_or_else(|| {
-        ApiError::invalid(vec![("version".into(), "is required: the snapshot version to restore".into())])
-    })?;
+    let version = match map.get("version") {
+        None | Some(Value::Null) => Err("is required: the snapshot version to restore".to_owned()),
+        Some(v) => v.as_u64().filter(|n| *n > 0).ok_or_else(|| {
+            format!("`{v}` is not a snapshot version: write a whole number from 1, without a decimal point")
+        }),
+    }
+    .map_err(|message| ApiError::invalid(vec![("version".into(), message)]))?;
     let old = state
         .store()
         .snapshot(version)
@@ -109,24 +115,44 @@ pub async fn rollback(
     activate(&state, &caller, old.source, Some(format!("rollback to version {version}"))).await
 }
 
-/// The job of a simulate/explain body: the caller's tenant; the principal may be set for a
-/// what-if, and defaults to the caller.
+/// The job of a simulate/explain body: `{"job": {...}}`, or the job's fields at the top level
+/// (the seed article's `{"topic": ..., "tenant": ...}`). The tenant is the caller's (naming it
+/// is allowed when it is the caller's own); the principal may be set for a what-if, and
+/// defaults to the caller. Every bad or missing field is reported at once.
 fn job_of(caller: &Caller, map: &Map<String, Value>) -> Result<Job, ApiError> {
-    let Some(Value::Object(job)) = map.get("job") else {
-        return Err(ApiError::invalid(vec![("job".into(), "is required: the job as a JSON object".into())]));
+    let (mut job, prefix) = match map.get("job") {
+        Some(Value::Object(job)) => (job.clone(), "job."),
+        Some(_) => {
+            return Err(ApiError::invalid(vec![("job".into(), "must be the job as a JSON object".into())]));
+        }
+        None => {
+            let mut flat = map.clone();
+            flat.remove("policy");
+            (flat, "")
+        }
     };
-    let mut job = job.clone();
-    if job.contains_key("tenant") {
-        return Err(ApiError::invalid(vec![(
-            "job.tenant".into(),
-            "is set by the API key; remove it".into(),
-        )]));
+    let mut errors = Vec::new();
+    match job.remove("tenant") {
+        None => {}
+        Some(Value::String(t)) if t.trim().eq_ignore_ascii_case(caller.tenant.as_str()) => {}
+        Some(other) => errors.push((
+            format!("{prefix}tenant"),
+            format!(
+                "is set by the API key (this key's tenant is `{}`, the body names {}); remove it",
+                caller.tenant, other
+            ),
+        )),
     }
     job.insert("tenant".into(), json!(caller.tenant.as_str()));
     job.entry("principal").or_insert_with(|| json!(caller.principal));
-    Job::from_json(&Value::Object(job)).map_err(|errors| {
-        ApiError::invalid(errors.into_iter().map(|e| (format!("job.{}", e.field), e.message)).collect())
-    })
+    match Job::from_json(&Value::Object(job)) {
+        Ok(job) if errors.is_empty() => Ok(job),
+        Ok(_) => Err(ApiError::invalid(errors)),
+        Err(field_errors) => {
+            errors.extend(field_errors.into_iter().map(|e| (format!("{prefix}{}", e.field), e.message)));
+            Err(ApiError::invalid(errors))
+        }
+    }
 }
 
 /// 422: a candidate policy, or a dry-run, that needs more than its budget.
@@ -164,7 +190,9 @@ async fn question(state: &AppState, caller: &Caller, body: Body) -> Result<Map<S
     }
     let limit = if operator { state.config().dry_run.candidate_bytes_max } else { REQUEST_BODY_BYTES_MAX };
     let map = json_object(&wire::read_body(body, limit).await?)?;
-    only_fields(&map, &["job", "policy"])?;
+    if map.contains_key("job") {
+        only_fields(&map, &["job", "policy"])?;
+    }
     if !matches!(map.get("policy"), None | Some(Value::Null)) && !operator {
         return Err(ApiError::forbidden(format!(
             "a candidate `policy` needs the `operator` role (this key, `{}`, has `{}`); without one, \

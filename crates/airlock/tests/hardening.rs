@@ -931,3 +931,57 @@ fn key_hashes_are_peppered_and_old_hashes_are_upgraded() {
     assert_eq!(stored_hash(&store, "agent"), peppered, "re-hashed with the pepper");
     assert_eq!(support::get(&server.addr, "/api/v1/jobs", &agent).0, 200);
 }
+
+#[test]
+fn the_policy_source_is_for_operators_and_fail_open_counts_as_bypassed() {
+    let config = "gate_b: { fail_mode_topics: { \"infra.vm.*\": open } }\n";
+    let server = Server::start("visibility", config, &["--enable-fault-injection"]);
+    let submitter = server.key("acme", "agent", &["submitter"]);
+    let operator = server.key("acme", "ops", &["operator"]);
+    let worker = server.key("acme", "worker", &["worker"]);
+    let (_, seen) = support::get(&server.addr, "/api/v1/policy/snapshots", &submitter);
+    assert!(seen["active"]["source"].is_null() && seen["active"]["hash"].is_string(), "{seen}");
+    let (_, seen) = support::get(&server.addr, "/api/v1/policy/snapshots", &operator);
+    assert!(seen["active"]["source"].as_str().unwrap().contains("deny-prod-public-ingress"), "{seen}");
+
+    assert_eq!(submit(&server, &submitter, "infra.vm.create", "dev", json!("10.0.0.0/8")).0, 202);
+    assert_eq!(server.post("/api/v1/admin/faults", ADMIN, json!({"safety": "unavailable"})).0, 200);
+    assert_eq!(server.post("/api/v1/workers/claim", &worker, json!({"wait_ms": 2000})).0, 200);
+    let bypassed = "airlock_gate_decisions_total{gate=\"b\",decision=\"bypassed\",topic=\"infra.vm.create\"}";
+    assert_eq!(support::metric(&server.addr, bypassed), 1.0);
+}
+
+#[test]
+fn simulate_takes_the_seed_article_body_and_names_every_missing_field() {
+    let server = Server::start("article-body", "", &[]);
+    let agent = server.key("acme", "agent", &["submitter"]);
+    let (status, body) = server.post(
+        "/api/v1/policy/simulate",
+        &agent,
+        json!({"topic": "infra.resource.delete", "tenant": "prod"}),
+    );
+    assert_eq!(status, 400, "{body}");
+    let fields: Vec<&str> =
+        body["fields"].as_array().unwrap().iter().map(|f| f["field"].as_str().unwrap()).collect();
+    assert_eq!(fields, ["tenant", "env"], "{body}");
+    let (status, body) = server.post(
+        "/api/v1/policy/simulate",
+        &agent,
+        json!({"topic": "infra.resource.delete", "env": "production", "tenant": "acme"}),
+    );
+    assert_eq!((status, body["decision"].as_str()), (200, Some("require_human")), "{body}");
+}
+
+#[test]
+fn rollback_says_what_is_wrong_with_a_version() {
+    let server = Server::start("rollback", "", &[]);
+    for (version, expected) in [
+        (json!(1.0), "`1.0` is not a snapshot version"),
+        (json!("1"), "`\"1\"` is not"),
+        (Value::Null, "is required"),
+    ] {
+        let (status, body) = server.post("/api/v1/policy/rollback", ADMIN, json!({"version": version}));
+        assert_eq!(status, 400, "{body}");
+        assert!(body["fields"][0]["message"].as_str().unwrap().contains(expected), "{version}: {body}");
+    }
+}
