@@ -81,7 +81,13 @@ fn pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {
 
 /// `GET /healthz` over TLS trusting `ca` (optionally with a client certificate): the response
 /// text and the server's certificate, or the error.
-fn https_get(addr: &str, ca: &Ca, client: Option<&(String, String)>) -> Result<(String, Vec<u8>), String> {
+/// `GET path` over TLS: the whole answer and the certificate the server presented.
+fn https_get(
+    addr: &str,
+    ca: &Ca,
+    client: Option<&(String, String)>,
+    path: &str,
+) -> Result<(String, Vec<u8>), String> {
     use rustls::pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.0.der().clone()).unwrap();
@@ -101,7 +107,7 @@ fn https_get(addr: &str, ca: &Ca, client: Option<&(String, String)>) -> Result<(
     let tcp = TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut tls = rustls::StreamOwned::new(connection, tcp);
-    tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").as_bytes())
         .map_err(|e| e.to_string())?;
     let mut text = String::new();
     match tls.read_to_string(&mut text) {
@@ -125,9 +131,14 @@ fn https_is_served_and_sighup_swaps_the_certificate() {
     let server =
         serve(&data, &["--tls-cert", cert_file.to_str().unwrap(), "--tls-key", key_file.to_str().unwrap()]);
 
-    let (text, presented) = https_get(&server.addr, &ca, None).unwrap();
+    let (text, presented) = https_get(&server.addr, &ca, None, "/healthz").unwrap();
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert_eq!(presented, pem_certs(&cert)[0].to_vec());
+
+    // The console's cookies are `Secure` when the listener serves TLS.
+    let (login, _) = https_get(&server.addr, &ca, None, "/login").unwrap();
+    let cookie = login.lines().find(|l| l.to_ascii_lowercase().starts_with("set-cookie:")).unwrap_or("");
+    assert!(cookie.contains("; Secure"), "{login}");
 
     // Plain HTTP on the TLS port gets no HTTP answer.
     let mut plain = TcpStream::connect(&server.addr).unwrap();
@@ -144,7 +155,7 @@ fn https_is_served_and_sighup_swaps_the_certificate() {
     Command::new("kill").args(["-HUP", &server.child.id().to_string()]).status().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let (text, presented) = https_get(&server.addr, &ca, None).unwrap();
+        let (text, presented) = https_get(&server.addr, &ca, None, "/healthz").unwrap();
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
         if presented == pem_certs(&renewed)[0].to_vec() {
             break;
@@ -156,7 +167,7 @@ fn https_is_served_and_sighup_swaps_the_certificate() {
     std::fs::write(&cert_file, "not a certificate").unwrap();
     Command::new("kill").args(["-HUP", &server.child.id().to_string()]).status().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let (text, presented) = https_get(&server.addr, &ca, None).unwrap();
+    let (text, presented) = https_get(&server.addr, &ca, None, "/healthz").unwrap();
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert_eq!(presented, pem_certs(&renewed)[0].to_vec());
 }
@@ -182,12 +193,15 @@ fn with_a_client_ca_only_clients_it_signed_are_answered() {
         ],
     );
     let worker = ca.leaf(&["worker-1"], ExtendedKeyUsagePurpose::ClientAuth);
-    let (text, _) = https_get(&server.addr, &ca, Some(&worker)).unwrap();
+    let (text, _) = https_get(&server.addr, &ca, Some(&worker), "/healthz").unwrap();
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    assert!(https_get(&server.addr, &ca, None).is_err(), "a client without a certificate was answered");
+    assert!(
+        https_get(&server.addr, &ca, None, "/healthz").is_err(),
+        "a client without a certificate was answered"
+    );
     let stranger = Ca::new().leaf(&["intruder"], ExtendedKeyUsagePurpose::ClientAuth);
     assert!(
-        https_get(&server.addr, &ca, Some(&stranger)).is_err(),
+        https_get(&server.addr, &ca, Some(&stranger), "/healthz").is_err(),
         "a certificate of another CA was accepted"
     );
 }
