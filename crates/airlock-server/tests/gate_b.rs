@@ -601,12 +601,20 @@ async fn a_quorum_counts_people_not_keys() {
 }
 
 /// Defect 6 of issue 10: Gate A's evaluation timeout interrupts evaluation itself. Hundreds of
-/// regexes that scan a large payload take far longer than the timeout; the submit is answered
-/// 503 (fail closed) at about the timeout, not when evaluation would have ended.
+/// regexes that scan a large payload take far longer than the timeout (over a second in a
+/// debug build); the submit is answered 503 (fail closed) at about the timeout, not when
+/// evaluation would have ended. What a large request costs without the heavy rules (reading,
+/// hashing and storing it) is measured first, in the same test, so that a loaded machine slows
+/// both sides of the comparison alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gate_a_answers_unavailable_at_its_timeout_however_heavy_the_policy() {
     let timeout = Duration::from_millis(150);
     let api = Api::start(Config { gate_a_timeout: timeout, ..Config::default() }).await;
+    let job = json!({"topic": "infra.vm.create", "env": "dev", "payload": {"text": "a".repeat(900_000)}});
+    let started = std::time::Instant::now();
+    let (status, body) = api.call(Method::POST, "/api/v1/jobs", &api.submitter, Some(job.clone())).await;
+    let request_cost = started.elapsed();
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     let mut policy = SEED.to_owned();
     for i in 0..400 {
         policy.push_str(&format!(
@@ -614,7 +622,6 @@ async fn gate_a_answers_unavailable_at_its_timeout_however_heavy_the_policy() {
         ));
     }
     api.publish(&policy).await;
-    let job = json!({"topic": "infra.vm.create", "env": "dev", "payload": {"text": "a".repeat(900_000)}});
     let started = std::time::Instant::now();
     let (status, body) = api.call(Method::POST, "/api/v1/jobs", &api.submitter, Some(job)).await;
     let elapsed = started.elapsed();
@@ -623,7 +630,10 @@ async fn gate_a_answers_unavailable_at_its_timeout_however_heavy_the_policy() {
         (StatusCode::SERVICE_UNAVAILABLE, Some("safety_unavailable")),
         "{body}"
     );
-    assert!(elapsed < timeout * 4, "answered after {elapsed:?}, the timeout is {timeout:?}");
+    assert!(
+        elapsed < request_cost + timeout * 3,
+        "answered after {elapsed:?}; the timeout is {timeout:?} and the request alone took {request_cost:?}"
+    );
 }
 
 /// Defect 4 of issue 10, SPEC 6: a topic no pool takes is a scheduling failure like any other

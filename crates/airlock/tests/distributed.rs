@@ -132,7 +132,7 @@ fn two_schedulers_share_one_breaker() {
     let schema = Schema::create("breaker");
     let url = schema.url();
     let config = std::env::temp_dir().join(format!("airlock-shared-breaker-{}.yaml", std::process::id()));
-    std::fs::write(&config, "breaker: { failures_to_open: 3, open_ms: 600, probes: 3 }\nscheduling: { backoff_base_ms: 1, backoff_cap_ms: 1 }\n").unwrap();
+    std::fs::write(&config, "breaker: { failures_to_open: 3, open_ms: 2500, probes: 3 }\nscheduling: { backoff_base_ms: 1, backoff_cap_ms: 1 }\n").unwrap();
     let config = config.to_str().unwrap().to_owned();
     // A safety service that is down: nothing listens on this port.
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
@@ -169,7 +169,7 @@ fn two_schedulers_share_one_breaker() {
         assert_eq!(call(scheduler, "/api/v1/workers/claim", &worker, Some("{}".into())).0, 204);
     }
     assert_eq!(calls(), 3.0, "while open, neither replica calls the safety service");
-    std::thread::sleep(Duration::from_millis(700));
+    std::thread::sleep(Duration::from_millis(2600));
     let claims: Vec<_> = (0..8)
         .map(|n| {
             let (addr, worker) = (if n % 2 == 0 { s1.clone() } else { s2.clone() }, worker.clone());

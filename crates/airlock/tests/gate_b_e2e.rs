@@ -25,7 +25,7 @@ fn start(dir: &std::path::Path, config: &str, extra: &[&str]) -> (Process, Strin
 #[test]
 fn the_breaker_opens_and_admits_at_most_three_probes() {
     let dir = temp_dir("gate-b-e2e-breaker");
-    let config = "gate_b: { timeout_ms: 200 }\nbreaker: { failures_to_open: 3, open_ms: 400, probes: 3 }\n\
+    let config = "gate_b: { timeout_ms: 200 }\nbreaker: { failures_to_open: 3, open_ms: 1500, probes: 3 }\n\
                   scheduling: { backoff_base_ms: 1, backoff_cap_ms: 1 }\n";
     let (_server, addr) = start(&dir, config, &["--enable-fault-injection"]);
     let (_, agent) = call(
@@ -65,7 +65,7 @@ fn the_breaker_opens_and_admits_at_most_three_probes() {
     assert_eq!(status, 204);
     assert_eq!(metric(&addr, timeouts), 3.0, "while open, no call reaches the safety check");
 
-    std::thread::sleep(Duration::from_millis(450));
+    std::thread::sleep(Duration::from_millis(1600));
     let claims: Vec<_> = (0..6)
         .map(|_| {
             let (addr, worker) = (addr.clone(), worker.clone());
@@ -80,7 +80,7 @@ fn the_breaker_opens_and_admits_at_most_three_probes() {
     assert_eq!(metric(&addr, "airlock_safety_circuit_state"), 2.0, "failed probes re-open it");
 
     post(&addr, "/api/v1/admin/faults", ADMIN, json!({"safety": "none"}));
-    std::thread::sleep(Duration::from_millis(450));
+    std::thread::sleep(Duration::from_millis(1600));
     let (status, claim) = post(&addr, "/api/v1/workers/claim", &worker, json!({}));
     assert_eq!(status, 200, "a successful probe leases: {claim}");
     assert_eq!(metric(&addr, "airlock_safety_circuit_state"), 0.0, "and closes the breaker");
