@@ -9,6 +9,7 @@
 use serde_json::{Value, json};
 
 use crate::Millis;
+use crate::approval::{Request, Status};
 use crate::audit::{Draft, Kind};
 use crate::ids::{ApprovalId, JobId, TenantId};
 use crate::record::{ApprovalRecord, Budget, GateDecision, JobRecord, Lease};
@@ -92,6 +93,35 @@ pub enum Finish {
     },
 }
 
+/// A change to an approval request, applied only if the request is still as the caller read
+/// it (optimistic concurrency: same status, same number of approvers).
+#[derive(Clone, Debug)]
+pub struct ApprovalChange {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// The request.
+    pub id: ApprovalId,
+    /// The status the caller read.
+    pub expected_status: Status,
+    /// The number of approvers the caller read.
+    pub expected_approvers: usize,
+    /// The request after the change.
+    pub request: Request,
+    /// What happens to the job, if anything (approved → queued, rejected, expired).
+    pub job_event: Option<Event>,
+    /// A fresh request to attach to the job (when this one went stale).
+    pub replacement: Option<ApprovalRecord>,
+    /// Audit records, in order.
+    pub audit: Vec<Draft>,
+    /// When.
+    pub at: Millis,
+    /// Who.
+    pub actor: String,
+    /// The snapshot version the approval's binding was checked under, checked at the commit;
+    /// `None` for changes that do not depend on it.
+    pub decided_under: Option<u64>,
+}
+
 /// A lease the commit must find live on the job.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseCheck {
@@ -105,8 +135,9 @@ pub struct LeaseCheck {
 /// What the job must be like at the commit for the move to apply.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Precondition {
-    /// The job's state.
-    pub state: JobState,
+    /// The job's state, when the move needs one (an approval change leaves it to the transition
+    /// table).
+    pub state: Option<JobState>,
     /// The live lease, checked before the state.
     pub lease: Option<LeaseCheck>,
     /// The snapshot version the decision was made under, which must still be the active one;
@@ -126,6 +157,9 @@ pub enum Refusal {
     /// The caller holds the lease, but it lapsed.
     #[error("the lease lapsed; the job will be retried")]
     LeaseLapsed,
+    /// The approval request is no longer as the caller read it.
+    #[error("the approval request changed; read it again")]
+    ApprovalChanged,
 }
 
 impl Precondition {
@@ -141,7 +175,10 @@ impl Precondition {
                 _ => return Err(Refusal::NotLeaseHolder),
             }
         }
-        if job.state == self.state { Ok(()) } else { Err(Refusal::State(job.state)) }
+        match self.state {
+            Some(state) if state != job.state => Err(Refusal::State(job.state)),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -218,6 +255,9 @@ pub enum ApprovalWrite {
     /// Records the job's current request (if pending or approved) as stale, decided by
     /// `system`, and opens this one ([`Change::ApprovalId`] attaches it).
     Replace(Box<ApprovalRecord>),
+    /// Opens this request ([`Change::ApprovalId`] attaches it); the request it follows was
+    /// decided by the same change.
+    Open(Box<ApprovalRecord>),
 }
 
 /// One transition of one job, decided: everything its commit checks and writes.
@@ -239,8 +279,8 @@ pub struct Move {
     pub changes: Vec<Change>,
     /// Approval requests written with it.
     pub approval: ApprovalWrite,
-    /// The decision's audit record, chained after the transition's.
-    pub audit: Option<Draft>,
+    /// The decision's audit records, chained after the transition's.
+    pub audit: Vec<Draft>,
     /// When (the job's `updated_at` and the transition's time).
     pub at: Millis,
     /// Who or what made it.
@@ -283,13 +323,17 @@ pub fn plan_dispatch(d: Dispatch) -> Move {
     Move {
         tenant: d.tenant,
         job_id: d.job_id,
-        precondition: Precondition { state: JobState::Queued, lease: None, decided_under: d.decided_under },
+        precondition: Precondition {
+            state: Some(JobState::Queued),
+            lease: None,
+            decided_under: d.decided_under,
+        },
         budgets,
         transition: Some((event, reason)),
         changes,
         approval,
         actor: d.audit.actor.clone(),
-        audit: Some(d.audit),
+        audit: vec![d.audit],
         at: d.at,
     }
 }
@@ -303,15 +347,20 @@ impl Move {
         let mut changes: Vec<Change> =
             self.changes.into_iter().filter(|c| matches!(c, Change::GateB(_))).collect();
         changes.push(Change::NotBefore(not_before));
-        let audit = self.audit.map(|mut draft| {
+        let mut audit = self.audit;
+        for draft in &mut audit {
             draft.kind = Kind::GateBThrottled;
             if let Value::Object(data) = &mut draft.data {
                 data.insert("outcome".into(), json!("throttled"));
                 data.insert("retry_after_ms".into(), json!(retry_after_ms));
             }
-            draft
-        });
+        }
         Self { budgets: Vec::new(), transition: None, changes, approval: ApprovalWrite::None, audit, ..self }
+    }
+
+    /// Whether the job's row changes (a vote that reaches no quorum only audits).
+    pub fn touches_job(&self) -> bool {
+        self.transition.is_some() || !self.changes.is_empty()
     }
 
     /// The state the job ends in, from `from`.
@@ -364,15 +413,63 @@ pub fn plan_finish(
     Move {
         tenant,
         job_id,
-        precondition: Precondition { state: JobState::Leased, lease: Some(lease), decided_under: None },
+        precondition: Precondition { state: Some(JobState::Leased), lease: Some(lease), decided_under: None },
         budgets: Vec::new(),
         transition: Some((event, reason)),
         changes,
         approval: ApprovalWrite::None,
-        audit: None,
+        audit: Vec::new(),
         at,
         actor,
     }
+}
+
+/// An approval change, decided against the request as its commit loaded it: the request as it
+/// will be stored, and the move of its job (which may only audit: a vote short of the quorum).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApprovalPlan {
+    /// The request after the change.
+    pub approval: ApprovalRecord,
+    /// The job's move.
+    pub job: Move,
+}
+
+/// An approver's vote or rejection, an expiry or a stale request's replacement, as the write
+/// of the request and a move of its job; refused when `current`, the request as the commit
+/// loaded it, is no longer as the caller read it.
+pub fn plan_approval_change(current: &ApprovalRecord, c: ApprovalChange) -> Result<ApprovalPlan, Refusal> {
+    if current.request.status != c.expected_status || current.request.approvers.len() != c.expected_approvers
+    {
+        return Err(Refusal::ApprovalChanged);
+    }
+    let decided = c.request.status != Status::Pending;
+    let transition = c.job_event.map(|event| (event, format!("approval {}", c.request.status)));
+    let (changes, approval) = match c.replacement {
+        Some(replacement) => {
+            (vec![Change::ApprovalId(replacement.id.clone())], ApprovalWrite::Open(Box::new(replacement)))
+        }
+        None => (Vec::new(), ApprovalWrite::None),
+    };
+    Ok(ApprovalPlan {
+        approval: ApprovalRecord {
+            request: c.request,
+            decided_at: decided.then_some(c.at),
+            decided_by: decided.then(|| c.actor.clone()),
+            ..current.clone()
+        },
+        job: Move {
+            tenant: c.tenant,
+            job_id: current.job_id.clone(),
+            precondition: Precondition { state: None, lease: None, decided_under: c.decided_under },
+            budgets: Vec::new(),
+            transition,
+            changes,
+            approval,
+            audit: c.audit,
+            at: c.at,
+            actor: c.actor,
+        },
+    })
 }
 
 impl JobRecord {
@@ -381,7 +478,9 @@ impl JobRecord {
     /// store to write.
     pub fn apply(&mut self, mv: &Move) -> Result<Vec<Field>, InvalidTransition> {
         self.state = mv.target(self.state)?;
-        self.updated_at = mv.at;
+        if mv.touches_job() {
+            self.updated_at = mv.at;
+        }
         let d = &mut self.dispatch;
         let mut fields = Vec::with_capacity(mv.changes.len());
         for change in &mv.changes {

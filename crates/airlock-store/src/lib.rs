@@ -12,14 +12,14 @@ mod sqlite;
 use std::collections::BTreeMap;
 
 use airlock_core::Millis;
-use airlock_core::approval::{Request, Status};
+use airlock_core::approval::Status;
 use airlock_core::audit::{Draft, Record};
 use airlock_core::breaker::{Admission, BreakerConfig, BreakerState};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
 use airlock_core::role::Roles;
 use airlock_core::state::{Event, InvalidTransition, JobState};
 
-pub use airlock_core::moves::{Dispatch, DispatchAction, Finish};
+pub use airlock_core::moves::{ApprovalChange, Dispatch, DispatchAction, Finish};
 pub use airlock_core::record::{ApprovalRecord, Budget, DispatchState, GateDecision, JobRecord, Lease};
 pub use postgres::PgStore;
 pub use sqlite::{DATABASE_FILE, SqliteStore};
@@ -191,35 +191,6 @@ pub struct JobFilter {
     pub until: Option<Millis>,
     /// At most this many.
     pub limit: u32,
-}
-
-/// A change to an approval request, applied only if the request is still as the caller read
-/// it (optimistic concurrency: same status, same number of approvers).
-#[derive(Clone, Debug)]
-pub struct ApprovalChange {
-    /// The tenant.
-    pub tenant: TenantId,
-    /// The request.
-    pub id: ApprovalId,
-    /// The status the caller read.
-    pub expected_status: Status,
-    /// The number of approvers the caller read.
-    pub expected_approvers: usize,
-    /// The request after the change.
-    pub request: Request,
-    /// What happens to the job, if anything (approved → queued, rejected, expired).
-    pub job_event: Option<Event>,
-    /// A fresh request to attach to the job (when this one went stale).
-    pub replacement: Option<ApprovalRecord>,
-    /// Audit records, in order.
-    pub audit: Vec<Draft>,
-    /// When.
-    pub at: Millis,
-    /// Who.
-    pub actor: String,
-    /// The snapshot version the approval's binding was checked under, checked at the commit as
-    /// for [`Submission::decided_under`]; `None` for changes that do not depend on it.
-    pub decided_under: Option<u64>,
 }
 
 /// What became of a dispatch.

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use airlock_core::approval::{Request, Status};
 use airlock_core::audit::{self, Draft, Kind};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
-use airlock_core::moves::{LeaseCheck, plan_dispatch, plan_finish};
+use airlock_core::moves::{LeaseCheck, plan_approval_change, plan_dispatch, plan_finish};
 use airlock_core::role::{Role, Roles};
 use airlock_core::state::{Event, JobState};
 use airlock_policy::{Decision, Limit, LimitKey};
@@ -1337,15 +1337,26 @@ enum Input {
         live_at: Option<i64>,
         finish: Finish,
     },
+    /// A change of the job's pending request (quorum 2): `votes` approvers after it, read with
+    /// `read` approvers; `replace` opens a fresh request.
+    Approval {
+        status: Status,
+        votes: usize,
+        event: Option<Event>,
+        replace: bool,
+        read: usize,
+        decided_under: Option<u64>,
+    },
 }
 
-/// How a row starts: the job as submitted, leased under `tok` until 1 000, or leased and then
-/// cancelled (a lease still on a job no longer leased).
+/// How a row starts: the job as submitted, leased under `tok` until 1 000, leased and then
+/// cancelled (a lease still on a job no longer leased), or awaiting approval.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Start {
     Queued,
     Leased,
     Cancelled,
+    AwaitingApproval,
 }
 
 /// What a row's write must come to.
@@ -1461,18 +1472,120 @@ async fn every_move_kind_commits_the_same_record_and_chain_in_both_stores() {
             Input::Dispatch(Box::new(DispatchAction::Deny), Some(0)),
             Expect::Stale,
         ),
+        (
+            "vote short of the quorum",
+            Start::AwaitingApproval,
+            Input::Approval {
+                status: Status::Pending,
+                votes: 1,
+                event: None,
+                replace: false,
+                read: 0,
+                decided_under: Some(1),
+            },
+            Expect::Applied,
+        ),
+        (
+            "approval",
+            Start::AwaitingApproval,
+            Input::Approval {
+                status: Status::Approved,
+                votes: 2,
+                event: Some(Event::Approved),
+                replace: false,
+                read: 0,
+                decided_under: Some(1),
+            },
+            Expect::Applied,
+        ),
+        (
+            "rejection",
+            Start::AwaitingApproval,
+            Input::Approval {
+                status: Status::Rejected,
+                votes: 0,
+                event: Some(Event::Rejected),
+                replace: false,
+                read: 0,
+                decided_under: None,
+            },
+            Expect::Applied,
+        ),
+        (
+            "stale request replaced",
+            Start::AwaitingApproval,
+            Input::Approval {
+                status: Status::Stale,
+                votes: 0,
+                event: None,
+                replace: true,
+                read: 0,
+                decided_under: Some(1),
+            },
+            Expect::Applied,
+        ),
+        (
+            "expiry",
+            Start::AwaitingApproval,
+            Input::Approval {
+                status: Status::Expired,
+                votes: 0,
+                event: Some(Event::ApprovalExpired),
+                replace: false,
+                read: 0,
+                decided_under: None,
+            },
+            Expect::Applied,
+        ),
+        (
+            "vote on a request read before another vote",
+            Start::AwaitingApproval,
+            Input::Approval {
+                status: Status::Pending,
+                votes: 1,
+                event: None,
+                replace: false,
+                read: 1,
+                decided_under: Some(1),
+            },
+            Expect::Conflict,
+        ),
+        (
+            "approval under a superseded snapshot",
+            Start::AwaitingApproval,
+            Input::Approval {
+                status: Status::Approved,
+                votes: 2,
+                event: Some(Event::Approved),
+                replace: false,
+                read: 0,
+                decided_under: Some(0),
+            },
+            Expect::Stale,
+        ),
     ];
     // The same jobs, requests and budgets in every store, so that records and chains compare.
     let jobs: Vec<JobRecord> = (0..rows.len()).map(|i| job(&t, JobState::Queued, 100 + i as i64)).collect();
     let mut requests = BTreeMap::new();
     let mut replacements = BTreeMap::new();
     for (i, (_, _, input, _)) in rows.iter().enumerate() {
-        if let Input::NeedsApproval = input {
-            let mut j = jobs[i].clone();
-            let mut old = pending_request(&mut j, 100, 1);
-            old.request.status = Status::Approved;
-            requests.insert(i, (j, old));
-            replacements.insert(i, pending_request(&mut jobs[i].clone(), 200, 1));
+        match input {
+            Input::NeedsApproval => {
+                let mut j = jobs[i].clone();
+                let mut old = pending_request(&mut j, 100, 1);
+                old.request.status = Status::Approved;
+                requests.insert(i, (j, old));
+                replacements.insert(i, pending_request(&mut jobs[i].clone(), 200, 1));
+            }
+            Input::Approval { replace, .. } => {
+                let mut j = JobRecord { state: JobState::AwaitingApproval, ..jobs[i].clone() };
+                let old = pending_request(&mut j, 100, 2);
+                requests.insert(i, (j, old));
+                if *replace {
+                    replacements.insert(i, pending_request(&mut jobs[i].clone(), 200, 1));
+                }
+            }
+            Input::Dispatch(..) | Input::Finish { .. } => {}
         }
     }
     // A submit that spends the budget of the throttled row.
@@ -1491,7 +1604,7 @@ async fn every_move_kind_commits_the_same_record_and_chain_in_both_stores() {
             let mut s = submission(j.clone());
             s.approval = old;
             store.submit(s, 0).await.unwrap();
-            if *start != Start::Queued {
+            if matches!(start, Start::Leased | Start::Cancelled) {
                 let d = Dispatch {
                     tenant: t.clone(),
                     job_id: j.id.clone(),
@@ -1539,13 +1652,62 @@ async fn every_move_kind_commits_the_same_record_and_chain_in_both_stores() {
                         Ok(DispatchOutcome::Gone) => Err(Expect::Gone),
                         Err(e) => Err(refusal(e)),
                     };
-                    (plan, outcome)
+                    (Some(plan), outcome)
                 }
                 Input::Finish { token, live_at, finish } => {
                     let check = LeaseCheck { token: token.into(), live_at };
                     let plan = plan_finish(t.clone(), j.id.clone(), check, finish.clone(), at, "w".into());
                     let outcome = store.finish(&t, &j.id, token, live_at, finish, at, "w").await;
-                    (plan, outcome.map(Some).map_err(refusal))
+                    (Some(plan), outcome.map(Some).map_err(refusal))
+                }
+                Input::Approval { status, votes, event, replace: _, read, decided_under } => {
+                    let current = store.approval(&t, &requests[&i].1.id).await.unwrap().unwrap();
+                    let approvers = ["alice", "bob"].iter().take(votes).map(|a| (*a).to_owned()).collect();
+                    let c = ApprovalChange {
+                        tenant: t.clone(),
+                        id: current.id.clone(),
+                        expected_status: Status::Pending,
+                        expected_approvers: read,
+                        request: Request { approvers, status, ..current.request.clone() },
+                        job_event: event,
+                        replacement: replacements.get(&i).cloned(),
+                        audit: vec![draft(Kind::ApprovalVote, current.id.as_str())],
+                        at,
+                        actor: "alice".into(),
+                        decided_under,
+                    };
+                    match plan_approval_change(&current, c.clone()) {
+                        Ok(plan) => {
+                            let outcome = store.change_approval(c).await;
+                            if let Ok(stored) = &outcome {
+                                assert_eq!(*stored, plan.approval, "{name}: {row}: the core's request");
+                                let read = store.approval(&t, &current.id).await.unwrap().unwrap();
+                                assert_eq!(read, plan.approval, "{name}: {row}: stored as planned");
+                            }
+                            let outcome = match outcome {
+                                Ok(_) => Ok(Some(store.job(&t, &j.id).await.unwrap().unwrap())),
+                                Err(e) => {
+                                    let unchanged = store.approval(&t, &current.id).await.unwrap().unwrap();
+                                    assert_eq!(
+                                        unchanged, current,
+                                        "{name}: {row}: a refused change writes nothing"
+                                    );
+                                    Err(refusal(e))
+                                }
+                            };
+                            (Some(plan.job), outcome)
+                        }
+                        Err(refused) => {
+                            let outcome = store.change_approval(c).await;
+                            assert!(
+                                matches!(outcome, Err(StoreError::Conflict(_))),
+                                "{name}: {row}: {refused}"
+                            );
+                            let unchanged = store.approval(&t, &current.id).await.unwrap().unwrap();
+                            assert_eq!(unchanged, current, "{name}: {row}");
+                            (None, Err(Expect::Conflict))
+                        }
+                    }
                 }
             };
             let after = store.job(&t, &j.id).await.unwrap().unwrap();
@@ -1553,15 +1715,16 @@ async fn every_move_kind_commits_the_same_record_and_chain_in_both_stores() {
             let mut expected = before.clone();
             match (expect, outcome) {
                 (Expect::Applied, Ok(Some(returned))) => {
+                    let plan = plan.unwrap();
                     let fields = expected.apply(&plan).unwrap();
                     assert!(!fields.is_empty() || plan.changes.is_empty(), "{name}: {row}");
                     assert_eq!(returned, expected, "{name}: {row}: the record is the core's move applied");
-                    let records = 1 + u64::from(plan.audit.is_some());
+                    let records = u64::from(plan.transition.is_some()) + plan.audit.len() as u64;
                     assert_eq!(chain_after, chain_before + records, "{name}: {row}: transition and decision");
                 }
                 (Expect::Throttled(ms), Err(Expect::Throttled(got))) => {
                     assert_eq!(got, *ms, "{name}: {row}");
-                    expected.apply(&plan.clone().throttled(got)).unwrap();
+                    expected.apply(&plan.unwrap().throttled(got)).unwrap();
                     assert_eq!(chain_after, chain_before + 1, "{name}: {row}: the throttled decision only");
                 }
                 (Expect::Gone | Expect::Conflict | Expect::Stale, Err(got)) => {

@@ -62,7 +62,7 @@ impl Write {
             Self::Hold { tenant, now, until, from } => {
                 Written::Held(hold_next(tx, tenant, *now, *until, from.as_ref()).await?)
             }
-            Self::Move(mv) => Written::Moved(apply_move(tx, mv).await?),
+            Self::Move(mv) => Written::Moved(apply_move(tx, mv, true).await?),
         })
     }
 

@@ -7,10 +7,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use airlock_core::Millis;
-use airlock_core::approval::Status;
 use airlock_core::audit::{Draft, Kind};
 use airlock_core::ids::{ApprovalId, JobId, TenantId};
-use airlock_core::moves::{ApprovalWrite, Move};
+use airlock_core::moves::{ApprovalWrite, Move, plan_approval_change};
 use airlock_core::state::{Event, JobState};
 use airlock_core::throttle::{self, Bucket, Take};
 use serde_json::{Value, json};
@@ -21,7 +20,7 @@ use super::notifications::WORK_CHANNEL;
 use super::pool::{Db, Fail, Tx};
 use super::rows::{JOB_COLUMNS, big, big_u64, get, job_from_row, load_approval, load_idempotency, load_job};
 use super::sealing::append_audit;
-use crate::codec::{Applied, Cell, corrupt, gate_json, job_cells};
+use crate::codec::{Applied, Cell, corrupt, gate_json, job_cells, refused};
 use crate::{
     ApprovalChange, ApprovalRecord, Budget, Heartbeat, JobRecord, StoreError, Submission, SubmitOutcome,
 };
@@ -236,14 +235,14 @@ pub(super) struct Step<'a> {
 }
 
 /// Writes a moved job (`job` holds its new state and fields) in one statement: its row with
-/// the new state and the `changes`, its history step, the approval requests (a replacement,
-/// with the request it replaces, if any, recorded as stale), its audit records and, when it
-/// became queued, the wake-ups.
+/// the new state and the `changes` (unless the step only audits), its history step, the
+/// approval request it opens (with the one it replaces, if given, recorded as stale), its audit
+/// records and, when it became queued, the wake-ups.
 pub(super) async fn write_job(
     tx: &Tx<'_>,
     job: &JobRecord,
     step: Step<'_>,
-    approval: Option<(&ApprovalRow<'_>, &Option<&str>)>,
+    approval: Option<(&ApprovalRow<'_>, Option<&Option<&str>>)>,
     last: bool,
 ) -> Result<(), Fail> {
     let (tenant, id, from, to) =
@@ -251,6 +250,14 @@ pub(super) async fn write_job(
     let data = encode(step.drafts);
     let queued = step.reason.is_some() && job.state == JobState::Queued;
     let mut c = Composed::default();
+    if step.reason.is_none() && step.changes.is_empty() {
+        // Only audit records (a vote short of the quorum): the job's row stays as it is.
+        if step.drafts.is_empty() {
+            return Ok(());
+        }
+        c.audit(&tenant, step.drafts, &data);
+        return if last { c.run_last(tx, None).await } else { c.run(tx, None).await };
+    }
     let (p_to, p_at, p_id) = (c.param(&to), c.param(&job.updated_at), c.param(&id));
     // A job that moves is no longer held by the claim that dispatched it.
     let mut set = format!("state = {p_to}, updated_at = {p_at}, held_until = 0");
@@ -258,13 +265,15 @@ pub(super) async fn write_job(
         set.push_str(&format!(", {column} = {}", c.param(*value)));
     }
     c.with(format!("UPDATE jobs SET {set} WHERE id = {p_id}"));
-    if let Some((row, old)) = approval {
+    if let Some((row, replaced)) = approval {
         c.approval(row);
-        let p_old = c.param(old);
-        c.with(format!(
-            "UPDATE approvals SET status = 'stale', decided_at = {p_at}, decided_by = 'system'
-             WHERE id = {p_old} AND status IN ('pending', 'approved')"
-        ));
+        if let Some(old) = replaced {
+            let p_old = c.param(old);
+            c.with(format!(
+                "UPDATE approvals SET status = 'stale', decided_at = {p_at}, decided_by = 'system'
+                 WHERE id = {p_old} AND status IN ('pending', 'approved')"
+            ));
+        }
     }
     if let Some(reason) = &step.reason {
         let (p_from, p_actor, p_reason) = (c.param(&from), c.param(&step.actor), c.param(reason));
@@ -296,11 +305,11 @@ fn cell_param(cell: &Cell) -> &(dyn ToSql + Sync) {
     }
 }
 
-/// Commits `mv` in the caller's transaction, as its last statement: locks and loads the job
+/// Commits `mv` in the caller's transaction (as its last statement when `last`): locks and loads the job
 /// (the snapshot guard pipelined with the load), checks the precondition, takes the budgets (a
 /// refusal commits [`Move::throttled`] instead), applies the move to the record and writes it
 /// ([`write_job`]) through the one field-to-column mapping ([`job_cells`]).
-pub(super) async fn apply_move(tx: &Tx<'_>, mv: &Move) -> Result<Applied, Fail> {
+pub(super) async fn apply_move(tx: &Tx<'_>, mv: &Move, last: bool) -> Result<Applied, Fail> {
     // Waits for the row rather than skipping it: a claim that holds the job must not give it up
     // because another claim's `hold_next` (or a dispatch of a page claim) has it locked for an
     // instant; a job dispatched meanwhile fails the precondition below.
@@ -335,11 +344,13 @@ pub(super) async fn apply_move(tx: &Tx<'_>, mv: &Move) -> Result<Applied, Fail> 
     let reason = mv.transition.as_ref().map(|(_, reason)| reason.as_str());
     let step = Step { from, reason, actor: &mv.actor, changes: &changes, drafts: &drafts };
     let old = old_approval.as_ref().map(ApprovalId::as_str);
-    let row = match &mv.approval {
-        ApprovalWrite::Replace(replacement) => Some(ApprovalRow::new(replacement)),
-        ApprovalWrite::None => None,
+    let (row, replaces) = match &mv.approval {
+        ApprovalWrite::None => (None, false),
+        ApprovalWrite::Replace(replacement) => (Some(ApprovalRow::new(replacement)), true),
+        ApprovalWrite::Open(request) => (Some(ApprovalRow::new(request)), false),
     };
-    write_job(tx, &job, step, row.as_ref().map(|r| (r, &old)), true).await?;
+    let approval = row.as_ref().map(|r| (r, replaces.then_some(&old)));
+    write_job(tx, &job, step, approval, last).await?;
     Ok(match throttled {
         Some(retry_after_ms) => Applied::Throttled { retry_after_ms },
         None => Applied::Moved(Box::new(job)),
@@ -373,13 +384,6 @@ impl<'a> ApprovalRow<'a> {
             quorum: big(r.quorum),
         }
     }
-}
-
-pub(super) async fn insert_approval(tx: &Tx<'_>, approval: &ApprovalRecord) -> Result<(), Fail> {
-    let row = ApprovalRow::new(approval);
-    let mut c = Composed::default();
-    c.approval(&row);
-    c.run(tx, None).await
 }
 
 /// Takes every budget or none; `Err(retry_after_ms)` when one refuses. The buckets stay
@@ -539,46 +543,24 @@ pub(super) async fn insert_job(db: &Db<'_, impl GenericClient + Sync>, s: &Submi
 
 pub(super) async fn change_approval(tx: &Tx<'_>, c: &ApprovalChange) -> Result<ApprovalRecord, Fail> {
     let current = load_approval(tx, &c.tenant, &c.id, true).await?.ok_or(StoreError::NotFound)?;
-    if current.request.status != c.expected_status || current.request.approvers.len() != c.expected_approvers
-    {
-        return Err(StoreError::Conflict("the approval request changed; read it again".into()).into());
-    }
-    // The job is locked too: the change may move it.
-    load_job(tx, &c.tenant, &current.job_id, true).await?;
-    guard(tx, c.decided_under).await?;
-    let decided = c.request.status != Status::Pending;
+    let plan = plan_approval_change(&current, c.clone()).map_err(refused)?;
+    let a = &plan.approval;
     tx.execute(
         "UPDATE approvals SET status = $1, approvers = $2, decided_at = $3, decided_by = $4 WHERE id = $5",
         &[
-            &c.request.status.as_str(),
-            &json!(c.request.approvers).to_string(),
-            &decided.then_some(c.at),
-            &decided.then_some(c.actor.as_str()),
-            &c.id.as_str(),
+            &a.request.status.as_str(),
+            &json!(a.request.approvers).to_string(),
+            &a.decided_at,
+            &a.decided_by,
+            &a.id.as_str(),
         ],
     )
     .await?;
-    for draft in &c.audit {
-        append_audit(tx, c.tenant.as_str(), draft.clone()).await?;
+    // The job is locked by the move, after the request: the order every approval change takes.
+    if let Applied::Refused(refusal) = apply_move(tx, &plan.job, true).await? {
+        return Err(refused(refusal).into());
     }
-    if let Some(event) = c.job_event {
-        let reason = format!("approval {}", c.request.status);
-        transition(tx, &c.tenant, &current.job_id, event, c.at, &c.actor, &reason).await?;
-    }
-    if let Some(replacement) = &c.replacement {
-        insert_approval(tx, replacement).await?;
-        tx.execute(
-            "UPDATE jobs SET approval_id = $1, updated_at = $2 WHERE id = $3",
-            &[&replacement.id.as_str(), &c.at, &current.job_id.as_str()],
-        )
-        .await?;
-    }
-    Ok(ApprovalRecord {
-        request: c.request.clone(),
-        decided_at: decided.then_some(c.at),
-        decided_by: decided.then(|| c.actor.clone()),
-        ..current
-    })
+    Ok(plan.approval)
 }
 
 /// Holds the next dispatchable job of `tenant` until `until` for the claim that asked, from

@@ -3,11 +3,10 @@
 //! active snapshot ([`check_decided_under`]); and the shared breaker's state.
 
 use airlock_core::Millis;
-use airlock_core::approval::Status;
 use airlock_core::audit::Kind;
 use airlock_core::breaker::BreakerState;
 use airlock_core::ids::{ApprovalId, JobId, TenantId};
-use airlock_core::moves::{ApprovalWrite, Move};
+use airlock_core::moves::{self, ApprovalWrite, Move};
 use airlock_core::throttle::{self, Bucket, Take};
 use rusqlite::types::ToSqlOutput;
 use rusqlite::{Connection, OptionalExtension, ToSql, params};
@@ -15,8 +14,8 @@ use serde_json::{Value, json};
 
 use super::rows::{JOB_INSERT_COLUMNS, load_approval, load_idempotency, load_job};
 use super::writer::{Output, Reply, Tx};
-use crate::codec::{Applied, Cell, corrupt, gate_json, job_cells};
-use crate::{ApprovalChange, ApprovalRecord, Budget, JobRecord, StoreError, Submission, SubmitOutcome};
+use crate::codec::{Applied, Cell, corrupt, gate_json, job_cells, refused};
+use crate::{ApprovalChange, Budget, JobRecord, StoreError, Submission, SubmitOutcome};
 
 /// Refuses a write decided under a snapshot that is no longer active. Publishes go through the
 /// same writer thread, so nothing can activate another snapshot between this check and the
@@ -104,48 +103,24 @@ pub(super) fn submit(tx: &mut Tx<'_>, s: Submission, retained_since: Millis) -> 
 
 pub(super) fn change_approval(tx: &mut Tx<'_>, c: ApprovalChange) -> Reply {
     let current = load_approval(tx.conn, &c.tenant, &c.id)?.ok_or(StoreError::NotFound)?;
-    if current.request.status != c.expected_status || current.request.approvers.len() != c.expected_approvers
-    {
-        return Err(StoreError::Conflict("the approval request changed; read it again".into()));
-    }
-    check_decided_under(tx.conn, c.decided_under)?;
-    let decided = c.request.status != Status::Pending;
+    let plan = moves::plan_approval_change(&current, c).map_err(refused)?;
+    let a = &plan.approval;
     tx.conn
         .prepare_cached(
             "UPDATE approvals SET status = ?1, approvers = ?2, decided_at = ?3, decided_by = ?4 WHERE id = ?5",
         )?
         .execute(params![
-            c.request.status.as_str(),
-            json!(c.request.approvers).to_string(),
-            decided.then_some(c.at),
-            decided.then_some(c.actor.as_str()),
-            c.id.as_str(),
+            a.request.status.as_str(),
+            json!(a.request.approvers).to_string(),
+            a.decided_at,
+            a.decided_by,
+            a.id.as_str(),
         ])?;
-    for draft in c.audit {
-        tx.append_audit(c.tenant.as_str(), draft)?;
+    let job = load_job(tx.conn, &plan.job.tenant, &plan.job.job_id)?.ok_or(StoreError::NotFound)?;
+    if let Applied::Refused(refusal) = apply_move(tx, job, plan.job)? {
+        return Err(refused(refusal));
     }
-    if let Some(event) = c.job_event {
-        tx.transition(
-            &c.tenant,
-            &current.job_id,
-            event,
-            c.at,
-            &c.actor,
-            &format!("approval {}", c.request.status),
-        )?;
-    }
-    if let Some(replacement) = &c.replacement {
-        tx.insert_approval(replacement)?;
-        tx.conn
-            .prepare_cached("UPDATE jobs SET approval_id = ?1, updated_at = ?2 WHERE id = ?3")?
-            .execute(params![replacement.id.as_str(), c.at, current.job_id.as_str()])?;
-    }
-    Ok(Output::Approval(ApprovalRecord {
-        request: c.request,
-        decided_at: decided.then_some(c.at),
-        decided_by: decided.then_some(c.actor),
-        ..current
-    }))
+    Ok(Output::Approval(plan.approval))
 }
 
 /// Takes every budget or none; `Err(retry_after_ms)` when one refuses.
@@ -202,26 +177,32 @@ pub(super) fn apply_move(tx: &mut Tx<'_>, mut job: JobRecord, mut mv: Move) -> R
     for field in fields {
         job_cells(&job, field, &mut cells);
     }
-    let mut sql = String::from("UPDATE jobs SET state = ?1, updated_at = ?2");
-    for (n, (column, _)) in cells.iter().enumerate() {
-        sql.push_str(&format!(", {column} = ?{}", n + 4));
-    }
-    sql.push_str(" WHERE id = ?3");
-    let (state, id) = (job.state.as_str(), job.id.as_str());
-    let mut values: Vec<&dyn ToSql> = vec![&state, &job.updated_at, &id];
-    values.extend(cells.iter().map(|(_, cell)| cell as &dyn ToSql));
-    tx.conn.prepare_cached(&sql)?.execute(values.as_slice())?;
-    let tenant = job.tenant.as_str().to_owned();
-    if let ApprovalWrite::Replace(replacement) = &mv.approval {
-        if let Some(old) = &old_approval {
-            tx.conn
-                .prepare_cached(
-                    "UPDATE approvals SET status = 'stale', decided_at = ?1, decided_by = 'system'
-                     WHERE id = ?2 AND status IN ('pending', 'approved')",
-                )?
-                .execute(params![mv.at, old.as_str()])?;
+    if mv.touches_job() {
+        let mut sql = String::from("UPDATE jobs SET state = ?1, updated_at = ?2");
+        for (n, (column, _)) in cells.iter().enumerate() {
+            sql.push_str(&format!(", {column} = ?{}", n + 4));
         }
-        tx.insert_approval(replacement)?;
+        sql.push_str(" WHERE id = ?3");
+        let (state, id) = (job.state.as_str(), job.id.as_str());
+        let mut values: Vec<&dyn ToSql> = vec![&state, &job.updated_at, &id];
+        values.extend(cells.iter().map(|(_, cell)| cell as &dyn ToSql));
+        tx.conn.prepare_cached(&sql)?.execute(values.as_slice())?;
+    }
+    let tenant = job.tenant.as_str().to_owned();
+    match &mv.approval {
+        ApprovalWrite::None => {}
+        ApprovalWrite::Replace(replacement) => {
+            if let Some(old) = &old_approval {
+                tx.conn
+                    .prepare_cached(
+                        "UPDATE approvals SET status = 'stale', decided_at = ?1, decided_by = 'system'
+                         WHERE id = ?2 AND status IN ('pending', 'approved')",
+                    )?
+                    .execute(params![mv.at, old.as_str()])?;
+            }
+            tx.insert_approval(replacement)?;
+        }
+        ApprovalWrite::Open(request) => tx.insert_approval(request)?,
     }
     if let Some(record) = mv.transition_record(from, job.state) {
         let reason = mv.transition.as_ref().map_or("", |(_, reason)| reason.as_str());
@@ -233,7 +214,7 @@ pub(super) fn apply_move(tx: &mut Tx<'_>, mut job: JobRecord, mut mv: Move) -> R
             .execute(params![job.id.as_str(), from.as_str(), job.state.as_str(), mv.at, mv.actor, reason])?;
         tx.append_audit(&tenant, record)?;
     }
-    if let Some(draft) = mv.audit {
+    for draft in mv.audit {
         tx.append_audit(&tenant, draft)?;
     }
     Ok(match throttled {
