@@ -433,6 +433,7 @@ struct Inner {
     /// One permit per request being served (`http.in_flight_max`).
     in_flight_slots: tokio::sync::Semaphore,
     auth_failures: crate::auth::AuthFailures,
+    claim_waits: crate::claim_wait::ClaimWaits,
 }
 
 impl AppState {
@@ -455,6 +456,7 @@ impl AppState {
             refreshing: tokio::sync::Mutex::new(()),
             in_flight_slots,
             auth_failures: crate::auth::AuthFailures::default(),
+            claim_waits: crate::claim_wait::ClaimWaits::default(),
         }))
     }
 
@@ -490,6 +492,11 @@ impl AppState {
     /// Failed authentications by source address.
     pub fn auth_failures(&self) -> &crate::auth::AuthFailures {
         &self.0.auth_failures
+    }
+
+    /// Long-poll claims waiting, by key.
+    pub(crate) fn claim_waits(&self) -> &crate::claim_wait::ClaimWaits {
+        &self.0.claim_waits
     }
 
     /// Keys recently authenticated.
