@@ -111,6 +111,8 @@ pub struct Config {
     pub safety_token: Option<String>,
     /// Where the safety check runs when it is not in this process (`--safety-url`).
     pub remote_safety: Option<crate::remote_safety::RemoteSafety>,
+    /// The key the safety service signs its answers with (`--role safety --safety-answer-key`).
+    pub safety_answer_key: Option<Arc<crate::remote_safety::AnswerSigner>>,
     /// The listener's timeouts and limits.
     pub http: crate::listener::HttpLimits,
     /// What a dry-run with a candidate policy may cost.
@@ -173,6 +175,7 @@ impl Default for Config {
             pools: Vec::new(),
             safety_token: None,
             remote_safety: None,
+            safety_answer_key: None,
             http: crate::listener::HttpLimits::default(),
             dry_run: DryRunLimits::default(),
             auth_failures_per_minute: defaults::AUTH_FAILURES_PER_MINUTE,
@@ -433,6 +436,7 @@ struct Inner {
     /// One permit per request being served (`http.in_flight_max`).
     in_flight_slots: tokio::sync::Semaphore,
     auth_failures: crate::auth::AuthFailures,
+    claim_waits: crate::claim_wait::ClaimWaits,
 }
 
 impl AppState {
@@ -455,6 +459,7 @@ impl AppState {
             refreshing: tokio::sync::Mutex::new(()),
             in_flight_slots,
             auth_failures: crate::auth::AuthFailures::default(),
+            claim_waits: crate::claim_wait::ClaimWaits::default(),
         }))
     }
 
@@ -490,6 +495,11 @@ impl AppState {
     /// Failed authentications by source address.
     pub fn auth_failures(&self) -> &crate::auth::AuthFailures {
         &self.0.auth_failures
+    }
+
+    /// Long-poll claims waiting, by key.
+    pub(crate) fn claim_waits(&self) -> &crate::claim_wait::ClaimWaits {
+        &self.0.claim_waits
     }
 
     /// Keys recently authenticated.

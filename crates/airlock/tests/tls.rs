@@ -227,3 +227,210 @@ fn bad_tls_files_stop_the_start_with_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cert.pem"), "{stderr}");
 }
+
+/// A NATS server of this test's own serving only TLS with `cert`/`key`, verifying client
+/// certificates against `client_ca`, with JetStream stored under `dir`; its address.
+fn tls_nats(dir: &Path, cert: &Path, key: &Path, client_ca: &Path) -> (support::Process, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(support::NATS_BIN)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir.join("jetstream"))
+        .arg("--tls")
+        .arg("--tlscert")
+        .arg(cert)
+        .arg("--tlskey")
+        .arg(key)
+        .arg("--tlsverify")
+        .arg("--tlscacert")
+        .arg(client_ca)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let process = support::Process(child);
+    assert!(support::wait_reachable(&addr, Duration::from_secs(10)), "nats-server did not start");
+    (process, addr)
+}
+
+/// `serve --store … --bus tls://…` with `bus_tls`: the running replica and its address, or
+/// the process's exit status and stderr when it stopped instead (within 20 s).
+fn bus_replica(store: &str, nats: &str, stream: &str, bus_tls: &[&Path]) -> Result<Server, String> {
+    let flags = ["--bus-ca", "--bus-cert", "--bus-key"];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", store])
+        .args(["--bus", &format!("tls://{nats}"), "--bus-stream", stream])
+        .args(
+            flags.iter().zip(bus_tls).flat_map(|(flag, path)| [std::ffi::OsStr::new(flag), path.as_os_str()]),
+        )
+        .env("AIRLOCK_ADMIN_KEY", "tls-admin-key-0123456789")
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    match lines.next() {
+        Some(Ok(line)) if line.contains("listening on http://") => {
+            let addr = line.split("http://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+            std::thread::spawn(move || lines.for_each(drop));
+            Ok(Server { child, addr })
+        }
+        _ => {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                assert!(Instant::now() < deadline, "the replica neither served nor stopped");
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            let mut stderr = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+            Err(format!("{status}: {stderr}"))
+        }
+    }
+}
+
+#[test]
+fn the_job_bus_runs_over_tls_and_a_wrong_ca_is_refused() {
+    let dir = support::temp_dir("tls-bus");
+    let ca = Ca::new();
+    let ca_file = ca.write(&dir);
+    let write = |name: &str, (cert, key): (String, String)| {
+        let (cert_file, key_file) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        std::fs::write(&cert_file, cert).unwrap();
+        std::fs::write(&key_file, key).unwrap();
+        (cert_file, key_file)
+    };
+    let (server_cert, server_key) =
+        write("nats", ca.leaf(&["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth));
+    let (client_cert, client_key) =
+        write("airlock", ca.leaf(&["airlock"], ExtendedKeyUsagePurpose::ClientAuth));
+    let (_nats, nats) = tls_nats(&dir, &server_cert, &server_key, &ca_file);
+    let schema = support::Schema::create("tlsbus");
+    let stream = format!("AIRLOCK_TLS_{}", std::process::id());
+
+    // With the CA and a client certificate it signed, the relay publishes over TLS: the outbox
+    // row of a submitted job is deleted only once JetStream acknowledged its wake-up.
+    let replica = bus_replica(&schema.url(), &nats, &stream, &[&ca_file, &client_cert, &client_key])
+        .unwrap_or_else(|e| panic!("the replica did not start over TLS: {e}"));
+    let agent = support::key(&replica.addr, "tls-admin-key-0123456789", "acme", "agent", &["submitter"]);
+    let body = serde_json::json!({"topic": "infra.vm.create", "env": "dev"});
+    assert_eq!(support::post(&replica.addr, "/api/v1/jobs", &agent, body).0, 202);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while schema.count("SELECT COUNT(*) FROM outbox") != 0 {
+        assert!(Instant::now() < deadline, "the relay never published over TLS");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(replica);
+
+    // A CA that did not sign the server's certificate: the replica stops and says why.
+    let other_ca = Ca::new().write(&support::temp_dir("tls-bus-other"));
+    let refused = bus_replica(&schema.url(), &nats, &stream, &[&other_ca, &client_cert, &client_key]);
+    let error = refused.err().expect("a server certificate of another CA was trusted");
+    assert!(error.contains(&format!("cannot connect to tls://{nats}")), "{error}");
+    assert!(error.to_lowercase().contains("certificate"), "{error}");
+    eprintln!("wrong CA: {error}");
+    // The right CA without a client certificate: the server refuses the replica.
+    let refused = bus_replica(&schema.url(), &nats, &stream, &[&ca_file]);
+    let error = refused.err().expect("a replica without a client certificate was let in");
+    assert!(error.contains(&format!("cannot connect to tls://{nats}")), "{error}");
+}
+
+const SAFETY_TOKEN: &str = "tls-safety-token-0123456789";
+const SAFETY_ADMIN: &str = "tls-admin-key-0123456789";
+
+/// `airlock serve ARGS` with the safety token and admin key; its process and address.
+fn safety_process(args: &[&str]) -> (support::Process, String) {
+    let env = [("AIRLOCK_ADMIN_KEY", SAFETY_ADMIN), ("AIRLOCK_SAFETY_TOKEN", SAFETY_TOKEN)];
+    let (process, addr, _) = support::airlock_printing(args, &env);
+    (process, addr)
+}
+
+#[test]
+fn the_safety_service_over_mutual_tls_and_a_wrong_certificate_is_unavailable() {
+    let dir = support::temp_dir("tls-safety");
+    let store = dir.join("store");
+    let store = store.to_str().unwrap();
+    let ca = Ca::new();
+    let ca_file = ca.write(&dir);
+    let file = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let (cert, key) = ca.leaf(&["127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+    let (server_cert, server_key) = (file("safety.pem", cert), file("safety.key", key));
+    let (cert, key) = ca.leaf(&["gateway"], ExtendedKeyUsagePurpose::ClientAuth);
+    let (client_cert, client_key) = (file("gateway.pem", cert), file("gateway.key", key));
+    let other_ca = Ca::new().write(&support::temp_dir("tls-safety-other"));
+    let (ca_file, other_ca) = (ca_file.to_str().unwrap(), other_ca.to_str().unwrap());
+
+    // The service serves HTTPS and answers only callers holding a certificate its CA signed.
+    let (_safety, safety) = safety_process(&[
+        "serve",
+        "--role",
+        "safety",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        store,
+        "--tls-cert",
+        &server_cert,
+        "--tls-key",
+        &server_key,
+        "--tls-client-ca",
+        ca_file,
+    ]);
+    let url = format!("https://{safety}");
+    let gateway = |trust: &[&str], config: &str| {
+        let path = file(&format!("config-{}.yaml", trust.len()), config.to_owned());
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--data", store, "--config", &path];
+        args.extend(["--safety-url", &url]);
+        args.extend_from_slice(trust);
+        safety_process(&args)
+    };
+    let deny = serde_json::json!({"topic": "infra.security_group.update", "env": "production",
+        "payload": {"cidr": "0.0.0.0/0"}});
+    let allow = serde_json::json!({"topic": "infra.vm.create", "env": "dev"});
+
+    // With the CA and a client certificate, the remote decisions arrive over mutual TLS.
+    let (_good, good) = gateway(
+        &["--safety-ca", ca_file, "--safety-cert", &client_cert, "--safety-key", &client_key],
+        "{}\n",
+    );
+    let agent = support::key(&good, SAFETY_ADMIN, "acme", "agent", &["submitter"]);
+    let operator = support::key(&good, SAFETY_ADMIN, "acme", "operator", &["operator"]);
+    let (status, reply) = support::post(&good, "/api/v1/jobs", &agent, &deny);
+    assert_eq!((status, reply["rule_ids"][0].as_str()), (403, Some("deny-prod-public-ingress")), "{reply}");
+    assert_eq!(support::post(&good, "/api/v1/jobs", &agent, &allow).0, 202);
+
+    // A gateway that trusts another CA meets a certificate it cannot verify: the service is
+    // unavailable, Gate A fails closed, and the failure is counted and audited.
+    let (_wrong, wrong) = gateway(
+        &["--safety-ca", other_ca, "--safety-cert", &client_cert, "--safety-key", &client_key],
+        "{}\n",
+    );
+    let (status, reply) = support::post(&wrong, "/api/v1/jobs", &agent, &allow);
+    assert_eq!((status, reply["error"].as_str()), (503, Some("safety_unavailable")), "{reply}");
+    assert!(reply["message"].as_str().unwrap().contains("invalid peer certificate"), "{reply}");
+    let failures = "airlock_safety_check_failures_total{gate=\"a\",reason=\"unavailable\"}";
+    assert_eq!(support::metric(&wrong, failures), 1.0);
+    let (_, audit) = support::get(&wrong, "/api/v1/audit?limit=500", &operator);
+    let refused: Vec<&serde_json::Value> =
+        audit["records"].as_array().unwrap().iter().filter(|r| r["kind"] == "gate_a.unavailable").collect();
+    assert_eq!(refused.len(), 1, "{audit}");
+    assert!(refused[0]["data"]["error"].as_str().unwrap().contains("certificate"), "{audit}");
+
+    // Without a client certificate the service refuses the caller: unavailable too. Where the
+    // fail mode is open the job is admitted as bypassed, never as decided; elsewhere it stays
+    // closed, so the job the policy denies is not admitted.
+    let (_anonymous, anonymous) =
+        gateway(&["--safety-ca", ca_file], "gate_a: { fail_mode_topics: { \"infra.vm.*\": open } }\n");
+    let (status, reply) = support::post(&anonymous, "/api/v1/jobs", &agent, &allow);
+    assert_eq!((status, reply["gate_a_bypassed"].as_bool()), (202, Some(true)), "{reply}");
+    let (status, reply) = support::post(&anonymous, "/api/v1/jobs", &agent, &deny);
+    assert_eq!((status, reply["error"].as_str()), (503, Some("safety_unavailable")), "{reply}");
+    assert_eq!(support::metric(&anonymous, failures), 2.0);
+}
