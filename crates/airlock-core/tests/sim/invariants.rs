@@ -25,15 +25,17 @@ impl World<'_> {
             if live_per_job[j] > 1 {
                 return fail(format!("{} live leases at once", live_per_job[j]));
             }
-            match (job.state, job.lease) {
+            match (job.state(), job.lease()) {
                 (JobState::Leased, Some(lease)) if self.live.get(&lease.token) != Some(&j) => {
                     return fail(format!("leased under token {} that the ledger does not hold", lease.token));
                 }
                 (JobState::Leased, None) => return fail("leased without a lease".into()),
-                (state, Some(lease)) if state != JobState::Leased => {
+                // A job that may be leased again holds no lease; a finished or cancelled one keeps
+                // its last, as the stores do, but no move's precondition honours it any more.
+                (state, Some(lease)) if state != JobState::Leased && !state.is_terminal() => {
                     return fail(format!("`{state}` but still holding lease token {}", lease.token));
                 }
-                (state, None) if live_per_job[j] != 0 => {
+                (state, _) if state != JobState::Leased && live_per_job[j] != 0 => {
                     return fail(format!("`{state}` but the ledger holds a live lease for it"));
                 }
                 _ => {}
@@ -41,23 +43,25 @@ impl World<'_> {
             if job.successes > 1 {
                 return fail(format!("{} successful completions", job.successes));
             }
-            if (job.state == JobState::Succeeded) != (job.successes == 1) {
-                return fail(format!("`{}` after {} successful completions", job.state, job.successes));
+            if (job.state() == JobState::Succeeded) != (job.successes == 1) {
+                return fail(format!("`{}` after {} successful completions", job.state(), job.successes));
             }
-            if job.scheduling_attempts > caps.scheduling_attempts_max {
+            if job.scheduling_attempts() > caps.scheduling_attempts_max {
                 return fail(format!(
                     "{} scheduling attempts, cap {}",
-                    job.scheduling_attempts, caps.scheduling_attempts_max
+                    job.scheduling_attempts(),
+                    caps.scheduling_attempts_max
                 ));
             }
-            if job.execution_attempts > caps.execution_attempts_max {
+            if job.execution_attempts() > caps.execution_attempts_max {
                 return fail(format!(
                     "{} execution attempts, cap {}",
-                    job.execution_attempts, caps.execution_attempts_max
+                    job.execution_attempts(),
+                    caps.execution_attempts_max
                 ));
             }
             let pending = job.requests.last().is_some_and(|r| r.status == Status::Pending);
-            if job.state == JobState::AwaitingApproval && !pending {
+            if job.state() == JobState::AwaitingApproval && !pending {
                 return fail("awaiting approval without a pending request".into());
             }
         }
@@ -185,24 +189,25 @@ impl World<'_> {
         let horizon_ms = (caps.backoff_cap_ms * 3 / 2).max(throttle_wait_ms) as Millis;
         for (j, job) in self.jobs.iter().enumerate() {
             let fail = |what: String| Err(self.violation(Some(j), &format!("at the end of the run: {what}")));
-            match job.state {
+            match job.state() {
                 s if s.is_terminal() => {}
                 JobState::DeadLettered | JobState::AwaitingApproval => {}
                 JobState::Queued => {
-                    if job.scheduling_attempts >= caps.scheduling_attempts_max {
+                    if job.scheduling_attempts() >= caps.scheduling_attempts_max {
                         return fail(format!(
                             "queued with {} scheduling attempts used of {}",
-                            job.scheduling_attempts, caps.scheduling_attempts_max
+                            job.scheduling_attempts(),
+                            caps.scheduling_attempts_max
                         ));
                     }
-                    if job.not_before > self.now + horizon_ms {
+                    if job.not_before() > self.now + horizon_ms {
                         return fail(format!(
                             "queued until +{} ms, beyond the {horizon_ms} ms retry horizon",
-                            job.not_before - self.now
+                            job.not_before() - self.now
                         ));
                     }
                 }
-                JobState::Leased => match job.lease {
+                JobState::Leased => match job.lease() {
                     Some(lease) if lease.expires_at > self.now => {}
                     lease => return fail(format!("stuck in `leased` past its lease ({lease:?})")),
                 },

@@ -1,5 +1,7 @@
-//! The simulated world: a virtual clock, an in-memory model of the store (every job state change
-//! through `JobState::next`), a safety service with scheduled faults behind the real `Breaker`,
+//! The simulated world: a virtual clock, an in-memory model of the store (each job a
+//! `JobRecord`, every change of it a core `Move` applied with `JobRecord::apply`: Gate B's
+//! through `plan_dispatch`, workers' and the lapsed-lease sweep's through `plan_finish`, fenced
+//! by the move's precondition as the stores fence them), a safety service with scheduled faults behind the real `Breaker`,
 //! Gate A and Gate B driven by real compiled policies and `dispatch::gate_b`, workers, approvers
 //! and a lossy network. One seed, one run; nothing here reads a clock or iterates a hash map.
 
@@ -7,9 +9,16 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use airlock_core::Millis;
 use airlock_core::approval::{self, Binding, Request, Stale, Status, Vote, VoteError};
+use airlock_core::audit::{Draft, Kind};
 use airlock_core::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
 use airlock_core::defaults::{APPROVAL_TTL_MS, GATE_B_CLIENT_TIMEOUT_MS, LEASE_MS};
 use airlock_core::dispatch::{self, Action, AfterAttempt, ApprovalState, Caps, FailMode, Safety};
+use airlock_core::ids::{ApprovalId, JobId, TenantId};
+use airlock_core::moves::{
+    ApprovalWrite, Dispatch, DispatchAction, Finish, LeaseCheck, Move, Precondition, plan_dispatch,
+    plan_finish,
+};
+use airlock_core::record::{self, ApprovalRecord, DispatchState, GateDecision, JobRecord};
 use airlock_core::state::{Event, JobState};
 use airlock_core::throttle::{self, Bucket, Take};
 use airlock_policy::{Decision, Evaluation, Job, Policy};
@@ -181,7 +190,7 @@ enum Health {
     Flapping { period_ms: Millis },
 }
 
-/// A lease as the store holds it.
+/// A lease as the store holds it, its token a number here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Lease {
     pub(super) token: u64,
@@ -193,11 +202,8 @@ pub(super) struct SimJob {
     pub(super) job: Job,
     /// The job hash, computed from the stored content once: the content never changes.
     pub(super) hash: String,
-    pub(super) state: JobState,
-    pub(super) scheduling_attempts: u32,
-    pub(super) execution_attempts: u32,
-    pub(super) not_before: Millis,
-    pub(super) lease: Option<Lease>,
+    /// The record the stores would hold, changed only by core moves.
+    pub(super) record: JobRecord,
     /// The safety check in flight for it, if any (a claimed job is not offered again).
     pub(super) checking: Option<u64>,
     /// Approval requests, newest last.
@@ -207,6 +213,32 @@ pub(super) struct SimJob {
     /// Accepted successful completions.
     pub(super) successes: u32,
     pub(super) high_risk: bool,
+}
+
+impl SimJob {
+    pub(super) fn state(&self) -> JobState {
+        self.record.state
+    }
+
+    pub(super) fn scheduling_attempts(&self) -> u32 {
+        self.record.dispatch.scheduling_attempts
+    }
+
+    pub(super) fn execution_attempts(&self) -> u32 {
+        self.record.dispatch.execution_attempts
+    }
+
+    pub(super) fn not_before(&self) -> Millis {
+        self.record.dispatch.not_before
+    }
+
+    /// The lease on the record: a job that left `leased` by success, failure or cancellation
+    /// keeps it, as in the stores, but no store honours it any more (the move's precondition
+    /// asks for `leased`).
+    pub(super) fn lease(&self) -> Option<Lease> {
+        let lease = self.record.dispatch.lease.as_ref()?;
+        Some(Lease { token: lease.token.parse().unwrap_or(u64::MAX), expires_at: lease.expires_at })
+    }
 }
 
 /// What Gate B recorded when it granted a lease, for the invariant check of the same step.
@@ -424,23 +456,72 @@ impl<'p> World<'p> {
         &self.policies[self.active]
     }
 
-    /// Moves job `j` through the transition table; a refusal here is a bug, because only
-    /// legitimate events reach this function (lost and duplicated messages are fenced first).
-    fn transition(&mut self, j: usize, event: Event) -> Outcome {
-        let from = self.jobs[j].state;
-        match from.next(event) {
-            Ok(to) => {
-                trace!(self, "j{j}: {from} --{event:?}--> {to}");
-                self.jobs[j].state = to;
-                if to != JobState::Leased
-                    && let Some(lease) = self.jobs[j].lease.take()
-                {
-                    self.live.remove(&lease.token);
-                }
-                Ok(())
-            }
-            Err(e) => Err(self.violation(Some(j), &format!("the table refused a legitimate event: {e}"))),
+    /// Commits a core move to job `j`'s record, as a store does: its precondition, then
+    /// `JobRecord::apply`. A refusal here is a bug, because only legitimate moves reach this
+    /// function (lost and duplicated messages are fenced first).
+    fn commit(&mut self, j: usize, mv: &Move) -> Outcome {
+        let (from, held) = (self.jobs[j].state(), self.jobs[j].lease());
+        if let Err(refusal) = mv.precondition.check(&self.jobs[j].record) {
+            return Err(self.violation(Some(j), &format!("a legitimate move was refused: {refusal}")));
         }
+        if let Err(e) = self.jobs[j].record.apply(mv) {
+            return Err(self.violation(Some(j), &format!("the table refused a legitimate event: {e}")));
+        }
+        let to = self.jobs[j].state();
+        let event = mv.transition.as_ref().map(|(event, _)| *event);
+        trace!(self, "j{j}: {from} --{event:?}--> {to}");
+        if to != JobState::Leased
+            && let Some(lease) = held
+        {
+            self.live.remove(&lease.token);
+        }
+        Ok(())
+    }
+
+    /// Moves job `j` by `event` alone (approvals, expiry, cancellation, operator retry: writes
+    /// the stores still make outside the plan functions).
+    fn transition(&mut self, j: usize, event: Event) -> Outcome {
+        let mv = Move {
+            tenant: self.jobs[j].record.tenant.clone(),
+            job_id: self.jobs[j].record.id.clone(),
+            precondition: Precondition { state: None, lease: None, decided_under: None },
+            budgets: Vec::new(),
+            transition: Some((event, format!("{event:?}"))),
+            changes: Vec::new(),
+            approval: ApprovalWrite::None,
+            audit: Vec::new(),
+            at: self.now,
+            actor: "sim".into(),
+        };
+        self.commit(j, &mv)
+    }
+
+    /// Gate B's `action` on queued job `j`, planned by the core.
+    fn dispatch(&self, j: usize, action: DispatchAction) -> Move {
+        let record = &self.jobs[j].record;
+        plan_dispatch(Dispatch {
+            tenant: record.tenant.clone(),
+            job_id: record.id.clone(),
+            action,
+            gate_b: None,
+            at: self.now,
+            audit: Draft {
+                at: self.now,
+                kind: Kind::GateBDecision,
+                subject: record.id.as_str().to_owned(),
+                actor: "sim".into(),
+                data: json!({}),
+            },
+            decided_under: None,
+        })
+    }
+
+    /// A worker's (or, without `live_at`, the lapsed-lease sweep's) end of the attempt under
+    /// `token`, planned by the core.
+    fn finish_move(&self, j: usize, token: u64, live_at: Option<Millis>, finish: Finish) -> Move {
+        let record = &self.jobs[j].record;
+        let lease = LeaseCheck { token: token.to_string(), live_at };
+        plan_finish(record.tenant.clone(), record.id.clone(), lease, finish, self.now, "sim".into())
     }
 
     fn fail_mode_for(&self, j: usize) -> FailMode {
@@ -698,14 +779,36 @@ impl<'p> World<'p> {
             Decision::RequireHuman => JobState::AwaitingApproval,
         };
         let high_risk = TOPICS.iter().take(HIGH_RISK_TOPICS).any(|t| *t == job.topic);
+        let record = JobRecord {
+            id: JobId::generate(self.now, [n as u8; 10]),
+            tenant: job.tenant.parse::<TenantId>().map_err(|e| self.violation(None, &e.to_string()))?,
+            principal: job.principal.clone(),
+            topic: job.topic.clone(),
+            env: job.env.clone(),
+            labels: job.labels.clone(),
+            payload: job.payload.clone(),
+            plan_hash: job.plan_hash.clone(),
+            idempotency_key: job.idempotency_key.clone(),
+            job_hash: job.hash(),
+            state,
+            gate_a: GateDecision {
+                decision: evaluation.decision,
+                rule_ids: Vec::new(),
+                reason: String::new(),
+                snapshot_hash: policy.hash().to_owned(),
+                snapshot_version: 0,
+                at: self.now,
+                bypassed: false,
+            },
+            approval_id: None,
+            created_at: self.now,
+            updated_at: self.now,
+            dispatch: DispatchState { not_before: self.now, ..DispatchState::default() },
+        };
         self.jobs.push(SimJob {
             hash: job.hash(),
             job,
-            state,
-            scheduling_attempts: 0,
-            execution_attempts: 0,
-            not_before: self.now,
-            lease: None,
+            record,
             checking: None,
             requests: Vec::new(),
             bypassed: false,
@@ -727,7 +830,7 @@ impl<'p> World<'p> {
         (0..self.jobs.len())
             .filter(|&j| {
                 let job = &self.jobs[j];
-                job.state == JobState::Queued && job.not_before <= self.now && job.checking.is_none()
+                job.state() == JobState::Queued && job.not_before() <= self.now && job.checking.is_none()
             })
             .collect()
     }
@@ -840,11 +943,13 @@ impl<'p> World<'p> {
             self.jobs[j].checking = None;
         }
         self.breaker_report(check.answered);
-        if self.jobs[j].state != JobState::Queued {
+        if self.jobs[j].state() != JobState::Queued {
             self.cov.dropped_checks += 1;
             trace!(
                 self,
-                "check #{} for j{j} answers, but the job is {}: dropped", check.id, self.jobs[j].state
+                "check #{} for j{j} answers, but the job is {}: dropped",
+                check.id,
+                self.jobs[j].state()
             );
             return Ok(());
         }
@@ -867,9 +972,8 @@ impl<'p> World<'p> {
                 check.id,
                 self.active
             );
-            self.transition(j, Event::Requeue)?;
-            self.jobs[j].not_before = self.now;
-            return Ok(());
+            let mv = self.dispatch(j, DispatchAction::Requeue { not_before: self.now, counted: false });
+            return self.commit(j, &mv);
         }
         let policies = self.policies;
         let policy = &policies[svc];
@@ -924,7 +1028,7 @@ impl<'p> World<'p> {
             (Safety::Decided(d, _), Some((_, policy))) => Some((*d, policy.hash().to_owned())),
             _ => None,
         };
-        let attempts = self.jobs[j].scheduling_attempts;
+        let attempts = self.jobs[j].scheduling_attempts();
         let action = match (
             dispatch::gate_b(safety, fail_mode, attempts, &self.cfg.caps, jitter),
             self.cfg.sabotage,
@@ -950,9 +1054,10 @@ impl<'p> World<'p> {
                     if let Err(ms) = self.take_budgets("b", policy, &evaluation, &job) {
                         self.cov.throttle_deferrals += 1;
                         trace!(self, "j{j}: Gate B budget refuses, back in {ms} ms (uncounted)");
-                        self.transition(j, Event::Requeue)?;
-                        self.jobs[j].not_before = self.now + ms as Millis;
-                        return Ok(());
+                        // The lease's move as a store commits it when a budget refuses.
+                        let lease = self.lease_for(worker);
+                        let mv = self.dispatch(j, DispatchAction::Lease { lease, budgets: Vec::new() });
+                        return self.commit(j, &mv.throttled(ms));
                     }
                     charged_now = true;
                 }
@@ -974,7 +1079,8 @@ impl<'p> World<'p> {
             }
             Action::Deny => {
                 self.cov.gate_b_denies += 1;
-                self.transition(j, Event::GateBDeny)
+                let mv = self.dispatch(j, DispatchAction::Deny);
+                self.commit(j, &mv)
             }
             Action::NeedsApproval(stale) => {
                 self.cov.needs_approval += 1;
@@ -985,34 +1091,39 @@ impl<'p> World<'p> {
                         old.status = Status::Stale;
                     }
                 }
-                self.transition(j, Event::NeedsApproval)?;
                 let request = self.request_for(j);
+                let record = &self.jobs[j].record;
+                let id = ApprovalId::generate(self.now, [j as u8; 10]);
+                let replacement =
+                    ApprovalRecord::open(id, record.tenant.clone(), record.id.clone(), request.clone());
+                let mv = self.dispatch(j, DispatchAction::NeedsApproval { replacement });
+                self.commit(j, &mv)?;
                 self.jobs[j].requests.push(request);
                 Ok(())
             }
             Action::Requeue { delay_ms, counted, reason } => {
+                trace!(self, "j{j}: requeued for {delay_ms} ms: {reason}");
+                let not_before = self.now + delay_ms as Millis;
+                let mv = self.dispatch(j, DispatchAction::Requeue { not_before, counted });
+                self.commit(j, &mv)?;
                 if counted {
                     self.cov.unavailable_requeues += 1;
-                    self.jobs[j].scheduling_attempts += 1;
                     self.check_backoff(j, delay_ms)?;
                 }
-                trace!(self, "j{j}: requeued for {delay_ms} ms: {reason}");
-                self.transition(j, Event::Requeue)?;
-                self.jobs[j].not_before = self.now + delay_ms as Millis;
                 Ok(())
             }
             Action::DeadLetter(reason) => {
-                self.jobs[j].scheduling_attempts += 1;
                 self.cov.dead_letters += 1;
                 trace!(self, "j{j}: dead-lettered: {reason}");
-                self.transition(j, Event::DeadLetter)
+                let mv = self.dispatch(j, DispatchAction::DeadLetter { reason });
+                self.commit(j, &mv)
             }
         }
     }
 
     /// The backoff the core chose must be `min(cap, base·2^(n-1))` scaled into [0.5, 1.5].
     fn check_backoff(&self, j: usize, delay_ms: u64) -> Outcome {
-        let n = self.jobs[j].scheduling_attempts;
+        let n = self.jobs[j].scheduling_attempts();
         let caps = &self.cfg.caps;
         let raw = (caps.backoff_base_ms as f64 * 2f64.powi(n.saturating_sub(1).min(40) as i32))
             .min(caps.backoff_cap_ms as f64);
@@ -1027,14 +1138,23 @@ impl<'p> World<'p> {
     }
 
     /// Grants a lease: through the table, fenced by a fresh token, recorded for the check.
-    fn lease(&mut self, j: usize, worker: usize, mut grant: Grant) -> Outcome {
-        self.transition(j, Event::Lease)?;
+    /// A fresh lease for `worker`, fenced by the next token.
+    fn lease_for(&mut self, worker: usize) -> record::Lease {
         let token = self.next_token;
         self.next_token += 1;
-        let expires_at = self.now + self.cfg.lease_ms;
+        record::Lease {
+            token: token.to_string(),
+            expires_at: self.now + self.cfg.lease_ms,
+            worker: format!("w{worker}"),
+        }
+    }
+
+    fn lease(&mut self, j: usize, worker: usize, mut grant: Grant) -> Outcome {
+        let lease = self.lease_for(worker);
+        let token = self.next_token - 1;
+        let mv = self.dispatch(j, DispatchAction::Lease { lease, budgets: Vec::new() });
+        self.commit(j, &mv)?;
         let job = &mut self.jobs[j];
-        job.lease = Some(Lease { token, expires_at });
-        job.execution_attempts += 1;
         if grant.bypassed {
             job.bypassed = true;
             self.cov.bypasses += 1;
@@ -1051,7 +1171,7 @@ impl<'p> World<'p> {
                 self.live.insert(self.next_token, j);
                 self.next_token += 1;
             }
-            match self.jobs[j].state.next(Event::Lease) {
+            match self.jobs[j].state().next(Event::Lease) {
                 Ok(to) => {
                     return Err(
                         self.violation(Some(j), &format!("a duplicated claim leased the job again ({to})"))
@@ -1135,11 +1255,12 @@ impl<'p> World<'p> {
                 let now = self.now;
                 let lease_ms = self.cfg.lease_ms;
                 let job = &mut self.jobs[j];
-                match job.lease.as_mut() {
+                let state = job.state();
+                match job.record.dispatch.lease.as_mut() {
                     Some(lease)
-                        if job.state == JobState::Leased
-                            && lease.token == token
-                            && now < lease.expires_at =>
+                        if state == JobState::Leased
+                            && lease.token == token.to_string()
+                            && now <= lease.expires_at =>
                     {
                         lease.expires_at = lease.expires_at.max(now + lease_ms);
                         trace!(self, "j{j}: heartbeat token {token} extends the lease{dup}");
@@ -1158,23 +1279,25 @@ impl<'p> World<'p> {
     /// The store applies a completion only under the current, unexpired lease token.
     fn complete(&mut self, j: usize, token: u64, report: Report, dup: bool) -> Outcome {
         let job = &self.jobs[j];
-        let fenced_in = job.state == JobState::Leased
-            && job.lease.is_some_and(|l| l.token == token && self.now < l.expires_at);
-        if !fenced_in {
+        // The fence is the finish move's precondition: leased, under this token, not lapsed.
+        let fence = self.finish_move(j, token, Some(self.now), Finish::Succeeded { result: json!(null) });
+        if fence.precondition.check(&job.record).is_err() {
             if self.accepted.contains(&(j, token)) {
                 self.cov.duplicate_completions_rejected += 1;
             } else {
                 self.cov.stale_token_completions_rejected += 1;
             }
             // The table agrees: no state but `leased` can take a completion.
-            if job.state != JobState::Leased && job.state.next(Event::Succeed).is_ok() {
-                return Err(self.violation(Some(j), &format!("the table lets a `{}` job succeed", job.state)));
+            if job.state() != JobState::Leased && job.state().next(Event::Succeed).is_ok() {
+                return Err(
+                    self.violation(Some(j), &format!("the table lets a `{}` job succeed", job.state()))
+                );
             }
             trace!(
                 self,
                 "j{j}: {report:?} with token {token} refused (job {}, lease {:?}){}",
-                job.state,
-                job.lease,
+                job.state(),
+                job.lease(),
                 if dup { " (duplicate)" } else { "" }
             );
             return Ok(());
@@ -1185,7 +1308,7 @@ impl<'p> World<'p> {
             Report::Success => {
                 self.cov.successes += 1;
                 self.jobs[j].successes += 1;
-                self.transition(j, Event::Succeed)
+                self.commit(j, &fence)
             }
             Report::Retryable | Report::Permanent => {
                 let retryable = report == Report::Retryable;
@@ -1194,27 +1317,26 @@ impl<'p> World<'p> {
                 } else {
                     self.cov.permanent_failures += 1;
                 }
-                let attempts = self.jobs[j].execution_attempts;
+                let attempts = self.jobs[j].execution_attempts();
                 let next = dispatch::after_attempt(attempts, retryable, &self.cfg.caps, "worker failed");
-                self.after(j, next)
+                self.after(j, token, Some(self.now), next)
             }
         }
     }
 
-    fn after(&mut self, j: usize, next: AfterAttempt) -> Outcome {
-        trace!(self, "j{j}: after attempt {}: {next:?}", self.jobs[j].execution_attempts);
-        match next {
-            AfterAttempt::Retry => {
-                self.transition(j, Event::Requeue)?;
-                self.jobs[j].not_before = self.now;
-                Ok(())
-            }
-            AfterAttempt::DeadLetter(_) => {
+    /// Ends the attempt under `token` as `next` says, through the core's finish move.
+    fn after(&mut self, j: usize, token: u64, live_at: Option<Millis>, next: AfterAttempt) -> Outcome {
+        trace!(self, "j{j}: after attempt {}: {next:?}", self.jobs[j].execution_attempts());
+        let finish = match next {
+            AfterAttempt::Retry => Finish::Retry { error: "attempt failed".into() },
+            AfterAttempt::DeadLetter(reason) => {
                 self.cov.dead_letters += 1;
-                self.transition(j, Event::DeadLetter)
+                Finish::DeadLetter { reason }
             }
-            AfterAttempt::Fail => self.transition(j, Event::Fail),
-        }
+            AfterAttempt::Fail => Finish::Failed { error: "attempt failed".into() },
+        };
+        let mv = self.finish_move(j, token, live_at, finish);
+        self.commit(j, &mv)
     }
 
     // ---------------------------------------------------------------- workers and people
@@ -1254,15 +1376,16 @@ impl<'p> World<'p> {
     fn reap(&mut self) -> Outcome {
         for j in 0..self.jobs.len() {
             let job = &self.jobs[j];
-            let attempts = job.execution_attempts;
+            let attempts = job.execution_attempts();
             let request_due =
                 job.requests.last().is_some_and(|r| r.status == Status::Pending && self.now >= r.expires_at);
-            match (job.state, job.lease) {
-                (JobState::Leased, Some(lease)) if self.now >= lease.expires_at => {
+            match (job.state(), job.lease()) {
+                // Lapsed as the stores' sweep finds it: expired before now.
+                (JobState::Leased, Some(lease)) if self.now > lease.expires_at => {
                     self.cov.lease_expiries += 1;
                     trace!(self, "j{j}: lease token {} expired", lease.token);
                     let next = dispatch::after_attempt(attempts, true, &self.cfg.caps, "lease expired");
-                    self.after(j, next)?;
+                    self.after(j, lease.token, None, next)?;
                 }
                 (JobState::AwaitingApproval, _) if request_due => self.expire_request(j)?,
                 _ => {}
@@ -1283,7 +1406,7 @@ impl<'p> World<'p> {
     fn approver_act(&mut self) -> Outcome {
         let waiting: Vec<usize> = (0..self.jobs.len())
             .filter(|&j| {
-                self.jobs[j].state == JobState::AwaitingApproval
+                self.jobs[j].state() == JobState::AwaitingApproval
                     && self.jobs[j].requests.last().is_some_and(|r| r.status == Status::Pending)
             })
             .collect();
@@ -1333,9 +1456,7 @@ impl<'p> World<'p> {
                 Ok(Vote::QuorumReached) => {
                     self.cov.approvals_granted += 1;
                     trace!(self, "j{j}: {who} approves; quorum reached");
-                    self.transition(j, Event::Approved)?;
-                    self.jobs[j].not_before = self.now;
-                    Ok(())
+                    self.transition(j, Event::Approved)
                 }
                 Ok(Vote::Counted { remaining }) => {
                     trace!(self, "j{j}: {who} approves; {remaining} more needed");
@@ -1356,7 +1477,10 @@ impl<'p> World<'p> {
     fn cancel(&mut self) -> Outcome {
         let open: Vec<usize> = (0..self.jobs.len())
             .filter(|&j| {
-                matches!(self.jobs[j].state, JobState::AwaitingApproval | JobState::Queued | JobState::Leased)
+                matches!(
+                    self.jobs[j].state(),
+                    JobState::AwaitingApproval | JobState::Queued | JobState::Leased
+                )
             })
             .collect();
         if open.is_empty() {
@@ -1369,18 +1493,21 @@ impl<'p> World<'p> {
 
     fn operator_retry(&mut self) -> Outcome {
         let dead: Vec<usize> =
-            (0..self.jobs.len()).filter(|&j| self.jobs[j].state == JobState::DeadLettered).collect();
+            (0..self.jobs.len()).filter(|&j| self.jobs[j].state() == JobState::DeadLettered).collect();
         if dead.is_empty() {
             return Ok(());
         }
         let j = self.rng.pick(&dead);
         self.cov.operator_retries += 1;
         self.transition(j, Event::OperatorRetry)?;
-        // A new round through Gate B, with fresh attempt budgets.
-        let job = &mut self.jobs[j];
-        job.scheduling_attempts = 0;
-        job.execution_attempts = 0;
-        job.not_before = self.now;
+        // A new round through Gate B, with fresh attempt budgets, as the stores write it.
+        let now = self.now;
+        let d = &mut self.jobs[j].record.dispatch;
+        d.scheduling_attempts = 0;
+        d.execution_attempts = 0;
+        d.not_before = now;
+        d.lease = None;
+        d.dead_letter_reason = None;
         Ok(())
     }
 
@@ -1414,7 +1541,7 @@ impl<'p> World<'p> {
                 }
             }
             self.check()?;
-            let busy = self.jobs.iter().any(|job| matches!(job.state, JobState::Queued | JobState::Leased));
+            let busy = self.jobs.iter().any(|job| matches!(job.state(), JobState::Queued | JobState::Leased));
             if !busy && self.checks.is_empty() && self.mail.is_empty() {
                 trace!(self, "drain: quiet");
                 return Ok(());
@@ -1424,8 +1551,18 @@ impl<'p> World<'p> {
                 .iter()
                 .map(|c| c.due)
                 .chain(self.mail.iter().map(|m| m.due))
-                .chain(self.jobs.iter().filter(|job| job.state == JobState::Queued).map(|job| job.not_before))
-                .chain(self.jobs.iter().filter_map(|job| job.lease.map(|l| l.expires_at)))
+                .chain(
+                    self.jobs
+                        .iter()
+                        .filter(|job| job.state() == JobState::Queued)
+                        .map(|job| job.not_before()),
+                )
+                .chain(
+                    self.jobs
+                        .iter()
+                        .filter(|job| job.state() == JobState::Leased)
+                        .filter_map(|job| job.lease().map(|l| l.expires_at + 1)),
+                )
                 .chain(std::iter::once(match self.breaker.state(self.now) {
                     BreakerState::Open { until } => until,
                     _ => Millis::MAX,
