@@ -1,4 +1,5 @@
-//! The write that follows a decision, as one value: a [`Move`] says what a job's commit must
+//! The write that follows a decision, as one value. A job comes into being by [`admit`] (Gate
+//! A's [`Submission`]); every later change of it is a [`Move`], which says what a job's commit must
 //! find (its [`Precondition`]), which budgets it takes, which fields it changes, which state it
 //! moves to and why, which approval requests it writes and which audit records it adds. The
 //! plan functions here are the only place such a write is decided; a store locks and loads the
@@ -12,7 +13,7 @@ use crate::Millis;
 use crate::approval::{Request, Status};
 use crate::audit::{Draft, Kind};
 use crate::ids::{ApprovalId, JobId, TenantId};
-use crate::record::{ApprovalRecord, Budget, GateDecision, JobRecord, Lease};
+use crate::record::{ApprovalRecord, Budget, DispatchState, GateDecision, JobRecord, Lease};
 use crate::state::{Event, InvalidTransition, JobState};
 
 /// What Gate B does with a queued job (the write of a [`crate::dispatch::Action`]).
@@ -91,6 +92,100 @@ pub enum Finish {
         /// Why.
         reason: String,
     },
+}
+
+/// Everything an accepted submission writes, committed atomically.
+#[derive(Clone, Debug)]
+pub struct Submission {
+    /// The job.
+    pub job: JobRecord,
+    /// The approval request, for `require_human`.
+    pub approval: Option<ApprovalRecord>,
+    /// The idempotency key and the response to remember with it.
+    pub idempotency: Option<(String, u16, String)>,
+    /// Budgets that must all admit the job (throttle rules); none are charged unless all admit.
+    pub budgets: Vec<Budget>,
+    /// The audit record of the decision.
+    pub audit: Draft,
+    /// The snapshot version the decision was made under: the commit checks, in its own
+    /// transaction, that it is still the active one (the store refuses it as stale otherwise). `None`
+    /// for a decision made under no snapshot (a fail-open bypass).
+    pub decided_under: Option<u64>,
+}
+
+/// A job Gate A lets through (allow, throttle, require_human, or accepted by fail-open mode),
+/// with what it decided.
+#[derive(Clone, Debug)]
+pub struct Admit<'a> {
+    /// The new job's id.
+    pub id: JobId,
+    /// The caller's tenant.
+    pub tenant: TenantId,
+    /// The job as policy saw it.
+    pub job: &'a airlock_policy::Job,
+    /// Its hash.
+    pub job_hash: String,
+    /// Gate A's decision (`bypassed` for fail-open mode, which was decided under no snapshot).
+    pub gate: GateDecision,
+    /// The approval request a `require_human` decision opens, and its id.
+    pub approval: Option<(ApprovalId, Request)>,
+    /// Budgets a throttle decision must take.
+    pub budgets: Vec<Budget>,
+    /// The decision's details for the audit record.
+    pub audit_data: Value,
+    /// The submitter.
+    pub actor: String,
+    /// When.
+    pub at: Millis,
+}
+
+/// Gate A's write for a job it lets through: the job, `awaiting_approval` with its request or
+/// `queued`; the budgets to take; the `job.submitted` record; and the snapshot the commit must
+/// find active. The idempotency key's answer is the caller's to add: it is the HTTP body.
+pub fn admit(a: Admit<'_>) -> Submission {
+    let state = if a.approval.is_some() { JobState::AwaitingApproval } else { JobState::Queued };
+    let j = a.job;
+    let approval =
+        a.approval.map(|(id, request)| ApprovalRecord::open(id, a.tenant.clone(), a.id.clone(), request));
+    let mut data = a.audit_data;
+    if let Value::Object(fields) = &mut data {
+        fields.insert("topic".into(), json!(j.topic));
+        fields.insert("env".into(), json!(j.env));
+        fields.insert("job_hash".into(), json!(a.job_hash));
+        fields.insert("state".into(), json!(state.as_str()));
+    }
+    let decided_under = (!a.gate.bypassed).then_some(a.gate.snapshot_version);
+    Submission {
+        audit: Draft {
+            at: a.at,
+            kind: Kind::JobSubmitted,
+            subject: a.id.as_str().to_owned(),
+            actor: a.actor,
+            data,
+        },
+        job: JobRecord {
+            id: a.id,
+            tenant: a.tenant,
+            principal: j.principal.clone(),
+            topic: j.topic.clone(),
+            env: j.env.clone(),
+            labels: j.labels.clone(),
+            payload: j.payload.clone(),
+            plan_hash: j.plan_hash.clone(),
+            idempotency_key: j.idempotency_key.clone(),
+            job_hash: a.job_hash,
+            state,
+            gate_a: a.gate,
+            approval_id: approval.as_ref().map(|r| r.id.clone()),
+            created_at: a.at,
+            updated_at: a.at,
+            dispatch: DispatchState::default(),
+        },
+        approval,
+        idempotency: None,
+        budgets: a.budgets,
+        decided_under,
+    }
 }
 
 /// A change to an approval request, applied only if the request is still as the caller read
@@ -506,5 +601,169 @@ impl JobRecord {
             }
         }
         Ok(fields)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "a test fails by panicking")]
+
+    use std::collections::BTreeMap;
+
+    use airlock_policy::Decision;
+    use serde_json::json;
+
+    use super::*;
+
+    fn job(state: JobState) -> JobRecord {
+        JobRecord {
+            id: JobId::generate(1, [1; 10]),
+            tenant: "acme".parse().unwrap(),
+            principal: "agent".into(),
+            topic: "t".into(),
+            env: "e".into(),
+            labels: BTreeMap::new(),
+            payload: json!({}),
+            plan_hash: None,
+            idempotency_key: None,
+            job_hash: "h".into(),
+            state,
+            gate_a: GateDecision {
+                decision: Decision::Allow,
+                rule_ids: Vec::new(),
+                reason: String::new(),
+                snapshot_hash: "s".into(),
+                snapshot_version: 1,
+                at: 1,
+                bypassed: false,
+            },
+            approval_id: None,
+            created_at: 1,
+            updated_at: 1,
+            dispatch: DispatchState::default(),
+        }
+    }
+
+    fn lease(token: &str, expires_at: Millis) -> Lease {
+        Lease { token: token.into(), expires_at, worker: "w".into() }
+    }
+
+    fn dispatch(j: &JobRecord, action: DispatchAction) -> Move {
+        plan_dispatch(Dispatch {
+            tenant: j.tenant.clone(),
+            job_id: j.id.clone(),
+            action,
+            gate_b: None,
+            at: 10,
+            audit: Draft {
+                at: 10,
+                kind: Kind::GateBDecision,
+                subject: "j".into(),
+                actor: "w".into(),
+                data: json!({}),
+            },
+            decided_under: Some(1),
+        })
+    }
+
+    #[test]
+    fn a_lease_counts_an_attempt_on_the_record_as_loaded() {
+        let mut j = job(JobState::Queued);
+        j.dispatch.execution_attempts = 2;
+        let mv = dispatch(&j, DispatchAction::Lease { lease: lease("t", 100), budgets: Vec::new() });
+        assert_eq!(mv.precondition.check(&j), Ok(()));
+        let fields = j.apply(&mv).unwrap();
+        assert_eq!(fields, [Field::Lease, Field::ExecutionAttempts]);
+        assert_eq!((j.state, j.dispatch.execution_attempts, j.updated_at), (JobState::Leased, 3, 10));
+        assert_eq!(mv.precondition.check(&j), Err(Refusal::State(JobState::Leased)), "no second lease");
+    }
+
+    #[test]
+    fn a_throttled_lease_keeps_the_job_queued_and_audits_the_wait() {
+        let mut j = job(JobState::Queued);
+        let mv = dispatch(&j, DispatchAction::Lease { lease: lease("t", 100), budgets: Vec::new() })
+            .throttled(500);
+        assert_eq!((mv.transition.as_ref(), mv.audit[0].kind), (None, Kind::GateBThrottled));
+        j.apply(&mv).unwrap();
+        assert_eq!(
+            (j.state, j.dispatch.not_before, j.dispatch.lease.as_ref()),
+            (JobState::Queued, 510, None)
+        );
+        assert_eq!(j.dispatch.execution_attempts, 0);
+    }
+
+    #[test]
+    fn a_finish_is_fenced_by_token_expiry_and_state() {
+        let mut j = job(JobState::Leased);
+        j.dispatch.lease = Some(lease("t", 100));
+        let finish = |token: &str, live_at| {
+            let check = LeaseCheck { token: token.into(), live_at };
+            plan_finish(
+                j.tenant.clone(),
+                j.id.clone(),
+                check,
+                Finish::Retry { error: "x".into() },
+                50,
+                "w".into(),
+            )
+        };
+        assert_eq!(finish("other", Some(50)).precondition.check(&j), Err(Refusal::NotLeaseHolder));
+        assert_eq!(finish("t", Some(101)).precondition.check(&j), Err(Refusal::LeaseLapsed));
+        assert_eq!(finish("t", Some(100)).precondition.check(&j), Ok(()), "live until its expiry");
+        assert_eq!(finish("t", None).precondition.check(&j), Ok(()), "the sweep gives no time");
+        let mut cancelled = JobRecord { state: JobState::Cancelled, ..j.clone() };
+        assert_eq!(
+            finish("t", Some(50)).precondition.check(&cancelled),
+            Err(Refusal::State(JobState::Cancelled))
+        );
+        let mv = finish("t", Some(50));
+        j.apply(&mv).unwrap();
+        assert_eq!(
+            (j.state, j.dispatch.lease.as_ref(), j.dispatch.error.as_deref()),
+            (JobState::Queued, None, Some("x"))
+        );
+        assert!(cancelled.apply(&mv).is_err(), "the table refuses what the precondition would");
+    }
+
+    #[test]
+    fn an_approval_change_is_refused_when_the_request_moved_on() {
+        let j = job(JobState::AwaitingApproval);
+        let request = Request {
+            job_hash: "h".into(),
+            snapshot_hash: "s".into(),
+            rule_ids: Vec::new(),
+            rule_hashes: Vec::new(),
+            requested_by: "agent".into(),
+            created_at: 1,
+            expires_at: 1_000,
+            quorum: 2,
+            approvers: vec!["alice".into()],
+            status: Status::Pending,
+        };
+        let current =
+            ApprovalRecord::open(ApprovalId::generate(1, [2; 10]), j.tenant.clone(), j.id.clone(), request);
+        let change = |read: usize| ApprovalChange {
+            tenant: j.tenant.clone(),
+            id: current.id.clone(),
+            expected_status: Status::Pending,
+            expected_approvers: read,
+            request: Request {
+                approvers: vec!["alice".into(), "bob".into()],
+                status: Status::Approved,
+                ..current.request.clone()
+            },
+            job_event: Some(Event::Approved),
+            replacement: None,
+            audit: Vec::new(),
+            at: 20,
+            actor: "bob".into(),
+            decided_under: Some(1),
+        };
+        assert_eq!(plan_approval_change(&current, change(0)).map(|_| ()), Err(Refusal::ApprovalChanged));
+        let plan = plan_approval_change(&current, change(1)).unwrap();
+        assert_eq!((plan.approval.decided_at, plan.approval.decided_by.as_deref()), (Some(20), Some("bob")));
+        let mut after = j.clone();
+        after.apply(&plan.job).unwrap();
+        assert_eq!((after.state, plan.job.precondition.decided_under), (JobState::Queued, Some(1)));
     }
 }

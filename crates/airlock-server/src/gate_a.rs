@@ -7,13 +7,12 @@ use airlock_core::approval::Request;
 use airlock_core::audit::{Draft, Kind};
 use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
 use airlock_core::ids::{ApprovalId, JobId};
+use airlock_core::moves::{self, Admit};
 use airlock_core::role::Role;
 use airlock_core::state::JobState;
 use airlock_core::throttle::bucket_key;
 use airlock_policy::{Decision, Job};
-use airlock_store::{
-    ApprovalRecord, Budget, DispatchState, GateDecision, JobRecord, Submission, SubmitOutcome,
-};
+use airlock_store::{Budget, GateDecision, SubmitOutcome};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode};
@@ -314,71 +313,41 @@ async fn accept(
 ) -> Result<Response, ApiError> {
     let id = JobId::generate(now, random_bytes()?);
     let approval = match approval {
-        Some(request) => Some(ApprovalRecord::open(
-            ApprovalId::generate(now, random_bytes()?),
-            caller.tenant.clone(),
-            id.clone(),
-            request,
-        )),
+        Some(request) => Some((ApprovalId::generate(now, random_bytes()?), request)),
         None => None,
     };
-    let state_after = if approval.is_some() { JobState::AwaitingApproval } else { JobState::Queued };
+    let mut submission = moves::admit(Admit {
+        id,
+        tenant: caller.tenant.clone(),
+        job,
+        job_hash: job_hash.to_owned(),
+        gate,
+        approval,
+        budgets,
+        audit_data,
+        actor: caller.principal.clone(),
+        at: now,
+    });
+    let (record, gate) = (&submission.job, &submission.job.gate_a);
+    let state_after = record.state;
     let mut body = json!({
-        "job_id": id.as_str(),
+        "job_id": record.id.as_str(),
         "state": state_after.as_str(),
         "job_hash": job_hash,
         "decision": {"decision": gate.decision.as_str(), "rule_ids": gate.rule_ids, "reason": gate.reason, "snapshot": gate.snapshot_hash},
         "gate_a_bypassed": gate.bypassed,
     });
     merge(&mut body, answer_fields);
-    if let (Some(a), Some(o)) = (&approval, body.as_object_mut()) {
+    if let (Some(a), Some(o)) = (&submission.approval, body.as_object_mut()) {
         o.insert(
             "approval".into(),
             json!({"id": a.id.as_str(), "expires_at": a.request.expires_at, "quorum": a.request.quorum}),
         );
     }
     let idempotency_key = job.idempotency_key.clone();
-    let topic = job.topic.clone();
-    let decided_under = (!gate.bypassed).then_some(gate.snapshot_version);
-    let record = JobRecord {
-        id: id.clone(),
-        tenant: caller.tenant.clone(),
-        principal: job.principal.clone(),
-        topic: job.topic.clone(),
-        env: job.env.clone(),
-        labels: job.labels.clone(),
-        payload: job.payload.clone(),
-        plan_hash: job.plan_hash.clone(),
-        idempotency_key: job.idempotency_key.clone(),
-        job_hash: job_hash.to_owned(),
-        state: state_after,
-        gate_a: gate.clone(),
-        approval_id: approval.as_ref().map(|a| a.id.clone()),
-        created_at: now,
-        updated_at: now,
-        dispatch: DispatchState::default(),
-    };
-    let mut data = audit_data;
-    merge(
-        &mut data,
-        json!({"topic": record.topic, "env": record.env, "job_hash": record.job_hash, "state": state_after.as_str()}),
-    );
-    let submission = Submission {
-        job: record,
-        approval,
-        idempotency: idempotency_key
-            .as_ref()
-            .map(|k| (k.clone(), StatusCode::ACCEPTED.as_u16(), body.to_string())),
-        budgets,
-        audit: Draft {
-            at: now,
-            kind: Kind::JobSubmitted,
-            subject: id.to_string(),
-            actor: caller.principal.clone(),
-            data,
-        },
-        decided_under,
-    };
+    submission.idempotency =
+        idempotency_key.as_ref().map(|k| (k.clone(), StatusCode::ACCEPTED.as_u16(), body.to_string()));
+    let gate = submission.job.gate_a.clone();
     let retained_since = now - state.config().idempotency_retention_ms;
     match state.store().submit(submission, retained_since).await? {
         SubmitOutcome::Accepted => {
@@ -386,7 +355,7 @@ async fn accept(
                 state.queued_here();
             }
             if idempotency_key.is_none() {
-                let topic = state.metrics().topic(&topic);
+                let topic = state.metrics().topic(&job.topic);
                 state
                     .metrics()
                     .inc("airlock_submissions_without_idempotency_key_total", &[("topic", &topic)]);

@@ -19,7 +19,7 @@ use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
 use airlock_core::role::Roles;
 use airlock_core::state::{Event, InvalidTransition, JobState};
 
-pub use airlock_core::moves::{ApprovalChange, Dispatch, DispatchAction, Finish};
+pub use airlock_core::moves::{ApprovalChange, Dispatch, DispatchAction, Finish, Submission};
 pub use airlock_core::record::{ApprovalRecord, Budget, DispatchState, GateDecision, JobRecord, Lease};
 pub use postgres::PgStore;
 pub use sqlite::{DATABASE_FILE, SqliteStore};
@@ -137,25 +137,6 @@ pub struct IdempotencyRecord {
     pub body: String,
     /// When.
     pub created_at: Millis,
-}
-
-/// Everything an accepted submission writes, committed atomically.
-#[derive(Clone, Debug)]
-pub struct Submission {
-    /// The job.
-    pub job: JobRecord,
-    /// The approval request, for `require_human`.
-    pub approval: Option<ApprovalRecord>,
-    /// The idempotency key and the response to remember with it.
-    pub idempotency: Option<(String, u16, String)>,
-    /// Budgets that must all admit the job (throttle rules); none are charged unless all admit.
-    pub budgets: Vec<Budget>,
-    /// The audit record of the decision.
-    pub audit: Draft,
-    /// The snapshot version the decision was made under: the commit checks, in its own
-    /// transaction, that it is still the active one ([`StoreError::Stale`] otherwise). `None`
-    /// for a decision made under no snapshot (a fail-open bypass).
-    pub decided_under: Option<u64>,
 }
 
 /// What became of a submission.
