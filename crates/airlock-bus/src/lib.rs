@@ -11,6 +11,7 @@
 //!
 //! The embedded mode has no bus: its wake-up path is the in-process `Notify` of the server.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -42,8 +43,48 @@ const RESUBSCRIBE_DELAY: Duration = Duration::from_millis(500);
 #[error("nats: {0}")]
 pub struct BusError(String);
 
+/// A connect error with its causes (a TLS failure says why only in its source).
+fn connect_error(e: &async_nats::ConnectError) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
 fn fail(e: impl std::fmt::Display) -> BusError {
     BusError(e.to_string())
+}
+
+/// How the bus connection is secured. A `tls://` URL requires TLS, checked against the system's
+/// roots unless a CA is given; giving a CA or a client certificate requires TLS for a
+/// `nats://` URL too, so that a setting is never silently unused.
+#[derive(Clone, Debug, Default)]
+pub struct BusTls {
+    /// Trust only this CA (PEM) for the server's certificate.
+    pub ca: Option<PathBuf>,
+    /// A client certificate chain and its key (PEM), for a server that verifies clients.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+impl BusTls {
+    fn options(&self, url: &str, mut options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+        if url.starts_with("tls://") || self.ca.is_some() || self.client.is_some() {
+            options = options.require_tls(true);
+        }
+        if let Some(ca) = &self.ca {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let Some((cert, key)) = &self.client {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        options
+    }
 }
 
 /// A connection to the JetStream job bus.
@@ -56,19 +97,21 @@ pub struct NatsBus {
 }
 
 impl NatsBus {
-    /// Connects to the NATS server at `url` (`nats://host:port`) and creates the stream
-    /// `stream_name` if it does not exist (file storage, a few minutes of retention). The
-    /// default stream takes the subjects `airlock.work.>`; any other stream (tests, several
-    /// deployments on one server) takes `<stream name in lower case>.>`, so streams never
-    /// overlap.
-    pub async fn connect(url: &str, stream_name: &str) -> Result<Self, BusError> {
-        let client = async_nats::ConnectOptions::new()
+    /// Connects to the NATS server at `url` (`nats://host:port`, or `tls://host:port` for TLS
+    /// as `tls` says) and creates the stream `stream_name` if it does not exist (file storage,
+    /// a few minutes of retention). The default stream takes the subjects `airlock.work.>`; any
+    /// other stream (tests, several deployments on one server) takes `<stream name in lower
+    /// case>.>`, so streams never overlap.
+    pub async fn connect(url: &str, stream_name: &str, tls: &BusTls) -> Result<Self, BusError> {
+        let options = async_nats::ConnectOptions::new()
             .name("airlock")
             .connection_timeout(Duration::from_secs(5))
-            .max_reconnects(None)
+            .max_reconnects(None);
+        let client = tls
+            .options(url, options)
             .connect(url)
             .await
-            .map_err(|e| BusError(format!("cannot connect to {url}: {e}")))?;
+            .map_err(|e| BusError(format!("cannot connect to {url}: {}", connect_error(&e))))?;
         let mut js = jetstream::new(client);
         js.set_timeout(PUBLISH_TIMEOUT);
         let prefix = if stream_name == DEFAULT_STREAM {

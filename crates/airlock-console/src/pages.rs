@@ -219,20 +219,66 @@ pub fn labels(value: Option<&Value>) -> Markup {
     }
 }
 
-/// The plan's resource changes with before and after, when the payload holds a plan.
-pub fn plan_changes(payload: &Value, plan_hash: Option<&str>) -> Markup {
-    let changes = plan::changes(payload);
+/// Whether a job (as the API shows it) is a plan job decided per change: its decisions are in
+/// `plan_changes`, not in one rule trace.
+fn is_plan(job: &Value) -> bool {
+    job.get("plan_changes").is_some_and(Value::is_array)
+        && job.get("payload").and_then(|p| p.get("changes")).is_some_and(Value::is_array)
+}
+
+/// A decision as text, coloured by its kind.
+fn decision_badge(decision: &str) -> Markup {
+    html! { span class={ "decision " (decision) } { (decision) } }
+}
+
+/// A job's plan, when it holds one: each change's decision (for a plan job), then each change's
+/// attributes before and after.
+pub fn plan_changes(job: &Value) -> Markup {
+    let plan_hash = job.get("plan_hash").and_then(Value::as_str);
+    let changes = plan::changes(
+        job.get("payload").unwrap_or(&Value::Null),
+        job.get("plan_changes").unwrap_or(&Value::Null),
+    );
+    let decided = changes.shown.iter().any(|c| c.decision.is_some());
     html! {
-        @if !changes.is_empty() || plan_hash.is_some() {
+        @if changes.total > 0 || plan_hash.is_some() {
             section aria-labelledby="plan-h" {
                 h2 #plan-h { "Plan" }
                 @if let Some(hash) = plan_hash { p { "Plan hash " code { (hash) } } }
-                @if changes.is_empty() {
+                @if changes.total == 0 {
                     p.hint { "The payload carries no resource changes to show." }
                 }
-                @for c in &changes {
+                @if changes.shown.len() < changes.total {
+                    p.hint #plan-cut { "Showing the first " (changes.shown.len()) " of " (changes.total) " changes." }
+                }
+                @if decided {
+                    table.grid #plan-decisions {
+                        caption { "Each change's decision (" (changes.total) " changes)" }
+                        thead { tr { th scope="col" { "Address" } th scope="col" { "Actions" } th scope="col" { "Decision" } th scope="col" { "Rules" } th scope="col" { "Reason" } } }
+                        tbody {
+                            @for c in &changes.shown {
+                                tr data-address=(c.address) {
+                                    th scope="row" data-label="Address" { code { (c.address) } }
+                                    td data-label="Actions" { (c.actions.join(", ")) }
+                                    @match &c.decision {
+                                        Some(d) => {
+                                            td data-label="Decision" { (decision_badge(&d.decision)) }
+                                            td data-label="Rules" { @if d.rule_ids.is_empty() { "(default)" } @else { (d.rule_ids.join(", ")) } }
+                                            td data-label="Reason" { (d.reason) }
+                                        },
+                                        None => { td data-label="Decision" { "—" } td data-label="Rules" { "—" } td data-label="Reason" { "—" } },
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                @for c in &changes.shown {
                     table.plan {
-                        caption { (c.address) " — " (c.actions.join(", ")) }
+                        caption {
+                            (c.address) " — " (c.actions.join(", "))
+                            @if let Some(d) = &c.decision { " · " (decision_badge(&d.decision)) }
+                        }
                         thead { tr { th scope="col" { "Attribute" } th scope="col" { "Before" } th scope="col" { "After" } } }
                         tbody {
                             @if c.attributes.is_empty() { tr { td colspan="3" { "No attribute changes." } } }
@@ -525,14 +571,24 @@ pub fn approval(
         }
         section aria-labelledby="dec-h" {
             h2 #dec-h { "Decision under the active policy" }
-            @if let Some(e) = a.get("explanation") { (trace(e)) }
+            @if is_plan(&job) {
+                @let d = a.get("current_decision").unwrap_or(&Value::Null);
+                p #plan-decision {
+                    "Decision " strong.decision { (text(d, "decision")) }
+                    " by " (strings(d.get("rule_ids")).join(", "))
+                    @if let Some(reason) = d.get("reason").and_then(Value::as_str) { " — " span.reason { (reason) } }
+                }
+                p.hint { "A plan is decided change by change: the most restrictive change decides it. Each change's decision, rules and reason are under Plan below." }
+            } @else if let Some(e) = a.get("explanation") {
+                (trace(e))
+            }
         }
         section aria-labelledby="job-h" {
             h2 #job-h { "Job" }
             (labels(job.get("labels")))
             (json_block("Payload", job.get("payload").unwrap_or(&Value::Null)))
         }
-        (plan_changes(job.get("payload").unwrap_or(&Value::Null), job.get("plan_hash").and_then(Value::as_str)))
+        (plan_changes(&job))
     }
 }
 
@@ -662,7 +718,7 @@ pub fn job(j: &Value, now: i64) -> Markup {
             (labels(j.get("labels")))
             (json_block("Payload", j.get("payload").unwrap_or(&Value::Null)))
         }
-        (plan_changes(j.get("payload").unwrap_or(&Value::Null), j.get("plan_hash").and_then(Value::as_str)))
+        (plan_changes(j))
     }
 }
 

@@ -1,7 +1,9 @@
-//! Resource changes of a plan job, before and after, read generically from the job's payload:
-//! either one change (a Terraform plan job's payload: `address`, `actions`, `before`, `after`)
-//! or a whole plan (`terraform show -json`: `resource_changes[].change.{actions,before,after}`).
-//! Anything else has no changes to show.
+//! Resource changes of a plan job, before and after, with each change's decision. A plan job's
+//! payload is `{format_version, terraform_version, changes: [...]}` (what `POST /api/v1/plans`
+//! builds), each change with `address`, `actions`, `before`, `after`; the job's `plan_changes`
+//! holds each change's latest gate decision, in the same order. One change as a payload, or a
+//! whole `terraform show -json` (`resource_changes[].change`) sent as a job's payload, is read
+//! too, without decisions. Anything else has no changes to show.
 
 use serde_json::Value;
 
@@ -14,6 +16,28 @@ pub struct Change {
     pub actions: Vec<String>,
     /// Attributes that differ, with their value before and after (`None`: absent).
     pub attributes: Vec<Attribute>,
+    /// How the gates last decided it, for a plan job's change.
+    pub decision: Option<Decided>,
+}
+
+/// A change's decision, as the job's `plan_changes` gives it.
+#[derive(Debug, PartialEq)]
+pub struct Decided {
+    /// `allow`, `throttle`, `require_human` or `deny`.
+    pub decision: String,
+    /// The deciding rules.
+    pub rule_ids: Vec<String>,
+    /// Why.
+    pub reason: String,
+}
+
+/// A plan's changes as shown: at most [`CHANGES_MAX`] of them, and how many there are.
+#[derive(Debug, PartialEq)]
+pub struct Changes {
+    /// The changes shown.
+    pub shown: Vec<Change>,
+    /// How many the payload holds.
+    pub total: usize,
 }
 
 /// One attribute of a changed resource.
@@ -30,10 +54,29 @@ pub struct Attribute {
 /// Most resource changes shown for one job.
 pub const CHANGES_MAX: usize = 200;
 
-/// The resource changes in a payload.
-pub fn changes(payload: &Value) -> Vec<Change> {
+/// The resource changes of a job: its `payload`, and its `plan_changes` (null for jobs that are
+/// not plans).
+pub fn changes(payload: &Value, plan_changes: &Value) -> Changes {
+    if let Some(list) = payload.get("changes").and_then(Value::as_array) {
+        let decided = plan_changes.as_array().map(Vec::as_slice).unwrap_or_default();
+        let shown = list
+            .iter()
+            .enumerate()
+            .take(CHANGES_MAX)
+            .filter_map(|(i, c)| {
+                let mut change = one(c.get("address"), c.get("actions"), c.get("before"), c.get("after"))?;
+                // Decided in plan order; the address confirms the pairing.
+                change.decision = decided
+                    .get(i)
+                    .filter(|d| d.get("address").and_then(Value::as_str) == Some(change.address.as_str()))
+                    .map(decision);
+                Some(change)
+            })
+            .collect();
+        return Changes { shown, total: list.len() };
+    }
     if let Some(list) = payload.get("resource_changes").and_then(Value::as_array) {
-        return list
+        let shown = list
             .iter()
             .take(CHANGES_MAX)
             .filter_map(|rc| {
@@ -41,19 +84,27 @@ pub fn changes(payload: &Value) -> Vec<Change> {
                 one(rc.get("address"), change.get("actions"), change.get("before"), change.get("after"))
             })
             .collect();
+        return Changes { shown, total: list.len() };
     }
     let has_sides = payload.get("before").is_some() || payload.get("after").is_some();
     if has_sides && payload.get("actions").is_some() {
-        return one(
-            payload.get("address"),
-            payload.get("actions"),
-            payload.get("before"),
-            payload.get("after"),
-        )
-        .into_iter()
-        .collect();
+        let shown: Vec<Change> =
+            one(payload.get("address"), payload.get("actions"), payload.get("before"), payload.get("after"))
+                .into_iter()
+                .collect();
+        return Changes { total: shown.len(), shown };
     }
-    Vec::new()
+    Changes { shown: Vec::new(), total: 0 }
+}
+
+fn decision(d: &Value) -> Decided {
+    let text = |key: &str| d.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
+    let rule_ids = d
+        .get("rule_ids")
+        .and_then(Value::as_array)
+        .map(|ids| ids.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .unwrap_or_default();
+    Decided { decision: text("decision"), rule_ids, reason: text("reason") }
 }
 
 fn one(
@@ -88,7 +139,7 @@ fn one(
             })
             .collect()
     };
-    Some(Change { address, actions, attributes })
+    Some(Change { address, actions, attributes, decision: None })
 }
 
 #[cfg(test)]
@@ -104,7 +155,7 @@ mod tests {
             "before": {"type": "t3.micro", "ami": "a", "gone": 1},
             "after": {"type": "t3.large", "ami": "a"},
         });
-        let got = changes(&payload);
+        let got = changes(&payload, &Value::Null).shown;
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].address, "aws_instance.web");
         assert_eq!(got[0].actions, vec!["update"]);
@@ -112,6 +163,51 @@ mod tests {
         assert_eq!(names, vec!["gone", "type"]);
         assert_eq!(got[0].attributes[0].after, None);
         assert_eq!(got[0].attributes[1].after, Some(json!("t3.large")));
+        assert_eq!(got[0].decision, None);
+    }
+
+    #[test]
+    fn a_plan_jobs_changes_with_their_decisions() {
+        let payload = json!({"format_version": "1.2", "terraform_version": "1.6.6", "changes": [
+            {"address": "aws_db_instance.main", "action": "replace", "actions": ["delete", "create"],
+             "before": {"engine": "postgres", "password": "(sensitive)"}, "after": {"engine": "postgres", "size": 2}},
+            {"address": "aws_instance.web", "action": "create", "actions": ["create"], "before": null, "after": {"ami": "a"}},
+            {"address": "aws_s3_bucket.logs", "action": "delete", "actions": ["delete"], "before": {"acl": "private"}, "after": null},
+        ]});
+        let decided = json!([
+            {"address": "aws_db_instance.main", "action": "replace", "decision": "require_human",
+             "rule_ids": ["two-approvers-stateful-destroy"], "reason": "two approvers"},
+            {"address": "aws_instance.web", "decision": "allow", "rule_ids": [], "reason": "default"},
+            {"address": "not.the_same", "decision": "deny", "rule_ids": ["x"], "reason": "y"},
+        ]);
+        let got = changes(&payload, &decided);
+        assert_eq!(got.total, 3);
+        let shown: Vec<(&str, Option<&str>)> = got
+            .shown
+            .iter()
+            .map(|c| (c.address.as_str(), c.decision.as_ref().map(|d| d.decision.as_str())))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("aws_db_instance.main", Some("require_human")),
+                ("aws_instance.web", Some("allow")),
+                ("aws_s3_bucket.logs", None),
+            ],
+            "a decision is shown only beside the change it was made on"
+        );
+        let db = &got.shown[0];
+        assert_eq!(db.actions, ["delete", "create"]);
+        assert_eq!(db.decision.as_ref().unwrap().rule_ids, ["two-approvers-stateful-destroy"]);
+        let names: Vec<&str> = db.attributes.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["password", "size"]);
+        let many: Vec<Value> = (0..CHANGES_MAX + 5)
+            .map(
+                |i| json!({"address": format!("a.b{i}"), "actions": ["create"], "before": null, "after": {}}),
+            )
+            .collect();
+        let cut = changes(&json!({"changes": many}), &Value::Null);
+        assert_eq!((cut.shown.len(), cut.total), (CHANGES_MAX, CHANGES_MAX + 5));
     }
 
     #[test]
@@ -121,14 +217,14 @@ mod tests {
             {"address": "c.d", "change": {"actions": ["delete"], "before": "v", "after": null}},
             {"address": "broken"},
         ]});
-        let got = changes(&payload);
+        let got = changes(&payload, &Value::Null).shown;
         assert_eq!(got.len(), 2);
         assert_eq!(
             got[0].attributes,
             vec![Attribute { name: "x".into(), before: None, after: Some(json!(1)) }]
         );
         assert_eq!(got[1].attributes[0].before, Some(json!("v")));
-        assert!(changes(&json!({"cidr": "0.0.0.0/0"})).is_empty());
-        assert!(changes(&json!([1, 2])).is_empty());
+        assert!(changes(&json!({"cidr": "0.0.0.0/0"}), &Value::Null).shown.is_empty());
+        assert!(changes(&json!([1, 2]), &Value::Null).shown.is_empty());
     }
 }

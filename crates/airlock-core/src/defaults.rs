@@ -96,6 +96,13 @@ pub const AUTH_FAILURES_PER_MINUTE: u32 = 20;
 /// How often signed audit checkpoints are exported (`--audit-export`), when a head moved.
 pub const AUDIT_CHECKPOINT_MS: u64 = 60_000;
 
+/// Long-poll claims one key may keep waiting at once; one more gets 429 with `Retry-After`.
+pub const CLAIM_LONG_POLLS_PER_KEY_MAX: usize = 64;
+/// How often a waiting claim looks at the queue when nothing woke it and no job came due: a
+/// safety net for a lost notification, not the way work is found.
+pub const CLAIM_RECHECK_MS: u64 = 1_000;
+
+const _: () = assert!(CLAIM_LONG_POLLS_PER_KEY_MAX <= HTTP_IN_FLIGHT_MAX);
 const _: () = assert!(HTTP_IDLE_TIMEOUT_MS <= HTTP_HEADER_READ_TIMEOUT_MS);
 const _: () = assert!(HTTP_IN_FLIGHT_MAX <= HTTP_CONNECTIONS_MAX);
 const _: () = assert!(CANDIDATE_BODY_BYTES_MAX <= POLICY_BODY_BYTES_MAX);

@@ -13,8 +13,8 @@
 
 use std::collections::BTreeMap;
 
-use airlock_policy::diag::{Diagnostic, Span, one_of};
-use airlock_policy::yaml::{self, Kind, Node};
+use airlock_policy::diag::{Diagnostic, Span};
+use airlock_policy::yaml::{Kind, Node};
 use airlock_policy::{Decision, Policy};
 
 use crate::evaluate::{Submission, evaluate, plan_job};
@@ -39,101 +39,53 @@ pub struct Case {
 
 const CASE_KEYS: [&str; 5] = ["name", "plan", "env", "expect", "changes"];
 
-/// Parses a plan cases file; every error with its position.
+/// Parses a plan cases file; every error with its position. The file's shape (a `cases` list
+/// of maps, `name`, `expect`) is read by the policy crate's parser, which `policy test` uses.
 pub fn parse(text: &str) -> Result<Vec<Case>, Vec<Diagnostic>> {
-    let root = yaml::parse(text)?;
-    let items = match &root.kind {
-        Kind::Map(entries) => match entries.iter().find(|(k, _)| k.text == "cases") {
-            Some((_, Node { kind: Kind::Seq(items), .. })) => items,
-            _ => return Err(vec![Diagnostic::error(root.span, "expected a top-level `cases` list")]),
-        },
-        _ => return Err(vec![Diagnostic::error(root.span, "expected a top-level `cases` list")]),
-    };
-    let mut errors = Vec::new();
-    let cases: Vec<Case> =
-        items.iter().enumerate().filter_map(|(n, item)| case(item, n + 1, &mut errors)).collect();
-    if errors.is_empty() { Ok(cases) } else { Err(errors) }
-}
-
-fn decision(node: &Node, errors: &mut Vec<Diagnostic>) -> Option<Decision> {
-    let names: Vec<&str> = Decision::ALL.iter().map(|d| d.as_str()).collect();
-    match &node.kind {
-        Kind::Str(s) => Decision::parse(s).or_else(|| {
-            errors.push(
-                Diagnostic::error(node.span, format!("unknown decision `{s}`"))
-                    .with_help(format!("expected {}", one_of(&names))),
-            );
-            None
-        }),
-        other => {
-            errors.push(Diagnostic::error(
-                node.span,
-                format!("expected a decision, found {}", other.describe()),
-            ));
-            None
-        }
-    }
-}
-
-fn case(node: &Node, number: usize, errors: &mut Vec<Diagnostic>) -> Option<Case> {
-    let Kind::Map(entries) = &node.kind else {
-        errors.push(Diagnostic::error(node.span, format!("case {number} must be a map")));
-        return None;
-    };
-    for (key, _) in entries {
-        if !CASE_KEYS.contains(&key.text.as_str()) {
-            errors.push(
-                Diagnostic::error(key.span, format!("unknown key `{}` in a case", key.text))
-                    .with_help(format!("expected {}", one_of(&CASE_KEYS))),
-            );
-        }
-    }
-    let get = |name: &str| entries.iter().find(|(k, _)| k.text == name).map(|(_, v)| v);
-    let string = |name: &str, errors: &mut Vec<Diagnostic>| match get(name).map(|n| (&n.kind, n.span)) {
-        Some((Kind::Str(s), _)) if !s.is_empty() => Some(s.clone()),
-        Some((_, span)) => {
-            errors.push(Diagnostic::error(span, format!("`{name}` must be a non-empty string")));
-            None
-        }
-        None => {
-            errors.push(Diagnostic::error(node.span, format!("case {number} has no `{name}`")));
-            None
-        }
-    };
-    let name = match get("name").map(|n| &n.kind) {
-        Some(Kind::Str(s)) => s.clone(),
-        _ => format!("case {number}"),
-    };
-    let plan = string("plan", errors);
-    let env = string("env", errors);
-    let expect = match get("expect") {
-        Some(n) => decision(n, errors),
-        None => {
-            errors.push(Diagnostic::error(node.span, format!("case `{name}` has no `expect`")));
-            None
-        }
-    };
-    let changes = match get("changes") {
-        None => Some(None),
-        Some(Node { kind: Kind::Map(entries), .. }) => {
-            let mut map = BTreeMap::new();
-            let mut ok = true;
-            for (key, value) in entries {
-                match decision(value, errors) {
-                    Some(d) => {
-                        map.insert(key.text.clone(), d);
-                    }
-                    None => ok = false,
-                }
+    airlock_policy::cases::parse_with(text, &CASE_KEYS, |entry, errors| {
+        let string = |name: &str, errors: &mut Vec<Diagnostic>| match entry.get(name) {
+            Some(Node { kind: Kind::Str(s), .. }) if !s.is_empty() => Some(s.clone()),
+            Some(other) => {
+                errors.push(Diagnostic::error(other.span, format!("`{name}` must be a non-empty string")));
+                None
             }
-            ok.then_some(Some(map))
-        }
-        Some(other) => {
-            errors.push(Diagnostic::error(other.span, "`changes` must map addresses to decisions"));
-            None
-        }
-    };
-    Some(Case { name, span: node.span, plan: plan?, env: env?, expect: expect?, changes: changes? })
+            None => {
+                errors.push(Diagnostic::error(entry.span, format!("case `{}` has no `{name}`", entry.name)));
+                None
+            }
+        };
+        let plan = string("plan", errors);
+        let env = string("env", errors);
+        let expect = entry.expect(errors);
+        let changes = match entry.get("changes") {
+            None => Some(None),
+            Some(Node { kind: Kind::Map(entries), .. }) => {
+                let mut map = BTreeMap::new();
+                let mut ok = true;
+                for (key, value) in entries {
+                    match airlock_policy::cases::decision(value, &key.text, errors) {
+                        Some(d) => {
+                            map.insert(key.text.clone(), d);
+                        }
+                        None => ok = false,
+                    }
+                }
+                ok.then_some(Some(map))
+            }
+            Some(other) => {
+                errors.push(Diagnostic::error(other.span, "`changes` must map addresses to decisions"));
+                None
+            }
+        };
+        Some(Case {
+            name: entry.name.clone(),
+            span: entry.span,
+            plan: plan?,
+            env: env?,
+            expect: expect?,
+            changes: changes?,
+        })
+    })
 }
 
 /// What differs between a case and the policy's decisions on its plan; empty when it passes.

@@ -7,6 +7,7 @@
 
 pub mod address;
 pub mod cases;
+pub mod compare;
 mod evaluate;
 mod plan;
 pub mod redact;

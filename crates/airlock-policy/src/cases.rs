@@ -13,7 +13,7 @@ use crate::diag::{Diagnostic, Span, one_of};
 use crate::job::Job;
 use crate::model::Decision;
 use crate::policy::Policy;
-use crate::yaml::{self, Kind, Node};
+use crate::yaml::{self, Key, Kind, Node};
 
 /// One case.
 #[derive(Clone, Debug)]
@@ -47,102 +47,135 @@ const CASE_KEYS: [&str; 4] = ["name", "job", "expect", "rules"];
 
 /// Parses a cases file; every error is reported with its position.
 pub fn parse(text: &str) -> Result<Vec<Case>, Vec<Diagnostic>> {
+    parse_with(text, &CASE_KEYS, |entry, errors| {
+        let job = match entry.get("job") {
+            None => {
+                errors.push(Diagnostic::error(entry.span, format!("case `{}` has no `job`", entry.name)));
+                None
+            }
+            Some(job) => match Job::from_json(&job.to_json()) {
+                Ok(j) => Some(j),
+                Err(field_errors) => {
+                    errors.extend(
+                        field_errors
+                            .iter()
+                            .map(|e| Diagnostic::error(job.span, format!("case `{}`: {e}", entry.name))),
+                    );
+                    None
+                }
+            },
+        };
+        let expect = entry.expect(errors);
+        let rules = match entry.get("rules") {
+            None => Some(None),
+            Some(Node { kind: Kind::Seq(items), .. }) => items
+                .iter()
+                .map(|i| match &i.kind {
+                    Kind::Str(s) => Some(s.clone()),
+                    _ => {
+                        errors.push(Diagnostic::error(i.span, "rule ids must be strings"));
+                        None
+                    }
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(Some),
+            Some(other) => {
+                errors.push(Diagnostic::error(other.span, "`rules` must be a list of rule ids"));
+                None
+            }
+        };
+        Some(Case { name: entry.name.clone(), span: entry.span, job: job?, expect: expect?, rules: rules? })
+    })
+}
+
+/// One case of a cases file as written: a map whose keys were checked, and its name.
+pub struct Entry<'a> {
+    /// The case's `name`, or `case N` when it has none.
+    pub name: String,
+    /// Where the case starts.
+    pub span: Span,
+    entries: &'a [(Key, Node)],
+}
+
+impl<'a> Entry<'a> {
+    /// The value of `key`, when the case has it.
+    pub fn get(&self, key: &str) -> Option<&'a Node> {
+        self.entries.iter().find(|(k, _)| k.text == key).map(|(_, v)| v)
+    }
+
+    /// The case's `expect`: a decision name, which every kind of case has.
+    pub fn expect(&self, errors: &mut Vec<Diagnostic>) -> Option<Decision> {
+        match self.get("expect") {
+            Some(node) => decision(node, "expect", errors),
+            None => {
+                errors.push(Diagnostic::error(self.span, format!("case `{}` has no `expect`", self.name)));
+                None
+            }
+        }
+    }
+}
+
+/// Reads a cases file: a top-level `cases` list (or a bare list) of maps with no keys but
+/// `keys`; `case` builds each case from its entry, adding to the errors what is wrong. Every
+/// error of the file is returned at once. `policy test` and `plan test` share it.
+pub fn parse_with<T>(
+    text: &str,
+    keys: &[&str],
+    mut case: impl FnMut(&Entry<'_>, &mut Vec<Diagnostic>) -> Option<T>,
+) -> Result<Vec<T>, Vec<Diagnostic>> {
     let root = yaml::parse(text)?;
-    let mut errors = Vec::new();
     let items = match &root.kind {
         Kind::Map(entries) => match entries.iter().find(|(k, _)| k.text == "cases") {
             Some((_, Node { kind: Kind::Seq(items), .. })) => items.as_slice(),
-            _ => {
-                return Err(vec![Diagnostic::error(root.span, "expected a top-level `cases` list")]);
-            }
+            _ => return Err(vec![Diagnostic::error(root.span, "expected a top-level `cases` list")]),
         },
         Kind::Seq(items) => items.as_slice(),
-        _ => {
-            return Err(vec![Diagnostic::error(root.span, "expected a top-level `cases` list")]);
-        }
+        _ => return Err(vec![Diagnostic::error(root.span, "expected a top-level `cases` list")]),
     };
+    let mut errors = Vec::new();
     let mut cases = Vec::new();
-    for (n, item) in items.iter().enumerate() {
-        if let Some(case) = parse_case(item, n + 1, &mut errors) {
+    for (n, node) in items.iter().enumerate() {
+        let number = n + 1;
+        let Kind::Map(entries) = &node.kind else {
+            errors.push(Diagnostic::error(node.span, format!("case {number} must be a map")));
+            continue;
+        };
+        for (key, _) in entries {
+            if !keys.contains(&key.text.as_str()) {
+                errors.push(
+                    Diagnostic::error(key.span, format!("unknown key `{}` in a case", key.text))
+                        .with_help(format!("expected {}", one_of(keys))),
+                );
+            }
+        }
+        let mut entry = Entry { name: String::new(), span: node.span, entries };
+        entry.name = match entry.get("name").map(|n| &n.kind) {
+            Some(Kind::Str(s)) => s.clone(),
+            _ => format!("case {number}"),
+        };
+        if let Some(case) = case(&entry, &mut errors) {
             cases.push(case);
         }
     }
     if errors.is_empty() { Ok(cases) } else { Err(errors) }
 }
 
-fn parse_case(node: &Node, number: usize, errors: &mut Vec<Diagnostic>) -> Option<Case> {
-    let Kind::Map(entries) = &node.kind else {
-        errors.push(Diagnostic::error(node.span, format!("case {number} must be a map")));
-        return None;
-    };
-    for (key, _) in entries {
-        if !CASE_KEYS.contains(&key.text.as_str()) {
+/// A decision name; `what` names the field in the error when it is not one.
+pub fn decision(node: &Node, what: &str, errors: &mut Vec<Diagnostic>) -> Option<Decision> {
+    match &node.kind {
+        Kind::Str(s) => Decision::parse(s).or_else(|| {
+            let names: Vec<&str> = Decision::ALL.iter().map(|d| d.as_str()).collect();
             errors.push(
-                Diagnostic::error(key.span, format!("unknown key `{}` in a case", key.text))
-                    .with_help(format!("expected {}", one_of(&CASE_KEYS))),
+                Diagnostic::error(node.span, format!("unknown decision `{s}`"))
+                    .with_help(format!("expected {}", one_of(&names))),
             );
+            None
+        }),
+        _ => {
+            errors.push(Diagnostic::error(node.span, format!("`{what}` must be a decision name")));
+            None
         }
     }
-    let get = |name: &str| entries.iter().find(|(k, _)| k.text == name).map(|(_, v)| v);
-    let name = match get("name").map(|n| &n.kind) {
-        Some(Kind::Str(s)) => s.clone(),
-        _ => format!("case {number}"),
-    };
-    let job = match get("job") {
-        None => {
-            errors.push(Diagnostic::error(node.span, format!("case `{name}` has no `job`")));
-            None
-        }
-        Some(job) => match Job::from_json(&job.to_json()) {
-            Ok(j) => Some(j),
-            Err(field_errors) => {
-                errors.extend(
-                    field_errors.iter().map(|e| Diagnostic::error(job.span, format!("case `{name}`: {e}"))),
-                );
-                None
-            }
-        },
-    };
-    let expect = match get("expect") {
-        Some(Node { kind: Kind::Str(s), span }) => {
-            let d = Decision::parse(s);
-            if d.is_none() {
-                let names: Vec<&str> = Decision::ALL.iter().map(|d| d.as_str()).collect();
-                errors.push(
-                    Diagnostic::error(*span, format!("unknown decision `{s}`"))
-                        .with_help(format!("expected {}", one_of(&names))),
-                );
-            }
-            d
-        }
-        Some(other) => {
-            errors.push(Diagnostic::error(other.span, "`expect` must be a decision name"));
-            None
-        }
-        None => {
-            errors.push(Diagnostic::error(node.span, format!("case `{name}` has no `expect`")));
-            None
-        }
-    };
-    let rules = match get("rules") {
-        None => Some(None),
-        Some(Node { kind: Kind::Seq(items), .. }) => items
-            .iter()
-            .map(|i| match &i.kind {
-                Kind::Str(s) => Some(s.clone()),
-                _ => {
-                    errors.push(Diagnostic::error(i.span, "rule ids must be strings"));
-                    None
-                }
-            })
-            .collect::<Option<Vec<_>>>()
-            .map(Some),
-        Some(other) => {
-            errors.push(Diagnostic::error(other.span, "`rules` must be a list of rule ids"));
-            None
-        }
-    };
-    Some(Case { name, span: node.span, job: job?, expect: expect?, rules: rules? })
 }
 
 /// Runs every case; returns the ones the policy got wrong.

@@ -39,8 +39,6 @@ use crate::wire::{self, Query, json_object, merge, only_fields};
 
 /// Longest a claim waits for work.
 pub(crate) const CLAIM_WAIT_MAX_MS: u64 = 30_000;
-/// How often a waiting claim looks again when nothing woke it.
-const CLAIM_POLL: Duration = Duration::from_millis(200);
 /// Candidates read per page.
 const CLAIM_BATCH: u32 = 16;
 /// Most queued jobs one look goes through to find one to lease.
@@ -110,9 +108,14 @@ pub async fn claim(State(state): State<AppState>, caller: Caller, body: Body) ->
     if !errors.is_empty() {
         return Err(ApiError::invalid(errors));
     }
+    let _waiting = match wait_ms {
+        0 => None,
+        _ => Some(state.claim_waits().enter(&caller.key_id, state.config().http.long_polls_per_key_max)?),
+    };
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
     loop {
         let woken = state.work().notified();
+        state.metrics().inc("airlock_claim_looks_total", &[]);
         let leased = if let Some(id) = &job_id {
             match claim_one(&state, &caller, &pool, id).await? {
                 OneClaim::Leased(leased) => Some(leased),
@@ -130,7 +133,7 @@ pub async fn claim(State(state): State<AppState>, caller: Caller, body: Body) ->
         if tokio::time::Instant::now() >= deadline {
             return Ok(StatusCode::NO_CONTENT.into_response());
         }
-        let _ = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + CLAIM_POLL), woken).await;
+        crate::claim_wait::sleep(&state, &caller.tenant, deadline, woken).await?;
     }
 }
 

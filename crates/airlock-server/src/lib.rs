@@ -6,6 +6,7 @@ mod approvals;
 mod audit_api;
 pub mod auth;
 pub mod checkpoint;
+mod claim_wait;
 pub mod error;
 mod gate_a;
 mod gate_b;

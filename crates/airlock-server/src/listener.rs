@@ -43,6 +43,10 @@ pub struct HttpLimits {
     pub connections_max: usize,
     /// How long a shutdown waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// Long-poll claims one key may keep waiting at once; the excess gets 429 with `Retry-After`.
+    pub long_polls_per_key_max: usize,
+    /// How often a waiting claim looks at the queue when nothing woke it and no job came due.
+    pub long_poll_recheck: Duration,
 }
 
 impl Default for HttpLimits {
@@ -54,6 +58,8 @@ impl Default for HttpLimits {
             in_flight_max: defaults::HTTP_IN_FLIGHT_MAX,
             connections_max: defaults::HTTP_CONNECTIONS_MAX,
             drain_timeout: Duration::from_millis(defaults::HTTP_DRAIN_TIMEOUT_MS),
+            long_polls_per_key_max: defaults::CLAIM_LONG_POLLS_PER_KEY_MAX,
+            long_poll_recheck: Duration::from_millis(defaults::CLAIM_RECHECK_MS),
         }
     }
 }

@@ -14,7 +14,7 @@ const BUCKETS: [f64; 14] =
     [0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0];
 
 /// Every metric this process exports: name, type and help.
-pub const FAMILIES: [(&str, &str, &str); 20] = [
+pub const FAMILIES: [(&str, &str, &str); 21] = [
     ("airlock_gate_decisions_total", "counter", "Decisions made at each gate."),
     (
         "airlock_gateway_fail_open_total",
@@ -39,6 +39,11 @@ pub const FAMILIES: [(&str, &str, &str); 20] = [
         "Accepted submissions that carried no idempotency key, by topic (the release-gate report).",
     ),
     ("airlock_http_requests_total", "counter", "HTTP requests by method, route and status."),
+    (
+        "airlock_claim_looks_total",
+        "counter",
+        "Looks at the queue by worker claims; a waiting claim looks again when woken, not on a timer.",
+    ),
     ("airlock_http_request_seconds", "histogram", "HTTP request latency by route."),
     ("airlock_audit_records_total", "counter", "Audit records appended by this process."),
     ("airlock_safety_circuit_state", "gauge", "Safety-check circuit breaker: 0 closed, 1 half-open, 2 open."),

@@ -464,6 +464,7 @@ struct Inner {
     /// One permit per request being served (`http.in_flight_max`).
     in_flight_slots: tokio::sync::Semaphore,
     auth_failures: crate::auth::AuthFailures,
+    claim_waits: crate::claim_wait::ClaimWaits,
 }
 
 impl AppState {
@@ -486,6 +487,7 @@ impl AppState {
             refreshing: tokio::sync::Mutex::new(()),
             in_flight_slots,
             auth_failures: crate::auth::AuthFailures::default(),
+            claim_waits: crate::claim_wait::ClaimWaits::default(),
         }))
     }
 
@@ -521,6 +523,11 @@ impl AppState {
     /// Failed authentications by source address.
     pub fn auth_failures(&self) -> &crate::auth::AuthFailures {
         &self.0.auth_failures
+    }
+
+    /// Long-poll claims waiting, by key.
+    pub(crate) fn claim_waits(&self) -> &crate::claim_wait::ClaimWaits {
+        &self.0.claim_waits
     }
 
     /// Keys recently authenticated.

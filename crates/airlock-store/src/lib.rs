@@ -646,6 +646,11 @@ pub trait Store: Send + Sync {
         offset: u32,
         limit: u32,
     ) -> Result<Vec<JobRecord>, StoreError>;
+    /// The earliest `not_before` later than `now` of the tenant's queued jobs: when one becomes
+    /// dispatchable with nothing announcing it (a backoff or a throttle delay ending), so that a
+    /// claim with nothing to lease sleeps until then instead of polling.
+    async fn next_due(&self, tenant: &TenantId, now: Millis) -> Result<Option<Millis>, StoreError>;
+
     /// Applies Gate B's decision to a job that is still queued.
     async fn dispatch(&self, dispatch: Dispatch) -> Result<DispatchOutcome, StoreError>;
     /// Extends, at `now`, a lease held under `token` until `expires_at`; `Conflict` when the

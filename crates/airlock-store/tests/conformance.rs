@@ -980,6 +980,9 @@ async fn claim_holds_hand_each_job_to_one_claim_until_they_lapse() {
         let requeued = store.dispatch(dispatch(&ids[5], backoff)).await.unwrap();
         assert!(matches!(requeued, DispatchOutcome::Applied(_)), "{name}");
         assert_eq!(store.hold_next(&t, 1_001, 5_000).await.unwrap(), None, "{name}: not due yet");
+        assert_eq!(store.next_due(&t, 1_001).await.unwrap(), Some(1_002), "{name}: when it is due");
+        assert_eq!(store.next_due(&t, 1_002).await.unwrap(), None, "{name}: nothing due later");
+        assert_eq!(store.next_due(&tenant("other"), 0).await.unwrap(), None, "{name}: per tenant");
         let due = store.hold_next(&t, 1_002, 5_000).await.unwrap().unwrap();
         assert_eq!(due.id, ids[5], "{name}: the requeued job, no longer held");
         assert_eq!(store.hold_next(&t, 5_999, 5_000).await.unwrap(), None, "{name}: held until 6 000");

@@ -30,6 +30,8 @@
 //!   in_flight_max: 512             # the excess gets 503 + Retry-After
 //!   connections_max: 4096          # lowered to stay below the file limit
 //!   drain_timeout_ms: 30000
+//!   long_polls_per_key_max: 64     # claims one key keeps waiting; the excess gets 429
+//!   long_poll_recheck_ms: 1000     # a waiting claim is woken by new work; this is the safety net
 //! dry_run:                         # simulate/explain/diff with a candidate policy (operators)
 //!   candidate_bytes_max: 1048576
 //!   budget_ms: 2000                # compile + evaluate, off the async threads; over → 422
@@ -205,6 +207,10 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
                         "in_flight_max" => http.in_flight_max = usize::try_from(n).unwrap_or(usize::MAX),
                         "connections_max" => http.connections_max = usize::try_from(n).unwrap_or(usize::MAX),
                         "drain_timeout_ms" => http.drain_timeout = Duration::from_millis(n),
+                        "long_polls_per_key_max" => {
+                            http.long_polls_per_key_max = usize::try_from(n).unwrap_or(usize::MAX);
+                        }
+                        "long_poll_recheck_ms" => http.long_poll_recheck = Duration::from_millis(n),
                         _ => unknown(key, &HTTP_KEYS, &mut errors),
                     }
                 }
@@ -285,13 +291,15 @@ pub fn parse(text: &str) -> Result<Config, Vec<Diagnostic>> {
 }
 
 /// The keys of the `http` section.
-const HTTP_KEYS: [&str; 6] = [
+const HTTP_KEYS: [&str; 8] = [
     "header_read_timeout_ms",
     "idle_timeout_ms",
     "request_timeout_ms",
     "in_flight_max",
     "connections_max",
     "drain_timeout_ms",
+    "long_polls_per_key_max",
+    "long_poll_recheck_ms",
 ];
 
 /// A `gate_a` or `gate_b` section: the gate's fail modes and its check timeout.
@@ -432,7 +440,8 @@ mod tests {
     fn reads_listener_limits() {
         let config = parse(
             "http: { header_read_timeout_ms: 100, idle_timeout_ms: 50, request_timeout_ms: 200, \
-             in_flight_max: 3, connections_max: 9, drain_timeout_ms: 400 }\n",
+             in_flight_max: 3, connections_max: 9, drain_timeout_ms: 400, long_polls_per_key_max: 2, \
+             long_poll_recheck_ms: 700 }\n",
         )
         .unwrap();
         let http = &config.http;
@@ -444,7 +453,8 @@ mod tests {
             (http.request_timeout, http.drain_timeout),
             (Duration::from_millis(200), Duration::from_millis(400))
         );
-        assert_eq!((http.in_flight_max, http.connections_max), (3, 9));
+        assert_eq!((http.in_flight_max, http.connections_max, http.long_polls_per_key_max), (3, 9, 2));
+        assert_eq!(http.long_poll_recheck, Duration::from_millis(700));
         assert_eq!(parse("").unwrap().http.in_flight_max, airlock_core::defaults::HTTP_IN_FLIGHT_MAX);
         let dry =
             parse("dry_run: { candidate_bytes_max: 10, budget_ms: 20, regex_bytes_max: 30 }\n").unwrap();

@@ -80,9 +80,19 @@ pub struct ServeArgs {
     #[arg(long)]
     store: Option<String>,
     /// With `--store postgres://…`: also carry job wake-ups on NATS JetStream
-    /// (`nats://host:port`), drained from the store's transactional outbox.
+    /// (`nats://host:port`, or `tls://host:port` over TLS), drained from the store's
+    /// transactional outbox.
     #[arg(long)]
     bus: Option<String>,
+    /// Trust only this CA (PEM) for the `--bus` server's certificate (TLS is then required).
+    #[arg(long, requires = "bus")]
+    bus_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for a `--bus` server that verifies clients; needs `--bus-key`.
+    #[arg(long, requires_all = ["bus", "bus_key"])]
+    bus_cert: Option<PathBuf>,
+    /// The private key of `--bus-cert` (PEM).
+    #[arg(long, requires = "bus_cert")]
+    bus_key: Option<PathBuf>,
     /// The JetStream stream for `--bus` (one per deployment sharing a NATS server).
     #[arg(long, default_value = airlock_bus::DEFAULT_STREAM, hide = true)]
     bus_stream: String,
@@ -271,7 +281,12 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         if args.store.is_none() {
             return Err("`--bus` needs `--store postgres://…` (the embedded mode has no bus)".into());
         }
-        let bus = airlock_bus::NatsBus::connect(url, &args.bus_stream).await.map_err(|e| e.to_string())?;
+        let tls = airlock_bus::BusTls {
+            ca: args.bus_ca.clone(),
+            client: args.bus_cert.clone().zip(args.bus_key.clone()),
+        };
+        let bus =
+            airlock_bus::NatsBus::connect(url, &args.bus_stream, &tls).await.map_err(|e| e.to_string())?;
         airlock_server::relay::spawn_relay(state.clone(), bus.clone());
         if matches!(args.role, Role::All | Role::Scheduler) {
             // Every scheduler sees every wake-up: one durable consumer per process.

@@ -1,16 +1,20 @@
 //! `airlock worker --terraform DIR`: governed apply. A plan job is applied only from a plan file
-//! whose sha256 is the job's `plan_hash` (the hash its approvals are bound to); the verified
+//! whose sha256 is the job's `plan_hash` (the hash its approvals are bound to) and whose changes,
+//! read back with `terraform show -json FILE`, are exactly the changes that were decided (the
+//! job's payload): a plan JSON that does not describe the plan file is refused. The verified
 //! bytes are copied to a private file first, so that swapping the file after the check cannot
-//! change what is applied. Runs `terraform apply -input=false -no-color FILE` (or `tofu`) in
-//! DIR; the effect ledger keeps a retried job from applying twice.
+//! change what is shown or applied. Runs `terraform apply -input=false -no-color FILE` (or
+//! `tofu`) in DIR; the effect ledger keeps a retried job from applying twice.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 
-use airlock_plan::{LABEL_PLAN_FILE, PLAN_TOPIC};
+use airlock_plan::{LABEL_PLAN_FILE, PLAN_BYTES_MAX, PLAN_TOPIC, Plan};
 use airlock_worker::{Job, Outcome};
 use serde_json::{Value, json};
+
+use crate::worker_cmd::Capture;
 
 /// The plan file applied when the job's labels name none.
 pub const PLAN_FILE_DEFAULT: &str = "tfplan";
@@ -29,10 +33,11 @@ pub struct Apply {
 pub type Ran = (ExitStatus, Vec<u8>, Vec<u8>);
 
 impl Apply {
-    /// Checks the plan file against the job's hash and, when it matches, applies it through
-    /// `run` (which runs the command, honouring cancellation). Every refusal is a final failure:
-    /// a retry would find the same file.
-    pub fn run(&self, job: &Job, run: impl FnOnce(Command) -> Result<Ran, Outcome>) -> Outcome {
+    /// Checks the plan file against the job's hash and its changes against the decided ones
+    /// and, when both match, applies it; `run` runs each command (honouring cancellation) and
+    /// keeps its stdout as `Capture` says. Every refusal is a final failure: a retry would find
+    /// the same file.
+    pub fn run(&self, job: &Job, mut run: impl FnMut(Command, Capture) -> Result<Ran, Outcome>) -> Outcome {
         let verified = match self.verify(job) {
             Ok(verified) => verified,
             Err(why) => return Outcome::Failed(why),
@@ -53,9 +58,13 @@ impl Apply {
                 private.display()
             ));
         }
+        if let Err(outcome) = self.check_changes(job, &private_name, &mut run) {
+            let _ = std::fs::remove_file(&private);
+            return outcome;
+        }
         let mut command = Command::new(&self.bin);
         command.current_dir(&self.dir).args(["apply", "-input=false", "-no-color", &private_name]);
-        let ran = run(command);
+        let ran = run(command, Capture::Tail(OUTPUT_TAIL_BYTES));
         let _ = std::fs::remove_file(&private);
         let (status, stdout, stderr) = match ran {
             Ok(ran) => ran,
@@ -76,6 +85,41 @@ impl Apply {
                 Outcome::Failed(format!("`{} apply` {how}: {}", self.bin, tail.trim()))
             }
         }
+    }
+
+    /// Reads the plan file (`name` in the working directory) back with `show -json` and
+    /// compares its changes with the job's payload, the changes that were decided.
+    fn check_changes(
+        &self,
+        job: &Job,
+        name: &str,
+        run: &mut impl FnMut(Command, Capture) -> Result<Ran, Outcome>,
+    ) -> Result<(), Outcome> {
+        let refuse = |why: String| Outcome::Failed(format!("{why}; refusing to apply, nothing was applied"));
+        let decided = job
+            .payload
+            .get("changes")
+            .and_then(Value::as_array)
+            .ok_or_else(|| refuse("the job's payload has no `changes` list".into()))?;
+        let mut command = Command::new(&self.bin);
+        command.current_dir(&self.dir).args(["show", "-json", name]);
+        let (status, stdout, stderr) = run(command, Capture::Head(PLAN_BYTES_MAX + 1))?;
+        let show = format!("`{} show -json`", self.bin);
+        if status.code() != Some(0) {
+            let how = status.code().map_or_else(|| "was killed".to_owned(), |c| format!("exited {c}"));
+            let tail = String::from_utf8_lossy(&stderr);
+            return Err(refuse(format!("{show} of the plan file {how}: {}", tail.trim())));
+        }
+        let shown = Plan::parse(&stdout).map_err(|e| refuse(format!("{show} of the plan file: {e}")))?;
+        let differences = airlock_plan::compare::differences(decided, &shown.changes);
+        if differences.is_empty() {
+            return Ok(());
+        }
+        Err(refuse(format!(
+            "the plan file does not hold the changes that were decided ({} of them differ): {}",
+            differences.len(),
+            airlock_plan::compare::describe(&differences)
+        )))
     }
 
     /// The plan file's name, the job's plan hash, and the file's bytes once they hash to it.

@@ -55,8 +55,9 @@ pub struct WorkerArgs {
     /// instead of running a command.
     ///
     /// The plan file (the job's `tf_plan_file` label, default `tfplan`) is applied only when its
-    /// sha256 is the job's `plan_hash`; otherwise the job fails with the reason. The result holds
-    /// the end of `apply`'s output. Without `--ledger`, the effect ledger is
+    /// sha256 is the job's `plan_hash` and `terraform show -json` of it gives exactly the changes
+    /// that were decided; otherwise the job fails with the reason and nothing is applied. The
+    /// result holds the end of `apply`'s output. Without `--ledger`, the effect ledger is
     /// DIR/.airlock-apply-ledger.jsonl, so a retried job never applies twice.
     #[arg(long, value_name = "DIR")]
     terraform: Option<PathBuf>,
@@ -283,9 +284,9 @@ impl Exec {
                     Err(outcome) => outcome,
                 }
             }
-            Run::Terraform(apply) => apply.run(job, |command| {
-                self.run_child(command, job, None, Capture::Tail(crate::terraform_apply::OUTPUT_TAIL_BYTES))
-            }),
+            Run::Terraform(apply) => {
+                apply.run(job, |command, capture| self.run_child(command, job, None, capture))
+            }
         }
     }
 
@@ -358,7 +359,7 @@ impl Exec {
 
 /// Which part of stdout is kept.
 #[derive(Clone, Copy)]
-enum Capture {
+pub enum Capture {
     /// The first bytes (a result: past the limit it is refused, not cut).
     Head(usize),
     /// The last bytes (a log whose end says how it went).

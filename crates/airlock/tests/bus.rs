@@ -95,7 +95,7 @@ fn the_bus_alone_wakes_a_waiting_claim() {
                 call(&b, "/api/v1/workers/claim", &worker, Some(json!({"wait_ms": 5000}).to_string()))
             })
         };
-        // Just after the claim's poll at 200 ms: polling alone would wait 110-190 ms.
+        // Mid-wait: without the wake-up the claim would wait for its 1 s safety-net re-check.
         std::thread::sleep(Duration::from_millis(210 + 20 * n));
         let submitted_at = Instant::now();
         let body = json!({"topic": "infra.vm.create", "env": "dev", "payload": {"wake": n}}).to_string();

@@ -1,7 +1,8 @@
 //! The operator console in real headless Chromium, against the real binary in embedded mode:
 //! sign-in and out, the inbox updating live, approve → queued → a worker runs the job, refusals
 //! (self-approval, stale binding after a publish), reject with a comment, quorum 2, the DLQ,
-//! policy pages, CSRF, session expiry, revocation, and agent-sent markup that must stay text.
+//! policy pages, CSRF, session expiry, revocation, and agent-sent markup that must stay text;
+//! a Terraform plan job's changes with each change's decision.
 //! Every page is checked with axe-core and photographed at 1280×800 and 390×844
 //! (`AIRLOCK_SCREENSHOTS_DIR=docs/console` refreshes the committed set).
 
@@ -463,4 +464,116 @@ fn csrf_expiry_revocation_and_agent_markup_stay_inert() {
     assert!(del.status().is_success(), "revoke: {}", del.status());
     b.goto(&site.url("/inbox"));
     assert!(b.url().contains("/login"), "a revoked key's session ends: {}", b.url());
+}
+
+#[test]
+fn a_plan_job_shows_its_changes_and_each_changes_decision() {
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let site = Site::start("console-plan", "{}\n", &[]);
+    let b = &site.browser;
+    let terraform = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/policies/terraform.yaml"),
+    )
+    .unwrap();
+    let (status, reply) = post(&site.addr, "/api/v1/policy/publish", ADMIN, &terraform);
+    assert_eq!(status, 201, "{reply}");
+    const SECRET: &str = "PLANTED-console-db-password-55e1";
+    let xss = "<script>window.__pwned=1;alert(1)</script>\"><img src=x onerror=alert(1)>";
+    let web = "module.edge[\"<img src=x onerror=alert(1)>\"].aws_instance.web";
+    let plan = json!({
+        "format_version": "1.2",
+        "terraform_version": "1.6.6",
+        "planned_values": {"root_module": {}},
+        "resource_changes": [
+            {"address": "aws_db_instance.main", "mode": "managed", "type": "aws_db_instance", "name": "main",
+             "provider_name": "registry.terraform.io/hashicorp/aws",
+             "change": {"actions": ["delete", "create"],
+                        "before": {"engine": "postgres", "allocated_storage": 20, "password": SECRET},
+                        "after": {"engine": "postgres", "allocated_storage": 50, "password": SECRET},
+                        "before_sensitive": {"password": true}, "after_sensitive": {"password": true}}},
+            {"address": "aws_iam_policy.ops", "mode": "managed", "type": "aws_iam_policy", "name": "ops",
+             "provider_name": "registry.terraform.io/hashicorp/aws",
+             "change": {"actions": ["update"],
+                        "before": {"policy": "{\"Statement\":[{\"Action\":\"s3:GetObject\"}]}"},
+                        "after": {"policy": "{\"Statement\":[{\"Action\":\"s3:PutObject\"}]}"}}},
+            {"address": web, "module_address": "module.edge[\"<img src=x onerror=alert(1)>\"]",
+             "mode": "managed", "type": "aws_instance", "name": "web",
+             "provider_name": "registry.terraform.io/hashicorp/aws",
+             "change": {"actions": ["create"], "before": null,
+                        "after": {"ami": "ami-123", "tags": {"note": xss}}}},
+            {"address": "aws_instance.unchanged", "type": "aws_instance", "name": "unchanged",
+             "change": {"actions": ["no-op"], "before": {}, "after": {}}},
+        ],
+    });
+    let (status, submitted) = post(&site.addr, "/api/v1/plans?env=production", &site.agent, plan);
+    assert_eq!(status, 202, "{submitted}");
+    assert_eq!(submitted["state"], "awaiting_approval", "{submitted}");
+    let job_id = submitted["job_id"].as_str().unwrap();
+    let approval_id = submitted["approval"]["id"].as_str().unwrap();
+
+    b.sign_in(&site.base, &site.alice);
+    b.goto(&site.url(&format!("/approvals/{approval_id}")));
+    b.find("#approve");
+    let overall = b.text(&b.find("#plan-decision"));
+    assert!(
+        overall.contains("require_human")
+            && overall.contains("two-approvers-stateful-destroy")
+            && overall.contains("human-iam-policy-change"),
+        "the plan's decision, from its changes: {overall}"
+    );
+    assert!(b.try_find("table.trace").is_none(), "no single-job rule trace for a plan job");
+    let expected = [
+        (
+            "aws_db_instance.main",
+            "delete, create",
+            "require_human",
+            "two-approvers-stateful-destroy",
+            "two approvers",
+        ),
+        (
+            "aws_iam_policy.ops",
+            "update",
+            "require_human",
+            "human-iam-policy-change",
+            "IAM policy changes need a human",
+        ),
+        (web, "create", "allow", "(default)", "no rule restricts this change"),
+    ];
+    let check_rows = |page: &str| {
+        let table = b.find("#plan-decisions");
+        let caption = b.text(&table);
+        assert!(caption.contains("3 changes"), "{page}: the no-op is not a change: {caption}");
+        for (address, actions, decision, rules, reason) in expected {
+            let row = b.text(
+                &b.find(&format!("#plan-decisions tr[data-address='{}']", address.replace('\'', "\\'"))),
+            );
+            for part in [address, actions, decision, rules, reason] {
+                assert!(row.contains(part), "{page}: `{part}` in the row of {address}: {row}");
+            }
+        }
+        let db = b.text(&b.find("table.plan"));
+        assert!(
+            db.contains("aws_db_instance.main")
+                && db.contains("require_human")
+                && db.contains("allocated_storage")
+                && db.contains("50"),
+            "{page}: the first change's before and after: {db}"
+        );
+        let source = b.exec("return document.documentElement.outerHTML", json!([]));
+        let source = source.as_str().unwrap();
+        assert!(!source.contains(SECRET), "{page}: a sensitive value reached the page");
+        assert!(source.contains("(sensitive)"), "{page}: the sensitive value is shown as replaced");
+        assert!(
+            b.text(&b.find("main")).contains("<img src=x onerror=alert(1)>"),
+            "{page}: agent markup as text"
+        );
+        b.assert_inert(page);
+    };
+    check_rows("the plan's approval page");
+    b.check_page("approval-plan");
+
+    b.goto(&site.url(&format!("/jobs/{job_id}")));
+    b.wait_text("#job-state", "awaiting_approval", Duration::from_secs(2));
+    check_rows("the plan's job page");
+    b.check_page("job-plan");
 }

@@ -3,7 +3,7 @@
 //! planted sensitive value appears in no output, answer, audit record, log or stored byte.
 //! End to end: `plan submit` → require_human → two approvals → `worker --terraform` applies with
 //! a stand-in `terraform` → succeeded; a plan file swapped after approval is refused and the job
-//! fails with the reason; Gate B re-decides every change under the snapshot active at claim.
+//! fails with the reason, and so is a plan file whose `show -json` is not the plan decided; Gate B re-decides every change under the snapshot active at claim.
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic, reason = "a test fails by panicking")]
 
@@ -263,21 +263,44 @@ impl Server {
     }
 }
 
-/// A stand-in `terraform` in `dir`: records each apply (the sha256 of the plan it was given)
-/// in `applied.log` in its working directory.
-fn stand_in(dir: &Path) -> PathBuf {
-    let path = dir.join("fake-terraform");
+/// A stand-in `terraform` in `dir`, called `name`: every call is logged in `calls.log` in its
+/// working directory; `show -json FILE` prints the plan JSON registered for FILE's sha256 (see
+/// [`shows`]); `apply ... FILE` records FILE's sha256 in `applied.log`, runs `then`, and
+/// reports success.
+fn stand_in(dir: &Path, name: &str, then: &str) -> PathBuf {
+    let path = dir.join(name);
+    let registered = dir.join("shows");
+    std::fs::create_dir_all(&registered).unwrap();
     std::fs::write(
         &path,
-        "#!/bin/sh\n\
-         [ \"$1\" = apply ] || { echo \"unexpected arguments: $*\" >&2; exit 64; }\n\
-         for plan; do :; done\n\
-         echo \"$(sha256sum \"$plan\" | cut -d' ' -f1) $*\" >> applied.log\n\
-         echo 'Apply complete! Resources: 0 added, 0 changed, 1 destroyed.'\n",
+        format!(
+            "#!/bin/sh\n\
+             echo \"$*\" >> calls.log\n\
+             for plan; do :; done\n\
+             sum=$(sha256sum \"$plan\" | cut -d' ' -f1)\n\
+             case \"$1\" in\n\
+             show) [ \"$2\" = -json ] && exec cat '{}'/\"$sum\".json ;;\n\
+             apply) echo \"$sum $*\" >> applied.log; {then}\n\
+               echo 'Apply complete! Resources: 0 added, 0 changed, 1 destroyed.'; exit 0 ;;\n\
+             esac\n\
+             echo \"unexpected arguments: $*\" >&2; exit 64\n",
+            registered.display()
+        ),
     )
     .unwrap();
     Command::new("chmod").arg("+x").arg(&path).status().unwrap();
     path
+}
+
+/// Makes the stand-in in `dir` answer `show -json` of a plan file holding `plan_file` with the
+/// plan JSON in `plan_json`.
+fn shows(dir: &Path, plan_file: &[u8], plan_json: &Path) {
+    std::fs::copy(plan_json, dir.join("shows").join(format!("{}.json", sha256_hex(plan_file)))).unwrap();
+}
+
+/// Every call the stand-in got in `work`, one line each.
+fn calls(work: &Path) -> Vec<String> {
+    std::fs::read_to_string(work.join("calls.log")).unwrap_or_default().lines().map(str::to_owned).collect()
 }
 
 fn worker(server: &Server, key: &str, dir: &Path, bin: &Path) -> support::Process {
@@ -320,10 +343,11 @@ fn a_submitted_plan_is_approved_applied_once_and_a_swapped_plan_file_is_refused(
     );
     let work = server.dir.join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let bin = stand_in(&server.dir);
+    let bin = stand_in(&server.dir, "fake-terraform", "");
     let plan_bytes: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(work.join("tfplan"), &plan_bytes).unwrap();
     let plan_json = corpus("checkov__plan_with_deleted_resources__tfplan.json");
+    shows(&server.dir, &plan_bytes, &plan_json);
     let plan_file = work.join("tfplan");
 
     let (code, first) = server.submit(
@@ -372,6 +396,13 @@ fn a_submitted_plan_is_approved_applied_once_and_a_swapped_plan_file_is_refused(
     let applied = applies(&work);
     assert_eq!(applied.len(), 1, "{applied:?}");
     assert!(applied[0].starts_with(&sha256_hex(&plan_bytes)), "the approved bytes were applied: {applied:?}");
+    let called = calls(&work);
+    assert_eq!(called.len(), 2, "{called:?}");
+    assert!(
+        called[0].starts_with("show -json .airlock-apply-"),
+        "the plan file was read back first: {called:?}"
+    );
+    assert!(called[1].starts_with("apply -input=false -no-color .airlock-apply-"), "{called:?}");
     assert!(
         !work.read_dir().unwrap().any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".tfplan")),
         "the private copy is gone"
@@ -396,6 +427,45 @@ fn a_submitted_plan_is_approved_applied_once_and_a_swapped_plan_file_is_refused(
     let error = failed["error"].as_str().unwrap();
     assert!(error.contains("refusing to apply") && error.contains(&sha256_hex(&swapped_bytes)), "{error}");
     assert_eq!(applies(&work).len(), 1, "nothing more was applied");
+    assert_eq!(calls(&work).len(), 2, "the swapped file was not even shown: {:?}", calls(&work));
+    std::fs::remove_dir_all(&server.dir).unwrap();
+}
+
+#[test]
+fn a_plan_file_that_does_not_hold_the_decided_changes_is_never_applied() {
+    let server = Server::start("tf-mismatch");
+    let (agent, runner) = (server.key("agent", &["submitter"]), server.key("runner", &["worker"]));
+    let work = server.dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let bin = stand_in(&server.dir, "fake-terraform", "");
+    // A harmless plan JSON is submitted and allowed; the plan file beside it (the one its hash
+    // binds) is a plan that deletes a secret.
+    let harmless = corpus("terraform-compliance-cli__test_multiple_failures__plan.out.json");
+    let destructive_bytes = b"a plan file that deletes a secret".to_vec();
+    std::fs::write(work.join("tfplan"), &destructive_bytes).unwrap();
+    shows(&server.dir, &destructive_bytes, &corpus("checkov__plan_with_pure_deleted_resources__tfplan.json"));
+    let plan_file = work.join("tfplan");
+    let (code, submitted) =
+        server.submit(&agent, &harmless, &["--env", "staging", "--plan-file", plan_file.to_str().unwrap()]);
+    assert_eq!((code, &submitted["state"]), (0, &json!("queued")), "{submitted}");
+    let id = submitted["job_id"].as_str().unwrap();
+
+    let _worker = worker(&server, &runner, &work, &bin);
+    let failed = server.wait_for(id, &agent, "failed");
+    let error = failed["error"].as_str().unwrap();
+    for part in [
+        "the plan file does not hold the changes that were decided",
+        "`aws_security_group.failure` (create) was decided but is not in the plan file",
+        "(delete) is in the plan file but was not decided",
+        "nothing was applied",
+    ] {
+        assert!(error.contains(part), "`{part}` in the error: {error}");
+    }
+    let called = calls(&work);
+    assert!(called.iter().any(|c| c.starts_with("show -json ")), "the plan file was read back: {called:?}");
+    assert!(!called.iter().any(|c| c.starts_with("apply")), "apply was never called: {called:?}");
+    assert!(applies(&work).is_empty());
+    assert_eq!(failed["attempts"]["execution"], 1, "a refusal is final, not retried: {failed:#}");
     std::fs::remove_dir_all(&server.dir).unwrap();
 }
 
@@ -541,14 +611,9 @@ fn a_plan_applied_whose_report_was_lost_is_not_applied_again_on_retry() {
     std::fs::create_dir_all(&work).unwrap();
     std::fs::write(work.join("tfplan"), b"an allowed plan").unwrap();
     // A stand-in whose apply takes a while, so the worker can be stopped while it runs.
-    let bin = server.dir.join("slow-terraform");
-    std::fs::write(
-        &bin,
-        "#!/bin/sh\nfor plan; do :; done\necho \"$(sha256sum \"$plan\" | cut -d' ' -f1) $*\" >> applied.log\nsleep 1\necho 'Apply complete!'\n",
-    )
-    .unwrap();
-    Command::new("chmod").arg("+x").arg(&bin).status().unwrap();
+    let bin = stand_in(&server.dir, "slow-terraform", "sleep 1");
     let plan = corpus("terraform-compliance-cli__test_multiple_failures__plan.out.json");
+    shows(&server.dir, b"an allowed plan", &plan);
     let plan_file = work.join("tfplan");
     let (code, submitted) =
         server.submit(&agent, &plan, &["--env", "staging", "--plan-file", plan_file.to_str().unwrap()]);

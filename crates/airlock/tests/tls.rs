@@ -227,3 +227,113 @@ fn bad_tls_files_stop_the_start_with_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cert.pem"), "{stderr}");
 }
+
+/// A NATS server of this test's own serving only TLS with `cert`/`key`, verifying client
+/// certificates against `client_ca`, with JetStream stored under `dir`; its address.
+fn tls_nats(dir: &Path, cert: &Path, key: &Path, client_ca: &Path) -> (support::Process, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(support::NATS_BIN)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(dir.join("jetstream"))
+        .arg("--tls")
+        .arg("--tlscert")
+        .arg(cert)
+        .arg("--tlskey")
+        .arg(key)
+        .arg("--tlsverify")
+        .arg("--tlscacert")
+        .arg(client_ca)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let process = support::Process(child);
+    assert!(support::wait_reachable(&addr, Duration::from_secs(10)), "nats-server did not start");
+    (process, addr)
+}
+
+/// `serve --store … --bus tls://…` with `bus_tls`: the running replica and its address, or
+/// the process's exit status and stderr when it stopped instead (within 20 s).
+fn bus_replica(store: &str, nats: &str, stream: &str, bus_tls: &[&Path]) -> Result<Server, String> {
+    let flags = ["--bus-ca", "--bus-cert", "--bus-key"];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--store", store])
+        .args(["--bus", &format!("tls://{nats}"), "--bus-stream", stream])
+        .args(
+            flags.iter().zip(bus_tls).flat_map(|(flag, path)| [std::ffi::OsStr::new(flag), path.as_os_str()]),
+        )
+        .env("AIRLOCK_ADMIN_KEY", "tls-admin-key-0123456789")
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    match lines.next() {
+        Some(Ok(line)) if line.contains("listening on http://") => {
+            let addr = line.split("http://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+            std::thread::spawn(move || lines.for_each(drop));
+            Ok(Server { child, addr })
+        }
+        _ => {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                assert!(Instant::now() < deadline, "the replica neither served nor stopped");
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            let mut stderr = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+            Err(format!("{status}: {stderr}"))
+        }
+    }
+}
+
+#[test]
+fn the_job_bus_runs_over_tls_and_a_wrong_ca_is_refused() {
+    let dir = support::temp_dir("tls-bus");
+    let ca = Ca::new();
+    let ca_file = ca.write(&dir);
+    let write = |name: &str, (cert, key): (String, String)| {
+        let (cert_file, key_file) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        std::fs::write(&cert_file, cert).unwrap();
+        std::fs::write(&key_file, key).unwrap();
+        (cert_file, key_file)
+    };
+    let (server_cert, server_key) =
+        write("nats", ca.leaf(&["localhost", "127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth));
+    let (client_cert, client_key) =
+        write("airlock", ca.leaf(&["airlock"], ExtendedKeyUsagePurpose::ClientAuth));
+    let (_nats, nats) = tls_nats(&dir, &server_cert, &server_key, &ca_file);
+    let schema = support::Schema::create("tlsbus");
+    let stream = format!("AIRLOCK_TLS_{}", std::process::id());
+
+    // With the CA and a client certificate it signed, the relay publishes over TLS: the outbox
+    // row of a submitted job is deleted only once JetStream acknowledged its wake-up.
+    let replica = bus_replica(&schema.url(), &nats, &stream, &[&ca_file, &client_cert, &client_key])
+        .unwrap_or_else(|e| panic!("the replica did not start over TLS: {e}"));
+    let agent = support::key(&replica.addr, "tls-admin-key-0123456789", "acme", "agent", &["submitter"]);
+    let body = serde_json::json!({"topic": "infra.vm.create", "env": "dev"});
+    assert_eq!(support::post(&replica.addr, "/api/v1/jobs", &agent, body).0, 202);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while schema.count("SELECT COUNT(*) FROM outbox") != 0 {
+        assert!(Instant::now() < deadline, "the relay never published over TLS");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(replica);
+
+    // A CA that did not sign the server's certificate: the replica stops and says why.
+    let other_ca = Ca::new().write(&support::temp_dir("tls-bus-other"));
+    let refused = bus_replica(&schema.url(), &nats, &stream, &[&other_ca, &client_cert, &client_key]);
+    let error = refused.err().expect("a server certificate of another CA was trusted");
+    assert!(error.contains(&format!("cannot connect to tls://{nats}")), "{error}");
+    assert!(error.to_lowercase().contains("certificate"), "{error}");
+    eprintln!("wrong CA: {error}");
+    // The right CA without a client certificate: the server refuses the replica.
+    let refused = bus_replica(&schema.url(), &nats, &stream, &[&ca_file]);
+    let error = refused.err().expect("a replica without a client certificate was let in");
+    assert!(error.contains(&format!("cannot connect to tls://{nats}")), "{error}");
+}

@@ -508,6 +508,18 @@ impl Store for PgStore {
         self.read(&sql, &[&tenant.as_str(), &now, &big(limit), &big(offset)], job_from_row).await
     }
 
+    async fn next_due(&self, tenant: &TenantId, now: Millis) -> Result<Option<Millis>, StoreError> {
+        let due = self
+            .read(
+                "SELECT not_before FROM jobs WHERE tenant = $1 AND state = 'queued' AND not_before > $2
+                 ORDER BY not_before LIMIT 1",
+                &[&tenant.as_str(), &now],
+                |r| get::<i64>(r, 0),
+            )
+            .await?;
+        Ok(due.into_iter().next())
+    }
+
     async fn dispatch(&self, dispatch: Dispatch) -> Result<DispatchOutcome, StoreError> {
         let Written::Dispatched(outcome) = self.grouped(Write::Dispatch(Box::new(dispatch))).await? else {
             return Err(mismatch());

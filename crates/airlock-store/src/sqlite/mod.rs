@@ -646,6 +646,22 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn next_due(&self, tenant: &TenantId, now: Millis) -> Result<Option<Millis>, StoreError> {
+        let tenant = tenant.to_string();
+        self.read(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT not_before FROM jobs WHERE tenant = ?1 AND state = 'queued' AND not_before > ?2
+                 ORDER BY not_before LIMIT 1",
+            )?;
+            let mut rows = statement.query(params![tenant, now])?;
+            Ok(match rows.next()? {
+                Some(row) => Some(row.get(0)?),
+                None => None,
+            })
+        })
+        .await
+    }
+
     async fn dispatch(&self, dispatch_: Dispatch) -> Result<DispatchOutcome, StoreError> {
         let id = dispatch_.job_id.clone();
         let reply = self.write(Box::new(move |tx| dispatch(tx, dispatch_))).await;
