@@ -142,6 +142,8 @@ pub struct Config {
     pub safety_token: Option<String>,
     /// Where the safety check runs when it is not in this process (`--safety-url`).
     pub remote_safety: Option<crate::remote_safety::RemoteSafety>,
+    /// The key the safety service signs its answers with (`--role safety --safety-answer-key`).
+    pub safety_answer_key: Option<Arc<crate::remote_safety::AnswerSigner>>,
     /// The listener's timeouts and limits.
     pub http: crate::listener::HttpLimits,
     /// What a dry-run with a candidate policy may cost.
@@ -204,6 +206,7 @@ impl Default for Config {
             pools: Vec::new(),
             safety_token: None,
             remote_safety: None,
+            safety_answer_key: None,
             http: crate::listener::HttpLimits::default(),
             dry_run: DryRunLimits::default(),
             auth_failures_per_minute: defaults::AUTH_FAILURES_PER_MINUTE,
