@@ -28,11 +28,11 @@ pub struct AuditSigner {
     key: Ed25519KeyPair,
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(text: &str) -> Option<Vec<u8>> {
+pub(crate) fn unhex(text: &str) -> Option<Vec<u8>> {
     let text = text.trim();
     if !text.len().is_multiple_of(2) {
         return None;
@@ -44,25 +44,7 @@ impl AuditSigner {
     /// Reads the PKCS#8 key at `path`, or generates one there (mode 0600) when the file does
     /// not exist; whether it was generated.
     pub fn load_or_create(path: &Path) -> Result<(Self, bool), String> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let created = !path.exists();
-        if created {
-            let document = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
-                .map_err(|_| "cannot generate an Ed25519 key".to_owned())?;
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| format!("cannot create the audit key `{}`: {e}", path.display()))?;
-            file.write_all(document.as_ref())
-                .map_err(|e| format!("cannot write the audit key `{}`: {e}", path.display()))?;
-        }
-        let bytes = std::fs::read(path)
-            .map_err(|e| format!("cannot read the audit key `{}`: {e}", path.display()))?;
-        let key = Ed25519KeyPair::from_pkcs8(&bytes)
-            .map_err(|_| format!("`{}` is not an Ed25519 PKCS#8 key", path.display()))?;
+        let (key, created) = ed25519_key(path, "audit key")?;
         Ok((Self { key }, created))
     }
 
@@ -80,6 +62,31 @@ impl AuditSigner {
         }
         body
     }
+}
+
+/// Reads the Ed25519 PKCS#8 key at `path` (`what` names it in errors), or generates one there
+/// (mode 0600) when the file does not exist; whether it was generated.
+pub(crate) fn ed25519_key(path: &Path, what: &str) -> Result<(Ed25519KeyPair, bool), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let created = !path.exists();
+    if created {
+        let document = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+            .map_err(|_| "cannot generate an Ed25519 key".to_owned())?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| format!("cannot create the {what} `{}`: {e}", path.display()))?;
+        file.write_all(document.as_ref())
+            .map_err(|e| format!("cannot write the {what} `{}`: {e}", path.display()))?;
+    }
+    let bytes =
+        std::fs::read(path).map_err(|e| format!("cannot read the {what} `{}`: {e}", path.display()))?;
+    let key = Ed25519KeyPair::from_pkcs8(&bytes)
+        .map_err(|_| format!("`{}` is not an Ed25519 PKCS#8 key", path.display()))?;
+    Ok((key, created))
 }
 
 fn unsigned(at: i64, heads: &Heads) -> Value {

@@ -34,7 +34,7 @@ use serde_json::{Value, json};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::state::{AppState, FailMode, now_ms, random_bytes};
+use crate::state::{AppState, now_ms, random_bytes};
 use crate::wire::{self, Query, json_object, merge, only_fields};
 
 /// Longest a claim waits for work.
@@ -246,10 +246,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
     let topic = state.metrics().topic(&job.topic);
     let active = state.safety().active();
     let classes: Vec<&str> = active.policy.classes_of(&job.topic).collect();
-    let fail_mode = match state.config().gate_b_fail.for_topic(&job.topic, &classes) {
-        FailMode::Closed => dispatch::FailMode::Closed,
-        FailMode::Open => dispatch::FailMode::Open,
-    };
+    let fail_mode = state.config().gate_b_fail.for_topic(&job.topic, &classes);
 
     let (answer, decided) = match safety_check(state, &policy_job, now).await {
         Ok(checked) => {
@@ -321,7 +318,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
         "reason": gate.reason,
         "snapshot": gate.snapshot_hash,
         "snapshot_version": gate.snapshot_version,
-        "fail_mode": fail_mode_name(fail_mode),
+        "fail_mode": fail_mode.as_str(),
         "scheduling_attempts": job.dispatch.scheduling_attempts,
     });
     if let Some(c) = &decided {
@@ -459,13 +456,6 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
 
 fn ms(value: u64) -> Millis {
     i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn fail_mode_name(mode: dispatch::FailMode) -> &'static str {
-    match mode {
-        dispatch::FailMode::Closed => "closed",
-        dispatch::FailMode::Open => "open",
-    }
 }
 
 /// The safety check behind the breaker: `Err((reason label, description))` when unavailable.
@@ -776,7 +766,7 @@ pub async fn dlq_list(
     caller: Caller,
     RawQuery(params): RawQuery<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require(Role::Operator)?;
+    caller.require_read(Role::Operator)?;
     let q = Query::new(params, &["topic", "reason", "after", "limit"])?;
     let (topic, reason) = (q.get::<String>("topic")?, q.get::<String>("reason")?);
     let limit = q.limit()?;
@@ -822,7 +812,7 @@ pub async fn dlq_get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require(Role::Operator)?;
+    caller.require_read(Role::Operator)?;
     let job = dead_lettered(&state, &caller, &id).await?;
     let mut v = crate::jobs::view(&state, &job).await?;
     if let Some(o) = v.as_object_mut() {

@@ -61,7 +61,7 @@ impl TlsConfig {
     }
 }
 
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("cannot read certificates from `{}`: {e}", path.display()))?
         .collect::<Result<Vec<_>, _>>()

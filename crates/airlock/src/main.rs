@@ -36,7 +36,7 @@ enum Command {
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
     /// Run the service (embedded mode: one process, one SQLite file).
-    Serve(serve_cmd::ServeArgs),
+    Serve(Box<serve_cmd::ServeArgs>),
     /// Start Airlock in-process and walk through every case of the dual-gate model.
     Demo,
     /// Submit a job to a server through Gate A.
@@ -95,7 +95,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Policy(command) => policy_cmd::run(command),
-        Command::Serve(args) => serve_cmd::run(args),
+        Command::Serve(args) => serve_cmd::run(*args),
         Command::Demo => demo_cmd::run(),
         Command::Submit(args) => client_cmd::submit(&args),
         Command::Jobs(command) => client_cmd::jobs(command),

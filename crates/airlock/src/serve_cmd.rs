@@ -65,10 +65,29 @@ pub struct ServeArgs {
     /// What this process runs: everything, or only the safety service.
     #[arg(long, value_enum, default_value_t = Role::All)]
     role: Role,
-    /// Call the safety service at this URL (`http://host:port`) instead of evaluating in
-    /// process; the token comes from `AIRLOCK_SAFETY_TOKEN`.
+    /// Call the safety service at this URL (`http://host:port`, or `https://host:port` with
+    /// `--safety-ca`) instead of evaluating in process; the token comes from
+    /// `AIRLOCK_SAFETY_TOKEN`.
     #[arg(long)]
     safety_url: Option<String>,
+    /// The CA (PEM) that signed the `https://` safety service's certificate; only it is trusted.
+    #[arg(long, requires = "safety_url")]
+    safety_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for a safety service that verifies callers (its
+    /// `--tls-client-ca`); needs `--safety-key`.
+    #[arg(long, requires_all = ["safety_ca", "safety_key"])]
+    safety_cert: Option<PathBuf>,
+    /// The private key of `--safety-cert` (PEM).
+    #[arg(long, requires = "safety_cert")]
+    safety_key: Option<PathBuf>,
+    /// The safety service's answer key (64 hex digits, printed by `--role safety
+    /// --safety-answer-key`): answers not signed with it count as the service unavailable.
+    #[arg(long, requires = "safety_url")]
+    safety_public_key: Option<String>,
+    /// With `--role safety`: sign every answer with this Ed25519 key (PKCS#8), generated (mode
+    /// 0600) when the file does not exist; its public key is printed.
+    #[arg(long)]
+    safety_answer_key: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -226,8 +245,26 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     if args.role == Role::Safety {
         config.safety_token = Some(token()?);
     }
+    if let Some(path) = &args.safety_answer_key {
+        if args.role != Role::Safety {
+            return Err("`--safety-answer-key` is for `--role safety`".into());
+        }
+        let (key, created) = airlock_server::remote_safety::AnswerSigner::load_or_create(path)?;
+        let how = if created { "generated" } else { "loaded" };
+        println!(
+            "safety answer key {how} at {}; public key (for `--safety-public-key`): {}",
+            path.display(),
+            key.public_key_hex()
+        );
+        config.safety_answer_key = Some(Arc::new(key));
+    }
     if let Some(url) = &args.safety_url {
-        config.remote_safety = Some(airlock_server::remote_safety::RemoteSafety::new(url, token()?)?);
+        let trust = airlock_server::remote_safety::Trust {
+            ca: args.safety_ca.clone(),
+            client: args.safety_cert.clone().zip(args.safety_key.clone()),
+            answer_key: args.safety_public_key.clone(),
+        };
+        config.remote_safety = Some(airlock_server::remote_safety::RemoteSafety::new(url, token()?, &trust)?);
     }
 
     let store: Arc<dyn Store> = match Mode::of(&args)? {

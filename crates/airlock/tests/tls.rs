@@ -337,3 +337,100 @@ fn the_job_bus_runs_over_tls_and_a_wrong_ca_is_refused() {
     let error = refused.err().expect("a replica without a client certificate was let in");
     assert!(error.contains(&format!("cannot connect to tls://{nats}")), "{error}");
 }
+
+const SAFETY_TOKEN: &str = "tls-safety-token-0123456789";
+const SAFETY_ADMIN: &str = "tls-admin-key-0123456789";
+
+/// `airlock serve ARGS` with the safety token and admin key; its process and address.
+fn safety_process(args: &[&str]) -> (support::Process, String) {
+    let env = [("AIRLOCK_ADMIN_KEY", SAFETY_ADMIN), ("AIRLOCK_SAFETY_TOKEN", SAFETY_TOKEN)];
+    let (process, addr, _) = support::airlock_printing(args, &env);
+    (process, addr)
+}
+
+#[test]
+fn the_safety_service_over_mutual_tls_and_a_wrong_certificate_is_unavailable() {
+    let dir = support::temp_dir("tls-safety");
+    let store = dir.join("store");
+    let store = store.to_str().unwrap();
+    let ca = Ca::new();
+    let ca_file = ca.write(&dir);
+    let file = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let (cert, key) = ca.leaf(&["127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+    let (server_cert, server_key) = (file("safety.pem", cert), file("safety.key", key));
+    let (cert, key) = ca.leaf(&["gateway"], ExtendedKeyUsagePurpose::ClientAuth);
+    let (client_cert, client_key) = (file("gateway.pem", cert), file("gateway.key", key));
+    let other_ca = Ca::new().write(&support::temp_dir("tls-safety-other"));
+    let (ca_file, other_ca) = (ca_file.to_str().unwrap(), other_ca.to_str().unwrap());
+
+    // The service serves HTTPS and answers only callers holding a certificate its CA signed.
+    let (_safety, safety) = safety_process(&[
+        "serve",
+        "--role",
+        "safety",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        store,
+        "--tls-cert",
+        &server_cert,
+        "--tls-key",
+        &server_key,
+        "--tls-client-ca",
+        ca_file,
+    ]);
+    let url = format!("https://{safety}");
+    let gateway = |trust: &[&str], config: &str| {
+        let path = file(&format!("config-{}.yaml", trust.len()), config.to_owned());
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--data", store, "--config", &path];
+        args.extend(["--safety-url", &url]);
+        args.extend_from_slice(trust);
+        safety_process(&args)
+    };
+    let deny = serde_json::json!({"topic": "infra.security_group.update", "env": "production",
+        "payload": {"cidr": "0.0.0.0/0"}});
+    let allow = serde_json::json!({"topic": "infra.vm.create", "env": "dev"});
+
+    // With the CA and a client certificate, the remote decisions arrive over mutual TLS.
+    let (_good, good) = gateway(
+        &["--safety-ca", ca_file, "--safety-cert", &client_cert, "--safety-key", &client_key],
+        "{}\n",
+    );
+    let agent = support::key(&good, SAFETY_ADMIN, "acme", "agent", &["submitter"]);
+    let operator = support::key(&good, SAFETY_ADMIN, "acme", "operator", &["operator"]);
+    let (status, reply) = support::post(&good, "/api/v1/jobs", &agent, &deny);
+    assert_eq!((status, reply["rule_ids"][0].as_str()), (403, Some("deny-prod-public-ingress")), "{reply}");
+    assert_eq!(support::post(&good, "/api/v1/jobs", &agent, &allow).0, 202);
+
+    // A gateway that trusts another CA meets a certificate it cannot verify: the service is
+    // unavailable, Gate A fails closed, and the failure is counted and audited.
+    let (_wrong, wrong) = gateway(
+        &["--safety-ca", other_ca, "--safety-cert", &client_cert, "--safety-key", &client_key],
+        "{}\n",
+    );
+    let (status, reply) = support::post(&wrong, "/api/v1/jobs", &agent, &allow);
+    assert_eq!((status, reply["error"].as_str()), (503, Some("safety_unavailable")), "{reply}");
+    assert!(reply["message"].as_str().unwrap().contains("invalid peer certificate"), "{reply}");
+    let failures = "airlock_safety_check_failures_total{gate=\"a\",reason=\"unavailable\"}";
+    assert_eq!(support::metric(&wrong, failures), 1.0);
+    let (_, audit) = support::get(&wrong, "/api/v1/audit?limit=500", &operator);
+    let refused: Vec<&serde_json::Value> =
+        audit["records"].as_array().unwrap().iter().filter(|r| r["kind"] == "gate_a.unavailable").collect();
+    assert_eq!(refused.len(), 1, "{audit}");
+    assert!(refused[0]["data"]["error"].as_str().unwrap().contains("certificate"), "{audit}");
+
+    // Without a client certificate the service refuses the caller: unavailable too. Where the
+    // fail mode is open the job is admitted as bypassed, never as decided; elsewhere it stays
+    // closed, so the job the policy denies is not admitted.
+    let (_anonymous, anonymous) =
+        gateway(&["--safety-ca", ca_file], "gate_a: { fail_mode_topics: { \"infra.vm.*\": open } }\n");
+    let (status, reply) = support::post(&anonymous, "/api/v1/jobs", &agent, &allow);
+    assert_eq!((status, reply["gate_a_bypassed"].as_bool()), (202, Some(true)), "{reply}");
+    let (status, reply) = support::post(&anonymous, "/api/v1/jobs", &agent, &deny);
+    assert_eq!((status, reply["error"].as_str()), (503, Some("safety_unavailable")), "{reply}");
+    assert_eq!(support::metric(&anonymous, failures), 2.0);
+}

@@ -41,6 +41,33 @@ pub fn airlock(args: &[&str], env: &[(&str, &str)]) -> (Process, String) {
     (process, addr)
 }
 
+/// [`airlock`] for a process that may listen on HTTPS: the address from the first line that
+/// says `listening on http://ADDR` or `https://ADDR`, and the lines printed before it.
+pub fn airlock_printing(args: &[&str], env: &[(&str, &str)]) -> (Process, String, Vec<String>) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_airlock"));
+    command.args(args).env("RUST_LOG", "error").stdout(Stdio::piped()).stderr(Stdio::inherit());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let process = Process(child);
+    let mut before = Vec::new();
+    let addr = loop {
+        let line = lines
+            .next()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| panic!("`airlock {}` exited before printing its address", args.join(" ")));
+        let listening = line.split("listening on ").nth(1).and_then(|rest| rest.split("://").nth(1));
+        if let Some(rest) = listening {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+        before.push(line);
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (process, addr, before)
+}
+
 /// An `airlock serve` replica on `store` (a `postgres://` URL), killed when dropped.
 pub struct Replica {
     _process: Process,
@@ -79,7 +106,9 @@ pub fn try_call(
     let url = format!("http://{addr}{path}");
     let auth = format!("Bearer {key}");
     let response = match body {
-        Some(b) => agent.post(&url).header("authorization", &auth).send(b),
+        Some(b) => {
+            agent.post(&url).header("authorization", &auth).header("content-type", "application/json").send(b)
+        }
         None => agent.get(&url).header("authorization", &auth).call(),
     };
     let mut response = response.ok()?;
