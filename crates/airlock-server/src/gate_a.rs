@@ -16,7 +16,7 @@ use airlock_store::{
 };
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -34,8 +34,14 @@ const DECIDE_ATTEMPTS_MAX: u32 = 3;
 const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 5;
 
 /// `POST /api/v1/jobs`.
-pub async fn submit(State(state): State<AppState>, caller: Caller, body: Body) -> Result<Response, ApiError> {
+pub async fn submit(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     caller.require(Role::Submitter)?;
+    wire::require_json(&headers)?;
     let bytes = wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?;
     let job = parse_job(&state, &caller, &bytes)?;
     submit_job(&state, &caller, job).await

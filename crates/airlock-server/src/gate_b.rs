@@ -764,7 +764,7 @@ pub async fn dlq_list(
     caller: Caller,
     RawQuery(params): RawQuery<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require(Role::Operator)?;
+    caller.require_read(Role::Operator)?;
     let q = Query::new(params, &["topic", "reason", "after", "limit"])?;
     let (topic, reason) = (q.get::<String>("topic")?, q.get::<String>("reason")?);
     let limit = q.limit()?;
@@ -810,7 +810,7 @@ pub async fn dlq_get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require(Role::Operator)?;
+    caller.require_read(Role::Operator)?;
     let job = dead_lettered(&state, &caller, &id).await?;
     let mut v = crate::jobs::view(&state, &job).await?;
     if let Some(o) = v.as_object_mut() {
