@@ -117,6 +117,48 @@ fn plan_check_decides_the_corpus_with_exit_codes_table_json_and_sarif() {
     let tested = airlock(&["plan", "test", policy_path().to_str().unwrap(), cases.to_str().unwrap()], &[]);
     assert_eq!(tested.status.code(), Some(0), "{}", text(&tested));
     assert!(text(&tested).contains("8 case(s), 8 passed, 0 failed"), "{}", text(&tested));
+
+    // `policy test` runs plan cases too, in their own files or beside job cases.
+    let job_cases = root().join("examples/policies/terraform.tests.yaml");
+    let both = airlock(
+        &[
+            "policy",
+            "test",
+            policy_path().to_str().unwrap(),
+            cases.to_str().unwrap(),
+            job_cases.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(both.status.code(), Some(0), "{}", text(&both));
+    let dir = support::temp_dir("tf-policy-test");
+    let mixed = dir.join("mixed.yaml");
+    std::fs::write(
+        &mixed,
+        format!(
+            "cases:\n\
+             \x20 - name: a job case\n\
+             \x20   job: {{ topic: tf.aws_iam_policy.update, env: staging, payload: {{ type: aws_iam_policy }} }}\n\
+             \x20   expect: require_human\n\
+             \x20 - name: open groups pass in production\n\
+             \x20   plan: {}\n\
+             \x20   env: production\n\
+             \x20   expect: allow\n\
+             \x20   changes: {{ aws_security_group.failure: allow }}\n",
+            corpus("terraform-compliance-cli__test_multiple_failures__plan.out.json").display()
+        ),
+    )
+    .unwrap();
+    let failed = airlock(&["policy", "test", policy_path().to_str().unwrap(), mixed.to_str().unwrap()], &[]);
+    let shown = text(&failed);
+    assert_eq!(failed.status.code(), Some(1), "{shown}");
+    assert!(shown.contains("2 case(s), 1 passed, 1 failed"), "{shown}");
+    assert!(shown.contains("FAIL open groups pass in production"), "{shown}");
+    assert!(
+        shown.contains("`aws_security_group.failure`: expected allow, got deny [deny-prod-public-ingress]"),
+        "{shown}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
