@@ -44,6 +44,7 @@ pub async fn submit(
     wire::require_json(&headers)?;
     let bytes = wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?;
     let job = parse_job(&state, &caller, &bytes)?;
+    crate::payload_schema::check(&state, &job)?;
     submit_job(&state, &caller, job).await
 }
 
