@@ -248,3 +248,40 @@ fn policy_check_validates_the_schemas_themselves() {
     assert!(report.contains("6:5") && report.contains("example.com"), "remote refs are refused: {report}");
     assert!(report.contains("7:12") && report.contains("must be a map or a boolean"), "{report}");
 }
+
+const THROTTLE_POLICY: &str = r#"version: v1
+rules:
+  - id: throttle-recreate
+    when: { topic: infra.cluster.recreate }
+    decision: throttle
+    limit: { rate: 1, per: 10m }
+"#;
+
+#[test]
+fn gate_decisions_separate_an_admitted_throttle_from_a_refused_one() {
+    let server = Server::start("throttle-metrics", Some("version: v1\n"), "");
+    let agent = server.key("acme", "agent", &["submitter"]);
+    let worker = server.key("acme", "worker", &["worker"]);
+    let job = |n: u32| json!({"topic": "infra.cluster.recreate", "env": "dev", "payload": {"n": n}});
+    let series = |gate: &str, decision: &str| {
+        let name = format!(
+            "airlock_gate_decisions_total{{gate=\"{gate}\",decision=\"{decision}\",topic=\"infra.cluster.recreate\"}}"
+        );
+        support::try_metric(&server.addr, &name).unwrap_or(0.0)
+    };
+    // Two jobs queued before the throttle exists, so that Gate B has one to admit and one to refuse.
+    assert_eq!(server.post("/api/v1/jobs", &agent, job(1)).0, 202);
+    assert_eq!(server.post("/api/v1/jobs", &agent, job(2)).0, 202);
+    let (status, body) = support::post(&server.addr, "/api/v1/policy/publish", ADMIN, THROTTLE_POLICY);
+    assert_eq!(status, 201, "{body}");
+
+    assert_eq!(server.post("/api/v1/jobs", &agent, job(3)).0, 202);
+    assert_eq!(server.post("/api/v1/jobs", &agent, job(4)).0, 429);
+    assert_eq!((series("a", "throttle_admitted"), series("a", "throttle_refused")), (1.0, 1.0));
+
+    assert_eq!(server.post("/api/v1/workers/claim", &worker, json!({})).0, 200);
+    // The second claim meets the two jobs left (2 and 3), and Gate B's budget refuses both.
+    assert_eq!(server.post("/api/v1/workers/claim", &worker, json!({})).0, 204);
+    assert_eq!((series("b", "throttle_admitted"), series("b", "throttle_refused")), (1.0, 2.0));
+    assert_eq!(series("a", "throttle") + series("b", "throttle"), 0.0, "no unsplit throttle series");
+}
