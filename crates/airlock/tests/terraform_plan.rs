@@ -512,6 +512,53 @@ fn a_plan_file_that_does_not_hold_the_decided_changes_is_never_applied() {
 }
 
 #[test]
+fn a_plan_job_of_several_mib_is_claimed_checked_and_applied() {
+    // Gates in a debug build on a shared machine: room for a plan of a few thousand changes.
+    let server = Server::start_with("tf-large", Some("gate_a: { timeout_ms: 30000 }\n"));
+    let (agent, runner) = (server.key("agent", &["submitter"]), server.key("runner", &["worker"]));
+    let work = server.dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let bin = stand_in(&server.dir, "fake-terraform", "");
+    let changes: Vec<Value> = (0..2_000)
+        .map(|i| {
+            json!({
+                "address": format!("aws_instance.web[{i}]"), "mode": "managed", "type": "aws_instance",
+                "name": "web", "index": i, "provider_name": "registry.terraform.io/hashicorp/aws",
+                "change": {"actions": ["create"], "before": null,
+                           "after": {"ami": "ami-123", "user_data": format!("{i:04}").repeat(640)}},
+            })
+        })
+        .collect();
+    let plan =
+        json!({"format_version": "1.2", "planned_values": {}, "resource_changes": changes}).to_string();
+    assert!(plan.len() > 5 * 1024 * 1024, "over the 4 MiB a claim was once limited to: {}", plan.len());
+    let plan_json = server.dir.join("large.json");
+    std::fs::write(&plan_json, &plan).unwrap();
+    let plan_bytes = b"a large plan file".to_vec();
+    std::fs::write(work.join("tfplan"), &plan_bytes).unwrap();
+    shows(&server.dir, &plan_bytes, &plan_json);
+    let plan_file = work.join("tfplan");
+    let (code, submitted) =
+        server.submit(&agent, &plan_json, &["--env", "staging", "--plan-file", plan_file.to_str().unwrap()]);
+    assert_eq!((code, &submitted["state"]), (0, &json!("queued")), "{submitted}");
+    let id = submitted["job_id"].as_str().unwrap();
+
+    let _worker = worker(&server, &runner, &work, &bin);
+    let started = Instant::now();
+    let done = loop {
+        let job = server.job(id, &agent);
+        if job["state"] != "queued" && job["state"] != "leased" {
+            break job;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the plan was never applied: {}", job["state"]);
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(done["state"], "succeeded", "{}", done["error"]);
+    assert_eq!(applies(&work).len(), 1);
+    std::fs::remove_dir_all(&server.dir).unwrap();
+}
+
+#[test]
 fn gate_b_decides_every_change_again_under_the_snapshot_active_at_claim() {
     let server = Server::start("tf-gate-b");
     let (agent, runner) = (server.key("agent", &["submitter"]), server.key("runner", &["worker"]));
