@@ -44,6 +44,7 @@ pub async fn submit(
     wire::require_json(&headers)?;
     let bytes = wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?;
     let job = parse_job(&state, &caller, &bytes)?;
+    crate::payload_schema::check(&state, &job)?;
     submit_job(&state, &caller, job).await
 }
 
@@ -268,10 +269,7 @@ fn key_reused(key: &str, existing: &airlock_store::IdempotencyRecord) -> ApiErro
 fn record_evaluation(state: &AppState, checked: &Checked, topic: &str) {
     let metrics = state.metrics();
     metrics.observe("airlock_policy_eval_seconds", &[("gate", "a")], checked.elapsed.as_secs_f64());
-    metrics.inc(
-        "airlock_gate_decisions_total",
-        &[("gate", "a"), ("decision", checked.evaluation.decision.as_str()), ("topic", topic)],
-    );
+    metrics.decided("a", checked.evaluation.decision, topic);
     for id in checked.active.policy.ids(&checked.evaluation.audit) {
         metrics.inc("airlock_policy_audit_matches_total", &[("gate", "a"), ("rule_id", id)]);
     }
@@ -388,6 +386,7 @@ async fn accept(
     let retained_since = now - state.config().idempotency_retention_ms;
     match state.store().submit(submission, retained_since).await? {
         SubmitOutcome::Accepted => {
+            state.metrics().throttle_answered("a", gate.decision, &topic, true);
             if state_after == JobState::Queued {
                 state.queued_here();
             }
@@ -406,14 +405,17 @@ async fn accept(
         SubmitOutcome::KeyReused(existing) => {
             Err(key_reused(&idempotency_key.unwrap_or_default(), &existing))
         }
-        SubmitOutcome::Throttled { retry_after_ms } => Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "throttled",
-            format!("{}; the budget refills in {} ms", gate.reason, retry_after_ms),
-        )
-        .with("rule_ids", json!(gate.rule_ids))
-        .with("reason", json!(gate.reason))
-        .with("snapshot", json!(gate.snapshot_hash))
-        .retry_after(retry_after_ms.div_ceil(1000))),
+        SubmitOutcome::Throttled { retry_after_ms } => {
+            state.metrics().throttle_answered("a", gate.decision, &topic, false);
+            Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "throttled",
+                format!("{}; the budget refills in {} ms", gate.reason, retry_after_ms),
+            )
+            .with("rule_ids", json!(gate.rule_ids))
+            .with("reason", json!(gate.reason))
+            .with("snapshot", json!(gate.snapshot_hash))
+            .retry_after(retry_after_ms.div_ceil(1000)))
+        }
     }
 }

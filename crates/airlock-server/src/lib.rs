@@ -16,6 +16,7 @@ pub mod listener;
 pub mod metrics;
 mod ops;
 mod overview;
+mod payload_schema;
 mod plans;
 mod policy_api;
 pub mod relay;

@@ -162,8 +162,13 @@ fn the_served_document_lists_only_what_a_default_serve_serves() {
     let responses = &doc["paths"]["/api/v1/jobs"]["post"]["responses"];
     assert!(responses["415"].is_object() && responses["429"].is_object(), "{responses}");
 
-    // A claim without a body is the default pool without waiting, as documented.
+    // A claim without a body is the default pool without waiting, as documented; the pools
+    // are this server's.
     assert_eq!(doc["paths"]["/api/v1/workers/claim"]["post"]["requestBody"]["required"], false);
+    assert_eq!(
+        doc["components"]["schemas"]["ClaimRequest"]["properties"]["pool"]["enum"],
+        json!(["default"])
+    );
     let worker = server.key("acme", "worker", &["worker"]);
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
     let response = agent
@@ -172,4 +177,128 @@ fn the_served_document_lists_only_what_a_default_serve_serves() {
         .send_empty()
         .unwrap();
     assert_eq!(response.status().as_u16(), 204);
+}
+
+const SCHEMA_POLICY: &str = r#"version: v1
+rules:
+  - id: deny-public-ingress
+    when: { topic: infra.security_group.update, cidr: "0.0.0.0/0" }
+    decision: deny
+schemas:
+  "infra.security_group.*":
+    type: object
+    required: [cidr, port]
+    additionalProperties: false
+    properties:
+      cidr: { type: string, pattern: "^[0-9a-f.:/]+$" }
+      port: { type: integer, minimum: 1, maximum: 65535 }
+"#;
+
+#[test]
+fn a_payload_that_breaks_its_topics_schema_gets_400_with_every_violation() {
+    let server = Server::start("schemas", Some(SCHEMA_POLICY), "");
+    let agent = server.key("acme", "agent", &["submitter"]);
+    let job =
+        |payload: Value| json!({"topic": "infra.security_group.update", "env": "dev", "payload": payload});
+
+    // A list where a string belongs would otherwise reach the deny rule as another shape.
+    let (status, body) =
+        server.post("/api/v1/jobs", &agent, job(json!({"cidr": ["0.0.0.0/0"], "port": 70000, "x": 1})));
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "invalid_request", "{body}");
+    let fields: Vec<&str> =
+        body["fields"].as_array().unwrap().iter().map(|f| f["field"].as_str().unwrap()).collect();
+    for field in ["payload", "payload/cidr", "payload/port"] {
+        assert!(fields.contains(&field), "`{field}` is named: {body}");
+    }
+    assert!(body["message"].as_str().unwrap().contains("65535"), "{body}");
+    let (_, jobs) = server.get("/api/v1/jobs", &agent);
+    assert_eq!(jobs["jobs"], json!([]), "nothing stored");
+
+    let (status, body) = server.post("/api/v1/jobs", &agent, job(json!({"port": 443})));
+    assert_eq!(status, 400, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("cidr"), "{body}");
+
+    let (status, body) = server.post("/api/v1/jobs", &agent, job(json!({"cidr": "0.0.0.0/0", "port": 443})));
+    assert_eq!(status, 403, "a conforming payload goes on to the gates: {body}");
+    let (status, body) = server.post("/api/v1/jobs", &agent, job(json!({"cidr": "10.0.0.0/8", "port": 443})));
+    assert_eq!(status, 202, "{body}");
+    let other = json!({"topic": "infra.vm.create", "env": "dev", "payload": ["anything"]});
+    assert_eq!(server.post("/api/v1/jobs", &agent, other).0, 202, "no schema for this topic");
+}
+
+fn policy_check(name: &str, text: &str) -> (bool, String) {
+    let dir = support::temp_dir(&format!("contract-check-{name}"));
+    let file = dir.join("policy.yaml");
+    std::fs::write(&file, text).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["policy", "check", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+#[test]
+fn policy_check_validates_the_schemas_themselves() {
+    assert!(policy_check("good", SCHEMA_POLICY).0, "{}", policy_check("good", SCHEMA_POLICY).1);
+    let bad = "version: v1\nschemas:\n  \"infra.*\":\n    type: 5\n  \"mcp.**\":\n    $ref: \"https://example.com/s.json\"\n  \"tf.**\": [1]\n";
+    let (ok, report) = policy_check("bad", bad);
+    assert!(!ok, "{report}");
+    assert!(
+        report.contains("4:5") && report.contains("the schema of `infra.*` is not a valid JSON Schema"),
+        "{report}"
+    );
+    assert!(report.contains("6:5") && report.contains("example.com"), "remote refs are refused: {report}");
+    assert!(report.contains("7:12") && report.contains("must be a map or a boolean"), "{report}");
+}
+
+const THROTTLE_POLICY: &str = r#"version: v1
+rules:
+  - id: throttle-recreate
+    when: { topic: infra.cluster.recreate }
+    decision: throttle
+    limit: { rate: 1, per: 10m }
+"#;
+
+#[test]
+fn gate_decisions_separate_an_admitted_throttle_from_a_refused_one() {
+    let server = Server::start("throttle-metrics", Some("version: v1\n"), "");
+    let agent = server.key("acme", "agent", &["submitter"]);
+    let worker = server.key("acme", "worker", &["worker"]);
+    let job = |n: u32| json!({"topic": "infra.cluster.recreate", "env": "dev", "payload": {"n": n}});
+    let series = |gate: &str, decision: &str| {
+        let name = format!(
+            "airlock_gate_decisions_total{{gate=\"{gate}\",decision=\"{decision}\",topic=\"infra.cluster.recreate\"}}"
+        );
+        support::try_metric(&server.addr, &name).unwrap_or(0.0)
+    };
+    // Two jobs queued before the throttle exists, so that Gate B has one to admit and one to refuse.
+    assert_eq!(server.post("/api/v1/jobs", &agent, job(1)).0, 202);
+    assert_eq!(server.post("/api/v1/jobs", &agent, job(2)).0, 202);
+    let (status, body) = support::post(&server.addr, "/api/v1/policy/publish", ADMIN, THROTTLE_POLICY);
+    assert_eq!(status, 201, "{body}");
+
+    assert_eq!(server.post("/api/v1/jobs", &agent, job(3)).0, 202);
+    assert_eq!(server.post("/api/v1/jobs", &agent, job(4)).0, 429);
+    assert_eq!((series("a", "throttle_admitted"), series("a", "throttle_refused")), (1.0, 1.0));
+
+    assert_eq!(server.post("/api/v1/workers/claim", &worker, json!({})).0, 200);
+    // The second claim meets the two jobs left (2 and 3), and Gate B's budget refuses both.
+    assert_eq!(server.post("/api/v1/workers/claim", &worker, json!({})).0, 204);
+    assert_eq!((series("b", "throttle_admitted"), series("b", "throttle_refused")), (1.0, 2.0));
+    assert_eq!(series("a", "throttle") + series("b", "throttle"), 0.0, "no unsplit throttle series");
+}
+
+#[test]
+fn a_key_with_a_principal_that_is_not_a_string_is_refused() {
+    // Found by schemathesis: `{"principal": {}}` used to be ignored and the key created.
+    let server = Server::start("key-principal", None, "");
+    let body = json!({"tenant": "acme", "name": "agent", "roles": ["submitter"], "principal": {}});
+    let (status, answer) = server.post("/api/v1/keys", ADMIN, body);
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["fields"][0]["field"], "principal", "{answer}");
+    let (_, keys) = server.get("/api/v1/keys", ADMIN);
+    assert!(!keys.to_string().contains("\"agent\""), "no key was created: {keys}");
 }
