@@ -35,11 +35,7 @@ fn parse_id(text: &str) -> Result<ApprovalId, ApiError> {
 }
 
 fn require_reader(caller: &Caller) -> Result<(), ApiError> {
-    if caller.roles.allows(Role::Approver) || caller.roles.allows(Role::Operator) {
-        Ok(())
-    } else {
-        caller.require(Role::Approver)
-    }
+    if caller.roles.allows(Role::Operator) { Ok(()) } else { caller.require_read(Role::Approver) }
 }
 
 /// `GET /api/v1/approvals?status=&after=&limit=` (default status: pending).

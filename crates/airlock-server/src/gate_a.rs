@@ -15,7 +15,7 @@ use airlock_policy::{Decision, Job};
 use airlock_store::{Budget, GateDecision, SubmitOutcome};
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -33,10 +33,17 @@ const DECIDE_ATTEMPTS_MAX: u32 = 3;
 const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 5;
 
 /// `POST /api/v1/jobs`.
-pub async fn submit(State(state): State<AppState>, caller: Caller, body: Body) -> Result<Response, ApiError> {
+pub async fn submit(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     caller.require(Role::Submitter)?;
+    wire::require_json(&headers)?;
     let bytes = wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?;
     let job = parse_job(&state, &caller, &bytes)?;
+    crate::payload_schema::check(&state, &job)?;
     submit_job(&state, &caller, job).await
 }
 
@@ -261,10 +268,7 @@ fn key_reused(key: &str, existing: &airlock_store::IdempotencyRecord) -> ApiErro
 fn record_evaluation(state: &AppState, checked: &Checked, topic: &str) {
     let metrics = state.metrics();
     metrics.observe("airlock_policy_eval_seconds", &[("gate", "a")], checked.elapsed.as_secs_f64());
-    metrics.inc(
-        "airlock_gate_decisions_total",
-        &[("gate", "a"), ("decision", checked.evaluation.decision.as_str()), ("topic", topic)],
-    );
+    metrics.decided("a", checked.evaluation.decision, topic);
     for id in checked.active.policy.ids(&checked.evaluation.audit) {
         metrics.inc("airlock_policy_audit_matches_total", &[("gate", "a"), ("rule_id", id)]);
     }
@@ -351,6 +355,7 @@ async fn accept(
     let retained_since = now - state.config().idempotency_retention_ms;
     match state.store().submit(submission, retained_since).await? {
         SubmitOutcome::Accepted => {
+            state.metrics().throttle_answered("a", gate.decision, &topic, true);
             if state_after == JobState::Queued {
                 state.queued_here();
             }
@@ -369,14 +374,17 @@ async fn accept(
         SubmitOutcome::KeyReused(existing) => {
             Err(key_reused(&idempotency_key.unwrap_or_default(), &existing))
         }
-        SubmitOutcome::Throttled { retry_after_ms } => Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "throttled",
-            format!("{}; the budget refills in {} ms", gate.reason, retry_after_ms),
-        )
-        .with("rule_ids", json!(gate.rule_ids))
-        .with("reason", json!(gate.reason))
-        .with("snapshot", json!(gate.snapshot_hash))
-        .retry_after(retry_after_ms.div_ceil(1000))),
+        SubmitOutcome::Throttled { retry_after_ms } => {
+            state.metrics().throttle_answered("a", gate.decision, &topic, false);
+            Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "throttled",
+                format!("{}; the budget refills in {} ms", gate.reason, retry_after_ms),
+            )
+            .with("rule_ids", json!(gate.rule_ids))
+            .with("reason", json!(gate.reason))
+            .with("snapshot", json!(gate.snapshot_hash))
+            .retry_after(retry_after_ms.div_ceil(1000)))
+        }
     }
 }

@@ -251,10 +251,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
     let (answer, decided) = match safety_check(state, &policy_job, now).await {
         Ok(checked) => {
             let decision = checked.evaluation.decision;
-            state.metrics().inc(
-                "airlock_gate_decisions_total",
-                &[("gate", "b"), ("decision", decision.as_str()), ("topic", &topic)],
-            );
+            state.metrics().decided("b", decision, &topic);
             state.metrics().observe(
                 "airlock_policy_eval_seconds",
                 &[("gate", "b")],
@@ -430,6 +427,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
     };
     match state.store().dispatch(dispatch).await? {
         DispatchOutcome::Applied(leased) if leasing => {
+            state.metrics().throttle_answered("b", gate.decision, &job.topic, true);
             let lease =
                 leased.dispatch.lease.clone().ok_or_else(|| ApiError::internal("leased without a lease"))?;
             Ok(Some(json!({
@@ -448,7 +446,11 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
                 "gate_b": wire::decision(&gate),
             })))
         }
-        DispatchOutcome::Applied(_) | DispatchOutcome::Gone | DispatchOutcome::Throttled { .. } => Ok(None),
+        DispatchOutcome::Throttled { .. } => {
+            state.metrics().throttle_answered("b", gate.decision, &job.topic, false);
+            Ok(None)
+        }
+        DispatchOutcome::Applied(_) | DispatchOutcome::Gone => Ok(None),
     }
 }
 
@@ -764,7 +766,7 @@ pub async fn dlq_list(
     caller: Caller,
     RawQuery(params): RawQuery<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require(Role::Operator)?;
+    caller.require_read(Role::Operator)?;
     let q = Query::new(params, &["topic", "reason", "after", "limit"])?;
     let (topic, reason) = (q.get::<String>("topic")?, q.get::<String>("reason")?);
     let limit = q.limit()?;
@@ -810,7 +812,7 @@ pub async fn dlq_get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require(Role::Operator)?;
+    caller.require_read(Role::Operator)?;
     let job = dead_lettered(&state, &caller, &id).await?;
     let mut v = crate::jobs::view(&state, &job).await?;
     if let Some(o) = v.as_object_mut() {
