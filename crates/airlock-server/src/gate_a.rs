@@ -355,7 +355,7 @@ async fn accept(
     let retained_since = now - state.config().idempotency_retention_ms;
     match state.store().submit(submission, retained_since).await? {
         SubmitOutcome::Accepted => {
-            state.metrics().throttle_answered("a", gate.decision, &topic, true);
+            state.metrics().throttle_answered("a", gate.decision, &job.topic, true);
             if state_after == JobState::Queued {
                 state.queued_here();
             }
@@ -375,7 +375,7 @@ async fn accept(
             Err(key_reused(&idempotency_key.unwrap_or_default(), &existing))
         }
         SubmitOutcome::Throttled { retry_after_ms } => {
-            state.metrics().throttle_answered("a", gate.decision, &topic, false);
+            state.metrics().throttle_answered("a", gate.decision, &job.topic, false);
             Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "throttled",
