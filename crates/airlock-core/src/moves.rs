@@ -255,6 +255,9 @@ pub enum Refusal {
     /// The approval request is no longer as the caller read it.
     #[error("the approval request changed; read it again")]
     ApprovalChanged,
+    /// The job was discarded from the dead-letter queue.
+    #[error("the job was discarded from the DLQ")]
+    Discarded,
 }
 
 impl Precondition {
@@ -313,10 +316,16 @@ pub enum Change {
     CountExecutionAttempt,
     /// One more scheduling attempt.
     CountSchedulingAttempt,
+    /// Execution attempts back to none (an operator retry).
+    ResetExecutionAttempts,
+    /// Scheduling attempts back to none (an operator retry).
+    ResetSchedulingAttempts,
     /// Not dispatchable before then.
     NotBefore(Millis),
     /// Why it was dead-lettered.
     DeadLetterReason(String),
+    /// Out of the dead-letter queue.
+    ClearDeadLetterReason,
     /// The worker's error.
     Error(String),
     /// The worker's result.
@@ -331,10 +340,10 @@ impl Change {
         match self {
             Self::GateB(_) => Field::GateB,
             Self::Lease(_) | Self::ClearLease => Field::Lease,
-            Self::CountExecutionAttempt => Field::ExecutionAttempts,
-            Self::CountSchedulingAttempt => Field::SchedulingAttempts,
+            Self::CountExecutionAttempt | Self::ResetExecutionAttempts => Field::ExecutionAttempts,
+            Self::CountSchedulingAttempt | Self::ResetSchedulingAttempts => Field::SchedulingAttempts,
             Self::NotBefore(_) => Field::NotBefore,
-            Self::DeadLetterReason(_) => Field::DeadLetterReason,
+            Self::DeadLetterReason(_) | Self::ClearDeadLetterReason => Field::DeadLetterReason,
             Self::Error(_) => Field::Error,
             Self::Result(_) => Field::Result,
             Self::ApprovalId(_) => Field::ApprovalId,
@@ -519,6 +528,49 @@ pub fn plan_finish(
     }
 }
 
+/// A job moved by `event` alone (a cancellation), whatever its state: the transition table
+/// decides whether it may.
+pub fn plan_transition(
+    tenant: TenantId,
+    job_id: JobId,
+    event: Event,
+    at: Millis,
+    actor: String,
+    reason: String,
+) -> Move {
+    Move {
+        tenant,
+        job_id,
+        precondition: Precondition { state: None, lease: None, decided_under: None },
+        budgets: Vec::new(),
+        transition: Some((event, reason)),
+        changes: Vec::new(),
+        approval: ApprovalWrite::None,
+        audit: Vec::new(),
+        at,
+        actor,
+    }
+}
+
+/// An operator's retry of a dead-lettered `job` (as its commit loaded it): back to the queue
+/// through Gate B, with fresh attempts, unless it was discarded.
+pub fn plan_operator_retry(job: &JobRecord, at: Millis, actor: String) -> Result<Move, Refusal> {
+    if job.dispatch.discarded_at.is_some() {
+        return Err(Refusal::Discarded);
+    }
+    let was = job.dispatch.dead_letter_reason.as_deref().unwrap_or_default();
+    let reason = format!("operator retry from the DLQ (was: {was})");
+    let mut mv = plan_transition(job.tenant.clone(), job.id.clone(), Event::OperatorRetry, at, actor, reason);
+    mv.changes = vec![
+        Change::ResetSchedulingAttempts,
+        Change::ResetExecutionAttempts,
+        Change::NotBefore(at),
+        Change::ClearDeadLetterReason,
+        Change::ClearLease,
+    ];
+    Ok(mv)
+}
+
 /// An approval change, decided against the request as its commit loaded it: the request as it
 /// will be stored, and the move of its job (which may only audit: a vote short of the quorum).
 #[derive(Clone, Debug, PartialEq)]
@@ -589,8 +641,11 @@ impl JobRecord {
                 Change::CountSchedulingAttempt => {
                     d.scheduling_attempts = d.scheduling_attempts.saturating_add(1);
                 }
+                Change::ResetExecutionAttempts => d.execution_attempts = 0,
+                Change::ResetSchedulingAttempts => d.scheduling_attempts = 0,
                 Change::NotBefore(at) => d.not_before = *at,
                 Change::DeadLetterReason(reason) => d.dead_letter_reason = Some(reason.clone()),
+                Change::ClearDeadLetterReason => d.dead_letter_reason = None,
                 Change::Error(error) => d.error = Some(error.clone()),
                 Change::Result(result) => d.result = Some(result.clone()),
                 Change::ApprovalId(id) => self.approval_id = Some(id.clone()),

@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use airlock_core::approval::{Request, Status};
 use airlock_core::audit::{self, Draft, Kind};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
-use airlock_core::moves::{LeaseCheck, plan_approval_change, plan_dispatch, plan_finish};
+use airlock_core::moves::{
+    LeaseCheck, plan_approval_change, plan_dispatch, plan_finish, plan_operator_retry, plan_transition,
+};
 use airlock_core::role::{Role, Roles};
 use airlock_core::state::{Event, JobState};
 use airlock_policy::{Decision, Limit, LimitKey};
@@ -1340,6 +1342,10 @@ enum Input {
         live_at: Option<i64>,
         finish: Finish,
     },
+    /// A move by an event alone (a cancellation).
+    Transition(Event),
+    /// An operator's retry from the DLQ.
+    OperatorRetry,
     /// A change of the job's pending request (quorum 2): `votes` approvers after it, read with
     /// `read` approvers; `replace` opens a fresh request.
     Approval {
@@ -1353,13 +1359,16 @@ enum Input {
 }
 
 /// How a row starts: the job as submitted, leased under `tok` until 1 000, leased and then
-/// cancelled (a lease still on a job no longer leased), or awaiting approval.
+/// cancelled (a lease still on a job no longer leased), awaiting approval, or dead-lettered
+/// after its lease (and then discarded from the DLQ).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Start {
     Queued,
     Leased,
     Cancelled,
     AwaitingApproval,
+    DeadLettered,
+    Discarded,
 }
 
 /// What a row's write must come to.
@@ -1370,6 +1379,7 @@ enum Expect {
     Gone,
     Conflict,
     Stale,
+    Invalid,
 }
 
 #[tokio::test]
@@ -1475,6 +1485,10 @@ async fn every_move_kind_commits_the_same_record_and_chain_in_both_stores() {
             Input::Dispatch(Box::new(DispatchAction::Deny), Some(0)),
             Expect::Stale,
         ),
+        ("cancel of a leased job", Start::Leased, Input::Transition(Event::Cancel), Expect::Applied),
+        ("cancel of a dead letter", Start::DeadLettered, Input::Transition(Event::Cancel), Expect::Invalid),
+        ("operator retry", Start::DeadLettered, Input::OperatorRetry, Expect::Applied),
+        ("operator retry of a discarded job", Start::Discarded, Input::OperatorRetry, Expect::Conflict),
         (
             "vote short of the quorum",
             Start::AwaitingApproval,
@@ -1588,7 +1602,7 @@ async fn every_move_kind_commits_the_same_record_and_chain_in_both_stores() {
                     replacements.insert(i, pending_request(&mut jobs[i].clone(), 200, 1));
                 }
             }
-            Input::Dispatch(..) | Input::Finish { .. } => {}
+            Input::Dispatch(..) | Input::Finish { .. } | Input::Transition(_) | Input::OperatorRetry => {}
         }
     }
     // A submit that spends the budget of the throttled row.
@@ -1607,7 +1621,7 @@ async fn every_move_kind_commits_the_same_record_and_chain_in_both_stores() {
             let mut s = submission(j.clone());
             s.approval = old;
             store.submit(s, 0).await.unwrap();
-            if matches!(start, Start::Leased | Start::Cancelled) {
+            if matches!(start, Start::Leased | Start::Cancelled | Start::DeadLettered | Start::Discarded) {
                 let d = Dispatch {
                     tenant: t.clone(),
                     job_id: j.id.clone(),
@@ -1624,6 +1638,13 @@ async fn every_move_kind_commits_the_same_record_and_chain_in_both_stores() {
             }
             if *start == Start::Cancelled {
                 store.transition(&t, &j.id, Event::Cancel, 160, "op", "cancelled").await.unwrap();
+            }
+            if matches!(start, Start::DeadLettered | Start::Discarded) {
+                let dead = Finish::DeadLetter { reason: "out of attempts".into() };
+                store.finish(&t, &j.id, "tok", Some(160), dead, 160, "w").await.unwrap();
+            }
+            if *start == Start::Discarded {
+                store.discard_dead_letter(&t, &j.id, 170, "op").await.unwrap();
             }
             let before = store.job(&t, &j.id).await.unwrap().unwrap();
             let chain_before = verify_chain(&*store, &t).await.unwrap();
@@ -1662,6 +1683,17 @@ async fn every_move_kind_commits_the_same_record_and_chain_in_both_stores() {
                     let plan = plan_finish(t.clone(), j.id.clone(), check, finish.clone(), at, "w".into());
                     let outcome = store.finish(&t, &j.id, token, live_at, finish, at, "w").await;
                     (Some(plan), outcome.map(Some).map_err(refusal))
+                }
+                Input::Transition(event) => {
+                    let plan =
+                        plan_transition(t.clone(), j.id.clone(), event, at, "op".into(), "by hand".into());
+                    let outcome = store.transition(&t, &j.id, event, at, "op", "by hand").await;
+                    (Some(plan), outcome.map(Some).map_err(refusal))
+                }
+                Input::OperatorRetry => {
+                    let plan = plan_operator_retry(&before, at, "op".into()).ok();
+                    let outcome = store.retry_dead_letter(&t, &j.id, at, "op").await;
+                    (plan, outcome.map(Some).map_err(refusal))
                 }
                 Input::Approval { status, votes, event, replace: _, read, decided_under } => {
                     let current = store.approval(&t, &requests[&i].1.id).await.unwrap().unwrap();
@@ -1730,7 +1762,7 @@ async fn every_move_kind_commits_the_same_record_and_chain_in_both_stores() {
                     expected.apply(&plan.unwrap().throttled(got)).unwrap();
                     assert_eq!(chain_after, chain_before + 1, "{name}: {row}: the throttled decision only");
                 }
-                (Expect::Gone | Expect::Conflict | Expect::Stale, Err(got)) => {
+                (Expect::Gone | Expect::Conflict | Expect::Stale | Expect::Invalid, Err(got)) => {
                     assert_eq!(&got, expect, "{name}: {row}");
                     assert_eq!(chain_after, chain_before, "{name}: {row}: a refused move audits nothing");
                 }
@@ -1767,6 +1799,7 @@ fn refusal(e: StoreError) -> Expect {
     match e {
         StoreError::Conflict(_) => Expect::Conflict,
         StoreError::Stale { .. } => Expect::Stale,
+        StoreError::InvalidTransition(_) => Expect::Invalid,
         other => panic!("unexpected {other:?}"),
     }
 }

@@ -4,16 +4,19 @@ use airlock_core::Millis;
 use airlock_core::audit::{Draft, Kind};
 use airlock_core::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
 use airlock_core::ids::{JobId, TenantId};
-use airlock_core::state::{Event, JobState};
+use airlock_core::state::JobState;
 use serde_json::json;
 
-use super::moves::{Change, Moved, apply_transition};
+use airlock_core::moves::plan_operator_retry;
+
+use super::moves::apply_loaded;
 use super::notifications::{KEYS_CHANNEL, POLICY_CHANNEL, notify};
 use super::pool::{Fail, Tx};
 use super::rows::{KEY_COLUMNS, get, key_from_row, load_job, load_key};
 use super::sealing::append_audit;
 use crate::codec::corrupt;
-use crate::{DispatchState, JobRecord, KeyRecord, SnapshotRecord, StoreError};
+use crate::codec::refused;
+use crate::{JobRecord, KeyRecord, SnapshotRecord, StoreError};
 
 /// Advisory lock held while publishing, so that versions are numbered without gaps or clashes.
 /// Every guarded write holds it shared until its commit ([`guard`]; the key is spelled out in
@@ -142,34 +145,8 @@ pub(super) async fn retry_dead_letter(
     actor: &str,
 ) -> Result<JobRecord, Fail> {
     let job = load_job(tx, tenant, id, true).await?.ok_or(StoreError::NotFound)?;
-    if job.dispatch.discarded_at.is_some() {
-        return Err(StoreError::Conflict("the job was discarded from the DLQ".into()).into());
-    }
-    let reason =
-        format!("operator retry from the DLQ (was: {})", job.dispatch.dead_letter_reason.unwrap_or_default());
-    let job = JobRecord {
-        dispatch: DispatchState {
-            scheduling_attempts: 0,
-            execution_attempts: 0,
-            not_before: at,
-            lease: None,
-            dead_letter_reason: None,
-            ..job.dispatch
-        },
-        ..job
-    };
-    let (zero, no_lease): (i64, (Option<String>, Option<Millis>)) = (0, (None, None));
-    let changes: [Change<'_>; 7] = [
-        ("scheduling_attempts", &zero),
-        ("execution_attempts", &zero),
-        ("not_before", &at),
-        ("dead_letter_reason", &no_lease.0),
-        ("lease_token", &no_lease.0),
-        ("lease_expires_at", &no_lease.1),
-        ("leased_by", &no_lease.0),
-    ];
-    let moved = Moved { at, actor, reason: &reason, changes: &changes, decision: None, last: true };
-    apply_transition(tx, job, Event::OperatorRetry, moved).await
+    let mv = plan_operator_retry(&job, at, actor.to_owned()).map_err(refused)?;
+    Ok(apply_loaded(tx, job, &mv, true).await?.finished()?)
 }
 
 pub(super) async fn discard_dead_letter(

@@ -9,7 +9,7 @@ use std::time::Duration;
 use airlock_core::Millis;
 use airlock_core::audit::{Draft, Kind};
 use airlock_core::ids::{ApprovalId, JobId, TenantId};
-use airlock_core::moves::{ApprovalWrite, Move, plan_approval_change};
+use airlock_core::moves::{ApprovalWrite, Move, plan_approval_change, plan_transition};
 use airlock_core::state::{Event, JobState};
 use airlock_core::throttle::{self, Bucket, Take};
 use serde_json::{Value, json};
@@ -39,7 +39,7 @@ pub(super) async fn guard(
 /// A column of `jobs` and its new value, written by the UPDATE that moves the job.
 pub(super) type Change<'a> = (&'static str, &'a (dyn ToSql + Sync));
 
-/// Loads a job locked and moves it by `event` ([`apply_transition`]).
+/// Moves a job by `event` alone (a cancellation): [`plan_transition`], applied.
 pub(super) async fn transition(
     tx: &Tx<'_>,
     tenant: &TenantId,
@@ -49,21 +49,8 @@ pub(super) async fn transition(
     actor: &str,
     reason: &str,
 ) -> Result<JobRecord, Fail> {
-    let job = load_job(tx, tenant, id, true).await?.ok_or(StoreError::NotFound)?;
-    apply_transition(tx, job, event, Moved { at, actor, reason, changes: &[], decision: None, last: false })
-        .await
-}
-
-/// How a job is moved: when, by whom, why, the columns written with the new state, and the
-/// decision record that follows the transition's in the chain.
-pub(super) struct Moved<'a> {
-    pub(super) at: Millis,
-    pub(super) actor: &'a str,
-    pub(super) reason: &'a str,
-    pub(super) changes: &'a [Change<'a>],
-    pub(super) decision: Option<&'a Draft>,
-    /// The transaction ends with this move ([`Composed::run_last`]).
-    pub(super) last: bool,
+    let mv = plan_transition(tenant.clone(), id.clone(), event, at, actor.to_owned(), reason.to_owned());
+    Ok(apply_move(tx, &mv, true).await?.finished()?)
 }
 
 /// One statement built from parts: data-modifying CTEs, which PostgreSQL runs together,
@@ -200,30 +187,6 @@ pub(super) fn encode(drafts: &[Draft]) -> Vec<(&'static str, String)> {
     drafts.iter().map(|d| (d.kind.as_str(), d.data.to_string())).collect()
 }
 
-/// Moves `job` (locked by the caller, and already holding the `changes` in memory) by `event`
-/// ([`write_job`]).
-pub(super) async fn apply_transition(
-    tx: &Tx<'_>,
-    job: JobRecord,
-    event: Event,
-    m: Moved<'_>,
-) -> Result<JobRecord, Fail> {
-    let from = job.state;
-    let to = from.next(event).map_err(StoreError::from)?;
-    let mut drafts = vec![Draft {
-        at: m.at,
-        kind: Kind::JobTransition,
-        subject: job.id.as_str().to_owned(),
-        actor: m.actor.to_owned(),
-        data: json!({"from": from.as_str(), "to": to.as_str(), "reason": m.reason}),
-    }];
-    drafts.extend(m.decision.cloned());
-    let job = JobRecord { state: to, updated_at: m.at, ..job };
-    let step = Step { from, reason: Some(m.reason), actor: m.actor, changes: m.changes, drafts: &drafts };
-    write_job(tx, &job, step, None, m.last).await?;
-    Ok(job)
-}
-
 /// What [`write_job`] writes besides the job's new state: its history step (when `reason` is
 /// given), the changed columns and the audit records, in order.
 pub(super) struct Step<'a> {
@@ -319,7 +282,17 @@ pub(super) async fn apply_move(tx: &Tx<'_>, mv: &Move, last: bool) -> Result<App
     let (job, guarded) =
         tokio::join!(load_job(tx, &mv.tenant, &mv.job_id, true), guard(tx, mv.precondition.decided_under));
     guarded?;
-    let mut job = job?.ok_or(StoreError::NotFound)?;
+    apply_loaded(tx, job?.ok_or(StoreError::NotFound)?, mv, last).await
+}
+
+/// [`apply_move`] to `job`, already locked and loaded by the caller (whose snapshot guard, if
+/// the move has one, has run).
+pub(super) async fn apply_loaded(
+    tx: &Tx<'_>,
+    mut job: JobRecord,
+    mv: &Move,
+    last: bool,
+) -> Result<Applied, Fail> {
     if let Err(refusal) = mv.precondition.check(&job) {
         return Ok(Applied::Refused(refusal));
     }

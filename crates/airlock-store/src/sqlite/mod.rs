@@ -19,7 +19,7 @@ use airlock_core::approval::Status;
 use airlock_core::audit::{Draft, Kind, Record};
 use airlock_core::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
-use airlock_core::moves::{LeaseCheck, plan_dispatch, plan_finish};
+use airlock_core::moves::{LeaseCheck, plan_dispatch, plan_finish, plan_transition};
 use airlock_core::state::{Event, JobState};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::json;
@@ -33,7 +33,7 @@ use crate::{
 };
 use migrations::migrate;
 use moves::{
-    CLEAR_LEASE, change_approval, check_decided_under, dispatch, finish, leased_under, load_breaker,
+    change_approval, check_decided_under, commit, dispatch, leased_under, load_breaker, operator_retry,
     save_breaker, submit,
 };
 use readers::{CACHE_KIB, Readers};
@@ -446,12 +446,8 @@ impl Store for SqliteStore {
         actor: &str,
         reason: &str,
     ) -> Result<JobRecord, StoreError> {
-        let (tenant, id, actor, reason) = (tenant.clone(), id.clone(), actor.to_owned(), reason.to_owned());
-        let reply = self
-            .write(Box::new(move |tx| {
-                Ok(Output::Job(Box::new(tx.transition(&tenant, &id, event, at, &actor, &reason)?)))
-            }))
-            .await;
+        let mv = plan_transition(tenant.clone(), id.clone(), event, at, actor.to_owned(), reason.to_owned());
+        let reply = self.write(Box::new(move |tx| commit(tx, mv))).await;
         expect_output!(reply, Job).map(|job| *job)
     }
 
@@ -713,7 +709,7 @@ impl Store for SqliteStore {
     ) -> Result<JobRecord, StoreError> {
         let lease = LeaseCheck { token: token.to_owned(), live_at };
         let mv = plan_finish(tenant.clone(), id.clone(), lease, finish_, at, actor.to_owned());
-        let reply = self.write(Box::new(move |tx| finish(tx, mv))).await;
+        let reply = self.write(Box::new(move |tx| commit(tx, mv))).await;
         expect_output!(reply, Job).map(|job| *job)
     }
 
@@ -755,28 +751,7 @@ impl Store for SqliteStore {
         actor: &str,
     ) -> Result<JobRecord, StoreError> {
         let (tenant, id, actor) = (tenant.clone(), id.clone(), actor.to_owned());
-        let reply = self
-            .write(Box::new(move |tx| {
-                let job = load_job(tx.conn, &tenant, &id)?.ok_or(StoreError::NotFound)?;
-                if job.dispatch.discarded_at.is_some() {
-                    return Err(StoreError::Conflict("the job was discarded from the DLQ".into()));
-                }
-                let to = job.state.next(Event::OperatorRetry)?;
-                tx.conn
-                    .prepare_cached(&format!(
-                        "UPDATE jobs SET scheduling_attempts = 0, execution_attempts = 0, not_before = ?1,
-                         dead_letter_reason = NULL, {CLEAR_LEASE} WHERE id = ?2"
-                    ))?
-                    .execute(params![at, id.as_str()])?;
-                let reason = format!(
-                    "operator retry from the DLQ (was: {})",
-                    job.dispatch.dead_letter_reason.unwrap_or_default()
-                );
-                let job = tx.transition(&tenant, &id, Event::OperatorRetry, at, &actor, &reason)?;
-                debug_assert_eq!(job.state, to);
-                Ok(Output::Job(Box::new(job)))
-            }))
-            .await;
+        let reply = self.write(Box::new(move |tx| operator_retry(tx, &tenant, &id, at, actor))).await;
         expect_output!(reply, Job).map(|job| *job)
     }
 

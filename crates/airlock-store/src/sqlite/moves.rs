@@ -154,8 +154,6 @@ pub(super) fn take_budgets(
     Ok(Ok(()))
 }
 
-pub(super) const CLEAR_LEASE: &str = "lease_token = NULL, lease_expires_at = NULL, leased_by = NULL";
-
 /// Commits `mv` to `job`, loaded by the writer thread: checks its precondition and its
 /// snapshot, takes its budgets (a refusal commits [`Move::throttled`] instead), applies it to
 /// the record and writes the fields it changed through the one field-to-column mapping
@@ -256,7 +254,8 @@ pub(super) fn leased_under(
     }
 }
 
-pub(super) fn finish(tx: &mut Tx<'_>, mv: Move) -> Reply {
+/// Commits a move of the job it names: a finish, a cancellation.
+pub(super) fn commit(tx: &mut Tx<'_>, mv: Move) -> Reply {
     let job = load_job(tx.conn, &mv.tenant, &mv.job_id)?.ok_or(StoreError::NotFound)?;
     Ok(Output::Job(Box::new(apply_move(tx, job, mv)?.finished()?)))
 }
@@ -280,4 +279,17 @@ pub(super) fn save_breaker(conn: &Connection, state: BreakerState) -> Result<(),
     )?
     .execute(params![kind, value])?;
     Ok(())
+}
+
+/// An operator's retry of a dead-lettered job, planned against the job as the writer loaded it.
+pub(super) fn operator_retry(
+    tx: &mut Tx<'_>,
+    tenant: &TenantId,
+    id: &JobId,
+    at: Millis,
+    actor: String,
+) -> Reply {
+    let job = load_job(tx.conn, tenant, id)?.ok_or(StoreError::NotFound)?;
+    let mv = moves::plan_operator_retry(&job, at, actor).map_err(refused)?;
+    Ok(Output::Job(Box::new(apply_move(tx, job, mv)?.finished()?)))
 }

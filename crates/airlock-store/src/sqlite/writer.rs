@@ -5,16 +5,12 @@
 use std::collections::HashMap;
 use std::sync::mpsc;
 
-use airlock_core::Millis;
-use airlock_core::audit::{self, Draft, Kind, Record};
+use airlock_core::audit::{self, Draft, Record};
 use airlock_core::breaker::{Admission, BreakerState};
-use airlock_core::ids::{JobId, TenantId};
-use airlock_core::state::Event;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use super::rows::load_job;
 use crate::codec::corrupt;
 use crate::{
     ApprovalRecord, DispatchOutcome, Heartbeat, JobRecord, KeyRecord, SnapshotRecord, StoreError,
@@ -164,39 +160,6 @@ impl Tx<'_> {
             .execute(params![tenant, seq, record.hash])?;
         self.batch.insert(tenant.to_owned(), (record.seq, record.hash.clone()));
         Ok(record)
-    }
-
-    pub(super) fn transition(
-        &mut self,
-        tenant: &TenantId,
-        id: &JobId,
-        event: Event,
-        at: Millis,
-        actor: &str,
-        reason: &str,
-    ) -> Result<JobRecord, StoreError> {
-        let job = load_job(self.conn, tenant, id)?.ok_or(StoreError::NotFound)?;
-        let to = job.state.next(event)?;
-        self.conn
-            .prepare_cached("UPDATE jobs SET state = ?1, updated_at = ?2 WHERE id = ?3")?
-            .execute(params![to.as_str(), at, id.as_str()])?;
-        self.conn
-            .prepare_cached(
-                "INSERT INTO job_transitions (job_id, seq, from_state, to_state, at, actor, reason)
-                 SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2, ?3, ?4, ?5, ?6 FROM job_transitions WHERE job_id = ?1",
-            )?
-            .execute(params![id.as_str(), job.state.as_str(), to.as_str(), at, actor, reason])?;
-        self.append_audit(
-            tenant.as_str(),
-            Draft {
-                at,
-                kind: Kind::JobTransition,
-                subject: id.to_string(),
-                actor: actor.to_owned(),
-                data: json!({"from": job.state.as_str(), "to": to.as_str(), "reason": reason}),
-            },
-        )?;
-        Ok(JobRecord { state: to, updated_at: at, ..job })
     }
 
     pub(super) fn insert_approval(&self, approval: &ApprovalRecord) -> Result<(), StoreError> {
