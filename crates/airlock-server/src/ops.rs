@@ -74,7 +74,8 @@ pub async fn metrics(
 /// every route of every role; a process leaves out the remote safety service's route (served
 /// only by `--role safety`, which serves no document), the fault-injection route unless it was
 /// enabled, and the routes its role sends elsewhere, so that a client or a fuzzer driven by
-/// the document never meets a documented route that answers 404.
+/// the document never meets a documented route that answers 404. The claim's `pool` lists the
+/// pools this server has.
 pub async fn openapi(State(state): State<AppState>, role: Option<Extension<ProcessRole>>) -> Response {
     let role = role.map_or(ProcessRole::All, |Extension(r)| r);
     let served = |path: &str| {
@@ -86,6 +87,14 @@ pub async fn openapi(State(state): State<AppState>, role: Option<Extension<Proce
         Ok(mut document) => {
             if let Some(paths) = document.get_mut("paths").and_then(Value::as_object_mut) {
                 paths.retain(|path, _| served(path));
+            }
+            // The pools are this server's configuration: a claim names one of them.
+            let pools: Vec<&str> = match state.config().pools.as_slice() {
+                [] => vec!["default"],
+                configured => configured.iter().map(|(name, _)| name.as_str()).collect(),
+            };
+            if let Some(pool) = document.pointer_mut("/components/schemas/ClaimRequest/properties/pool") {
+                wire::merge(pool, json!({"enum": pools}));
             }
             ([(header::CONTENT_TYPE, "application/json")], document.to_string()).into_response()
         }

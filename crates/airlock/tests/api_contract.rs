@@ -162,8 +162,13 @@ fn the_served_document_lists_only_what_a_default_serve_serves() {
     let responses = &doc["paths"]["/api/v1/jobs"]["post"]["responses"];
     assert!(responses["415"].is_object() && responses["429"].is_object(), "{responses}");
 
-    // A claim without a body is the default pool without waiting, as documented.
+    // A claim without a body is the default pool without waiting, as documented; the pools
+    // are this server's.
     assert_eq!(doc["paths"]["/api/v1/workers/claim"]["post"]["requestBody"]["required"], false);
+    assert_eq!(
+        doc["components"]["schemas"]["ClaimRequest"]["properties"]["pool"]["enum"],
+        json!(["default"])
+    );
     let worker = server.key("acme", "worker", &["worker"]);
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
     let response = agent
@@ -284,4 +289,16 @@ fn gate_decisions_separate_an_admitted_throttle_from_a_refused_one() {
     assert_eq!(server.post("/api/v1/workers/claim", &worker, json!({})).0, 204);
     assert_eq!((series("b", "throttle_admitted"), series("b", "throttle_refused")), (1.0, 2.0));
     assert_eq!(series("a", "throttle") + series("b", "throttle"), 0.0, "no unsplit throttle series");
+}
+
+#[test]
+fn a_key_with_a_principal_that_is_not_a_string_is_refused() {
+    // Found by schemathesis: `{"principal": {}}` used to be ignored and the key created.
+    let server = Server::start("key-principal", None, "");
+    let body = json!({"tenant": "acme", "name": "agent", "roles": ["submitter"], "principal": {}});
+    let (status, answer) = server.post("/api/v1/keys", ADMIN, body);
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["fields"][0]["field"], "principal", "{answer}");
+    let (_, keys) = server.get("/api/v1/keys", ADMIN);
+    assert!(!keys.to_string().contains("\"agent\""), "no key was created: {keys}");
 }
