@@ -9,6 +9,7 @@ pub mod breaker;
 pub mod defaults;
 pub mod dispatch;
 pub mod ids;
+pub mod moves;
 pub mod record;
 pub mod role;
 pub mod state;

@@ -135,6 +135,14 @@ pub struct ApprovalRecord {
     pub decided_by: Option<String>,
 }
 
+impl ApprovalRecord {
+    /// A request of a job, pending: how Gate A, Gate B and a stale request's replacement open
+    /// one (`request` from [`Request::pending`]).
+    pub fn open(id: ApprovalId, tenant: TenantId, job_id: JobId, request: Request) -> Self {
+        Self { id, tenant, job_id, request, decided_at: None, decided_by: None }
+    }
+}
+
 /// One throttle budget a submission must be admitted by.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Budget {

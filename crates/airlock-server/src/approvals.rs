@@ -411,11 +411,11 @@ async fn refuse_stale(
     state.metrics().inc("airlock_approvals_stale_total", &[]);
     let active = state.safety().active();
     let (evaluation, _) = airlock_plan::evaluate_any(&active.policy, &job.to_policy_job());
-    let replacement = ApprovalRecord {
-        id: ApprovalId::generate(now, random_bytes()?),
-        tenant: caller.tenant.clone(),
-        job_id: job.id.clone(),
-        request: Request::pending(
+    let replacement = ApprovalRecord::open(
+        ApprovalId::generate(now, random_bytes()?),
+        caller.tenant.clone(),
+        job.id.clone(),
+        Request::pending(
             &active.policy,
             &evaluation,
             job.to_policy_job().hash(),
@@ -423,9 +423,7 @@ async fn refuse_stale(
             now,
             state.config().approval_ttl_ms,
         ),
-        decided_at: None,
-        decided_by: None,
-    };
+    );
     let mut c = change(caller, record, Request { status: Status::Stale, ..record.request.clone() }, now);
     c.decided_under = Some(active.version);
     c.audit.push(draft(

@@ -318,14 +318,12 @@ async fn accept(
 ) -> Result<Response, ApiError> {
     let id = JobId::generate(now, random_bytes()?);
     let approval = match approval {
-        Some(request) => Some(ApprovalRecord {
-            id: ApprovalId::generate(now, random_bytes()?),
-            tenant: caller.tenant.clone(),
-            job_id: id.clone(),
+        Some(request) => Some(ApprovalRecord::open(
+            ApprovalId::generate(now, random_bytes()?),
+            caller.tenant.clone(),
+            id.clone(),
             request,
-            decided_at: None,
-            decided_by: None,
-        }),
+        )),
         None => None,
     };
     let state_after = if approval.is_some() { JobState::AwaitingApproval } else { JobState::Queued };

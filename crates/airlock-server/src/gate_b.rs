@@ -375,11 +375,11 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
             let c =
                 decided.as_ref().ok_or_else(|| ApiError::internal("approval needed without a decision"))?;
             DispatchAction::NeedsApproval {
-                replacement: ApprovalRecord {
-                    id: ApprovalId::generate(now, random_bytes()?),
-                    tenant: job.tenant.clone(),
-                    job_id: job.id.clone(),
-                    request: Request::pending(
+                replacement: ApprovalRecord::open(
+                    ApprovalId::generate(now, random_bytes()?),
+                    job.tenant.clone(),
+                    job.id.clone(),
+                    Request::pending(
                         &c.active.policy,
                         &c.evaluation,
                         policy_job.hash(),
@@ -387,9 +387,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
                         now,
                         state.config().approval_ttl_ms,
                     ),
-                    decided_at: None,
-                    decided_by: None,
-                },
+                ),
             }
         }
         Action::Requeue { delay_ms, counted, reason } => {

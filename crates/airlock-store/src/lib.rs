@@ -12,14 +12,14 @@ mod sqlite;
 use std::collections::BTreeMap;
 
 use airlock_core::Millis;
-use airlock_core::approval::{Request, Status};
+use airlock_core::approval::Status;
 use airlock_core::audit::{Draft, Record};
 use airlock_core::breaker::{Admission, BreakerConfig, BreakerState};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
 use airlock_core::role::Roles;
 use airlock_core::state::{Event, InvalidTransition, JobState};
-use serde_json::Value;
 
+pub use airlock_core::moves::{ApprovalChange, Dispatch, DispatchAction, Finish};
 pub use airlock_core::record::{ApprovalRecord, Budget, DispatchState, GateDecision, JobRecord, Lease};
 pub use postgres::PgStore;
 pub use sqlite::{DATABASE_FILE, SqliteStore};
@@ -193,88 +193,6 @@ pub struct JobFilter {
     pub limit: u32,
 }
 
-/// A change to an approval request, applied only if the request is still as the caller read
-/// it (optimistic concurrency: same status, same number of approvers).
-#[derive(Clone, Debug)]
-pub struct ApprovalChange {
-    /// The tenant.
-    pub tenant: TenantId,
-    /// The request.
-    pub id: ApprovalId,
-    /// The status the caller read.
-    pub expected_status: Status,
-    /// The number of approvers the caller read.
-    pub expected_approvers: usize,
-    /// The request after the change.
-    pub request: Request,
-    /// What happens to the job, if anything (approved → queued, rejected, expired).
-    pub job_event: Option<Event>,
-    /// A fresh request to attach to the job (when this one went stale).
-    pub replacement: Option<ApprovalRecord>,
-    /// Audit records, in order.
-    pub audit: Vec<Draft>,
-    /// When.
-    pub at: Millis,
-    /// Who.
-    pub actor: String,
-    /// The snapshot version the approval's binding was checked under, checked at the commit as
-    /// for [`Submission::decided_under`]; `None` for changes that do not depend on it.
-    pub decided_under: Option<u64>,
-}
-
-/// What Gate B does with a queued job, applied atomically with its audit record.
-#[derive(Clone, Debug)]
-pub enum DispatchAction {
-    /// Lease it, after charging these budgets (all or nothing).
-    Lease {
-        /// The lease.
-        lease: Lease,
-        /// Gate B's throttle budgets; a refusal requeues the job until the budget refills.
-        budgets: Vec<Budget>,
-    },
-    /// Gate B denied it.
-    Deny,
-    /// Back to awaiting approval with a fresh request; the previous request, if any, is
-    /// recorded as stale.
-    NeedsApproval {
-        /// The new request.
-        replacement: ApprovalRecord,
-    },
-    /// Back to the queue until `not_before`; `counted` uses a scheduling attempt.
-    Requeue {
-        /// When it may be tried again.
-        not_before: Millis,
-        /// Whether it counts against the scheduling cap.
-        counted: bool,
-    },
-    /// Out of attempts.
-    DeadLetter {
-        /// Why.
-        reason: String,
-    },
-}
-
-/// One Gate B decision to apply to a job that must still be queued.
-#[derive(Clone, Debug)]
-pub struct Dispatch {
-    /// The tenant.
-    pub tenant: TenantId,
-    /// The job.
-    pub job_id: JobId,
-    /// What to do.
-    pub action: DispatchAction,
-    /// The decision, recorded on the job; `None` for a move no decision was made for (a job
-    /// whose topic no pool takes), which keeps the job's last one.
-    pub gate_b: Option<GateDecision>,
-    /// When.
-    pub at: Millis,
-    /// The audit record.
-    pub audit: Draft,
-    /// The snapshot version the decision was made under, checked at the commit as for
-    /// [`Submission::decided_under`]; `None` when the safety check was unavailable.
-    pub decided_under: Option<u64>,
-}
-
 /// What became of a dispatch.
 #[derive(Clone, Debug, PartialEq)]
 pub enum DispatchOutcome {
@@ -287,31 +205,6 @@ pub enum DispatchOutcome {
     },
     /// The job was no longer queued (claimed, cancelled or changed by someone else).
     Gone,
-}
-
-/// How an execution attempt ended, reported under the lease's token.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Finish {
-    /// Done.
-    Succeeded {
-        /// What the worker returned.
-        result: Value,
-    },
-    /// Failed; run it again.
-    Retry {
-        /// Why it failed.
-        error: String,
-    },
-    /// Failed for good.
-    Failed {
-        /// Why.
-        error: String,
-    },
-    /// Failed with no attempts left.
-    DeadLetter {
-        /// Why.
-        reason: String,
-    },
 }
 
 /// What a heartbeat found.
