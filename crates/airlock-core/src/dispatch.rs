@@ -32,13 +32,36 @@ impl Default for Caps {
     }
 }
 
-/// The fail mode in force for one job at Gate B.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a gate does when the safety check is unavailable (SPEC 5, 6).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FailMode {
-    /// Requeue with backoff; counts as a scheduling attempt.
+    /// Refuse (Gate A: 503; Gate B: requeue with backoff, a counted scheduling attempt).
+    #[default]
     Closed,
-    /// Dispatch, marked bypassed.
+    /// Proceed, mark the job bypassed, count and audit it.
     Open,
+}
+
+impl std::str::FromStr for FailMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "closed" => Ok(Self::Closed),
+            "open" => Ok(Self::Open),
+            other => Err(format!("unknown fail mode `{other}`; expected `closed` or `open`")),
+        }
+    }
+}
+
+impl FailMode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Closed => "closed",
+            Self::Open => "open",
+        }
+    }
 }
 
 /// Where a `require_human` job's approval stands, checked against the active snapshot.

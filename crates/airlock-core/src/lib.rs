@@ -9,6 +9,8 @@ pub mod breaker;
 pub mod defaults;
 pub mod dispatch;
 pub mod ids;
+pub mod moves;
+pub mod record;
 pub mod role;
 pub mod state;
 pub mod throttle;

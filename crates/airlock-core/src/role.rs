@@ -17,11 +17,15 @@ pub enum Role {
     Admin,
     /// Claims and completes jobs.
     Worker,
+    /// Reads what the other roles read in its tenant (jobs, approvals, the DLQ, audit, policy
+    /// versions and hashes) and changes nothing.
+    Viewer,
 }
 
 impl Role {
     /// Every role.
-    pub const ALL: [Role; 5] = [Self::Submitter, Self::Approver, Self::Operator, Self::Admin, Self::Worker];
+    pub const ALL: [Role; 6] =
+        [Self::Submitter, Self::Approver, Self::Operator, Self::Admin, Self::Worker, Self::Viewer];
 
     /// The wire name.
     pub fn as_str(self) -> &'static str {
@@ -31,6 +35,7 @@ impl Role {
             Self::Operator => "operator",
             Self::Admin => "admin",
             Self::Worker => "worker",
+            Self::Viewer => "viewer",
         }
     }
 
@@ -58,6 +63,11 @@ impl Roles {
     /// Whether the set grants `role`; admin grants everything.
     pub fn allows(self, role: Role) -> bool {
         self.0 & (role.bit() | Role::Admin.bit()) != 0
+    }
+
+    /// Whether the set may read what `role` reads: `role` itself, or the viewer role.
+    pub fn reads(self, role: Role) -> bool {
+        self.allows(role) || self.0 & Role::Viewer.bit() != 0
     }
 
     /// The roles in the set, in a stable order.
@@ -98,5 +108,15 @@ mod tests {
         assert_eq!(submitter.to_string(), "submitter");
         assert_eq!("worker".parse::<Role>(), Ok(Role::Worker));
         assert!("root".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn a_viewer_reads_and_does_nothing_else() {
+        let viewer: Roles = [Role::Viewer].into_iter().collect();
+        assert!(Role::ALL.iter().all(|r| viewer.reads(*r)));
+        assert!(Role::ALL.iter().all(|r| *r == Role::Viewer || !viewer.allows(*r)));
+        let worker: Roles = [Role::Worker].into_iter().collect();
+        assert!(!worker.reads(Role::Operator));
+        assert_eq!("viewer".parse::<Role>(), Ok(Role::Viewer));
     }
 }

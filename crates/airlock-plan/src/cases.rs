@@ -1,5 +1,6 @@
-//! Plan test cases (`airlock plan test POLICY CASES...`): real plan files and the decisions a
-//! policy must give them, as a whole and per change.
+//! Plan test cases (`airlock plan test POLICY CASES...`, and `airlock policy test`, whose files
+//! may mix them with job cases): real plan files and the decisions a policy must give them, as a
+//! whole and per change.
 //!
 //! ```yaml
 //! cases:
@@ -13,6 +14,7 @@
 
 use std::collections::BTreeMap;
 
+use airlock_policy::cases::Entry;
 use airlock_policy::diag::{Diagnostic, Span};
 use airlock_policy::yaml::{Kind, Node};
 use airlock_policy::{Decision, Policy};
@@ -37,54 +39,59 @@ pub struct Case {
     pub changes: Option<BTreeMap<String, Decision>>,
 }
 
-const CASE_KEYS: [&str; 5] = ["name", "plan", "env", "expect", "changes"];
+/// The keys of a plan case.
+pub const CASE_KEYS: [&str; 5] = ["name", "plan", "env", "expect", "changes"];
 
 /// Parses a plan cases file; every error with its position. The file's shape (a `cases` list
 /// of maps, `name`, `expect`) is read by the policy crate's parser, which `policy test` uses.
 pub fn parse(text: &str) -> Result<Vec<Case>, Vec<Diagnostic>> {
-    airlock_policy::cases::parse_with(text, &CASE_KEYS, |entry, errors| {
-        let string = |name: &str, errors: &mut Vec<Diagnostic>| match entry.get(name) {
-            Some(Node { kind: Kind::Str(s), .. }) if !s.is_empty() => Some(s.clone()),
-            Some(other) => {
-                errors.push(Diagnostic::error(other.span, format!("`{name}` must be a non-empty string")));
-                None
-            }
-            None => {
-                errors.push(Diagnostic::error(entry.span, format!("case `{}` has no `{name}`", entry.name)));
-                None
-            }
-        };
-        let plan = string("plan", errors);
-        let env = string("env", errors);
-        let expect = entry.expect(errors);
-        let changes = match entry.get("changes") {
-            None => Some(None),
-            Some(Node { kind: Kind::Map(entries), .. }) => {
-                let mut map = BTreeMap::new();
-                let mut ok = true;
-                for (key, value) in entries {
-                    match airlock_policy::cases::decision(value, &key.text, errors) {
-                        Some(d) => {
-                            map.insert(key.text.clone(), d);
-                        }
-                        None => ok = false,
+    airlock_policy::cases::parse_with(text, plan_case)
+}
+
+/// A plan case from its entry (keys [`CASE_KEYS`]).
+pub fn plan_case(entry: &Entry<'_>, errors: &mut Vec<Diagnostic>) -> Option<Case> {
+    entry.only(&CASE_KEYS, errors);
+    let string = |name: &str, errors: &mut Vec<Diagnostic>| match entry.get(name) {
+        Some(Node { kind: Kind::Str(s), .. }) if !s.is_empty() => Some(s.clone()),
+        Some(other) => {
+            errors.push(Diagnostic::error(other.span, format!("`{name}` must be a non-empty string")));
+            None
+        }
+        None => {
+            errors.push(Diagnostic::error(entry.span, format!("case `{}` has no `{name}`", entry.name)));
+            None
+        }
+    };
+    let plan = string("plan", errors);
+    let env = string("env", errors);
+    let expect = entry.expect(errors);
+    let changes = match entry.get("changes") {
+        None => Some(None),
+        Some(Node { kind: Kind::Map(entries), .. }) => {
+            let mut map = BTreeMap::new();
+            let mut ok = true;
+            for (key, value) in entries {
+                match airlock_policy::cases::decision(value, &key.text, errors) {
+                    Some(d) => {
+                        map.insert(key.text.clone(), d);
                     }
+                    None => ok = false,
                 }
-                ok.then_some(Some(map))
             }
-            Some(other) => {
-                errors.push(Diagnostic::error(other.span, "`changes` must map addresses to decisions"));
-                None
-            }
-        };
-        Some(Case {
-            name: entry.name.clone(),
-            span: entry.span,
-            plan: plan?,
-            env: env?,
-            expect: expect?,
-            changes: changes?,
-        })
+            ok.then_some(Some(map))
+        }
+        Some(other) => {
+            errors.push(Diagnostic::error(other.span, "`changes` must map addresses to decisions"));
+            None
+        }
+    };
+    Some(Case {
+        name: entry.name.clone(),
+        span: entry.span,
+        plan: plan?,
+        env: env?,
+        expect: expect?,
+        changes: changes?,
     })
 }
 

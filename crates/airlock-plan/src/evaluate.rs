@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use airlock_policy::{Decision, Evaluation, Job, Policy, RuleIdx};
+use airlock_policy::{Decision, Evaluation, Explanation, Job, Policy, RuleIdx};
 use serde_json::{Map, Value, json};
 
 use crate::plan::{Action, Plan};
@@ -138,6 +138,36 @@ fn change_job(
         idempotency_key: None,
     };
     Ok((address, action, change_job))
+}
+
+/// One change of a plan job with every rule's verdict on it.
+#[derive(Clone, Debug)]
+pub struct ChangeExplanation {
+    /// The resource address.
+    pub address: String,
+    /// The change as the job it was decided as (topic, labels, payload).
+    pub job: Job,
+    /// Every rule's verdict, and the decision.
+    pub explanation: Explanation,
+}
+
+/// Every rule's verdict on each of the first `max` changes of a plan job, in plan order; empty
+/// when the payload is not a list of changes (its decision is `deny`, with why, by
+/// [`evaluate`]). Each explained change's payload is copied into its job: `max` bounds that.
+pub fn explain(policy: &Policy, job: &Job, max: usize) -> Vec<ChangeExplanation> {
+    let Some(changes) = job.payload.get("changes").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    changes
+        .iter()
+        .take(max)
+        .enumerate()
+        .map_while(|(i, change)| change_job(policy, job, i, change.clone()).ok())
+        .map(|(address, _, job)| {
+            let explanation = policy.explain(&job);
+            ChangeExplanation { address, job, explanation }
+        })
+        .collect()
 }
 
 /// Evaluates every change of a plan job.

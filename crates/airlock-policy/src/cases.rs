@@ -43,49 +43,54 @@ pub struct Failure {
     pub actual: String,
 }
 
-const CASE_KEYS: [&str; 4] = ["name", "job", "expect", "rules"];
+/// The keys of a job case.
+pub const CASE_KEYS: [&str; 4] = ["name", "job", "expect", "rules"];
 
 /// Parses a cases file; every error is reported with its position.
 pub fn parse(text: &str) -> Result<Vec<Case>, Vec<Diagnostic>> {
-    parse_with(text, &CASE_KEYS, |entry, errors| {
-        let job = match entry.get("job") {
-            None => {
-                errors.push(Diagnostic::error(entry.span, format!("case `{}` has no `job`", entry.name)));
+    parse_with(text, job_case)
+}
+
+/// A job case from its entry (keys [`CASE_KEYS`]).
+pub fn job_case(entry: &Entry<'_>, errors: &mut Vec<Diagnostic>) -> Option<Case> {
+    entry.only(&CASE_KEYS, errors);
+    let job = match entry.get("job") {
+        None => {
+            errors.push(Diagnostic::error(entry.span, format!("case `{}` has no `job`", entry.name)));
+            None
+        }
+        Some(job) => match Job::from_json(&job.to_json()) {
+            Ok(j) => Some(j),
+            Err(field_errors) => {
+                errors.extend(
+                    field_errors
+                        .iter()
+                        .map(|e| Diagnostic::error(job.span, format!("case `{}`: {e}", entry.name))),
+                );
                 None
             }
-            Some(job) => match Job::from_json(&job.to_json()) {
-                Ok(j) => Some(j),
-                Err(field_errors) => {
-                    errors.extend(
-                        field_errors
-                            .iter()
-                            .map(|e| Diagnostic::error(job.span, format!("case `{}`: {e}", entry.name))),
-                    );
+        },
+    };
+    let expect = entry.expect(errors);
+    let rules = match entry.get("rules") {
+        None => Some(None),
+        Some(Node { kind: Kind::Seq(items), .. }) => items
+            .iter()
+            .map(|i| match &i.kind {
+                Kind::Str(s) => Some(s.clone()),
+                _ => {
+                    errors.push(Diagnostic::error(i.span, "rule ids must be strings"));
                     None
                 }
-            },
-        };
-        let expect = entry.expect(errors);
-        let rules = match entry.get("rules") {
-            None => Some(None),
-            Some(Node { kind: Kind::Seq(items), .. }) => items
-                .iter()
-                .map(|i| match &i.kind {
-                    Kind::Str(s) => Some(s.clone()),
-                    _ => {
-                        errors.push(Diagnostic::error(i.span, "rule ids must be strings"));
-                        None
-                    }
-                })
-                .collect::<Option<Vec<_>>>()
-                .map(Some),
-            Some(other) => {
-                errors.push(Diagnostic::error(other.span, "`rules` must be a list of rule ids"));
-                None
-            }
-        };
-        Some(Case { name: entry.name.clone(), span: entry.span, job: job?, expect: expect?, rules: rules? })
-    })
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(Some),
+        Some(other) => {
+            errors.push(Diagnostic::error(other.span, "`rules` must be a list of rule ids"));
+            None
+        }
+    };
+    Some(Case { name: entry.name.clone(), span: entry.span, job: job?, expect: expect?, rules: rules? })
 }
 
 /// One case of a cases file as written: a map whose keys were checked, and its name.
@@ -98,6 +103,18 @@ pub struct Entry<'a> {
 }
 
 impl<'a> Entry<'a> {
+    /// Reports every key of the case that is not one of `keys`.
+    pub fn only(&self, keys: &[&str], errors: &mut Vec<Diagnostic>) {
+        for (key, _) in self.entries {
+            if !keys.contains(&key.text.as_str()) {
+                errors.push(
+                    Diagnostic::error(key.span, format!("unknown key `{}` in a case", key.text))
+                        .with_help(format!("expected {}", one_of(keys))),
+                );
+            }
+        }
+    }
+
     /// The value of `key`, when the case has it.
     pub fn get(&self, key: &str) -> Option<&'a Node> {
         self.entries.iter().find(|(k, _)| k.text == key).map(|(_, v)| v)
@@ -115,12 +132,12 @@ impl<'a> Entry<'a> {
     }
 }
 
-/// Reads a cases file: a top-level `cases` list (or a bare list) of maps with no keys but
-/// `keys`; `case` builds each case from its entry, adding to the errors what is wrong. Every
-/// error of the file is returned at once. `policy test` and `plan test` share it.
+/// Reads a cases file: a top-level `cases` list (or a bare list) of maps; `case` builds each
+/// case from its entry (checking its keys with [`Entry::only`]), adding to the errors what is
+/// wrong. Every error of the file is returned at once. Job cases ([`job_case`]) and plan cases
+/// (`airlock_plan::cases`) share it, so one file may hold both.
 pub fn parse_with<T>(
     text: &str,
-    keys: &[&str],
     mut case: impl FnMut(&Entry<'_>, &mut Vec<Diagnostic>) -> Option<T>,
 ) -> Result<Vec<T>, Vec<Diagnostic>> {
     let root = yaml::parse(text)?;
@@ -140,14 +157,6 @@ pub fn parse_with<T>(
             errors.push(Diagnostic::error(node.span, format!("case {number} must be a map")));
             continue;
         };
-        for (key, _) in entries {
-            if !keys.contains(&key.text.as_str()) {
-                errors.push(
-                    Diagnostic::error(key.span, format!("unknown key `{}` in a case", key.text))
-                        .with_help(format!("expected {}", one_of(keys))),
-                );
-            }
-        }
         let mut entry = Entry { name: String::new(), span: node.span, entries };
         entry.name = match entry.get("name").map(|n| &n.kind) {
             Some(Kind::Str(s)) => s.clone(),

@@ -19,9 +19,10 @@ use crate::model::{
 };
 use crate::path::Path;
 use crate::policy::Policy;
+use crate::schema::PayloadSchemas;
 use crate::yaml::{self, Key, Kind, Node};
 
-const TOP_KEYS: [&str; 5] = ["version", "defaults", "risk", "rules", "terraform"];
+const TOP_KEYS: [&str; 6] = ["version", "defaults", "risk", "rules", "schemas", "terraform"];
 const TERRAFORM_KEYS: [&str; 1] = ["topics"];
 const DEFAULTS_KEYS: [&str; 2] = ["decision", "reason"];
 const RULE_KEYS: [&str; 7] = ["id", "when", "decision", "reason", "mode", "limit", "approvals"];
@@ -127,14 +128,15 @@ struct Parts {
     risk: Vec<RiskClass>,
     rules: Vec<Rule>,
     terraform: Vec<TerraformTopic>,
+    schemas: PayloadSchemas,
     /// Each rule's canonical bytes, in rule order.
     canonical_rules: Vec<Vec<u8>>,
 }
 
 impl Parts {
-    /// Hashes the canonical form `{"defaults", "risk", "rules", "terraform"?, "version"}` (keys
-    /// in RFC 8785 order; `terraform` only when the policy maps resource types, so that older
-    /// policies keep their hash) by streaming each rule's canonical bytes into the digest, so that a large policy
+    /// Hashes the canonical form `{"defaults", "risk", "rules", "schemas"?, "terraform"?,
+    /// "version"}` (keys in RFC 8785 order; `schemas` and `terraform` only when the policy has
+    /// them, so that older policies keep their hash) by streaming each rule's canonical bytes into the digest, so that a large policy
     /// is never held as one JSON tree.
     fn into_policy(self) -> Policy {
         use sha2::{Digest, Sha256};
@@ -157,6 +159,10 @@ impl Parts {
             digest.update(bytes);
         }
         digest.update(b"]");
+        if !self.schemas.is_empty() {
+            digest.update(b",\"schemas\":");
+            digest.update(jcs::to_vec(&self.schemas.canonical()));
+        }
         if !self.terraform.is_empty() {
             let topics: Vec<Value> =
                 self.terraform.iter().map(|t| json!([t.pattern.as_str(), t.topic])).collect();
@@ -165,7 +171,15 @@ impl Parts {
         }
         digest.update(b",\"version\":\"v1\"}");
         let hash = tagged(&digest.finalize());
-        Policy::new(self.default, self.default_reason, self.risk, self.rules, self.terraform, hash)
+        Policy::new(
+            self.default,
+            self.default_reason,
+            self.risk,
+            self.rules,
+            self.terraform,
+            self.schemas,
+            hash,
+        )
     }
 }
 
@@ -258,12 +272,14 @@ impl Compiler<'_> {
             Some(node) => self.rules(node),
         };
         let terraform = get(entries, "terraform").map(|n| self.terraform(n)).unwrap_or_default();
+        let schemas = get(entries, "schemas").map(|n| self.schemas(n)).unwrap_or_default();
         Some(Parts {
             default,
             default_reason,
             risk,
             rules,
             terraform,
+            schemas,
             canonical_rules: std::mem::take(&mut self.canonical_rules),
         })
     }
@@ -347,6 +363,74 @@ impl Compiler<'_> {
             }
         }
         out
+    }
+
+    /// `schemas: {PATTERN: SCHEMA}`: the JSON Schema (draft 2020-12) a payload of a topic
+    /// matching PATTERN must satisfy; every matching pattern's schema applies. Their regexes
+    /// (`pattern`, `patternProperties`) count against the policy's regex budget.
+    fn schemas(&mut self, node: &Node) -> PayloadSchemas {
+        let Some(entries) = self.map(node, "`schemas`") else {
+            return PayloadSchemas::default();
+        };
+        let mut compiled = Vec::new();
+        let mut spans = Vec::new();
+        for (key, value) in entries {
+            let pattern = self.glob(key.span, &key.text);
+            if !matches!(value.kind, Kind::Map(_) | Kind::Bool(_)) {
+                let what = format!("the schema of `{}`", key.text);
+                self.error(
+                    value.span,
+                    format!("{what} must be a map or a boolean, found {}", value.kind.describe()),
+                );
+                continue;
+            }
+            let schema = value.to_json();
+            self.charge_schema_regexes(&schema);
+            if let Some(pattern) = pattern {
+                compiled.push((pattern, schema));
+                spans.push((value.span, key.text.clone()));
+            }
+        }
+        match PayloadSchemas::compile(compiled) {
+            Ok(schemas) => schemas,
+            Err(errors) => {
+                for (i, message) in errors {
+                    if let Some((span, pattern)) = spans.get(i) {
+                        self.error_help(
+                            *span,
+                            format!("the schema of `{pattern}` is not a valid JSON Schema: {message}"),
+                            "write a JSON Schema (draft 2020-12) in YAML; `$ref` may only point inside it",
+                        );
+                    }
+                }
+                PayloadSchemas::default()
+            }
+        }
+    }
+
+    /// Charges the regexes of a schema (`pattern` strings, `patternProperties` keys) to the
+    /// policy's regex budget, as a rule's `regex` is.
+    fn charge_schema_regexes(&mut self, schema: &Value) {
+        match schema {
+            Value::Object(map) => {
+                for (key, value) in map {
+                    match (key.as_str(), value) {
+                        ("pattern", Value::String(p)) => {
+                            self.charge_regex(p);
+                        }
+                        ("patternProperties", Value::Object(props)) => {
+                            for p in props.keys() {
+                                self.charge_regex(p);
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.charge_schema_regexes(value);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| self.charge_schema_regexes(v)),
+            _ => {}
+        }
     }
 
     fn string_list(&mut self, node: &Node, what: &str) -> Vec<(Span, String)> {

@@ -15,6 +15,7 @@ pub mod limits;
 pub mod model;
 pub mod path;
 mod policy;
+pub mod schema;
 pub mod yaml;
 
 pub use compile::{Budget, Refused, compile, compile_within};

@@ -60,6 +60,10 @@ pub const LABELS_MAX: usize = 64;
 /// Longest label key or value, in bytes.
 pub const LABEL_BYTES_MAX: usize = 256;
 
+/// Most payload-schema violations reported for one job: enough to fix a payload in one round,
+/// bounded so that a large payload's answer stays small.
+pub const SCHEMA_VIOLATIONS_MAX: usize = 100;
+
 /// Longest topic, env, tenant or principal, in bytes.
 pub const NAME_BYTES_MAX: usize = 256;
 

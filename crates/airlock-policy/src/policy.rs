@@ -7,6 +7,7 @@ use crate::eval::{self, Ctx, EvalError};
 use crate::glob::Glob;
 use crate::job::Job;
 use crate::model::{Cond, Decision, Field, Mode, RiskClass, Rule, TerraformTopic, Test};
+use crate::schema::{PayloadSchemas, Violation};
 
 /// A compiled policy: immutable, hashed, indexed.
 #[derive(Debug)]
@@ -16,6 +17,7 @@ pub struct Policy {
     risk: Vec<RiskClass>,
     rules: Vec<Rule>,
     terraform: Vec<TerraformTopic>,
+    schemas: PayloadSchemas,
     index: Index,
     hash: String,
 }
@@ -65,10 +67,17 @@ impl Policy {
         risk: Vec<RiskClass>,
         rules: Vec<Rule>,
         terraform: Vec<TerraformTopic>,
+        schemas: PayloadSchemas,
         hash: String,
     ) -> Self {
         let index = Index::build(&rules);
-        Self { default, default_reason, risk, rules, terraform, index, hash }
+        Self { default, default_reason, risk, rules, terraform, schemas, index, hash }
+    }
+
+    /// How `payload` breaks the payload schemas of `topic` (`schemas:`): every violation,
+    /// empty when it conforms or no schema's pattern matches the topic.
+    pub fn payload_violations(&self, topic: &str, payload: &serde_json::Value) -> Vec<Violation> {
+        self.schemas.violations(topic, payload)
     }
 
     /// The topic a Terraform change of `resource_type` with `action` (`create`, `update`,

@@ -35,11 +35,7 @@ fn parse_id(text: &str) -> Result<ApprovalId, ApiError> {
 }
 
 fn require_reader(caller: &Caller) -> Result<(), ApiError> {
-    if caller.roles.allows(Role::Approver) || caller.roles.allows(Role::Operator) {
-        Ok(())
-    } else {
-        caller.require(Role::Approver)
-    }
+    if caller.roles.allows(Role::Operator) { Ok(()) } else { caller.require_read(Role::Approver) }
 }
 
 /// `GET /api/v1/approvals?status=&after=&limit=` (default status: pending).
@@ -91,6 +87,24 @@ pub async fn get(
             "explanation".into(),
             wire::explanation(&active.policy, &policy_job, &active.policy.explain(&policy_job)),
         );
+        // A plan job is decided change by change: each change's trace is its explanation.
+        if airlock_plan::is_plan_job(&policy_job) {
+            let explained: Vec<Value> = airlock_plan::explain(
+                &active.policy,
+                &policy_job,
+                airlock_core::defaults::PLAN_CHANGES_EXPLAINED_MAX,
+            )
+            .iter()
+            .map(|c| {
+                json!({
+                    "address": c.address,
+                    "topic": c.job.topic,
+                    "explanation": wire::explanation(&active.policy, &c.job, &c.explanation),
+                })
+            })
+            .collect();
+            o.insert("plan_explanations".into(), Value::Array(explained));
+        }
     }
     Ok(Json(body))
 }
@@ -397,11 +411,11 @@ async fn refuse_stale(
     state.metrics().inc("airlock_approvals_stale_total", &[]);
     let active = state.safety().active();
     let (evaluation, _) = airlock_plan::evaluate_any(&active.policy, &job.to_policy_job());
-    let replacement = ApprovalRecord {
-        id: ApprovalId::generate(now, random_bytes()?),
-        tenant: caller.tenant.clone(),
-        job_id: job.id.clone(),
-        request: Request::pending(
+    let replacement = ApprovalRecord::open(
+        ApprovalId::generate(now, random_bytes()?),
+        caller.tenant.clone(),
+        job.id.clone(),
+        Request::pending(
             &active.policy,
             &evaluation,
             job.to_policy_job().hash(),
@@ -409,9 +423,7 @@ async fn refuse_stale(
             now,
             state.config().approval_ttl_ms,
         ),
-        decided_at: None,
-        decided_by: None,
-    };
+    );
     let mut c = change(caller, record, Request { status: Status::Stale, ..record.request.clone() }, now);
     c.decided_under = Some(active.version);
     c.audit.push(draft(

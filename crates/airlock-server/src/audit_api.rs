@@ -35,7 +35,7 @@ pub async fn list(
     caller: Caller,
     RawQuery(params): RawQuery<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require(Role::Operator)?;
+    caller.require_read(Role::Operator)?;
     let q = Query::new(params, &["after", "limit", "tenant"])?;
     let tenant = tenant_of(&caller, &q)?;
     let page = state.store().audit(&tenant, q.get::<u64>("after")?.unwrap_or(0), q.limit()?).await?;

@@ -47,6 +47,11 @@ impl Caller {
         }
     }
 
+    /// Refuses a read unless the key has `role` or the viewer role.
+    pub fn require_read(&self, role: Role) -> Result<(), ApiError> {
+        if self.roles.reads(role) { Ok(()) } else { self.require(role) }
+    }
+
     /// Whether this is an admin of the platform tenant, who manages every tenant.
     pub fn is_platform_admin(&self) -> bool {
         self.tenant.as_str() == TenantId::PLATFORM && self.roles.allows(Role::Admin)

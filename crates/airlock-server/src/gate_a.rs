@@ -16,7 +16,7 @@ use airlock_store::{
 };
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
@@ -34,10 +34,17 @@ const DECIDE_ATTEMPTS_MAX: u32 = 3;
 const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 5;
 
 /// `POST /api/v1/jobs`.
-pub async fn submit(State(state): State<AppState>, caller: Caller, body: Body) -> Result<Response, ApiError> {
+pub async fn submit(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     caller.require(Role::Submitter)?;
+    wire::require_json(&headers)?;
     let bytes = wire::read_body(body, REQUEST_BODY_BYTES_MAX).await?;
     let job = parse_job(&state, &caller, &bytes)?;
+    crate::payload_schema::check(&state, &job)?;
     submit_job(&state, &caller, job).await
 }
 
@@ -262,10 +269,7 @@ fn key_reused(key: &str, existing: &airlock_store::IdempotencyRecord) -> ApiErro
 fn record_evaluation(state: &AppState, checked: &Checked, topic: &str) {
     let metrics = state.metrics();
     metrics.observe("airlock_policy_eval_seconds", &[("gate", "a")], checked.elapsed.as_secs_f64());
-    metrics.inc(
-        "airlock_gate_decisions_total",
-        &[("gate", "a"), ("decision", checked.evaluation.decision.as_str()), ("topic", topic)],
-    );
+    metrics.decided("a", checked.evaluation.decision, topic);
     for id in checked.active.policy.ids(&checked.evaluation.audit) {
         metrics.inc("airlock_policy_audit_matches_total", &[("gate", "a"), ("rule_id", id)]);
     }
@@ -314,14 +318,12 @@ async fn accept(
 ) -> Result<Response, ApiError> {
     let id = JobId::generate(now, random_bytes()?);
     let approval = match approval {
-        Some(request) => Some(ApprovalRecord {
-            id: ApprovalId::generate(now, random_bytes()?),
-            tenant: caller.tenant.clone(),
-            job_id: id.clone(),
+        Some(request) => Some(ApprovalRecord::open(
+            ApprovalId::generate(now, random_bytes()?),
+            caller.tenant.clone(),
+            id.clone(),
             request,
-            decided_at: None,
-            decided_by: None,
-        }),
+        )),
         None => None,
     };
     let state_after = if approval.is_some() { JobState::AwaitingApproval } else { JobState::Queued };
@@ -384,6 +386,7 @@ async fn accept(
     let retained_since = now - state.config().idempotency_retention_ms;
     match state.store().submit(submission, retained_since).await? {
         SubmitOutcome::Accepted => {
+            state.metrics().throttle_answered("a", gate.decision, &topic, true);
             if state_after == JobState::Queued {
                 state.queued_here();
             }
@@ -402,14 +405,17 @@ async fn accept(
         SubmitOutcome::KeyReused(existing) => {
             Err(key_reused(&idempotency_key.unwrap_or_default(), &existing))
         }
-        SubmitOutcome::Throttled { retry_after_ms } => Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "throttled",
-            format!("{}; the budget refills in {} ms", gate.reason, retry_after_ms),
-        )
-        .with("rule_ids", json!(gate.rule_ids))
-        .with("reason", json!(gate.reason))
-        .with("snapshot", json!(gate.snapshot_hash))
-        .retry_after(retry_after_ms.div_ceil(1000))),
+        SubmitOutcome::Throttled { retry_after_ms } => {
+            state.metrics().throttle_answered("a", gate.decision, &topic, false);
+            Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "throttled",
+                format!("{}; the budget refills in {} ms", gate.reason, retry_after_ms),
+            )
+            .with("rule_ids", json!(gate.rule_ids))
+            .with("reason", json!(gate.reason))
+            .with("snapshot", json!(gate.snapshot_hash))
+            .retry_after(retry_after_ms.div_ceil(1000)))
+        }
     }
 }

@@ -34,7 +34,7 @@ use serde_json::{Value, json};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::state::{AppState, FailMode, now_ms, random_bytes};
+use crate::state::{AppState, now_ms, random_bytes};
 use crate::wire::{self, Query, json_object, merge, only_fields};
 
 /// Longest a claim waits for work.
@@ -246,18 +246,12 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
     let topic = state.metrics().topic(&job.topic);
     let active = state.safety().active();
     let classes: Vec<&str> = active.policy.classes_of(&job.topic).collect();
-    let fail_mode = match state.config().gate_b_fail.for_topic(&job.topic, &classes) {
-        FailMode::Closed => dispatch::FailMode::Closed,
-        FailMode::Open => dispatch::FailMode::Open,
-    };
+    let fail_mode = state.config().gate_b_fail.for_topic(&job.topic, &classes);
 
     let (answer, decided) = match safety_check(state, &policy_job, now).await {
         Ok(checked) => {
             let decision = checked.evaluation.decision;
-            state.metrics().inc(
-                "airlock_gate_decisions_total",
-                &[("gate", "b"), ("decision", decision.as_str()), ("topic", &topic)],
-            );
+            state.metrics().decided("b", decision, &topic);
             state.metrics().observe(
                 "airlock_policy_eval_seconds",
                 &[("gate", "b")],
@@ -321,7 +315,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
         "reason": gate.reason,
         "snapshot": gate.snapshot_hash,
         "snapshot_version": gate.snapshot_version,
-        "fail_mode": fail_mode_name(fail_mode),
+        "fail_mode": fail_mode.as_str(),
         "scheduling_attempts": job.dispatch.scheduling_attempts,
     });
     if let Some(c) = &decided {
@@ -381,11 +375,11 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
             let c =
                 decided.as_ref().ok_or_else(|| ApiError::internal("approval needed without a decision"))?;
             DispatchAction::NeedsApproval {
-                replacement: ApprovalRecord {
-                    id: ApprovalId::generate(now, random_bytes()?),
-                    tenant: job.tenant.clone(),
-                    job_id: job.id.clone(),
-                    request: Request::pending(
+                replacement: ApprovalRecord::open(
+                    ApprovalId::generate(now, random_bytes()?),
+                    job.tenant.clone(),
+                    job.id.clone(),
+                    Request::pending(
                         &c.active.policy,
                         &c.evaluation,
                         policy_job.hash(),
@@ -393,9 +387,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
                         now,
                         state.config().approval_ttl_ms,
                     ),
-                    decided_at: None,
-                    decided_by: None,
-                },
+                ),
             }
         }
         Action::Requeue { delay_ms, counted, reason } => {
@@ -435,6 +427,7 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
     };
     match state.store().dispatch(dispatch).await? {
         DispatchOutcome::Applied(leased) if leasing => {
+            state.metrics().throttle_answered("b", gate.decision, &job.topic, true);
             let lease =
                 leased.dispatch.lease.clone().ok_or_else(|| ApiError::internal("leased without a lease"))?;
             Ok(Some(json!({
@@ -453,19 +446,16 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
                 "gate_b": wire::decision(&gate),
             })))
         }
-        DispatchOutcome::Applied(_) | DispatchOutcome::Gone | DispatchOutcome::Throttled { .. } => Ok(None),
+        DispatchOutcome::Throttled { .. } => {
+            state.metrics().throttle_answered("b", gate.decision, &job.topic, false);
+            Ok(None)
+        }
+        DispatchOutcome::Applied(_) | DispatchOutcome::Gone => Ok(None),
     }
 }
 
 fn ms(value: u64) -> Millis {
     i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn fail_mode_name(mode: dispatch::FailMode) -> &'static str {
-    match mode {
-        dispatch::FailMode::Closed => "closed",
-        dispatch::FailMode::Open => "open",
-    }
 }
 
 /// The safety check behind the breaker: `Err((reason label, description))` when unavailable.
@@ -776,7 +766,7 @@ pub async fn dlq_list(
     caller: Caller,
     RawQuery(params): RawQuery<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require(Role::Operator)?;
+    caller.require_read(Role::Operator)?;
     let q = Query::new(params, &["topic", "reason", "after", "limit"])?;
     let (topic, reason) = (q.get::<String>("topic")?, q.get::<String>("reason")?);
     let limit = q.limit()?;
@@ -822,7 +812,7 @@ pub async fn dlq_get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require(Role::Operator)?;
+    caller.require_read(Role::Operator)?;
     let job = dead_lettered(&state, &caller, &id).await?;
     let mut v = crate::jobs::view(&state, &job).await?;
     if let Some(o) = v.as_object_mut() {

@@ -91,7 +91,7 @@ pub async fn idempotency_report(
     State(state): State<AppState>,
     caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require(Role::Operator)?;
+    caller.require_read(Role::Operator)?;
     let rows = state.store().idempotency_report(&caller.tenant).await?;
     let topics: Vec<Value> = rows
         .into_iter()

@@ -97,7 +97,7 @@ pub async fn create(State(state): State<AppState>, caller: Caller, body: Body) -
             None
         }
     };
-    let (Some(tenant), Some(name), Some(roles)) = (tenant, name, roles) else {
+    let (Some(tenant), Some(name), Some(roles), true) = (tenant, name, roles, errors.is_empty()) else {
         return Err(ApiError::invalid(errors));
     };
     require_admin_of(&caller, &tenant)?;

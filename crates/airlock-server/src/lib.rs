@@ -16,6 +16,7 @@ pub mod listener;
 pub mod metrics;
 mod ops;
 mod overview;
+mod payload_schema;
 mod plans;
 mod policy_api;
 pub mod relay;
@@ -95,7 +96,7 @@ pub enum ProcessRole {
 
 impl ProcessRole {
     /// Whether a request path belongs to this role.
-    fn serves(self, path: &str) -> bool {
+    pub(crate) fn serves(self, path: &str) -> bool {
         let common = matches!(path, "/healthz" | "/readyz" | "/metrics" | "/api/v1/openapi.json");
         let worker = path.starts_with("/api/v1/workers/");
         match self {
@@ -108,18 +109,20 @@ impl ProcessRole {
 
 /// The application for one role.
 pub fn router_for(state: AppState, role: ProcessRole) -> Router {
-    router(state).layer(middleware::from_fn(move |request: Request, next: Next| async move {
-        if role.serves(request.uri().path()) {
-            next.run(request).await
-        } else {
-            error::ApiError::new(
-                axum::http::StatusCode::NOT_FOUND,
-                "not_found",
-                format!("this process runs the {role:?} role; send this request to another"),
-            )
-            .into_response()
-        }
-    }))
+    router(state).layer(axum::Extension(role)).layer(middleware::from_fn(
+        move |request: Request, next: Next| async move {
+            if role.serves(request.uri().path()) {
+                next.run(request).await
+            } else {
+                error::ApiError::new(
+                    axum::http::StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("this process runs the {role:?} role; send this request to another"),
+                )
+                .into_response()
+            }
+        },
+    ))
 }
 
 /// The application, ready to serve or to test with `tower::ServiceExt::oneshot`.

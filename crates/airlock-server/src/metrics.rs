@@ -6,6 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::sync::Mutex;
 
+use airlock_policy::Decision;
+
 /// Distinct `topic` label values kept; later topics are reported as `other`.
 const TOPIC_LABELS_MAX: usize = 1_000;
 
@@ -15,7 +17,11 @@ const BUCKETS: [f64; 14] =
 
 /// Every metric this process exports: name, type and help.
 pub const FAMILIES: [(&str, &str, &str); 21] = [
-    ("airlock_gate_decisions_total", "counter", "Decisions made at each gate."),
+    (
+        "airlock_gate_decisions_total",
+        "counter",
+        "Decisions made at each gate; a throttle as throttle_admitted or throttle_refused once its budget answered, a fail-open pass as bypassed.",
+    ),
     (
         "airlock_gateway_fail_open_total",
         "counter",
@@ -121,6 +127,31 @@ impl Metrics {
     pub fn inc(&self, name: &'static str, pairs: &[(&'static str, &str)]) {
         if let Ok(mut r) = self.registry.lock() {
             *r.counters.entry((name, labels(pairs))).or_default() += 1.0;
+        }
+    }
+
+    /// Counts a gate's decision in `airlock_gate_decisions_total`, except a throttle, which
+    /// [`Metrics::throttle_answered`] counts once its budget has answered.
+    pub fn decided(&self, gate: &'static str, decision: Decision, topic_label: &str) {
+        if decision != Decision::Throttle {
+            self.inc(
+                "airlock_gate_decisions_total",
+                &[("gate", gate), ("decision", decision.as_str()), ("topic", topic_label)],
+            );
+        }
+    }
+
+    /// Counts a throttle decision once its budget answered: `throttle_admitted` when the work
+    /// went on within the budget, `throttle_refused` when it did not (429 at Gate A, back to the
+    /// queue at Gate B). Other decisions were counted by [`Metrics::decided`].
+    pub fn throttle_answered(&self, gate: &'static str, decision: Decision, topic: &str, admitted: bool) {
+        if decision == Decision::Throttle {
+            let outcome = if admitted { "throttle_admitted" } else { "throttle_refused" };
+            let topic = self.topic(topic);
+            self.inc(
+                "airlock_gate_decisions_total",
+                &[("gate", gate), ("decision", outcome), ("topic", &topic)],
+            );
         }
     }
 

@@ -6,11 +6,12 @@ use std::time::Duration;
 use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
 use axum::Json;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use crate::ProcessRole;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::state::{AppState, Fault};
@@ -69,9 +70,36 @@ pub async fn metrics(
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 
-/// `GET /api/v1/openapi.json`.
-pub async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+/// `GET /api/v1/openapi.json`: the document of what this process serves. [`OPENAPI`] describes
+/// every route of every role; a process leaves out the remote safety service's route (served
+/// only by `--role safety`, which serves no document), the fault-injection route unless it was
+/// enabled, and the routes its role sends elsewhere, so that a client or a fuzzer driven by
+/// the document never meets a documented route that answers 404. The claim's `pool` lists the
+/// pools this server has.
+pub async fn openapi(State(state): State<AppState>, role: Option<Extension<ProcessRole>>) -> Response {
+    let role = role.map_or(ProcessRole::All, |Extension(r)| r);
+    let served = |path: &str| {
+        path != "/api/v1/safety/evaluate"
+            && (path != "/api/v1/admin/faults" || state.config().fault_injection)
+            && role.serves(path)
+    };
+    match serde_json::from_str::<Value>(OPENAPI) {
+        Ok(mut document) => {
+            if let Some(paths) = document.get_mut("paths").and_then(Value::as_object_mut) {
+                paths.retain(|path, _| served(path));
+            }
+            // The pools are this server's configuration: a claim names one of them.
+            let pools: Vec<&str> = match state.config().pools.as_slice() {
+                [] => vec!["default"],
+                configured => configured.iter().map(|(name, _)| name.as_str()).collect(),
+            };
+            if let Some(pool) = document.pointer_mut("/components/schemas/ClaimRequest/properties/pool") {
+                wire::merge(pool, json!({"enum": pools}));
+            }
+            ([(header::CONTENT_TYPE, "application/json")], document.to_string()).into_response()
+        }
+        Err(e) => ApiError::internal(e).into_response(),
+    }
 }
 
 /// `POST /api/v1/admin/faults` `{"safety": "unavailable" | "slow" | "none", "delay_ms"?}`.

@@ -10,44 +10,13 @@ use airlock_core::approval::Binding;
 use airlock_core::breaker::{Breaker, BreakerConfig};
 use airlock_core::defaults;
 use airlock_core::dispatch::Caps;
+pub use airlock_core::dispatch::FailMode;
 use airlock_policy::glob::Glob;
 use airlock_policy::{Evaluation, Job, Policy};
 use airlock_store::Store;
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-
-/// What a gate does when the safety check is unavailable (SPEC 5, 6).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum FailMode {
-    /// Refuse (Gate A: 503; Gate B: requeue with backoff).
-    #[default]
-    Closed,
-    /// Proceed, mark the job bypassed, count and audit it.
-    Open,
-}
-
-impl std::str::FromStr for FailMode {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        match text {
-            "closed" => Ok(Self::Closed),
-            "open" => Ok(Self::Open),
-            other => Err(format!("unknown fail mode `{other}`; expected `closed` or `open`")),
-        }
-    }
-}
-
-impl FailMode {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Closed => "closed",
-            Self::Open => "open",
-        }
-    }
-}
 
 /// One gate's fail mode, overridable per topic pattern and per risk class.
 #[derive(Clone, Debug, Default)]

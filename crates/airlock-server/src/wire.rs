@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use airlock_core::audit::{Kind, Record};
 use airlock_store::{ApprovalRecord, GateDecision, JobRecord, KeyRecord, SnapshotRecord, Transition};
 use axum::body::{Body, Bytes};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
@@ -21,6 +21,23 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
         )
         .with("limit_bytes", json!(limit))
     })
+}
+
+/// Refuses a body not declared as JSON (`Content-Type: application/json`, parameters such as
+/// `charset` allowed) with 415, so that a form post or a text body is never read as a job.
+pub fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let declared =
+        headers.get(header::CONTENT_TYPE).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let essence = declared.as_deref().and_then(|t| t.split(';').next()).map(str::trim);
+    if essence.is_some_and(|e| e.eq_ignore_ascii_case("application/json")) {
+        return Ok(());
+    }
+    let found = declared.map_or_else(|| "no `Content-Type`".to_owned(), |t| format!("`Content-Type: {t}`"));
+    Err(ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        format!("the body must be JSON sent with `Content-Type: application/json`; this request has {found}"),
+    ))
 }
 
 /// Parses a JSON object body.

@@ -58,7 +58,8 @@ impl Api {
     }
 
     async fn call(&self, method: Method, uri: &str, key: Option<&str>, body: impl Into<Body>) -> Reply {
-        let mut request = Request::builder().method(method).uri(uri);
+        let mut request =
+            Request::builder().method(method).uri(uri).header("content-type", "application/json");
         if let Some(key) = key {
             request = request.header("authorization", format!("Bearer {key}"));
         }

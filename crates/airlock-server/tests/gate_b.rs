@@ -66,6 +66,7 @@ impl Api {
             .method(method)
             .uri(uri)
             .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
             .body(body.map_or(Body::empty(), |b| Body::from(b.to_string())))
             .unwrap();
         let response = self.app.clone().oneshot(request).await.unwrap();

@@ -12,15 +12,15 @@ mod sqlite;
 use std::collections::BTreeMap;
 
 use airlock_core::Millis;
-use airlock_core::approval::{Request, Status};
+use airlock_core::approval::Status;
 use airlock_core::audit::{Draft, Record};
 use airlock_core::breaker::{Admission, BreakerConfig, BreakerState};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
 use airlock_core::role::Roles;
 use airlock_core::state::{Event, InvalidTransition, JobState};
-use airlock_policy::{Decision, Limit};
-use serde_json::Value;
 
+pub use airlock_core::moves::{ApprovalChange, Dispatch, DispatchAction, Finish};
+pub use airlock_core::record::{ApprovalRecord, Budget, DispatchState, GateDecision, JobRecord, Lease};
 pub use postgres::PgStore;
 pub use sqlite::{DATABASE_FILE, SqliteStore};
 
@@ -107,112 +107,6 @@ pub struct SnapshotRecord {
     pub active: bool,
 }
 
-/// A decision as recorded on a job.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GateDecision {
-    /// The decision.
-    pub decision: Decision,
-    /// The deciding rules.
-    pub rule_ids: Vec<String>,
-    /// Why.
-    pub reason: String,
-    /// The snapshot it was made under.
-    pub snapshot_hash: String,
-    /// That snapshot's version.
-    pub snapshot_version: u64,
-    /// When.
-    pub at: Millis,
-    /// Whether the safety check was unavailable and the gate failed open.
-    pub bypassed: bool,
-}
-
-/// A job as stored.
-#[derive(Clone, Debug, PartialEq)]
-pub struct JobRecord {
-    /// Its id.
-    pub id: JobId,
-    /// Its tenant.
-    pub tenant: TenantId,
-    /// Who submitted it.
-    pub principal: String,
-    /// Action name.
-    pub topic: String,
-    /// Target environment.
-    pub env: String,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
-    /// Arguments.
-    pub payload: Value,
-    /// Plan hash, when given.
-    pub plan_hash: Option<String>,
-    /// Idempotency key, when given.
-    pub idempotency_key: Option<String>,
-    /// The job hash at submit time.
-    pub job_hash: String,
-    /// Where it is in its lifecycle.
-    pub state: JobState,
-    /// Gate A's decision.
-    pub gate_a: GateDecision,
-    /// The current approval request, when one was needed.
-    pub approval_id: Option<ApprovalId>,
-    /// When it was submitted.
-    pub created_at: Millis,
-    /// When it last changed.
-    pub updated_at: Millis,
-    /// Gate B's progress: attempts, lease, decision and outcome.
-    pub dispatch: DispatchState,
-}
-
-/// Everything Gate B and the workers add to a job.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct DispatchState {
-    /// Scheduling attempts that failed (safety unavailable in closed mode).
-    pub scheduling_attempts: u32,
-    /// Execution attempts started (leases handed out).
-    pub execution_attempts: u32,
-    /// Not dispatchable before this time (backoff, throttle delay).
-    pub not_before: Millis,
-    /// The live lease, when leased.
-    pub lease: Option<Lease>,
-    /// Gate B's last decision.
-    pub gate_b: Option<GateDecision>,
-    /// Why it was dead-lettered.
-    pub dead_letter_reason: Option<String>,
-    /// When an operator discarded it from the DLQ.
-    pub discarded_at: Option<Millis>,
-    /// The worker's result, on success.
-    pub result: Option<Value>,
-    /// The worker's last error.
-    pub error: Option<String>,
-}
-
-/// A lease: who holds the job, until when, fenced by a token only the holder knows.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Lease {
-    /// The fencing token.
-    pub token: String,
-    /// When it lapses without a heartbeat.
-    pub expires_at: Millis,
-    /// The worker (principal) holding it.
-    pub worker: String,
-}
-
-impl JobRecord {
-    /// The job as policy sees it.
-    pub fn to_policy_job(&self) -> airlock_policy::Job {
-        airlock_policy::Job {
-            tenant: self.tenant.as_str().to_owned(),
-            principal: self.principal.clone(),
-            topic: self.topic.clone(),
-            env: self.env.clone(),
-            labels: self.labels.clone(),
-            payload: self.payload.clone(),
-            plan_hash: self.plan_hash.clone(),
-            idempotency_key: self.idempotency_key.clone(),
-        }
-    }
-}
-
 /// One step of a job's history.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
@@ -230,23 +124,6 @@ pub struct Transition {
     pub reason: String,
 }
 
-/// An approval request as stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ApprovalRecord {
-    /// Its id.
-    pub id: ApprovalId,
-    /// Its tenant.
-    pub tenant: TenantId,
-    /// The job it is for.
-    pub job_id: JobId,
-    /// Binding, quorum, approvers and status.
-    pub request: Request,
-    /// When it left `pending`.
-    pub decided_at: Option<Millis>,
-    /// Who decided it (the last approver, the rejecter, or `system`).
-    pub decided_by: Option<String>,
-}
-
 /// A remembered accepted submission.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IdempotencyRecord {
@@ -260,15 +137,6 @@ pub struct IdempotencyRecord {
     pub body: String,
     /// When.
     pub created_at: Millis,
-}
-
-/// One throttle budget a submission must be admitted by.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Budget {
-    /// The bucket key (gate, rule and limit key values).
-    pub key: String,
-    /// Its limit.
-    pub limit: Limit,
 }
 
 /// Everything an accepted submission writes, committed atomically.
@@ -325,88 +193,6 @@ pub struct JobFilter {
     pub limit: u32,
 }
 
-/// A change to an approval request, applied only if the request is still as the caller read
-/// it (optimistic concurrency: same status, same number of approvers).
-#[derive(Clone, Debug)]
-pub struct ApprovalChange {
-    /// The tenant.
-    pub tenant: TenantId,
-    /// The request.
-    pub id: ApprovalId,
-    /// The status the caller read.
-    pub expected_status: Status,
-    /// The number of approvers the caller read.
-    pub expected_approvers: usize,
-    /// The request after the change.
-    pub request: Request,
-    /// What happens to the job, if anything (approved → queued, rejected, expired).
-    pub job_event: Option<Event>,
-    /// A fresh request to attach to the job (when this one went stale).
-    pub replacement: Option<ApprovalRecord>,
-    /// Audit records, in order.
-    pub audit: Vec<Draft>,
-    /// When.
-    pub at: Millis,
-    /// Who.
-    pub actor: String,
-    /// The snapshot version the approval's binding was checked under, checked at the commit as
-    /// for [`Submission::decided_under`]; `None` for changes that do not depend on it.
-    pub decided_under: Option<u64>,
-}
-
-/// What Gate B does with a queued job, applied atomically with its audit record.
-#[derive(Clone, Debug)]
-pub enum DispatchAction {
-    /// Lease it, after charging these budgets (all or nothing).
-    Lease {
-        /// The lease.
-        lease: Lease,
-        /// Gate B's throttle budgets; a refusal requeues the job until the budget refills.
-        budgets: Vec<Budget>,
-    },
-    /// Gate B denied it.
-    Deny,
-    /// Back to awaiting approval with a fresh request; the previous request, if any, is
-    /// recorded as stale.
-    NeedsApproval {
-        /// The new request.
-        replacement: ApprovalRecord,
-    },
-    /// Back to the queue until `not_before`; `counted` uses a scheduling attempt.
-    Requeue {
-        /// When it may be tried again.
-        not_before: Millis,
-        /// Whether it counts against the scheduling cap.
-        counted: bool,
-    },
-    /// Out of attempts.
-    DeadLetter {
-        /// Why.
-        reason: String,
-    },
-}
-
-/// One Gate B decision to apply to a job that must still be queued.
-#[derive(Clone, Debug)]
-pub struct Dispatch {
-    /// The tenant.
-    pub tenant: TenantId,
-    /// The job.
-    pub job_id: JobId,
-    /// What to do.
-    pub action: DispatchAction,
-    /// The decision, recorded on the job; `None` for a move no decision was made for (a job
-    /// whose topic no pool takes), which keeps the job's last one.
-    pub gate_b: Option<GateDecision>,
-    /// When.
-    pub at: Millis,
-    /// The audit record.
-    pub audit: Draft,
-    /// The snapshot version the decision was made under, checked at the commit as for
-    /// [`Submission::decided_under`]; `None` when the safety check was unavailable.
-    pub decided_under: Option<u64>,
-}
-
 /// What became of a dispatch.
 #[derive(Clone, Debug, PartialEq)]
 pub enum DispatchOutcome {
@@ -419,31 +205,6 @@ pub enum DispatchOutcome {
     },
     /// The job was no longer queued (claimed, cancelled or changed by someone else).
     Gone,
-}
-
-/// How an execution attempt ended, reported under the lease's token.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Finish {
-    /// Done.
-    Succeeded {
-        /// What the worker returned.
-        result: Value,
-    },
-    /// Failed; run it again.
-    Retry {
-        /// Why it failed.
-        error: String,
-    },
-    /// Failed for good.
-    Failed {
-        /// Why.
-        error: String,
-    },
-    /// Failed with no attempts left.
-    DeadLetter {
-        /// Why.
-        reason: String,
-    },
 }
 
 /// What a heartbeat found.

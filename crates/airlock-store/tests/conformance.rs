@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use airlock_core::approval::{Request, Status};
 use airlock_core::audit::{self, Draft, Kind};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
+use airlock_core::moves::{LeaseCheck, plan_approval_change, plan_dispatch, plan_finish};
 use airlock_core::role::{Role, Roles};
 use airlock_core::state::{Event, JobState};
 use airlock_policy::{Decision, Limit, LimitKey};
@@ -1324,4 +1325,448 @@ async fn postgres_connections_use_tls_as_sslmode_asks() {
     assert!(untrusted.is_err(), "a server certificate no given root signed was accepted");
     let missing = encrypted(&format!("{url}&sslmode=verify-full")).await;
     assert!(missing.as_ref().is_err_and(|e| e.contains("need `sslrootcert=FILE`")), "{missing:?}");
+}
+
+/// The write one row of [`every_move_kind_commits_the_same_record_and_chain_in_both_stores`]
+/// makes.
+#[derive(Clone)]
+enum Input {
+    Dispatch(Box<DispatchAction>, Option<u64>),
+    /// Gate B needs a fresh approval of a job whose approved request went stale: the row's job
+    /// is submitted with that request, and the dispatch replaces it.
+    NeedsApproval,
+    Finish {
+        token: &'static str,
+        live_at: Option<i64>,
+        finish: Finish,
+    },
+    /// A change of the job's pending request (quorum 2): `votes` approvers after it, read with
+    /// `read` approvers; `replace` opens a fresh request.
+    Approval {
+        status: Status,
+        votes: usize,
+        event: Option<Event>,
+        replace: bool,
+        read: usize,
+        decided_under: Option<u64>,
+    },
+}
+
+/// How a row starts: the job as submitted, leased under `tok` until 1 000, leased and then
+/// cancelled (a lease still on a job no longer leased), or awaiting approval.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Start {
+    Queued,
+    Leased,
+    Cancelled,
+    AwaitingApproval,
+}
+
+/// What a row's write must come to.
+#[derive(Clone, Debug, PartialEq)]
+enum Expect {
+    Applied,
+    Throttled(u64),
+    Gone,
+    Conflict,
+    Stale,
+}
+
+#[tokio::test]
+async fn every_move_kind_commits_the_same_record_and_chain_in_both_stores() {
+    let t = tenant("acme");
+    let roomy = Limit { rate: 100, per_secs: 1, burst: 100, key: vec![LimitKey::Tenant] };
+    let spent = Limit { rate: 1, per_secs: 60, burst: 1, key: vec![LimitKey::Tenant] };
+    let lease = |token: &str, budgets: Vec<Budget>| DispatchAction::Lease {
+        lease: Lease { token: token.into(), expires_at: 1_000, worker: "w".into() },
+        budgets,
+    };
+    let finish = |token, live_at, finish| Input::Finish { token, live_at, finish };
+    let rows: Vec<(&str, Start, Input, Expect)> = vec![
+        (
+            "lease",
+            Start::Queued,
+            Input::Dispatch(
+                Box::new(lease("new", vec![Budget { key: "b|roomy".into(), limit: roomy }])),
+                Some(1),
+            ),
+            Expect::Applied,
+        ),
+        (
+            "lease over a spent budget",
+            Start::Queued,
+            Input::Dispatch(
+                Box::new(lease("new", vec![Budget { key: "b|spent".into(), limit: spent.clone() }])),
+                Some(1),
+            ),
+            Expect::Throttled(59_750),
+        ),
+        ("deny", Start::Queued, Input::Dispatch(Box::new(DispatchAction::Deny), Some(1)), Expect::Applied),
+        ("needs approval", Start::Queued, Input::NeedsApproval, Expect::Applied),
+        (
+            "requeue, counted",
+            Start::Queued,
+            Input::Dispatch(Box::new(DispatchAction::Requeue { not_before: 900, counted: true }), None),
+            Expect::Applied,
+        ),
+        (
+            "requeue, uncounted",
+            Start::Queued,
+            Input::Dispatch(Box::new(DispatchAction::Requeue { not_before: 900, counted: false }), Some(1)),
+            Expect::Applied,
+        ),
+        (
+            "dead letter at gate b",
+            Start::Queued,
+            Input::Dispatch(Box::new(DispatchAction::DeadLetter { reason: "no_worker".into() }), None),
+            Expect::Applied,
+        ),
+        (
+            "succeed",
+            Start::Leased,
+            finish("tok", Some(500), Finish::Succeeded { result: json!({"ok": 1}) }),
+            Expect::Applied,
+        ),
+        (
+            "retry",
+            Start::Leased,
+            finish("tok", Some(500), Finish::Retry { error: "boom".into() }),
+            Expect::Applied,
+        ),
+        (
+            "fail",
+            Start::Leased,
+            finish("tok", Some(500), Finish::Failed { error: "bad".into() }),
+            Expect::Applied,
+        ),
+        (
+            "dead letter after attempts",
+            Start::Leased,
+            finish("tok", None, Finish::DeadLetter { reason: "out of attempts".into() }),
+            Expect::Applied,
+        ),
+        (
+            "dispatch of a leased job",
+            Start::Leased,
+            Input::Dispatch(Box::new(DispatchAction::Deny), Some(1)),
+            Expect::Gone,
+        ),
+        (
+            "finish under another token",
+            Start::Leased,
+            finish("other", Some(500), Finish::Failed { error: "x".into() }),
+            Expect::Conflict,
+        ),
+        (
+            "finish of a lapsed lease",
+            Start::Leased,
+            finish("tok", Some(1_001), Finish::Failed { error: "x".into() }),
+            Expect::Conflict,
+        ),
+        (
+            "finish of a cancelled job",
+            Start::Cancelled,
+            finish("tok", Some(500), Finish::Failed { error: "x".into() }),
+            Expect::Conflict,
+        ),
+        (
+            "dispatch under a superseded snapshot",
+            Start::Queued,
+            Input::Dispatch(Box::new(DispatchAction::Deny), Some(0)),
+            Expect::Stale,
+        ),
+        (
+            "vote short of the quorum",
+            Start::AwaitingApproval,
+            Input::Approval {
+                status: Status::Pending,
+                votes: 1,
+                event: None,
+                replace: false,
+                read: 0,
+                decided_under: Some(1),
+            },
+            Expect::Applied,
+        ),
+        (
+            "approval",
+            Start::AwaitingApproval,
+            Input::Approval {
+                status: Status::Approved,
+                votes: 2,
+                event: Some(Event::Approved),
+                replace: false,
+                read: 0,
+                decided_under: Some(1),
+            },
+            Expect::Applied,
+        ),
+        (
+            "rejection",
+            Start::AwaitingApproval,
+            Input::Approval {
+                status: Status::Rejected,
+                votes: 0,
+                event: Some(Event::Rejected),
+                replace: false,
+                read: 0,
+                decided_under: None,
+            },
+            Expect::Applied,
+        ),
+        (
+            "stale request replaced",
+            Start::AwaitingApproval,
+            Input::Approval {
+                status: Status::Stale,
+                votes: 0,
+                event: None,
+                replace: true,
+                read: 0,
+                decided_under: Some(1),
+            },
+            Expect::Applied,
+        ),
+        (
+            "expiry",
+            Start::AwaitingApproval,
+            Input::Approval {
+                status: Status::Expired,
+                votes: 0,
+                event: Some(Event::ApprovalExpired),
+                replace: false,
+                read: 0,
+                decided_under: None,
+            },
+            Expect::Applied,
+        ),
+        (
+            "vote on a request read before another vote",
+            Start::AwaitingApproval,
+            Input::Approval {
+                status: Status::Pending,
+                votes: 1,
+                event: None,
+                replace: false,
+                read: 1,
+                decided_under: Some(1),
+            },
+            Expect::Conflict,
+        ),
+        (
+            "approval under a superseded snapshot",
+            Start::AwaitingApproval,
+            Input::Approval {
+                status: Status::Approved,
+                votes: 2,
+                event: Some(Event::Approved),
+                replace: false,
+                read: 0,
+                decided_under: Some(0),
+            },
+            Expect::Stale,
+        ),
+    ];
+    // The same jobs, requests and budgets in every store, so that records and chains compare.
+    let jobs: Vec<JobRecord> = (0..rows.len()).map(|i| job(&t, JobState::Queued, 100 + i as i64)).collect();
+    let mut requests = BTreeMap::new();
+    let mut replacements = BTreeMap::new();
+    for (i, (_, _, input, _)) in rows.iter().enumerate() {
+        match input {
+            Input::NeedsApproval => {
+                let mut j = jobs[i].clone();
+                let mut old = pending_request(&mut j, 100, 1);
+                old.request.status = Status::Approved;
+                requests.insert(i, (j, old));
+                replacements.insert(i, pending_request(&mut jobs[i].clone(), 200, 1));
+            }
+            Input::Approval { replace, .. } => {
+                let mut j = JobRecord { state: JobState::AwaitingApproval, ..jobs[i].clone() };
+                let old = pending_request(&mut j, 100, 2);
+                requests.insert(i, (j, old));
+                if *replace {
+                    replacements.insert(i, pending_request(&mut jobs[i].clone(), 200, 1));
+                }
+            }
+            Input::Dispatch(..) | Input::Finish { .. } => {}
+        }
+    }
+    // A submit that spends the budget of the throttled row.
+    let mut spend = submission(job(&t, JobState::Queued, 50));
+    spend.budgets = vec![Budget { key: "b|spent".into(), limit: spent.clone() }];
+    let mut seen: Vec<(String, Vec<JobRecord>, Vec<String>)> = Vec::new();
+    for (name, store, _schema) in stores().await {
+        store.publish("sha256:one", "version: v1\n", None, 1, "admin").await.unwrap();
+        assert_eq!(store.submit(spend.clone(), 0).await.unwrap(), SubmitOutcome::Accepted, "{name}");
+        let mut finals = Vec::new();
+        for (i, (row, start, input, expect)) in rows.iter().enumerate() {
+            let (j, old) = match requests.get(&i) {
+                Some((j, old)) => (j.clone(), Some(old.clone())),
+                None => (jobs[i].clone(), None),
+            };
+            let mut s = submission(j.clone());
+            s.approval = old;
+            store.submit(s, 0).await.unwrap();
+            if matches!(start, Start::Leased | Start::Cancelled) {
+                let d = Dispatch {
+                    tenant: t.clone(),
+                    job_id: j.id.clone(),
+                    action: lease("tok", vec![]),
+                    gate_b: None,
+                    at: 150,
+                    audit: draft(Kind::GateBDecision, j.id.as_str()),
+                    decided_under: None,
+                };
+                assert!(
+                    matches!(store.dispatch(d).await.unwrap(), DispatchOutcome::Applied(_)),
+                    "{name}: {row}"
+                );
+            }
+            if *start == Start::Cancelled {
+                store.transition(&t, &j.id, Event::Cancel, 160, "op", "cancelled").await.unwrap();
+            }
+            let before = store.job(&t, &j.id).await.unwrap().unwrap();
+            let chain_before = verify_chain(&*store, &t).await.unwrap();
+            let at = 300;
+            let (plan, outcome) = match input.clone() {
+                input @ (Input::Dispatch(..) | Input::NeedsApproval) => {
+                    let (action, decided_under) = match (input, replacements.get(&i)) {
+                        (Input::Dispatch(action, decided_under), _) => (*action, decided_under),
+                        (_, Some(replacement)) => {
+                            (DispatchAction::NeedsApproval { replacement: replacement.clone() }, Some(1))
+                        }
+                        (_, None) => panic!("{name}: {row}: no replacement request"),
+                    };
+                    let d = Dispatch {
+                        tenant: t.clone(),
+                        job_id: j.id.clone(),
+                        action,
+                        gate_b: Some(GateDecision { at, snapshot_version: 1, ..j.gate_a.clone() }),
+                        at,
+                        audit: draft(Kind::GateBDecision, j.id.as_str()),
+                        decided_under,
+                    };
+                    let plan = plan_dispatch(d.clone());
+                    let outcome = match store.dispatch(d).await {
+                        Ok(DispatchOutcome::Applied(job)) => Ok(Some(*job)),
+                        Ok(DispatchOutcome::Throttled { retry_after_ms }) => {
+                            Err(Expect::Throttled(retry_after_ms))
+                        }
+                        Ok(DispatchOutcome::Gone) => Err(Expect::Gone),
+                        Err(e) => Err(refusal(e)),
+                    };
+                    (Some(plan), outcome)
+                }
+                Input::Finish { token, live_at, finish } => {
+                    let check = LeaseCheck { token: token.into(), live_at };
+                    let plan = plan_finish(t.clone(), j.id.clone(), check, finish.clone(), at, "w".into());
+                    let outcome = store.finish(&t, &j.id, token, live_at, finish, at, "w").await;
+                    (Some(plan), outcome.map(Some).map_err(refusal))
+                }
+                Input::Approval { status, votes, event, replace: _, read, decided_under } => {
+                    let current = store.approval(&t, &requests[&i].1.id).await.unwrap().unwrap();
+                    let approvers = ["alice", "bob"].iter().take(votes).map(|a| (*a).to_owned()).collect();
+                    let c = ApprovalChange {
+                        tenant: t.clone(),
+                        id: current.id.clone(),
+                        expected_status: Status::Pending,
+                        expected_approvers: read,
+                        request: Request { approvers, status, ..current.request.clone() },
+                        job_event: event,
+                        replacement: replacements.get(&i).cloned(),
+                        audit: vec![draft(Kind::ApprovalVote, current.id.as_str())],
+                        at,
+                        actor: "alice".into(),
+                        decided_under,
+                    };
+                    match plan_approval_change(&current, c.clone()) {
+                        Ok(plan) => {
+                            let outcome = store.change_approval(c).await;
+                            if let Ok(stored) = &outcome {
+                                assert_eq!(*stored, plan.approval, "{name}: {row}: the core's request");
+                                let read = store.approval(&t, &current.id).await.unwrap().unwrap();
+                                assert_eq!(read, plan.approval, "{name}: {row}: stored as planned");
+                            }
+                            let outcome = match outcome {
+                                Ok(_) => Ok(Some(store.job(&t, &j.id).await.unwrap().unwrap())),
+                                Err(e) => {
+                                    let unchanged = store.approval(&t, &current.id).await.unwrap().unwrap();
+                                    assert_eq!(
+                                        unchanged, current,
+                                        "{name}: {row}: a refused change writes nothing"
+                                    );
+                                    Err(refusal(e))
+                                }
+                            };
+                            (Some(plan.job), outcome)
+                        }
+                        Err(refused) => {
+                            let outcome = store.change_approval(c).await;
+                            assert!(
+                                matches!(outcome, Err(StoreError::Conflict(_))),
+                                "{name}: {row}: {refused}"
+                            );
+                            let unchanged = store.approval(&t, &current.id).await.unwrap().unwrap();
+                            assert_eq!(unchanged, current, "{name}: {row}");
+                            (None, Err(Expect::Conflict))
+                        }
+                    }
+                }
+            };
+            let after = store.job(&t, &j.id).await.unwrap().unwrap();
+            let chain_after = verify_chain(&*store, &t).await.unwrap();
+            let mut expected = before.clone();
+            match (expect, outcome) {
+                (Expect::Applied, Ok(Some(returned))) => {
+                    let plan = plan.unwrap();
+                    let fields = expected.apply(&plan).unwrap();
+                    assert!(!fields.is_empty() || plan.changes.is_empty(), "{name}: {row}");
+                    assert_eq!(returned, expected, "{name}: {row}: the record is the core's move applied");
+                    let records = u64::from(plan.transition.is_some()) + plan.audit.len() as u64;
+                    assert_eq!(chain_after, chain_before + records, "{name}: {row}: transition and decision");
+                }
+                (Expect::Throttled(ms), Err(Expect::Throttled(got))) => {
+                    assert_eq!(got, *ms, "{name}: {row}");
+                    expected.apply(&plan.unwrap().throttled(got)).unwrap();
+                    assert_eq!(chain_after, chain_before + 1, "{name}: {row}: the throttled decision only");
+                }
+                (Expect::Gone | Expect::Conflict | Expect::Stale, Err(got)) => {
+                    assert_eq!(&got, expect, "{name}: {row}");
+                    assert_eq!(chain_after, chain_before, "{name}: {row}: a refused move audits nothing");
+                }
+                (expect, got) => panic!("{name}: {row}: expected {expect:?}, got {got:?}"),
+            }
+            assert_eq!(after, expected, "{name}: {row}: stored as applied");
+            if let Some(replacement) = replacements.get(&i) {
+                let old = &requests[&i].1;
+                let stale = store.approval(&t, &old.id).await.unwrap().unwrap();
+                assert_eq!(
+                    (stale.request.status, stale.decided_at),
+                    (Status::Stale, Some(at)),
+                    "{name}: {row}"
+                );
+                let fresh = store.approval(&t, &replacement.id).await.unwrap().unwrap();
+                assert_eq!(fresh, *replacement, "{name}: {row}");
+                assert_eq!(after.approval_id.as_ref(), Some(&replacement.id), "{name}: {row}");
+            }
+            finals.push(after);
+        }
+        let chain = store.audit(&t, 0, 10_000).await.unwrap().records.into_iter().map(|r| r.hash).collect();
+        seen.push((name, finals, chain));
+    }
+    if let [(first, records, chain), rest @ ..] = seen.as_slice() {
+        for (other, other_records, other_chain) in rest {
+            assert_eq!(records, other_records, "{first} and {other} store the same records");
+            assert_eq!(chain, other_chain, "{first} and {other} chain the same audit records");
+        }
+    }
+}
+
+/// A refused write, as a row of the table expects it.
+fn refusal(e: StoreError) -> Expect {
+    match e {
+        StoreError::Conflict(_) => Expect::Conflict,
+        StoreError::Stale { .. } => Expect::Stale,
+        other => panic!("unexpected {other:?}"),
+    }
 }

@@ -10,8 +10,11 @@ use serde_json::{Map, Value, json};
 use crate::error::Error;
 use crate::job::{Job, Signals};
 
-/// Largest answer read: a claim carries a payload of up to the server's 1 MiB body limit.
-const RESPONSE_BYTES_MAX: u64 = 4 * 1024 * 1024;
+/// Largest answer read. A claim carries the job's payload: up to the server's 1 MiB body limit
+/// for a job, and for a plan job (`POST /api/v1/plans`, up to 32 MiB of plan JSON) its changes,
+/// normalised, which can outgrow the plan's `resource_changes` a little (each change gains
+/// `action`, `destructive` and nulls for absent fields): twice the plan limit covers them.
+const RESPONSE_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// How long a complete or fail may take.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Extra time a claim may take beyond its long-poll wait.

@@ -36,7 +36,12 @@ impl Http {
         let auth = format!("Bearer {key}");
         let response = match (method, body) {
             ("GET", _) => self.agent.get(&url).header("authorization", &auth).call(),
-            (_, Some(body)) => self.agent.post(&url).header("authorization", &auth).send(body),
+            (_, Some(body)) => self
+                .agent
+                .post(&url)
+                .header("authorization", &auth)
+                .header("content-type", "application/json")
+                .send(body),
             (_, None) => self.agent.post(&url).header("authorization", &auth).send_empty(),
         };
         let mut response = response.map_err(|e| format!("{method} {path}: {e}"))?;

@@ -115,7 +115,7 @@ fn read_bounded(path: &Path, what: &str, max: usize) -> Result<Vec<u8>, Reported
 }
 
 /// Reads and parses a plan file; the bytes come back for hashing.
-fn read_plan(path: &Path) -> Result<(Plan, Vec<u8>), Reported> {
+pub(crate) fn read_plan(path: &Path) -> Result<(Plan, Vec<u8>), Reported> {
     let bytes = read_bounded(path, "plan", PLAN_BYTES_MAX)?;
     match Plan::parse(&bytes) {
         Ok(plan) => Ok((plan, bytes)),

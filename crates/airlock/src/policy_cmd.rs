@@ -44,7 +44,8 @@ pub enum PolicyCommand {
     Test {
         /// The policy file.
         file: PathBuf,
-        /// One or more cases files.
+        /// One or more cases files: job cases (`job:`) and plan cases (`plan:` a plan JSON file,
+        /// relative to the cases file, with `env`, `expect` and optional per-change `changes`).
         #[arg(required = true)]
         cases: Vec<PathBuf>,
         #[arg(long, value_enum, default_value_t)]
@@ -250,6 +251,27 @@ fn explain(input: &JobInput, format: Format) -> Result<ExitCode, Reported> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A case of a `policy test` file: a job, or a plan file.
+enum AnyCase {
+    Job(cases::Case),
+    Plan(airlock_plan::cases::Case),
+}
+
+/// How a plan case failed, if it did; its plan path is relative to `base`.
+fn plan_failure(policy: &Policy, case: &airlock_plan::cases::Case, base: &Path) -> Option<cases::Failure> {
+    let expected = match &case.changes {
+        Some(changes) => format!("{} ({} change decision(s) listed)", case.expect, changes.len()),
+        None => case.expect.to_string(),
+    };
+    let failure =
+        |actual: String| cases::Failure { name: case.name.clone(), span: case.span, expected, actual };
+    let Ok((plan, _)) = crate::plan_cmd::read_plan(&base.join(&case.plan)) else {
+        return Some(failure(format!("the plan `{}` could not be read (above)", case.plan)));
+    };
+    let differences = airlock_plan::cases::run(policy, case, plan);
+    (!differences.is_empty()).then(|| failure(differences.join("; ")))
+}
+
 fn test(file: &Path, case_files: &[PathBuf], format: Format) -> Result<ExitCode, Reported> {
     let (policy, _) = load_policy(file, format)?;
     let mut total = 0usize;
@@ -257,7 +279,15 @@ fn test(file: &Path, case_files: &[PathBuf], format: Format) -> Result<ExitCode,
     let mut invalid = false;
     for case_file in case_files {
         let text = read_text(case_file, "cases file")?;
-        let parsed = match cases::parse(&text) {
+        // A case with `plan:` is a plan case (a plan file and the decisions it must get).
+        let parsed = cases::parse_with(&text, |entry, errors| {
+            if entry.get("plan").is_some() {
+                airlock_plan::cases::plan_case(entry, errors).map(AnyCase::Plan)
+            } else {
+                cases::job_case(entry, errors).map(AnyCase::Job)
+            }
+        });
+        let parsed = match parsed {
             Ok(parsed) => parsed,
             Err(errors) => {
                 print_diagnostics(case_file, &errors);
@@ -266,8 +296,13 @@ fn test(file: &Path, case_files: &[PathBuf], format: Format) -> Result<ExitCode,
             }
         };
         total += parsed.len();
-        for failure in cases::run(&policy, &parsed) {
-            failed.push((case_file.display().to_string(), failure));
+        let base = case_file.parent().unwrap_or(Path::new("."));
+        for case in &parsed {
+            let failures = match case {
+                AnyCase::Job(case) => cases::run(&policy, std::slice::from_ref(case)),
+                AnyCase::Plan(case) => plan_failure(&policy, case, base).into_iter().collect(),
+            };
+            failed.extend(failures.into_iter().map(|f| (case_file.display().to_string(), f)));
         }
     }
     match format {

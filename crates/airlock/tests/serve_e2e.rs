@@ -83,7 +83,11 @@ fn call(method: &str, url: &str, key: &str, body: Option<String>) -> Result<Repl
     let auth = format!("Bearer {key}");
     let response = match (method, body) {
         ("GET", _) => agent.get(url).header("authorization", &auth).call(),
-        (_, Some(body)) => agent.post(url).header("authorization", &auth).send(body),
+        (_, Some(body)) => agent
+            .post(url)
+            .header("authorization", &auth)
+            .header("content-type", "application/json")
+            .send(body),
         (_, None) => agent.post(url).header("authorization", &auth).send_empty(),
     };
     let mut response = response?;

@@ -117,6 +117,48 @@ fn plan_check_decides_the_corpus_with_exit_codes_table_json_and_sarif() {
     let tested = airlock(&["plan", "test", policy_path().to_str().unwrap(), cases.to_str().unwrap()], &[]);
     assert_eq!(tested.status.code(), Some(0), "{}", text(&tested));
     assert!(text(&tested).contains("8 case(s), 8 passed, 0 failed"), "{}", text(&tested));
+
+    // `policy test` runs plan cases too, in their own files or beside job cases.
+    let job_cases = root().join("examples/policies/terraform.tests.yaml");
+    let both = airlock(
+        &[
+            "policy",
+            "test",
+            policy_path().to_str().unwrap(),
+            cases.to_str().unwrap(),
+            job_cases.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(both.status.code(), Some(0), "{}", text(&both));
+    let dir = support::temp_dir("tf-policy-test");
+    let mixed = dir.join("mixed.yaml");
+    std::fs::write(
+        &mixed,
+        format!(
+            "cases:\n\
+             \x20 - name: a job case\n\
+             \x20   job: {{ topic: tf.aws_iam_policy.update, env: staging, payload: {{ type: aws_iam_policy }} }}\n\
+             \x20   expect: require_human\n\
+             \x20 - name: open groups pass in production\n\
+             \x20   plan: {}\n\
+             \x20   env: production\n\
+             \x20   expect: allow\n\
+             \x20   changes: {{ aws_security_group.failure: allow }}\n",
+            corpus("terraform-compliance-cli__test_multiple_failures__plan.out.json").display()
+        ),
+    )
+    .unwrap();
+    let failed = airlock(&["policy", "test", policy_path().to_str().unwrap(), mixed.to_str().unwrap()], &[]);
+    let shown = text(&failed);
+    assert_eq!(failed.status.code(), Some(1), "{shown}");
+    assert!(shown.contains("2 case(s), 1 passed, 1 failed"), "{shown}");
+    assert!(shown.contains("FAIL open groups pass in production"), "{shown}");
+    assert!(
+        shown.contains("`aws_security_group.failure`: expected allow, got deny [deny-prod-public-ingress]"),
+        "{shown}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -466,6 +508,53 @@ fn a_plan_file_that_does_not_hold_the_decided_changes_is_never_applied() {
     assert!(!called.iter().any(|c| c.starts_with("apply")), "apply was never called: {called:?}");
     assert!(applies(&work).is_empty());
     assert_eq!(failed["attempts"]["execution"], 1, "a refusal is final, not retried: {failed:#}");
+    std::fs::remove_dir_all(&server.dir).unwrap();
+}
+
+#[test]
+fn a_plan_job_of_several_mib_is_claimed_checked_and_applied() {
+    // Gates in a debug build on a shared machine: room for a plan of a few thousand changes.
+    let server = Server::start_with("tf-large", Some("gate_a: { timeout_ms: 30000 }\n"));
+    let (agent, runner) = (server.key("agent", &["submitter"]), server.key("runner", &["worker"]));
+    let work = server.dir.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let bin = stand_in(&server.dir, "fake-terraform", "");
+    let changes: Vec<Value> = (0..2_000)
+        .map(|i| {
+            json!({
+                "address": format!("aws_instance.web[{i}]"), "mode": "managed", "type": "aws_instance",
+                "name": "web", "index": i, "provider_name": "registry.terraform.io/hashicorp/aws",
+                "change": {"actions": ["create"], "before": null,
+                           "after": {"ami": "ami-123", "user_data": format!("{i:04}").repeat(640)}},
+            })
+        })
+        .collect();
+    let plan =
+        json!({"format_version": "1.2", "planned_values": {}, "resource_changes": changes}).to_string();
+    assert!(plan.len() > 5 * 1024 * 1024, "over the 4 MiB a claim was once limited to: {}", plan.len());
+    let plan_json = server.dir.join("large.json");
+    std::fs::write(&plan_json, &plan).unwrap();
+    let plan_bytes = b"a large plan file".to_vec();
+    std::fs::write(work.join("tfplan"), &plan_bytes).unwrap();
+    shows(&server.dir, &plan_bytes, &plan_json);
+    let plan_file = work.join("tfplan");
+    let (code, submitted) =
+        server.submit(&agent, &plan_json, &["--env", "staging", "--plan-file", plan_file.to_str().unwrap()]);
+    assert_eq!((code, &submitted["state"]), (0, &json!("queued")), "{submitted}");
+    let id = submitted["job_id"].as_str().unwrap();
+
+    let _worker = worker(&server, &runner, &work, &bin);
+    let started = Instant::now();
+    let done = loop {
+        let job = server.job(id, &agent);
+        if job["state"] != "queued" && job["state"] != "leased" {
+            break job;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the plan was never applied: {}", job["state"]);
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(done["state"], "succeeded", "{}", done["error"]);
+    assert_eq!(applies(&work).len(), 1);
     std::fs::remove_dir_all(&server.dir).unwrap();
 }
 

@@ -5,12 +5,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use airlock_core::Millis;
-use airlock_core::ids::{JobId, TenantId};
+use airlock_core::ids::TenantId;
+use airlock_core::moves::Move;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::moves::{Floor, dispatch, finish, hold_next, insert_job};
+use super::moves::{Floor, apply_move, hold_next, insert_job};
 use super::pool::{Fail, Pool, TX_ATTEMPTS, Tx, describe, write_tx};
-use crate::{Dispatch, DispatchOutcome, Finish, JobRecord, StoreError, Submission};
+use crate::codec::Applied;
+use crate::{JobRecord, StoreError, Submission};
 
 /// How many groups one store commits at once. One: the writes that arrive while a group commits
 /// wait and form the next, so under load each WAL flush carries many writes (two at a time
@@ -26,33 +28,17 @@ pub(super) enum Write {
     /// A submit with no idempotency key and no budget ([`insert_job`]).
     Insert(Box<Submission>),
     /// A claim's hold on the next dispatchable job ([`hold_next`]).
-    Hold {
-        tenant: TenantId,
-        now: Millis,
-        until: Millis,
-        from: Option<Floor>,
-    },
-    Dispatch(Box<Dispatch>),
-    Finish(Box<FinishWrite>),
-}
-
-/// The arguments of [`finish`].
-pub(super) struct FinishWrite {
-    pub(super) tenant: TenantId,
-    pub(super) id: JobId,
-    pub(super) token: String,
-    pub(super) live_at: Option<Millis>,
-    pub(super) finish: Finish,
-    pub(super) at: Millis,
-    pub(super) actor: String,
+    Hold { tenant: TenantId, now: Millis, until: Millis, from: Option<Floor> },
+    /// A dispatch or a finish ([`apply_move`]).
+    Move(Box<Move>),
 }
 
 /// What a [`Write`] returns.
+#[expect(clippy::large_enum_variant, reason = "a hold returns its job unboxed on every claim")]
 pub(super) enum Written {
     Inserted,
     Held(Option<JobRecord>),
-    Dispatched(DispatchOutcome),
-    Finished(JobRecord),
+    Moved(Applied),
 }
 
 /// A write waiting for its group, and where its answer goes.
@@ -63,8 +49,7 @@ impl Write {
     pub(super) fn job(&self) -> Option<&str> {
         match self {
             Self::Insert(_) | Self::Hold { .. } => None,
-            Self::Dispatch(d) => Some(d.job_id.as_str()),
-            Self::Finish(f) => Some(f.id.as_str()),
+            Self::Move(mv) => Some(mv.job_id.as_str()),
         }
     }
 
@@ -77,10 +62,7 @@ impl Write {
             Self::Hold { tenant, now, until, from } => {
                 Written::Held(hold_next(tx, tenant, *now, *until, from.as_ref()).await?)
             }
-            Self::Dispatch(d) => Written::Dispatched(dispatch(tx, d).await?),
-            Self::Finish(f) => Written::Finished(
-                finish(tx, &f.tenant, &f.id, &f.token, f.live_at, &f.finish, f.at, &f.actor).await?,
-            ),
+            Self::Move(mv) => Written::Moved(apply_move(tx, mv, true).await?),
         })
     }
 
@@ -89,7 +71,7 @@ impl Write {
     pub(super) async fn run_alone(&self, pool: &Pool) -> Result<Written, Fail> {
         match self {
             Self::Insert(_) | Self::Hold { .. } => self.run(&pool.checkout().await?.db()?).await,
-            Self::Dispatch(_) | Self::Finish(_) => write_tx!(pool, |tx| self.run(&tx)).await,
+            Self::Move(_) => write_tx!(pool, |tx| self.run(&tx)).await,
         }
     }
 }

@@ -25,6 +25,7 @@ use airlock_core::approval::Status;
 use airlock_core::audit::{Draft, Record};
 use airlock_core::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
+use airlock_core::moves::{LeaseCheck, plan_dispatch, plan_finish};
 use airlock_core::state::{Event, JobState};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_postgres::types::ToSql;
@@ -40,7 +41,7 @@ use admin::{
     breaker_admit, breaker_report, create_key, discard_dead_letter, publish, rehash_key, retry_dead_letter,
     revoke_key,
 };
-use group::{FinishWrite, Grouped, Write, Written, group_commit, mismatch};
+use group::{Grouped, Write, Written, group_commit, mismatch};
 use moves::{Floor, change_approval, guard, heartbeat, submit, transition};
 use notifications::listen;
 use pool::{CONNECT_TIMEOUT, Fail, POOL_MAX, Pool, Pooled, TX_ATTEMPTS, write_tx};
@@ -521,10 +522,11 @@ impl Store for PgStore {
     }
 
     async fn dispatch(&self, dispatch: Dispatch) -> Result<DispatchOutcome, StoreError> {
-        let Written::Dispatched(outcome) = self.grouped(Write::Dispatch(Box::new(dispatch))).await? else {
+        let Written::Moved(applied) = self.grouped(Write::Move(Box::new(plan_dispatch(dispatch)))).await?
+        else {
             return Err(mismatch());
         };
-        Ok(outcome)
+        applied.dispatched()
     }
 
     async fn heartbeat(
@@ -548,12 +550,12 @@ impl Store for PgStore {
         at: Millis,
         actor: &str,
     ) -> Result<JobRecord, StoreError> {
-        let (tenant, id, token, actor) = (tenant.clone(), id.clone(), token.to_owned(), actor.to_owned());
-        let write = FinishWrite { tenant, id, token, live_at, finish, at, actor };
-        let Written::Finished(job) = self.grouped(Write::Finish(Box::new(write))).await? else {
+        let lease = LeaseCheck { token: token.to_owned(), live_at };
+        let mv = plan_finish(tenant.clone(), id.clone(), lease, finish, at, actor.to_owned());
+        let Written::Moved(applied) = self.grouped(Write::Move(Box::new(mv))).await? else {
             return Err(mismatch());
         };
-        Ok(job)
+        applied.finished()
     }
 
     async fn lapsed_leases(&self, now: Millis, limit: u32) -> Result<Vec<JobRecord>, StoreError> {

@@ -7,9 +7,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use airlock_core::Millis;
-use airlock_core::approval::Status;
 use airlock_core::audit::{Draft, Kind};
 use airlock_core::ids::{ApprovalId, JobId, TenantId};
+use airlock_core::moves::{ApprovalWrite, Move, plan_approval_change};
 use airlock_core::state::{Event, JobState};
 use airlock_core::throttle::{self, Bucket, Take};
 use serde_json::{Value, json};
@@ -20,10 +20,9 @@ use super::notifications::WORK_CHANNEL;
 use super::pool::{Db, Fail, Tx};
 use super::rows::{JOB_COLUMNS, big, big_u64, get, job_from_row, load_approval, load_idempotency, load_job};
 use super::sealing::append_audit;
-use crate::codec::{corrupt, gate_json};
+use crate::codec::{Applied, Cell, corrupt, gate_json, job_cells, refused};
 use crate::{
-    ApprovalChange, ApprovalRecord, Budget, Dispatch, DispatchAction, DispatchOutcome, Finish, Heartbeat,
-    JobRecord, StoreError, Submission, SubmitOutcome,
+    ApprovalChange, ApprovalRecord, Budget, Heartbeat, JobRecord, StoreError, Submission, SubmitOutcome,
 };
 
 /// Refuses, inside the caller's transaction, a write decided under a snapshot that is no longer
@@ -201,42 +200,92 @@ pub(super) fn encode(drafts: &[Draft]) -> Vec<(&'static str, String)> {
     drafts.iter().map(|d| (d.kind.as_str(), d.data.to_string())).collect()
 }
 
-/// Moves `job` (locked by the caller, and already holding the `changes` in memory) by `event`:
-/// one statement updates its row with the new state and the changes, adds its history step and
-/// its audit records and, when it becomes queued, the wake-ups.
+/// Moves `job` (locked by the caller, and already holding the `changes` in memory) by `event`
+/// ([`write_job`]).
 pub(super) async fn apply_transition(
     tx: &Tx<'_>,
     job: JobRecord,
     event: Event,
     m: Moved<'_>,
 ) -> Result<JobRecord, Fail> {
-    let to = job.state.next(event).map_err(StoreError::from)?;
-    let (tenant, id, from, to_name) = (job.tenant.as_str(), job.id.as_str(), job.state.as_str(), to.as_str());
+    let from = job.state;
+    let to = from.next(event).map_err(StoreError::from)?;
     let mut drafts = vec![Draft {
         at: m.at,
         kind: Kind::JobTransition,
-        subject: id.to_owned(),
+        subject: job.id.as_str().to_owned(),
         actor: m.actor.to_owned(),
-        data: json!({"from": from, "to": to_name, "reason": m.reason}),
+        data: json!({"from": from.as_str(), "to": to.as_str(), "reason": m.reason}),
     }];
     drafts.extend(m.decision.cloned());
-    let data = encode(&drafts);
-    let queued = to == JobState::Queued;
+    let job = JobRecord { state: to, updated_at: m.at, ..job };
+    let step = Step { from, reason: Some(m.reason), actor: m.actor, changes: m.changes, drafts: &drafts };
+    write_job(tx, &job, step, None, m.last).await?;
+    Ok(job)
+}
+
+/// What [`write_job`] writes besides the job's new state: its history step (when `reason` is
+/// given), the changed columns and the audit records, in order.
+pub(super) struct Step<'a> {
+    pub(super) from: JobState,
+    pub(super) reason: Option<&'a str>,
+    pub(super) actor: &'a str,
+    pub(super) changes: &'a [Change<'a>],
+    pub(super) drafts: &'a [Draft],
+}
+
+/// Writes a moved job (`job` holds its new state and fields) in one statement: its row with
+/// the new state and the `changes` (unless the step only audits), its history step, the
+/// approval request it opens (with the one it replaces, if given, recorded as stale), its audit
+/// records and, when it became queued, the wake-ups.
+pub(super) async fn write_job(
+    tx: &Tx<'_>,
+    job: &JobRecord,
+    step: Step<'_>,
+    approval: Option<(&ApprovalRow<'_>, Option<&Option<&str>>)>,
+    last: bool,
+) -> Result<(), Fail> {
+    let (tenant, id, from, to) =
+        (job.tenant.as_str(), job.id.as_str(), step.from.as_str(), job.state.as_str());
+    let data = encode(step.drafts);
+    let queued = step.reason.is_some() && job.state == JobState::Queued;
     let mut c = Composed::default();
-    let (p_to, p_at, p_id) = (c.param(&to_name), c.param(&m.at), c.param(&id));
+    if step.reason.is_none() && step.changes.is_empty() {
+        // Only audit records (a vote short of the quorum): the job's row stays as it is.
+        if step.drafts.is_empty() {
+            return Ok(());
+        }
+        c.audit(&tenant, step.drafts, &data);
+        return if last { c.run_last(tx, None).await } else { c.run(tx, None).await };
+    }
+    let (p_to, p_at, p_id) = (c.param(&to), c.param(&job.updated_at), c.param(&id));
     // A job that moves is no longer held by the claim that dispatched it.
     let mut set = format!("state = {p_to}, updated_at = {p_at}, held_until = 0");
-    for (column, value) in m.changes {
+    for (column, value) in step.changes {
         set.push_str(&format!(", {column} = {}", c.param(*value)));
     }
     c.with(format!("UPDATE jobs SET {set} WHERE id = {p_id}"));
-    let (p_from, p_actor, p_reason) = (c.param(&from), c.param(&m.actor), c.param(&m.reason));
-    c.with(format!(
-        "INSERT INTO job_transitions (job_id, seq, from_state, to_state, at, actor, reason)
-         SELECT {p_id}, COALESCE(MAX(seq), 0) + 1, {p_from}, {p_to}, {p_at}, {p_actor}, {p_reason}
-         FROM job_transitions WHERE job_id = {p_id}"
-    ));
-    c.audit(&tenant, &drafts, &data);
+    if let Some((row, replaced)) = approval {
+        c.approval(row);
+        if let Some(old) = replaced {
+            let p_old = c.param(old);
+            c.with(format!(
+                "UPDATE approvals SET status = 'stale', decided_at = {p_at}, decided_by = 'system'
+                 WHERE id = {p_old} AND status IN ('pending', 'approved')"
+            ));
+        }
+    }
+    if let Some(reason) = &step.reason {
+        let (p_from, p_actor, p_reason) = (c.param(&from), c.param(&step.actor), c.param(reason));
+        c.with(format!(
+            "INSERT INTO job_transitions (job_id, seq, from_state, to_state, at, actor, reason)
+             SELECT {p_id}, COALESCE(MAX(seq), 0) + 1, {p_from}, {p_to}, {p_at}, {p_actor}, {p_reason}
+             FROM job_transitions WHERE job_id = {p_id}"
+        ));
+    }
+    if !step.drafts.is_empty() {
+        c.audit(&tenant, step.drafts, &data);
+    }
     if queued {
         let p_tenant = c.param(&tenant);
         c.with(format!(
@@ -244,12 +293,68 @@ pub(super) async fn apply_transition(
         ));
     }
     let notify = (queued && tx.notify_work).then_some(&WORK_CHANNEL);
-    if m.last {
-        c.run_last(tx, notify).await?;
-    } else {
-        c.run(tx, notify).await?;
+    if last { c.run_last(tx, notify).await } else { c.run(tx, notify).await }
+}
+
+/// A column value of a move, as PostgreSQL binds it.
+fn cell_param(cell: &Cell) -> &(dyn ToSql + Sync) {
+    match cell {
+        Cell::Int(n) => n,
+        Cell::OptInt(n) => n,
+        Cell::OptText(text) => text,
     }
-    Ok(JobRecord { state: to, updated_at: m.at, ..job })
+}
+
+/// Commits `mv` in the caller's transaction (as its last statement when `last`): locks and loads the job
+/// (the snapshot guard pipelined with the load), checks the precondition, takes the budgets (a
+/// refusal commits [`Move::throttled`] instead), applies the move to the record and writes it
+/// ([`write_job`]) through the one field-to-column mapping ([`job_cells`]).
+pub(super) async fn apply_move(tx: &Tx<'_>, mv: &Move, last: bool) -> Result<Applied, Fail> {
+    // Waits for the row rather than skipping it: a claim that holds the job must not give it up
+    // because another claim's `hold_next` (or a dispatch of a page claim) has it locked for an
+    // instant; a job dispatched meanwhile fails the precondition below.
+    // The guard goes out with the load (pipelined): a move decided under a superseded snapshot
+    // fails here, and the transaction writes nothing. Its error comes first: the load may run
+    // after it and then fail only because the transaction was aborted.
+    let (job, guarded) =
+        tokio::join!(load_job(tx, &mv.tenant, &mv.job_id, true), guard(tx, mv.precondition.decided_under));
+    guarded?;
+    let mut job = job?.ok_or(StoreError::NotFound)?;
+    if let Err(refusal) = mv.precondition.check(&job) {
+        return Ok(Applied::Refused(refusal));
+    }
+    let throttled_move;
+    let (mv, throttled) = match take_budgets(tx, &mv.budgets, mv.at).await? {
+        Ok(()) => (mv, None),
+        Err(retry_after_ms) => {
+            throttled_move = mv.clone().throttled(retry_after_ms);
+            (&throttled_move, Some(retry_after_ms))
+        }
+    };
+    let (from, old_approval) = (job.state, job.approval_id.clone());
+    let fields = job.apply(mv).map_err(StoreError::from)?;
+    let mut cells = Vec::with_capacity(fields.len() + 2);
+    for field in fields {
+        job_cells(&job, field, &mut cells);
+    }
+    let changes: Vec<Change<'_>> = cells.iter().map(|(column, cell)| (*column, cell_param(cell))).collect();
+    let mut drafts = Vec::with_capacity(2);
+    drafts.extend(mv.transition_record(from, job.state));
+    drafts.extend(mv.audit.iter().cloned());
+    let reason = mv.transition.as_ref().map(|(_, reason)| reason.as_str());
+    let step = Step { from, reason, actor: &mv.actor, changes: &changes, drafts: &drafts };
+    let old = old_approval.as_ref().map(ApprovalId::as_str);
+    let (row, replaces) = match &mv.approval {
+        ApprovalWrite::None => (None, false),
+        ApprovalWrite::Replace(replacement) => (Some(ApprovalRow::new(replacement)), true),
+        ApprovalWrite::Open(request) => (Some(ApprovalRow::new(request)), false),
+    };
+    let approval = row.as_ref().map(|r| (r, replaces.then_some(&old)));
+    write_job(tx, &job, step, approval, last).await?;
+    Ok(match throttled {
+        Some(retry_after_ms) => Applied::Throttled { retry_after_ms },
+        None => Applied::Moved(Box::new(job)),
+    })
 }
 
 /// An approval request as the values of its row.
@@ -279,13 +384,6 @@ impl<'a> ApprovalRow<'a> {
             quorum: big(r.quorum),
         }
     }
-}
-
-pub(super) async fn insert_approval(tx: &Tx<'_>, approval: &ApprovalRecord) -> Result<(), Fail> {
-    let row = ApprovalRow::new(approval);
-    let mut c = Composed::default();
-    c.approval(&row);
-    c.run(tx, None).await
 }
 
 /// Takes every budget or none; `Err(retry_after_ms)` when one refuses. The buckets stay
@@ -445,46 +543,24 @@ pub(super) async fn insert_job(db: &Db<'_, impl GenericClient + Sync>, s: &Submi
 
 pub(super) async fn change_approval(tx: &Tx<'_>, c: &ApprovalChange) -> Result<ApprovalRecord, Fail> {
     let current = load_approval(tx, &c.tenant, &c.id, true).await?.ok_or(StoreError::NotFound)?;
-    if current.request.status != c.expected_status || current.request.approvers.len() != c.expected_approvers
-    {
-        return Err(StoreError::Conflict("the approval request changed; read it again".into()).into());
-    }
-    // The job is locked too: the change may move it.
-    load_job(tx, &c.tenant, &current.job_id, true).await?;
-    guard(tx, c.decided_under).await?;
-    let decided = c.request.status != Status::Pending;
+    let plan = plan_approval_change(&current, c.clone()).map_err(refused)?;
+    let a = &plan.approval;
     tx.execute(
         "UPDATE approvals SET status = $1, approvers = $2, decided_at = $3, decided_by = $4 WHERE id = $5",
         &[
-            &c.request.status.as_str(),
-            &json!(c.request.approvers).to_string(),
-            &decided.then_some(c.at),
-            &decided.then_some(c.actor.as_str()),
-            &c.id.as_str(),
+            &a.request.status.as_str(),
+            &json!(a.request.approvers).to_string(),
+            &a.decided_at,
+            &a.decided_by,
+            &a.id.as_str(),
         ],
     )
     .await?;
-    for draft in &c.audit {
-        append_audit(tx, c.tenant.as_str(), draft.clone()).await?;
+    // The job is locked by the move, after the request: the order every approval change takes.
+    if let Applied::Refused(refusal) = apply_move(tx, &plan.job, true).await? {
+        return Err(refused(refusal).into());
     }
-    if let Some(event) = c.job_event {
-        let reason = format!("approval {}", c.request.status);
-        transition(tx, &c.tenant, &current.job_id, event, c.at, &c.actor, &reason).await?;
-    }
-    if let Some(replacement) = &c.replacement {
-        insert_approval(tx, replacement).await?;
-        tx.execute(
-            "UPDATE jobs SET approval_id = $1, updated_at = $2 WHERE id = $3",
-            &[&replacement.id.as_str(), &c.at, &current.job_id.as_str()],
-        )
-        .await?;
-    }
-    Ok(ApprovalRecord {
-        request: c.request.clone(),
-        decided_at: decided.then_some(c.at),
-        decided_by: decided.then(|| c.actor.clone()),
-        ..current
-    })
+    Ok(plan.approval)
 }
 
 /// Holds the next dispatchable job of `tenant` until `until` for the claim that asked, from
@@ -544,108 +620,6 @@ impl Floor {
     }
 }
 
-pub(super) async fn dispatch(tx: &Tx<'_>, d: &Dispatch) -> Result<DispatchOutcome, Fail> {
-    // Waits for the row rather than skipping it: a claim that holds the job must not give it up
-    // because another claim's `hold_next` (or a dispatch of a page claim) has it locked for an
-    // instant; a job dispatched meanwhile is no longer queued below.
-    // The guard goes out with the load (pipelined): a dispatch decided under a superseded
-    // snapshot fails here, and the transaction writes nothing. Its error comes first: the load
-    // may run after it and then fail only because the transaction was aborted.
-    let (job, guarded) = tokio::join!(load_job(tx, &d.tenant, &d.job_id, true), guard(tx, d.decided_under));
-    guarded?;
-    let mut job = job?.ok_or(StoreError::NotFound)?;
-    if job.state != JobState::Queued {
-        return Ok(DispatchOutcome::Gone);
-    }
-    let id = d.job_id.as_str();
-    // A move without a decision (a job no pool takes) keeps the last one.
-    job.dispatch.gate_b = d.gate_b.clone().or(job.dispatch.gate_b);
-    let gate_b = job.dispatch.gate_b.as_ref().map(gate_json);
-    let moved = |reason: &'static str, changes| Moved {
-        at: d.at,
-        actor: &d.audit.actor,
-        reason,
-        changes,
-        decision: Some(&d.audit),
-        last: true,
-    };
-    let job = match &d.action {
-        DispatchAction::Lease { lease, budgets } => {
-            if let Err(retry_after_ms) = take_budgets(tx, budgets, d.at).await? {
-                let not_before = d.at.saturating_add(i64::try_from(retry_after_ms).unwrap_or(i64::MAX));
-                let mut draft = d.audit.clone();
-                draft.kind = Kind::GateBThrottled;
-                if let Value::Object(data) = &mut draft.data {
-                    data.insert("outcome".into(), json!("throttled"));
-                    data.insert("retry_after_ms".into(), json!(retry_after_ms));
-                }
-                let (tenant, drafts) = (d.tenant.as_str(), [draft]);
-                let data = encode(&drafts);
-                let mut c = Composed::default();
-                let (p_gate, p_not_before, p_at, p_id) =
-                    (c.param(&gate_b), c.param(&not_before), c.param(&d.at), c.param(&id));
-                c.with(format!(
-                    "UPDATE jobs SET gate_b = {p_gate}, not_before = {p_not_before}, updated_at = {p_at},
-                     held_until = 0 WHERE id = {p_id}"
-                ));
-                c.audit(&tenant, &drafts, &data);
-                c.run_last(tx, None).await?;
-                return Ok(DispatchOutcome::Throttled { retry_after_ms });
-            }
-            job.dispatch.execution_attempts += 1;
-            job.dispatch.lease = Some(lease.clone());
-            let attempts = i64::from(job.dispatch.execution_attempts);
-            let reason = format!("leased to {}", lease.worker);
-            let changes: [Change<'_>; 5] = [
-                ("gate_b", &gate_b),
-                ("lease_token", &lease.token),
-                ("lease_expires_at", &lease.expires_at),
-                ("leased_by", &lease.worker),
-                ("execution_attempts", &attempts),
-            ];
-            apply_transition(tx, job, Event::Lease, Moved { reason: &reason, ..moved("", &changes) }).await?
-        }
-        DispatchAction::Deny => {
-            apply_transition(tx, job, Event::GateBDeny, moved("denied at gate b", &[("gate_b", &gate_b)]))
-                .await?
-        }
-        DispatchAction::NeedsApproval { replacement } => {
-            // The fresh request, and the old one recorded as stale.
-            let row = ApprovalRow::new(replacement);
-            let old = job.approval_id.as_ref().map(ApprovalId::as_str);
-            let mut c = Composed::default();
-            c.approval(&row);
-            let (p_at, p_old) = (c.param(&d.at), c.param(&old));
-            c.with(format!(
-                "UPDATE approvals SET status = 'stale', decided_at = {p_at}, decided_by = 'system'
-                 WHERE id = {p_old} AND status IN ('pending', 'approved')"
-            ));
-            c.run(tx, None).await?;
-            job.approval_id = Some(replacement.id.clone());
-            let changes: [Change<'_>; 2] = [("gate_b", &gate_b), ("approval_id", &replacement.id.as_str())];
-            apply_transition(tx, job, Event::NeedsApproval, moved("gate b needs a fresh approval", &changes))
-                .await?
-        }
-        DispatchAction::Requeue { not_before, counted } => {
-            job.dispatch.not_before = *not_before;
-            job.dispatch.scheduling_attempts += u32::from(*counted);
-            let attempts = i64::from(job.dispatch.scheduling_attempts);
-            let changes: [Change<'_>; 3] =
-                [("gate_b", &gate_b), ("not_before", not_before), ("scheduling_attempts", &attempts)];
-            apply_transition(tx, job, Event::Requeue, moved("requeued with backoff", &changes)).await?
-        }
-        DispatchAction::DeadLetter { reason } => {
-            job.dispatch.dead_letter_reason = Some(reason.clone());
-            job.dispatch.scheduling_attempts += 1;
-            let attempts = i64::from(job.dispatch.scheduling_attempts);
-            let changes: [Change<'_>; 3] =
-                [("gate_b", &gate_b), ("dead_letter_reason", reason), ("scheduling_attempts", &attempts)];
-            apply_transition(tx, job, Event::DeadLetter, Moved { reason, ..moved("", &changes) }).await?
-        }
-    };
-    Ok(DispatchOutcome::Applied(Box::new(job)))
-}
-
 /// The job, locked, if `token` is its live lease's.
 pub(super) async fn leased_under(
     tx: &Tx<'_>,
@@ -681,63 +655,5 @@ pub(super) async fn heartbeat(
             Ok(Heartbeat::Extended { expires_at })
         }
         other => Err(StoreError::Conflict(format!("the job is `{other}`, no longer leased")).into()),
-    }
-}
-
-#[expect(clippy::too_many_arguments, reason = "mirrors Store::finish")]
-pub(super) async fn finish(
-    tx: &Tx<'_>,
-    tenant: &TenantId,
-    id: &JobId,
-    token: &str,
-    live_at: Option<Millis>,
-    finish: &Finish,
-    at: Millis,
-    actor: &str,
-) -> Result<JobRecord, Fail> {
-    let mut job = leased_under(tx, tenant, id, token, live_at).await?;
-    if job.state != JobState::Leased {
-        return Err(StoreError::Conflict(format!("the job is `{}`, no longer leased", job.state)).into());
-    }
-    let moved = |reason, changes| Moved { at, actor, reason, changes, decision: None, last: true };
-    let no_lease: (Option<String>, Option<Millis>) = (None, None);
-    match finish {
-        Finish::Succeeded { result } => {
-            job.dispatch.result = Some(result.clone());
-            let result = result.to_string();
-            apply_transition(tx, job, Event::Succeed, moved("succeeded", &[("result", &result)])).await
-        }
-        Finish::Retry { error } => {
-            job.dispatch.error = Some(error.clone());
-            job.dispatch.not_before = at;
-            job.dispatch.lease = None;
-            let reason = format!("attempt failed, retrying: {error}");
-            let changes: [Change<'_>; 5] = [
-                ("error", error),
-                ("not_before", &at),
-                ("lease_token", &no_lease.0),
-                ("lease_expires_at", &no_lease.1),
-                ("leased_by", &no_lease.0),
-            ];
-            apply_transition(tx, job, Event::Requeue, moved(&reason, &changes)).await
-        }
-        Finish::Failed { error } => {
-            job.dispatch.error = Some(error.clone());
-            let reason = format!("failed: {error}");
-            apply_transition(tx, job, Event::Fail, moved(&reason, &[("error", error)])).await
-        }
-        Finish::DeadLetter { reason } => {
-            job.dispatch.dead_letter_reason = Some(reason.clone());
-            job.dispatch.error = Some(reason.clone());
-            job.dispatch.lease = None;
-            let changes: [Change<'_>; 5] = [
-                ("dead_letter_reason", reason),
-                ("error", reason),
-                ("lease_token", &no_lease.0),
-                ("lease_expires_at", &no_lease.1),
-                ("leased_by", &no_lease.0),
-            ];
-            apply_transition(tx, job, Event::DeadLetter, moved(reason, &changes)).await
-        }
     }
 }

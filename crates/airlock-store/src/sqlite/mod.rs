@@ -19,6 +19,7 @@ use airlock_core::approval::Status;
 use airlock_core::audit::{Draft, Kind, Record};
 use airlock_core::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
+use airlock_core::moves::{LeaseCheck, plan_dispatch, plan_finish};
 use airlock_core::state::{Event, JobState};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::json;
@@ -663,8 +664,9 @@ impl Store for SqliteStore {
     }
 
     async fn dispatch(&self, dispatch_: Dispatch) -> Result<DispatchOutcome, StoreError> {
-        let id = dispatch_.job_id.clone();
-        let reply = self.write(Box::new(move |tx| dispatch(tx, dispatch_))).await;
+        let mv = plan_dispatch(dispatch_);
+        let id = mv.job_id.clone();
+        let reply = self.write(Box::new(move |tx| dispatch(tx, mv))).await;
         // The job has moved on (or stays queued with a later `not_before`): its hold is done.
         if let Ok(mut holds) = self.holds.lock() {
             holds.remove(&id);
@@ -709,10 +711,9 @@ impl Store for SqliteStore {
         at: Millis,
         actor: &str,
     ) -> Result<JobRecord, StoreError> {
-        let (tenant, id, token, actor) = (tenant.clone(), id.clone(), token.to_owned(), actor.to_owned());
-        let reply = self
-            .write(Box::new(move |tx| finish(tx, &tenant, &id, &token, live_at, finish_, at, &actor)))
-            .await;
+        let lease = LeaseCheck { token: token.to_owned(), live_at };
+        let mv = plan_finish(tenant.clone(), id.clone(), lease, finish_, at, actor.to_owned());
+        let reply = self.write(Box::new(move |tx| finish(tx, mv))).await;
         expect_output!(reply, Job).map(|job| *job)
     }
 

@@ -3,22 +3,19 @@
 //! active snapshot ([`check_decided_under`]); and the shared breaker's state.
 
 use airlock_core::Millis;
-use airlock_core::approval::Status;
 use airlock_core::audit::Kind;
 use airlock_core::breaker::BreakerState;
 use airlock_core::ids::{ApprovalId, JobId, TenantId};
-use airlock_core::state::{Event, JobState};
+use airlock_core::moves::{self, ApprovalWrite, Move};
 use airlock_core::throttle::{self, Bucket, Take};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::types::ToSqlOutput;
+use rusqlite::{Connection, OptionalExtension, ToSql, params};
 use serde_json::{Value, json};
 
 use super::rows::{JOB_INSERT_COLUMNS, load_approval, load_idempotency, load_job};
 use super::writer::{Output, Reply, Tx};
-use crate::codec::{corrupt, gate_json};
-use crate::{
-    ApprovalChange, ApprovalRecord, Budget, Dispatch, DispatchAction, DispatchOutcome, Finish, JobRecord,
-    StoreError, Submission, SubmitOutcome,
-};
+use crate::codec::{Applied, Cell, corrupt, gate_json, job_cells, refused};
+use crate::{ApprovalChange, Budget, JobRecord, StoreError, Submission, SubmitOutcome};
 
 /// Refuses a write decided under a snapshot that is no longer active. Publishes go through the
 /// same writer thread, so nothing can activate another snapshot between this check and the
@@ -106,48 +103,24 @@ pub(super) fn submit(tx: &mut Tx<'_>, s: Submission, retained_since: Millis) -> 
 
 pub(super) fn change_approval(tx: &mut Tx<'_>, c: ApprovalChange) -> Reply {
     let current = load_approval(tx.conn, &c.tenant, &c.id)?.ok_or(StoreError::NotFound)?;
-    if current.request.status != c.expected_status || current.request.approvers.len() != c.expected_approvers
-    {
-        return Err(StoreError::Conflict("the approval request changed; read it again".into()));
-    }
-    check_decided_under(tx.conn, c.decided_under)?;
-    let decided = c.request.status != Status::Pending;
+    let plan = moves::plan_approval_change(&current, c).map_err(refused)?;
+    let a = &plan.approval;
     tx.conn
         .prepare_cached(
             "UPDATE approvals SET status = ?1, approvers = ?2, decided_at = ?3, decided_by = ?4 WHERE id = ?5",
         )?
         .execute(params![
-            c.request.status.as_str(),
-            json!(c.request.approvers).to_string(),
-            decided.then_some(c.at),
-            decided.then_some(c.actor.as_str()),
-            c.id.as_str(),
+            a.request.status.as_str(),
+            json!(a.request.approvers).to_string(),
+            a.decided_at,
+            a.decided_by,
+            a.id.as_str(),
         ])?;
-    for draft in c.audit {
-        tx.append_audit(c.tenant.as_str(), draft)?;
+    let job = load_job(tx.conn, &plan.job.tenant, &plan.job.job_id)?.ok_or(StoreError::NotFound)?;
+    if let Applied::Refused(refusal) = apply_move(tx, job, plan.job)? {
+        return Err(refused(refusal));
     }
-    if let Some(event) = c.job_event {
-        tx.transition(
-            &c.tenant,
-            &current.job_id,
-            event,
-            c.at,
-            &c.actor,
-            &format!("approval {}", c.request.status),
-        )?;
-    }
-    if let Some(replacement) = &c.replacement {
-        tx.insert_approval(replacement)?;
-        tx.conn
-            .prepare_cached("UPDATE jobs SET approval_id = ?1, updated_at = ?2 WHERE id = ?3")?
-            .execute(params![replacement.id.as_str(), c.at, current.job_id.as_str()])?;
-    }
-    Ok(Output::Approval(ApprovalRecord {
-        request: c.request,
-        decided_at: decided.then_some(c.at),
-        decided_by: decided.then_some(c.actor),
-        ..current
-    }))
+    Ok(Output::Approval(plan.approval))
 }
 
 /// Takes every budget or none; `Err(retry_after_ms)` when one refuses.
@@ -183,79 +156,87 @@ pub(super) fn take_budgets(
 
 pub(super) const CLEAR_LEASE: &str = "lease_token = NULL, lease_expires_at = NULL, leased_by = NULL";
 
-pub(super) fn dispatch(tx: &mut Tx<'_>, d: Dispatch) -> Reply {
-    let Some(job) = load_job(tx.conn, &d.tenant, &d.job_id)? else { return Err(StoreError::NotFound) };
-    if job.state != JobState::Queued {
-        return Ok(Output::Dispatch(DispatchOutcome::Gone));
+/// Commits `mv` to `job`, loaded by the writer thread: checks its precondition and its
+/// snapshot, takes its budgets (a refusal commits [`Move::throttled`] instead), applies it to
+/// the record and writes the fields it changed through the one field-to-column mapping
+/// ([`job_cells`]), its history step, its approval requests and its audit records (the
+/// transition's, then the decision's).
+pub(super) fn apply_move(tx: &mut Tx<'_>, mut job: JobRecord, mut mv: Move) -> Result<Applied, StoreError> {
+    if let Err(refusal) = mv.precondition.check(&job) {
+        return Ok(Applied::Refused(refusal));
     }
-    check_decided_under(tx.conn, d.decided_under)?;
-    let id = d.job_id.as_str();
-    if let Some(gate_b) = &d.gate_b {
-        tx.conn
-            .prepare_cached("UPDATE jobs SET gate_b = ?1 WHERE id = ?2")?
-            .execute(params![gate_json(gate_b), id])?;
+    check_decided_under(tx.conn, mv.precondition.decided_under)?;
+    let mut throttled = None;
+    if let Err(retry_after_ms) = take_budgets(tx.conn, &mv.budgets, mv.at)? {
+        mv = mv.throttled(retry_after_ms);
+        throttled = Some(retry_after_ms);
     }
-    let actor = d.audit.actor.clone();
-    let (event, reason) = match d.action {
-        DispatchAction::Lease { lease, budgets } => {
-            if let Err(retry_after_ms) = take_budgets(tx.conn, &budgets, d.at)? {
-                let not_before = d.at.saturating_add(i64::try_from(retry_after_ms).unwrap_or(i64::MAX));
-                tx.conn
-                    .prepare_cached("UPDATE jobs SET not_before = ?1, updated_at = ?2 WHERE id = ?3")?
-                    .execute(params![not_before, d.at, id])?;
-                let mut draft = d.audit;
-                draft.kind = Kind::GateBThrottled;
-                if let Value::Object(data) = &mut draft.data {
-                    data.insert("outcome".into(), json!("throttled"));
-                    data.insert("retry_after_ms".into(), json!(retry_after_ms));
-                }
-                tx.append_audit(d.tenant.as_str(), draft)?;
-                return Ok(Output::Dispatch(DispatchOutcome::Throttled { retry_after_ms }));
-            }
-            tx.conn
-                .prepare_cached(
-                    "UPDATE jobs SET lease_token = ?1, lease_expires_at = ?2, leased_by = ?3,
-                     execution_attempts = execution_attempts + 1 WHERE id = ?4",
-                )?
-                .execute(params![lease.token, lease.expires_at, lease.worker, id])?;
-            (Event::Lease, format!("leased to {}", lease.worker))
+    let (from, old_approval) = (job.state, job.approval_id.clone());
+    let fields = job.apply(&mv)?;
+    let mut cells = Vec::with_capacity(fields.len() + 2);
+    for field in fields {
+        job_cells(&job, field, &mut cells);
+    }
+    if mv.touches_job() {
+        let mut sql = String::from("UPDATE jobs SET state = ?1, updated_at = ?2");
+        for (n, (column, _)) in cells.iter().enumerate() {
+            sql.push_str(&format!(", {column} = ?{}", n + 4));
         }
-        DispatchAction::Deny => (Event::GateBDeny, "denied at gate b".to_owned()),
-        DispatchAction::NeedsApproval { replacement } => {
-            if let Some(old) = &job.approval_id {
+        sql.push_str(" WHERE id = ?3");
+        let (state, id) = (job.state.as_str(), job.id.as_str());
+        let mut values: Vec<&dyn ToSql> = vec![&state, &job.updated_at, &id];
+        values.extend(cells.iter().map(|(_, cell)| cell as &dyn ToSql));
+        tx.conn.prepare_cached(&sql)?.execute(values.as_slice())?;
+    }
+    let tenant = job.tenant.as_str().to_owned();
+    match &mv.approval {
+        ApprovalWrite::None => {}
+        ApprovalWrite::Replace(replacement) => {
+            if let Some(old) = &old_approval {
                 tx.conn
                     .prepare_cached(
                         "UPDATE approvals SET status = 'stale', decided_at = ?1, decided_by = 'system'
                          WHERE id = ?2 AND status IN ('pending', 'approved')",
                     )?
-                    .execute(params![d.at, old.as_str()])?;
+                    .execute(params![mv.at, old.as_str()])?;
             }
-            tx.insert_approval(&replacement)?;
-            tx.conn
-                .prepare_cached("UPDATE jobs SET approval_id = ?1 WHERE id = ?2")?
-                .execute(params![replacement.id.as_str(), id])?;
-            (Event::NeedsApproval, "gate b needs a fresh approval".to_owned())
+            tx.insert_approval(replacement)?;
         }
-        DispatchAction::Requeue { not_before, counted } => {
-            tx.conn
-                .prepare_cached(
-                    "UPDATE jobs SET not_before = ?1, scheduling_attempts = scheduling_attempts + ?2 WHERE id = ?3",
-                )?
-                .execute(params![not_before, i64::from(counted), id])?;
-            (Event::Requeue, "requeued with backoff".to_owned())
+        ApprovalWrite::Open(request) => tx.insert_approval(request)?,
+    }
+    if let Some(record) = mv.transition_record(from, job.state) {
+        let reason = mv.transition.as_ref().map_or("", |(_, reason)| reason.as_str());
+        tx.conn
+            .prepare_cached(
+                "INSERT INTO job_transitions (job_id, seq, from_state, to_state, at, actor, reason)
+                 SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2, ?3, ?4, ?5, ?6 FROM job_transitions WHERE job_id = ?1",
+            )?
+            .execute(params![job.id.as_str(), from.as_str(), job.state.as_str(), mv.at, mv.actor, reason])?;
+        tx.append_audit(&tenant, record)?;
+    }
+    for draft in mv.audit {
+        tx.append_audit(&tenant, draft)?;
+    }
+    Ok(match throttled {
+        Some(retry_after_ms) => Applied::Throttled { retry_after_ms },
+        None => Applied::Moved(Box::new(job)),
+    })
+}
+
+/// A precondition that does not hold, as the caller sees it.
+impl ToSql for Cell {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        match self {
+            Cell::Int(n) => n.to_sql(),
+            Cell::OptInt(n) => n.to_sql(),
+            Cell::OptText(text) => text.to_sql(),
         }
-        DispatchAction::DeadLetter { reason } => {
-            tx.conn
-                .prepare_cached(
-                    "UPDATE jobs SET dead_letter_reason = ?1, scheduling_attempts = scheduling_attempts + 1 WHERE id = ?2",
-                )?
-                .execute(params![reason, id])?;
-            (Event::DeadLetter, reason)
-        }
-    };
-    tx.append_audit(d.tenant.as_str(), d.audit)?;
-    let job = tx.transition(&d.tenant, &d.job_id, event, d.at, &actor, &reason)?;
-    Ok(Output::Dispatch(DispatchOutcome::Applied(Box::new(job))))
+    }
+}
+
+pub(super) fn dispatch(tx: &mut Tx<'_>, mv: Move) -> Reply {
+    let job = load_job(tx.conn, &mv.tenant, &mv.job_id)?.ok_or(StoreError::NotFound)?;
+    Ok(Output::Dispatch(apply_move(tx, job, mv)?.dispatched()?))
 }
 
 pub(super) fn leased_under(
@@ -275,52 +256,9 @@ pub(super) fn leased_under(
     }
 }
 
-#[expect(clippy::too_many_arguments, reason = "mirrors Store::finish")]
-pub(super) fn finish(
-    tx: &mut Tx<'_>,
-    tenant: &TenantId,
-    id: &JobId,
-    token: &str,
-    live_at: Option<Millis>,
-    finish: Finish,
-    at: Millis,
-    actor: &str,
-) -> Reply {
-    let job = leased_under(tx.conn, tenant, id, token, live_at)?;
-    if job.state != JobState::Leased {
-        return Err(StoreError::Conflict(format!("the job is `{}`, no longer leased", job.state)));
-    }
-    let (event, reason) = match finish {
-        Finish::Succeeded { result } => {
-            tx.conn
-                .prepare_cached("UPDATE jobs SET result = ?1 WHERE id = ?2")?
-                .execute(params![result.to_string(), id.as_str()])?;
-            (Event::Succeed, "succeeded".to_owned())
-        }
-        Finish::Retry { error } => {
-            tx.conn
-                .prepare_cached(&format!(
-                    "UPDATE jobs SET error = ?1, not_before = ?2, {CLEAR_LEASE} WHERE id = ?3"
-                ))?
-                .execute(params![error, at, id.as_str()])?;
-            (Event::Requeue, format!("attempt failed, retrying: {error}"))
-        }
-        Finish::Failed { error } => {
-            tx.conn
-                .prepare_cached("UPDATE jobs SET error = ?1 WHERE id = ?2")?
-                .execute(params![error, id.as_str()])?;
-            (Event::Fail, format!("failed: {error}"))
-        }
-        Finish::DeadLetter { reason } => {
-            tx.conn
-                .prepare_cached(&format!(
-                    "UPDATE jobs SET dead_letter_reason = ?1, error = ?1, {CLEAR_LEASE} WHERE id = ?2"
-                ))?
-                .execute(params![reason, id.as_str()])?;
-            (Event::DeadLetter, reason)
-        }
-    };
-    Ok(Output::Job(Box::new(tx.transition(tenant, id, event, at, actor, &reason)?)))
+pub(super) fn finish(tx: &mut Tx<'_>, mv: Move) -> Reply {
+    let job = load_job(tx.conn, &mv.tenant, &mv.job_id)?.ok_or(StoreError::NotFound)?;
+    Ok(Output::Job(Box::new(apply_move(tx, job, mv)?.finished()?)))
 }
 
 pub(super) fn load_breaker(conn: &Connection) -> Result<BreakerState, StoreError> {

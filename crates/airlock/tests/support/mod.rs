@@ -106,7 +106,9 @@ pub fn try_call(
     let url = format!("http://{addr}{path}");
     let auth = format!("Bearer {key}");
     let response = match body {
-        Some(b) => agent.post(&url).header("authorization", &auth).send(b),
+        Some(b) => {
+            agent.post(&url).header("authorization", &auth).header("content-type", "application/json").send(b)
+        }
         None => agent.get(&url).header("authorization", &auth).call(),
     };
     let mut response = response.ok()?;
