@@ -232,8 +232,15 @@ fn decision_badge(decision: &str) -> Markup {
 }
 
 /// A job's plan, when it holds one: each change's decision (for a plan job), then each change's
-/// attributes before and after.
-pub fn plan_changes(job: &Value) -> Markup {
+/// attributes before and after, and, when `explanations` (an approval's `plan_explanations`)
+/// are given, every rule's verdict on it, collapsed.
+pub fn plan_changes(job: &Value, explanations: Option<&Value>) -> Markup {
+    let explained = explanations.and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    let explanation = |c: &plan::Change| {
+        explained
+            .get(c.index)
+            .filter(|e| e.get("address").and_then(Value::as_str) == Some(c.address.as_str()))
+    };
     let plan_hash = job.get("plan_hash").and_then(Value::as_str);
     let changes = plan::changes(
         job.get("payload").unwrap_or(&Value::Null),
@@ -289,6 +296,12 @@ pub fn plan_changes(job: &Value) -> Markup {
                                     td.after { (side(a.after.as_ref())) }
                                 }
                             }
+                        }
+                    }
+                    @if let Some(e) = explanation(c) {
+                        details.change-trace data-address=(c.address) {
+                            summary { "Every rule's verdict on " (c.address) " (topic " (str_of(e, "topic")) ")" }
+                            (trace(e.get("explanation").unwrap_or(&Value::Null)))
                         }
                     }
                 }
@@ -588,7 +601,7 @@ pub fn approval(
             (labels(job.get("labels")))
             (json_block("Payload", job.get("payload").unwrap_or(&Value::Null)))
         }
-        (plan_changes(&job))
+        (plan_changes(&job, a.get("plan_explanations")))
     }
 }
 
@@ -718,7 +731,7 @@ pub fn job(j: &Value, now: i64) -> Markup {
             (labels(j.get("labels")))
             (json_block("Payload", j.get("payload").unwrap_or(&Value::Null)))
         }
-        (plan_changes(j))
+        (plan_changes(j, None))
     }
 }
 

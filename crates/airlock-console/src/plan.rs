@@ -10,6 +10,8 @@ use serde_json::Value;
 /// One resource change.
 #[derive(Debug, PartialEq)]
 pub struct Change {
+    /// Its position in the payload's list of changes.
+    pub index: usize,
     /// The resource address.
     pub address: String,
     /// The actions (`create`, `update`, `delete`, …).
@@ -51,8 +53,8 @@ pub struct Attribute {
     pub after: Option<Value>,
 }
 
-/// Most resource changes shown for one job.
-pub const CHANGES_MAX: usize = 200;
+/// Most resource changes shown for one job: as many as the API explains.
+pub const CHANGES_MAX: usize = airlock_core::defaults::PLAN_CHANGES_EXPLAINED_MAX;
 
 /// The resource changes of a job: its `payload`, and its `plan_changes` (null for jobs that are
 /// not plans).
@@ -65,6 +67,7 @@ pub fn changes(payload: &Value, plan_changes: &Value) -> Changes {
             .take(CHANGES_MAX)
             .filter_map(|(i, c)| {
                 let mut change = one(c.get("address"), c.get("actions"), c.get("before"), c.get("after"))?;
+                change.index = i;
                 // Decided in plan order; the address confirms the pairing.
                 change.decision = decided
                     .get(i)
@@ -78,10 +81,14 @@ pub fn changes(payload: &Value, plan_changes: &Value) -> Changes {
     if let Some(list) = payload.get("resource_changes").and_then(Value::as_array) {
         let shown = list
             .iter()
+            .enumerate()
             .take(CHANGES_MAX)
-            .filter_map(|rc| {
+            .filter_map(|(i, rc)| {
                 let change = rc.get("change")?;
-                one(rc.get("address"), change.get("actions"), change.get("before"), change.get("after"))
+                let mut change =
+                    one(rc.get("address"), change.get("actions"), change.get("before"), change.get("after"))?;
+                change.index = i;
+                Some(change)
             })
             .collect();
         return Changes { shown, total: list.len() };
@@ -139,7 +146,7 @@ fn one(
             })
             .collect()
     };
-    Some(Change { address, actions, attributes, decision: None })
+    Some(Change { index: 0, address, actions, attributes, decision: None })
 }
 
 #[cfg(test)]

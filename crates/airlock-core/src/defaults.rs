@@ -39,6 +39,9 @@ pub const POLICY_BODY_BYTES_MAX: usize = airlock_policy::limits::POLICY_BYTES_MA
 /// Largest Terraform plan JSON accepted by `POST /api/v1/plans`, in bytes (plans of
 /// thousands of resources run to megabytes).
 pub const PLAN_BODY_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// Most changes of a plan job explained rule by rule in `GET /api/v1/approvals/{id}`
+/// (`plan_explanations`), and shown by the console.
+pub const PLAN_CHANGES_EXPLAINED_MAX: usize = 200;
 /// Largest page of a list endpoint.
 pub const PAGE_SIZE_MAX: u32 = 500;
 /// Page size when the client names none.

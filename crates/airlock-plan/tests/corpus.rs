@@ -188,13 +188,37 @@ fn the_deadline_stops_a_plan_evaluation() {
     assert!(airlock_plan::evaluate_within(&policy, &job, &mut || false).is_none());
     let within = airlock_plan::evaluate_within(&policy, &job, &mut || true).unwrap();
     assert_eq!(within, airlock_plan::evaluate(&policy, &job));
-    // Lending the changes out and back leaves the job as it was.
-    let mut owned = job.clone();
-    assert_eq!(airlock_plan::evaluate_mut(&policy, &mut owned), within);
-    assert_eq!(owned, job);
     let mut broken = job.clone();
     broken.payload["changes"][3]["type"] = serde_json::Value::Null;
-    let before = broken.clone();
-    assert!(airlock_plan::evaluate_mut(&policy, &mut broken).malformed.is_some());
-    assert_eq!(broken, before, "a malformed change is put back too");
+    let result = airlock_plan::evaluate(&policy, &broken);
+    assert_eq!(result.malformed.as_deref(), Some("`payload.changes[3].type` is missing or not a string"));
+    assert!(airlock_plan::evaluate_within(&policy, &broken, &mut || true).unwrap().malformed.is_some());
+}
+
+#[test]
+fn each_change_is_explained_as_it_is_decided() {
+    let policy = policy();
+    let plan =
+        Plan::parse(&std::fs::read(corpus_file("checkov__plan_with_iam_policies__tfplan.json")).unwrap())
+            .unwrap();
+    let job = airlock_plan::plan_job(
+        plan,
+        "t",
+        "p",
+        Submission { env: "production".into(), plan_hash: "h".into(), ..Submission::default() },
+    );
+    let decided = airlock_plan::evaluate(&policy, &job);
+    let explained = airlock_plan::explain(&policy, &job, 100);
+    assert_eq!(explained.len(), decided.changes.len());
+    for (e, d) in explained.iter().zip(&decided.changes) {
+        assert_eq!((&e.address, &e.job.topic), (&d.address, &d.topic));
+        assert_eq!(e.explanation.evaluation, d.evaluation, "{}", e.address);
+        assert_eq!(e.explanation.verdicts.len(), policy.rules().len());
+    }
+    assert_eq!(airlock_plan::explain(&policy, &job, 2).len(), 2, "at most `max` changes");
+    let not_a_plan = airlock_policy::Job::from_json(
+        &serde_json::json!({"topic": "tf.plan.apply", "env": "production", "payload": {"changes": 1}}),
+    )
+    .unwrap();
+    assert!(airlock_plan::explain(&policy, &not_a_plan, 100).is_empty());
 }

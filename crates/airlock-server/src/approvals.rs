@@ -87,6 +87,24 @@ pub async fn get(
             "explanation".into(),
             wire::explanation(&active.policy, &policy_job, &active.policy.explain(&policy_job)),
         );
+        // A plan job is decided change by change: each change's trace is its explanation.
+        if airlock_plan::is_plan_job(&policy_job) {
+            let explained: Vec<Value> = airlock_plan::explain(
+                &active.policy,
+                &policy_job,
+                airlock_core::defaults::PLAN_CHANGES_EXPLAINED_MAX,
+            )
+            .iter()
+            .map(|c| {
+                json!({
+                    "address": c.address,
+                    "topic": c.job.topic,
+                    "explanation": wire::explanation(&active.policy, &c.job, &c.explanation),
+                })
+            })
+            .collect();
+            o.insert("plan_explanations".into(), Value::Array(explained));
+        }
     }
     Ok(Json(body))
 }

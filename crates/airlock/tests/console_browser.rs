@@ -521,7 +521,11 @@ fn a_plan_job_shows_its_changes_and_each_changes_decision() {
             && overall.contains("human-iam-policy-change"),
         "the plan's decision, from its changes: {overall}"
     );
-    assert!(b.try_find("table.trace").is_none(), "no single-job rule trace for a plan job");
+    let outside = b.exec(
+        "return [...document.querySelectorAll('table.trace')].filter(t => !t.closest('details.change-trace')).length",
+        json!([]),
+    );
+    assert_eq!(outside, json!(0), "no single-job rule trace for a plan job, only each change's");
     let expected = [
         (
             "aws_db_instance.main",
@@ -570,6 +574,13 @@ fn a_plan_job_shows_its_changes_and_each_changes_decision() {
         b.assert_inert(page);
     };
     check_rows("the plan's approval page");
+    // Each change's trace, collapsed: every rule's verdict on that change.
+    let traces = b.exec("return document.querySelectorAll('details.change-trace').length", json!([]));
+    assert_eq!(traces, json!(3));
+    b.click_css("details.change-trace[data-address='aws_iam_policy.ops'] summary");
+    let trace = b.text(&b.find("details.change-trace[data-address='aws_iam_policy.ops'] table.trace"));
+    assert!(trace.contains("human-iam-policy-change") && trace.contains("matched"), "{trace}");
+    assert!(trace.contains("deny-prod-iam-wildcard") && trace.contains("not_matched"), "{trace}");
     b.check_page("approval-plan");
 
     b.goto(&site.url(&format!("/jobs/{job_id}")));
