@@ -1,7 +1,8 @@
 //! The simulated world: a virtual clock, an in-memory model of the store (each job a
 //! `JobRecord`, every change of it a core `Move` applied with `JobRecord::apply`: Gate B's
 //! through `plan_dispatch`, workers' and the lapsed-lease sweep's through `plan_finish`, fenced
-//! by the move's precondition as the stores fence them), a safety service with scheduled faults behind the real `Breaker`,
+//! by the move's precondition as the stores fence them, the rest through `plan_transition` and
+//! `plan_operator_retry`), a safety service with scheduled faults behind the real `Breaker`,
 //! Gate A and Gate B driven by real compiled policies and `dispatch::gate_b`, workers, approvers
 //! and a lossy network. One seed, one run; nothing here reads a clock or iterates a hash map.
 
@@ -15,8 +16,8 @@ use airlock_core::defaults::{APPROVAL_TTL_MS, GATE_B_CLIENT_TIMEOUT_MS, LEASE_MS
 use airlock_core::dispatch::{self, Action, AfterAttempt, ApprovalState, Caps, FailMode, Safety};
 use airlock_core::ids::{ApprovalId, JobId, TenantId};
 use airlock_core::moves::{
-    ApprovalWrite, Dispatch, DispatchAction, Finish, LeaseCheck, Move, Precondition, plan_dispatch,
-    plan_finish,
+    Dispatch, DispatchAction, Finish, LeaseCheck, Move, plan_dispatch, plan_finish, plan_operator_retry,
+    plan_transition,
 };
 use airlock_core::record::{self, ApprovalRecord, DispatchState, GateDecision, JobRecord};
 use airlock_core::state::{Event, JobState};
@@ -478,21 +479,17 @@ impl<'p> World<'p> {
         Ok(())
     }
 
-    /// Moves job `j` by `event` alone (approvals, expiry, cancellation, operator retry: writes
-    /// the stores still make outside the plan functions).
+    /// Moves job `j` by `event` alone (approvals, expiry, cancellation), planned by the core.
     fn transition(&mut self, j: usize, event: Event) -> Outcome {
-        let mv = Move {
-            tenant: self.jobs[j].record.tenant.clone(),
-            job_id: self.jobs[j].record.id.clone(),
-            precondition: Precondition { state: None, lease: None, decided_under: None },
-            budgets: Vec::new(),
-            transition: Some((event, format!("{event:?}"))),
-            changes: Vec::new(),
-            approval: ApprovalWrite::None,
-            audit: Vec::new(),
-            at: self.now,
-            actor: "sim".into(),
-        };
+        let record = &self.jobs[j].record;
+        let mv = plan_transition(
+            record.tenant.clone(),
+            record.id.clone(),
+            event,
+            self.now,
+            "sim".into(),
+            format!("{event:?}"),
+        );
         self.commit(j, &mv)
     }
 
@@ -1499,16 +1496,13 @@ impl<'p> World<'p> {
         }
         let j = self.rng.pick(&dead);
         self.cov.operator_retries += 1;
-        self.transition(j, Event::OperatorRetry)?;
         // A new round through Gate B, with fresh attempt budgets, as the stores write it.
-        let now = self.now;
-        let d = &mut self.jobs[j].record.dispatch;
-        d.scheduling_attempts = 0;
-        d.execution_attempts = 0;
-        d.not_before = now;
-        d.lease = None;
-        d.dead_letter_reason = None;
-        Ok(())
+        match plan_operator_retry(&self.jobs[j].record, self.now, "operator".into()) {
+            Ok(mv) => self.commit(j, &mv),
+            Err(refusal) => {
+                Err(self.violation(Some(j), &format!("an operator retry was refused: {refusal}")))
+            }
+        }
     }
 
     // ---------------------------------------------------------------- the end of a run
