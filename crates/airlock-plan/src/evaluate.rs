@@ -91,16 +91,10 @@ pub struct PlanEvaluation {
     pub malformed: Option<String>,
 }
 
-/// The job of the `i`th change of a plan job (whose payload it takes), under `policy`'s topic
-/// map; on a malformed change, why, and the payload back.
-fn change_job(
-    policy: &Policy,
-    job: &Job,
-    i: usize,
-    change: Value,
-) -> Result<(String, Action, Job), (String, Value)> {
+/// The job of the `i`th change of a plan job under `policy`'s topic map, without its payload:
+/// the change is lent to the evaluation where it lies. On a malformed change, why.
+fn change_job(policy: &Policy, job: &Job, i: usize, change: &Value) -> Result<(String, Action, Job), String> {
     let text = |key: &str| change.get(key).and_then(Value::as_str);
-    let field_error = |key: &str| format!("`payload.changes[{i}].{key}` is missing or not a string");
     let missing = if text("address").is_none() {
         Some("address")
     } else if text("type").is_none() {
@@ -111,8 +105,7 @@ fn change_job(
         None
     };
     if let Some(key) = missing {
-        let why = field_error(key);
-        return Err((why, change));
+        return Err(format!("`payload.changes[{i}].{key}` is missing or not a string"));
     }
     let (address, resource_type) = (text("address").unwrap_or_default(), text("type").unwrap_or_default());
     let action = text("action").and_then(Action::parse).unwrap_or(Action::Create);
@@ -125,7 +118,6 @@ fn change_job(
     if let Some(workspace) = job.labels.get(LABEL_WORKSPACE) {
         labels.insert(LABEL_WORKSPACE.to_owned(), workspace.clone());
     }
-    let address = address.to_owned();
     let topic = policy.terraform_topic(resource_type, action.as_str());
     let change_job = Job {
         tenant: job.tenant.clone(),
@@ -133,11 +125,11 @@ fn change_job(
         topic,
         env: job.env.clone(),
         labels,
-        payload: change,
+        payload: Value::Null,
         plan_hash: job.plan_hash.clone(),
         idempotency_key: None,
     };
-    Ok((address, action, change_job))
+    Ok((address.to_owned(), action, change_job))
 }
 
 /// One change of a plan job with every rule's verdict on it.
@@ -162,27 +154,24 @@ pub fn explain(policy: &Policy, job: &Job, max: usize) -> Vec<ChangeExplanation>
         .iter()
         .take(max)
         .enumerate()
-        .map_while(|(i, change)| change_job(policy, job, i, change.clone()).ok())
-        .map(|(address, _, job)| {
+        .map_while(|(i, change)| {
+            let (address, _, mut job) = change_job(policy, job, i, change).ok()?;
+            job.payload = change.clone();
             let explanation = policy.explain(&job);
-            ChangeExplanation { address, job, explanation }
+            Some(ChangeExplanation { address, job, explanation })
         })
         .collect()
 }
 
-/// Evaluates every change of a plan job.
+/// Evaluates every change of a plan job. Each change is evaluated where it lies in the job's
+/// payload (`Policy::evaluate_on`), so that a large plan is never copied.
 pub fn evaluate(policy: &Policy, job: &Job) -> PlanEvaluation {
-    evaluate_mut(policy, &mut job.clone())
-}
-
-/// [`evaluate`] on a plan job the caller owns: each change's payload is lent to its change job
-/// and put back, so that a large plan is never copied (the job is unchanged afterwards).
-pub fn evaluate_mut(policy: &Policy, job: &mut Job) -> PlanEvaluation {
-    decide(policy, job, &mut |change| Some(policy.evaluate(change))).unwrap_or_else(|| PlanEvaluation {
-        evaluation: deny(),
-        changes: Vec::new(),
-        malformed: Some("the evaluation stopped".into()),
-    })
+    decide(policy, job, &mut |change_job, change| Some(policy.evaluate_on(change_job, change)))
+        .unwrap_or_else(|| PlanEvaluation {
+            evaluation: deny(),
+            changes: Vec::new(),
+            malformed: Some("the evaluation stopped".into()),
+        })
 }
 
 /// Any job's decision: a plan job's over its changes (with each change's), any other job's
@@ -216,7 +205,9 @@ pub fn evaluate_within(
     job: &Job,
     time_left: &mut dyn FnMut() -> bool,
 ) -> Option<PlanEvaluation> {
-    decide(policy, &mut job.clone(), &mut |change| policy.evaluate_within(change, &mut *time_left))
+    decide(policy, job, &mut |change_job, change| {
+        policy.evaluate_within_on(change_job, change, &mut *time_left)
+    })
 }
 
 fn deny() -> Evaluation {
@@ -225,41 +216,24 @@ fn deny() -> Evaluation {
 
 fn decide(
     policy: &Policy,
-    job: &mut Job,
-    evaluate: &mut dyn FnMut(&Job) -> Option<Evaluation>,
+    job: &Job,
+    evaluate: &mut dyn FnMut(&Job, &Value) -> Option<Evaluation>,
 ) -> Option<PlanEvaluation> {
     let malformed =
         |why: String| Some(PlanEvaluation { evaluation: deny(), changes: Vec::new(), malformed: Some(why) });
-    let mut payload = std::mem::take(&mut job.payload);
-    let Some(changes) = payload.get_mut("changes").and_then(Value::as_array_mut) else {
-        job.payload = payload;
+    let Some(changes) = job.payload.get("changes").and_then(Value::as_array) else {
         return malformed("`payload.changes` is not a list".into());
     };
     let mut decided = Vec::with_capacity(changes.len());
-    let mut outcome = None;
-    for (i, slot) in changes.iter_mut().enumerate() {
-        match change_job(policy, job, i, std::mem::take(slot)) {
-            Err((why, change)) => {
-                *slot = change;
-                outcome = Some(malformed(why));
-                break;
-            }
-            Ok((address, action, change_job)) => {
-                let evaluation = evaluate(&change_job);
-                *slot = change_job.payload;
-                let Some(evaluation) = evaluation else {
-                    outcome = Some(None);
-                    break;
-                };
-                decided.push(ChangeDecision { address, action, topic: change_job.topic, evaluation });
-            }
-        }
+    for (i, change) in changes.iter().enumerate() {
+        let (address, action, change_job) = match change_job(policy, job, i, change) {
+            Ok(built) => built,
+            Err(why) => return malformed(why),
+        };
+        let evaluation = evaluate(&change_job, change)?;
+        decided.push(ChangeDecision { address, action, topic: change_job.topic, evaluation });
     }
-    job.payload = payload;
-    match outcome {
-        Some(stopped) => stopped,
-        None => Some(PlanEvaluation { evaluation: aggregate(&decided), changes: decided, malformed: None }),
-    }
+    Some(PlanEvaluation { evaluation: aggregate(&decided), changes: decided, malformed: None })
 }
 
 /// The most restrictive decision; deciding rules of every change that has it.

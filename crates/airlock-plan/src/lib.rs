@@ -14,8 +14,7 @@ pub mod redact;
 
 pub use evaluate::{
     ChangeDecision, ChangeExplanation, LABEL_PLAN_FILE, LABEL_WORKSPACE, PLAN_TOPIC, PlanEvaluation,
-    Submission, evaluate, evaluate_any, evaluate_any_within, evaluate_mut, evaluate_within, explain,
-    is_plan_job, plan_job,
+    Submission, evaluate, evaluate_any, evaluate_any_within, evaluate_within, explain, is_plan_job, plan_job,
 };
 pub use plan::{Action, CHANGES_MAX, Change, PLAN_BYTES_MAX, Plan, PlanError};
 

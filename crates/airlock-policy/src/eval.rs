@@ -66,6 +66,9 @@ impl<'a> Subject<'a> {
 /// The job plus what evaluation derives from it at most once.
 pub(crate) struct Ctx<'a> {
     pub job: &'a Job,
+    /// The payload conditions read: the job's own, or one lent by the caller
+    /// ([`crate::Policy::evaluate_on`]).
+    pub payload: &'a Value,
     pub policy: &'a Policy,
     classes: Option<Vec<&'a str>>,
     /// Asked every [`TIME_CHECK_EVERY`] field tests whether there is time left.
@@ -81,7 +84,20 @@ const TIME_CHECK_EVERY: u32 = 16;
 
 impl<'a> Ctx<'a> {
     pub fn new(job: &'a Job, policy: &'a Policy) -> Self {
-        Self { job, policy, classes: None, time_left: None, tests: 0, out_of_time: false }
+        Self {
+            job,
+            payload: &job.payload,
+            policy,
+            classes: None,
+            time_left: None,
+            tests: 0,
+            out_of_time: false,
+        }
+    }
+
+    /// This context, reading `payload` instead of the job's.
+    pub fn on(self, payload: &'a Value) -> Self {
+        Self { payload, ..self }
     }
 
     /// A context that stops evaluating once `time_left` answers `false`.
@@ -143,7 +159,7 @@ fn holds(cond: &Cond, ctx: &mut Ctx<'_>) -> Result<bool, EvalError> {
 
 fn field_holds(field: &Field, tests: &[Test], ctx: &mut Ctx<'_>) -> Result<bool, EvalError> {
     ctx.check_time()?;
-    let job = ctx.job;
+    let (job, payload) = (ctx.job, ctx.payload);
     let subject = match field {
         Field::Topic => Some(Subject::Str(&job.topic)),
         Field::Env => Some(Subject::Str(&job.env)),
@@ -162,12 +178,12 @@ fn field_holds(field: &Field, tests: &[Test], ctx: &mut Ctx<'_>) -> Result<bool,
         Field::Label(name) => job.labels.get(name).map(|v| Subject::Str(v)),
         Field::Payload(path) => {
             if let Some(absent) = wants_absent(tests) {
-                let found = path.any(&job.payload, &mut |_| true)?;
+                let found = path.any(payload, &mut |_| true)?;
                 return Ok(!found && absent);
             }
             // `[*]` means "any element": a definite match wins over an error elsewhere.
             let mut error = None;
-            let found = path.any(&job.payload, &mut |v| match value_holds(tests, Subject::Json(v)) {
+            let found = path.any(payload, &mut |v| match value_holds(tests, Subject::Json(v)) {
                 Ok(holds) => holds,
                 Err(e) => {
                     error = Some(e);
@@ -327,7 +343,7 @@ fn describe_failure(cond: &Cond, ctx: &mut Ctx<'_>) -> String {
 }
 
 fn current_value(field: &Field, ctx: &mut Ctx<'_>) -> Option<String> {
-    let job = ctx.job;
+    let (job, payload) = (ctx.job, ctx.payload);
     let quoted = |s: &str| format!("`{}`", truncate(s.to_owned()));
     match field {
         Field::Topic => Some(quoted(&job.topic)),
@@ -341,7 +357,7 @@ fn current_value(field: &Field, ctx: &mut Ctx<'_>) -> Option<String> {
         Field::Label(name) => job.labels.get(name).map(|v| quoted(v)),
         Field::Payload(path) => {
             let mut seen = Vec::new();
-            let _ = path.any(&job.payload, &mut |v| {
+            let _ = path.any(payload, &mut |v| {
                 seen.push(Subject::Json(v).render());
                 seen.len() >= 3
             });

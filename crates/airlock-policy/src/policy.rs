@@ -2,6 +2,7 @@
 //! for this job (`evaluate`, the hot path), and why (`explain`, every rule's verdict).
 
 use rustc_hash::FxHashMap;
+use serde_json::Value;
 
 use crate::eval::{self, Ctx, EvalError};
 use crate::glob::Glob;
@@ -76,7 +77,7 @@ impl Policy {
 
     /// How `payload` breaks the payload schemas of `topic` (`schemas:`): every violation,
     /// empty when it conforms or no schema's pattern matches the topic.
-    pub fn payload_violations(&self, topic: &str, payload: &serde_json::Value) -> Vec<Violation> {
+    pub fn payload_violations(&self, topic: &str, payload: &Value) -> Vec<Violation> {
         self.schemas.violations(topic, payload)
     }
 
@@ -136,6 +137,25 @@ impl Policy {
     /// ties go to file order, no match gives the default.
     pub fn evaluate(&self, job: &Job) -> Evaluation {
         self.evaluate_with(&mut Ctx::new(job, self))
+    }
+
+    /// [`Policy::evaluate`] of `job` as if `payload` were its payload: a caller that holds the
+    /// payload elsewhere (a plan's change inside its plan job) lends it instead of copying it
+    /// into a job.
+    pub fn evaluate_on(&self, job: &Job, payload: &Value) -> Evaluation {
+        self.evaluate_with(&mut Ctx::new(job, self).on(payload))
+    }
+
+    /// [`Policy::evaluate_on`] under a deadline, as [`Policy::evaluate_within`].
+    pub fn evaluate_within_on(
+        &self,
+        job: &Job,
+        payload: &Value,
+        time_left: &mut dyn FnMut() -> bool,
+    ) -> Option<Evaluation> {
+        let mut ctx = Ctx::within(job, self, time_left).on(payload);
+        let evaluation = self.evaluate_with(&mut ctx);
+        (!ctx.out_of_time).then_some(evaluation)
     }
 
     /// [`Policy::evaluate`] under a deadline: `time_left` is asked every few field tests, and

@@ -802,6 +802,12 @@ fn check_total(text: &str, jobs: &[Value]) {
         let job = job_of(value);
         let first = policy.evaluate(&job);
         assert_eq!(first, policy.evaluate(&job), "evaluating twice differed for {value}");
+        let bare = Job { payload: Value::Null, ..job.clone() };
+        assert_eq!(
+            policy.evaluate_on(&bare, &job.payload),
+            first,
+            "evaluating with the payload lent differed for {value}"
+        );
         assert_eq!(first, again.evaluate(&job), "two compilations decided differently for {value}");
         let explanation = policy.explain(&job);
         assert_eq!(explanation.evaluation, first, "explain disagrees with evaluate for {value}\n{text}");

@@ -157,13 +157,13 @@ fn check(args: &CheckArgs) -> Result<ExitCode, Reported> {
         plan_hash: plan_hash.clone(),
         ..Submission::default()
     };
-    let mut job = airlock_plan::plan_job(
+    let job = airlock_plan::plan_job(
         plan,
         airlock_policy::job::SIMULATION_TENANT,
         airlock_policy::job::SIMULATION_PRINCIPAL,
         submission,
     );
-    let result = airlock_plan::evaluate_mut(&policy, &mut job);
+    let result = airlock_plan::evaluate(&policy, &job);
     match args.format {
         CheckFormat::Table => print_table(&policy, &result, &plan_hash),
         CheckFormat::Json => print_json(&json!({
