@@ -12,7 +12,7 @@ mod support;
 
 const ADMIN: &str = "long-poll-admin-key-0123456789";
 
-/// Gate B takes one token per two seconds for `infra.vm.create`: a retry right after a
+/// Gate B takes one token per three seconds for `infra.vm.create`: a retry right after a
 /// dispatch is throttled, and requeued until the bucket refills.
 const POLICY: &str = "version: v1
 defaults: { decision: allow }
@@ -20,7 +20,7 @@ rules:
   - id: throttle-vm-create
     when: { topic: infra.vm.create }
     decision: throttle
-    limit: { rate: 1, per: 2s, key: [tenant, topic] }
+    limit: { rate: 1, per: 3s, key: [tenant, topic] }
 ";
 
 fn serve(name: &str, config: &str) -> (support::Process, String) {
@@ -109,7 +109,7 @@ fn a_submit_wakes_a_waiting_claim_and_a_throttled_job_is_claimed_when_due() {
 
     let waiting = {
         let (addr, worker) = (addr.clone(), worker.clone());
-        std::thread::spawn(move || claim(&addr, &worker, 20_000))
+        std::thread::spawn(move || claim(&addr, &worker, 9_000))
     };
     std::thread::sleep(Duration::from_millis(300));
     let submitted = Instant::now();
@@ -134,10 +134,10 @@ fn a_submit_wakes_a_waiting_claim_and_a_throttled_job_is_claimed_when_due() {
     );
     assert_eq!(failed.0, 200, "{}", failed.1);
     let asked = Instant::now();
-    let (status, again) = claim(&addr, &worker, 20_000);
+    let (status, again) = claim(&addr, &worker, 9_000);
     let waited = asked.elapsed();
     assert_eq!(status, 200, "{again}");
     assert_eq!((again["job_id"].as_str(), again["attempt"].as_u64()), (Some(id), Some(2)), "{again}");
-    assert!(waited > Duration::from_millis(1_000), "Gate B throttled the retry first: {waited:?}");
-    assert!(waited < Duration::from_secs(6), "the throttled job was not claimed when due: {waited:?}");
+    assert!(waited > Duration::from_millis(500), "Gate B throttled the retry first: {waited:?}");
+    assert!(waited < Duration::from_secs(8), "the throttled job was not claimed when due: {waited:?}");
 }
