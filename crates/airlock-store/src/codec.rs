@@ -117,7 +117,8 @@ pub(crate) enum Applied {
     Refused(Refusal),
 }
 
-/// A move refused by its precondition, as the caller of a fenced call (finish) sees it.
+/// A move refused by its precondition, as its caller sees it: a conflict (only a finish asks
+/// for a state, `leased`; a dispatch's refusal by state is [`Applied::dispatched`]'s `Gone`).
 pub(crate) fn refused(refusal: Refusal) -> StoreError {
     match refusal {
         Refusal::State(state) => StoreError::Conflict(format!("the job is `{state}`, no longer leased")),
@@ -136,11 +137,14 @@ impl Applied {
         })
     }
 
-    /// As a worker's finish sees it: the job, or a conflict.
+    /// As the caller of a move that takes no budget sees it (a finish, a cancellation, an
+    /// operator retry, an approval's job): the job, or a conflict.
     pub(crate) fn finished(self) -> Result<JobRecord, StoreError> {
         match self {
             Self::Moved(job) => Ok(*job),
-            Self::Throttled { .. } => Err(StoreError::Conflict("a finish takes no budget".into())),
+            Self::Throttled { .. } => {
+                Err(StoreError::Conflict("the move took no budget, yet was throttled".into()))
+            }
             Self::Refused(refusal) => Err(refused(refusal)),
         }
     }
