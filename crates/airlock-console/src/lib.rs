@@ -692,8 +692,17 @@ async fn job(State(c): State<Console>, headers: HeaderMap, uri: Uri, Path(job_id
     if !answer.ok() {
         return api_problem("Job", &s, "jobs", &answer);
     }
+    // The job's other audit records (votes, stale or expired approvals, operator actions) are
+    // in its timeline for the roles that read the audit trail.
+    let audit = if s.has("operator") || s.has("viewer") {
+        let path = format!("/api/v1/audit?job={}&limit={}", form::encode(&job_id), defaults::PAGE_SIZE_MAX);
+        let records = api!(c, id, uri, c.0.api.get(&s.key, &path).await);
+        records.body.get("records").and_then(Value::as_array).cloned().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     let title = format!("Job {}", pages::str_of(&answer.body, "topic"));
-    page(&title, &s, "jobs", None, pages::job(&answer.body, now_ms()))
+    page(&title, &s, "jobs", None, pages::job(&answer.body, &audit, now_ms()))
 }
 
 async fn dlq_entries(c: &Console, s: &Session, q: &[(String, String)]) -> Result<Answer, Failure> {

@@ -663,8 +663,12 @@ struct Step {
     what: Markup,
 }
 
-/// The job detail page: a timeline of history, gate decisions and the outcome.
-pub fn job(j: &Value, now: i64) -> Markup {
+/// Audit kinds a job's timeline already shows as a state change or a gate decision.
+const SHOWN_AS_STEPS: [&str; 4] = ["job.submitted", "job.transition", "gate_b.decision", "gate_b.throttled"];
+
+/// The job detail page: a timeline of history, gate decisions, the job's other audit records
+/// (`audit`, empty for roles that do not read the trail) and the outcome.
+pub fn job(j: &Value, audit: &[Value], now: i64) -> Markup {
     let mut steps: Vec<Step> = Vec::new();
     for t in j.get("history").and_then(Value::as_array).into_iter().flatten() {
         steps.push(Step {
@@ -686,6 +690,18 @@ pub fn job(j: &Value, now: i64) -> Markup {
                 @if let Some(r) = d.get("reason").and_then(Value::as_str) { " — " span.reason { (r) } }
                 @if d.get("bypassed").and_then(Value::as_bool) == Some(true) { " " span.stale { "fail-open bypass" } }
                 " · snapshot " (text(d, "snapshot_version")) " · audit #" (text(d, "audit_seq"))
+            },
+        });
+    }
+    for r in audit.iter().filter(|r| !SHOWN_AS_STEPS.contains(&str_of(r, "kind"))) {
+        let data = r.get("data").unwrap_or(&Value::Null);
+        let why = data.get("comment").or_else(|| data.get("reason")).and_then(Value::as_str);
+        steps.push(Step {
+            at: i64_of(r, "at").unwrap_or(0),
+            what: html! {
+                span.kind { "audit" } " " strong { (str_of(r, "kind")) } " by " (str_of(r, "actor"))
+                @if let Some(why) = why { " — " span.reason { (why) } }
+                " · audit #" (text(r, "seq"))
             },
         });
     }

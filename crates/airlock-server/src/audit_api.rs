@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use airlock_core::audit;
-use airlock_core::ids::TenantId;
+use airlock_core::ids::{JobId, TenantId};
 use airlock_core::role::Role;
 use airlock_store::Store;
 use axum::Json;
@@ -29,15 +29,30 @@ fn tenant_of(caller: &Caller, q: &Query) -> Result<TenantId, ApiError> {
     }
 }
 
-/// `GET /api/v1/audit?after=&limit=&tenant=`.
+/// `GET /api/v1/audit?after=&limit=&tenant=`, or `?job=&limit=&tenant=` for the records about
+/// one job (its submit, gate decisions, votes, transitions, operator actions), without a head.
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
     RawQuery(params): RawQuery<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require_read(Role::Operator)?;
-    let q = Query::new(params, &["after", "limit", "tenant"])?;
+    let q = Query::new(params, &["after", "limit", "tenant", "job"])?;
     let tenant = tenant_of(&caller, &q)?;
+    if let Some(job) = q.get::<JobId>("job")? {
+        if q.get::<u64>("after")?.is_some() {
+            return Err(ApiError::invalid(vec![(
+                "after".into(),
+                "a job's records come in one page: `after` does not go with `job`".into(),
+            )]));
+        }
+        let records = state.store().job_audit(&tenant, &job, q.limit()?).await?;
+        return Ok(Json(json!({
+            "tenant": tenant.as_str(),
+            "records": records.iter().map(wire::audit_record).collect::<Vec<_>>(),
+            "head": null,
+        })));
+    }
     let page = state.store().audit(&tenant, q.get::<u64>("after")?.unwrap_or(0), q.limit()?).await?;
     Ok(Json(json!({
         "tenant": tenant.as_str(),

@@ -704,4 +704,16 @@ async fn what_the_console_reads_overview_summary_binding_and_snapshots() {
     let kept =
         audit.body["records"].as_array().unwrap().iter().any(|r| r["data"]["comment"] == json!("not now"));
     assert!(kept, "the comment is in the audit record");
+
+    // The job's own records, its approval requests' among them, in chain order.
+    let job_id = submitted.body["job_id"].as_str().unwrap();
+    let mine = api.get(&format!("/api/v1/audit?job={job_id}&limit=100"), &olga).await;
+    assert_eq!(mine.status, StatusCode::OK, "{}", mine.body);
+    let kinds: Vec<&str> =
+        mine.body["records"].as_array().unwrap().iter().map(|r| r["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["job.submitted", "job.transition", "approval.rejected"], "{kinds:?}");
+    let both = api.get(&format!("/api/v1/audit?job={job_id}&after=1"), &olga).await;
+    assert_eq!(both.status, StatusCode::BAD_REQUEST, "{}", both.body);
+    assert_eq!(api.get("/api/v1/audit?job=nope", &olga).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(api.get(&format!("/api/v1/audit?job={job_id}"), &alice).await.status, StatusCode::FORBIDDEN);
 }

@@ -493,8 +493,9 @@ pub trait Store: Send + Sync {
 
     /// A tenant's audit records after `after_seq`, and the chain head.
     async fn audit(&self, tenant: &TenantId, after_seq: u64, limit: u32) -> Result<AuditPage, StoreError>;
-    /// The audit records about one job (its submit, every gate decision, every transition), in
-    /// chain order, at most `limit`.
+    /// The audit records about one job (its submit, every gate decision, every transition) and
+    /// its approval requests (votes, rejection, staleness, expiry), in chain order, at most
+    /// `limit`.
     async fn job_audit(&self, tenant: &TenantId, id: &JobId, limit: u32) -> Result<Vec<Record>, StoreError>;
     /// Tenants with an audit chain.
     async fn audit_tenants(&self) -> Result<Vec<TenantId>, StoreError>;

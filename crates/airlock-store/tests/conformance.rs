@@ -411,6 +411,16 @@ async fn approval_changes_are_optimistic_and_move_the_job() {
             "{name}"
         );
         assert_eq!(verify_chain(&*store, &t).await, Ok(5), "{name}");
+
+        // The job's audit records include its approval requests' (their subject is the request).
+        let records = store.job_audit(&t, &j.id, 100).await.unwrap();
+        let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+        assert!(seqs.is_sorted(), "{name}: in chain order: {seqs:?}");
+        assert!(
+            records.iter().any(|r| r.draft.kind == Kind::ApprovalApproved && r.draft.subject == id.as_str()),
+            "{name}: the approval's record is the job's too: {records:?}"
+        );
+        assert_eq!(store.job_audit(&t, &j.id, 1).await.unwrap().len(), 1, "{name}: at most `limit`");
     }
 }
 

@@ -271,6 +271,10 @@ fn refusals_stale_binding_reject_and_quorum() {
             && r["data"]["comment"] == json!("not during the freeze <b>really</b>")
     });
     assert!(kept, "the comment is in the audit record: {audit}");
+    let rejected_page = site.url(&format!("/jobs/{}", rejected["job_id"].as_str().unwrap()));
+    b.goto(&rejected_page);
+    let timeline = b.text(&b.find("#timeline"));
+    assert!(!timeline.contains("approval.rejected"), "an approver does not read the audit trail: {timeline}");
 
     // Quorum 2: alice's vote is counted, bob's completes it.
     let cluster = site.submit(
@@ -289,6 +293,23 @@ fn refusals_stale_binding_reject_and_quorum() {
     b.click_css("#approve");
     b.wait_text("p.banner.done", "Approved", Duration::from_secs(5));
     assert_eq!(site.job_state(cluster["job_id"].as_str().unwrap()), "queued");
+
+    // An operator's job timeline has the job's other audit records: votes, the rejection and
+    // its comment (as text).
+    b.clear_cookies();
+    b.sign_in(&site.base, &site.olga);
+    b.goto(&rejected_page);
+    let timeline = b.text(&b.find("#timeline"));
+    assert!(
+        timeline.contains("approval.rejected by alice — not during the freeze <b>really</b>"),
+        "{timeline}"
+    );
+    assert!(b.try_find("#timeline b").is_none(), "the comment's markup stays text");
+    b.goto(&site.url(&format!("/jobs/{}", cluster["job_id"].as_str().unwrap())));
+    let timeline = b.text(&b.find("#timeline"));
+    for part in ["approval.vote by alice", "approval.approved by bob"] {
+        assert!(timeline.contains(part), "`{part}` in the timeline: {timeline}");
+    }
 }
 
 #[test]

@@ -6,7 +6,7 @@ use crate::StoreError;
 use crate::codec::corrupt;
 
 /// The schema migrations, in order; the `airlock_migrations` table records which are applied.
-pub(super) const MIGRATIONS: [&str; 10] = [
+pub(super) const MIGRATIONS: [&str; 11] = [
     include_str!("postgres_schema.sql"),
     include_str!("postgres_schema_v2.sql"),
     include_str!("postgres_schema_v3.sql"),
@@ -17,6 +17,7 @@ pub(super) const MIGRATIONS: [&str; 10] = [
     include_str!("postgres_schema_v8.sql"),
     include_str!("postgres_schema_v9.sql"),
     include_str!("postgres_schema_v10.sql"),
+    include_str!("postgres_schema_v11.sql"),
 ];
 
 /// Advisory lock (two-key space, so no clash with the one-key locks below) held while

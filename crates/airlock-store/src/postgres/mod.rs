@@ -733,7 +733,9 @@ impl Store for PgStore {
         let rows = db
             .query(
                 "SELECT seq, at, kind, subject, actor, data, prev_hash, hash FROM audit
-                 WHERE tenant = $1 AND subject = $2 ORDER BY seq LIMIT $3",
+                 WHERE tenant = $1 AND (subject = $2 OR subject IN
+                     (SELECT id FROM approvals WHERE tenant = $1 AND job_id = $2))
+                 ORDER BY seq LIMIT $3",
                 &[&tenant.as_str(), &id.as_str(), &big(limit)],
             )
             .await?;
