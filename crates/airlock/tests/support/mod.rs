@@ -20,24 +20,12 @@ impl Drop for Process {
     }
 }
 
-/// Starts `airlock ARGS` with `ENV`, and reads the address from the first stdout line that has
-/// one (`airlock listening on http://ADDR …` or `airlock safety service listening on http://ADDR …`).
-/// The rest of stdout is drained, so the process never writes into a closed pipe.
+/// Starts `airlock ARGS` with `ENV`, and reads the address from the first stdout line that
+/// says `listening on http://ADDR` (`airlock listening on …`, `airlock safety service listening
+/// on …`) or `https://ADDR`. The rest of stdout is drained, so the process never writes into a
+/// closed pipe.
 pub fn airlock(args: &[&str], env: &[(&str, &str)]) -> (Process, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_airlock"));
-    command.args(args).env("RUST_LOG", "error").stdout(Stdio::piped()).stderr(Stdio::inherit());
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let mut child = command.spawn().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let process = Process(child);
-    let addr = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find_map(|line| Some(line.split("http://").nth(1)?.split_whitespace().next()?.to_owned()))
-        .unwrap_or_else(|| panic!("`airlock {}` exited before printing its address", args.join(" ")));
-    std::thread::spawn(move || lines.for_each(drop));
+    let (process, addr, _) = airlock_printing(args, env);
     (process, addr)
 }
 
