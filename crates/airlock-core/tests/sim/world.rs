@@ -1,7 +1,8 @@
 //! The simulated world: a virtual clock, an in-memory model of the store (each job a
 //! `JobRecord`, every change of it a core `Move` applied with `JobRecord::apply`: Gate B's
 //! through `plan_dispatch`, workers' and the lapsed-lease sweep's through `plan_finish`, fenced
-//! by the move's precondition as the stores fence them, the rest through `plan_transition` and
+//! by the move's precondition as the stores fence them, approvers' votes, rejections, expiries
+//! and stale requests through `plan_approval_change`, the rest through `plan_transition` and
 //! `plan_operator_retry`), a safety service with scheduled faults behind the real `Breaker`,
 //! Gate A and Gate B driven by real compiled policies and `dispatch::gate_b`, workers, approvers
 //! and a lossy network. One seed, one run; nothing here reads a clock or iterates a hash map.
@@ -16,8 +17,8 @@ use airlock_core::defaults::{APPROVAL_TTL_MS, GATE_B_CLIENT_TIMEOUT_MS, LEASE_MS
 use airlock_core::dispatch::{self, Action, AfterAttempt, ApprovalState, Caps, FailMode, Safety};
 use airlock_core::ids::{ApprovalId, JobId, TenantId};
 use airlock_core::moves::{
-    Dispatch, DispatchAction, Finish, LeaseCheck, Move, plan_dispatch, plan_finish, plan_operator_retry,
-    plan_transition,
+    ApprovalChange, Dispatch, DispatchAction, Finish, LeaseCheck, Move, plan_approval_change, plan_dispatch,
+    plan_finish, plan_operator_retry, plan_transition,
 };
 use airlock_core::record::{self, ApprovalRecord, DispatchState, GateDecision, JobRecord};
 use airlock_core::state::{Event, JobState};
@@ -1392,12 +1393,59 @@ impl<'p> World<'p> {
     }
 
     fn expire_request(&mut self, j: usize) -> Outcome {
-        if let Some(request) = self.jobs[j].requests.last_mut() {
-            request.status = Status::Expired;
-        }
+        let Some(request) = self.jobs[j].requests.last_mut() else {
+            return self.transition(j, Event::ApprovalExpired);
+        };
+        let before = request.clone();
+        request.status = Status::Expired;
+        let after = request.clone();
         self.cov.expired_approvals += 1;
         trace!(self, "j{j}: approval request expired");
-        self.transition(j, Event::ApprovalExpired)
+        self.change_approval(j, before, after, Some(Event::ApprovalExpired), None, "sim")
+    }
+
+    /// Commits a change of job `j`'s latest approval request (`before` → `after`) as the stores
+    /// do: planned by the core's `plan_approval_change` against the request as it stands, then
+    /// the job's move committed like any other.
+    fn change_approval(
+        &mut self,
+        j: usize,
+        before: Request,
+        after: Request,
+        job_event: Option<Event>,
+        replacement: Option<Request>,
+        actor: &str,
+    ) -> Outcome {
+        let n = self.jobs[j].requests.len();
+        let record = &self.jobs[j].record;
+        let id = |k: usize| ApprovalId::generate(EPOCH + k as Millis, [j as u8; 10]);
+        let current = ApprovalRecord::open(id(n), record.tenant.clone(), record.id.clone(), before.clone());
+        let change = ApprovalChange {
+            tenant: record.tenant.clone(),
+            id: current.id.clone(),
+            expected_status: before.status,
+            expected_approvers: before.approvers.len(),
+            request: after.clone(),
+            job_event,
+            replacement: replacement
+                .map(|r| ApprovalRecord::open(id(n + 1), record.tenant.clone(), record.id.clone(), r)),
+            audit: Vec::new(),
+            at: self.now,
+            actor: actor.to_owned(),
+            decided_under: None,
+        };
+        let plan = match plan_approval_change(&current, change) {
+            Ok(plan) => plan,
+            Err(refusal) => {
+                return Err(
+                    self.violation(Some(j), &format!("a legitimate approval change was refused: {refusal}"))
+                );
+            }
+        };
+        if plan.approval.request != after {
+            return Err(self.violation(Some(j), "the planned request is not the one the approver left"));
+        }
+        self.commit(j, &plan.job)
     }
 
     fn approver_act(&mut self) -> Outcome {
@@ -1421,12 +1469,15 @@ impl<'p> World<'p> {
         let (now, binding) = (self.now, self.cfg.binding);
         let job = &mut self.jobs[j];
         let Some(request) = job.requests.last_mut() else { return Ok(()) };
+        let before = request.clone();
         if rejecting {
-            return match approval::reject(request, &who) {
+            let rejected = approval::reject(request, &who);
+            let after = request.clone();
+            return match rejected {
                 Ok(()) => {
                     self.cov.approvals_rejected += 1;
                     trace!(self, "j{j}: {who} rejects");
-                    self.transition(j, Event::Rejected)
+                    self.change_approval(j, before, after, Some(Event::Rejected), None, &who)
                 }
                 Err(e) => {
                     self.cov.self_approvals_refused += u64::from(matches!(e, VoteError::SelfApproval(_)));
@@ -1443,26 +1494,28 @@ impl<'p> World<'p> {
             }
             Err(stale) => {
                 request.status = Status::Stale;
+                let after = request.clone();
                 self.cov.stale_approvals += 1;
                 trace!(self, "j{j}: approval by {who} refused, binding broke: {stale}");
                 let fresh = self.request_for(j);
+                self.change_approval(j, before, after, None, Some(fresh.clone()), "system")?;
                 self.jobs[j].requests.push(fresh);
                 Ok(())
             }
-            Ok(()) => match approval::approve(request, &who) {
-                Ok(Vote::QuorumReached) => {
+            Ok(()) => match (approval::approve(request, &who), request.clone()) {
+                (Ok(Vote::QuorumReached), after) => {
                     self.cov.approvals_granted += 1;
                     trace!(self, "j{j}: {who} approves; quorum reached");
-                    self.transition(j, Event::Approved)
+                    self.change_approval(j, before, after, Some(Event::Approved), None, &who)
                 }
-                Ok(Vote::Counted { remaining }) => {
+                (Ok(Vote::Counted { remaining }), after) => {
                     trace!(self, "j{j}: {who} approves; {remaining} more needed");
-                    Ok(())
+                    self.change_approval(j, before, after, None, None, &who)
                 }
-                Err(VoteError::NotPending(status)) => {
+                (Err(VoteError::NotPending(status)), _) => {
                     Err(self.violation(Some(j), &format!("a pending request reads as `{status}`")))
                 }
-                Err(e) => {
+                (Err(e), _) => {
                     self.cov.self_approvals_refused += u64::from(matches!(e, VoteError::SelfApproval(_)));
                     trace!(self, "j{j}: approval by {who} refused: {e}");
                     Ok(())
