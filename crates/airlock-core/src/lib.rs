@@ -6,6 +6,7 @@
 pub mod approval;
 pub mod audit;
 pub mod breaker;
+pub mod decided;
 pub mod defaults;
 pub mod dispatch;
 pub mod ids;

@@ -9,9 +9,13 @@
 
 use serde_json::{Value, json};
 
+use airlock_policy::Decision;
+
 use crate::Millis;
 use crate::approval::{Request, Status};
 use crate::audit::{Draft, Kind};
+use crate::decided::{Decided, Gate, merge};
+use crate::dispatch::{self, Action, ApprovalState, Caps, FailMode, Rescheduled, Safety};
 use crate::ids::{ApprovalId, JobId, TenantId};
 use crate::record::{ApprovalRecord, Budget, DispatchState, GateDecision, JobRecord, Lease};
 use crate::state::{Event, InvalidTransition, JobState};
@@ -228,7 +232,7 @@ pub struct LeaseCheck {
 }
 
 /// What the job must be like at the commit for the move to apply.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Precondition {
     /// The job's state, when the move needs one (an approval change leaves it to the transition
     /// table).
@@ -238,14 +242,21 @@ pub struct Precondition {
     /// The snapshot version the decision was made under, which must still be the active one;
     /// only the store can check it, in the move's own transaction.
     pub decided_under: Option<u64>,
+    /// The job must not have been discarded from the dead-letter queue.
+    pub undiscarded: bool,
 }
 
 /// Why a precondition does not hold.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     /// The job is in another state.
-    #[error("the job is `{0}`")]
-    State(JobState),
+    #[error("the job is `{found}`, not `{expected}`")]
+    State {
+        /// The state the commit found.
+        found: JobState,
+        /// The state the move needs.
+        expected: JobState,
+    },
     /// The caller's token is not the job's live lease.
     #[error("the lease token is not the job's live lease")]
     NotLeaseHolder,
@@ -274,7 +285,8 @@ impl Precondition {
             }
         }
         match self.state {
-            Some(state) if state != job.state => Err(Refusal::State(job.state)),
+            Some(expected) if expected != job.state => Err(Refusal::State { found: job.state, expected }),
+            _ if self.undiscarded && job.dispatch.discarded_at.is_some() => Err(Refusal::Discarded),
             _ => Ok(()),
         }
     }
@@ -301,6 +313,8 @@ pub enum Field {
     Result,
     /// The current approval request.
     ApprovalId,
+    /// When it was discarded from the dead-letter queue.
+    DiscardedAt,
 }
 
 /// One change to a job's fields.
@@ -332,6 +346,8 @@ pub enum Change {
     Result(Value),
     /// The job's current approval request.
     ApprovalId(ApprovalId),
+    /// Out of the dead-letter queue for good, kept for the record.
+    Discard(Millis),
 }
 
 impl Change {
@@ -347,6 +363,7 @@ impl Change {
             Self::Error(_) => Field::Error,
             Self::Result(_) => Field::Result,
             Self::ApprovalId(_) => Field::ApprovalId,
+            Self::Discard(_) => Field::DiscardedAt,
         }
     }
 }
@@ -429,8 +446,8 @@ pub fn plan_dispatch(d: Dispatch) -> Move {
         job_id: d.job_id,
         precondition: Precondition {
             state: Some(JobState::Queued),
-            lease: None,
             decided_under: d.decided_under,
+            ..Precondition::default()
         },
         budgets,
         transition: Some((event, reason)),
@@ -440,6 +457,199 @@ pub fn plan_dispatch(d: Dispatch) -> Move {
         audit: vec![d.audit],
         at: d.at,
     }
+}
+
+/// What Gate B's safety check answered.
+#[derive(Clone, Debug)]
+pub enum Answer<'a> {
+    /// A decision under a snapshot, with the job's approval checked against it when the
+    /// decision is `require_human`.
+    Decided(Decided<'a>, ApprovalState),
+    /// No answer (timeout, error, open circuit); the snapshot is the one active when the check
+    /// started, recorded with a bypass.
+    Unavailable {
+        /// Why.
+        why: String,
+        /// The active snapshot's hash.
+        snapshot_hash: String,
+        /// The active snapshot's version.
+        snapshot_version: u64,
+    },
+}
+
+/// Everything Gate B decides a queued job with.
+#[derive(Clone, Debug)]
+pub struct GateB<'a> {
+    /// The job, as the claim read it.
+    pub job: &'a JobRecord,
+    /// The job as policy saw it.
+    pub policy_job: &'a airlock_policy::Job,
+    /// The safety check's answer.
+    pub answer: Answer<'a>,
+    /// What an unavailable check means for the job's topic.
+    pub fail_mode: FailMode,
+    /// The topic's caps and backoff.
+    pub caps: Caps,
+    /// Backoff jitter, drawn from [0.5, 1.5].
+    pub jitter: f64,
+    /// The lease to hand out if the job is leased.
+    pub lease: Lease,
+    /// The id of the fresh approval request if one is needed.
+    pub approval_id: ApprovalId,
+    /// How long a fresh approval request stays open.
+    pub approval_ttl_ms: Millis,
+    /// When (the decision's and the move's time).
+    pub at: Millis,
+    /// The claimer.
+    pub actor: String,
+}
+
+/// Gate B's decision on a job, and the move that commits it.
+#[derive(Clone, Debug)]
+pub struct GateBPlan {
+    /// What Gate B does.
+    pub action: Action,
+    /// The decision recorded on the job.
+    pub decision: GateDecision,
+    /// The write.
+    pub mv: Move,
+}
+
+/// Gate B on a queued job (SPEC 6): the action [`dispatch::gate_b`] picks for the answer, the
+/// decision recorded on the job, and the move with its audit record, its budgets (a throttle
+/// charges every dispatch that would run the job, retries included), the fresh approval
+/// request a `require_human` without a valid approval opens, and the snapshot version its
+/// commit must find active.
+pub fn plan_gate_b(g: GateB<'_>) -> GateBPlan {
+    let job = g.job;
+    let attempts = job.dispatch.scheduling_attempts;
+    let safety = match &g.answer {
+        Answer::Decided(d, approval) => Safety::Decided(d.evaluation.decision, approval.clone()),
+        Answer::Unavailable { why, .. } => Safety::Unavailable(why.clone()),
+    };
+    let action = dispatch::gate_b(safety, g.fail_mode, attempts, &g.caps, g.jitter);
+    let (decision, mut data, decided_under) = match &g.answer {
+        Answer::Decided(d, _) => {
+            let decision = d.record(g.at);
+            let data = d.audit_data(&decision);
+            (decision, data, Some(d.version))
+        }
+        Answer::Unavailable { snapshot_hash, snapshot_version, .. } => {
+            let decision = GateDecision {
+                decision: Decision::Allow,
+                rule_ids: Vec::new(),
+                reason: "safety check unavailable".into(),
+                snapshot_hash: snapshot_hash.clone(),
+                snapshot_version: *snapshot_version,
+                at: g.at,
+                bypassed: matches!(action, Action::Lease { bypassed: true, .. }),
+            };
+            let data = json!({
+                "decision": "unavailable",
+                "rule_ids": decision.rule_ids,
+                "reason": decision.reason,
+                "snapshot": decision.snapshot_hash,
+                "snapshot_version": decision.snapshot_version,
+            });
+            (decision, data, None)
+        }
+    };
+    merge(&mut data, json!({"fail_mode": g.fail_mode.as_str(), "scheduling_attempts": attempts}));
+    let (outcome, dispatch_action) = match &action {
+        Action::Lease { budgets, bypassed } => {
+            let budgets = match (&g.answer, budgets) {
+                (Answer::Decided(d, _), true) => d.budgets(Gate::B, g.policy_job),
+                _ => Vec::new(),
+            };
+            let outcome = json!({
+                "outcome": if *bypassed { "bypassed" } else { "leased" },
+                "gate_b_bypassed": bypassed,
+            });
+            (outcome, DispatchAction::Lease { lease: g.lease, budgets })
+        }
+        Action::Deny => (json!({"outcome": "denied"}), DispatchAction::Deny),
+        Action::NeedsApproval(stale) => match &g.answer {
+            Answer::Decided(d, _) => {
+                let request = d.request(g.policy_job.hash(), job.principal.clone(), g.at, g.approval_ttl_ms);
+                let replacement =
+                    ApprovalRecord::open(g.approval_id, job.tenant.clone(), job.id.clone(), request);
+                let stale = stale.as_ref().map(ToString::to_string);
+                (
+                    json!({"outcome": "needs_approval", "stale": stale}),
+                    DispatchAction::NeedsApproval { replacement },
+                )
+            }
+            // `dispatch::gate_b` asks for an approval only of a decision; were it ever to ask
+            // without one, there would be nothing to bind a request to: fail closed.
+            Answer::Unavailable { .. } => (json!({"outcome": "denied"}), DispatchAction::Deny),
+        },
+        Action::Requeue { delay_ms, counted, reason } => (
+            json!({"outcome": "requeued", "delay_ms": delay_ms, "counted": counted, "why": reason}),
+            DispatchAction::Requeue { not_before: after(g.at, *delay_ms), counted: *counted },
+        ),
+        Action::DeadLetter(reason) => (
+            json!({"outcome": "dead_lettered", "why": reason}),
+            DispatchAction::DeadLetter { reason: reason.clone() },
+        ),
+    };
+    merge(&mut data, outcome);
+    let mv = plan_dispatch(Dispatch {
+        tenant: job.tenant.clone(),
+        job_id: job.id.clone(),
+        action: dispatch_action,
+        gate_b: Some(decision.clone()),
+        at: g.at,
+        audit: Draft {
+            at: g.at,
+            kind: Kind::GateBDecision,
+            subject: job.id.as_str().to_owned(),
+            actor: g.actor,
+            data,
+        },
+        decided_under,
+    });
+    GateBPlan { action, decision, mv }
+}
+
+/// A queued job whose topic no worker pool takes (SPEC 6, reason `no_worker`): one more
+/// counted scheduling attempt with the usual backoff, or at the cap the DLQ. The job keeps
+/// its last Gate B decision; no snapshot is involved.
+pub fn plan_no_worker(job: &JobRecord, caps: &Caps, jitter: f64, at: Millis) -> (Rescheduled, Move) {
+    let attempts = job.dispatch.scheduling_attempts;
+    let rescheduled = dispatch::no_worker(attempts, caps, jitter);
+    let (action, outcome) = match &rescheduled {
+        Rescheduled::DeadLetter(reason) => {
+            (DispatchAction::DeadLetter { reason: reason.clone() }, "dead_lettered")
+        }
+        Rescheduled::Later { delay_ms } => {
+            (DispatchAction::Requeue { not_before: after(at, *delay_ms), counted: true }, "requeued")
+        }
+    };
+    let mv = plan_dispatch(Dispatch {
+        tenant: job.tenant.clone(),
+        job_id: job.id.clone(),
+        action,
+        gate_b: None,
+        at,
+        audit: Draft {
+            at,
+            kind: Kind::SchedulerNoWorker,
+            subject: job.id.as_str().to_owned(),
+            actor: "system".into(),
+            data: json!({
+                "outcome": outcome,
+                "why": dispatch::NO_WORKER,
+                "scheduling_attempts": attempts.saturating_add(1),
+            }),
+        },
+        decided_under: None,
+    });
+    (rescheduled, mv)
+}
+
+/// `at` plus `delay_ms`.
+fn after(at: Millis, delay_ms: u64) -> Millis {
+    at.saturating_add(i64::try_from(delay_ms).unwrap_or(i64::MAX))
 }
 
 impl Move {
@@ -517,7 +727,11 @@ pub fn plan_finish(
     Move {
         tenant,
         job_id,
-        precondition: Precondition { state: Some(JobState::Leased), lease: Some(lease), decided_under: None },
+        precondition: Precondition {
+            state: Some(JobState::Leased),
+            lease: Some(lease),
+            ..Precondition::default()
+        },
         budgets: Vec::new(),
         transition: Some((event, reason)),
         changes,
@@ -541,7 +755,7 @@ pub fn plan_transition(
     Move {
         tenant,
         job_id,
-        precondition: Precondition { state: None, lease: None, decided_under: None },
+        precondition: Precondition::default(),
         budgets: Vec::new(),
         transition: Some((event, reason)),
         changes: Vec::new(),
@@ -552,15 +766,14 @@ pub fn plan_transition(
     }
 }
 
-/// An operator's retry of a dead-lettered `job` (as its commit loaded it): back to the queue
-/// through Gate B, with fresh attempts, unless it was discarded.
-pub fn plan_operator_retry(job: &JobRecord, at: Millis, actor: String) -> Result<Move, Refusal> {
-    if job.dispatch.discarded_at.is_some() {
-        return Err(Refusal::Discarded);
-    }
+/// An operator's retry of a dead-lettered `job`: back to the queue through Gate B, with fresh
+/// attempts. Its commit must find the job still dead-lettered and not discarded.
+pub fn plan_operator_retry(job: &JobRecord, at: Millis, actor: String) -> Move {
     let was = job.dispatch.dead_letter_reason.as_deref().unwrap_or_default();
     let reason = format!("operator retry from the DLQ (was: {was})");
     let mut mv = plan_transition(job.tenant.clone(), job.id.clone(), Event::OperatorRetry, at, actor, reason);
+    mv.precondition =
+        Precondition { state: Some(JobState::DeadLettered), undiscarded: true, ..Precondition::default() };
     mv.changes = vec![
         Change::ResetSchedulingAttempts,
         Change::ResetExecutionAttempts,
@@ -568,7 +781,34 @@ pub fn plan_operator_retry(job: &JobRecord, at: Millis, actor: String) -> Result
         Change::ClearDeadLetterReason,
         Change::ClearLease,
     ];
-    Ok(mv)
+    mv
+}
+
+/// An operator's discard of a dead-lettered `job`: kept for the record, out of the DLQ; its
+/// commit must find the job still dead-lettered and not yet discarded.
+pub fn plan_discard(job: &JobRecord, at: Millis, actor: String) -> Move {
+    Move {
+        tenant: job.tenant.clone(),
+        job_id: job.id.clone(),
+        precondition: Precondition {
+            state: Some(JobState::DeadLettered),
+            undiscarded: true,
+            ..Precondition::default()
+        },
+        budgets: Vec::new(),
+        transition: None,
+        changes: vec![Change::Discard(at)],
+        approval: ApprovalWrite::None,
+        audit: vec![Draft {
+            at,
+            kind: Kind::DlqDiscarded,
+            subject: job.id.as_str().to_owned(),
+            actor: actor.clone(),
+            data: json!({"reason": job.dispatch.dead_letter_reason}),
+        }],
+        at,
+        actor,
+    }
 }
 
 /// An approval change, decided against the request as its commit loaded it: the request as it
@@ -607,7 +847,7 @@ pub fn plan_approval_change(current: &ApprovalRecord, c: ApprovalChange) -> Resu
         job: Move {
             tenant: c.tenant,
             job_id: current.job_id.clone(),
-            precondition: Precondition { state: None, lease: None, decided_under: c.decided_under },
+            precondition: Precondition { decided_under: c.decided_under, ..Precondition::default() },
             budgets: Vec::new(),
             transition,
             changes,
@@ -649,6 +889,7 @@ impl JobRecord {
                 Change::Error(error) => d.error = Some(error.clone()),
                 Change::Result(result) => d.result = Some(result.clone()),
                 Change::ApprovalId(id) => self.approval_id = Some(id.clone()),
+                Change::Discard(at) => d.discarded_at = Some(*at),
             }
             let field = change.field();
             if !fields.contains(&field) {
@@ -730,7 +971,11 @@ mod tests {
         let fields = j.apply(&mv).unwrap();
         assert_eq!(fields, [Field::Lease, Field::ExecutionAttempts]);
         assert_eq!((j.state, j.dispatch.execution_attempts, j.updated_at), (JobState::Leased, 3, 10));
-        assert_eq!(mv.precondition.check(&j), Err(Refusal::State(JobState::Leased)), "no second lease");
+        assert_eq!(
+            mv.precondition.check(&j),
+            Err(Refusal::State { found: JobState::Leased, expected: JobState::Queued }),
+            "no second lease"
+        );
     }
 
     #[test]
@@ -769,7 +1014,7 @@ mod tests {
         let mut cancelled = JobRecord { state: JobState::Cancelled, ..j.clone() };
         assert_eq!(
             finish("t", Some(50)).precondition.check(&cancelled),
-            Err(Refusal::State(JobState::Cancelled))
+            Err(Refusal::State { found: JobState::Cancelled, expected: JobState::Leased })
         );
         let mv = finish("t", Some(50));
         j.apply(&mv).unwrap();
@@ -820,5 +1065,131 @@ mod tests {
         let mut after = j.clone();
         after.apply(&plan.job).unwrap();
         assert_eq!((after.state, plan.job.precondition.decided_under), (JobState::Queued, Some(1)));
+    }
+
+    const POLICY: &str = r#"version: v1
+defaults: { decision: allow }
+rules:
+  - id: slow-updates
+    when: { topic: t }
+    decision: throttle
+    limit: { rate: 1, per: 1m, key: [tenant, topic] }
+  - id: no-prod
+    when: { env: prod }
+    decision: deny
+  - id: ask-staging
+    when: { env: staging }
+    decision: require_human
+"#;
+
+    fn gate_b_plan(j: &JobRecord, answer: Answer<'_>, fail_mode: FailMode) -> GateBPlan {
+        let policy_job = j.to_policy_job();
+        plan_gate_b(GateB {
+            job: j,
+            policy_job: &policy_job,
+            answer,
+            fail_mode,
+            caps: Caps::default(),
+            jitter: 1.0,
+            lease: lease("t", 1_000),
+            approval_id: ApprovalId::generate(10, [3; 10]),
+            approval_ttl_ms: 500,
+            at: 10,
+            actor: "w".into(),
+        })
+    }
+
+    #[test]
+    fn gate_b_charges_a_throttle_on_every_dispatch_under_the_snapshot_it_decided() {
+        let (policy, _) = airlock_policy::compile(POLICY).unwrap();
+        let mut j = job(JobState::Queued);
+        j.dispatch.execution_attempts = 2;
+        let evaluation = policy.evaluate(&j.to_policy_job());
+        let decided = Decided { policy: &policy, version: 7, evaluation: &evaluation, plan: None };
+        let plan = gate_b_plan(&j, Answer::Decided(decided, ApprovalState::Missing), FailMode::Closed);
+        assert_eq!(plan.action, Action::Lease { budgets: true, bypassed: false });
+        assert_eq!(plan.mv.budgets.len(), 1, "a retried job is charged too");
+        assert!(plan.mv.budgets[0].key.starts_with("b|"), "{}", plan.mv.budgets[0].key);
+        assert_eq!(plan.mv.precondition.decided_under, Some(7));
+        assert_eq!(plan.mv.precondition.state, Some(JobState::Queued));
+        assert_eq!((plan.decision.snapshot_version, plan.decision.at), (7, 10));
+        let data = &plan.mv.audit[0].data;
+        assert_eq!(
+            (data["outcome"].as_str(), data["rule_ids"][0].as_str()),
+            (Some("leased"), Some("slow-updates"))
+        );
+    }
+
+    #[test]
+    fn gate_b_opens_a_fresh_request_bound_to_the_job_and_the_snapshot() {
+        let (policy, _) = airlock_policy::compile(POLICY).unwrap();
+        let mut j = job(JobState::Queued);
+        j.env = "staging".into();
+        let evaluation = policy.evaluate(&j.to_policy_job());
+        let decided = Decided { policy: &policy, version: 3, evaluation: &evaluation, plan: None };
+        let plan = gate_b_plan(&j, Answer::Decided(decided, ApprovalState::Missing), FailMode::Closed);
+        let ApprovalWrite::Replace(request) = &plan.mv.approval else { panic!("{:?}", plan.mv.approval) };
+        assert_eq!(request.request.job_hash, j.to_policy_job().hash());
+        assert_eq!(request.request.snapshot_hash, policy.hash());
+        assert_eq!((request.request.created_at, request.request.expires_at), (10, 510));
+        assert_eq!(plan.mv.changes.last(), Some(&Change::ApprovalId(request.id.clone())));
+        let mut after = j.clone();
+        after.apply(&plan.mv).unwrap();
+        assert_eq!(after.state, JobState::AwaitingApproval);
+
+        j.env = "prod".into();
+        let evaluation = policy.evaluate(&j.to_policy_job());
+        let decided = Decided { policy: &policy, version: 3, evaluation: &evaluation, plan: None };
+        let plan = gate_b_plan(&j, Answer::Decided(decided, ApprovalState::Valid), FailMode::Closed);
+        assert_eq!((plan.action, plan.mv.transition.map(|t| t.0)), (Action::Deny, Some(Event::GateBDeny)));
+    }
+
+    #[test]
+    fn gate_b_unavailable_follows_the_fail_mode_and_checks_no_snapshot() {
+        let j = job(JobState::Queued);
+        let down =
+            || Answer::Unavailable { why: "timeout".into(), snapshot_hash: "s".into(), snapshot_version: 4 };
+        let closed = gate_b_plan(&j, down(), FailMode::Closed);
+        assert!(matches!(closed.action, Action::Requeue { counted: true, .. }));
+        assert_eq!(closed.mv.precondition.decided_under, None);
+        assert!(closed.mv.changes.contains(&Change::CountSchedulingAttempt));
+        assert!(closed.mv.changes.contains(&Change::NotBefore(1_010)), "{:?}", closed.mv.changes);
+        let open = gate_b_plan(&j, down(), FailMode::Open);
+        assert!(open.decision.bypassed);
+        assert_eq!(open.mv.audit[0].data["outcome"], "bypassed");
+        assert_eq!(open.mv.transition.map(|t| t.0), Some(Event::Lease));
+    }
+
+    #[test]
+    fn no_worker_counts_with_backoff_then_dead_letters() {
+        let mut j = job(JobState::Queued);
+        let (rescheduled, mv) = plan_no_worker(&j, &Caps::default(), 1.0, 10);
+        assert_eq!(rescheduled, Rescheduled::Later { delay_ms: 1_000 });
+        assert_eq!(mv.audit[0].kind, Kind::SchedulerNoWorker);
+        assert!(!mv.changes.iter().any(|c| matches!(c, Change::GateB(_))), "keeps the last decision");
+        j.apply(&mv).unwrap();
+        assert_eq!((j.dispatch.scheduling_attempts, j.dispatch.not_before), (1, 1_010));
+        j.dispatch.scheduling_attempts = 49;
+        let (rescheduled, mv) = plan_no_worker(&j, &Caps::default(), 1.0, 20);
+        assert!(matches!(rescheduled, Rescheduled::DeadLetter(r) if r.contains("no_worker")));
+        j.apply(&mv).unwrap();
+        assert_eq!(j.state, JobState::DeadLettered);
+    }
+
+    #[test]
+    fn a_dead_letter_is_discarded_once_and_then_never_retried() {
+        let mut j = job(JobState::DeadLettered);
+        j.dispatch.dead_letter_reason = Some("why".into());
+        let discard = plan_discard(&j, 30, "op".into());
+        assert_eq!(discard.precondition.check(&j), Ok(()));
+        assert_eq!(j.apply(&discard).unwrap(), [Field::DiscardedAt]);
+        assert_eq!((j.state, j.dispatch.discarded_at, j.updated_at), (JobState::DeadLettered, Some(30), 30));
+        assert_eq!(discard.precondition.check(&j), Err(Refusal::Discarded));
+        assert_eq!(plan_operator_retry(&j, 40, "op".into()).precondition.check(&j), Err(Refusal::Discarded));
+        let queued = job(JobState::Queued);
+        assert_eq!(
+            plan_discard(&queued, 30, "op".into()).precondition.check(&queued),
+            Err(Refusal::State { found: JobState::Queued, expected: JobState::DeadLettered })
+        );
     }
 }

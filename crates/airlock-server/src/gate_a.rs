@@ -5,12 +5,12 @@
 
 use airlock_core::approval::Request;
 use airlock_core::audit::{Draft, Kind};
+use airlock_core::decided::Gate;
 use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
 use airlock_core::ids::{ApprovalId, JobId};
 use airlock_core::moves::{self, Admit};
 use airlock_core::role::Role;
 use airlock_core::state::JobState;
-use airlock_core::throttle::bucket_key;
 use airlock_policy::{Decision, Job};
 use airlock_store::{Budget, GateDecision, SubmitOutcome};
 use axum::body::Body;
@@ -121,34 +121,12 @@ async fn decide(state: &AppState, caller: &Caller, job: &Job, job_hash: &str) ->
     };
     record_evaluation(state, &checked, &topic_label);
 
-    let policy = &checked.active.policy;
-    let evaluation = &checked.evaluation;
-    let gate = GateDecision {
-        decision: evaluation.decision,
-        rule_ids: policy.ids(&evaluation.deciding).into_iter().map(str::to_owned).collect(),
-        reason: checked.reason(),
-        snapshot_hash: policy.hash().to_owned(),
-        snapshot_version: checked.active.version,
-        at: now,
-        bypassed: false,
-    };
-    let audit_rule_ids: Vec<&str> = policy.ids(&evaluation.audit);
-    let plan_fields = checked.plan_fields();
-    let mut decision_data = json!({
-        "decision": gate.decision.as_str(),
-        "rule_ids": gate.rule_ids,
-        "reason": gate.reason,
-        "snapshot": gate.snapshot_hash,
-        "snapshot_version": gate.snapshot_version,
-        "audit_rule_ids": audit_rule_ids,
-        "errors": evaluation.errors.iter().map(|(i, e)| json!({
-            "rule_id": policy.rule(*i).map(|r| r.id.as_str()),
-            "error": e.to_string(),
-        })).collect::<Vec<_>>(),
-    });
-    merge(&mut decision_data, plan_fields.clone());
+    let decided = checked.decided();
+    let gate = decided.record(now);
+    let plan_fields = decided.plan_fields();
+    let decision_data = decided.audit_data(&gate);
 
-    match evaluation.decision {
+    match gate.decision {
         Decision::Deny => {
             let mut data = decision_data;
             merge(&mut data, json!({"outcome": "denied"}));
@@ -166,28 +144,13 @@ async fn decide(state: &AppState, caller: &Caller, job: &Job, job_hash: &str) ->
             Err(denied)
         }
         Decision::Allow | Decision::Throttle | Decision::RequireHuman => {
-            let budgets = if evaluation.decision == Decision::Throttle {
-                evaluation
-                    .deciding
-                    .iter()
-                    .filter_map(|i| policy.rule(*i))
-                    .filter_map(|rule| {
-                        let limit = rule.limit.clone()?;
-                        Some(Budget { key: format!("a|{}", bucket_key(&rule.id, &limit, job)), limit })
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            let approval = (evaluation.decision == Decision::RequireHuman).then(|| {
-                let ttl_ms = state.config().approval_ttl_ms;
-                Request::pending(
-                    policy,
-                    evaluation,
+            let budgets = decided.budgets(Gate::A, job);
+            let approval = (gate.decision == Decision::RequireHuman).then(|| {
+                decided.request(
                     job_hash.to_owned(),
                     caller.principal.clone(),
                     now,
-                    ttl_ms,
+                    state.config().approval_ttl_ms,
                 )
             });
             let mut data = decision_data;

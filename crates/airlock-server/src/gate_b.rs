@@ -1,30 +1,26 @@
 //! Gate B (SPEC 6) and the worker protocol (SPEC 9). Gate B runs when a worker claims: the
-//! job it is handed was checked against the snapshot active a moment before. The decisions
-//! are `airlock_core::dispatch`'s; this module gathers their inputs (the safety check behind
-//! the breaker, the approval binding, the fail mode, the clock and the jitter) and executes the
-//! action through one atomic `Store::dispatch`. Leases are fenced by a token: a worker whose
-//! lease lapsed can neither heartbeat nor complete.
+//! job it is handed was checked against the snapshot active a moment before. Each handler
+//! loads, asks the core and applies: this module gathers a decision's inputs (the safety
+//! check behind the breaker, the approval binding, the fail mode, the clock and the jitter),
+//! `airlock_core::moves` decides and plans the write (`plan_gate_b`, `plan_finish`,
+//! `plan_no_worker`, `plan_operator_retry`, `plan_discard`), and one atomic `Store::apply`
+//! commits it. Leases are fenced by a token: a worker whose lease lapsed can neither
+//! heartbeat nor complete.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use airlock_core::Millis;
-use airlock_core::approval::{self, Request, Status};
-use airlock_core::audit::{Draft, Kind};
+use airlock_core::approval::{self, Status};
 use airlock_core::breaker::Admission;
 use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
-use airlock_core::dispatch::{
-    self, Action, AfterAttempt, ApprovalState, Rescheduled, Safety as SafetyAnswer,
-};
+use airlock_core::dispatch::{self, Action, AfterAttempt, ApprovalState, Rescheduled};
 use airlock_core::ids::{ApprovalId, JobId};
+use airlock_core::moves::{self, Answer, Finish, GateB, LeaseCheck};
 use airlock_core::role::Role;
 use airlock_core::state::JobState;
-use airlock_core::throttle::bucket_key;
 use airlock_policy::Decision;
-use airlock_store::{
-    ApprovalRecord, Budget, Dispatch, DispatchAction, DispatchOutcome, Finish, GateDecision, Heartbeat,
-    JobRecord, Lease,
-};
+use airlock_store::{Applied, DispatchOutcome, Heartbeat, JobRecord, Lease};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query as RawQuery, State};
@@ -35,7 +31,7 @@ use serde_json::{Value, json};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::state::{AppState, now_ms, random_bytes};
-use crate::wire::{self, Query, json_object, merge, only_fields};
+use crate::wire::{self, Query, json_object, only_fields};
 
 /// Longest a claim waits for work.
 pub(crate) const CLAIM_WAIT_MAX_MS: u64 = 30_000;
@@ -239,193 +235,61 @@ async fn gate_b(state: &AppState, caller: &Caller, job: JobRecord) -> Result<Opt
     }
 }
 
-/// One Gate B decision on `job` and its write, stamped with the time the decision was made.
+/// One Gate B decision on `job` and its write: the safety check and the approval's binding
+/// are read here, the decision and its move are the core's ([`moves::plan_gate_b`]), stamped
+/// with the time the decision was made, and the store commits it only under the snapshot it
+/// was made under.
 async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Option<Value>, ApiError> {
-    let now = now_ms();
     let policy_job = job.to_policy_job();
     let topic = state.metrics().topic(&job.topic);
     let active = state.safety().active();
     let classes: Vec<&str> = active.policy.classes_of(&job.topic).collect();
     let fail_mode = state.config().gate_b_fail.for_topic(&job.topic, &classes);
 
-    let (answer, decided) = match safety_check(state, &policy_job, now).await {
-        Ok(checked) => {
-            let decision = checked.evaluation.decision;
-            state.metrics().decided("b", decision, &topic);
-            state.metrics().observe(
-                "airlock_policy_eval_seconds",
-                &[("gate", "b")],
-                checked.elapsed.as_secs_f64(),
-            );
-            let approval_state = if decision == Decision::RequireHuman {
-                approval_state(state, job, &checked.active.policy, now_ms()).await?
+    let checked = safety_check(state, &policy_job, now_ms()).await;
+    let answer = match &checked {
+        Ok(c) => {
+            state.metrics().decided("b", c.evaluation.decision, &topic);
+            state.metrics().observe("airlock_policy_eval_seconds", &[("gate", "b")], c.elapsed.as_secs_f64());
+            let approval = if c.evaluation.decision == Decision::RequireHuman {
+                approval_state(state, job, &c.active.policy, now_ms()).await?
             } else {
                 ApprovalState::Missing
             };
-            (SafetyAnswer::Decided(decision, approval_state), Some(checked))
+            Answer::Decided(c.decided(), approval)
         }
-        Err(reason) => {
-            state
-                .metrics()
-                .inc("airlock_safety_check_failures_total", &[("gate", "b"), ("reason", reason.0)]);
-            (SafetyAnswer::Unavailable(reason.1), None)
-        }
-    };
-    let caps = state.config().caps_for(&job.topic);
-    let action = dispatch::gate_b(answer, fail_mode, job.dispatch.scheduling_attempts, &caps, jitter()?);
-    // Stamped when decided: the commit follows at once, and checks the snapshot is still active.
-    let now = now_ms();
-    let active = decided.as_ref().map_or(active, |c| std::sync::Arc::clone(&c.active));
-
-    let (gate, decision_name) = match &decided {
-        Some(c) => (
-            GateDecision {
-                decision: c.evaluation.decision,
-                rule_ids: c
-                    .active
-                    .policy
-                    .ids(&c.evaluation.deciding)
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect(),
-                reason: c.reason(),
-                snapshot_hash: c.active.policy.hash().to_owned(),
-                snapshot_version: c.active.version,
-                at: now,
-                bypassed: false,
-            },
-            c.evaluation.decision.as_str(),
-        ),
-        None => (
-            GateDecision {
-                decision: Decision::Allow,
-                rule_ids: Vec::new(),
-                reason: "safety check unavailable".into(),
+        Err((reason, why)) => {
+            state.metrics().inc("airlock_safety_check_failures_total", &[("gate", "b"), ("reason", reason)]);
+            Answer::Unavailable {
+                why: why.clone(),
                 snapshot_hash: active.policy.hash().to_owned(),
                 snapshot_version: active.version,
-                at: now,
-                bypassed: matches!(action, Action::Lease { bypassed: true, .. }),
-            },
-            "unavailable",
-        ),
-    };
-    let mut data = json!({
-        "decision": decision_name,
-        "rule_ids": gate.rule_ids,
-        "reason": gate.reason,
-        "snapshot": gate.snapshot_hash,
-        "snapshot_version": gate.snapshot_version,
-        "fail_mode": fail_mode.as_str(),
-        "scheduling_attempts": job.dispatch.scheduling_attempts,
-    });
-    if let Some(c) = &decided {
-        merge(&mut data, c.plan_fields());
-    }
-    let action = match action {
-        Action::Lease { budgets, bypassed } => {
-            if bypassed {
-                state.metrics().inc("airlock_scheduler_input_fail_open_total", &[("topic", &topic)]);
-                state.metrics().inc(
-                    "airlock_gate_decisions_total",
-                    &[("gate", "b"), ("decision", "bypassed"), ("topic", &topic)],
-                );
-                tracing::warn!(job_id = %job.id, topic = %job.topic, "gate b unavailable; dispatched by fail-open mode");
             }
-            // Every dispatch that would run the job is charged, retries included (SPEC 6), so a
-            // throttle slows a retry storm too; the charge commits with the lease, once.
-            let budgets = match (&decided, budgets) {
-                (Some(c), true) => c
-                    .evaluation
-                    .deciding
-                    .iter()
-                    .filter_map(|i| c.active.policy.rule(*i))
-                    .filter_map(|rule| {
-                        let limit = rule.limit.clone()?;
-                        Some(Budget {
-                            key: format!("b|{}", bucket_key(&rule.id, &limit, &policy_job)),
-                            limit,
-                        })
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            };
-            merge(
-                &mut data,
-                json!({"outcome": if bypassed { "bypassed" } else { "leased" }, "gate_b_bypassed": bypassed}),
-            );
-            let lease = Lease {
-                token: lease_token()?,
-                expires_at: now.saturating_add(ms(state.config().lease_ms)),
-                worker: caller.principal.clone(),
-            };
-            DispatchAction::Lease { lease, budgets }
-        }
-        Action::Deny => {
-            merge(&mut data, json!({"outcome": "denied"}));
-            DispatchAction::Deny
-        }
-        Action::NeedsApproval(stale) => {
-            if stale.is_some() {
-                state.metrics().inc("airlock_approvals_stale_total", &[]);
-            }
-            merge(
-                &mut data,
-                json!({"outcome": "needs_approval", "stale": stale.as_ref().map(ToString::to_string)}),
-            );
-            let c =
-                decided.as_ref().ok_or_else(|| ApiError::internal("approval needed without a decision"))?;
-            DispatchAction::NeedsApproval {
-                replacement: ApprovalRecord::open(
-                    ApprovalId::generate(now, random_bytes()?),
-                    job.tenant.clone(),
-                    job.id.clone(),
-                    Request::pending(
-                        &c.active.policy,
-                        &c.evaluation,
-                        policy_job.hash(),
-                        job.principal.clone(),
-                        now,
-                        state.config().approval_ttl_ms,
-                    ),
-                ),
-            }
-        }
-        Action::Requeue { delay_ms, counted, reason } => {
-            state.metrics().inc(
-                "airlock_scheduling_attempts_total",
-                &[("topic", &topic), ("reason", "safety_unavailable")],
-            );
-            merge(
-                &mut data,
-                json!({"outcome": "requeued", "delay_ms": delay_ms, "counted": counted, "why": reason}),
-            );
-            DispatchAction::Requeue { not_before: now.saturating_add(ms(delay_ms)), counted }
-        }
-        Action::DeadLetter(reason) => {
-            state
-                .metrics()
-                .inc("airlock_dead_lettered_total", &[("topic", &topic), ("reason", "scheduling_attempts")]);
-            merge(&mut data, json!({"outcome": "dead_lettered", "why": reason}));
-            DispatchAction::DeadLetter { reason }
         }
     };
-    let leasing = matches!(action, DispatchAction::Lease { .. });
-    let dispatch = Dispatch {
-        tenant: job.tenant.clone(),
-        job_id: job.id.clone(),
-        action,
-        gate_b: Some(gate.clone()),
-        at: now,
-        audit: Draft {
-            at: now,
-            kind: Kind::GateBDecision,
-            subject: job.id.to_string(),
-            actor: caller.principal.clone(),
-            data,
+    // Stamped when decided: the commit follows at once, and checks the snapshot is still active.
+    let at = now_ms();
+    let plan = moves::plan_gate_b(GateB {
+        job,
+        policy_job: &policy_job,
+        answer,
+        fail_mode,
+        caps: state.config().caps_for(&job.topic),
+        jitter: jitter()?,
+        lease: Lease {
+            token: lease_token()?,
+            expires_at: at.saturating_add(ms(state.config().lease_ms)),
+            worker: caller.principal.clone(),
         },
-        decided_under: decided.as_ref().map(|c| c.active.version),
-    };
-    match state.store().dispatch(dispatch).await? {
+        approval_id: ApprovalId::generate(at, random_bytes()?),
+        approval_ttl_ms: state.config().approval_ttl_ms,
+        at,
+        actor: caller.principal.clone(),
+    });
+    count(state, job, &topic, &plan.action);
+    let leasing = matches!(plan.action, Action::Lease { .. });
+    let gate = plan.decision;
+    match state.store().apply(plan.mv).await?.dispatched()? {
         DispatchOutcome::Applied(leased) if leasing => {
             state.metrics().throttle_answered("b", gate.decision, &job.topic, true);
             let lease =
@@ -451,6 +315,28 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
             Ok(None)
         }
         DispatchOutcome::Applied(_) | DispatchOutcome::Gone => Ok(None),
+    }
+}
+
+/// The metrics and the log line of Gate B's action on `job`.
+fn count(state: &AppState, job: &JobRecord, topic: &str, action: &Action) {
+    let metrics = state.metrics();
+    match action {
+        Action::Lease { bypassed: true, .. } => {
+            metrics.inc("airlock_scheduler_input_fail_open_total", &[("topic", topic)]);
+            metrics.inc(
+                "airlock_gate_decisions_total",
+                &[("gate", "b"), ("decision", "bypassed"), ("topic", topic)],
+            );
+            tracing::warn!(job_id = %job.id, topic = %job.topic, "gate b unavailable; dispatched by fail-open mode");
+        }
+        Action::NeedsApproval(Some(_)) => metrics.inc("airlock_approvals_stale_total", &[]),
+        Action::Requeue { .. } => metrics
+            .inc("airlock_scheduling_attempts_total", &[("topic", topic), ("reason", "safety_unavailable")]),
+        Action::DeadLetter(_) => {
+            metrics.inc("airlock_dead_lettered_total", &[("topic", topic), ("reason", "scheduling_attempts")])
+        }
+        Action::Lease { .. } | Action::Deny | Action::NeedsApproval(None) => {}
     }
 }
 
@@ -588,19 +474,11 @@ pub async fn complete(
         ));
     }
     let now = now_ms();
-    let job = state
-        .store()
-        .finish(
-            &caller.tenant,
-            &job_id(&id)?,
-            &token_of(&map)?,
-            Some(now),
-            Finish::Succeeded { result },
-            now,
-            &caller.principal,
-        )
-        .await
-        .map_err(stale_lease)?;
+    let lease = LeaseCheck { token: token_of(&map)?, live_at: Some(now) };
+    let finish = Finish::Succeeded { result };
+    let mv =
+        moves::plan_finish(caller.tenant.clone(), job_id(&id)?, lease, finish, now, caller.principal.clone());
+    let job = state.store().apply(mv).await.and_then(Applied::finished).map_err(stale_lease)?;
     Ok(Json(json!({"job_id": job.id.as_str(), "state": job.state.as_str()})))
 }
 
@@ -660,7 +538,10 @@ async fn end_attempt(
         }
     };
     let retry = matches!(finish, Finish::Retry { .. });
-    let job = state.store().finish(&job.tenant, &job.id, token, live_at, finish, now_ms(), actor).await?;
+    let lease = LeaseCheck { token: token.to_owned(), live_at };
+    let mv =
+        moves::plan_finish(job.tenant.clone(), job.id.clone(), lease, finish, now_ms(), actor.to_owned());
+    let job = state.store().apply(mv).await?.finished()?;
     if retry {
         state.queued_here();
     }
@@ -692,45 +573,18 @@ pub async fn park_unroutable(state: &AppState) -> Result<usize, airlock_store::S
                 let jitter =
                     jitter().map_err(|_| airlock_store::StoreError::Unavailable("no randomness".into()))?;
                 let topic = state.metrics().topic(&job.topic);
-                let (action, outcome) =
-                    match dispatch::no_worker(job.dispatch.scheduling_attempts, &caps, jitter) {
-                        Rescheduled::DeadLetter(reason) => {
-                            state.metrics().inc(
-                                "airlock_dead_lettered_total",
-                                &[("topic", &topic), ("reason", dispatch::NO_WORKER)],
-                            );
-                            (DispatchAction::DeadLetter { reason }, "dead_lettered")
-                        }
-                        Rescheduled::Later { delay_ms } => {
-                            let not_before = now.saturating_add(ms(delay_ms));
-                            (DispatchAction::Requeue { not_before, counted: true }, "requeued")
-                        }
-                    };
+                let (rescheduled, mv) = moves::plan_no_worker(job, &caps, jitter, now);
+                if let Rescheduled::DeadLetter(_) = rescheduled {
+                    state.metrics().inc(
+                        "airlock_dead_lettered_total",
+                        &[("topic", &topic), ("reason", dispatch::NO_WORKER)],
+                    );
+                }
                 state.metrics().inc(
                     "airlock_scheduling_attempts_total",
                     &[("topic", &topic), ("reason", dispatch::NO_WORKER)],
                 );
-                let audit = Draft {
-                    at: now,
-                    kind: Kind::SchedulerNoWorker,
-                    subject: job.id.to_string(),
-                    actor: "system".into(),
-                    data: json!({
-                        "outcome": outcome,
-                        "why": dispatch::NO_WORKER,
-                        "scheduling_attempts": job.dispatch.scheduling_attempts + 1,
-                    }),
-                };
-                let d = Dispatch {
-                    tenant: tenant.clone(),
-                    job_id: job.id.clone(),
-                    action,
-                    gate_b: None,
-                    at: now,
-                    audit,
-                    decided_under: None,
-                };
-                if let DispatchOutcome::Applied(_) = state.store().dispatch(d).await? {
+                if let DispatchOutcome::Applied(_) = state.store().apply(mv).await?.dispatched()? {
                     parked += 1;
                     moved += 1;
                 }
@@ -829,7 +683,8 @@ pub async fn dlq_retry(
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Operator)?;
     let job = dead_lettered(&state, &caller, &id).await?;
-    let job = state.store().retry_dead_letter(&caller.tenant, &job.id, now_ms(), &caller.principal).await?;
+    let mv = moves::plan_operator_retry(&job, now_ms(), caller.principal.clone());
+    let job = state.store().apply(mv).await?.finished()?;
     state.queued_here();
     Ok(Json(json!({"job_id": job.id.as_str(), "state": job.state.as_str()})))
 }
@@ -842,7 +697,8 @@ pub async fn dlq_discard(
 ) -> Result<Json<Value>, ApiError> {
     caller.require(Role::Operator)?;
     let job = dead_lettered(&state, &caller, &id).await?;
-    let job = state.store().discard_dead_letter(&caller.tenant, &job.id, now_ms(), &caller.principal).await?;
+    let mv = moves::plan_discard(&job, now_ms(), caller.principal.clone());
+    let job = state.store().apply(mv).await?.finished()?;
     Ok(Json(
         json!({"job_id": job.id.as_str(), "state": job.state.as_str(), "discarded_at": job.dispatch.discarded_at}),
     ))

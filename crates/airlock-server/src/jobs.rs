@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use airlock_core::defaults::JOB_VIEW_AUDIT_MAX;
 use airlock_core::ids::JobId;
+use airlock_core::moves;
 use airlock_core::role::Role;
 use airlock_core::state::{Event, JobState};
 use airlock_store::{JobFilter, JobRecord};
@@ -77,10 +78,15 @@ pub async fn cancel(
     if job.principal != caller.principal {
         caller.require(Role::Operator)?;
     }
-    let job = state
-        .store()
-        .transition(&caller.tenant, &id, Event::Cancel, now_ms(), &caller.principal, "cancelled")
-        .await?;
+    let mv = moves::plan_transition(
+        caller.tenant.clone(),
+        id,
+        Event::Cancel,
+        now_ms(),
+        caller.principal.clone(),
+        "cancelled".into(),
+    );
+    let job = state.store().apply(mv).await?.finished()?;
     Ok(Json(json!({"job_id": job.id.as_str(), "state": job.state.as_str()})))
 }
 

@@ -304,24 +304,13 @@ pub struct Checked {
 }
 
 impl Checked {
-    /// Why, for humans: the deciding rule's reason, or for a plan job the summary over its
-    /// changes.
-    pub fn reason(&self) -> String {
-        match &self.plan {
-            Some(plan) => plan.reason(&self.active.policy),
-            None => self.active.policy.reason(&self.evaluation),
-        }
-    }
-
-    /// The audit and answer fields of a plan job's decision: each change's decision and the
-    /// count per decision. Nothing for other jobs.
-    pub fn plan_fields(&self) -> serde_json::Value {
-        match &self.plan {
-            Some(plan) => serde_json::json!({
-                "changes": plan.changes_json(&self.active.policy),
-                "change_counts": plan.counts(),
-            }),
-            None => serde_json::json!({}),
+    /// The decision as the core records it.
+    pub fn decided(&self) -> airlock_core::decided::Decided<'_> {
+        airlock_core::decided::Decided {
+            policy: &self.active.policy,
+            version: self.active.version,
+            evaluation: &self.evaluation,
+            plan: self.plan.as_ref(),
         }
     }
 }

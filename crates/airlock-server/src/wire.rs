@@ -52,12 +52,7 @@ pub fn json_object(bytes: &[u8]) -> Result<serde_json::Map<String, Value>, ApiEr
     }
 }
 
-/// Adds the fields of the object `from` to the object `into`.
-pub fn merge(into: &mut Value, from: Value) {
-    if let (Value::Object(into), Value::Object(from)) = (into, from) {
-        into.extend(from);
-    }
-}
+pub use airlock_core::decided::merge;
 
 /// Refuses body fields other than `allowed`.
 pub fn only_fields(map: &serde_json::Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {

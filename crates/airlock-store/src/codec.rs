@@ -100,12 +100,13 @@ pub(crate) fn job_cells(job: &JobRecord, field: Field, cells: &mut Vec<(&'static
                 Cell::OptText(job.approval_id.as_ref().map(|a| a.as_str().to_owned())),
             ));
         }
+        Field::DiscardedAt => cells.push(("discarded_at", Cell::OptInt(d.discarded_at))),
     }
 }
 
-/// What became of a committed [`airlock_core::moves::Move`].
+/// What became of a [`airlock_core::moves::Move`] given to [`crate::Store::apply`].
 #[derive(Debug)]
-pub(crate) enum Applied {
+pub enum Applied {
     /// Applied; the job as it is now.
     Moved(Box<JobRecord>),
     /// A budget refused: the move's throttled form was applied instead.
@@ -117,29 +118,26 @@ pub(crate) enum Applied {
     Refused(Refusal),
 }
 
-/// A move refused by its precondition, as its caller sees it: a conflict (only a finish asks
-/// for a state, `leased`; a dispatch's refusal by state is [`Applied::dispatched`]'s `Gone`).
+/// A move refused by its precondition, as its caller sees it: a conflict that says which
+/// (a dispatch's refusal by state is [`Applied::dispatched`]'s `Gone`).
 pub(crate) fn refused(refusal: Refusal) -> StoreError {
-    match refusal {
-        Refusal::State(state) => StoreError::Conflict(format!("the job is `{state}`, no longer leased")),
-        other => StoreError::Conflict(other.to_string()),
-    }
+    StoreError::Conflict(refusal.to_string())
 }
 
 impl Applied {
     /// As Gate B's caller sees it: a job no longer queued is gone.
-    pub(crate) fn dispatched(self) -> Result<crate::DispatchOutcome, StoreError> {
+    pub fn dispatched(self) -> Result<crate::DispatchOutcome, StoreError> {
         Ok(match self {
             Self::Moved(job) => crate::DispatchOutcome::Applied(job),
             Self::Throttled { retry_after_ms } => crate::DispatchOutcome::Throttled { retry_after_ms },
-            Self::Refused(Refusal::State(_)) => crate::DispatchOutcome::Gone,
+            Self::Refused(Refusal::State { .. }) => crate::DispatchOutcome::Gone,
             Self::Refused(other) => return Err(refused(other)),
         })
     }
 
     /// As the caller of a move that takes no budget sees it (a finish, a cancellation, an
-    /// operator retry, an approval's job): the job, or a conflict.
-    pub(crate) fn finished(self) -> Result<JobRecord, StoreError> {
+    /// operator retry or discard, an approval's job): the job, or a conflict.
+    pub fn finished(self) -> Result<JobRecord, StoreError> {
         match self {
             Self::Moved(job) => Ok(*job),
             Self::Throttled { .. } => {

@@ -17,10 +17,11 @@ use airlock_core::audit::{Draft, Record};
 use airlock_core::breaker::{Admission, BreakerConfig, BreakerState};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
 use airlock_core::role::Roles;
-use airlock_core::state::{Event, InvalidTransition, JobState};
+use airlock_core::state::{InvalidTransition, JobState};
 
-pub use airlock_core::moves::{ApprovalChange, Dispatch, DispatchAction, Finish, Submission};
+pub use airlock_core::moves::{ApprovalChange, Move, Submission};
 pub use airlock_core::record::{ApprovalRecord, Budget, DispatchState, GateDecision, JobRecord, Lease};
+pub use codec::Applied;
 pub use postgres::PgStore;
 pub use sqlite::{DATABASE_FILE, SqliteStore};
 
@@ -74,7 +75,6 @@ pub struct KeyRecord {
 }
 
 impl KeyRecord {
-    /// The principal the key authenticates as: its `principal`, or else its name.
     /// Whether the key is a live admin of the platform tenant: the keys of which at least one
     /// must remain, so that nobody can lock every administrator out.
     pub fn is_live_platform_admin(&self) -> bool {
@@ -83,6 +83,7 @@ impl KeyRecord {
             && self.roles.allows(airlock_core::role::Role::Admin)
     }
 
+    /// The principal the key authenticates as: its `principal`, or else its name.
     pub fn principal(&self) -> &str {
         self.principal.as_deref().unwrap_or(&self.name)
     }
@@ -328,16 +329,6 @@ pub trait Store: Send + Sync {
     async fn jobs(&self, tenant: &TenantId, filter: &JobFilter) -> Result<Vec<JobRecord>, StoreError>;
     /// A job's history, oldest first.
     async fn history(&self, tenant: &TenantId, id: &JobId) -> Result<Vec<Transition>, StoreError>;
-    /// Moves a job by the lifecycle table, recording the step and auditing it.
-    async fn transition(
-        &self,
-        tenant: &TenantId,
-        id: &JobId,
-        event: Event,
-        at: Millis,
-        actor: &str,
-        reason: &str,
-    ) -> Result<JobRecord, StoreError>;
     /// Per topic of a tenant: accepted submissions, and how many carried no idempotency key
     /// (the release-gate report of SPEC 8), by topic.
     async fn idempotency_report(&self, tenant: &TenantId) -> Result<Vec<(String, u64, u64)>, StoreError>;
@@ -393,8 +384,14 @@ pub trait Store: Send + Sync {
     /// claim with nothing to lease sleeps until then instead of polling.
     async fn next_due(&self, tenant: &TenantId, now: Millis) -> Result<Option<Millis>, StoreError>;
 
-    /// Applies Gate B's decision to a job that is still queued.
-    async fn dispatch(&self, dispatch: Dispatch) -> Result<DispatchOutcome, StoreError>;
+    /// Commits a move of the job it names (Gate B's dispatch, a worker's or the sweep's end of
+    /// an attempt, a cancellation, an operator's retry or discard), atomically: locks and loads
+    /// the job, checks the move's precondition and, in the same transaction, that the snapshot
+    /// it was decided under is still the active one ([`StoreError::Stale`] otherwise), takes its
+    /// budgets (a refusal commits [`Move::throttled`] instead), and writes the changed fields,
+    /// the history step, the approval requests and the audit records. A claim's hold on the
+    /// job ends with it.
+    async fn apply(&self, mv: Move) -> Result<Applied, StoreError>;
     /// Extends, at `now`, a lease held under `token` until `expires_at`; `Conflict` when the
     /// token is not the live lease's or the lease lapsed before `now`.
     async fn heartbeat(
@@ -405,21 +402,6 @@ pub trait Store: Send + Sync {
         now: Millis,
         expires_at: Millis,
     ) -> Result<Heartbeat, StoreError>;
-    /// Ends an execution attempt held under `token`; `Conflict` when the token is not the
-    /// job's lease or the job is no longer leased, so a late worker changes nothing. With
-    /// `live_at`, the lease must also not have lapsed by then (workers); the lapsed-lease
-    /// sweep passes `None`.
-    #[expect(clippy::too_many_arguments, reason = "each is a distinct part of the fenced call")]
-    async fn finish(
-        &self,
-        tenant: &TenantId,
-        id: &JobId,
-        token: &str,
-        live_at: Option<Millis>,
-        finish: Finish,
-        at: Millis,
-        actor: &str,
-    ) -> Result<JobRecord, StoreError>;
     /// Leased jobs whose lease lapsed before `now`, across tenants.
     async fn lapsed_leases(&self, now: Millis, limit: u32) -> Result<Vec<JobRecord>, StoreError>;
     /// Dead-lettered jobs of a tenant not yet discarded, by id.
@@ -430,22 +412,6 @@ pub trait Store: Send + Sync {
         after: Option<&JobId>,
         limit: u32,
     ) -> Result<Vec<JobRecord>, StoreError>;
-    /// Sends a dead-lettered job back to the queue with fresh attempts (operator retry).
-    async fn retry_dead_letter(
-        &self,
-        tenant: &TenantId,
-        id: &JobId,
-        at: Millis,
-        actor: &str,
-    ) -> Result<JobRecord, StoreError>;
-    /// Marks a dead-lettered job discarded: kept, but out of the DLQ.
-    async fn discard_dead_letter(
-        &self,
-        tenant: &TenantId,
-        id: &JobId,
-        at: Millis,
-        actor: &str,
-    ) -> Result<JobRecord, StoreError>;
     /// Dead-lettered jobs not discarded, across tenants.
     async fn dlq_depth(&self) -> Result<u64, StoreError>;
 

@@ -15,19 +15,115 @@ use airlock_core::approval::{Request, Status};
 use airlock_core::audit::{self, Draft, Kind};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
 use airlock_core::moves::{
-    LeaseCheck, plan_approval_change, plan_dispatch, plan_finish, plan_operator_retry, plan_transition,
+    Dispatch, DispatchAction, Finish, LeaseCheck, plan_approval_change, plan_discard, plan_dispatch,
+    plan_finish, plan_operator_retry, plan_transition,
 };
 use airlock_core::role::{Role, Roles};
 use airlock_core::state::{Event, JobState};
 use airlock_policy::{Decision, Limit, LimitKey};
 use airlock_store::{
-    ApprovalChange, ApprovalRecord, Budget, Dispatch, DispatchAction, DispatchOutcome, DispatchState, Finish,
-    GateDecision, JobFilter, JobRecord, KeyRecord, Lease, PgStore, SqliteStore, Store, StoreError,
-    Submission, SubmitOutcome,
+    Applied, ApprovalChange, ApprovalRecord, Budget, DispatchOutcome, DispatchState, GateDecision, JobFilter,
+    JobRecord, KeyRecord, Lease, PgStore, SqliteStore, Store, StoreError, Submission, SubmitOutcome,
 };
 use serde_json::json;
 
 static NEXT: AtomicU8 = AtomicU8::new(1);
+
+/// The moves the tests below make most, each planned by the core and given to
+/// [`Store::apply`], as the server's handlers do.
+trait Moves {
+    async fn dispatch(&self, d: Dispatch) -> Result<DispatchOutcome, StoreError>;
+    #[expect(clippy::too_many_arguments, reason = "the parts of a fenced finish")]
+    async fn finish(
+        &self,
+        t: &TenantId,
+        id: &JobId,
+        token: &str,
+        live_at: Option<i64>,
+        finish: Finish,
+        at: i64,
+        actor: &str,
+    ) -> Result<JobRecord, StoreError>;
+    async fn transition(
+        &self,
+        t: &TenantId,
+        id: &JobId,
+        event: Event,
+        at: i64,
+        actor: &str,
+        reason: &str,
+    ) -> Result<JobRecord, StoreError>;
+    async fn retry_dead_letter(
+        &self,
+        t: &TenantId,
+        id: &JobId,
+        at: i64,
+        actor: &str,
+    ) -> Result<JobRecord, StoreError>;
+    async fn discard_dead_letter(
+        &self,
+        t: &TenantId,
+        id: &JobId,
+        at: i64,
+        actor: &str,
+    ) -> Result<JobRecord, StoreError>;
+}
+
+impl Moves for Arc<dyn Store> {
+    async fn dispatch(&self, d: Dispatch) -> Result<DispatchOutcome, StoreError> {
+        self.apply(plan_dispatch(d)).await?.dispatched()
+    }
+
+    async fn finish(
+        &self,
+        t: &TenantId,
+        id: &JobId,
+        token: &str,
+        live_at: Option<i64>,
+        finish: Finish,
+        at: i64,
+        actor: &str,
+    ) -> Result<JobRecord, StoreError> {
+        let lease = LeaseCheck { token: token.into(), live_at };
+        self.apply(plan_finish(t.clone(), id.clone(), lease, finish, at, actor.into())).await?.finished()
+    }
+
+    async fn transition(
+        &self,
+        t: &TenantId,
+        id: &JobId,
+        event: Event,
+        at: i64,
+        actor: &str,
+        reason: &str,
+    ) -> Result<JobRecord, StoreError> {
+        self.apply(plan_transition(t.clone(), id.clone(), event, at, actor.into(), reason.into()))
+            .await?
+            .finished()
+    }
+
+    async fn retry_dead_letter(
+        &self,
+        t: &TenantId,
+        id: &JobId,
+        at: i64,
+        actor: &str,
+    ) -> Result<JobRecord, StoreError> {
+        let job = self.job(t, id).await?.ok_or(StoreError::NotFound)?;
+        self.apply(plan_operator_retry(&job, at, actor.into())).await?.finished()
+    }
+
+    async fn discard_dead_letter(
+        &self,
+        t: &TenantId,
+        id: &JobId,
+        at: i64,
+        actor: &str,
+    ) -> Result<JobRecord, StoreError> {
+        let job = self.job(t, id).await?.ok_or(StoreError::NotFound)?;
+        self.apply(plan_discard(&job, at, actor.into())).await?.finished()
+    }
+}
 
 fn random() -> [u8; 10] {
     [NEXT.fetch_add(1, Ordering::Relaxed); 10]
@@ -1356,6 +1452,8 @@ enum Input {
     Transition(Event),
     /// An operator's retry from the DLQ.
     OperatorRetry,
+    /// An operator's discard from the DLQ.
+    Discard,
     /// A change of the job's pending request (quorum 2): `votes` approvers after it, read with
     /// `read` approvers; `replace` opens a fresh request.
     Approval {
@@ -1499,6 +1597,9 @@ async fn every_move_kind_commits_the_same_record_and_chain_in_both_stores() {
         ("cancel of a dead letter", Start::DeadLettered, Input::Transition(Event::Cancel), Expect::Invalid),
         ("operator retry", Start::DeadLettered, Input::OperatorRetry, Expect::Applied),
         ("operator retry of a discarded job", Start::Discarded, Input::OperatorRetry, Expect::Conflict),
+        ("discard", Start::DeadLettered, Input::Discard, Expect::Applied),
+        ("discard of a discarded job", Start::Discarded, Input::Discard, Expect::Conflict),
+        ("discard of a queued job", Start::Queued, Input::Discard, Expect::Conflict),
         (
             "vote short of the quorum",
             Start::AwaitingApproval,
@@ -1612,7 +1713,11 @@ async fn every_move_kind_commits_the_same_record_and_chain_in_both_stores() {
                     replacements.insert(i, pending_request(&mut jobs[i].clone(), 200, 1));
                 }
             }
-            Input::Dispatch(..) | Input::Finish { .. } | Input::Transition(_) | Input::OperatorRetry => {}
+            Input::Dispatch(..)
+            | Input::Finish { .. }
+            | Input::Transition(_)
+            | Input::OperatorRetry
+            | Input::Discard => {}
         }
     }
     // A submit that spends the budget of the throttled row.
@@ -1677,8 +1782,8 @@ async fn every_move_kind_commits_the_same_record_and_chain_in_both_stores() {
                         audit: draft(Kind::GateBDecision, j.id.as_str()),
                         decided_under,
                     };
-                    let plan = plan_dispatch(d.clone());
-                    let outcome = match store.dispatch(d).await {
+                    let plan = plan_dispatch(d);
+                    let outcome = match store.apply(plan.clone()).await.and_then(Applied::dispatched) {
                         Ok(DispatchOutcome::Applied(job)) => Ok(Some(*job)),
                         Ok(DispatchOutcome::Throttled { retry_after_ms }) => {
                             Err(Expect::Throttled(retry_after_ms))
@@ -1690,20 +1795,25 @@ async fn every_move_kind_commits_the_same_record_and_chain_in_both_stores() {
                 }
                 Input::Finish { token, live_at, finish } => {
                     let check = LeaseCheck { token: token.into(), live_at };
-                    let plan = plan_finish(t.clone(), j.id.clone(), check, finish.clone(), at, "w".into());
-                    let outcome = store.finish(&t, &j.id, token, live_at, finish, at, "w").await;
+                    let plan = plan_finish(t.clone(), j.id.clone(), check, finish, at, "w".into());
+                    let outcome = store.apply(plan.clone()).await.and_then(Applied::finished);
                     (Some(plan), outcome.map(Some).map_err(refusal))
                 }
                 Input::Transition(event) => {
                     let plan =
                         plan_transition(t.clone(), j.id.clone(), event, at, "op".into(), "by hand".into());
-                    let outcome = store.transition(&t, &j.id, event, at, "op", "by hand").await;
+                    let outcome = store.apply(plan.clone()).await.and_then(Applied::finished);
                     (Some(plan), outcome.map(Some).map_err(refusal))
                 }
                 Input::OperatorRetry => {
-                    let plan = plan_operator_retry(&before, at, "op".into()).ok();
-                    let outcome = store.retry_dead_letter(&t, &j.id, at, "op").await;
-                    (plan, outcome.map(Some).map_err(refusal))
+                    let plan = plan_operator_retry(&before, at, "op".into());
+                    let outcome = store.apply(plan.clone()).await.and_then(Applied::finished);
+                    (Some(plan), outcome.map(Some).map_err(refusal))
+                }
+                Input::Discard => {
+                    let plan = plan_discard(&before, at, "op".into());
+                    let outcome = store.apply(plan.clone()).await.and_then(Applied::finished);
+                    (Some(plan), outcome.map(Some).map_err(refusal))
                 }
                 Input::Approval { status, votes, event, replace: _, read, decided_under } => {
                     let current = store.approval(&t, &requests[&i].1.id).await.unwrap().unwrap();

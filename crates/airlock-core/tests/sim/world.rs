@@ -1549,13 +1549,10 @@ impl<'p> World<'p> {
         }
         let j = self.rng.pick(&dead);
         self.cov.operator_retries += 1;
-        // A new round through Gate B, with fresh attempt budgets, as the stores write it.
-        match plan_operator_retry(&self.jobs[j].record, self.now, "operator".into()) {
-            Ok(mv) => self.commit(j, &mv),
-            Err(refusal) => {
-                Err(self.violation(Some(j), &format!("an operator retry was refused: {refusal}")))
-            }
-        }
+        // A new round through Gate B, with fresh attempt budgets, as the stores write it;
+        // `commit` checks its precondition (dead-lettered, not discarded).
+        let mv = plan_operator_retry(&self.jobs[j].record, self.now, "operator".into());
+        self.commit(j, &mv)
     }
 
     // ---------------------------------------------------------------- the end of a run

@@ -1,22 +1,17 @@
-//! Operator writes: keys, policy publishes, dead-letter retries and discards, the shared breaker.
+//! Operator writes: keys, policy publishes, the shared breaker.
 
 use airlock_core::Millis;
 use airlock_core::audit::{Draft, Kind};
 use airlock_core::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
-use airlock_core::ids::{JobId, TenantId};
-use airlock_core::state::JobState;
+use airlock_core::ids::TenantId;
 use serde_json::json;
 
-use airlock_core::moves::plan_operator_retry;
-
-use super::moves::apply_loaded;
 use super::notifications::{KEYS_CHANNEL, POLICY_CHANNEL, notify};
 use super::pool::{Fail, Tx};
-use super::rows::{KEY_COLUMNS, get, key_from_row, load_job, load_key};
+use super::rows::{KEY_COLUMNS, get, key_from_row, load_key};
 use super::sealing::append_audit;
 use crate::codec::corrupt;
-use crate::codec::refused;
-use crate::{JobRecord, KeyRecord, SnapshotRecord, StoreError};
+use crate::{KeyRecord, SnapshotRecord, StoreError};
 
 /// Advisory lock held while publishing, so that versions are numbered without gaps or clashes.
 /// Every guarded write holds it shared until its commit ([`guard`]; the key is spelled out in
@@ -135,46 +130,6 @@ pub(super) async fn publish(
         note: note.map(str::to_owned),
         active: true,
     })
-}
-
-pub(super) async fn retry_dead_letter(
-    tx: &Tx<'_>,
-    tenant: &TenantId,
-    id: &JobId,
-    at: Millis,
-    actor: &str,
-) -> Result<JobRecord, Fail> {
-    let job = load_job(tx, tenant, id, true).await?.ok_or(StoreError::NotFound)?;
-    let mv = plan_operator_retry(&job, at, actor.to_owned()).map_err(refused)?;
-    Ok(apply_loaded(tx, job, &mv, true).await?.finished()?)
-}
-
-pub(super) async fn discard_dead_letter(
-    tx: &Tx<'_>,
-    tenant: &TenantId,
-    id: &JobId,
-    at: Millis,
-    actor: &str,
-) -> Result<JobRecord, Fail> {
-    let job = load_job(tx, tenant, id, true).await?.ok_or(StoreError::NotFound)?;
-    if job.state != JobState::DeadLettered || job.dispatch.discarded_at.is_some() {
-        return Err(StoreError::Conflict(format!("the job is `{}`, not in the DLQ", job.state)).into());
-    }
-    tx.execute("UPDATE jobs SET discarded_at = $1, updated_at = $1 WHERE id = $2", &[&at, &id.as_str()])
-        .await?;
-    append_audit(
-        tx,
-        tenant.as_str(),
-        Draft {
-            at,
-            kind: Kind::DlqDiscarded,
-            subject: id.to_string(),
-            actor: actor.to_owned(),
-            data: json!({"reason": job.dispatch.dead_letter_reason}),
-        },
-    )
-    .await?;
-    Ok(load_job(tx, tenant, id, false).await?.ok_or(StoreError::NotFound)?)
 }
 
 /// Locks the shared breaker's row (creating it closed) and reads its state.

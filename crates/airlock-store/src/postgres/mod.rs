@@ -25,24 +25,20 @@ use airlock_core::approval::Status;
 use airlock_core::audit::{Draft, Record};
 use airlock_core::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
-use airlock_core::moves::{LeaseCheck, plan_dispatch, plan_finish};
-use airlock_core::state::{Event, JobState};
+use airlock_core::state::JobState;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, Row};
 
 use crate::codec::corrupt;
 use crate::{
-    ApprovalChange, ApprovalRecord, ApprovalSummary, AuditPage, Dispatch, DispatchOutcome, Finish, Heartbeat,
-    IdempotencyRecord, JobFilter, JobRecord, KeyRecord, SnapshotRecord, Store, StoreError, StoreEvent,
-    Submission, SubmitOutcome, TenantOverview, Transition,
+    Applied, ApprovalChange, ApprovalRecord, ApprovalSummary, AuditPage, Heartbeat, IdempotencyRecord,
+    JobFilter, JobRecord, KeyRecord, Move, SnapshotRecord, Store, StoreError, StoreEvent, Submission,
+    SubmitOutcome, TenantOverview, Transition,
 };
-use admin::{
-    breaker_admit, breaker_report, create_key, discard_dead_letter, publish, rehash_key, retry_dead_letter,
-    revoke_key,
-};
+use admin::{breaker_admit, breaker_report, create_key, publish, rehash_key, revoke_key};
 use group::{Grouped, Write, Written, group_commit, mismatch};
-use moves::{Floor, change_approval, guard, heartbeat, submit, transition};
+use moves::{Floor, change_approval, guard, heartbeat, submit};
 use notifications::listen;
 use pool::{CONNECT_TIMEOUT, Fail, POOL_MAX, Pool, Pooled, TX_ATTEMPTS, write_tx};
 use rows::{
@@ -320,18 +316,6 @@ impl Store for PgStore {
         .await
     }
 
-    async fn transition(
-        &self,
-        tenant: &TenantId,
-        id: &JobId,
-        event: Event,
-        at: Millis,
-        actor: &str,
-        reason: &str,
-    ) -> Result<JobRecord, StoreError> {
-        Ok(write_tx!(self, |tx| transition(&tx, tenant, id, event, at, actor, reason)).await?)
-    }
-
     async fn idempotency_report(&self, tenant: &TenantId) -> Result<Vec<(String, u64, u64)>, StoreError> {
         let tenant = tenant.as_str();
         Ok(self
@@ -521,12 +505,11 @@ impl Store for PgStore {
         Ok(due.into_iter().next())
     }
 
-    async fn dispatch(&self, dispatch: Dispatch) -> Result<DispatchOutcome, StoreError> {
-        let Written::Moved(applied) = self.grouped(Write::Move(Box::new(plan_dispatch(dispatch)))).await?
-        else {
+    async fn apply(&self, mv: Move) -> Result<Applied, StoreError> {
+        let Written::Moved(applied) = self.grouped(Write::Move(Box::new(mv))).await? else {
             return Err(mismatch());
         };
-        applied.dispatched()
+        Ok(applied)
     }
 
     async fn heartbeat(
@@ -538,24 +521,6 @@ impl Store for PgStore {
         expires_at: Millis,
     ) -> Result<Heartbeat, StoreError> {
         Ok(write_tx!(self, |tx| heartbeat(&tx, tenant, id, token, now, expires_at)).await?)
-    }
-
-    async fn finish(
-        &self,
-        tenant: &TenantId,
-        id: &JobId,
-        token: &str,
-        live_at: Option<Millis>,
-        finish: Finish,
-        at: Millis,
-        actor: &str,
-    ) -> Result<JobRecord, StoreError> {
-        let lease = LeaseCheck { token: token.to_owned(), live_at };
-        let mv = plan_finish(tenant.clone(), id.clone(), lease, finish, at, actor.to_owned());
-        let Written::Moved(applied) = self.grouped(Write::Move(Box::new(mv))).await? else {
-            return Err(mismatch());
-        };
-        applied.finished()
     }
 
     async fn lapsed_leases(&self, now: Millis, limit: u32) -> Result<Vec<JobRecord>, StoreError> {
@@ -580,26 +545,6 @@ impl Store for PgStore {
         let params: [&(dyn ToSql + Sync); 4] =
             [&tenant.as_str(), &topic, &after.map(JobId::as_str), &big(limit)];
         self.read(&sql, &params, job_from_row).await
-    }
-
-    async fn retry_dead_letter(
-        &self,
-        tenant: &TenantId,
-        id: &JobId,
-        at: Millis,
-        actor: &str,
-    ) -> Result<JobRecord, StoreError> {
-        Ok(write_tx!(self, |tx| retry_dead_letter(&tx, tenant, id, at, actor)).await?)
-    }
-
-    async fn discard_dead_letter(
-        &self,
-        tenant: &TenantId,
-        id: &JobId,
-        at: Millis,
-        actor: &str,
-    ) -> Result<JobRecord, StoreError> {
-        Ok(write_tx!(self, |tx| discard_dead_letter(&tx, tenant, id, at, actor)).await?)
     }
 
     async fn dlq_depth(&self) -> Result<u64, StoreError> {

@@ -9,8 +9,8 @@ use std::time::Duration;
 use airlock_core::Millis;
 use airlock_core::audit::{Draft, Kind};
 use airlock_core::ids::{ApprovalId, JobId, TenantId};
-use airlock_core::moves::{ApprovalWrite, Move, plan_approval_change, plan_transition};
-use airlock_core::state::{Event, JobState};
+use airlock_core::moves::{ApprovalWrite, Move, plan_approval_change};
+use airlock_core::state::JobState;
 use airlock_core::throttle::{self, Bucket, Take};
 use serde_json::{Value, json};
 use tokio_postgres::GenericClient;
@@ -38,20 +38,6 @@ pub(super) async fn guard(
 
 /// A column of `jobs` and its new value, written by the UPDATE that moves the job.
 pub(super) type Change<'a> = (&'static str, &'a (dyn ToSql + Sync));
-
-/// Moves a job by `event` alone (a cancellation): [`plan_transition`], applied.
-pub(super) async fn transition(
-    tx: &Tx<'_>,
-    tenant: &TenantId,
-    id: &JobId,
-    event: Event,
-    at: Millis,
-    actor: &str,
-    reason: &str,
-) -> Result<JobRecord, Fail> {
-    let mv = plan_transition(tenant.clone(), id.clone(), event, at, actor.to_owned(), reason.to_owned());
-    Ok(apply_move(tx, &mv, true).await?.finished()?)
-}
 
 /// One statement built from parts: data-modifying CTEs, which PostgreSQL runs together,
 /// atomically even outside a transaction, in one round trip and (its text being cached per
@@ -287,12 +273,7 @@ pub(super) async fn apply_move(tx: &Tx<'_>, mv: &Move, last: bool) -> Result<App
 
 /// [`apply_move`] to `job`, already locked and loaded by the caller (whose snapshot guard, if
 /// the move has one, has run).
-pub(super) async fn apply_loaded(
-    tx: &Tx<'_>,
-    mut job: JobRecord,
-    mv: &Move,
-    last: bool,
-) -> Result<Applied, Fail> {
+async fn apply_loaded(tx: &Tx<'_>, mut job: JobRecord, mv: &Move, last: bool) -> Result<Applied, Fail> {
     if let Err(refusal) = mv.precondition.check(&job) {
         return Ok(Applied::Refused(refusal));
     }

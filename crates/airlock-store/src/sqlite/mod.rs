@@ -19,23 +19,19 @@ use airlock_core::approval::Status;
 use airlock_core::audit::{Draft, Kind, Record};
 use airlock_core::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
 use airlock_core::ids::{ApprovalId, JobId, KeyId, TenantId};
-use airlock_core::moves::{LeaseCheck, plan_dispatch, plan_finish, plan_transition};
-use airlock_core::state::{Event, JobState};
+use airlock_core::state::JobState;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::codec::corrupt;
 use crate::{
-    ApprovalChange, ApprovalRecord, ApprovalSummary, AuditPage, Dispatch, DispatchOutcome, Finish, Heartbeat,
-    IdempotencyRecord, JobFilter, JobRecord, KeyRecord, SnapshotRecord, Store, StoreError, Submission,
-    SubmitOutcome, TenantOverview, Transition,
+    Applied, ApprovalChange, ApprovalRecord, ApprovalSummary, AuditPage, Heartbeat, IdempotencyRecord,
+    JobFilter, JobRecord, KeyRecord, Move, SnapshotRecord, Store, StoreError, Submission, SubmitOutcome,
+    TenantOverview, Transition,
 };
 use migrations::migrate;
-use moves::{
-    change_approval, check_decided_under, commit, dispatch, leased_under, load_breaker, operator_retry,
-    save_breaker, submit,
-};
+use moves::{apply, change_approval, check_decided_under, leased_under, load_breaker, save_breaker, submit};
 use readers::{CACHE_KIB, Readers};
 use rows::{
     APPROVAL_COLUMNS, AUDIT_COLUMNS, JOB_COLUMNS, KEY_COLUMNS, SNAPSHOT_SELECT, approval_from_row, collect,
@@ -437,20 +433,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn transition(
-        &self,
-        tenant: &TenantId,
-        id: &JobId,
-        event: Event,
-        at: Millis,
-        actor: &str,
-        reason: &str,
-    ) -> Result<JobRecord, StoreError> {
-        let mv = plan_transition(tenant.clone(), id.clone(), event, at, actor.to_owned(), reason.to_owned());
-        let reply = self.write(Box::new(move |tx| commit(tx, mv))).await;
-        expect_output!(reply, Job).map(|job| *job)
-    }
-
     async fn idempotency_report(&self, tenant: &TenantId) -> Result<Vec<(String, u64, u64)>, StoreError> {
         let tenant = tenant.to_string();
         self.read(move |conn| {
@@ -659,15 +641,14 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn dispatch(&self, dispatch_: Dispatch) -> Result<DispatchOutcome, StoreError> {
-        let mv = plan_dispatch(dispatch_);
+    async fn apply(&self, mv: Move) -> Result<Applied, StoreError> {
         let id = mv.job_id.clone();
-        let reply = self.write(Box::new(move |tx| dispatch(tx, mv))).await;
+        let reply = self.write(Box::new(move |tx| apply(tx, mv))).await;
         // The job has moved on (or stays queued with a later `not_before`): its hold is done.
         if let Ok(mut holds) = self.holds.lock() {
             holds.remove(&id);
         }
-        expect_output!(reply, Dispatch)
+        expect_output!(reply, Applied)
     }
 
     async fn heartbeat(
@@ -695,22 +676,6 @@ impl Store for SqliteStore {
             }))
             .await;
         expect_output!(reply, Heartbeat)
-    }
-
-    async fn finish(
-        &self,
-        tenant: &TenantId,
-        id: &JobId,
-        token: &str,
-        live_at: Option<Millis>,
-        finish_: Finish,
-        at: Millis,
-        actor: &str,
-    ) -> Result<JobRecord, StoreError> {
-        let lease = LeaseCheck { token: token.to_owned(), live_at };
-        let mv = plan_finish(tenant.clone(), id.clone(), lease, finish_, at, actor.to_owned());
-        let reply = self.write(Box::new(move |tx| commit(tx, mv))).await;
-        expect_output!(reply, Job).map(|job| *job)
     }
 
     async fn lapsed_leases(&self, now: Millis, limit: u32) -> Result<Vec<JobRecord>, StoreError> {
@@ -741,51 +706,6 @@ impl Store for SqliteStore {
             collect(conn, &sql, params![tenant, topic, after, limit], job_from_row)
         })
         .await
-    }
-
-    async fn retry_dead_letter(
-        &self,
-        tenant: &TenantId,
-        id: &JobId,
-        at: Millis,
-        actor: &str,
-    ) -> Result<JobRecord, StoreError> {
-        let (tenant, id, actor) = (tenant.clone(), id.clone(), actor.to_owned());
-        let reply = self.write(Box::new(move |tx| operator_retry(tx, &tenant, &id, at, actor))).await;
-        expect_output!(reply, Job).map(|job| *job)
-    }
-
-    async fn discard_dead_letter(
-        &self,
-        tenant: &TenantId,
-        id: &JobId,
-        at: Millis,
-        actor: &str,
-    ) -> Result<JobRecord, StoreError> {
-        let (tenant, id, actor) = (tenant.clone(), id.clone(), actor.to_owned());
-        let reply = self
-            .write(Box::new(move |tx| {
-                let job = load_job(tx.conn, &tenant, &id)?.ok_or(StoreError::NotFound)?;
-                if job.state != JobState::DeadLettered || job.dispatch.discarded_at.is_some() {
-                    return Err(StoreError::Conflict(format!("the job is `{}`, not in the DLQ", job.state)));
-                }
-                tx.conn
-                    .prepare_cached("UPDATE jobs SET discarded_at = ?1, updated_at = ?1 WHERE id = ?2")?
-                    .execute(params![at, id.as_str()])?;
-                tx.append_audit(
-                    tenant.as_str(),
-                    Draft {
-                        at,
-                        kind: Kind::DlqDiscarded,
-                        subject: id.to_string(),
-                        actor: actor.clone(),
-                        data: json!({"reason": job.dispatch.dead_letter_reason}),
-                    },
-                )?;
-                Ok(Output::Job(Box::new(load_job(tx.conn, &tenant, &id)?.ok_or(StoreError::NotFound)?)))
-            }))
-            .await;
-        expect_output!(reply, Job).map(|job| *job)
     }
 
     async fn dlq_depth(&self) -> Result<u64, StoreError> {

@@ -221,7 +221,6 @@ pub(super) fn apply_move(tx: &mut Tx<'_>, mut job: JobRecord, mut mv: Move) -> R
     })
 }
 
-/// A precondition that does not hold, as the caller sees it.
 impl ToSql for Cell {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
         match self {
@@ -232,9 +231,10 @@ impl ToSql for Cell {
     }
 }
 
-pub(super) fn dispatch(tx: &mut Tx<'_>, mv: Move) -> Reply {
+/// Commits a move of the job it names ([`crate::Store::apply`]).
+pub(super) fn apply(tx: &mut Tx<'_>, mv: Move) -> Reply {
     let job = load_job(tx.conn, &mv.tenant, &mv.job_id)?.ok_or(StoreError::NotFound)?;
-    Ok(Output::Dispatch(apply_move(tx, job, mv)?.dispatched()?))
+    Ok(Output::Applied(apply_move(tx, job, mv)?))
 }
 
 pub(super) fn leased_under(
@@ -252,12 +252,6 @@ pub(super) fn leased_under(
         Some(lease) if lease.token == token => Ok(job),
         _ => Err(StoreError::Conflict("the lease token is not the job's live lease".into())),
     }
-}
-
-/// Commits a move of the job it names: a finish, a cancellation.
-pub(super) fn commit(tx: &mut Tx<'_>, mv: Move) -> Reply {
-    let job = load_job(tx.conn, &mv.tenant, &mv.job_id)?.ok_or(StoreError::NotFound)?;
-    Ok(Output::Job(Box::new(apply_move(tx, job, mv)?.finished()?)))
 }
 
 pub(super) fn load_breaker(conn: &Connection) -> Result<BreakerState, StoreError> {
@@ -279,17 +273,4 @@ pub(super) fn save_breaker(conn: &Connection, state: BreakerState) -> Result<(),
     )?
     .execute(params![kind, value])?;
     Ok(())
-}
-
-/// An operator's retry of a dead-lettered job, planned against the job as the writer loaded it.
-pub(super) fn operator_retry(
-    tx: &mut Tx<'_>,
-    tenant: &TenantId,
-    id: &JobId,
-    at: Millis,
-    actor: String,
-) -> Reply {
-    let job = load_job(tx.conn, tenant, id)?.ok_or(StoreError::NotFound)?;
-    let mv = moves::plan_operator_retry(&job, at, actor).map_err(refused)?;
-    Ok(Output::Job(Box::new(apply_move(tx, job, mv)?.finished()?)))
 }

@@ -12,10 +12,7 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::codec::corrupt;
-use crate::{
-    ApprovalRecord, DispatchOutcome, Heartbeat, JobRecord, KeyRecord, SnapshotRecord, StoreError,
-    SubmitOutcome,
-};
+use crate::{Applied, ApprovalRecord, Heartbeat, KeyRecord, SnapshotRecord, StoreError, SubmitOutcome};
 
 /// Most commands committed in one transaction.
 pub(super) const GROUP_COMMIT_MAX: usize = 512;
@@ -28,9 +25,8 @@ pub(super) enum Output {
     Key(KeyRecord),
     Snapshot(SnapshotRecord),
     Submit(SubmitOutcome),
-    Job(Box<JobRecord>),
     Approval(ApprovalRecord),
-    Dispatch(DispatchOutcome),
+    Applied(Applied),
     Heartbeat(Heartbeat),
     Admission(Admission),
     Breaker(BreakerState),
