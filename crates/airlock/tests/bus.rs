@@ -107,7 +107,10 @@ fn the_bus_alone_wakes_a_waiting_claim() {
     }
     waits.sort();
     eprintln!("claims woke {waits:?} after the submits");
-    assert!(waits[2] < Duration::from_millis(60), "claims woke {waits:?} after the submits");
+    // Woken by the bus, a claim answers within tens of milliseconds on a quiet machine (and
+    // within a couple of hundred on a loaded one); by its 1 s re-check alone, it would answer
+    // about 750 ms after the submit.
+    assert!(waits[2] < Duration::from_millis(400), "claims woke {waits:?} after the submits");
     let deadline = Instant::now() + Duration::from_secs(5);
     while schema.count("SELECT COUNT(*) FROM outbox") != 0 {
         assert!(Instant::now() < deadline, "the relay never drained the outbox");
