@@ -15,6 +15,7 @@ pub mod record;
 pub mod role;
 pub mod state;
 pub mod throttle;
+pub mod votes;
 
 /// Milliseconds since the Unix epoch: the only notion of time in the core.
 pub type Millis = i64;

@@ -6,13 +6,14 @@
 use std::collections::HashMap;
 
 use airlock_core::Millis;
-use airlock_core::approval::{self, Request, Stale, Status, Vote, VoteError};
-use airlock_core::audit::{Draft, Kind};
+use airlock_core::approval::{self, Stale, Status, VoteError};
+use airlock_core::decided::Decided;
 use airlock_core::defaults::REQUEST_BODY_BYTES_MAX;
 use airlock_core::ids::ApprovalId;
 use airlock_core::role::Role;
 use airlock_core::state::{Event, JobState};
-use airlock_store::{ApprovalChange, ApprovalRecord, JobRecord, StoreError};
+use airlock_core::votes::{self, Ballot, Cast, Counted, Refused};
+use airlock_store::{ApprovalRecord, JobRecord, StoreError};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query as RawQuery, State};
@@ -235,30 +236,6 @@ impl From<StoreError> for Attempt {
     }
 }
 
-fn change(caller: &Caller, record: &ApprovalRecord, request: Request, now: Millis) -> ApprovalChange {
-    ApprovalChange {
-        tenant: caller.tenant.clone(),
-        id: record.id.clone(),
-        expected_status: record.request.status,
-        expected_approvers: record.request.approvers.len(),
-        request,
-        job_event: None,
-        replacement: None,
-        audit: Vec::new(),
-        at: now,
-        actor: caller.principal.clone(),
-        decided_under: None,
-    }
-}
-
-fn draft(caller: &Caller, record: &ApprovalRecord, now: Millis, kind: Kind, data: Value) -> Draft {
-    let mut full = json!({"job_id": record.job_id.as_str()});
-    if let (Value::Object(full), Value::Object(data)) = (&mut full, data) {
-        full.extend(data);
-    }
-    Draft { at: now, kind, subject: record.id.to_string(), actor: caller.principal.clone(), data: full }
-}
-
 async fn attempt(
     state: &AppState,
     caller: &Caller,
@@ -267,116 +244,56 @@ async fn attempt(
     decision: &Decide,
     now: Millis,
 ) -> Result<Value, Attempt> {
-    let approving = matches!(decision, Decide::Approve);
-    if record.request.status != Status::Pending {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "approval_not_pending",
-            format!("the approval request is `{}`", record.request.status),
-        )
-        .into());
-    }
-    if job.state != JobState::AwaitingApproval {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "invalid_transition",
-            format!("the job is `{}`, not awaiting approval", job.state),
-        )
-        .into());
-    }
-    // Decisions on a job are never its submitter's: refuse before anything else can change.
-    if caller.principal == record.request.requested_by {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "self_approval",
-            format!("`{}` submitted this job and cannot decide on it", caller.principal),
-        )
-        .into());
-    }
     let active = state.safety().active();
-    let binding = approval::check_binding(
-        &record.request,
-        &job.to_policy_job(),
-        &active.policy,
-        state.config().approval_binding,
-        now,
-    );
-    if approving && let Err(stale) = binding {
-        return Err(refuse_stale(state, caller, record, job, stale, now).await?.into());
-    }
-    let mut request = record.request.clone();
-    let mut c;
-    let body = if approving {
-        match approval::approve(&mut request, &caller.principal) {
-            Err(VoteError::SelfApproval(p)) => {
-                return Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "self_approval",
-                    format!("`{p}` submitted this job and cannot approve it"),
-                )
-                .into());
-            }
-            Err(e) => {
-                return Err(ApiError::new(StatusCode::CONFLICT, "approval_refused", e.to_string()).into());
-            }
-            Ok(vote) => {
-                c = change(caller, record, request.clone(), now);
-                // The binding was checked under this snapshot: the commit refuses the approval
-                // if another is active by then.
-                c.decided_under = Some(active.version);
-                let remaining = match vote {
-                    Vote::QuorumReached => {
-                        c.job_event = Some(Event::Approved);
-                        let wait = (now - record.request.created_at).max(0) as f64 / 1000.0;
-                        state.metrics().observe("airlock_approval_wait_seconds", &[], wait);
-                        c.audit.push(draft(
-                            caller,
-                            record,
-                            now,
-                            Kind::ApprovalApproved,
-                            json!({"approvers": request.approvers}),
-                        ));
-                        0
-                    }
-                    Vote::Counted { remaining } => {
-                        c.audit.push(draft(
-                            caller,
-                            record,
-                            now,
-                            Kind::ApprovalVote,
-                            json!({"remaining": remaining}),
-                        ));
-                        remaining
-                    }
-                };
-                json!({"remaining": remaining})
-            }
-        }
-    } else {
-        if let Err(e) = approval::reject(&mut request, &caller.principal) {
-            let code =
-                if matches!(e, VoteError::SelfApproval(_)) { "self_approval" } else { "approval_refused" };
-            let status = if code == "self_approval" { StatusCode::FORBIDDEN } else { StatusCode::CONFLICT };
-            return Err(ApiError::new(status, code, e.to_string()).into());
-        }
-        c = change(caller, record, request.clone(), now);
-        c.job_event = Some(Event::Rejected);
-        let comment = match decision {
-            Decide::Reject { comment } => comment.as_deref(),
-            Decide::Approve => None,
-        };
-        c.audit.push(draft(caller, record, now, Kind::ApprovalRejected, json!({"comment": comment})));
-        json!({})
+    let ballot = match decision {
+        Decide::Approve => Ballot::Approve,
+        Decide::Reject { comment } => Ballot::Reject { comment: comment.as_deref() },
     };
-    let queued = c.job_event == Some(Event::Approved);
-    let saved = state.store().change_approval(c).await?;
+    let cast = votes::cast(Cast {
+        record,
+        job,
+        ballot,
+        approver: &caller.principal,
+        binding: approval::check_binding(
+            &record.request,
+            &job.to_policy_job(),
+            &active.policy,
+            state.config().approval_binding,
+            now,
+        ),
+        snapshot_version: active.version,
+        at: now,
+    });
+    let (change, remaining) = match cast {
+        Ok(Counted::Change { change, remaining }) => (change, remaining),
+        Ok(Counted::Stale(stale)) => {
+            return Err(refuse_stale(state, caller, record, job, stale, now).await?.into());
+        }
+        Err(refused) => {
+            let (status, code) = match &refused {
+                Refused::NotPending(_) => (StatusCode::CONFLICT, "approval_not_pending"),
+                Refused::NotAwaiting(_) => (StatusCode::CONFLICT, "invalid_transition"),
+                Refused::SelfApproval(_) | Refused::Vote(VoteError::SelfApproval(_)) => {
+                    (StatusCode::FORBIDDEN, "self_approval")
+                }
+                Refused::Vote(_) => (StatusCode::CONFLICT, "approval_refused"),
+            };
+            return Err(ApiError::new(status, code, refused.to_string()).into());
+        }
+    };
+    let queued = change.job_event == Some(Event::Approved);
+    if queued {
+        let wait = (now - record.request.created_at).max(0) as f64 / 1000.0;
+        state.metrics().observe("airlock_approval_wait_seconds", &[], wait);
+    }
+    let saved = state.store().change_approval(change).await?;
     if queued {
         state.queued_here();
     }
     let job_state = state.store().job(&caller.tenant, &job.id).await?.map(|j| j.state).unwrap_or(job.state);
     let mut out = json!({"approval": wire::approval(&saved), "job_state": job_state.as_str()});
-    if let (Value::Object(out), Value::Object(body)) = (&mut out, body) {
-        out.extend(body);
+    if let (Some(remaining), Value::Object(out)) = (remaining, &mut out) {
+        out.insert("remaining".into(), json!(remaining));
     }
     Ok(out)
 }
@@ -393,14 +310,7 @@ async fn refuse_stale(
 ) -> Result<ApiError, Attempt> {
     let current = current_decision(state, job);
     if stale == Stale::Expired {
-        let mut c =
-            change(caller, record, Request { status: Status::Expired, ..record.request.clone() }, now);
-        c.job_event = Some(Event::ApprovalExpired);
-        c.actor = "system".into();
-        let mut expired = draft(caller, record, now, Kind::ApprovalExpired, json!({}));
-        expired.actor = "system".into();
-        c.audit.push(expired);
-        state.store().change_approval(c).await?;
+        state.store().change_approval(votes::expire(record, true, now)).await?;
         return Ok(ApiError::new(
             StatusCode::CONFLICT,
             "approval_expired",
@@ -410,35 +320,25 @@ async fn refuse_stale(
     }
     state.metrics().inc("airlock_approvals_stale_total", &[]);
     let active = state.safety().active();
-    let (evaluation, _) = airlock_plan::evaluate_any(&active.policy, &job.to_policy_job());
-    let replacement = ApprovalRecord::open(
-        ApprovalId::generate(now, random_bytes()?),
-        caller.tenant.clone(),
-        job.id.clone(),
-        Request::pending(
-            &active.policy,
-            &evaluation,
-            job.to_policy_job().hash(),
-            record.request.requested_by.clone(),
-            now,
-            state.config().approval_ttl_ms,
-        ),
-    );
-    let mut c = change(caller, record, Request { status: Status::Stale, ..record.request.clone() }, now);
-    c.decided_under = Some(active.version);
-    c.audit.push(draft(
-        caller,
+    let (evaluation, plan) = airlock_plan::evaluate_any(&active.policy, &job.to_policy_job());
+    let decided = Decided {
+        policy: &active.policy,
+        version: active.version,
+        evaluation: &evaluation,
+        plan: plan.as_ref(),
+    };
+    let change = votes::replace_stale(
         record,
+        job,
+        &stale,
+        &decided,
+        ApprovalId::generate(now, random_bytes()?),
+        state.config().approval_ttl_ms,
         now,
-        Kind::ApprovalStale,
-        json!({
-            "reason": stale.to_string(),
-            "replaced_by": replacement.id.as_str(),
-        }),
-    ));
-    let new_id = replacement.id.to_string();
-    c.replacement = Some(replacement);
-    state.store().change_approval(c).await?;
+        &caller.principal,
+    );
+    let new_id = change.replacement.as_ref().map(|r| r.id.to_string());
+    state.store().change_approval(change).await?;
     Ok(ApiError::new(StatusCode::CONFLICT, "approval_stale", stale.to_string())
         .with("reason", json!(stale.to_string()))
         .with("current_decision", current)
@@ -454,26 +354,7 @@ pub async fn expire_due(state: &AppState, now: Millis) -> Result<usize, StoreErr
         let awaiting = job.as_ref().is_some_and(|j| {
             j.state == JobState::AwaitingApproval && j.approval_id.as_ref() == Some(&record.id)
         });
-        let change = ApprovalChange {
-            tenant: record.tenant.clone(),
-            id: record.id.clone(),
-            expected_status: Status::Pending,
-            expected_approvers: record.request.approvers.len(),
-            request: Request { status: Status::Expired, ..record.request.clone() },
-            job_event: awaiting.then_some(Event::ApprovalExpired),
-            replacement: None,
-            audit: vec![Draft {
-                at: now,
-                kind: Kind::ApprovalExpired,
-                subject: record.id.to_string(),
-                actor: "system".into(),
-                data: json!({"job_id": record.job_id.as_str()}),
-            }],
-            at: now,
-            actor: "system".into(),
-            decided_under: None,
-        };
-        match state.store().change_approval(change).await {
+        match state.store().change_approval(votes::expire(&record, awaiting, now)).await {
             Ok(_) => expired += 1,
             Err(StoreError::Conflict(_)) => {}
             Err(e) => return Err(e),
