@@ -10,19 +10,21 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use airlock_core::Millis;
-use airlock_core::approval::{self, Binding, Request, Stale, Status, Vote, VoteError};
+use airlock_core::approval::{self, Binding, Request, Stale, Status, VoteError};
 use airlock_core::audit::{Draft, Kind};
 use airlock_core::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
+use airlock_core::decided::Decided;
 use airlock_core::defaults::{APPROVAL_TTL_MS, GATE_B_CLIENT_TIMEOUT_MS, LEASE_MS};
 use airlock_core::dispatch::{self, Action, AfterAttempt, ApprovalState, Caps, FailMode, Safety};
 use airlock_core::ids::{ApprovalId, JobId, TenantId};
 use airlock_core::moves::{
-    ApprovalChange, Dispatch, DispatchAction, Finish, LeaseCheck, Move, plan_approval_change, plan_dispatch,
-    plan_finish, plan_operator_retry, plan_transition,
+    ApprovalChange, ApprovalWrite, Dispatch, DispatchAction, Finish, LeaseCheck, Move, plan_approval_change,
+    plan_dispatch, plan_finish, plan_operator_retry, plan_transition,
 };
 use airlock_core::record::{self, ApprovalRecord, DispatchState, GateDecision, JobRecord};
 use airlock_core::state::{Event, JobState};
 use airlock_core::throttle::{self, Bucket, Take};
+use airlock_core::votes::{self, Ballot, Cast, Counted, Refused};
 use airlock_policy::{Decision, Evaluation, Job, Policy};
 use serde_json::json;
 
@@ -1393,48 +1395,32 @@ impl<'p> World<'p> {
     }
 
     fn expire_request(&mut self, j: usize) -> Outcome {
-        let Some(request) = self.jobs[j].requests.last_mut() else {
+        let Some(current) = self.current_request(j) else {
             return self.transition(j, Event::ApprovalExpired);
         };
-        let before = request.clone();
-        request.status = Status::Expired;
-        let after = request.clone();
         self.cov.expired_approvals += 1;
         trace!(self, "j{j}: approval request expired");
-        self.change_approval(j, before, after, Some(Event::ApprovalExpired), None, "sim")
+        self.change_approval(j, &current, votes::expire(&current, true, self.now))
     }
 
-    /// Commits a change of job `j`'s latest approval request (`before` → `after`) as the stores
-    /// do: planned by the core's `plan_approval_change` against the request as it stands, then
-    /// the job's move committed like any other.
-    fn change_approval(
-        &mut self,
-        j: usize,
-        before: Request,
-        after: Request,
-        job_event: Option<Event>,
-        replacement: Option<Request>,
-        actor: &str,
-    ) -> Outcome {
+    /// Job `j`'s latest approval request as a store would hold it.
+    fn current_request(&self, j: usize) -> Option<ApprovalRecord> {
         let n = self.jobs[j].requests.len();
+        let request = self.jobs[j].requests.last()?.clone();
         let record = &self.jobs[j].record;
-        let id = |k: usize| ApprovalId::generate(EPOCH + k as Millis, [j as u8; 10]);
-        let current = ApprovalRecord::open(id(n), record.tenant.clone(), record.id.clone(), before.clone());
-        let change = ApprovalChange {
-            tenant: record.tenant.clone(),
-            id: current.id.clone(),
-            expected_status: before.status,
-            expected_approvers: before.approvers.len(),
-            request: after.clone(),
-            job_event,
-            replacement: replacement
-                .map(|r| ApprovalRecord::open(id(n + 1), record.tenant.clone(), record.id.clone(), r)),
-            audit: Vec::new(),
-            at: self.now,
-            actor: actor.to_owned(),
-            decided_under: None,
-        };
-        let plan = match plan_approval_change(&current, change) {
+        Some(ApprovalRecord::open(self.request_id(j, n), record.tenant.clone(), record.id.clone(), request))
+    }
+
+    fn request_id(&self, j: usize, n: usize) -> ApprovalId {
+        ApprovalId::generate(EPOCH + n as Millis, [j as u8; 10])
+    }
+
+    /// Commits a change of job `j`'s latest approval request (`current`) as the stores do:
+    /// planned by the core's `plan_approval_change` against the request as it stands, then the
+    /// job's move committed like any other; the request as planned, and a replacement it opens,
+    /// become the job's.
+    fn change_approval(&mut self, j: usize, current: &ApprovalRecord, change: ApprovalChange) -> Outcome {
+        let plan = match plan_approval_change(current, change) {
             Ok(plan) => plan,
             Err(refusal) => {
                 return Err(
@@ -1442,12 +1428,19 @@ impl<'p> World<'p> {
                 );
             }
         };
-        if plan.approval.request != after {
-            return Err(self.violation(Some(j), "the planned request is not the one the approver left"));
+        self.commit(j, &plan.job)?;
+        let requests = &mut self.jobs[j].requests;
+        if let Some(latest) = requests.last_mut() {
+            *latest = plan.approval.request;
         }
-        self.commit(j, &plan.job)
+        if let ApprovalWrite::Open(fresh) = plan.job.approval {
+            requests.push(fresh.request);
+        }
+        Ok(())
     }
 
+    /// An approver decides on a waiting job's request, through the core's `votes::cast`, as the
+    /// server's approvals handler does: the binding checked under the active snapshot first.
     fn approver_act(&mut self) -> Outcome {
         let waiting: Vec<usize> = (0..self.jobs.len())
             .filter(|&j| {
@@ -1464,63 +1457,70 @@ impl<'p> World<'p> {
         } else {
             self.rng.pick(&APPROVERS).to_owned()
         };
-        let rejecting = self.rng.percent(15);
-        let active = self.active_policy();
-        let (now, binding) = (self.now, self.cfg.binding);
-        let job = &mut self.jobs[j];
-        let Some(request) = job.requests.last_mut() else { return Ok(()) };
-        let before = request.clone();
-        if rejecting {
-            let rejected = approval::reject(request, &who);
-            let after = request.clone();
-            return match rejected {
-                Ok(()) => {
-                    self.cov.approvals_rejected += 1;
-                    trace!(self, "j{j}: {who} rejects");
-                    self.change_approval(j, before, after, Some(Event::Rejected), None, &who)
+        let ballot = if self.rng.percent(15) { Ballot::Reject { comment: None } } else { Ballot::Approve };
+        let Some(current) = self.current_request(j) else { return Ok(()) };
+        let policy = self.active_policy();
+        let job = &self.jobs[j];
+        let cast = votes::cast(Cast {
+            record: &current,
+            job: &job.record,
+            ballot,
+            approver: &who,
+            binding: approval::check_binding(&current.request, &job.job, policy, self.cfg.binding, self.now),
+            snapshot_version: self.active as u64,
+            at: self.now,
+        });
+        match cast {
+            Ok(Counted::Change { change, remaining }) => {
+                match remaining {
+                    None => self.cov.approvals_rejected += 1,
+                    Some(0) => self.cov.approvals_granted += 1,
+                    Some(_) => {}
                 }
-                Err(e) => {
-                    self.cov.self_approvals_refused += u64::from(matches!(e, VoteError::SelfApproval(_)));
-                    trace!(self, "j{j}: rejection by {who} refused: {e}");
-                    Ok(())
-                }
-            };
-        }
-        // Approving checks the binding first (SPEC 7).
-        match approval::check_binding(request, &job.job, active, binding, now) {
-            Err(Stale::Expired) => {
+                trace!(self, "j{j}: {who} decides ({ballot:?}); {remaining:?} more needed");
+                self.change_approval(j, &current, change)
+            }
+            Ok(Counted::Stale(Stale::Expired)) => {
                 trace!(self, "j{j}: {who} tries to approve an expired request");
                 self.expire_request(j)
             }
-            Err(stale) => {
-                request.status = Status::Stale;
-                let after = request.clone();
+            Ok(Counted::Stale(stale)) => {
                 self.cov.stale_approvals += 1;
                 trace!(self, "j{j}: approval by {who} refused, binding broke: {stale}");
-                let fresh = self.request_for(j);
-                self.change_approval(j, before, after, None, Some(fresh.clone()), "system")?;
-                self.jobs[j].requests.push(fresh);
+                let job = &self.jobs[j];
+                let evaluation = policy.evaluate(&job.job);
+                let version = self.active as u64;
+                let decided = Decided { policy, version, evaluation: &evaluation, plan: None };
+                let fresh_id = self.request_id(j, job.requests.len());
+                let ttl_ms = self.cfg.approval_ttl_ms;
+                let change = votes::replace_stale(
+                    &current,
+                    &job.record,
+                    &stale,
+                    &decided,
+                    fresh_id,
+                    ttl_ms,
+                    self.now,
+                    &who,
+                );
+                self.change_approval(j, &current, change)
+            }
+            Err(
+                refused @ (Refused::NotPending(_)
+                | Refused::NotAwaiting(_)
+                | Refused::Vote(VoteError::NotPending(_))),
+            ) => {
+                Err(self
+                    .violation(Some(j), &format!("a pending request of a waiting job refused: {refused}")))
+            }
+            Err(refused) => {
+                self.cov.self_approvals_refused += u64::from(matches!(
+                    refused,
+                    Refused::SelfApproval(_) | Refused::Vote(VoteError::SelfApproval(_))
+                ));
+                trace!(self, "j{j}: decision by {who} refused: {refused}");
                 Ok(())
             }
-            Ok(()) => match (approval::approve(request, &who), request.clone()) {
-                (Ok(Vote::QuorumReached), after) => {
-                    self.cov.approvals_granted += 1;
-                    trace!(self, "j{j}: {who} approves; quorum reached");
-                    self.change_approval(j, before, after, Some(Event::Approved), None, &who)
-                }
-                (Ok(Vote::Counted { remaining }), after) => {
-                    trace!(self, "j{j}: {who} approves; {remaining} more needed");
-                    self.change_approval(j, before, after, None, None, &who)
-                }
-                (Err(VoteError::NotPending(status)), _) => {
-                    Err(self.violation(Some(j), &format!("a pending request reads as `{status}`")))
-                }
-                (Err(e), _) => {
-                    self.cov.self_approvals_refused += u64::from(matches!(e, VoteError::SelfApproval(_)));
-                    trace!(self, "j{j}: approval by {who} refused: {e}");
-                    Ok(())
-                }
-            },
         }
     }
 
