@@ -53,7 +53,7 @@ pub enum Counted {
     /// quorum is reached and the job goes to the queue), `None` for a rejection.
     Change {
         /// The change.
-        change: ApprovalChange,
+        change: Box<ApprovalChange>,
         /// Approvals still needed.
         remaining: Option<u32>,
     },
@@ -127,7 +127,7 @@ pub fn cast(c: Cast<'_>) -> Result<Counted, Refused> {
                     remaining
                 }
             };
-            Ok(Counted::Change { change, remaining: Some(remaining) })
+            Ok(Counted::Change { change: Box::new(change), remaining: Some(remaining) })
         }
         Ballot::Reject { comment } => {
             approval::reject(&mut request, c.approver).map_err(Refused::Vote)?;
@@ -140,7 +140,7 @@ pub fn cast(c: Cast<'_>) -> Result<Counted, Refused> {
                 Kind::ApprovalRejected,
                 json!({"comment": comment}),
             ));
-            Ok(Counted::Change { change, remaining: None })
+            Ok(Counted::Change { change: Box::new(change), remaining: None })
         }
     }
 }

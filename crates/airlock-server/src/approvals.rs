@@ -265,7 +265,7 @@ async fn attempt(
         at: now,
     });
     let (change, remaining) = match cast {
-        Ok(Counted::Change { change, remaining }) => (change, remaining),
+        Ok(Counted::Change { change, remaining }) => (*change, remaining),
         Ok(Counted::Stale(stale)) => {
             return Err(refuse_stale(state, caller, record, job, stale, now).await?.into());
         }

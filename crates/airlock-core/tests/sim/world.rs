@@ -1478,7 +1478,7 @@ impl<'p> World<'p> {
                     Some(_) => {}
                 }
                 trace!(self, "j{j}: {who} decides ({ballot:?}); {remaining:?} more needed");
-                self.change_approval(j, &current, change)
+                self.change_approval(j, &current, *change)
             }
             Ok(Counted::Stale(Stale::Expired)) => {
                 trace!(self, "j{j}: {who} tries to approve an expired request");
