@@ -324,6 +324,8 @@ pub enum Change {
     GateB(GateDecision),
     /// Hands out a lease; an execution attempt starts ([`Change::CountExecutionAttempt`]).
     Lease(Lease),
+    /// Extends the lease until then.
+    ExtendLease(Millis),
     /// Ends the lease.
     ClearLease,
     /// One more execution attempt.
@@ -355,7 +357,7 @@ impl Change {
     pub fn field(&self) -> Field {
         match self {
             Self::GateB(_) => Field::GateB,
-            Self::Lease(_) | Self::ClearLease => Field::Lease,
+            Self::Lease(_) | Self::ExtendLease(_) | Self::ClearLease => Field::Lease,
             Self::CountExecutionAttempt | Self::ResetExecutionAttempts => Field::ExecutionAttempts,
             Self::CountSchedulingAttempt | Self::ResetSchedulingAttempts => Field::SchedulingAttempts,
             Self::NotBefore(_) => Field::NotBefore,
@@ -742,6 +744,47 @@ pub fn plan_finish(
     }
 }
 
+/// What a worker's heartbeat comes to, decided against the job as its commit loaded it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Beat {
+    /// The job is still leased: this move extends the lease.
+    Extend(Box<Move>),
+    /// The job was cancelled while leased: the worker is to stop.
+    Cancelled,
+}
+
+/// A heartbeat under `token` at `now`, against `job` as its commit loaded it: refused unless
+/// `token` is the job's live lease; on a leased job, the move that extends the lease until
+/// `expires_at` (no transition, no audit record); on a cancelled one, [`Beat::Cancelled`].
+pub fn plan_heartbeat(
+    job: &JobRecord,
+    token: &str,
+    now: Millis,
+    expires_at: Millis,
+) -> Result<Beat, Refusal> {
+    let live = Precondition {
+        lease: Some(LeaseCheck { token: token.to_owned(), live_at: Some(now) }),
+        ..Precondition::default()
+    };
+    live.check(job)?;
+    match job.state {
+        JobState::Cancelled => Ok(Beat::Cancelled),
+        JobState::Leased => Ok(Beat::Extend(Box::new(Move {
+            tenant: job.tenant.clone(),
+            job_id: job.id.clone(),
+            precondition: Precondition { state: Some(JobState::Leased), ..live },
+            budgets: Vec::new(),
+            transition: None,
+            changes: vec![Change::ExtendLease(expires_at)],
+            approval: ApprovalWrite::None,
+            audit: Vec::new(),
+            at: now,
+            actor: job.dispatch.lease.as_ref().map(|l| l.worker.clone()).unwrap_or_default(),
+        }))),
+        found => Err(Refusal::State { found, expected: JobState::Leased }),
+    }
+}
+
 /// A job moved by `event` alone (a cancellation), whatever its state: the transition table
 /// decides whether it may.
 pub fn plan_transition(
@@ -874,6 +917,11 @@ impl JobRecord {
             match change {
                 Change::GateB(gate) => d.gate_b = Some(gate.clone()),
                 Change::Lease(lease) => d.lease = Some(lease.clone()),
+                Change::ExtendLease(until) => {
+                    if let Some(lease) = &mut d.lease {
+                        lease.expires_at = *until;
+                    }
+                }
                 Change::ClearLease => d.lease = None,
                 Change::CountExecutionAttempt => {
                     d.execution_attempts = d.execution_attempts.saturating_add(1)
@@ -1190,6 +1238,25 @@ rules:
         assert_eq!(
             plan_discard(&queued, 30, "op".into()).precondition.check(&queued),
             Err(Refusal::State { found: JobState::Queued, expected: JobState::DeadLettered })
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_extends_a_live_lease_and_tells_a_cancelled_worker_to_stop() {
+        let mut j = job(JobState::Leased);
+        j.dispatch.lease = Some(lease("t", 100));
+        assert_eq!(plan_heartbeat(&j, "other", 50, 200), Err(Refusal::NotLeaseHolder));
+        assert_eq!(plan_heartbeat(&j, "t", 101, 200), Err(Refusal::LeaseLapsed));
+        let Ok(Beat::Extend(mv)) = plan_heartbeat(&j, "t", 50, 200) else { panic!("an extension") };
+        assert_eq!(j.apply(&mv).unwrap(), [Field::Lease]);
+        assert_eq!((j.state, j.dispatch.lease.as_ref().map(|l| l.expires_at)), (JobState::Leased, Some(200)));
+        assert!(mv.transition.is_none() && mv.audit.is_empty());
+        j.state = JobState::Cancelled;
+        assert_eq!(plan_heartbeat(&j, "t", 60, 300), Ok(Beat::Cancelled));
+        j.state = JobState::Succeeded;
+        assert_eq!(
+            plan_heartbeat(&j, "t", 60, 300),
+            Err(Refusal::State { found: JobState::Succeeded, expected: JobState::Leased })
         );
     }
 }

@@ -743,6 +743,12 @@ async fn leases_are_fenced_and_dead_letters_come_back() {
         assert!(matches!(wrong, Err(StoreError::Conflict(_))), "{name}: {wrong:?}");
         let extended = store.heartbeat(&t, &j.id, "t2", 300, 2_000).await.unwrap();
         assert_eq!(extended, airlock_store::Heartbeat::Extended { expires_at: 2_000 }, "{name}");
+        let beaten = stored(Arc::clone(&store)).await;
+        assert_eq!(
+            (beaten.dispatch.lease.as_ref().map(|l| l.expires_at), beaten.updated_at, beaten.state),
+            (Some(2_000), 300, JobState::Leased),
+            "{name}: the core's heartbeat move, applied"
+        );
         // The other job's lease (until 1 000) lapsed; this one's runs until 2 000.
         assert_eq!(store.lapsed_leases(2_000, 10).await.unwrap().len(), 1, "{name}");
         assert_eq!(store.lapsed_leases(2_001, 10).await.unwrap().len(), 2, "{name}");

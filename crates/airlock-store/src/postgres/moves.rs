@@ -9,7 +9,7 @@ use std::time::Duration;
 use airlock_core::Millis;
 use airlock_core::audit::{Draft, Kind};
 use airlock_core::ids::{ApprovalId, JobId, TenantId};
-use airlock_core::moves::{ApprovalWrite, Move, plan_approval_change};
+use airlock_core::moves::{ApprovalWrite, Beat, Move, plan_approval_change, plan_heartbeat};
 use airlock_core::state::JobState;
 use airlock_core::throttle::{self, Bucket, Take};
 use serde_json::{Value, json};
@@ -574,24 +574,7 @@ impl Floor {
     }
 }
 
-/// The job, locked, if `token` is its live lease's.
-pub(super) async fn leased_under(
-    tx: &Tx<'_>,
-    tenant: &TenantId,
-    id: &JobId,
-    token: &str,
-    live_at: Option<Millis>,
-) -> Result<JobRecord, Fail> {
-    let job = load_job(tx, tenant, id, true).await?.ok_or(StoreError::NotFound)?;
-    match &job.dispatch.lease {
-        Some(lease) if lease.token == token && live_at.is_some_and(|now| now > lease.expires_at) => {
-            Err(StoreError::Conflict("the lease lapsed; the job will be retried".into()).into())
-        }
-        Some(lease) if lease.token == token => Ok(job),
-        _ => Err(StoreError::Conflict("the lease token is not the job's live lease".into()).into()),
-    }
-}
-
+/// A worker's heartbeat, planned by the core against the job as this transaction locked it.
 pub(super) async fn heartbeat(
     tx: &Tx<'_>,
     tenant: &TenantId,
@@ -600,14 +583,12 @@ pub(super) async fn heartbeat(
     now: Millis,
     expires_at: Millis,
 ) -> Result<Heartbeat, Fail> {
-    let job = leased_under(tx, tenant, id, token, Some(now)).await?;
-    match job.state {
-        JobState::Cancelled => Ok(Heartbeat::Cancelled),
-        JobState::Leased => {
-            tx.execute("UPDATE jobs SET lease_expires_at = $1 WHERE id = $2", &[&expires_at, &id.as_str()])
-                .await?;
+    let job = load_job(tx, tenant, id, true).await?.ok_or(StoreError::NotFound)?;
+    match plan_heartbeat(&job, token, now, expires_at).map_err(refused)? {
+        Beat::Cancelled => Ok(Heartbeat::Cancelled),
+        Beat::Extend(mv) => {
+            apply_loaded(tx, job, &mv, true).await?.finished()?;
             Ok(Heartbeat::Extended { expires_at })
         }
-        other => Err(StoreError::Conflict(format!("the job is `{other}`, no longer leased")).into()),
     }
 }

@@ -31,7 +31,7 @@ use crate::{
     TenantOverview, Transition,
 };
 use migrations::migrate;
-use moves::{apply, change_approval, check_decided_under, leased_under, load_breaker, save_breaker, submit};
+use moves::{apply, change_approval, check_decided_under, heartbeat, load_breaker, save_breaker, submit};
 use readers::{CACHE_KIB, Readers};
 use rows::{
     APPROVAL_COLUMNS, AUDIT_COLUMNS, JOB_COLUMNS, KEY_COLUMNS, SNAPSHOT_SELECT, approval_from_row, collect,
@@ -660,21 +660,8 @@ impl Store for SqliteStore {
         expires_at: Millis,
     ) -> Result<Heartbeat, StoreError> {
         let (tenant, id, token) = (tenant.clone(), id.clone(), token.to_owned());
-        let reply = self
-            .write(Box::new(move |tx| {
-                let job = leased_under(tx.conn, &tenant, &id, &token, Some(now))?;
-                match job.state {
-                    JobState::Cancelled => Ok(Output::Heartbeat(Heartbeat::Cancelled)),
-                    JobState::Leased => {
-                        tx.conn
-                            .prepare_cached("UPDATE jobs SET lease_expires_at = ?1 WHERE id = ?2")?
-                            .execute(params![expires_at, id.as_str()])?;
-                        Ok(Output::Heartbeat(Heartbeat::Extended { expires_at }))
-                    }
-                    other => Err(StoreError::Conflict(format!("the job is `{other}`, no longer leased"))),
-                }
-            }))
-            .await;
+        let reply =
+            self.write(Box::new(move |tx| heartbeat(tx, &tenant, &id, &token, now, expires_at))).await;
         expect_output!(reply, Heartbeat)
     }
 

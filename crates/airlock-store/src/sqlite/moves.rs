@@ -6,7 +6,7 @@ use airlock_core::Millis;
 use airlock_core::audit::Kind;
 use airlock_core::breaker::BreakerState;
 use airlock_core::ids::{ApprovalId, JobId, TenantId};
-use airlock_core::moves::{self, ApprovalWrite, Move};
+use airlock_core::moves::{self, ApprovalWrite, Beat, Move};
 use airlock_core::throttle::{self, Bucket, Take};
 use rusqlite::types::ToSqlOutput;
 use rusqlite::{Connection, OptionalExtension, ToSql, params};
@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use super::rows::{JOB_INSERT_COLUMNS, load_approval, load_idempotency, load_job};
 use super::writer::{Output, Reply, Tx};
 use crate::codec::{Applied, Cell, corrupt, gate_json, job_cells, refused};
-use crate::{ApprovalChange, Budget, JobRecord, StoreError, Submission, SubmitOutcome};
+use crate::{ApprovalChange, Budget, Heartbeat, JobRecord, StoreError, Submission, SubmitOutcome};
 
 /// Refuses a write decided under a snapshot that is no longer active. Publishes go through the
 /// same writer thread, so nothing can activate another snapshot between this check and the
@@ -231,27 +231,29 @@ impl ToSql for Cell {
     }
 }
 
+/// A worker's heartbeat, planned by the core against the job as the writer loaded it.
+pub(super) fn heartbeat(
+    tx: &mut Tx<'_>,
+    tenant: &TenantId,
+    id: &JobId,
+    token: &str,
+    now: Millis,
+    expires_at: Millis,
+) -> Reply {
+    let job = load_job(tx.conn, tenant, id)?.ok_or(StoreError::NotFound)?;
+    match moves::plan_heartbeat(&job, token, now, expires_at).map_err(refused)? {
+        Beat::Cancelled => Ok(Output::Heartbeat(Heartbeat::Cancelled)),
+        Beat::Extend(mv) => {
+            apply_move(tx, job, *mv)?.finished()?;
+            Ok(Output::Heartbeat(Heartbeat::Extended { expires_at }))
+        }
+    }
+}
+
 /// Commits a move of the job it names ([`crate::Store::apply`]).
 pub(super) fn apply(tx: &mut Tx<'_>, mv: Move) -> Reply {
     let job = load_job(tx.conn, &mv.tenant, &mv.job_id)?.ok_or(StoreError::NotFound)?;
     Ok(Output::Applied(apply_move(tx, job, mv)?))
-}
-
-pub(super) fn leased_under(
-    conn: &Connection,
-    tenant: &TenantId,
-    id: &JobId,
-    token: &str,
-    live_at: Option<Millis>,
-) -> Result<JobRecord, StoreError> {
-    let job = load_job(conn, tenant, id)?.ok_or(StoreError::NotFound)?;
-    match &job.dispatch.lease {
-        Some(lease) if lease.token == token && live_at.is_some_and(|now| now > lease.expires_at) => {
-            Err(StoreError::Conflict("the lease lapsed; the job will be retried".into()))
-        }
-        Some(lease) if lease.token == token => Ok(job),
-        _ => Err(StoreError::Conflict("the lease token is not the job's live lease".into())),
-    }
 }
 
 pub(super) fn load_breaker(conn: &Connection) -> Result<BreakerState, StoreError> {
