@@ -949,7 +949,7 @@ impl JobRecord {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "a test fails by panicking")]
 
     use std::collections::BTreeMap;
@@ -959,7 +959,8 @@ mod tests {
 
     use super::*;
 
-    fn job(state: JobState) -> JobRecord {
+    /// A job of tenant `acme` in `state`, for the core's tests.
+    pub(crate) fn job(state: JobState) -> JobRecord {
         JobRecord {
             id: JobId::generate(1, [1; 10]),
             tenant: "acme".parse().unwrap(),

@@ -209,43 +209,12 @@ fn draft(record: &ApprovalRecord, actor: &str, at: Millis, kind: Kind, data: Val
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "a test fails by panicking")]
 
-    use std::collections::BTreeMap;
-
-    use airlock_policy::Decision;
-
     use super::*;
-    use crate::ids::JobId;
-    use crate::record::{DispatchState, GateDecision};
 
     const POLICY: &str = "version: v1\nrules:\n  - id: del\n    when: { topic: t }\n    decision: require_human\n    approvals: 2\n";
 
     fn job() -> JobRecord {
-        JobRecord {
-            id: JobId::generate(1, [1; 10]),
-            tenant: "acme".parse().unwrap(),
-            principal: "agent".into(),
-            topic: "t".into(),
-            env: "e".into(),
-            labels: BTreeMap::new(),
-            payload: json!({}),
-            plan_hash: None,
-            idempotency_key: None,
-            job_hash: "h".into(),
-            state: JobState::AwaitingApproval,
-            gate_a: GateDecision {
-                decision: Decision::RequireHuman,
-                rule_ids: vec!["del".into()],
-                reason: String::new(),
-                snapshot_hash: "s".into(),
-                snapshot_version: 1,
-                at: 1,
-                bypassed: false,
-            },
-            approval_id: None,
-            created_at: 1,
-            updated_at: 1,
-            dispatch: DispatchState::default(),
-        }
+        crate::moves::tests::job(JobState::AwaitingApproval)
     }
 
     fn request(j: &JobRecord) -> ApprovalRecord {
