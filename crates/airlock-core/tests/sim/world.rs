@@ -13,15 +13,15 @@ use airlock_core::Millis;
 use airlock_core::approval::{self, Binding, Request, Stale, Status, VoteError};
 use airlock_core::audit::{Draft, Kind};
 use airlock_core::breaker::{Admission, Breaker, BreakerConfig, BreakerState};
-use airlock_core::decided::Decided;
+use airlock_core::decided::{Decided, Gate};
 use airlock_core::defaults::{APPROVAL_TTL_MS, GATE_B_CLIENT_TIMEOUT_MS, LEASE_MS};
 use airlock_core::dispatch::{self, Action, AfterAttempt, ApprovalState, Caps, FailMode, Safety};
 use airlock_core::ids::{ApprovalId, JobId, TenantId};
 use airlock_core::moves::{
-    ApprovalChange, ApprovalWrite, Dispatch, DispatchAction, Finish, LeaseCheck, Move, plan_approval_change,
-    plan_dispatch, plan_finish, plan_operator_retry, plan_transition,
+    Answer, ApprovalChange, ApprovalWrite, Dispatch, DispatchAction, Finish, GateB, LeaseCheck, Move,
+    plan_approval_change, plan_dispatch, plan_finish, plan_gate_b, plan_operator_retry, plan_transition,
 };
-use airlock_core::record::{self, ApprovalRecord, DispatchState, GateDecision, JobRecord};
+use airlock_core::record::{self, ApprovalRecord, Budget, DispatchState, GateDecision, JobRecord};
 use airlock_core::state::{Event, JobState};
 use airlock_core::throttle::{self, Bucket, Take};
 use airlock_core::votes::{self, Ballot, Cast, Counted, Refused};
@@ -691,22 +691,14 @@ impl<'p> World<'p> {
         }
     }
 
-    /// Takes one token from each budget of a throttle decision, all or nothing; on refusal,
-    /// the longest wait.
-    fn take_budgets(
-        &mut self,
-        gate: &str,
-        policy: &Policy,
-        evaluation: &Evaluation,
-        job: &Job,
-    ) -> Result<(), u64> {
+    /// Takes one token from each budget the core planned, all or nothing, as a store does; on
+    /// refusal, the longest wait.
+    fn take_budgets(&mut self, budgets: &[Budget]) -> Result<(), u64> {
         let mut taken = Vec::new();
         let mut retry_after_ms = 0;
-        for rule in evaluation.deciding.iter().filter_map(|i| policy.rule(*i)) {
-            let Some(limit) = &rule.limit else { continue };
-            let key = format!("{gate}|{}", throttle::bucket_key(&rule.id, limit, job));
-            match throttle::take(self.buckets.get(&key).copied(), limit, self.now) {
-                Take::Admitted(bucket) => taken.push((key, bucket, limit)),
+        for Budget { key, limit } in budgets {
+            match throttle::take(self.buckets.get(key).copied(), limit, self.now) {
+                Take::Admitted(bucket) => taken.push((key.clone(), bucket, limit)),
                 Take::Refused { retry_after_ms: ms } => retry_after_ms = retry_after_ms.max(ms),
             }
         }
@@ -767,7 +759,10 @@ impl<'p> World<'p> {
                 trace!(self, "gate A: deny {what}");
                 return Ok(());
             }
-            Decision::Throttle => match self.take_budgets("a", policy, &evaluation, &job) {
+            Decision::Throttle => match self.take_budgets(
+                &Decided { policy, version: self.active as u64, evaluation: &evaluation, plan: None }
+                    .budgets(Gate::A, &job),
+            ) {
                 Ok(()) => JobState::Queued,
                 Err(ms) => {
                     self.cov.gate_a_throttled += 1;
@@ -988,7 +983,7 @@ impl<'p> World<'p> {
             j,
             check.worker,
             Safety::Decided(evaluation.decision, approval),
-            Some((evaluation, policy)),
+            Some((evaluation, policy, svc)),
         )
     }
 
@@ -1012,54 +1007,76 @@ impl<'p> World<'p> {
         }
     }
 
-    /// Runs `gate_b` and carries out its action.
-    /// `evaluated`: the evaluation behind a decision and the snapshot it was made under.
+    /// Runs Gate B as the server does (`plan_gate_b`) and commits its move as a store does.
+    /// `evaluated`: the evaluation behind a decision and the snapshot (and its index) it was
+    /// made under.
     fn decide(
         &mut self,
         j: usize,
         worker: usize,
         safety: Safety,
-        evaluated: Option<(Evaluation, &'p Policy)>,
+        evaluated: Option<(Evaluation, &'p Policy, usize)>,
     ) -> Outcome {
         let jitter = 0.5 + self.rng.unit();
         let fail_mode = self.fail_mode_for(j);
         let unavailable = matches!(safety, Safety::Unavailable(_));
         let decision = match (&safety, &evaluated) {
-            (Safety::Decided(d, _), Some((_, policy))) => Some((*d, policy.hash().to_owned())),
+            (Safety::Decided(d, _), Some((_, policy, _))) => Some((*d, policy.hash().to_owned())),
             _ => None,
         };
-        let attempts = self.jobs[j].scheduling_attempts();
-        let action = match (
-            dispatch::gate_b(safety, fail_mode, attempts, &self.cfg.caps, jitter),
-            self.cfg.sabotage,
-        ) {
-            (Action::Deny, Some(Sabotage::LeaseOnDeny)) => Action::Lease { budgets: false, bypassed: false },
-            (Action::DeadLetter(reason), Some(Sabotage::IgnoreCaps)) => Action::Requeue {
-                delay_ms: dispatch::backoff_ms(attempts + 1, &self.cfg.caps, jitter),
-                counted: true,
-                reason,
+        let answer = match (safety, &evaluated) {
+            (Safety::Decided(_, approval), Some((evaluation, policy, svc))) => {
+                Answer::Decided(Decided { policy, version: *svc as u64, evaluation, plan: None }, approval)
+            }
+            (Safety::Unavailable(why), _) => Answer::Unavailable {
+                why,
+                snapshot_hash: self.active_policy().hash().to_owned(),
+                snapshot_version: self.active as u64,
             },
-            (action, _) => action,
+            (Safety::Decided(..), None) => {
+                return Err(self.violation(Some(j), "a decision without an evaluation"));
+            }
+        };
+        let attempts = self.jobs[j].scheduling_attempts();
+        let token = self.next_token;
+        let lease = self.lease_for(worker);
+        let (record, job) = (self.jobs[j].record.clone(), self.jobs[j].job.clone());
+        let plan = plan_gate_b(GateB {
+            job: &record,
+            policy_job: &job,
+            answer,
+            fail_mode,
+            caps: self.cfg.caps,
+            jitter,
+            lease: lease.clone(),
+            approval_id: ApprovalId::generate(self.now, [j as u8; 10]),
+            approval_ttl_ms: self.cfg.approval_ttl_ms,
+            at: self.now,
+            actor: format!("w{worker}"),
+        });
+        let (action, mv) = match (plan.action, self.cfg.sabotage) {
+            (Action::Deny, Some(Sabotage::LeaseOnDeny)) => (
+                Action::Lease { budgets: false, bypassed: false },
+                self.dispatch(j, DispatchAction::Lease { lease, budgets: Vec::new() }),
+            ),
+            (Action::DeadLetter(reason), Some(Sabotage::IgnoreCaps)) => {
+                let delay_ms = dispatch::backoff_ms(attempts + 1, &self.cfg.caps, jitter);
+                let not_before = self.now + delay_ms as Millis;
+                let mv = self.dispatch(j, DispatchAction::Requeue { not_before, counted: true });
+                (Action::Requeue { delay_ms, counted: true, reason }, mv)
+            }
+            (action, _) => (action, plan.mv),
         };
         trace!(self, "gate B j{j} ({fail_mode:?}, {attempts} attempts): {action:?}");
         match action {
             Action::Lease { budgets, bypassed } => {
-                // Every dispatch that would run the job is charged, retries included (SPEC 6).
-                let mut charged_now = false;
-                if budgets {
-                    let Some((evaluation, policy)) = evaluated else {
-                        return Err(self.violation(Some(j), "a throttle lease without an evaluation"));
-                    };
-                    let job = self.jobs[j].job.clone();
-                    if let Err(ms) = self.take_budgets("b", policy, &evaluation, &job) {
-                        self.cov.throttle_deferrals += 1;
-                        trace!(self, "j{j}: Gate B budget refuses, back in {ms} ms (uncounted)");
-                        // The lease's move as a store commits it when a budget refuses.
-                        let lease = self.lease_for(worker);
-                        let mv = self.dispatch(j, DispatchAction::Lease { lease, budgets: Vec::new() });
-                        return self.commit(j, &mv.throttled(ms));
-                    }
-                    charged_now = true;
+                // Every dispatch that would run the job is charged, retries included (SPEC 6),
+                // with the budgets the core planned.
+                if budgets && let Err(ms) = self.take_budgets(&mv.budgets) {
+                    self.cov.throttle_deferrals += 1;
+                    trace!(self, "j{j}: Gate B budget refuses, back in {ms} ms (uncounted)");
+                    // The lease's move as a store commits it when a budget refuses.
+                    return self.commit(j, &mv.throttled(ms));
                 }
                 let approval = match &decision {
                     Some((Decision::RequireHuman, _)) => self.jobs[j].requests.last().cloned(),
@@ -1073,13 +1090,12 @@ impl<'p> World<'p> {
                     fail_mode,
                     decision,
                     approval,
-                    charged_now,
+                    charged_now: budgets,
                 };
-                self.lease(j, worker, grant)
+                self.lease(j, worker, token, &mv, grant)
             }
             Action::Deny => {
                 self.cov.gate_b_denies += 1;
-                let mv = self.dispatch(j, DispatchAction::Deny);
                 self.commit(j, &mv)
             }
             Action::NeedsApproval(stale) => {
@@ -1091,20 +1107,15 @@ impl<'p> World<'p> {
                         old.status = Status::Stale;
                     }
                 }
-                let request = self.request_for(j);
-                let record = &self.jobs[j].record;
-                let id = ApprovalId::generate(self.now, [j as u8; 10]);
-                let replacement =
-                    ApprovalRecord::open(id, record.tenant.clone(), record.id.clone(), request.clone());
-                let mv = self.dispatch(j, DispatchAction::NeedsApproval { replacement });
                 self.commit(j, &mv)?;
-                self.jobs[j].requests.push(request);
+                let ApprovalWrite::Replace(replacement) = mv.approval else {
+                    return Err(self.violation(Some(j), "a fresh approval without a request"));
+                };
+                self.jobs[j].requests.push(replacement.request);
                 Ok(())
             }
             Action::Requeue { delay_ms, counted, reason } => {
                 trace!(self, "j{j}: requeued for {delay_ms} ms: {reason}");
-                let not_before = self.now + delay_ms as Millis;
-                let mv = self.dispatch(j, DispatchAction::Requeue { not_before, counted });
                 self.commit(j, &mv)?;
                 if counted {
                     self.cov.unavailable_requeues += 1;
@@ -1115,7 +1126,6 @@ impl<'p> World<'p> {
             Action::DeadLetter(reason) => {
                 self.cov.dead_letters += 1;
                 trace!(self, "j{j}: dead-lettered: {reason}");
-                let mv = self.dispatch(j, DispatchAction::DeadLetter { reason });
                 self.commit(j, &mv)
             }
         }
@@ -1137,7 +1147,6 @@ impl<'p> World<'p> {
         Ok(())
     }
 
-    /// Grants a lease: through the table, fenced by a fresh token, recorded for the check.
     /// A fresh lease for `worker`, fenced by the next token.
     fn lease_for(&mut self, worker: usize) -> record::Lease {
         let token = self.next_token;
@@ -1149,11 +1158,9 @@ impl<'p> World<'p> {
         }
     }
 
-    fn lease(&mut self, j: usize, worker: usize, mut grant: Grant) -> Outcome {
-        let lease = self.lease_for(worker);
-        let token = self.next_token - 1;
-        let mv = self.dispatch(j, DispatchAction::Lease { lease, budgets: Vec::new() });
-        self.commit(j, &mv)?;
+    /// Commits the lease `mv` hands out under `token`, recorded for the check.
+    fn lease(&mut self, j: usize, worker: usize, token: u64, mv: &Move, mut grant: Grant) -> Outcome {
+        self.commit(j, mv)?;
         let job = &mut self.jobs[j];
         if grant.bypassed {
             job.bypassed = true;
