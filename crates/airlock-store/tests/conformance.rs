@@ -1412,6 +1412,21 @@ async fn postgres_connections_use_tls_as_sslmode_asks() {
     let (client, connection) = tokio_postgres::connect(&schema.base, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
     let encrypted = async |url: &str| -> Result<bool, String> {
+        // A dropped store's backends leave `pg_stat_activity` a moment after their sockets
+        // close: wait them out, so that only this store's connections are read.
+        for _ in 0..500 {
+            let open = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                    &[&schema.name],
+                )
+                .await
+                .unwrap();
+            if open.get::<_, i64>(0) == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         let store = PgStore::connect(url).await.map_err(|e| e.to_string())?;
         store.keys(None).await.map_err(|e| e.to_string())?;
         let row = client
