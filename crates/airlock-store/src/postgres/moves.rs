@@ -18,7 +18,9 @@ use tokio_postgres::types::ToSql;
 
 use super::notifications::WORK_CHANNEL;
 use super::pool::{Db, Fail, Tx};
-use super::rows::{JOB_COLUMNS, big, big_u64, get, job_from_row, load_approval, load_idempotency, load_job};
+use super::rows::{
+    JOB_COLUMNS, big, big_u64, get, job_from_row, load_approval, load_idempotency, load_job, lock_job_under,
+};
 use super::sealing::append_audit;
 use crate::codec::{Applied, Cell, corrupt, gate_json, job_cells, refused};
 use crate::{
@@ -255,20 +257,15 @@ fn cell_param(cell: &Cell) -> &(dyn ToSql + Sync) {
 }
 
 /// Commits `mv` in the caller's transaction (as its last statement when `last`): locks and loads the job
-/// (the snapshot guard pipelined with the load), checks the precondition, takes the budgets (a
+/// (the snapshot guard run by the same statement), checks the precondition, takes the budgets (a
 /// refusal commits [`Move::throttled`] instead), applies the move to the record and writes it
 /// ([`write_job`]) through the one field-to-column mapping ([`job_cells`]).
 pub(super) async fn apply_move(tx: &Tx<'_>, mv: &Move, last: bool) -> Result<Applied, Fail> {
     // Waits for the row rather than skipping it: a claim that holds the job must not give it up
     // because another claim's `hold_next` (or a dispatch of a page claim) has it locked for an
     // instant; a job dispatched meanwhile fails the precondition below.
-    // The guard goes out with the load (pipelined): a move decided under a superseded snapshot
-    // fails here, and the transaction writes nothing. Its error comes first: the load may run
-    // after it and then fail only because the transaction was aborted.
-    let (job, guarded) =
-        tokio::join!(load_job(tx, &mv.tenant, &mv.job_id, true), guard(tx, mv.precondition.decided_under));
-    guarded?;
-    apply_loaded(tx, job?.ok_or(StoreError::NotFound)?, mv, last).await
+    let job = lock_job_under(tx, &mv.tenant, &mv.job_id, mv.precondition.decided_under).await?;
+    apply_loaded(tx, job.ok_or(StoreError::NotFound)?, mv, last).await
 }
 
 /// [`apply_move`] to `job`, already locked and loaded by the caller (whose snapshot guard, if

@@ -103,6 +103,22 @@ pub(super) async fn load_job(
     Ok(job.filter(|job| job.tenant == *tenant))
 }
 
+/// Locks and loads the job, as [`load_job`] does; with `decided_under`, the same statement runs
+/// the snapshot guard ([`super::moves::guard`]) on the row, so a move decided under a
+/// superseded snapshot fails here, and the transaction writes nothing.
+pub(super) async fn lock_job_under(
+    c: &Db<'_, impl GenericClient + Sync>,
+    tenant: &TenantId,
+    id: &JobId,
+    decided_under: Option<u64>,
+) -> Result<Option<JobRecord>, Fail> {
+    let Some(version) = decided_under else { return load_job(c, tenant, id, true).await };
+    let sql = format!("SELECT {JOB_COLUMNS}, airlock_decided_under($2) FROM jobs WHERE id = $1 FOR UPDATE");
+    let row = c.query_opt(&sql, &[&id.as_str(), &big_u64(version)]).await?;
+    let job = row.as_ref().map(job_from_row).transpose()?;
+    Ok(job.filter(|job| job.tenant == *tenant))
+}
+
 pub(super) const APPROVAL_COLUMNS: &str = "id, tenant, job_id, status, job_hash, snapshot_hash, rule_ids, rule_hashes, \
                                 requested_by, created_at, expires_at, quorum, approvers, decided_at, decided_by";
 

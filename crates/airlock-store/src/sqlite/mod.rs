@@ -98,6 +98,9 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "busy_timeout", 5_000)?;
         conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
+        // Each command's savepoint journals the pages it changes: in memory, not in a temporary
+        // file, whose writes were most of the writer's I/O per job (BENCHMARKS.md).
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         migrate(&mut conn)?;
         let (sender, receiver) = mpsc::channel::<Command>();
         std::thread::Builder::new()
