@@ -22,6 +22,7 @@ import argparse
 import http.client
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -161,7 +162,13 @@ def main():
         dump()
         print(f"{args.jobs} jobs: submits {submitted:.1f} s, claims and completions {claimed:.1f} s")
     finally:
-        server.terminate()
+        if args.strace:
+            # strace stopped by a signal writes no summary: stop the server it traces instead.
+            traced = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True)
+            for pid in traced.stdout.split():
+                os.kill(int(pid), signal.SIGTERM)
+        else:
+            server.terminate()
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
