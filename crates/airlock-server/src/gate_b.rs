@@ -312,9 +312,15 @@ async fn decide(state: &AppState, caller: &Caller, job: &JobRecord) -> Result<Op
         }
         DispatchOutcome::Throttled { .. } => {
             state.metrics().throttle_answered("b", gate.decision, &job.topic, false);
+            state.work().changed();
             Ok(None)
         }
-        DispatchOutcome::Applied(_) | DispatchOutcome::Gone => Ok(None),
+        DispatchOutcome::Applied(_) => {
+            // Possibly put back for later (a backoff): waiting claims read the due time again.
+            state.work().changed();
+            Ok(None)
+        }
+        DispatchOutcome::Gone => Ok(None),
     }
 }
 

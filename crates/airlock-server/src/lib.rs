@@ -335,7 +335,7 @@ pub fn spawn_listener(state: AppState) {
     tokio::spawn(async move {
         loop {
             match events.recv().await {
-                Ok(airlock_store::StoreEvent::Work) => state.work().notify_waiters(),
+                Ok(airlock_store::StoreEvent::Work) => state.work().wake(),
                 Ok(airlock_store::StoreEvent::Keys) => state.keys().clear(),
                 Ok(airlock_store::StoreEvent::Policy) => {
                     if let Err(e) = state.refresh_policy(None).await {
@@ -344,7 +344,7 @@ pub fn spawn_listener(state: AppState) {
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     state.keys().clear();
-                    state.work().notify_waiters();
+                    state.work().wake();
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }

@@ -96,5 +96,5 @@ async fn drain(state: &AppState, bus: &NatsBus, crash_after_commit: bool) -> Res
 /// Starts consuming the bus as consumer `group`: each message wakes this process's claim loops,
 /// which then read the store.
 pub fn spawn_subscriber(state: AppState, bus: &NatsBus, group: String) {
-    bus.subscribe(group, move || state.work().notify_waiters());
+    bus.subscribe(group, move || state.work().wake());
 }

@@ -414,7 +414,7 @@ struct Inner {
     config: Config,
     metrics: Metrics,
     breaker: Mutex<Breaker>,
-    work: tokio::sync::Notify,
+    work: crate::claim_wait::Work,
     queued_here: tokio::sync::Notify,
     in_flight: Mutex<std::collections::HashSet<airlock_core::ids::JobId>>,
     snapshots: crate::remote_safety::Snapshots,
@@ -440,7 +440,7 @@ impl AppState {
             config,
             metrics: Metrics::default(),
             breaker,
-            work: tokio::sync::Notify::new(),
+            work: crate::claim_wait::Work::default(),
             queued_here: tokio::sync::Notify::new(),
             in_flight: Mutex::new(std::collections::HashSet::new()),
             snapshots: crate::remote_safety::Snapshots::default(),
@@ -519,15 +519,15 @@ impl AppState {
         &self.0.breaker
     }
 
-    /// Wakes claimers waiting for work (a job became dispatchable).
-    pub fn work(&self) -> &tokio::sync::Notify {
+    /// What wakes claimers waiting for work (a job became dispatchable).
+    pub fn work(&self) -> &crate::claim_wait::Work {
         &self.0.work
     }
 
     /// After this process committed a job as queued: wakes its claimers and its outbox relay.
     /// (Wake-ups from other processes wake only the claimers: their own relays publish.)
     pub fn queued_here(&self) {
-        self.0.work.notify_waiters();
+        self.0.work.wake();
         self.0.queued_here.notify_one();
     }
 
