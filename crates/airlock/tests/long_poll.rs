@@ -141,3 +141,47 @@ fn a_submit_wakes_a_waiting_claim_and_a_throttled_job_is_claimed_when_due() {
     assert!(waited > Duration::from_millis(500), "Gate B throttled the retry first: {waited:?}");
     assert!(waited < Duration::from_secs(8), "the throttled job was not claimed when due: {waited:?}");
 }
+
+#[test]
+fn a_job_gate_b_puts_back_is_claimed_when_due_though_a_waiting_claim_read_the_due_times_before() {
+    // The safety-net re-check is far off. Pool `other` takes no job here: its claim only reads
+    // the tenant's next due time and waits.
+    let config =
+        "http: { long_poll_recheck_ms: 30000 }\npools: { vm: [\"infra.vm.**\"], other: [\"other.**\"] }\n";
+    let (_server, addr) = serve("put-back", config);
+    let worker = support::key(&addr, ADMIN, "acme", "worker", &["worker"]);
+    let submitter = support::key(&addr, ADMIN, "acme", "agent", &["submitter"]);
+    let claim_from = |pool: &str, wait_ms: u64| {
+        support::post(&addr, "/api/v1/workers/claim", &worker, json!({"wait_ms": wait_ms, "pool": pool}))
+    };
+    let (status, reply) =
+        support::post(&addr, "/api/v1/jobs", &submitter, json!({"topic": "infra.vm.create", "env": "dev"}));
+    assert_eq!(status, 202, "{reply}");
+    let (status, leased) = claim_from("vm", 0);
+    assert_eq!(status, 200, "{leased}");
+    let id = leased["job_id"].as_str().unwrap();
+    let body = json!({"lease_token": leased["lease_token"], "error": "flaky", "retryable": true});
+    let failed = support::post(&addr, &format!("/api/v1/workers/jobs/{id}/fail"), &worker, body);
+    assert_eq!(failed.0, 200, "{}", failed.1);
+
+    // After the retry's wake-up, a claim of pool `other` reads the due times and waits.
+    let idle = {
+        let (addr, worker) = (addr.clone(), worker.clone());
+        std::thread::spawn(move || {
+            support::post(&addr, "/api/v1/workers/claim", &worker, json!({"wait_ms": 6_000, "pool": "other"}))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // Gate B throttles the retry and puts the job back for later, which wakes no claim: the
+    // due times read before are out of date.
+    let (status, body) = claim_from("vm", 0);
+    assert_eq!(status, 204, "{body}");
+    let asked = Instant::now();
+    let (status, again) = claim_from("vm", 9_000);
+    let waited = asked.elapsed();
+    assert_eq!(status, 200, "{again}");
+    assert_eq!((again["job_id"].as_str(), again["attempt"].as_u64()), (Some(id), Some(2)), "{again}");
+    assert!(waited > Duration::from_millis(500), "the bucket had no token yet: {waited:?}");
+    assert!(waited < Duration::from_secs(8), "the put-back job was not claimed when due: {waited:?}");
+    assert_eq!(idle.join().unwrap().0, 204);
+}
