@@ -52,8 +52,10 @@ struct Site {
     carol: String,
     olga: String,
     worker: String,
-    _driver: Chromedriver,
+    // Fields drop in this order: the browser's session closes (Chromium quits) while its
+    // chromedriver still runs; a browser whose chromedriver was killed first outlives the test.
     browser: Browser,
+    _driver: Chromedriver,
 }
 
 impl Site {
@@ -84,7 +86,7 @@ impl Site {
         let driver = Chromedriver::start();
         let browser = driver.browser();
         let base = format!("http://{addr}");
-        Site { _server: server, addr, base, agent, alice, bob, carol, olga, worker, _driver: driver, browser }
+        Site { _server: server, addr, base, agent, alice, bob, carol, olga, worker, browser, _driver: driver }
     }
 
     fn submit(&self, key: &str, job: Value) -> Value {
