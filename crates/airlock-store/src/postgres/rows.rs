@@ -5,7 +5,7 @@ use airlock_core::approval::Request;
 use airlock_core::audit::{Draft, Record};
 use airlock_core::ids::{ApprovalId, JobId, TenantId};
 use airlock_core::role::{Role, Roles};
-use tokio_postgres::types::FromSql;
+use tokio_postgres::types::{FromSql, ToSql};
 use tokio_postgres::{GenericClient, Row};
 
 use super::pool::{Db, Fail};
@@ -99,7 +99,17 @@ pub(super) async fn load_job(
 ) -> Result<Option<JobRecord>, Fail> {
     let sql =
         format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1{}", if lock { " FOR UPDATE" } else { "" });
-    let job = c.query_opt(&sql, &[&id.as_str()]).await?.as_ref().map(job_from_row).transpose()?;
+    tenants_job(c, tenant, &sql, &[&id.as_str()]).await
+}
+
+/// The job `sql` selects by id (its first columns [`JOB_COLUMNS`]), if it is `tenant`'s.
+async fn tenants_job(
+    c: &Db<'_, impl GenericClient + Sync>,
+    tenant: &TenantId,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<JobRecord>, Fail> {
+    let job = c.query_opt(sql, params).await?.as_ref().map(job_from_row).transpose()?;
     Ok(job.filter(|job| job.tenant == *tenant))
 }
 
@@ -114,9 +124,7 @@ pub(super) async fn lock_job_under(
 ) -> Result<Option<JobRecord>, Fail> {
     let Some(version) = decided_under else { return load_job(c, tenant, id, true).await };
     let sql = format!("SELECT {JOB_COLUMNS}, airlock_decided_under($2) FROM jobs WHERE id = $1 FOR UPDATE");
-    let row = c.query_opt(&sql, &[&id.as_str(), &big_u64(version)]).await?;
-    let job = row.as_ref().map(job_from_row).transpose()?;
-    Ok(job.filter(|job| job.tenant == *tenant))
+    tenants_job(c, tenant, &sql, &[&id.as_str(), &big_u64(version)]).await
 }
 
 pub(super) const APPROVAL_COLUMNS: &str = "id, tenant, job_id, status, job_hash, snapshot_hash, rule_ids, rule_hashes, \
